@@ -1,0 +1,186 @@
+"""The one small interface every engine implements.
+
+An engine owns a loaded model and runs named tensors through it:
+``infer({"images": uint8[N, 224, 224, 3]}) -> {"logits": float32[N, 1000]}``.
+Nothing in this module imports an inference library; ``transforms/`` talks to
+engines only through :class:`Engine`, :class:`TensorSpec` and :class:`EngineError`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+Feed = Mapping[str, np.ndarray]
+Outputs = Dict[str, np.ndarray]
+
+
+class EngineError(Exception):
+    """A user-facing error: bad model file, bad feed, missing library or device.
+
+    The message says what failed, what was expected and the fix.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Name, dtype and shape of one engine input or output.
+
+    Attributes:
+        name: The tensor name in the model.
+        dtype: The numpy dtype. Types numpy cannot represent (bf16, fp8) are
+            carried as raw bytes of the right item size (``np.dtype("V2")``).
+        shape: One entry per dimension; ``-1`` marks a dynamic dimension
+            (dimension 0 is the batch dimension when dynamic).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: Tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return len(self.shape) > 0 and self.shape[0] == -1
+
+    def describe(self) -> str:
+        dims = ", ".join("N" if i == 0 and d == -1 else ("?" if d == -1 else str(d))
+                         for i, d in enumerate(self.shape))
+        return f"{self.name}: {self.dtype}[{dims}]"
+
+
+def check_feed(specs: Mapping[str, TensorSpec], feed: Feed) -> int:
+    """Validates a feed against input specs and returns its batch size.
+
+    Args:
+        specs: The engine's input specs by name.
+        feed: The arrays to run, by input name.
+
+    Returns:
+        The batch size (dimension 0), shared by every input.
+
+    Raises:
+        EngineError: a missing or unexpected input, a wrong dtype, rank or
+            fixed dimension, or inputs whose batch sizes differ.
+    """
+    missing = [name for name in specs if name not in feed]
+    extra = [name for name in feed if name not in specs]
+    if missing or extra:
+        raise EngineError(
+            f"Feed does not match the model inputs | missing: {missing} | unexpected: {extra}. "
+            f"Note: the model expects {[s.describe() for s in specs.values()]}")
+    batch = None
+    for name, spec in specs.items():
+        array = feed[name]
+        if array.dtype != spec.dtype:
+            raise EngineError(
+                f"Input tensor: {name} | Received unexpected dtype: {array.dtype}. "
+                f"Note: Expected type: {spec.dtype}")
+        if array.ndim != len(spec.shape):
+            raise EngineError(
+                f"Input tensor: {name} | Received shape {tuple(array.shape)} with rank {array.ndim}. "
+                f"Note: Expected {spec.describe()}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if want != -1 and got != want:
+                raise EngineError(
+                    f"Input tensor: {name} | Received shape {tuple(array.shape)}, dimension {axis} is "
+                    f"{got}. Note: Expected {spec.describe()}")
+        if array.ndim:
+            if batch is None:
+                batch = array.shape[0]
+            elif array.shape[0] != batch:
+                raise EngineError(
+                    f"Input tensor: {name} | batch size {array.shape[0]} differs from the other "
+                    f"inputs' batch size {batch}. Note: every input must carry the same batch")
+    return int(batch or 0)
+
+
+class Engine(abc.ABC):
+    """A loaded model that runs batches of named tensors.
+
+    Engines are context managers; ``close()`` frees what ``__init__`` took.
+    One engine may be called from several threads at once: implementations
+    either are thread-safe or serialize internally.
+    """
+
+    #: Short name used in stats and logs ("onnxruntime", "tensorrt").
+    kind: str = "engine"
+
+    @property
+    @abc.abstractmethod
+    def input_specs(self) -> Dict[str, TensorSpec]:
+        """Input specs by name, in model order."""
+
+    @property
+    @abc.abstractmethod
+    def output_specs(self) -> Dict[str, TensorSpec]:
+        """Output specs by name, in model order."""
+
+    @property
+    def max_batch_size(self) -> Optional[int]:
+        """The largest batch one ``infer`` call takes, or None when unbounded."""
+        return None
+
+    @property
+    def preferred_batch_sizes(self) -> Sequence[int]:
+        """Batch sizes the engine runs best at (e.g. TensorRT profile opt), maybe empty."""
+        return ()
+
+    @abc.abstractmethod
+    def infer(self, feed: Feed) -> Outputs:
+        """Runs one batch.
+
+        Args:
+            feed: One array per input name, all with the same batch size.
+
+        Returns:
+            One array per output name, with the batch as dimension 0.
+
+        Raises:
+            EngineError: the feed does not match ``input_specs``.
+        """
+
+    def describe(self) -> Dict[str, Any]:
+        """A JSON-able summary for stats and logs."""
+        return {
+            "engine": self.kind,
+            "inputs": [s.describe() for s in self.input_specs.values()],
+            "outputs": [s.describe() for s in self.output_specs.values()],
+        }
+
+    def close(self) -> None:
+        """Frees the engine's resources. Safe to call twice."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+#: A picklable callable that loads an engine on the worker (Polygraphy's loader pattern).
+EngineLoader = Callable[[], Engine]
+
+
+def import_optional(module: str, install_hint: str):
+    """Imports an optional heavy dependency or raises an ImportError with the fix.
+
+    Args:
+        module: Dotted module name, e.g. ``"tensorrt"``.
+        install_hint: What to install, and where, if the import fails.
+
+    Raises:
+        ImportError: naming the module and the fix.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{module} is not importable ({e}). {install_hint}") from e

@@ -1,0 +1,233 @@
+"""Score a folder, bucket or manifest of images with an image classifier on Apache Beam.
+
+    python -m pipelines.classify_images --input 'gs://bucket/photos/*.jpg' --output gs://bucket/scored \\
+        [--model PATH] [--engine onnxruntime|tensorrt] [--batch_size N] [--top_k K] \\
+        [--output_format jsonl|parquet] [any Beam pipeline option: --runner, --direct_num_workers, ...]
+
+Outputs in ``--output``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
+``{"uri", "top_k": [{"class_id", "label", "score"}, ...]}``; ``dead_letter-*.jsonl``
+with ``{"uri", "error", "stage"}`` for every input that could not be scored;
+``stats.json`` and ``stats.png`` with throughput and per-stage timing.
+Every input ends as exactly one prediction or one dead-letter row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from engines.base import EngineError
+from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
+from transforms.images import DEAD_LETTER, DecodeImages, ImageRefs
+from transforms.postprocess import FailedBatchToDeadLetters, TopK
+from transforms.preprocess import PreprocessConfig
+from transforms.sinks import FORMATS, WriteRows
+
+_LOG = logging.getLogger(__name__)
+
+#: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
+ENGINES = ("onnxruntime", "tensorrt")
+LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
+                 "SwitchingDirectRunner", "FnApiRunner")
+
+
+class ClassifyOptions(PipelineOptions):
+    """Command-line options of ``pipelines.classify_images`` (every Beam option works too)."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument("--input", required=True,
+                            help="Images: a glob (local or gs://...), a directory, or a manifest file "
+                                 "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id').")
+        parser.add_argument("--output", required=True, help="Output directory (local or gs://...).")
+        parser.add_argument("--model", default=None,
+                            help=f"ONNX model for --engine onnxruntime (default: the prepared "
+                                 f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
+        parser.add_argument("--engine", default="onnxruntime", choices=ENGINES, help="Inference engine.")
+        parser.add_argument("--providers", default="cpu",
+                            help="ONNX Runtime execution providers, comma-separated: cpu, cuda, tensorrt. "
+                                 "Default: cpu.")
+        parser.add_argument("--intra_op_threads", type=int, default=0,
+                            help="ONNX Runtime threads per batch; 0 = one per core. Default: 0.")
+        parser.add_argument("--engine_path", default=None, help="TensorRT: a serialized engine (.plan).")
+        parser.add_argument("--onnx_path", default=None,
+                            help="TensorRT: an ONNX model to build (or fetch from --engine_cache) on the worker.")
+        parser.add_argument("--engine_cache", default=None,
+                            help="TensorRT: directory (local or gs://) of plans keyed by GPU, TensorRT "
+                                 "version and build options.")
+        parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16"),
+                            help="TensorRT build precision with --onnx_path. Default: fp16.")
+        parser.add_argument("--batch_size", type=int, default=32, help="Largest batch. Default: 32.")
+        parser.add_argument("--min_batch_size", type=int, default=None,
+                            help="Smallest batch formed (the last may be shorter). Default: batch_size / 4.")
+        parser.add_argument("--share_model_across_processes", action="store_true",
+                            help="One engine copy per worker machine instead of one per process.")
+        parser.add_argument("--model_copies", type=int, default=1,
+                            help="With --share_model_across_processes: copies per machine (e.g. one per GPU).")
+        parser.add_argument("--top_k", type=int, default=5, help="Classes per image. Default: 5.")
+        parser.add_argument("--output_format", default="jsonl", choices=FORMATS,
+                            help="Predictions format. Default: jsonl.")
+        parser.add_argument("--output_name", default="logits", help="Engine output holding the logits.")
+        parser.add_argument("--labels_file", default=None,
+                            help="Class names, one per line or a JSON list (default: the model's 'labels' "
+                                 "metadata, if any).")
+        parser.add_argument("--resize", type=int, default=256, help="Shorter side before the crop. Default 256.")
+        parser.add_argument("--crop", type=int, default=224, help="Centre-crop size. Default 224.")
+        parser.add_argument("--max_pixels", type=int, default=PreprocessConfig.max_pixels,
+                            help="Refuse larger images (decompression bombs). Default: 89478485.")
+        parser.add_argument("--no_jpeg_draft", action="store_true", help="Decode JPEGs at full size.")
+        parser.add_argument("--progress_every_s", type=float, default=5.0,
+                            help="Local runs: seconds between progress lines (0 = off). Default 5.")
+
+
+def read_labels(options: ClassifyOptions, model_path: Optional[str]) -> Optional[List[str]]:
+    """Class names from --labels_file, else from the ONNX model's 'labels' metadata, else None."""
+    from engines import storage
+
+    if options.labels_file:
+        text = storage.read_bytes(options.labels_file).decode("utf-8")
+        stripped = text.strip()
+        return json.loads(stripped) if stripped.startswith("[") else [line for line in text.splitlines() if line]
+    if model_path and model_path.endswith(".onnx"):
+        import onnx
+
+        model = onnx.load_model_from_string(storage.read_bytes(model_path))
+        meta = {p.key: p.value for p in model.metadata_props}
+        if "labels" in meta:
+            return json.loads(meta["labels"])
+    return None
+
+
+def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optional[str]]:
+    """Builds the model handler for --engine.
+
+    Returns:
+        (handler, engine description for stats, path of the ONNX model for labels or None).
+    """
+    min_batch = options.min_batch_size or max(1, options.batch_size // 4)
+    if options.engine == "onnxruntime":
+        from engines.onnxruntime_engine import OnnxRuntimeLoader
+        from transforms.inference import EngineModelHandler
+
+        model = options.model or DEFAULT_MODEL
+        loader = OnnxRuntimeLoader(model, tuple(p.strip() for p in options.providers.split(",") if p.strip()),
+                                   options.intra_op_threads)
+        handler = EngineModelHandler(loader, min_batch_size=min_batch, max_batch_size=options.batch_size,
+                                     share_across_processes=options.share_model_across_processes,
+                                     model_copies=options.model_copies, metrics_namespace="onnxruntime",
+                                     model_id=model)
+        return handler, {"engine": "onnxruntime", "model": model, "providers": list(loader.providers)}, model
+    from transforms.tensorrt_handler import TensorRTModelHandler
+
+    handler = TensorRTModelHandler.from_options(options, min_batch_size=min_batch)
+    return handler, handler.describe_engine(), options.onnx_path or options.model
+
+
+def check_input(path: str) -> None:
+    """Fails fast when the input matches nothing (a broken setup, not a bad record)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.images import is_manifest, normalize_pattern
+
+    pattern = path if is_manifest(path) else normalize_pattern(path)
+    try:
+        matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
+    except Exception as e:  # Beam raises BeamIOError and friends
+        raise EngineError(f"Cannot list --input {path}: {e}") from e
+    if not matched:
+        raise EngineError(f"--input {path} matches no files; check the path or glob (quote it in the shell).")
+
+
+def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
+                   progress_dir: Optional[str] = None):
+    """Adds the scoring transforms to ``pipeline``.
+
+    Returns:
+        (prediction rows, dead-letter rows) PCollections.
+    """
+    config = PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
+                              draft=not options.no_jpeg_draft)
+    found = pipeline | "FindImages" >> ImageRefs(options.input)
+    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(DecodeImages(config, progress_dir)).with_outputs(
+        DEAD_LETTER, main="images")
+    main, failed = (decoded.images
+                    | "RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())
+    predictions = main | "TopK" >> beam.ParDo(TopK(options.top_k, labels, options.output_name, progress_dir))
+    failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters(progress_dir))
+    dead = ((found[DEAD_LETTER], decoded[DEAD_LETTER], failed_rows) | "AllDeadLetters" >> beam.Flatten())
+    predictions | "WritePredictions" >> WriteRows(options.output, "predictions", options.output_format)
+    dead | "WriteDeadLetters" >> WriteRows(options.output, "dead_letter", "jsonl")
+    return predictions, dead
+
+
+def is_local(options: PipelineOptions) -> bool:
+    runner = options.view_as(StandardOptions).runner
+    return runner is None or str(runner).split(".")[-1] in LOCAL_RUNNERS
+
+
+def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Dict[str, Any]:
+    """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats."""
+    options = PipelineOptions(argv)
+    opts = options.view_as(ClassifyOptions)
+    if opts.batch_size < 1 or opts.top_k < 1:
+        raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
+    check_input(opts.input)
+    handler, engine_info, model_path = make_handler(opts)
+    labels = read_labels(opts, model_path)
+    local = is_local(options)
+    progress_dir = tempfile.mkdtemp(prefix="classify-progress-") if local and opts.progress_every_s > 0 else None
+    settings = {
+        "input": opts.input, "output": opts.output, "batch_size": opts.batch_size,
+        "min_batch_size": opts.min_batch_size or max(1, opts.batch_size // 4), "top_k": opts.top_k,
+        "output_format": opts.output_format,
+        "runner": str(options.view_as(StandardOptions).runner or "DirectRunner"),
+        "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,
+        "direct_num_workers": options.view_as(DirectOptions).direct_num_workers,
+        "labels": "from model metadata" if labels and not opts.labels_file else (opts.labels_file or None),
+    }
+    _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)
+    start = time.monotonic()
+    try:
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, opts, handler, labels, progress_dir)
+        printer = ProgressPrinter(progress_dir, opts.progress_every_s) if progress_dir else contextlib.nullcontext()
+        with printer:
+            result = pipeline.run()
+            result.wait_until_finish()
+        wall = time.monotonic() - start
+    finally:
+        if progress_dir:
+            shutil.rmtree(progress_dir, ignore_errors=True)
+    stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)
+    write_stats(opts.output, stats)
+    return stats
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    try:
+        stats = run(argv if argv is not None else sys.argv[1:])
+    except (EngineError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters, "
+          f"{stats['images_per_second']} images/s; stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

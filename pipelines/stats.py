@@ -1,0 +1,189 @@
+"""Run statistics: Beam metrics -> ``stats.json`` + a PNG chart, and live progress for local runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from PIL import Image, ImageDraw, ImageFont
+
+from transforms.timing import HISTOGRAM_PREFIX, NAMESPACE, STAGES, Progress, percentile_from_buckets
+
+
+def collect_metrics(result) -> Dict[str, Any]:
+    """Reads this project's counters and distributions from a finished pipeline result.
+
+    Returns:
+        ``{"counters": {name: int}, "distributions": {name: {sum, count, min, max}}, "buckets": {i: n}}``.
+    """
+    from apache_beam.metrics.metric import MetricsFilter
+
+    query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    counters, buckets, distributions = {}, {}, {}
+    for counter in query["counters"]:
+        name, value = counter.key.metric.name, counter.committed or 0
+        if name.startswith(HISTOGRAM_PREFIX):
+            index = int(name[len(HISTOGRAM_PREFIX):])
+            buckets[index] = buckets.get(index, 0) + value
+        else:
+            counters[name] = counters.get(name, 0) + value
+    for dist in query["distributions"]:
+        value = dist.committed
+        if value is None or not value.count:
+            continue
+        entry = distributions.setdefault(dist.key.metric.name, {"sum": 0, "count": 0, "min": None, "max": None})
+        entry["sum"] += value.sum
+        entry["count"] += value.count
+        entry["min"] = value.min if entry["min"] is None else min(entry["min"], value.min)
+        entry["max"] = value.max if entry["max"] is None else max(entry["max"], value.max)
+    return {"counters": counters, "distributions": distributions, "buckets": buckets}
+
+
+def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[int], engine: Dict[str, Any],
+                settings: Dict[str, Any]) -> Dict[str, Any]:
+    """Builds the ``stats.json`` document.
+
+    Args:
+        metrics: From :func:`collect_metrics`.
+        wall_seconds: Wall time of the whole run (launch to finish).
+        inputs: Number of inputs when known (predictions + dead letters otherwise).
+        engine: Engine and model description.
+        settings: The run's settings (batch size, runner, ...).
+    """
+    counters, dists = metrics["counters"], metrics["distributions"]
+    predictions = counters.get("predictions", 0)
+    dead = counters.get("dead_letters", 0)
+    stage_seconds = {s: dists.get(f"{s}_us", {}).get("sum", 0) / 1e6 for s in STAGES}
+    total_stage = sum(stage_seconds.values()) or 1.0
+    batches = dists.get("batch_size", {})
+    inference = dists.get("inference_us", {})
+    observed_max = inference["max"] / 1e6 if inference.get("max") is not None else None
+    pct = {}
+    for q in (50, 95, 99):
+        value = percentile_from_buckets(metrics["buckets"], q)
+        # A bucket's upper edge can exceed the largest latency seen; never report more than that.
+        pct[f"p{q}"] = min(value, observed_max) if value is not None and observed_max is not None else value
+    return {
+        "images": predictions + dead,
+        "predictions": predictions,
+        "dead_letters": dead,
+        "inputs": inputs if inputs is not None else predictions + dead,
+        "wall_seconds": round(wall_seconds, 3),
+        "images_per_second": round(predictions / wall_seconds, 2) if wall_seconds > 0 else None,
+        "bytes_read": counters.get("bytes_read", 0),
+        "batches": counters.get("batches", 0),
+        "mean_batch_size": round(batches["sum"] / batches["count"], 2) if batches.get("count") else None,
+        "batch_latency_seconds": {
+            **{k: None if v is None else round(v, 6) for k, v in pct.items()},
+            "mean": round(inference["sum"] / inference["count"] / 1e6, 6) if inference.get("count") else None,
+            "max": round(inference["max"] / 1e6, 6) if inference.get("max") is not None else None,
+            "note": "percentiles are upper edges of log buckets 9% wide",
+        },
+        "stage_seconds": {s: round(v, 3) for s, v in stage_seconds.items()},
+        "stage_share": {s: round(v / total_stage, 4) for s, v in stage_seconds.items()},
+        "stage_note": ("summed wall time spent in each stage across all workers and threads; stages overlap, "
+                       "so the sum exceeds wall_seconds when work runs in parallel"),
+        "engine": engine,
+        "settings": settings,
+    }
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has no sized default font
+        return ImageFont.load_default()
+
+
+def render_chart(stats: Dict[str, Any]) -> Image.Image:
+    """A PNG-ready chart: share of time per stage and batch latency percentiles."""
+    width, height = 900, 520
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    title, small = _font(22), _font(15)
+    engine = stats.get("engine", {})
+    draw.text((20, 14), f"{stats['predictions']} predictions, {stats['dead_letters']} dead letters, "
+                        f"{stats['images_per_second'] or 0:.1f} images/s", fill="black", font=title)
+    draw.text((20, 46), f"engine: {engine.get('engine', '?')}  model: {str(engine.get('model', '?'))[-60:]}  "
+                        f"wall: {stats['wall_seconds']:.1f} s", fill="#444", font=small)
+    colors = {"read": "#4e79a7", "decode": "#f28e2b", "inference": "#e15759", "postprocess": "#76b7b2",
+              "write": "#59a14f"}
+    draw.text((20, 84), "Share of summed stage time", fill="black", font=small)
+    left, bar_w = 150, 600
+    for row, stage in enumerate(STAGES):
+        y = 110 + row * 34
+        share = stats["stage_share"].get(stage, 0.0)
+        draw.text((20, y + 4), stage, fill="black", font=small)
+        draw.rectangle((left, y, left + bar_w, y + 24), outline="#ccc")
+        draw.rectangle((left, y, left + max(1, int(bar_w * share)), y + 24), fill=colors[stage])
+        draw.text((left + bar_w + 10, y + 4), f"{share * 100:.1f}%  ({stats['stage_seconds'][stage]:.2f} s)",
+                  fill="black", font=small)
+    draw.text((20, 300), "Batch latency (ms)", fill="black", font=small)
+    lat = stats["batch_latency_seconds"]
+    values = [(k, lat.get(k)) for k in ("p50", "p95", "p99", "max")]
+    top = max([v for _, v in values if v] or [1e-3])
+    for row, (name, value) in enumerate(values):
+        y = 326 + row * 34
+        draw.text((20, y + 4), name, fill="black", font=small)
+        draw.rectangle((left, y, left + bar_w, y + 24), outline="#ccc")
+        if value:
+            draw.rectangle((left, y, left + max(1, int(bar_w * value / top)), y + 24), fill="#9c755f")
+            draw.text((left + bar_w + 10, y + 4), f"{value * 1e3:.1f}", fill="black", font=small)
+    draw.text((20, height - 28), f"mean batch size {stats['mean_batch_size']}, {stats['batches']} batches; "
+                                 f"percentiles from 9%-wide log buckets", fill="#444", font=small)
+    return image
+
+
+def write_stats(directory: str, stats: Dict[str, Any]) -> Dict[str, str]:
+    """Writes ``stats.json`` and ``stats.png`` into ``directory`` (any Beam filesystem)."""
+    import io
+
+    from engines import storage
+
+    paths = {"json": storage.join(directory, "stats.json"), "png": storage.join(directory, "stats.png")}
+    storage.write_bytes(paths["json"], (json.dumps(stats, indent=2) + "\n").encode("utf-8"))
+    buf = io.BytesIO()
+    render_chart(stats).save(buf, format="PNG")
+    storage.write_bytes(paths["png"], buf.getvalue())
+    return paths
+
+
+class ProgressPrinter:
+    """Prints images done and images/s every ``every_s`` seconds while a local run goes on.
+
+    Args:
+        directory: The directory the workers' :class:`transforms.timing.Progress` write to.
+        every_s: Seconds between lines. Default 5.
+        stream: Where to print. Default stderr.
+    """
+
+    def __init__(self, directory: str, every_s: float = 5.0, stream=None):
+        self._directory = directory
+        self._every_s = every_s
+        self._stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._start = time.monotonic()
+
+    def _loop(self):
+        last_done, last_t = 0, self._start
+        while not self._stop.wait(self._every_s):
+            counts = Progress.read(self._directory)
+            done = counts.get("predictions", 0)
+            now = time.monotonic()
+            rate = (done - last_done) / max(now - last_t, 1e-9)
+            print(f"progress: {done} images scored, {counts.get('dead_letters', 0)} dead letters, "
+                  f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall",
+                  file=self._stream, flush=True)
+            last_done, last_t = done, now
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=1)

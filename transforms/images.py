@@ -1,0 +1,190 @@
+"""Beam transforms that find, read and decode images, with a dead-letter output.
+
+``ImageRefs`` turns a path, glob or manifest (any Beam filesystem: local,
+``gs://``, ...) into ``ImageRef`` elements; ``DecodeImages`` reads and
+preprocesses each one into ``(ImageRef, uint8 array)`` and sends every failure
+to the ``dead_letter`` output as ``{"uri", "error", "stage"}``. Read and decode
+are fused in one DoFn so only the small uint8 crop ever leaves it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from typing import Iterator, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
+from transforms.timing import NAMESPACE, Progress, stage_distribution
+
+DEAD_LETTER = "dead_letter"
+MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl", ".ndjson")
+
+
+class ImageRef(NamedTuple):
+    """One input: its URI and the caller's optional id (from a manifest)."""
+
+    uri: str
+    id: Optional[str] = None
+
+
+def dead_letter(uri: str, error: str, stage: str, id: Optional[str] = None) -> beam.pvalue.TaggedOutput:
+    """A dead-letter row on the ``dead_letter`` output."""
+    row = {"uri": uri, "error": error, "stage": stage}
+    if id is not None:
+        row["id"] = id
+    return beam.pvalue.TaggedOutput(DEAD_LETTER, row)
+
+
+def is_manifest(path: str) -> bool:
+    """True when ``path`` names a manifest (by suffix: .txt, .csv, .jsonl, .ndjson) rather than images."""
+    return path.lower().endswith(MANIFEST_SUFFIXES) and not any(c in path for c in "*?[")
+
+
+def normalize_pattern(path: str) -> str:
+    """A directory (local path or URL ending in '/') becomes a recursive glob of its files."""
+    if path.endswith("/"):
+        return path + "**"
+    if "://" not in path and os.path.isdir(path):
+        return os.path.join(path, "**")
+    return path
+
+
+def parse_manifest(name: str, text: str) -> Iterator[object]:
+    """Yields ``ImageRef`` per manifest entry, or a dead-letter row for an unusable entry.
+
+    Formats, by suffix: ``.txt`` one URI per line (blank lines and ``#`` comments
+    skipped); ``.csv`` with a header holding ``uri`` and optionally ``id``;
+    ``.jsonl``/``.ndjson`` objects with ``uri`` and optionally ``id``.
+    """
+    lower = name.lower()
+    if lower.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "uri" not in reader.fieldnames:
+            yield dead_letter(name, f"CSV manifest has no 'uri' column (header: {reader.fieldnames}); add a "
+                                    f"header line 'uri,id'", "manifest")
+            return
+        for line_no, row in enumerate(reader, start=2):
+            uri = (row.get("uri") or "").strip()
+            if not uri:
+                yield dead_letter(f"{name}:{line_no}", "manifest row has an empty 'uri'", "manifest")
+                continue
+            yield ImageRef(uri, (row.get("id") or "").strip() or None)
+        return
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or (line.startswith("#") and not lower.endswith((".jsonl", ".ndjson"))):
+            continue
+        if lower.endswith((".jsonl", ".ndjson")):
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                yield dead_letter(f"{name}:{line_no}", f"manifest line is not valid JSON ({e})", "manifest")
+                continue
+            uri = row.get("uri") if isinstance(row, dict) else None
+            if not isinstance(uri, str) or not uri.strip():
+                yield dead_letter(f"{name}:{line_no}", "manifest object has no string 'uri' field", "manifest")
+                continue
+            raw_id = row.get("id")
+            yield ImageRef(uri.strip(), None if raw_id is None else str(raw_id))
+        else:
+            yield ImageRef(line)
+
+
+class _ReadManifest(beam.DoFn):
+    def process(self, path: str):
+        try:
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                text = f.read().decode("utf-8")
+        except Exception as e:  # a missing manifest is a broken setup: fail with the reason
+            raise IOError(f"Cannot read manifest {path}: {e}") from e
+        yield from parse_manifest(path, text)
+
+
+class ImageRefs(beam.PTransform):
+    """Path, glob, directory or manifest -> ``ImageRef`` (+ ``dead_letter`` rows for bad manifest lines).
+
+    The result is redistributed (``Reshuffle``) so reading and decoding spread over
+    all workers instead of staying on the one that expanded the glob.
+
+    Args:
+        path: A glob (``gs://bucket/images/*.jpg``), a directory, or a manifest file.
+    """
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, pbegin):
+        if is_manifest(self._path):
+            parsed = (pbegin | "Manifest" >> beam.Create([self._path])
+                      | "ParseManifest" >> beam.ParDo(_ReadManifest()).with_outputs(DEAD_LETTER, main="refs"))
+            refs, bad = parsed.refs, parsed[DEAD_LETTER]
+        else:
+            refs = (pbegin | "Pattern" >> beam.Create([normalize_pattern(self._path)])
+                    | "Match" >> fileio.MatchAll()
+                    | "ToRef" >> beam.Map(lambda metadata: ImageRef(metadata.path)))
+            bad = pbegin | "NoBadManifestRows" >> beam.Create([])
+        return {"refs": refs | "Spread" >> beam.Reshuffle(), DEAD_LETTER: bad}
+
+
+class DecodeImages(beam.DoFn):
+    """Reads and preprocesses one image: ``ImageRef -> (ImageRef, uint8 array)`` or a dead letter.
+
+    Args:
+        config: Preprocessing sizes and limits.
+        progress_dir: Local directory for live progress counts (local runs), or None.
+    """
+
+    def __init__(self, config: PreprocessConfig, progress_dir: Optional[str] = None):
+        self._config = config
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._read_us = stage_distribution("read")
+        self._decode_us = stage_distribution("decode")
+        self._bad = Metrics.counter(NAMESPACE, "dead_letters")
+        self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
+        self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
+        self._progress = Progress(self._progress_dir)
+
+    def process(self, ref: ImageRef):
+        start = time.perf_counter()
+        try:
+            with FileSystems.open(ref.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                data = f.read()
+        except Exception as e:  # Beam filesystems wrap errors in several types
+            self._bad.inc()
+            self._progress.add("dead_letters")
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            yield dead_letter(ref.uri, f"cannot read file ({type(e).__name__}: {reason}); check the path exists "
+                                       f"and the job's credentials can read it", "read", ref.id)
+            return
+        decoded_at = time.perf_counter()
+        self._read_us.update(int((decoded_at - start) * 1e6))
+        self._bytes.inc(len(data))
+        try:
+            array = preprocess_image(data, self._config)
+        except BadImageError as e:
+            self._bad.inc()
+            self._progress.add("dead_letters")
+            yield dead_letter(ref.uri, str(e), "decode", ref.id)
+            return
+        except Exception as e:  # a decoder bug on a malformed file must not stop the job either
+            self._bad.inc()
+            self._progress.add("dead_letters")
+            yield dead_letter(ref.uri, f"unexpected decoder error on a malformed file ({type(e).__name__}: {e})",
+                              "decode", ref.id)
+            return
+        finally:
+            self._decode_us.update(int((time.perf_counter() - decoded_at) * 1e6))
+        self._decoded.inc()
+        yield ref, array

@@ -1,0 +1,100 @@
+"""Post-processing: logits -> top-k classes with softmax scores and labels; failed batches -> dead letters."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from transforms.images import DEAD_LETTER, ImageRef, dead_letter
+from transforms.timing import NAMESPACE, Progress, stage_distribution
+
+
+def top_k(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
+    """Softmax over one example's logits and its k best classes, best first.
+
+    Args:
+        logits: 1-D scores, one per class.
+        k: How many classes to keep (capped at the number of classes).
+        labels: Class names by id, or None.
+
+    Returns:
+        ``[{"class_id": int, "label": str, "score": float}, ...]``; ``label`` is
+        ``"class_<id>"`` when no labels are known.
+    """
+    logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+    k = min(k, logits.size)
+    shifted = np.exp(logits - logits.max())
+    probs = shifted / shifted.sum()
+    best = np.argpartition(-probs, k - 1)[:k]
+    best = best[np.argsort(-probs[best], kind="stable")]
+    return [{"class_id": int(i), "label": labels[i] if labels and i < len(labels) else f"class_{int(i)}",
+             "score": round(float(probs[i]), 6)} for i in best]
+
+
+class TopK(beam.DoFn):
+    """``(ImageRef, PredictionResult)`` -> ``{"uri", ["id"], "top_k": [...]}``.
+
+    Args:
+        k: Classes kept per image.
+        labels: Class names by id, or None.
+        output_name: The engine output holding the logits. Default "logits".
+        progress_dir: Local directory for live progress counts, or None.
+    """
+
+    def __init__(self, k: int, labels: Optional[Sequence[str]], output_name: str = "logits",
+                 progress_dir: Optional[str] = None):
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {k}")
+        self._k = k
+        self._labels = list(labels) if labels else None
+        self._output_name = output_name
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._us = stage_distribution("postprocess")
+        self._count = Metrics.counter(NAMESPACE, "predictions")
+        self._progress = Progress(self._progress_dir)
+
+    def process(self, element):
+        start = time.perf_counter()
+        ref, result = element
+        outputs = result.inference
+        if self._output_name not in outputs:
+            # A wrong --output_name is a setup error, not a bad record: fail loudly.
+            raise KeyError(f"engine output {self._output_name!r} not found; the model's outputs are "
+                           f"{sorted(outputs)}. Pass --output_name with one of them.")
+        row = {"uri": ref.uri}
+        if ref.id is not None:
+            row["id"] = ref.id
+        row["top_k"] = top_k(outputs[self._output_name], self._k, self._labels)
+        self._us.update(int((time.perf_counter() - start) * 1e6))
+        self._count.inc()
+        self._progress.add("predictions")
+        yield row
+
+
+class FailedBatchToDeadLetters(beam.DoFn):
+    """RunInference's failed ``(batch, exception)`` -> one dead-letter row per example in the batch."""
+
+    def __init__(self, progress_dir: Optional[str] = None):
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._bad = Metrics.counter(NAMESPACE, "dead_letters")
+        self._progress = Progress(self._progress_dir)
+
+    def process(self, failure):
+        batch, exception = failure
+        reason = f"inference failed for the batch holding this image ({type(exception).__name__}: {exception})"
+        for key, _ in batch:
+            ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
+            self._bad.inc()
+            self._progress.add("dead_letters")
+            yield dead_letter(ref.uri, reason, "inference", ref.id).value
+
+
+__all__ = ["top_k", "TopK", "FailedBatchToDeadLetters", "DEAD_LETTER"]

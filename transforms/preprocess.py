@@ -1,0 +1,189 @@
+"""Decode and preprocess one image with Pillow: bytes -> uint8 RGB (crop, crop, 3).
+
+Pure functions, no Beam: the DoFns in :mod:`transforms.images` call them, and
+tests compare them with an independent reference computation.
+
+Steps: refuse empty/non-image/oversized input, JPEG draft mode (DCT-domain
+downscaling while the shorter side stays >= ``resize``), EXIF orientation,
+mode conversion to RGB (alpha composited on white, 16-bit scaled to 8-bit),
+resize the shorter side to ``resize`` and centre-crop ``crop`` (done as one
+Pillow resize of just the cropped region).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+class BadImageError(ValueError):
+    """An input that cannot become a model input; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """How images are turned into model inputs.
+
+    Attributes:
+        resize: Length the shorter side is resized to. Default 256.
+        crop: Side of the square centre crop (the model input). Default 224.
+        max_pixels: Images with more pixels are refused as possible
+            decompression bombs. Default 89,478,485 (Pillow's own limit).
+        draft: Let the JPEG decoder downscale by 1/2, 1/4 or 1/8 while the
+            shorter side stays >= ``resize`` (much faster on large photos; the
+            final resize still filters). Default True.
+        resample: Pillow filter: bilinear (default), bicubic, lanczos, nearest.
+    """
+
+    resize: int = 256
+    crop: int = 224
+    max_pixels: int = 89_478_485
+    draft: bool = True
+    resample: str = "bilinear"
+
+    def __post_init__(self):
+        if self.crop <= 0 or self.resize < self.crop:
+            raise ValueError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        if self.resample not in _RESAMPLE:
+            raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+
+
+def _describe_start(data: bytes) -> str:
+    head = data[:16]
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return f"starts with text {head.decode('ascii', 'replace')!r}"
+    return f"starts with bytes {head.hex(' ')}"
+
+
+def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
+    """Opens (header only) and checks the size limit.
+
+    Raises:
+        BadImageError: empty, not a supported image, or over ``max_pixels``.
+    """
+    if not data:
+        raise BadImageError("empty file (0 bytes): nothing to decode; re-export or re-upload the image")
+    try:
+        with warnings.catch_warnings():
+            # Our own max_pixels check below replaces Pillow's bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImageError(
+            f"not a supported image format ({len(data)} bytes, {_describe_start(data)}); "
+            f"expected JPEG, PNG, WebP, GIF, BMP or TIFF") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"image over the pixel limit, refused as a possible decompression bomb "
+                            f"({e}); raise --max_pixels only if the file is trusted") from None
+    width, height = image.size
+    if width * height > config.max_pixels:
+        raise BadImageError(
+            f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the pixel limit of "
+            f"{config.max_pixels / 1e6:.1f} Mpx (possible decompression bomb); raise --max_pixels only if "
+            f"the file is trusted")
+    if width == 0 or height == 0:
+        raise BadImageError(f"image has no pixels ({width}x{height})")
+    return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    elif mode == "PA":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        # Transparent pixels carry arbitrary colours (often black); composite on white.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit samples: keep the top 8 bits (convert("RGB") would clip at 255).
+        array = np.asarray(image).astype(np.uint32)
+        array = np.clip(array >> 8 if array.max() > 255 else array, 0, 255).astype(np.uint8)
+        return Image.fromarray(array, "L").convert("RGB")
+    if mode == "F":
+        array = np.asarray(image, dtype=np.float32)
+        if array.size and array.max() <= 1.0:
+            array = array * 255.0
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L").convert("RGB")
+    # L, 1, CMYK, YCbCr, LAB, HSV: Pillow converts these exactly.
+    return image.convert("RGB")
+
+
+def _draft(image: Image.Image, config: PreprocessConfig) -> None:
+    if not config.draft or image.format != "JPEG":
+        return
+    width, height = image.size
+    scale = config.resize / min(width, height)
+    if scale >= 0.5:
+        return  # no DCT reduction is possible without going under `resize`
+    # draft() picks the largest reduction whose result is still >= the requested size.
+    requested = (math.ceil(width * scale), math.ceil(height * scale))
+    image.draft("RGB" if image.mode == "RGB" else None, requested)
+
+
+def crop_box(width: int, height: int, config: PreprocessConfig):
+    """The source-pixel box that "resize shorter side, centre-crop" keeps.
+
+    Returns:
+        (left, top, right, bottom) as floats in source coordinates.
+    """
+    scale = config.resize / min(width, height)
+    resized_w, resized_h = round(width * scale), round(height * scale)
+    left = (resized_w - config.crop) // 2
+    top = (resized_h - config.crop) // 2
+    sx, sy = width / resized_w, height / resized_h
+    return (left * sx, top * sy, (left + config.crop) * sx, (top + config.crop) * sy)
+
+
+def preprocess_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Decodes image bytes into a uint8 RGB array of shape (crop, crop, 3).
+
+    Args:
+        data: The encoded file.
+        config: Sizes and limits. Default ``PreprocessConfig()``.
+
+    Returns:
+        A C-contiguous uint8 array (crop, crop, 3).
+
+    Raises:
+        BadImageError: the reason names the problem (empty, not an image,
+            truncated or corrupt, over the pixel limit) and the fix.
+    """
+    image = open_image(data, config)
+    try:
+        _draft(image, config)
+        image = ImageOps.exif_transpose(image)  # loads the pixels
+        image = _to_rgb(image)
+        width, height = image.size
+        out = image.resize((config.crop, config.crop), _RESAMPLE[config.resample],
+                           box=crop_box(width, height, config))
+        return np.asarray(out, dtype=np.uint8)
+    except BadImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # Pillow reports truncated/corrupt data as OSError ("image file is truncated"),
+        # SyntaxError (bad PNG chunks) or ValueError/EOFError from plugins.
+        raise BadImageError(f"truncated or corrupt {image.format or 'image'} data ({type(e).__name__}: {e}); "
+                            f"re-export or re-download the file") from None
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"image over the pixel limit ({e}); raise --max_pixels only if trusted") from None
