@@ -211,9 +211,25 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
+    _remove_temp_dirs(opts.output)
     stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)
     write_stats(opts.output, stats)
     return stats
+
+
+def _remove_temp_dirs(output: str) -> None:
+    """Removes the (by now empty) temporary directories fileio.WriteToFiles leaves in the output."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from engines import storage
+
+    for prefix in ("predictions", "dead_letter"):
+        path = storage.join(output, f".temp-{prefix}")
+        try:
+            if FileSystems.exists(path):
+                FileSystems.delete([path])
+        except Exception as e:  # cleanup is best-effort; the results are already in place
+            _LOG.warning("could not remove %s: %s", path, e)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

