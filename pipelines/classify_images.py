@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from engines.base import EngineError
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
-from transforms.images import DEAD_LETTER, DecodeImages, ImageRefs
+from transforms.images import DEAD_LETTER, CountDeadLetters, DecodeImages, ImageRefs
 from transforms.postprocess import FailedBatchToDeadLetters, TopK
 from transforms.preprocess import PreprocessConfig
 from transforms.sinks import FORMATS, WriteRows
@@ -49,10 +49,10 @@ class ClassifyOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument("--input", required=True,
+        parser.add_argument("--input", default=None,
                             help="Images: a glob (local or gs://...), a directory, or a manifest file "
                                  "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id').")
-        parser.add_argument("--output", required=True, help="Output directory (local or gs://...).")
+        parser.add_argument("--output", default=None, help="Output directory (local or gs://...).")
         parser.add_argument("--model", default=None,
                             help=f"ONNX model for --engine onnxruntime (default: the prepared "
                                  f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
@@ -161,13 +161,14 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     config = PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
                               draft=not options.no_jpeg_draft)
     found = pipeline | "FindImages" >> ImageRefs(options.input)
-    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(DecodeImages(config, progress_dir)).with_outputs(
+    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(DecodeImages(config)).with_outputs(
         DEAD_LETTER, main="images")
     main, failed = (decoded.images
                     | "RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())
     predictions = main | "TopK" >> beam.ParDo(TopK(options.top_k, labels, options.output_name, progress_dir))
-    failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters(progress_dir))
-    dead = ((found[DEAD_LETTER], decoded[DEAD_LETTER], failed_rows) | "AllDeadLetters" >> beam.Flatten())
+    failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters())
+    dead = ((found[DEAD_LETTER], decoded[DEAD_LETTER], failed_rows) | "AllDeadLetters" >> beam.Flatten()
+            | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
     predictions | "WritePredictions" >> WriteRows(options.output, "predictions", options.output_format)
     dead | "WriteDeadLetters" >> WriteRows(options.output, "dead_letter", "jsonl")
     return predictions, dead
@@ -182,6 +183,10 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats."""
     options = PipelineOptions(argv)
     opts = options.view_as(ClassifyOptions)
+    # Not argparse's required=True: Beam parses every registered options class for every
+    # pipeline in the process, so a required flag here would break unrelated pipelines.
+    if not opts.input or not opts.output:
+        raise EngineError("--input and --output are required (see --help)")
     if opts.batch_size < 1 or opts.top_k < 1:
         raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
     check_input(opts.input)

@@ -136,25 +136,37 @@ class ImageRefs(beam.PTransform):
         return {"refs": refs | "Spread" >> beam.Reshuffle(), DEAD_LETTER: bad}
 
 
+class CountDeadLetters(beam.DoFn):
+    """Counts every dead-letter row once, whichever stage produced it (metrics and live progress)."""
+
+    def __init__(self, progress_dir: Optional[str] = None):
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._count = Metrics.counter(NAMESPACE, "dead_letters")
+        self._progress = Progress(self._progress_dir)
+
+    def process(self, row):
+        self._count.inc()
+        self._progress.add("dead_letters")
+        yield row
+
+
 class DecodeImages(beam.DoFn):
     """Reads and preprocesses one image: ``ImageRef -> (ImageRef, uint8 array)`` or a dead letter.
 
     Args:
         config: Preprocessing sizes and limits.
-        progress_dir: Local directory for live progress counts (local runs), or None.
     """
 
-    def __init__(self, config: PreprocessConfig, progress_dir: Optional[str] = None):
+    def __init__(self, config: PreprocessConfig):
         self._config = config
-        self._progress_dir = progress_dir
 
     def setup(self):
         self._read_us = stage_distribution("read")
         self._decode_us = stage_distribution("decode")
-        self._bad = Metrics.counter(NAMESPACE, "dead_letters")
         self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
-        self._progress = Progress(self._progress_dir)
 
     def process(self, ref: ImageRef):
         start = time.perf_counter()
@@ -162,8 +174,6 @@ class DecodeImages(beam.DoFn):
             with FileSystems.open(ref.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 data = f.read()
         except Exception as e:  # Beam filesystems wrap errors in several types
-            self._bad.inc()
-            self._progress.add("dead_letters")
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             yield dead_letter(ref.uri, f"cannot read file ({type(e).__name__}: {reason}); check the path exists "
                                        f"and the job's credentials can read it", "read", ref.id)
@@ -174,13 +184,9 @@ class DecodeImages(beam.DoFn):
         try:
             array = preprocess_image(data, self._config)
         except BadImageError as e:
-            self._bad.inc()
-            self._progress.add("dead_letters")
             yield dead_letter(ref.uri, str(e), "decode", ref.id)
             return
         except Exception as e:  # a decoder bug on a malformed file must not stop the job either
-            self._bad.inc()
-            self._progress.add("dead_letters")
             yield dead_letter(ref.uri, f"unexpected decoder error on a malformed file ({type(e).__name__}: {e})",
                               "decode", ref.id)
             return

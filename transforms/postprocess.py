@@ -80,20 +80,11 @@ class TopK(beam.DoFn):
 class FailedBatchToDeadLetters(beam.DoFn):
     """RunInference's failed ``(batch, exception)`` -> one dead-letter row per example in the batch."""
 
-    def __init__(self, progress_dir: Optional[str] = None):
-        self._progress_dir = progress_dir
-
-    def setup(self):
-        self._bad = Metrics.counter(NAMESPACE, "dead_letters")
-        self._progress = Progress(self._progress_dir)
-
     def process(self, failure):
         batch, exception = failure
         reason = f"inference failed for the batch holding this image ({type(exception).__name__}: {exception})"
         for key, _ in batch:
             ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
-            self._bad.inc()
-            self._progress.add("dead_letters")
             yield dead_letter(ref.uri, reason, "inference", ref.id).value
 
 

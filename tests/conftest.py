@@ -1,0 +1,144 @@
+"""Shared fixtures: the real prepared model, real photos, a mixed good/broken corpus, tiny ONNX models."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models" / "efficientnet_lite0.onnx"
+
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian Mau
+ESPRESSO_OR_CUP = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    if not MODEL.exists():
+        pytest.fail(f"{MODEL} is missing: run `make model` (make test does it first)")
+    return str(MODEL)
+
+
+def photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+#: Broken inputs and the dead-letter reason each must produce.
+BROKEN = {
+    "empty.jpg": (b"", "empty file"),
+    "text.jpg": (b"just some text, not a JPEG\n", "not an image: the file holds text"),
+    "vector.svg": (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not an image|not a supported image format"),
+}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A directory with 12 good JPEGs (real photos, random crops) and broken files.
+
+    Returns:
+        (directory, list of good paths, dict broken name -> expected reason regex).
+    """
+    directory = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(7)
+    good = []
+    for name in ("chelsea", "coffee"):
+        path = directory / f"{name}.jpg"
+        path.write_bytes(jpeg_bytes(photo(name)))
+        good.append(str(path))
+    sources = [photo(n) for n in ("astronaut", "rocket", "chelsea", "coffee")]
+    for i in range(10):
+        src = sources[i % len(sources)]
+        h, w = src.shape[:2]
+        ch, cw = int(rng.integers(h // 2, h)), int(rng.integers(w // 2, w))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        path = directory / f"crop_{i:02d}.jpg"
+        path.write_bytes(jpeg_bytes(np.ascontiguousarray(src[y:y + ch, x:x + cw]), int(rng.integers(75, 96))))
+        good.append(str(path))
+    truncated = jpeg_bytes(photo("astronaut"))
+    broken = {name: reason for name, (_, reason) in BROKEN.items()}
+    for name, (content, _) in BROKEN.items():
+        (directory / name).write_bytes(content)
+    (directory / "truncated.jpg").write_bytes(truncated[: len(truncated) // 4])
+    broken["truncated.jpg"] = "truncated or corrupt JPEG"
+    return str(directory), sorted(good), broken
+
+
+def tiny_model(path: Path, kind: str = "sum") -> str:
+    """Writes a tiny ONNX model built with onnx.helper and returns its path.
+
+    kinds:
+        ``sum``: input ``x`` uint8 [N, 4, 4, 3] -> ``total`` float32 [N] (sum of pixels) and
+        ``doubled`` float32 [N, 4, 4, 3].
+        ``multi``: inputs ``a`` float32 [N, 3] and ``b`` int64 [N, 1] -> ``c`` float32 [N, 3] = a + b
+        and ``flag`` bool [N, 3] = a > b.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    if kind == "sum":
+        x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 4, 4, 3])
+        total = helper.make_tensor_value_info("total", TensorProto.FLOAT, ["N"])
+        doubled = helper.make_tensor_value_info("doubled", TensorProto.FLOAT, ["N", 4, 4, 3])
+        axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+        two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+        nodes = [
+            helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceSum", ["xf", "axes"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["xf", "two"], ["doubled"]),
+        ]
+        graph = helper.make_graph(nodes, "sum", [x], [total, doubled], initializer=[axes, two])
+    elif kind == "multi":
+        a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3])
+        b = helper.make_tensor_value_info("b", TensorProto.INT64, ["N", 1])
+        c = helper.make_tensor_value_info("c", TensorProto.FLOAT, ["N", 3])
+        flag = helper.make_tensor_value_info("flag", TensorProto.BOOL, ["N", 3])
+        nodes = [
+            helper.make_node("Cast", ["b"], ["bf"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["a", "bf"], ["c"]),
+            helper.make_node("Greater", ["a", "bf"], ["flag"]),
+        ]
+        graph = helper.make_graph(nodes, "multi", [a, b], [c, flag])
+    else:
+        raise ValueError(kind)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def sum_model(tmp_path) -> str:
+    return tiny_model(tmp_path / "sum.onnx", "sum")
+
+
+@pytest.fixture
+def multi_model(tmp_path) -> str:
+    return tiny_model(tmp_path / "multi.onnx", "multi")
+
+
+def read_jsonl(pattern: str):
+    import glob
+    import json
+
+    rows = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path, encoding="utf-8") as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+
+
+os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -1,0 +1,146 @@
+"""End to end on the DirectRunner: TestPipeline, the CLI, manifests, Parquet and multi-processing.
+
+Every run checks the contract: predictions + dead letters = inputs, each input exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import apache_beam as beam
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from engines.base import EngineError
+from pipelines import classify_images
+from pipelines.classify_images import ClassifyOptions, make_handler, read_labels
+from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, read_jsonl
+from transforms.images import ImageRef, parse_manifest
+
+
+def _check_outputs(out_dir, good, broken, fmt="jsonl"):
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        files = sorted(f for f in os.listdir(out_dir) if f.startswith("predictions-") and f.endswith(".parquet"))
+        assert files, os.listdir(out_dir)
+        predictions = [row for f in files for row in pq.read_table(os.path.join(out_dir, f)).to_pylist()]
+    else:
+        predictions = read_jsonl(os.path.join(out_dir, "predictions-*.jsonl"))
+    dead = read_jsonl(os.path.join(out_dir, "dead_letter-*.jsonl"))
+    predicted = sorted(os.path.basename(r["uri"]) for r in predictions)
+    dead_names = sorted(os.path.basename(r["uri"]) for r in dead)
+    assert predicted == sorted(os.path.basename(p) for p in good)
+    assert dead_names == sorted(broken)
+    for row in dead:
+        assert re.search(broken[os.path.basename(row["uri"])], row["error"]), row
+    by_name = {os.path.basename(r["uri"]): r for r in predictions}
+    assert CAT_CLASSES & {p["class_id"] for p in by_name["chelsea.jpg"]["top_k"]}
+    assert ESPRESSO_OR_CUP & {p["class_id"] for p in by_name["coffee.jpg"]["top_k"][:3]}
+    first = by_name["chelsea.jpg"]["top_k"][0]
+    assert set(first) == {"class_id", "label", "score"} and isinstance(first["label"], str)
+    return predictions, dead
+
+
+def test_testpipeline_end_to_end(corpus, model_path):
+    directory, good, broken = corpus
+    options = PipelineOptions(["--input", directory, "--output", "unused", "--batch_size", "4"])
+    opts = options.view_as(ClassifyOptions)
+    handler, _, _ = make_handler(opts)
+    labels = read_labels(opts, model_path)
+    with TestPipeline(options=options) as p:
+        from transforms.images import DEAD_LETTER, DecodeImages, ImageRefs
+        from transforms.postprocess import TopK
+        from transforms.preprocess import PreprocessConfig
+        from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+        found = p | ImageRefs(directory)
+        decoded = found["refs"] | beam.ParDo(DecodeImages(PreprocessConfig())).with_outputs(DEAD_LETTER, main="ok")
+        rows = decoded.ok | RunInference(KeyedModelHandler(handler)) | beam.ParDo(TopK(5, labels))
+        assert_that(rows | "Names" >> beam.Map(lambda r: os.path.basename(r["uri"])),
+                    equal_to([os.path.basename(g) for g in good]), label="AllGoodScored")
+        assert_that(rows | "Chelsea" >> beam.Filter(lambda r: r["uri"].endswith("chelsea.jpg"))
+                    | "IsCat" >> beam.Map(lambda r: bool(CAT_CLASSES & {x["class_id"] for x in r["top_k"]})),
+                    equal_to([True]), label="ChelseaIsACat")
+        assert_that(decoded[DEAD_LETTER] | "DeadNames" >> beam.Map(lambda r: os.path.basename(r["uri"])),
+                    equal_to(list(broken)), label="AllBrokenDeadLettered")
+
+
+def test_cli_run_writes_the_output_contract(corpus, model_path, tmp_path):
+    directory, good, broken = corpus
+    out = tmp_path / "out"
+    assert classify_images.main(["--input", directory, "--output", str(out), "--batch_size", "5"]) == 0
+    _check_outputs(str(out), good, broken)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["predictions"] == len(good) and stats["dead_letters"] == len(broken)
+    assert stats["images_per_second"] > 0 and stats["engine"]["engine"] == "onnxruntime"
+    assert set(stats["stage_share"]) == {"read", "decode", "inference", "postprocess", "write"}
+    assert abs(sum(stats["stage_share"].values()) - 1.0) < 0.01
+    assert all(stats["stage_seconds"][s] > 0 for s in ("read", "decode", "inference", "write"))
+    lat = stats["batch_latency_seconds"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert stats["batches"] >= 3 and stats["mean_batch_size"] <= 5
+    assert (out / "stats.png").read_bytes().startswith(b"\x89PNG")
+    assert not [f for f in os.listdir(out) if f.startswith(".temp")]
+
+
+def test_multi_processing_loses_nothing(corpus, model_path, tmp_path):
+    directory, good, broken = corpus
+    out = tmp_path / "mp"
+    stats = classify_images.run(["--input", directory, "--output", str(out), "--batch_size", "4",
+                                 "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    _check_outputs(str(out), good, broken)
+    assert stats["predictions"] + stats["dead_letters"] == len(good) + len(broken)
+
+
+def test_parquet_output(corpus, model_path, tmp_path):
+    directory, good, broken = corpus
+    out = tmp_path / "pq"
+    classify_images.run(["--input", os.path.join(directory, "*.jpg"), "--output", str(out),
+                         "--output_format", "parquet", "--top_k", "3"])
+    broken_jpg = {k: v for k, v in broken.items() if k.endswith(".jpg")}
+    predictions, _ = _check_outputs(str(out), [g for g in good if g.endswith(".jpg")], broken_jpg, "parquet")
+    assert all(len(r["top_k"]) == 3 for r in predictions)
+
+
+def test_manifest_with_ids_and_unusable_lines(corpus, model_path, tmp_path):
+    directory, good, _ = corpus
+    manifest = tmp_path / "list.jsonl"
+    lines = [json.dumps({"uri": good[0], "id": "a1"}), json.dumps({"uri": good[1], "id": 2}),
+             json.dumps({"uri": str(tmp_path / "missing.jpg"), "id": "gone"}), "{not json", json.dumps({"id": 3})]
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "m"
+    stats = classify_images.run(["--input", str(manifest), "--output", str(out)])
+    predictions = read_jsonl(str(out / "predictions-*.jsonl"))
+    dead = read_jsonl(str(out / "dead_letter-*.jsonl"))
+    assert sorted(r["id"] for r in predictions) == ["2", "a1"]
+    by_uri = {r["uri"]: r for r in dead}
+    missing = by_uri[str(tmp_path / "missing.jpg")]
+    assert missing["stage"] == "read" and missing["id"] == "gone" and "cannot read file" in missing["error"]
+    assert "not valid JSON" in by_uri[f"{manifest}:4"]["error"]
+    assert "no string 'uri'" in by_uri[f"{manifest}:5"]["error"]
+    assert stats["predictions"] + stats["dead_letters"] == len(lines)
+
+
+def test_manifest_parsing_formats():
+    assert list(parse_manifest("a.txt", "# header\n/x/1.jpg\n\n gs://b/2.png \n")) == [
+        ImageRef("/x/1.jpg"), ImageRef("gs://b/2.png")]
+    assert list(parse_manifest("a.csv", "id,uri\n7,/x/1.jpg\n,/x/2.jpg\n")) == [
+        ImageRef("/x/1.jpg", "7"), ImageRef("/x/2.jpg", None)]
+    bad = list(parse_manifest("b.csv", "path\n/x/1.jpg\n"))
+    assert len(bad) == 1 and "no 'uri' column" in bad[0].value["error"]
+
+
+def test_input_that_matches_nothing_fails_at_start(tmp_path):
+    with pytest.raises(EngineError, match="matches no files"):
+        classify_images.run(["--input", str(tmp_path / "*.jpg"), "--output", str(tmp_path / "o")])
+    assert classify_images.main(["--input", str(tmp_path / "*.jpg"), "--output", str(tmp_path / "o")]) == 2
+
+
+def test_input_and_output_are_required(tmp_path):
+    with pytest.raises(EngineError, match="--input and --output are required"):
+        classify_images.run(["--output", str(tmp_path)])
