@@ -1,0 +1,26 @@
+"""TensorRT engine: build from ONNX, run with dynamic batch shapes, serve RunInference.
+
+Importing this package imports neither TensorRT nor CUDA; they are loaded inside the
+functions that need them (``engines.tensorrt._trt.import_tensorrt``,
+``engines.tensorrt.cuda.cudart``). See docs/tensorrt.md.
+
+    plan = EngineFromOnnx("model.onnx", BuildOptions(profiles=(Profile(1, 64, 256),)))()
+    with TensorRTEngine(plan) as engine:
+        outputs = engine.infer({"images": batch})
+"""
+
+from engines.tensorrt._trt import import_tensorrt
+from engines.tensorrt.builder import BuiltEngine, EngineFromOnnx, build_engine, convert_to_fp16, summarize_onnx
+from engines.tensorrt.cache import BuildTarget, EngineCache, cache_key
+from engines.tensorrt.loader import TensorRTLoader
+from engines.tensorrt.options import BuildOptions, Profile, choose_profile
+from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, read_plan_header, read_sidecar,
+                                   sidecar_path, write_sidecar)
+from engines.tensorrt.runtime import TensorRTEngine
+
+__all__ = [
+    "BuildOptions", "BuildTarget", "BuiltEngine", "EngineCache", "EngineFromOnnx", "PlanHeader", "PlanInfo",
+    "Profile", "TensorRTEngine", "TensorRTLoader", "build_engine", "cache_key", "check_plan_version",
+    "choose_profile", "convert_to_fp16", "import_tensorrt", "read_plan_header", "read_sidecar", "sidecar_path",
+    "summarize_onnx", "write_sidecar",
+]

@@ -1,0 +1,294 @@
+"""Execution slots: device buffers, pinned host buffers and a stream per execution context.
+
+This is the CUDA side of the TensorRT runner, kept apart from TensorRT itself: a slot
+only knows tensor names, dtypes and byte sizes, and calls two callables for the model:
+
+* ``prepare(stream, input_shapes) -> output_shapes``: host-side setup for this batch
+  (for TensorRT: choose the profile, ``set_input_shape``, read output shapes);
+* ``enqueue(stream, input_shapes, addresses)``: put the computation on ``stream``
+  (for TensorRT: ``set_tensor_address`` + ``execute_async_v3``). Any CUDA kernel
+  launched on the stream stands in for it in tests (tests/gpu/test_cuda_machinery.py).
+
+A :class:`SlotPool` keeps several slots so that the host-to-device copy, compute and
+device-to-host copy of consecutive batches overlap: :meth:`SlotPool.run` keeps up to
+one batch in flight per slot, and several threads may run at once, each taking free
+slots. Buffers are sized once, for the largest shape the engine accepts.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engines.base import EngineError
+from engines.tensorrt import cuda
+
+_LOG = logging.getLogger(__name__)
+
+Shape = Tuple[int, ...]
+Prepare = Callable[[int, Mapping[str, Shape]], Mapping[str, Shape]]
+Enqueue = Callable[[int, Mapping[str, Shape], Mapping[str, int]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+    """One input or output a slot holds buffers for.
+
+    Attributes:
+        name: Tensor name.
+        dtype: numpy dtype (raw bytes such as ``V2`` for bf16 are fine).
+        max_bytes: Size of the largest tensor ever copied (the profile max shape).
+    """
+
+    name: str
+    dtype: np.dtype
+    max_bytes: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.max_bytes < 0:
+            raise EngineError(f"Tensor {self.name}: max_bytes must be >= 0, got {self.max_bytes}")
+
+
+def nbytes(dtype: np.dtype, shape: Sequence[int]) -> int:
+    count = 1
+    for d in shape:
+        if d < 0:
+            raise EngineError(f"shape {tuple(shape)} has an unresolved (-1) dimension")
+        count *= int(d)
+    return count * np.dtype(dtype).itemsize
+
+
+class ExecutionSlot:
+    """Buffers, a stream and (optionally) CUDA graphs for one execution context.
+
+    Not thread-safe on its own: a :class:`SlotPool` hands each slot to one thread at a time.
+
+    Args:
+        inputs: Input tensors, in any order.
+        outputs: Output tensors.
+        prepare: See the module docstring; called before every batch, outside any capture.
+        enqueue: See the module docstring; must only enqueue work on the stream it is given.
+        cuda_graphs: Capture ``enqueue`` into a CUDA graph per input shape and replay it;
+            when capture fails for a shape, that shape falls back to plain enqueue. Default False.
+        max_graphs: Most graphs kept per slot; further shapes use plain enqueue. Default 64.
+        device: GPU index the buffers live on. Default 0.
+        name: Label for logs. Default "slot".
+    """
+
+    def __init__(self, inputs: Sequence[TensorLayout], outputs: Sequence[TensorLayout], prepare: Prepare,
+                 enqueue: Enqueue, *, cuda_graphs: bool = False, max_graphs: int = 64, device: int = 0,
+                 name: str = "slot"):
+        self.name = name
+        self.device = int(device)
+        self._inputs = {t.name: t for t in inputs}
+        self._outputs = {t.name: t for t in outputs}
+        self._prepare = prepare
+        self._enqueue = enqueue
+        self._cuda_graphs = bool(cuda_graphs)
+        self._max_graphs = int(max_graphs)
+        self._graphs: Dict[tuple, cuda.Graph] = {}
+        self._graph_output_shapes: Dict[tuple, Mapping[str, Shape]] = {}
+        self._no_graph: set = set()
+        self.counts = collections.Counter()
+        self._pending: Optional[Mapping[str, Shape]] = None
+        cuda.set_device(self.device)
+        self.stream = cuda.Stream()
+        self.device_buffers: Dict[str, cuda.DeviceBuffer] = {}
+        self.host_buffers: Dict[str, cuda.PinnedBuffer] = {}
+        try:
+            for t in list(inputs) + list(outputs):
+                self.device_buffers[t.name] = cuda.DeviceBuffer(t.max_bytes)
+                self.host_buffers[t.name] = cuda.PinnedBuffer(t.max_bytes)
+        except Exception:
+            self.close()
+            raise
+        self.addresses = {name: buf.ptr for name, buf in self.device_buffers.items()}
+
+    def submit(self, feed: Mapping[str, np.ndarray]) -> None:
+        """Stages ``feed`` in pinned memory and enqueues copy-in, compute and copy-out.
+
+        Returns at once; :meth:`wait` returns the outputs.
+
+        Raises:
+            EngineError: a tensor larger than its buffer, or a CUDA/model failure.
+        """
+        if self._pending is not None:
+            raise EngineError(f"{self.name}: submit() called twice without wait()")
+        cuda.set_device(self.device)
+        shapes = {}
+        for name, layout in self._inputs.items():
+            array = feed[name]
+            size = nbytes(layout.dtype, array.shape)
+            if size > layout.max_bytes:
+                raise EngineError(f"Input tensor: {name} | shape {tuple(array.shape)} needs {size} bytes, more than "
+                                  f"the {layout.max_bytes} bytes sized for the largest profile shape")
+            np.copyto(self.host_buffers[name].view(layout.dtype, array.shape), array, casting="no")
+            cuda.copy_h2d_async(self.device_buffers[name].ptr, self.host_buffers[name].ptr, size, self.stream)
+            shapes[name] = tuple(int(d) for d in array.shape)
+        out_shapes = {k: tuple(int(d) for d in v) for k, v in self._prepare(self.stream.ptr, shapes).items()}
+        self._run(shapes)
+        for name, layout in self._outputs.items():
+            size = nbytes(layout.dtype, out_shapes[name])
+            if size > layout.max_bytes:
+                raise EngineError(f"Output tensor: {name} | shape {out_shapes[name]} needs {size} bytes, more "
+                                  f"than the {layout.max_bytes} bytes sized for it")
+            cuda.copy_d2h_async(self.host_buffers[name].ptr, self.device_buffers[name].ptr, size, self.stream)
+        self._pending = out_shapes
+
+    def _run(self, shapes: Mapping[str, Shape]) -> None:
+        if not self._cuda_graphs:
+            self._enqueue(self.stream.ptr, shapes, self.addresses)
+            self.counts["enqueue"] += 1
+            return
+        key = tuple(sorted(shapes.items()))
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.launch(self.stream)
+            self.counts["graph_launch"] += 1
+            return
+        # First time for this shape: a plain run (which also computes this batch, and lets the
+        # model do its lazy per-shape setup before capture, as TensorRT requires), then capture.
+        self._enqueue(self.stream.ptr, shapes, self.addresses)
+        self.counts["enqueue"] += 1
+        if key in self._no_graph or len(self._graphs) >= self._max_graphs:
+            return
+        graph = cuda.capture_graph(self.stream, lambda: self._enqueue(self.stream.ptr, shapes, self.addresses))
+        if graph is None:
+            self._no_graph.add(key)
+            self.counts["capture_failed"] += 1
+            _LOG.warning("%s: CUDA graph capture failed for input shapes %s; using plain enqueue for them",
+                         self.name, dict(shapes))
+        else:
+            self._graphs[key] = graph
+            self.counts["captured"] += 1
+
+    def wait(self) -> Dict[str, np.ndarray]:
+        """Waits for the submitted batch and returns fresh copies of its outputs."""
+        if self._pending is None:
+            raise EngineError(f"{self.name}: wait() called without submit()")
+        out_shapes, self._pending = self._pending, None
+        self.stream.synchronize()
+        return {name: self.host_buffers[name].view(layout.dtype, out_shapes[name]).copy()
+                for name, layout in self._outputs.items()}
+
+    def abandon(self) -> None:
+        """Waits for whatever is in flight and forgets it (after an error)."""
+        self._pending = None
+        if self.stream is not None and self.stream.handle is not None:
+            try:
+                self.stream.synchronize()
+            except EngineError as e:
+                _LOG.warning("%s: %s", self.name, e)
+
+    @property
+    def graph_count(self) -> int:
+        return len(self._graphs)
+
+    def close(self) -> None:
+        """Frees graphs, buffers and the stream. Safe to call twice."""
+        if getattr(self, "stream", None) is not None:
+            self.abandon()
+        for graph in self._graphs.values():
+            graph.destroy()
+        self._graphs.clear()
+        for buffers in (getattr(self, "device_buffers", {}), getattr(self, "host_buffers", {})):
+            for buf in buffers.values():
+                buf.free()
+            buffers.clear()
+        if getattr(self, "stream", None) is not None:
+            self.stream.destroy()
+            self.stream = None
+
+
+class SlotPool:
+    """Hands out execution slots and pipelines batches over them.
+
+    Args:
+        slots: The slots (one per execution context). Two or more let copies and
+            compute of consecutive batches overlap.
+    """
+
+    def __init__(self, slots: Sequence[ExecutionSlot]):
+        if not slots:
+            raise EngineError("a SlotPool needs at least one execution slot")
+        self.slots: List[ExecutionSlot] = list(slots)
+        self._free: "queue.Queue[ExecutionSlot]" = queue.Queue()
+        for slot in self.slots:
+            self._free.put(slot)
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    def run(self, feeds: Iterable[Mapping[str, np.ndarray]], depth: Optional[int] = None
+            ) -> Iterator[Dict[str, np.ndarray]]:
+        """Runs feeds in order with up to ``depth`` batches in flight; yields outputs in order.
+
+        Deadlock-free with any number of threads: a thread blocks for a slot only while it
+        holds none; otherwise it takes a free slot if there is one, or reuses its oldest.
+
+        Args:
+            feeds: Batches, each already validated and within the slots' buffer sizes.
+            depth: Most batches in flight for this call. Default: the number of slots.
+        """
+        if self._closed:
+            raise EngineError("the engine is closed")
+        depth = max(1, min(int(depth or self.size), self.size))
+        in_flight: "collections.deque[ExecutionSlot]" = collections.deque()
+        idle: List[ExecutionSlot] = []
+        try:
+            for feed in feeds:
+                slot = idle.pop() if idle else None
+                if slot is None and len(in_flight) < depth:
+                    slot = self._acquire(block=not in_flight)
+                if slot is None:
+                    slot = in_flight.popleft()
+                    result = slot.wait()
+                    idle.append(slot)
+                    yield result
+                    slot = idle.pop()
+                try:
+                    slot.submit(feed)
+                except BaseException:
+                    slot.abandon()
+                    idle.append(slot)
+                    raise
+                in_flight.append(slot)
+            while in_flight:
+                slot = in_flight.popleft()
+                result = slot.wait()
+                idle.append(slot)
+                yield result
+        finally:
+            for slot in in_flight:
+                slot.abandon()
+            for slot in list(in_flight) + idle:
+                self._free.put(slot)
+
+    def run_one(self, feed: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Runs one batch on a free slot (blocks until one is free)."""
+        return next(iter(self.run([feed], depth=1)))
+
+    def _acquire(self, block: bool) -> Optional[ExecutionSlot]:
+        try:
+            return self._free.get(block=block)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Frees every slot; call when no thread is running."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for slot in self.slots:
+            slot.close()

@@ -1,0 +1,192 @@
+"""A shared cache of plans, so a job can start from an ONNX model alone.
+
+A plan runs only on the GPU type and TensorRT version it was built with, so plans are
+keyed by the ONNX model's sha256, the GPU's name and compute capability, the TensorRT
+version and :meth:`BuildOptions.cache_key`. The first worker to need a plan builds it
+and stores it (with its sidecar) in the cache location, a local directory or a
+``gs://`` prefix; later workers and later jobs download it.
+
+Races: processes on one machine take a file lock, so only one of them builds. Workers
+on different machines may both build; each uses its own plan and writes it atomically
+(temp file + rename locally; a GCS object appears whole when its upload completes),
+and a reader accepts a plan only when the sidecar's ``plan_sha256`` matches it, so a
+plan and sidecar from two different writers are never paired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+import uuid
+from typing import Callable, Optional, Tuple
+
+from engines import storage
+from engines.base import EngineError
+from engines.tensorrt.options import BuildOptions
+from engines.tensorrt.plan import PlanInfo, sidecar_path
+
+_LOG = logging.getLogger(__name__)
+
+#: ``build(onnx_bytes, options, device) -> (plan bytes, PlanInfo)``; the real one is
+#: :func:`engines.tensorrt.builder.build_engine` (wrapped by :func:`_default_build`).
+BuildFn = Callable[[bytes, BuildOptions, int], Tuple[bytes, PlanInfo]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildTarget:
+    """What a plan is specific to besides the model and options: GPU type and TensorRT version."""
+
+    gpu_name: str
+    compute_capability: str
+    tensorrt_version: str
+
+    @classmethod
+    def detect(cls, device: int = 0) -> "BuildTarget":
+        """This machine's GPU ``device`` and installed TensorRT (full or lean)."""
+        from engines.tensorrt import cuda
+        from engines.tensorrt._trt import import_tensorrt
+
+        trt = import_tensorrt(lean_ok=True)
+        dev = cuda.device_info(device)
+        return cls(dev.name, dev.compute_capability, str(trt.__version__))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def cache_key(onnx_sha256: str, options: BuildOptions, target: BuildTarget) -> str:
+    """The file stem of a cached plan, e.g. ``3f2a...-nvidia-l4-sm89-trt10.11.0.33-9c1e...``."""
+    return (f"{onnx_sha256[:16]}-{_slug(target.gpu_name)}-sm{target.compute_capability.replace('.', '')}"
+            f"-trt{target.tensorrt_version}-{options.cache_key()}")
+
+
+def _default_build(onnx_bytes: bytes, options: BuildOptions, device: int) -> Tuple[bytes, PlanInfo]:
+    from engines.tensorrt.builder import build_engine
+
+    built = build_engine(onnx_bytes, options, device)
+    return built.plan, built.info
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    if "://" in path:
+        storage.write_bytes(path, data)  # a GCS object becomes visible whole, on close
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise EngineError(f"Cannot write {path}: {e}") from e
+
+
+@contextlib.contextmanager
+def _machine_lock(key: str, timeout_s: float):
+    """An exclusive lock shared by every process on this machine (fcntl.flock on a temp file)."""
+    import fcntl
+
+    lock_dir = os.path.join(tempfile.gettempdir(), "engines-tensorrt-cache-locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    with open(os.path.join(lock_dir, f"{key}.lock"), "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise EngineError(f"Waited {timeout_s:.0f} s for another process building the plan {key}; "
+                                      f"remove {handle.name} if no build is running") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class EngineCache:
+    """Plans keyed by model, GPU, TensorRT version and build options, built once on a miss.
+
+    Args:
+        location: A local directory or a ``gs://`` prefix.
+        build: Builds a plan on a miss. Default: :func:`engines.tensorrt.builder.build_engine`.
+        lock_timeout_s: How long a process waits for another one on the same machine to
+            finish building. Default 3600.
+    """
+
+    def __init__(self, location: str, build: Optional[BuildFn] = None, lock_timeout_s: float = 3600.0):
+        if not location:
+            raise EngineError("EngineCache needs a location: a local directory or gs://bucket/prefix")
+        self.location = location
+        self._build = build or _default_build
+        self._lock_timeout_s = lock_timeout_s
+
+    def plan_path(self, key: str) -> str:
+        return storage.join(self.location, f"{key}.plan")
+
+    def lookup(self, key: str, onnx_sha256: str) -> Optional[Tuple[bytes, PlanInfo]]:
+        """The cached plan and its info, or None when absent or inconsistent."""
+        path = self.plan_path(key)
+        if not (storage.exists(path) and storage.exists(sidecar_path(path))):
+            return None
+        plan = storage.read_bytes(path)
+        try:
+            info = PlanInfo.from_json(json.loads(storage.read_bytes(sidecar_path(path)).decode("utf-8")),
+                                      where=sidecar_path(path))
+        except (ValueError, EngineError) as e:
+            _LOG.warning("ignoring cached plan %s: %s", path, e)
+            return None
+        if info.extra.get("plan_sha256") != hashlib.sha256(plan).hexdigest() or info.onnx_sha256 != onnx_sha256:
+            _LOG.warning("ignoring cached plan %s: its sidecar belongs to another plan or model (a concurrent "
+                         "writer?); building again", path)
+            return None
+        return plan, info
+
+    def get_or_build(self, onnx_bytes: bytes, options: BuildOptions, device: int = 0,
+                     target: Optional[BuildTarget] = None) -> Tuple[bytes, PlanInfo, str]:
+        """Returns ``(plan, info, path)`` for this model on this GPU, building and storing it on a miss.
+
+        Args:
+            onnx_bytes: The serialized ONNX model.
+            options: Build options (part of the key).
+            device: GPU index to build on. Default 0.
+            target: GPU type and TensorRT version; default :meth:`BuildTarget.detect`.
+        """
+        target = target or BuildTarget.detect(device)
+        onnx_sha = hashlib.sha256(onnx_bytes).hexdigest()
+        key = cache_key(onnx_sha, options, target)
+        path = self.plan_path(key)
+        found = self.lookup(key, onnx_sha)
+        if found:
+            _LOG.info("engine cache hit: %s", path)
+            return found[0], found[1], path
+        with _machine_lock(key, self._lock_timeout_s):
+            found = self.lookup(key, onnx_sha)  # another process here may have built it meanwhile
+            if found:
+                _LOG.info("engine cache hit after waiting for another process: %s", path)
+                return found[0], found[1], path
+            _LOG.info("engine cache miss: building %s on %s (this takes minutes, once per GPU type)", path,
+                      target.gpu_name)
+            start = time.monotonic()
+            plan, info = self._build(onnx_bytes, options, device)
+            extra = dict(info.extra)
+            extra.update(plan_sha256=hashlib.sha256(plan).hexdigest(), cache_key=key)
+            info = dataclasses.replace(info, extra=extra)
+            _write_atomic(path, plan)
+            _write_atomic(sidecar_path(path), (json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
+                          .encode("utf-8"))
+            _LOG.info("built and stored %s in %.0f s", path, time.monotonic() - start)
+            return plan, info, path

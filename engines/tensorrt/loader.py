@@ -1,0 +1,138 @@
+""":class:`TensorRTLoader`: the picklable recipe a Beam worker calls to get a :class:`TensorRTEngine`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from typing import Optional, Tuple, Union
+
+from engines import storage
+from engines.base import EngineError
+from engines.tensorrt.options import BuildOptions, Profile
+from engines.tensorrt.plan import PlanInfo, read_sidecar
+
+_LOG = logging.getLogger(__name__)
+
+
+def next_device(count: int) -> int:
+    """Round-robin GPU choice shared by every process on this machine (a locked counter file).
+
+    Beam loads ``model_copies`` copies of a shared model, each through one ``load_model``
+    call; with ``device="auto"`` consecutive copies land on consecutive GPUs.
+    """
+    import fcntl
+
+    path = os.path.join(tempfile.gettempdir(), "engines-tensorrt-next-device")
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            text = f.read().strip()
+            n = int(text) if text.isdigit() else 0
+            f.seek(0)
+            f.truncate()
+            f.write(str(n + 1))
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return n % max(count, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRTLoader:
+    """Loads a TensorRT engine on the worker; holds only paths and options until called.
+
+    Give either ``engine_path`` (a plan built by ``python -m engines.build`` for the
+    worker's GPU type) or ``onnx_path`` (built on the worker; with ``engine_cache`` only
+    the first worker per GPU type builds, the others download).
+
+    Attributes:
+        engine_path: A plan, local or gs://. Its sidecar ``<plan>.json`` is used when present.
+        onnx_path: An ONNX model, local or gs://.
+        engine_cache: With ``onnx_path``: a local directory or gs:// prefix of cached plans.
+            Default None (build in memory on every worker).
+        build_options: With ``onnx_path``: how to build. Default ``BuildOptions()``.
+        num_contexts: Execution contexts (streams and buffer sets). Default 2.
+        cuda_graphs: Replay CUDA graphs per batch shape. Default False.
+        device: GPU index, or "auto" to spread copies round-robin over the machine's GPUs.
+            Default 0.
+    """
+
+    engine_path: Optional[str] = None
+    onnx_path: Optional[str] = None
+    engine_cache: Optional[str] = None
+    build_options: BuildOptions = BuildOptions()
+    num_contexts: int = 2
+    cuda_graphs: bool = False
+    device: Union[int, str] = 0
+
+    def __post_init__(self):
+        if bool(self.engine_path) == bool(self.onnx_path):
+            raise EngineError("Give exactly one of engine_path (a .plan built for the worker's GPU) or onnx_path "
+                              f"(an ONNX model to build on the worker); got engine_path={self.engine_path!r}, "
+                              f"onnx_path={self.onnx_path!r}")
+        if self.engine_cache and not self.onnx_path:
+            raise EngineError("engine_cache is used with onnx_path (plans are built from the ONNX model on a miss)")
+        if not isinstance(self.build_options, BuildOptions):
+            raise EngineError(f"build_options must be a BuildOptions, got {type(self.build_options).__name__}")
+        if isinstance(self.num_contexts, bool) or not isinstance(self.num_contexts, int) or self.num_contexts < 1:
+            raise EngineError(f"num_contexts must be an int >= 1, got {self.num_contexts!r}")
+        if self.device != "auto" and (isinstance(self.device, bool) or not isinstance(self.device, int)
+                                      or self.device < 0):
+            raise EngineError(f"device must be a GPU index >= 0 or 'auto', got {self.device!r}")
+
+    def plan_info(self) -> Optional[PlanInfo]:
+        """The sidecar of ``engine_path`` (None if absent or when building from ONNX); no TensorRT needed."""
+        return read_sidecar(self.engine_path, required=False) if self.engine_path else None
+
+    def batch_profiles(self) -> Tuple[Profile, ...]:
+        """The engine's batch profiles, known without TensorRT (sidecar or build options).
+
+        Raises:
+            EngineError: ``engine_path`` has no sidecar to read them from.
+        """
+        if self.onnx_path:
+            return self.build_options.profiles
+        info = read_sidecar(self.engine_path, required=True)
+        return info.profiles
+
+    def _device_index(self) -> int:
+        if self.device != "auto":
+            return int(self.device)
+        from engines.tensorrt import cuda
+
+        index = next_device(cuda.device_count())
+        _LOG.info("device auto: this engine copy goes on GPU %d", index)
+        return index
+
+    def __call__(self):
+        """Loads (building or fetching if needed) and returns a :class:`TensorRTEngine`."""
+        from engines.tensorrt.runtime import TensorRTEngine
+
+        device = self._device_index()
+        if self.engine_path:
+            if not storage.exists(self.engine_path):
+                raise EngineError(f"Engine file not found: {self.engine_path}. Build one with `python -m "
+                                  f"engines.build --onnx MODEL.onnx --output {self.engine_path}` on the target "
+                                  f"GPU type, or pass onnx_path (and engine_cache) to build on the worker")
+            plan = storage.read_bytes(self.engine_path)
+            info = self.plan_info()
+            name = self.engine_path
+        else:
+            onnx_bytes = storage.read_bytes(self.onnx_path)
+            if self.engine_cache:
+                from engines.tensorrt.cache import EngineCache
+
+                plan, info, name = EngineCache(self.engine_cache).get_or_build(onnx_bytes, self.build_options,
+                                                                               device)
+            else:
+                from engines.tensorrt.builder import build_engine
+
+                _LOG.info("building a TensorRT engine from %s on this worker (no engine_cache: every worker "
+                          "builds its own; pass engine_cache to build once per GPU type)", self.onnx_path)
+                built = build_engine(onnx_bytes, self.build_options, device)
+                plan, info, name = built.plan, built.info, f"{self.onnx_path} (built in memory)"
+        return TensorRTEngine(plan, num_contexts=self.num_contexts, cuda_graphs=self.cuda_graphs, device=device,
+                              info=info, name=name)
