@@ -88,6 +88,11 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--crop", type=int, default=224, help="Centre-crop size. Default 224.")
         parser.add_argument("--max_pixels", type=int, default=PreprocessConfig.max_pixels,
                             help="Refuse larger images (decompression bombs). Default: 89478485.")
+        parser.add_argument("--decode_threads", type=int, default=-1,
+                            help="Threads per DoFn that read and decode ahead of inference; -1 = the "
+                                 "worker's cores (at most 8), 0 = inline. Default: -1.")
+        parser.add_argument("--prefetch", type=int, default=None,
+                            help="Images read/decoded ahead per DoFn. Default: 2 x batch_size.")
         parser.add_argument("--no_jpeg_draft", action="store_true", help="Decode JPEGs at full size.")
         parser.add_argument("--progress_every_s", type=float, default=5.0,
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
@@ -161,7 +166,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     config = PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
                               draft=not options.no_jpeg_draft)
     found = pipeline | "FindImages" >> ImageRefs(options.input)
-    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(DecodeImages(config)).with_outputs(
+    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(
+        DecodeImages(config, options.decode_threads, options.prefetch or 2 * options.batch_size)).with_outputs(
         DEAD_LETTER, main="images")
     main, failed = (decoded.images
                     | "RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())

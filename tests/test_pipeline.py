@@ -144,3 +144,22 @@ def test_input_that_matches_nothing_fails_at_start(tmp_path):
 def test_input_and_output_are_required(tmp_path):
     with pytest.raises(EngineError, match="--input and --output are required"):
         classify_images.run(["--output", str(tmp_path)])
+
+
+@pytest.mark.parametrize("threads,prefetch", [(0, 1), (1, 1), (2, 3), (4, 64)])
+def test_decode_with_and_without_prefetch_threads_emits_every_input_once(corpus, threads, prefetch):
+    directory, good, broken = corpus
+    from transforms.images import DEAD_LETTER, DecodeImages, ImageRef
+    from transforms.preprocess import PreprocessConfig
+
+    refs = [ImageRef(p) for p in good] + [ImageRef(os.path.join(directory, b)) for b in broken]
+    refs.append(ImageRef(os.path.join(directory, "missing.jpg"), id="m"))
+    with TestPipeline() as p:
+        out = (p | beam.Create(refs)
+               | beam.ParDo(DecodeImages(PreprocessConfig(), threads, prefetch)).with_outputs(DEAD_LETTER, main="ok"))
+        assert_that(out.ok | beam.MapTuple(lambda ref, a: (os.path.basename(ref.uri), a.shape, str(a.dtype))),
+                    equal_to([(os.path.basename(g), (224, 224, 3), "uint8") for g in good]), label="Good")
+        assert_that(out[DEAD_LETTER] | beam.Map(lambda r: (os.path.basename(r["uri"]), r["stage"])),
+                    equal_to([(b, "decode") for b in broken] + [("missing.jpg", "read")]), label="Dead")
+    with pytest.raises(ValueError, match="prefetch >= threads"):
+        DecodeImages(PreprocessConfig(), 4, 2)
