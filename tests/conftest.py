@@ -40,7 +40,8 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
 BROKEN = {
     "empty.jpg": (b"", "empty file"),
     "text.jpg": (b"just some text, not a JPEG\n", "not an image: the file holds text"),
-    "vector.svg": (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not an image|not a supported image format"),
+    "vector.svg": (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "unsupported format: SVG vector image"),
+    "scan.pdf": (b"%PDF-1.7\n%binary\n1 0 obj\n<<>>\nendobj\n", "unsupported format: PDF document"),
 }
 
 

@@ -62,6 +62,16 @@ class PreprocessConfig:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
 
+# Formats people store next to photos that Pillow cannot decode: name them in the reason.
+_UNSUPPORTED = [
+    (lambda d: d.startswith(b"%PDF"), "PDF document"),
+    (lambda d: b"<svg" in d[:512].lower(), "SVG vector image"),
+    (lambda d: d[4:12] in (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypmif1"), "HEIC/HEIF image"),
+    (lambda d: d[4:8] == b"ftyp", "video or ISO media file"),
+    (lambda d: d.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL ")), "JPEG XL image"),
+]
+
+
 def _describe_start(data: bytes) -> str:
     head = data[:16]
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
@@ -83,6 +93,10 @@ def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        for matches, name in _UNSUPPORTED:
+            if matches(data):
+                raise BadImageError(f"unsupported format: {name} ({len(data)} bytes); convert it to JPEG or PNG "
+                                    f"to score it") from None
         start = _describe_start(data)
         what = "not an image: the file holds text" if start.startswith("starts with text") else \
             "not a supported image format"
