@@ -10,7 +10,7 @@ functions that need them (``engines.tensorrt._trt.import_tensorrt``,
 """
 
 from engines.tensorrt._trt import import_tensorrt
-from engines.tensorrt.builder import BuiltEngine, EngineFromOnnx, build_engine, convert_to_fp16, summarize_onnx
+from engines.tensorrt.builder import BuiltEngine, EngineFromOnnx, build_plan, convert_to_fp16, summarize_onnx
 from engines.tensorrt.cache import BuildTarget, EngineCache, cache_key
 from engines.tensorrt.loader import TensorRTLoader
 from engines.tensorrt.options import BuildOptions, Profile, choose_profile
@@ -20,7 +20,7 @@ from engines.tensorrt.runtime import TensorRTEngine
 
 __all__ = [
     "BuildOptions", "BuildTarget", "BuiltEngine", "EngineCache", "EngineFromOnnx", "PlanHeader", "PlanInfo",
-    "Profile", "TensorRTEngine", "TensorRTLoader", "build_engine", "cache_key", "check_plan_version",
+    "Profile", "TensorRTEngine", "TensorRTLoader", "build_plan", "cache_key", "check_plan_version",
     "choose_profile", "convert_to_fp16", "import_tensorrt", "read_plan_header", "read_sidecar", "sidecar_path",
     "summarize_onnx", "write_sidecar",
 ]

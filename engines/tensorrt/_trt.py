@@ -83,10 +83,10 @@ def capturing_logger(trt, min_severity: str = "WARNING"):
         min_severity: "INTERNAL_ERROR", "ERROR", "WARNING", "INFO" or "VERBOSE". Default "WARNING".
     """
     with _LOCK:
-        cls = _LOGGER_CLASSES.get(trt.__name__)
+        cls = _LOGGER_CLASSES.get(id(trt.ILogger))
         if cls is None:
             cls = _make_logger_class(trt)
-            _LOGGER_CLASSES[trt.__name__] = cls
+            _LOGGER_CLASSES[id(trt.ILogger)] = cls
     return cls(min_severity)
 
 

@@ -171,7 +171,7 @@ def _parser_errors(parser) -> List[str]:
     return errors
 
 
-def build_engine(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device: int = 0,
+def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device: int = 0,
                  log_severity: str = "WARNING") -> BuiltEngine:
     """Builds a plan from an ONNX model on GPU ``device``.
 
@@ -301,7 +301,7 @@ class EngineFromOnnx:
 
     def build(self) -> BuiltEngine:
         """The plan and its sidecar information."""
-        return build_engine(self.onnx, self.options, self.device)
+        return build_plan(self.onnx, self.options, self.device)
 
     def __call__(self) -> bytes:
         """The plan bytes."""

@@ -35,7 +35,7 @@ from engines.tensorrt.plan import PlanInfo, sidecar_path
 _LOG = logging.getLogger(__name__)
 
 #: ``build(onnx_bytes, options, device) -> (plan bytes, PlanInfo)``; the real one is
-#: :func:`engines.tensorrt.builder.build_engine` (wrapped by :func:`_default_build`).
+#: :func:`engines.tensorrt.builder.build_plan` (wrapped by :func:`_default_build`).
 BuildFn = Callable[[bytes, BuildOptions, int], Tuple[bytes, PlanInfo]]
 
 
@@ -69,9 +69,9 @@ def cache_key(onnx_sha256: str, options: BuildOptions, target: BuildTarget) -> s
 
 
 def _default_build(onnx_bytes: bytes, options: BuildOptions, device: int) -> Tuple[bytes, PlanInfo]:
-    from engines.tensorrt.builder import build_engine
+    from engines.tensorrt.builder import build_plan
 
-    built = build_engine(onnx_bytes, options, device)
+    built = build_plan(onnx_bytes, options, device)
     return built.plan, built.info
 
 
@@ -122,7 +122,7 @@ class EngineCache:
 
     Args:
         location: A local directory or a ``gs://`` prefix.
-        build: Builds a plan on a miss. Default: :func:`engines.tensorrt.builder.build_engine`.
+        build: Builds a plan on a miss. Default: :func:`engines.tensorrt.builder.build_plan`.
         lock_timeout_s: How long a process waits for another one on the same machine to
             finish building. Default 3600.
     """

@@ -128,11 +128,11 @@ class TensorRTLoader:
                 plan, info, name = EngineCache(self.engine_cache).get_or_build(onnx_bytes, self.build_options,
                                                                                device)
             else:
-                from engines.tensorrt.builder import build_engine
+                from engines.tensorrt.builder import build_plan
 
                 _LOG.info("building a TensorRT engine from %s on this worker (no engine_cache: every worker "
                           "builds its own; pass engine_cache to build once per GPU type)", self.onnx_path)
-                built = build_engine(onnx_bytes, self.build_options, device)
+                built = build_plan(onnx_bytes, self.build_options, device)
                 plan, info, name = built.plan, built.info, f"{self.onnx_path} (built in memory)"
         return TensorRTEngine(plan, num_contexts=self.num_contexts, cuda_graphs=self.cuda_graphs, device=device,
                               info=info, name=name)

@@ -1,0 +1,411 @@
+"""Stand-ins for CUDA and TensorRT, to run the builder and runtime glue on a CPU.
+
+They mirror the real APIs' names (tests/test_tensorrt_api.py checks every name used
+here against the real ``tensorrt_lean`` module and the symbol tables of the full
+bindings), keep "device memory" in numpy arrays, and compute a known function, so the
+code's profile handling, splitting, buffer handling and error paths are checked for
+real results. Nothing here claims TensorRT ran.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import types
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from engines.base import EngineError
+from engines.tensorrt import cuda as real_cuda
+
+
+# ---------------------------------------------------------------- CUDA ---------
+
+class FakeCuda:
+    """Replaces the allocation, copy, stream and graph functions of engines.tensorrt.cuda."""
+
+    def __init__(self, name: str = "NVIDIA L4", cc: Tuple[int, int] = (8, 9), graphs_work: bool = True):
+        self.memory: Dict[int, np.ndarray] = {}
+        self._next = itertools.count(1)
+        self.info = real_cuda.DeviceInfo(0, name, cc[0], cc[1], 24 << 30)
+        self.graphs_work = graphs_work
+        self.device_info_calls = 0
+        self.copies = []
+        fake = self
+
+        class DeviceBuffer:
+            def __init__(self, nbytes):
+                self.nbytes = max(int(nbytes), 1)
+                self.ptr = fake._alloc(self.nbytes)
+
+            def free(self):
+                fake.memory.pop(self.ptr, None)
+                self.ptr = 0
+
+        class PinnedBuffer(DeviceBuffer):
+            def __init__(self, nbytes):
+                super().__init__(nbytes)
+                self.array = fake.memory[self.ptr]
+
+            view = real_cuda.PinnedBuffer.view
+
+        class Stream:
+            def __init__(self):
+                self.handle = next(fake._next)
+
+            @property
+            def ptr(self):
+                return self.handle
+
+            def synchronize(self):
+                pass
+
+            def destroy(self):
+                self.handle = None
+
+        self.DeviceBuffer, self.PinnedBuffer, self.Stream = DeviceBuffer, PinnedBuffer, Stream
+
+    def _alloc(self, n: int) -> int:
+        ptr = next(self._next) << 32
+        self.memory[ptr] = np.zeros(n, np.uint8)
+        return ptr
+
+    def bytes_at(self, ptr: int) -> np.ndarray:
+        return self.memory[ptr]
+
+    def install(self, monkeypatch) -> "FakeCuda":
+        m = real_cuda
+        for name in ("DeviceBuffer", "PinnedBuffer", "Stream"):
+            monkeypatch.setattr(m, name, getattr(self, name))
+        monkeypatch.setattr(m, "set_device", lambda index: None)
+        monkeypatch.setattr(m, "device_count", lambda: 1)
+        monkeypatch.setattr(m, "device_info", self.device_info)
+        monkeypatch.setattr(m, "copy_h2d_async", self.copy)
+        monkeypatch.setattr(m, "copy_d2h_async", self.copy)
+        monkeypatch.setattr(m, "capture_graph", self.capture_graph)
+        return self
+
+    def device_info(self, index=0):
+        self.device_info_calls += 1
+        return self.info
+
+    def copy(self, dst, src, nbytes, stream):
+        self.copies.append(nbytes)
+        self.memory[dst][:nbytes] = self.memory[src][:nbytes]
+
+    def capture_graph(self, stream, work):
+        if not self.graphs_work:
+            return None
+        return types.SimpleNamespace(launch=lambda s: work(), destroy=lambda: None)
+
+
+# ------------------------------------------------------------- TensorRT --------
+
+class Severity(enum.IntEnum):
+    INTERNAL_ERROR = 0
+    ERROR = 1
+    WARNING = 2
+    INFO = 3
+    VERBOSE = 4
+
+
+class ILogger:
+    Severity = Severity
+
+    def __init__(self):
+        pass
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"DataType.{self.name}"
+
+
+DataType = types.SimpleNamespace(**{n: _Named(n) for n in
+                                    ("FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8", "INT4")})
+TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT", NONE="NONE")
+
+#: The fake engine computes sum = a + b and flag = a > b for a: float32 [N, 4], b: int32 [N, 4].
+IO = [("a", "INPUT", "FLOAT", 4), ("b", "INPUT", "INT32", 4), ("sum", "OUTPUT", "FLOAT", 4),
+      ("flag", "OUTPUT", "BOOL", 4)]
+
+
+class FakeContext:
+    def __init__(self, engine):
+        self.engine = engine
+        self.profile = 0
+        self.shapes: Dict[str, tuple] = {}
+        self.addresses: Dict[str, int] = {}
+        self.calls: List[str] = []
+
+    def set_optimization_profile_async(self, k, stream):
+        self.calls.append(f"profile {k}")
+        self.profile = k
+        return True
+
+    def set_input_shape(self, name, shape):
+        lo, _, hi = self.engine.profiles[self.profile]
+        if not lo <= shape[0] <= hi:
+            self.engine.logger.log(Severity.ERROR, f"shape {shape} outside profile {self.profile}")
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def infer_shapes(self):
+        return [n for n, mode, _, _ in IO if mode == "INPUT" and n not in self.shapes]
+
+    def get_tensor_shape(self, name):
+        return (self.shapes["a"][0], 4)
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def execute_async_v3(self, stream_handle):
+        self.calls.append("execute")
+        if self.engine.fail_execute:
+            self.engine.logger.log(Severity.ERROR, "fake kernel failure")
+            return False
+        mem = self.engine.cuda.memory
+        n = self.shapes["a"][0]
+        a = mem[self.addresses["a"]][:n * 16].view(np.float32).reshape(n, 4)
+        b = mem[self.addresses["b"]][:n * 16].view(np.int32).reshape(n, 4)
+        mem[self.addresses["sum"]][:n * 16].view(np.float32).reshape(n, 4)[:] = a + b
+        mem[self.addresses["flag"]][:n * 4].view(np.bool_).reshape(n, 4)[:] = a > b
+        self.engine.executed.append(n)
+        return True
+
+
+class FakeEngine:
+    def __init__(self, cuda: FakeCuda, logger, profiles):
+        self.cuda = cuda
+        self.logger = logger
+        self.profiles = profiles
+        self.contexts: List[FakeContext] = []
+        self.executed: List[int] = []
+        self.fail_execute = False
+
+    @property
+    def num_io_tensors(self):
+        return len(IO)
+
+    @property
+    def num_optimization_profiles(self):
+        return len(self.profiles)
+
+    def get_tensor_name(self, i):
+        return IO[i][0]
+
+    def _row(self, name):
+        return next(row for row in IO if row[0] == name)
+
+    def get_tensor_mode(self, name):
+        return self._row(name)[1]
+
+    def get_tensor_dtype(self, name):
+        return getattr(DataType, self._row(name)[2])
+
+    def get_tensor_shape(self, name):
+        return (-1, self._row(name)[3])
+
+    def is_shape_inference_io(self, name):
+        return False
+
+    def get_tensor_profile_shape(self, name, k):
+        lo, opt, hi = self.profiles[k]
+        return [(lo, 4), (opt, 4), (hi, 4)]
+
+    def create_execution_context(self):
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
+def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 4), (5, 8, 16)),
+                  deserialize_ok: bool = True, module_name: str = "tensorrt"):
+    """A module-like namespace with the runtime API subset TensorRTEngine uses."""
+    state = types.SimpleNamespace(runtimes=[], engines=[])
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+            self.engine_host_code_allowed = False
+            state.runtimes.append(self)
+
+        def deserialize_cuda_engine(self, plan):
+            if not deserialize_ok:
+                self.logger.log(Severity.ERROR, "The engine plan file is generated on an incompatible device, "
+                                                "expecting compute 8.9 got compute 9.0")
+                return None
+            engine = FakeEngine(cuda, self.logger, profiles)
+            state.engines.append(engine)
+            return engine
+
+    return types.SimpleNamespace(__name__=module_name, __version__=version, ILogger=ILogger, Runtime=Runtime,
+                                 TensorIOMode=TensorIOMode, DataType=DataType, state=state)
+
+
+def plan_bytes(major=10, minor=11, patch=0, build=33, size=64) -> bytes:
+    """Bytes with a real plan header layout (magic + version at 24-27)."""
+    head = b"ftrt" + bytes(20) + bytes([major, minor, patch, build])
+    return head + bytes(size - len(head))
+
+
+# --------------------------------------------------------- TensorRT builder ----
+
+class FakeBuild:
+    """The builder API subset build_plan uses; records what the code asked for."""
+
+    def __init__(self, version="10.11.0.33", parse_ok=True, build_ok=True):
+        self.version = version
+        self.parse_ok = parse_ok
+        self.build_ok = build_ok
+        self.flags: List[str] = []
+        self.profiles: List[Dict[str, tuple]] = []
+        self.parsed: List[bytes] = []
+        self.config = None
+        build = self
+
+        class Flag:
+            def __init__(self, name):
+                self.name = name
+
+        class BuilderFlag:
+            VERSION_COMPATIBLE = Flag("VERSION_COMPATIBLE")
+            EXCLUDE_LEAN_RUNTIME = Flag("EXCLUDE_LEAN_RUNTIME")
+
+        if version.startswith("10."):
+            BuilderFlag.FP16 = Flag("FP16")  # removed in 11.0, like the real bindings
+
+        class Tensor:
+            def __init__(self, name, shape):
+                self.name, self.shape = name, shape
+
+        class Network:
+            def __init__(self):
+                self.inputs = []
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return self.inputs[i]
+
+        class ParserError:
+            def desc(self):
+                return "Unsupported operator FancyOp"
+
+            def code(self):
+                return "UNSUPPORTED_NODE"
+
+            def node(self):
+                return 3
+
+            def node_name(self):
+                return "fancy_0"
+
+            def node_operator(self):
+                return "FancyOp"
+
+        class OnnxParser:
+            def __init__(self, network, logger):
+                self.network, self.logger = network, logger
+
+            def parse(self, model):
+                build.parsed.append(model)
+                if not build.parse_ok:
+                    self.logger.log(Severity.ERROR, "ModelImporter.cpp: failed to import node 3")
+                    return False
+                import onnx
+
+                m = onnx.load_model_from_string(model)
+                for v in m.graph.input:
+                    dims = tuple(d.dim_value if d.dim_value > 0 else -1 for d in v.type.tensor_type.shape.dim)
+                    self.network.inputs.append(Tensor(v.name, dims))
+                return True
+
+            @property
+            def num_errors(self):
+                return 0 if build.parse_ok else 1
+
+            def get_error(self, i):
+                return ParserError()
+
+        class Profile:
+            def __init__(self):
+                self.shapes = {}
+
+            def set_shape(self, name, lo, opt, hi):
+                self.shapes[name] = (lo, opt, hi)
+
+        class TimingCache:
+            def __init__(self, data):
+                self.data = data
+
+            def serialize(self):
+                return b"timing:" + bytes(self.data)
+
+        class Config:
+            def __init__(self):
+                self.pool = {}
+                self.builder_optimization_level = None
+                self.hardware_compatibility_level = None
+                self.cache = None
+                build.config = self
+
+            def set_memory_pool_limit(self, pool, size):
+                self.pool[pool] = size
+
+            def set_flag(self, flag):
+                build.flags.append(flag.name)
+
+            def add_optimization_profile(self, profile):
+                build.profiles.append(profile.shapes)
+                return len(build.profiles) - 1
+
+            def create_timing_cache(self, data):
+                return TimingCache(data)
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                self.cache = cache
+                return True
+
+            def get_timing_cache(self):
+                return self.cache
+
+        class Builder:
+            def __init__(self, logger):
+                self.logger = logger
+
+            def create_network(self, flags):
+                if flags != 0:
+                    raise AttributeError("networks are always explicit batch; pass 0")
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                if not build.build_ok:
+                    self.logger.log(Severity.ERROR, "Error Code 4: Internal Error (out of workspace)")
+                    return None
+                return memoryview(plan_bytes(*[int(x) for x in build.version.split(".")]))
+
+        self.module = types.SimpleNamespace(
+            __name__="tensorrt", __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
+            BuilderFlag=BuilderFlag,
+            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+            HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS",
+                                                             SAME_COMPUTE_CAPABILITY="SAME_COMPUTE_CAPABILITY"))
+
+
+def no_gpu(*args, **kwargs):
+    raise EngineError("No CUDA GPU is usable here (fake)")

@@ -1,0 +1,556 @@
+"""The TensorRT API our code touches is the real one, and the glue around it works.
+
+1. Every TensorRT attribute the code uses is collected from the source (ast) and must
+   be declared below; runtime names must exist in the real lean runtime module
+   (``tensorrt_lean``, pip tensorrt-lean-cu13) and every name in the symbol tables of
+   the full 10.16 and 11.4 bindings (shared/tensorrt-symbols).
+2. Nothing removed in TensorRT 10.0 or 11.0 is used, and 10.x-only names are used only
+   under a version guard.
+3. The builder and runtime code paths run against fakes of that same API (no GPU here),
+   checking results, profile handling, splitting and error messages.
+"""
+
+import ast
+import io
+import os
+import pickle
+import re
+import sys
+import threading
+import tokenize
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from engines.base import EngineError
+from engines.tensorrt import _trt, builder as builder_mod, runtime as runtime_mod
+from engines.tensorrt.options import BuildOptions, Profile
+from engines.tensorrt.plan import PlanInfo
+from tests import tensorrt_fakes as fakes
+from tests.tensorrt_models import LABELS, image_classifier, two_in_two_out
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "engines" / "tensorrt"
+SYMBOLS = REPO.parent / "shared" / "tensorrt-symbols"
+
+# Names used on TensorRT objects, by the lean runtime class that must have them.
+RUNTIME_API = {
+    "module": {"Runtime", "ILogger", "TensorIOMode", "__version__"},
+    "ILogger": {"Severity", "log"},
+    "TensorIOMode": {"INPUT"},
+    "Runtime": {"deserialize_cuda_engine", "engine_host_code_allowed"},
+    "ICudaEngine": {"num_io_tensors", "get_tensor_name", "is_shape_inference_io", "get_tensor_dtype",
+                    "get_tensor_shape", "get_tensor_mode", "get_tensor_profile_shape", "num_optimization_profiles",
+                    "create_execution_context"},
+    "IExecutionContext": {"set_optimization_profile_async", "set_input_shape", "infer_shapes", "get_tensor_shape",
+                          "set_tensor_address", "execute_async_v3"},
+}
+# Builder-side names (not in the lean runtime): checked against the full bindings' symbol tables.
+BUILDER_API = {
+    "Builder", "OnnxParser", "create_network", "parse", "num_errors", "get_error", "desc", "code", "node",
+    "node_name", "node_operator", "create_builder_config", "set_memory_pool_limit", "MemoryPoolType", "WORKSPACE",
+    "builder_optimization_level", "set_flag", "BuilderFlag", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME",
+    "hardware_compatibility_level", "HardwareCompatibilityLevel", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY",
+    "num_inputs", "get_input", "shape", "name", "create_optimization_profile", "set_shape",
+    "add_optimization_profile", "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize",
+    "build_serialized_network", "ILogger", "Severity",
+}
+#: Only in 10.x (removed in 11.0): allowed only inside ``if ... major == 10`` branches.
+TEN_ONLY = {"FP16", "EXPLICIT_BATCH"}
+
+# Roots of attribute chains that are TensorRT objects in our source.
+TRT_ROOTS = {"trt", "builder", "network", "parser", "config", "trt_profile", "tensor", "err", "engine", "ctx"}
+TRT_SELF_ATTRS = {"_runtime", "_engine", "context"}
+
+
+def _chain_root(node):
+    """(root name, attribute names from the root outward) of an expression like a.b().c."""
+    names = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            names.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Call):
+            node = node.func
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        else:
+            break
+    return (node.id if isinstance(node, ast.Name) else None), list(reversed(names))
+
+
+def used_trt_names():
+    """Attribute names used on TensorRT objects in engines/tensorrt, by file."""
+    used = {}
+    for path in sorted(PACKAGE.glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        names = set()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Attribute):
+                continue
+            root, chain = _chain_root(node)
+            if root == "self" and chain and chain[0] in TRT_SELF_ATTRS:
+                names.update(chain[1:])
+            elif root in TRT_ROOTS:
+                names.update(chain)
+        # Only the outermost chains matter; inner nodes add their prefixes, which are in chain anyway.
+        used[path.name] = names
+    return used
+
+
+def symbols(version):
+    path = SYMBOLS / f"{version}.txt"
+    if not path.is_file():
+        pytest.skip(f"{path} is missing: the symbol tables live in shared/tensorrt-symbols beside the repo")
+    return set(path.read_text().split())
+
+
+def in_table(name, table):
+    # The tables are `strings` of the .so; the linker stores a string that ends another one
+    # only once (tail merging), so "serialize" appears inside "deserialize"-like entries only.
+    return name in table or any(entry.endswith(name) for entry in table)
+
+
+# -- 1. the names are real ----------------------------------------------------------------
+
+def test_every_trt_name_in_the_source_is_declared():
+    used = set().union(*used_trt_names().values())
+    used -= {"__version__", "__init__"}
+    declared = set().union(*RUNTIME_API.values()) | BUILDER_API | TEN_ONLY
+    unknown = used - declared
+    assert not unknown, f"TensorRT names used but not declared in this test (check them, then add): {unknown}"
+    assert declared - used == {"log", "EXPLICIT_BATCH", "__version__"}  # log: ours to override; no EXPLICIT_BATCH
+
+
+def test_runtime_names_exist_in_the_real_lean_runtime():
+    lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    classes = {"module": lean, "ILogger": lean.ILogger, "TensorIOMode": lean.TensorIOMode, "Runtime": lean.Runtime,
+               "ICudaEngine": lean.ICudaEngine, "IExecutionContext": lean.IExecutionContext}
+    missing = [f"{cls}.{name}" for cls, names in RUNTIME_API.items() for name in names
+               if not hasattr(classes[cls], name)]
+    assert not missing, missing
+    assert list(lean.ILogger.Severity.__members__) == ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"]
+    assert set(runtime_mod.DTYPES) <= set(lean.DataType.__members__)
+
+
+def test_all_names_exist_in_the_full_bindings_symbol_tables():
+    t10, t11 = symbols("10.16"), symbols("11.4")
+    names = (set().union(*RUNTIME_API.values()) | BUILDER_API) - {"__version__", "log"}  # log: ours to override
+    missing = {v: sorted(n for n in names if not in_table(n, t)) for v, t in (("10.16", t10), ("11.4", t11))}
+    assert missing == {"10.16": [], "11.4": []}
+    assert all(in_table(n, t10) for n in TEN_ONLY)
+    assert not any(n in t11 for n in TEN_ONLY), "expected EXPLICIT_BATCH and FP16 to be gone in 11.x"
+
+
+def test_the_symbol_check_can_fail():
+    t11 = symbols("11.4")
+    for removed in ("num_bindings", "execute_async_v2", "get_binding_shape", "max_workspace_size", "build_engine"):
+        assert not in_table(removed, t11)
+
+
+def test_fakes_only_use_real_names():
+    lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    public = lambda cls: {n for n in vars(cls) if not n.startswith("_")}
+    assert public(fakes.FakeEngine) - {"profiles", "contexts", "executed", "fail_execute", "cuda", "logger"} \
+        <= set(dir(lean.ICudaEngine))
+    assert public(fakes.FakeContext) - {"engine", "profile", "shapes", "addresses", "calls"} \
+        <= set(dir(lean.IExecutionContext))
+
+
+# -- 2. nothing removed is used ---------------------------------------------------------------
+
+REMOVED = [r"\bnum_bindings\b", r"\bget_binding_\w+", r"\bbinding_is_input\b", r"\bexecute_async_v2\b",
+           r"\bset_binding_shape\b", r"\.build_engine\(", r"\bmax_workspace_size\b", r"\bget_profile_shape\(",
+           r"\bcreate_execution_context_without_device_memory\b", r"\bdevice_memory_size\b(?!_v2)",
+           r"TacticSource\.(CUBLAS|CUBLAS_LT|CUDNN)\b", r"BuilderFlag\.(INT8|BF16|FP8)\b", r"int8_calibrator",
+           r"from cuda import cuda\b", r"\bpycuda\b", r"\bimport tensorrt\b"]
+
+
+def code_only(path):
+    """The source without comments and string literals (docstrings may name old APIs)."""
+    tokens = tokenize.generate_tokens(io.StringIO(path.read_text()).readline)
+    return " ".join(t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING))
+
+
+def scanned_files():
+    files = sorted((REPO / "engines").rglob("*.py"))
+    handler = REPO / "transforms" / "tensorrt_handler.py"
+    return files + ([handler] if handler.exists() else [])
+
+
+def test_no_api_removed_in_10_or_11_is_used():
+    hits = [f"{p.relative_to(REPO)}: {m.group(0)}" for p in scanned_files() for pattern in REMOVED
+            for m in re.finditer(pattern, code_only(p))]
+    assert not hits, hits
+
+
+def test_the_removed_api_scan_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("n = engine.num_bindings  # old\nctx.execute_async_v2(bindings, stream)\n'''num_bindings'''\n")
+    text = code_only(bad)
+    assert [p for p in REMOVED if re.search(p, text)] == [r"\bnum_bindings\b", r"\bexecute_async_v2\b"]
+
+
+def _guarded_by_major_10(parents, node):
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, ast.If) and node in parent.body:
+            text = ast.unparse(parent.test)
+            if re.search(r"\bmajor\s*==\s*10\b", text):
+                return True
+        node = parent
+    return False
+
+
+def test_ten_only_names_are_behind_a_version_guard():
+    uses = 0
+    for path in scanned_files():
+        tree = ast.parse(path.read_text())
+        parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in TEN_ONLY:
+                uses += 1
+                assert _guarded_by_major_10(parents, node), f"{path.name}:{node.lineno} {node.attr} outside 10.x"
+    assert uses == 1  # BuilderFlag.FP16 in builder.py
+
+
+def test_importing_the_package_imports_no_heavy_module():
+    code = ("import sys, engines.tensorrt, engines.build, engines.validate;"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('tensorrt', 'tensorrt_lean', 'cuda', 'cupy', 'onnxruntime', 'apache_beam')))")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+# -- import helper and logger, with the real lean module ------------------------------------------
+
+def test_import_tensorrt_falls_back_to_lean_and_names_the_fix(monkeypatch):
+    pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # what `import tensorrt` sees when it is absent
+    trt = _trt.import_tensorrt(lean_ok=True)
+    assert trt.__name__ == "tensorrt_lean" and _trt.is_lean(trt) and _trt.version_tuple(trt)[0] in (10, 11)
+    with pytest.raises(ImportError, match=r"TensorRT is not importable .*needed: tensorrt\. Use the image built "
+                                          r"from Dockerfile .*or pip install tensorrt"):
+        _trt.import_tensorrt(lean_ok=False)
+    monkeypatch.setitem(sys.modules, "tensorrt_lean", None)
+    with pytest.raises(ImportError, match="needed: tensorrt or tensorrt_lean"):
+        _trt.import_tensorrt(lean_ok=True)
+
+
+def test_capturing_logger_on_the_real_ilogger():
+    lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    logger = _trt.capturing_logger(lean, "WARNING")
+    assert isinstance(logger, lean.ILogger)
+    logger.log(lean.ILogger.Severity.ERROR, "expecting compute 8.9 got compute 9.0")
+    logger.log(lean.ILogger.Severity.INFO, "chatty")
+    assert logger.messages == [("ERROR", "expecting compute 8.9 got compute 9.0")]
+    assert logger.text() == "[ERROR] expecting compute 8.9 got compute 9.0"
+    with pytest.raises(EngineError, match="min_severity must be one of"):
+        _trt.capturing_logger(lean, "LOUD")
+
+
+def test_unsupported_major_is_refused(monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1.6", __name__="tensorrt"))
+    with pytest.raises(EngineError, match=r"tensorrt 8.6.1.6 is not supported; this project needs TensorRT 10.x "
+                                          r"or 11.x"):
+        _trt.import_tensorrt()
+
+
+def test_load_without_gpu_fails_cleanly_before_the_runtime():
+    """Real lean runtime + real cuda-python on this GPU-less machine: a clear error, no segfault."""
+    lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda-bindings) is not installed")
+    from engines.tensorrt import cuda
+
+    if cuda.cudart().cudaGetDeviceCount()[0] == cuda.cudart().cudaError_t.cudaSuccess:
+        pytest.skip("a CUDA GPU is present; this checks the no-GPU path")
+    major, minor = _trt.version_tuple(lean)[:2]
+    with pytest.raises(EngineError, match=r"No CUDA GPU is usable here \(cudaGetDeviceCount: cudaError"):
+        runtime_mod.TensorRTEngine(fakes.plan_bytes(major, minor, 0, 0))
+
+
+# -- 3. runtime glue against fakes ----------------------------------------------------------------
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    return fakes.FakeCuda().install(monkeypatch)
+
+
+def make_engine(monkeypatch, fake_gpu, plan=None, **kw):
+    trt_kw = {k: kw.pop(k) for k in ("profiles", "deserialize_ok", "version", "module_name") if k in kw}
+    trt = fakes.fake_tensorrt(fake_gpu, **trt_kw)
+    monkeypatch.setattr(runtime_mod, "import_tensorrt", lambda lean_ok=False: trt)
+    version = [int(x) for x in trt.__version__.split(".")]
+    return runtime_mod.TensorRTEngine(plan or fakes.plan_bytes(*version), **kw), trt
+
+
+def feed(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"a": rng.normal(size=(n, 4)).astype(np.float32) * 10,
+            "b": rng.integers(-10, 10, size=(n, 4)).astype(np.int32)}
+
+
+def check(outputs, f):
+    np.testing.assert_array_equal(outputs["sum"], f["a"] + f["b"].astype(np.float32))
+    np.testing.assert_array_equal(outputs["flag"], f["a"] > f["b"])
+    assert outputs["sum"].dtype == np.float32 and outputs["flag"].dtype == np.bool_
+
+
+def test_engine_specs_profiles_and_buffers(monkeypatch, fake_gpu):
+    engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=3)
+    with engine:
+        assert {n: s.describe() for n, s in engine.input_specs.items()} == {"a": "a: float32[N, 4]",
+                                                                             "b": "b: int32[N, 4]"}
+        assert {n: s.describe() for n, s in engine.output_specs.items()} == {"sum": "sum: float32[N, 4]",
+                                                                              "flag": "flag: bool[N, 4]"}
+        assert engine.profiles == [(1, 2, 4), (5, 8, 16)]
+        assert engine.max_batch_size == 16 and list(engine.preferred_batch_sizes) == [2, 8]
+        assert len(trt.state.engines[0].contexts) == 3
+        slot = engine._pool.slots[0]
+        assert {n: b.nbytes for n, b in slot.device_buffers.items()} == {"a": 256, "b": 256, "sum": 256, "flag": 64}
+        assert trt.state.runtimes[0].engine_host_code_allowed is False
+    assert not fake_gpu.memory  # close() freed every buffer
+
+
+def test_infer_picks_profiles_and_splits_large_batches(monkeypatch, fake_gpu):
+    engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=2)
+    with engine:
+        for n in (1, 3, 4, 5, 16, 17, 40):
+            f = feed(n, seed=n)
+            check(engine.infer(f), f)
+        fake_engine = trt.state.engines[0]
+        # 40 = 16 + 16 + 8; 17 = 16 + 1: chunks within profiles, never above 16.
+        assert fake_engine.executed[-5:] == [16, 1, 16, 16, 8]
+        calls = [c for ctx in fake_engine.contexts for c in ctx.calls]
+        assert "profile 1" in calls and "profile 0" in calls
+        out = engine.infer(feed(0))
+        assert out["sum"].shape == (0, 4)
+
+
+def test_infer_refuses_shapes_outside_every_profile(monkeypatch, fake_gpu):
+    engine, trt = make_engine(monkeypatch, fake_gpu, profiles=((4, 8, 16),))
+    with engine:
+        with pytest.raises(EngineError, match=r"Input tensor: a \| shape \(2, 4\) is outside every optimization "
+                                              r"profile of the engine \(profile 0: min \(4, 4\) opt \(8, 4\) max "
+                                              r"\(16, 4\)\)"):
+            engine.infer(feed(2))
+        # 18 = 16 + 2 would leave 2 < min 4: split evenly instead.
+        f = feed(18)
+        check(engine.infer(f), f)
+        assert trt.state.engines[0].executed == [9, 9]
+        with pytest.raises(EngineError, match=r"Input tensor: b \| Received unexpected dtype: int64"):
+            engine.infer({"a": f["a"], "b": f["b"].astype(np.int64)})
+        assert trt.state.engines[0].executed == [9, 9]  # nothing was enqueued for refused feeds
+
+
+def test_infer_from_many_threads(monkeypatch, fake_gpu):
+    engine, _ = make_engine(monkeypatch, fake_gpu, num_contexts=3)
+    errors = []
+
+    def work(seed):
+        try:
+            for i in range(20):
+                f = feed(1 + (seed * 7 + i) % 40, seed=seed * 100 + i)
+                check(engine.infer(f), f)
+        except Exception as e:  # collected and asserted below
+            errors.append(e)
+
+    with engine:
+        threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert engine._pool._free.qsize() == 3  # every slot came back
+
+
+def test_infer_many_keeps_order(monkeypatch, fake_gpu):
+    engine, _ = make_engine(monkeypatch, fake_gpu, num_contexts=2)
+    feeds = [feed(n, seed=n) for n in (3, 20, 1, 16, 7)]
+    with engine:
+        outs = list(engine.infer_many(iter(feeds)))
+    assert len(outs) == 5
+    for f, out in zip(feeds, outs):
+        check(out, f)
+
+
+def test_cuda_graphs_capture_once_per_shape_and_fall_back(monkeypatch, fake_gpu):
+    engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=1, cuda_graphs=True)
+    with engine:
+        for _ in range(3):
+            f = feed(3)
+            check(engine.infer(f), f)
+        f = feed(5)
+        check(engine.infer(f), f)
+        counts = engine.describe()["enqueues"]
+        assert counts == {"enqueue": 2, "captured": 2, "graph_launch": 2}
+    fake_gpu.graphs_work = False
+    engine, _ = make_engine(monkeypatch, fake_gpu, num_contexts=1, cuda_graphs=True)
+    with engine:
+        for _ in range(2):
+            f = feed(3)
+            check(engine.infer(f), f)
+        assert engine.describe()["enqueues"] == {"enqueue": 2, "capture_failed": 1}
+
+
+def test_execute_failure_carries_the_logger_message(monkeypatch, fake_gpu):
+    engine, trt = make_engine(monkeypatch, fake_gpu)
+    with engine:
+        trt.state.engines[0].fail_execute = True
+        with pytest.raises(EngineError, match=r"execute_async_v3 failed for input shapes .*\[ERROR\] fake kernel "
+                                              r"failure"):
+            engine.infer(feed(2))
+        trt.state.engines[0].fail_execute = False
+        f = feed(2)
+        check(engine.infer(f), f)  # the slot was returned and works
+
+
+def test_deserialize_failure_carries_versions_gpu_and_logger_reason(monkeypatch, fake_gpu):
+    with pytest.raises(EngineError, match=r"TensorRT 10.11.0.33 could not deserialize the plan m.plan \(built by "
+                                          r"TensorRT 10.11.0.33\) on NVIDIA L4 \(compute 8.9\): \[ERROR\] The engine "
+                                          r"plan file is generated on an incompatible device, expecting compute 8.9 "
+                                          r"got compute 9.0"):
+        make_engine(monkeypatch, fake_gpu, deserialize_ok=False, name="m.plan")
+
+
+def test_plan_checks_before_touching_the_gpu(monkeypatch, fake_gpu):
+    with pytest.raises(EngineError, match=r"built by TensorRT 11.4.0.106, but this runtime is TensorRT 10.11.0.33"):
+        make_engine(monkeypatch, fake_gpu, plan=fakes.plan_bytes(11, 4, 0, 106))
+    with pytest.raises(EngineError, match="Not a TensorRT engine"):
+        make_engine(monkeypatch, fake_gpu, plan=image_classifier())
+    assert fake_gpu.device_info_calls == 0
+    info = PlanInfo(tensorrt_version="10.11.0.33", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
+                    profiles=(Profile(1, 2, 4),), precision="fp32", onnx_sha256="0" * 64)
+    with pytest.raises(EngineError, match=r"built on NVIDIA H100 80GB HBM3 \(compute 9.0\) and this GPU is NVIDIA "
+                                          r"L4 \(compute 8.9\).*--hardware_compatibility ampere_plus"):
+        make_engine(monkeypatch, fake_gpu, info=info)
+
+
+def test_version_compatible_plans_allow_host_code(monkeypatch, fake_gpu):
+    info = PlanInfo(tensorrt_version="10.11.0.33", gpu_name="NVIDIA L4", compute_capability="8.9",
+                    profiles=(Profile(1, 2, 4),), precision="fp32", onnx_sha256="0" * 64, version_compatible=True)
+    engine, trt = make_engine(monkeypatch, fake_gpu, info=info)
+    engine.close()
+    assert trt.state.runtimes[0].engine_host_code_allowed is True
+    engine, trt = make_engine(monkeypatch, fake_gpu, module_name="tensorrt_lean")
+    engine.close()
+    assert trt.state.runtimes[0].engine_host_code_allowed is True
+
+
+# -- builder glue against fakes ---------------------------------------------------------------------
+
+@pytest.fixture
+def fake_build(monkeypatch, fake_gpu):
+    def install(**kw):
+        fb = fakes.FakeBuild(**kw)
+        monkeypatch.setattr(builder_mod, "import_tensorrt", lambda lean_ok=False: fb.module)
+        return fb
+    return install
+
+
+def test_build_10x_fp16_sets_the_flag_and_profiles(fake_build, tmp_path):
+    fb = fake_build(version="10.11.0.33")
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"old")
+    options = BuildOptions(profiles=["1,8,32", "33,64,128"], precision="fp16", workspace_gib=2, opt_level=4,
+                           timing_cache=str(timing), version_compatible=True, exclude_lean_runtime=True,
+                           hardware_compatibility="ampere_plus")
+    built = builder_mod.build_plan(image_classifier(), options)
+    assert fb.flags == ["FP16", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
+    assert fb.profiles == [{"images": ((1, 16, 16, 3), (8, 16, 16, 3), (32, 16, 16, 3))},
+                           {"images": ((33, 16, 16, 3), (64, 16, 16, 3), (128, 16, 16, 3))}]
+    assert fb.config.pool == {"WORKSPACE": 2 << 30} and fb.config.builder_optimization_level == 4
+    assert fb.config.hardware_compatibility_level == "AMPERE_PLUS"
+    assert fb.parsed == [image_classifier()]  # 10.x parses the fp32 model as is
+    assert timing.read_bytes() == b"timing:old"
+    info = built.info
+    assert (info.tensorrt_version, info.gpu_name, info.compute_capability) == ("10.11.0.33", "NVIDIA L4", "8.9")
+    assert info.labels == tuple(LABELS) and info.precision == "fp16" and info.extra["fp16_via"] == "BuilderFlag.FP16"
+    assert info.extra["inputs"] == [{"name": "images", "onnx_type": "UINT8", "dims": [-1, 16, 16, 3]}]
+    assert built.plan[:4] == b"ftrt"
+    assert PlanInfo.from_json(info.to_json()) == info
+    assert pickle.loads(pickle.dumps(builder_mod.EngineFromOnnx(image_classifier(), options))).options == options
+
+
+def test_build_11x_fp16_converts_the_model_and_sets_no_precision_flag(fake_build):
+    fb = fake_build(version="11.4.0.106")
+    built = builder_mod.build_plan(image_classifier(), BuildOptions(precision="fp16"))
+    assert fb.flags == []
+    parsed = onnx.load_model_from_string(fb.parsed[0])
+    assert {t.data_type for t in parsed.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert parsed.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert parsed.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert "onnx converted to fp16" in built.info.extra["fp16_via"]
+    fb = fake_build(version="11.4.0.106")
+    builder_mod.build_plan(image_classifier(), BuildOptions(precision="fp32"))
+    assert fb.parsed == [image_classifier()]
+
+
+def test_build_11x_has_no_fp16_flag_to_reach(fake_build):
+    fb = fake_build(version="11.4.0.106")
+    assert not hasattr(fb.module.BuilderFlag, "FP16")  # like the real 11.x bindings: using it would raise
+
+
+def test_parser_failure_reports_parser_errors_and_log(fake_build):
+    fake_build(parse_ok=False)
+    with pytest.raises(EngineError, match=r"could not parse the ONNX model: node 3 \(fancy_0, op FancyOp\): "
+                                          r"Unsupported operator FancyOp \[code UNSUPPORTED_NODE\]\. TensorRT log: "
+                                          r"\[ERROR\] ModelImporter.cpp: failed to import node 3"):
+        builder_mod.build_plan(image_classifier())
+
+
+def test_build_failure_reports_the_logger(fake_build):
+    fake_build(build_ok=False)
+    with pytest.raises(EngineError, match=r"could not build the engine on NVIDIA L4 \(compute 8.9\) .*\[ERROR\] "
+                                          r"Error Code 4: Internal Error \(out of workspace\)"):
+        builder_mod.build_plan(image_classifier())
+
+
+def test_models_the_profiles_cannot_describe_are_refused(fake_build):
+    fake_build()
+    with pytest.raises(EngineError, match=r"No input of the ONNX model has a dynamic batch dimension .*'images', "
+                                          r"\[1, 16, 16, 3\]"):
+        builder_mod.build_plan(image_classifier(batch=1))
+    with pytest.raises(EngineError, match="Not an ONNX model"):
+        builder_mod.build_plan(b"\x00garbage")
+
+
+def test_build_multi_input_model(fake_build):
+    fb = fake_build()
+    builder_mod.build_plan(two_in_two_out(), BuildOptions(profiles=["2,4,8"]))
+    assert fb.profiles == [{"a": ((2, 4), (4, 4), (8, 4)), "b": ((2, 4), (4, 4), (8, 4))}]
+
+
+def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):
+    from engines import build
+
+    fake_build()
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(image_classifier())
+    out = tmp_path / "m.plan"
+    assert build.main(["--onnx", str(onnx_path), "--output", str(out), "--fp16", "--profile", "1,4,8",
+                       "--profile", "9,16,32"]) == 0
+    from engines.tensorrt.plan import read_sidecar
+
+    info = read_sidecar(str(out))
+    assert info.profiles == (Profile(1, 4, 8), Profile(9, 16, 32)) and info.precision == "fp16"
+    assert info.onnx_sha256 == __import__("hashlib").sha256(image_classifier()).hexdigest()
+    assert out.read_bytes()[:4] == b"ftrt"
+    assert build.main(["--onnx", str(onnx_path), "--output", str(out), "--profile", "1,4,8", "--max_batch", "9"]) == 2
+    assert "Use either --profile MIN,OPT,MAX" in capsys.readouterr().err
+
+
+def test_build_command_defaults():
+    from engines import build
+
+    options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p"]))
+    assert options.profiles == (Profile(1, 64, 256),) and options.precision == "fp32"
+    options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p", "--max_batch", "32"]))
+    assert options.profiles == (Profile(1, 32, 32),)

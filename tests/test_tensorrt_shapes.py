@@ -1,0 +1,305 @@
+"""Shape, profile and batch-splitting rules, plan header, sidecar, cache key and engine cache.
+
+All pure Python: no TensorRT and no GPU needed.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from engines.base import EngineError
+from engines.tensorrt.cache import BuildTarget, EngineCache, cache_key
+from engines.tensorrt.loader import TensorRTLoader
+from engines.tensorrt.options import BuildOptions, Profile, choose_profile
+from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, parse_labels, read_plan_header,
+                                   read_sidecar, sidecar_path, write_sidecar)
+from engines.tensorrt.shapes import TensorRange, batch_limits, max_shapes, select_profile, split_points
+from tests.tensorrt_fakes import plan_bytes
+
+
+def ranges(*profiles, names=("images",), tail=(224, 224, 3)):
+    return [{n: TensorRange((lo,) + tail, (opt,) + tail, (hi,) + tail) for n in names} for lo, opt, hi in profiles]
+
+
+# -- profiles and options --------------------------------------------------------
+
+def test_profile_parse_and_validation():
+    assert Profile.parse("1, 64,256") == Profile(1, 64, 256)
+    with pytest.raises(EngineError, match=r"1 <= min <= opt <= max, got min=8 opt=4 max=16"):
+        Profile(8, 4, 16)
+    with pytest.raises(EngineError, match="MIN,OPT,MAX batch sizes, e.g. 1,64,256; got '1,64'"):
+        Profile.parse("1,64")
+    with pytest.raises(EngineError, match="must be an int"):
+        Profile(1.5, 2, 3)
+
+
+def test_build_options_validation():
+    with pytest.raises(EngineError, match=r"precision must be one of \('fp32', 'fp16'\), got 'int8'"):
+        BuildOptions(precision="int8")
+    with pytest.raises(EngineError, match="opt_level must be an int in 0..5, got 7"):
+        BuildOptions(opt_level=7)
+    with pytest.raises(EngineError, match="exclude_lean_runtime needs version_compatible=True"):
+        BuildOptions(exclude_lean_runtime=True)
+    with pytest.raises(EngineError, match="hardware_compatibility must be one of"):
+        BuildOptions(hardware_compatibility="turing_plus")
+    with pytest.raises(EngineError, match="at least one profile"):
+        BuildOptions(profiles=())
+    with pytest.raises(EngineError, match="workspace_gib must be > 0"):
+        BuildOptions(workspace_gib=0)
+    options = BuildOptions(profiles=["1,8,32", (33, 64, 128), {"min": 129, "opt": 200, "max": 256}])
+    assert options.profiles == (Profile(1, 8, 32), Profile(33, 64, 128), Profile(129, 200, 256))
+    assert options.max_batch == 256
+    assert BuildOptions.from_json(options.to_json()) == options
+
+
+def test_cache_key_is_stable_and_ignores_the_timing_cache():
+    a = BuildOptions(profiles=(Profile(1, 64, 256),), precision="fp16")
+    assert a.cache_key() == BuildOptions(profiles=["1,64,256"], precision="fp16", timing_cache="t.cache").cache_key()
+    assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp32").cache_key()
+    assert a.cache_key() != BuildOptions(profiles=["1,32,256"], precision="fp16").cache_key()
+    assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp16", version_compatible=True).cache_key()
+    # Same key in a fresh interpreter (no hash() randomisation) and across releases of this code:
+    # changing it silently orphans every cached plan.
+    code = ("from engines.tensorrt.options import BuildOptions;"
+            "print(BuildOptions(profiles=['1,64,256'], precision='fp16').cache_key())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == a.cache_key() == "e8bc6094b0c01ae8"
+
+
+def test_choose_profile_smallest_covering():
+    profiles = [Profile(1, 64, 256), Profile(1, 4, 8), Profile(9, 16, 32)]
+    assert choose_profile(profiles, 3) == 1
+    assert choose_profile(profiles, 8) == 1
+    assert choose_profile(profiles, 9) == 2
+    assert choose_profile(profiles, 100) == 0
+    assert choose_profile(profiles, 257) is None
+
+
+# -- engine shapes -----------------------------------------------------------------
+
+def test_select_profile_picks_smallest_covering():
+    r = ranges((1, 64, 256), (1, 4, 8), (9, 16, 32))
+    assert select_profile(r, {"images": (5, 224, 224, 3)}) == 1
+    assert select_profile(r, {"images": (32, 224, 224, 3)}) == 2
+    assert select_profile(r, {"images": (33, 224, 224, 3)}) == 0
+
+
+def test_select_profile_refuses_with_tensor_shape_and_ranges():
+    r = ranges((8, 16, 32), (33, 64, 64))
+    with pytest.raises(EngineError, match=r"Input tensor: images \| shape \(2, 224, 224, 3\) is outside every "
+                                          r"optimization profile .*profile 0: min \(8, 224, 224, 3\) opt "
+                                          r"\(16, 224, 224, 3\) max \(32, 224, 224, 3\); profile 1: min "
+                                          r"\(33, 224, 224, 3\).*--profile MIN,OPT,MAX"):
+        select_profile(r, {"images": (2, 224, 224, 3)})
+    with pytest.raises(EngineError, match=r"shape \(16, 112, 112, 3\) is outside every"):
+        select_profile(r, {"images": (16, 112, 112, 3)})
+
+
+def test_select_profile_names_the_uncovered_input_of_several():
+    r = [{"a": TensorRange((1, 4), (2, 4), (4, 4)), "b": TensorRange((1, 4), (2, 4), (4, 4))}]
+    with pytest.raises(EngineError, match=r"Input tensor: b \| shape \(3, 5\)"):
+        select_profile(r, {"a": (3, 4), "b": (3, 5)})
+
+
+def test_batch_limits_takes_the_tightest_input():
+    r = {"a": TensorRange((2, 4), (8, 4), (16, 4)), "b": TensorRange((1, 4), (4, 4), (12, 4))}
+    assert batch_limits(r) == (2, 8, 12)
+
+
+def test_split_points():
+    r = ranges((1, 4, 8), (9, 16, 32))
+    assert split_points(0, r) == []
+    assert split_points(5, r) == [(0, 5)]
+    assert split_points(32, r) == [(0, 32)]
+    assert split_points(70, r) == [(0, 32), (32, 64), (64, 70)]
+    # A remainder below every profile's min is shared with the chunk before it.
+    r = ranges((8, 16, 32))
+    assert split_points(68, r) == [(0, 32), (32, 50), (50, 68)]
+    for start, stop in split_points(68, r):
+        select_profile(r, {"images": (stop - start, 224, 224, 3)})
+
+
+def test_max_shapes_over_profiles():
+    r = ranges((1, 4, 8), (9, 16, 32), names=("a", "b"), tail=(3,))
+    assert max_shapes(r) == {"a": (32, 3), "b": (32, 3)}
+
+
+# -- plan header and sidecar ----------------------------------------------------------
+
+def test_read_plan_header():
+    assert read_plan_header(plan_bytes(10, 11, 0, 33)) == PlanHeader(10, 11, 0, 33)
+    assert read_plan_header(plan_bytes(11, 4, 0, 106)).version == "11.4.0.106"
+    with pytest.raises(EngineError, match=r"Not a TensorRT engine: expected the magic bytes b'ftrt'.*got b'\\x08\\x08"):
+        read_plan_header(b"\x08\x08\x12\x07pytorch" + bytes(40))  # an ONNX file's first bytes
+    with pytest.raises(EngineError, match="at least 28 bytes, got b'ftrt' and 10 bytes"):
+        read_plan_header(b"ftrt" + bytes(6))
+
+
+def test_check_plan_version():
+    check_plan_version(PlanHeader(10, 11, 0, 33), (10, 11, 0, 33), None)
+    check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), True)  # version-compatible: TRT judges
+    check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), None)  # unknown: TRT judges
+    with pytest.raises(EngineError, match=r"built by TensorRT 10.11.0.33, but this runtime is TensorRT 11.4.0.106; "
+                                          r"plans never load across major versions"):
+        check_plan_version(PlanHeader(10, 11, 0, 33), (11, 4, 0, 106), True)
+    with pytest.raises(EngineError, match=r"built by TensorRT 10.8.0.43 without --version_compatible, but this "
+                                          r"runtime is TensorRT 10.11.0.33"):
+        check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), False)
+
+
+def _info(**kw):
+    base = dict(tensorrt_version="10.11.0.33", gpu_name="NVIDIA L4", compute_capability="8.9",
+                profiles=(Profile(1, 64, 256),), precision="fp16", onnx_sha256="ab" * 32, labels=("cat", "dog"),
+                extra={"plan_sha256": "00"})
+    base.update(kw)
+    return PlanInfo(**base)
+
+
+def test_sidecar_round_trip(tmp_path):
+    plan = str(tmp_path / "model.plan")
+    assert write_sidecar(plan, _info()) == plan + ".json" == sidecar_path(plan)
+    data = json.loads((tmp_path / "model.plan.json").read_text())
+    assert data["gpu"] == {"name": "NVIDIA L4", "compute_capability": "8.9"}
+    assert data["profiles"] == [{"min": 1, "opt": 64, "max": 256}]
+    assert data["tensorrt_version"] == "10.11.0.33" and data["onnx_sha256"] == "ab" * 32
+    info = read_sidecar(plan)
+    assert info == _info() and info.extra["plan_sha256"] == "00" and info.max_batch == 256
+
+
+def test_sidecar_errors(tmp_path):
+    plan = str(tmp_path / "model.plan")
+    with pytest.raises(EngineError, match=r"No sidecar .*model.plan.json beside the plan"):
+        read_sidecar(plan)
+    assert read_sidecar(plan, required=False) is None
+    (tmp_path / "model.plan.json").write_text("{not json")
+    with pytest.raises(EngineError, match="is not valid JSON"):
+        read_sidecar(plan)
+    (tmp_path / "model.plan.json").write_text('{"tensorrt_version": "10.1"}')
+    with pytest.raises(EngineError, match=r"not a plan sidecar written by `python -m engines.build`: missing or "
+                                          r"bad field 'gpu'"):
+        read_sidecar(plan)
+
+
+def test_parse_labels():
+    assert parse_labels('["a", "b c"]') == ["a", "b c"]
+    assert parse_labels("a\nb c\n\n") == ["a", "b c"]
+    assert parse_labels(None) is None
+    with pytest.raises(EngineError, match="looks like JSON but does not parse"):
+        parse_labels("[a, b")
+
+
+# -- engine cache ------------------------------------------------------------------------
+
+TARGET = BuildTarget("NVIDIA L4", "8.9", "10.11.0.33")
+
+
+class CountingBuilder:
+    """A fake TensorRT build: returns deterministic bytes, counts calls, can be slow."""
+
+    def __init__(self, delay=0.0):
+        self.calls = 0
+        self.delay = delay
+        self._lock = threading.Lock()
+
+    def __call__(self, onnx_bytes, options, device):
+        with self._lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        plan = plan_bytes(10, 11, 0, 33) + hashlib.sha256(onnx_bytes + options.cache_key().encode()).digest()
+        return plan, _info(onnx_sha256=hashlib.sha256(onnx_bytes).hexdigest(), profiles=options.profiles,
+                           precision=options.precision, extra={})
+
+
+def test_cache_key_names_model_gpu_version_and_options():
+    options = BuildOptions(precision="fp16")
+    key = cache_key("0123456789abcdef" * 4, options, TARGET)
+    assert key == f"0123456789abcdef-nvidia-l4-sm89-trt10.11.0.33-{options.cache_key()}"
+    assert cache_key("0123456789abcdef" * 4, options, BuildTarget("NVIDIA A100-SXM4-40GB", "8.0", "10.11.0.33")) \
+        == f"0123456789abcdef-nvidia-a100-sxm4-40gb-sm80-trt10.11.0.33-{options.cache_key()}"
+
+
+def test_engine_cache_builds_once_and_then_reads(tmp_path):
+    builder = CountingBuilder()
+    options = BuildOptions(profiles=["1,8,32"], precision="fp16")
+    plan, info, path = EngineCache(str(tmp_path), build=builder).get_or_build(b"onnx-model", options, target=TARGET)
+    assert builder.calls == 1 and os.path.isfile(path) and os.path.isfile(path + ".json")
+    assert info.extra["plan_sha256"] == hashlib.sha256(plan).hexdigest()
+    # A second worker (new cache object) reads it back without building.
+    plan2, info2, path2 = EngineCache(str(tmp_path), build=builder).get_or_build(b"onnx-model", options, target=TARGET)
+    assert (plan2, path2, builder.calls) == (plan, path, 1)
+    assert info2.precision == "fp16" and info2.profiles == (Profile(1, 8, 32),)
+    # Another GPU type, TensorRT version, option or model: another plan.
+    cache = EngineCache(str(tmp_path), build=builder)
+    cache.get_or_build(b"onnx-model", options, target=BuildTarget("NVIDIA A100", "8.0", "10.11.0.33"))
+    cache.get_or_build(b"onnx-model", options, target=BuildTarget("NVIDIA L4", "8.9", "10.12.0.36"))
+    cache.get_or_build(b"onnx-model", BuildOptions(profiles=["1,8,32"]), target=TARGET)
+    cache.get_or_build(b"other-model", options, target=TARGET)
+    assert builder.calls == 5
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".plan")]) == 5
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+
+
+def test_engine_cache_racing_workers_build_once(tmp_path):
+    builder = CountingBuilder(delay=0.3)
+    options = BuildOptions()
+    results = []
+
+    def worker():
+        results.append(EngineCache(str(tmp_path), build=builder).get_or_build(b"model", options, target=TARGET))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert builder.calls == 1
+    assert len({r[0] for r in results}) == 1 and len(results) == 4
+
+
+def test_engine_cache_rebuilds_a_mismatched_pair(tmp_path):
+    builder = CountingBuilder()
+    cache = EngineCache(str(tmp_path), build=builder)
+    plan, _, path = cache.get_or_build(b"model", BuildOptions(), target=TARGET)
+    with open(path, "wb") as f:  # another writer's plan next to this sidecar
+        f.write(plan + b"different")
+    plan2, _, _ = cache.get_or_build(b"model", BuildOptions(), target=TARGET)
+    assert builder.calls == 2 and plan2 == plan
+
+
+# -- loader recipe ---------------------------------------------------------------------------
+
+def test_loader_validation_and_pickling(tmp_path):
+    with pytest.raises(EngineError, match="Give exactly one of engine_path .* or onnx_path"):
+        TensorRTLoader()
+    with pytest.raises(EngineError, match="Give exactly one of"):
+        TensorRTLoader(engine_path="a.plan", onnx_path="a.onnx")
+    with pytest.raises(EngineError, match="engine_cache is used with onnx_path"):
+        TensorRTLoader(engine_path="a.plan", engine_cache="gs://b/c")
+    with pytest.raises(EngineError, match="num_contexts must be an int >= 1, got 0"):
+        TensorRTLoader(engine_path="a.plan", num_contexts=0)
+    with pytest.raises(EngineError, match="device must be a GPU index >= 0 or 'auto', got -1"):
+        TensorRTLoader(engine_path="a.plan", device=-1)
+    loader = TensorRTLoader(onnx_path="gs://bucket/m.onnx", engine_cache="gs://bucket/plans",
+                            build_options=BuildOptions(profiles=["1,16,64"], precision="fp16"), device="auto")
+    assert pickle.loads(pickle.dumps(loader)) == loader
+    assert loader.batch_profiles() == (Profile(1, 16, 64),)
+    plan = str(tmp_path / "m.plan")
+    write_sidecar(plan, _info(profiles=(Profile(1, 8, 32), Profile(33, 128, 512))))
+    assert TensorRTLoader(engine_path=plan).batch_profiles() == (Profile(1, 8, 32), Profile(33, 128, 512))
+    with pytest.raises(EngineError, match="No sidecar"):
+        TensorRTLoader(engine_path=str(tmp_path / "other.plan")).batch_profiles()
+
+
+def test_loader_missing_plan_file_says_how_to_build_one(tmp_path):
+    missing = str(tmp_path / "nope.plan")
+    with pytest.raises(EngineError, match=r"Engine file not found: .*nope.plan. Build one with `python -m "
+                                          r"engines.build --onnx MODEL.onnx"):
+        TensorRTLoader(engine_path=missing)()
