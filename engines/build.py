@@ -82,10 +82,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         options = options_from_args(args)
         from engines import storage
-        from engines.tensorrt.builder import build_engine
+        from engines.tensorrt.builder import build_plan
         from engines.tensorrt.plan import write_sidecar
 
-        built = build_engine(args.onnx, options, args.device)
+        built = build_plan(args.onnx, options, args.device)
         storage.write_bytes(args.output, built.plan)
         sidecar = write_sidecar(args.output, built.info)
     except (EngineError, ImportError) as e:
