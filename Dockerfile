@@ -1,0 +1,68 @@
+# Dataflow / Beam worker image with TensorRT: NVIDIA's TensorRT image + this project + Beam's SDK harness.
+#
+#   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/beam-tensorrt:latest .
+#
+# Every version is pinned here, in one place. The TensorRT base image fixes TensorRT, CUDA and
+# Python together (see NVIDIA's TensorRT container release notes); Beam's SDK image must be for the
+# same Python minor version, and apache-beam here must equal BEAM_VERSION. A plan (.plan) runs only
+# with the TensorRT version that built it: build plans inside this image (docs/tensorrt.md).
+ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.06-py3
+ARG PYTHON_VERSION=3.12
+ARG BEAM_VERSION=2.77.0
+# cuda-python must match the image's CUDA major (12 for the 25.0x images); onnxconverter-common is
+# only used for fp16 builds on TensorRT 11.x.
+ARG CUDA_PYTHON_VERSION=12.9.0
+ARG ONNXCONVERTER_COMMON_VERSION=1.16.0
+ARG PYTEST_VERSION=8.4.1
+ARG SCIKIT_IMAGE_VERSION=0.25.2
+
+FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk
+
+FROM ${TENSORRT_IMAGE}
+ARG PYTHON_VERSION
+ARG BEAM_VERSION
+ARG CUDA_PYTHON_VERSION
+ARG ONNXCONVERTER_COMMON_VERSION
+ARG PYTEST_VERSION
+ARG SCIKIT_IMAGE_VERSION
+
+# Install into the image's Python (Ubuntu's PEP 668 marker would refuse otherwise), and let the Beam
+# worker use that environment instead of making a fresh virtualenv at start-up (Beam >= 2.48).
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_BREAK_SYSTEM_PACKAGES=1 \
+    PYTHONUNBUFFERED=1 \
+    RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1
+
+# Fail the build now, not on a worker, if the base image is not what the pins above say.
+RUN python3 -c "import sys, tensorrt; \
+want = tuple(int(x) for x in '${PYTHON_VERSION}'.split('.')); \
+assert sys.version_info[:2] == want, 'base image has Python %s, pins say ${PYTHON_VERSION}' % sys.version; \
+assert tensorrt.__version__.split('.')[0] in ('10', '11'), 'unsupported TensorRT ' + tensorrt.__version__; \
+print('python', sys.version.split()[0], 'tensorrt', tensorrt.__version__)"
+# Beam's boot program runs `python` and `pip`.
+RUN command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin/python; \
+    command -v pip >/dev/null || ln -s "$(command -v pip3)" /usr/local/bin/pip
+
+WORKDIR /opt/beam-tensorrt-images
+COPY setup.py README.md pytest.ini ./
+COPY engines engines
+COPY transforms transforms
+COPY pipelines pipelines
+COPY benchmarks benchmarks
+COPY tests tests
+RUN python3 -m pip install \
+        "apache-beam[gcp]==${BEAM_VERSION}" \
+        "cuda-python==${CUDA_PYTHON_VERSION}" \
+        "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \
+        "pytest==${PYTEST_VERSION}" \
+        "scikit-image==${SCIKIT_IMAGE_VERSION}" \
+        . \
+ && python3 -c "import apache_beam, tensorrt, engines.tensorrt, transforms.tensorrt_handler, pipelines.classify_images; \
+from engines.tensorrt import cuda; cuda.cudart(); \
+assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \
+print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt.__version__)"
+
+# The SDK harness of the matching Beam release; the image starts as a Beam worker.
+COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
+ENTRYPOINT ["/opt/apache/beam/boot"]
