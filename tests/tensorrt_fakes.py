@@ -143,12 +143,20 @@ class FakeContext:
         self.calls: List[str] = []
 
     def set_optimization_profile_async(self, k, stream):
+        # TensorRT: each execution context in concurrent use needs its own profile (refused here
+        # outright if another context of this engine holds it).
+        holder = self.engine.holders.get(k)
+        if holder is not None and holder is not self:
+            self.engine.logger.log(Severity.ERROR, f"Profile {k} has been chosen by another IExecutionContext")
+            return False
+        self.engine.holders.pop(self.profile, None)
+        self.engine.holders[k] = self
         self.calls.append(f"profile {k}")
         self.profile = k
         return True
 
     def set_input_shape(self, name, shape):
-        lo, _, hi = self.engine.profiles[self.profile]
+        lo, _, hi = self.engine.profiles[self.profile % len(self.engine.profiles)]
         if not lo <= shape[0] <= hi:
             self.engine.logger.log(Severity.ERROR, f"shape {shape} outside profile {self.profile}")
             return False
@@ -181,10 +189,12 @@ class FakeContext:
 
 
 class FakeEngine:
-    def __init__(self, cuda: FakeCuda, logger, profiles):
+    def __init__(self, cuda: FakeCuda, logger, profiles, copies=1):
         self.cuda = cuda
         self.logger = logger
         self.profiles = profiles
+        self.copies = copies
+        self.holders = {}
         self.contexts: List[FakeContext] = []
         self.executed: List[int] = []
         self.fail_execute = False
@@ -195,7 +205,7 @@ class FakeEngine:
 
     @property
     def num_optimization_profiles(self):
-        return len(self.profiles)
+        return len(self.profiles) * self.copies
 
     def get_tensor_name(self, i):
         return IO[i][0]
@@ -216,7 +226,7 @@ class FakeEngine:
         return False
 
     def get_tensor_profile_shape(self, name, k):
-        lo, opt, hi = self.profiles[k]
+        lo, opt, hi = self.profiles[k % len(self.profiles)]
         return [(lo, 4), (opt, 4), (hi, 4)]
 
     def create_execution_context(self):
@@ -225,7 +235,7 @@ class FakeEngine:
         return ctx
 
 
-def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 4), (5, 8, 16)),
+def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 4), (5, 8, 16)), copies: int = 2,
                   deserialize_ok: bool = True, module_name: str = "tensorrt"):
     """A module-like namespace with the runtime API subset TensorRTEngine uses."""
     state = types.SimpleNamespace(runtimes=[], engines=[])
@@ -241,7 +251,7 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 
                 self.logger.log(Severity.ERROR, "The engine plan file is generated on an incompatible device, "
                                                 "expecting compute 8.9 got compute 9.0")
                 return None
-            engine = FakeEngine(cuda, self.logger, profiles)
+            engine = FakeEngine(cuda, self.logger, profiles, copies)
             state.engines.append(engine)
             return engine
 

@@ -62,7 +62,7 @@ TEN_ONLY = {"FP16", "EXPLICIT_BATCH"}
 
 # Roots of attribute chains that are TensorRT objects in our source.
 TRT_ROOTS = {"trt", "builder", "network", "parser", "config", "trt_profile", "tensor", "err", "engine", "ctx"}
-TRT_SELF_ATTRS = {"_runtime", "_engine", "context"}
+TRT_SELF_ATTRS = {"_runtime", "_engine", "_engines", "context"}
 
 
 def _chain_root(node):
@@ -117,7 +117,7 @@ def in_table(name, table):
 
 def test_every_trt_name_in_the_source_is_declared():
     used = set().union(*used_trt_names().values())
-    used -= {"__version__", "__init__"}
+    used -= {"__version__", "__init__", "append"}  # append: the list self._engines
     declared = set().union(*RUNTIME_API.values()) | BUILDER_API | TEN_ONLY
     unknown = used - declared
     assert not unknown, f"TensorRT names used but not declared in this test (check them, then add): {unknown}"
@@ -283,7 +283,7 @@ def fake_gpu(monkeypatch):
 
 
 def make_engine(monkeypatch, fake_gpu, plan=None, **kw):
-    trt_kw = {k: kw.pop(k) for k in ("profiles", "deserialize_ok", "version", "module_name") if k in kw}
+    trt_kw = {k: kw.pop(k) for k in ("profiles", "copies", "deserialize_ok", "version", "module_name") if k in kw}
     trt = fakes.fake_tensorrt(fake_gpu, **trt_kw)
     monkeypatch.setattr(runtime_mod, "import_tensorrt", lambda lean_ok=False: trt)
     version = [int(x) for x in trt.__version__.split(".")]
@@ -311,11 +311,26 @@ def test_engine_specs_profiles_and_buffers(monkeypatch, fake_gpu):
                                                                               "flag": "flag: bool[N, 4]"}
         assert engine.profiles == [(1, 2, 4), (5, 8, 16)]
         assert engine.max_batch_size == 16 and list(engine.preferred_batch_sizes) == [2, 8]
-        assert len(trt.state.engines[0].contexts) == 3
+        assert [len(e.contexts) for e in trt.state.engines] == [2, 1]  # 2 profile copies per plan
         slot = engine._pool.slots[0]
         assert {n: b.nbytes for n, b in slot.device_buffers.items()} == {"a": 256, "b": 256, "sum": 256, "flag": 64}
         assert trt.state.runtimes[0].engine_host_code_allowed is False
     assert not fake_gpu.memory  # close() freed every buffer
+
+
+@pytest.mark.parametrize("copies,contexts,instances", [(2, 2, 1), (1, 2, 2), (2, 3, 2), (3, 3, 1)])
+def test_concurrent_contexts_never_share_a_profile(monkeypatch, fake_gpu, copies, contexts, instances):
+    engine, trt = make_engine(monkeypatch, fake_gpu, copies=copies, num_contexts=contexts)
+    with engine:
+        assert engine.profiles == [(1, 2, 4), (5, 8, 16)]  # copies are one logical profile
+        assert len(trt.state.engines) == instances == engine.describe()["engine_instances"]
+        held = [(id(e), ctx.profile) for e in trt.state.engines for ctx in e.contexts]
+        assert len(held) == contexts and len(set(held)) == contexts
+        feeds = [feed(n, seed=n) for n in (3, 9, 2, 16, 1, 12)]  # both profiles, on every context
+        for f, out in zip(feeds, engine.infer_many(feeds)):
+            check(out, f)
+        held = {(id(e), ctx.profile) for e in trt.state.engines for ctx in e.contexts}
+        assert len(held) == contexts
 
 
 def test_infer_picks_profiles_and_splits_large_batches(monkeypatch, fake_gpu):
@@ -464,8 +479,9 @@ def test_build_10x_fp16_sets_the_flag_and_profiles(fake_build, tmp_path):
                            hardware_compatibility="ampere_plus")
     built = builder_mod.build_plan(image_classifier(), options)
     assert fb.flags == ["FP16", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
+    # Each profile once per concurrent context (default 2): TensorRT needs a profile per context.
     assert fb.profiles == [{"images": ((1, 16, 16, 3), (8, 16, 16, 3), (32, 16, 16, 3))},
-                           {"images": ((33, 16, 16, 3), (64, 16, 16, 3), (128, 16, 16, 3))}]
+                           {"images": ((33, 16, 16, 3), (64, 16, 16, 3), (128, 16, 16, 3))}] * 2
     assert fb.config.pool == {"WORKSPACE": 2 << 30} and fb.config.builder_optimization_level == 4
     assert fb.config.hardware_compatibility_level == "AMPERE_PLUS"
     assert fb.parsed == [image_classifier()]  # 10.x parses the fp32 model as is
@@ -525,8 +541,8 @@ def test_models_the_profiles_cannot_describe_are_refused(fake_build):
 
 def test_build_multi_input_model(fake_build):
     fb = fake_build()
-    builder_mod.build_plan(two_in_two_out(), BuildOptions(profiles=["2,4,8"]))
-    assert fb.profiles == [{"a": ((2, 4), (4, 4), (8, 4)), "b": ((2, 4), (4, 4), (8, 4))}]
+    builder_mod.build_plan(two_in_two_out(), BuildOptions(profiles=["2,4,8"], contexts=3))
+    assert fb.profiles == [{"a": ((2, 4), (4, 4), (8, 4)), "b": ((2, 4), (4, 4), (8, 4))}] * 3
 
 
 def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):

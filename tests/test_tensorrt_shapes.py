@@ -53,6 +53,8 @@ def test_build_options_validation():
         BuildOptions(profiles=())
     with pytest.raises(EngineError, match="workspace_gib must be > 0"):
         BuildOptions(workspace_gib=0)
+    with pytest.raises(EngineError, match="contexts must be an int in 1..8, got 0"):
+        BuildOptions(contexts=0)
     options = BuildOptions(profiles=["1,8,32", (33, 64, 128), {"min": 129, "opt": 200, "max": 256}])
     assert options.profiles == (Profile(1, 8, 32), Profile(33, 64, 128), Profile(129, 200, 256))
     assert options.max_batch == 256
@@ -65,13 +67,14 @@ def test_cache_key_is_stable_and_ignores_the_timing_cache():
     assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp32").cache_key()
     assert a.cache_key() != BuildOptions(profiles=["1,32,256"], precision="fp16").cache_key()
     assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp16", version_compatible=True).cache_key()
+    assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp16", contexts=3).cache_key()
     # Same key in a fresh interpreter (no hash() randomisation) and across releases of this code:
     # changing it silently orphans every cached plan.
     code = ("from engines.tensorrt.options import BuildOptions;"
             "print(BuildOptions(profiles=['1,64,256'], precision='fp16').cache_key())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.stdout.strip() == a.cache_key() == "e8bc6094b0c01ae8"
+    assert out.stdout.strip() == a.cache_key() == "2a17dfc53ce517ff"
 
 
 def test_choose_profile_smallest_covering():

@@ -233,7 +233,9 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
         config.hardware_compatibility_level = levels[options.hardware_compatibility]
 
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    for profile in options.profiles:
+    # Each concurrent execution context needs its own profile (TensorRT's IExecutionContext
+    # contract for dynamic shapes), so every profile is added once per context.
+    for profile in [p for _ in range(options.contexts) for p in options.profiles]:
         trt_profile = builder.create_optimization_profile()
         for tensor in inputs:
             dims = tuple(tensor.shape)

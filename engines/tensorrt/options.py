@@ -98,6 +98,9 @@ class BuildOptions:
             Default False.
         hardware_compatibility: "none", "ampere_plus" (runs on any Ampere or newer GPU,
             slower) or "same_compute_capability". Default "none".
+        contexts: Execution contexts the plan serves at once. TensorRT requires each
+            context in concurrent use to have its own optimisation profile, so every profile
+            is added this many times (the runtime pairs copies with contexts). Default 2.
     """
 
     profiles: Tuple[Profile, ...] = (Profile(1, 64, 256),)
@@ -108,6 +111,7 @@ class BuildOptions:
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
     hardware_compatibility: str = "none"
+    contexts: int = 2
 
     def __post_init__(self):
         profiles = self.profiles
@@ -127,6 +131,8 @@ class BuildOptions:
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise EngineError(f"hardware_compatibility must be one of {HARDWARE_COMPATIBILITY}, "
                               f"got {self.hardware_compatibility!r}")
+        if isinstance(self.contexts, bool) or not isinstance(self.contexts, int) or not 1 <= self.contexts <= 8:
+            raise EngineError(f"contexts must be an int in 1..8, got {self.contexts!r}")
         if self.exclude_lean_runtime and not self.version_compatible:
             raise EngineError("exclude_lean_runtime needs version_compatible=True (it only applies to "
                               "version-compatible plans)")
@@ -147,6 +153,7 @@ class BuildOptions:
             "version_compatible": self.version_compatible,
             "exclude_lean_runtime": self.exclude_lean_runtime,
             "hardware_compatibility": self.hardware_compatibility,
+            "contexts": self.contexts,
         }
 
     def cache_key(self) -> str:

@@ -15,7 +15,6 @@ consecutive batches overlap copies and compute, whether they come from one call
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -59,24 +58,36 @@ def numpy_dtype(trt_dtype, tensor: str) -> np.dtype:
 
 
 class _ContextProgram:
-    """``prepare``/``enqueue`` of one execution context, for an :class:`ExecutionSlot`."""
+    """``prepare``/``enqueue`` of one execution context, for an :class:`ExecutionSlot`.
 
-    def __init__(self, context, ranges: ProfileRanges, outputs: Sequence[str], logger, label: str):
+    ``profile_ids[k]`` is the engine profile this context uses for logical profile ``k``:
+    TensorRT requires every execution context in concurrent use to have its own
+    optimisation profile, so each context gets its own copy of every profile.
+    """
+
+    def __init__(self, context, ranges: ProfileRanges, profile_ids: Sequence[int], outputs: Sequence[str], logger,
+                 label: str):
         self.context = context
         self.ranges = ranges
+        self.profile_ids = list(profile_ids)
         self.outputs = list(outputs)
         self.logger = logger
         self.label = label
-        self.profile = 0  # a new context uses profile 0
+        self.profile: Optional[int] = None
         self._addresses: Dict[str, int] = {}
+
+    def use_profile(self, stream: int, k: int) -> None:
+        actual = self.profile_ids[k]
+        if actual != self.profile:
+            if not self.context.set_optimization_profile_async(actual, stream):
+                raise EngineError(f"{self.label}: set_optimization_profile_async({actual}) failed: "
+                                  f"{self.logger.text()}")
+            self.profile = actual
 
     def prepare(self, stream: int, shapes: Mapping[str, Shape]) -> Dict[str, Shape]:
         ctx = self.context
         k = select_profile(self.ranges, shapes)
-        if k != self.profile:
-            if not ctx.set_optimization_profile_async(k, stream):
-                raise EngineError(f"{self.label}: set_optimization_profile_async({k}) failed: {self.logger.text()}")
-            self.profile = k
+        self.use_profile(stream, k)
         for name, shape in shapes.items():
             if not ctx.set_input_shape(name, tuple(shape)):
                 raise EngineError(f"Input tensor: {name} | TensorRT refused shape {tuple(shape)} in profile {k} "
@@ -138,6 +149,7 @@ class TensorRTEngine(Engine):
         self._pool: Optional[SlotPool] = None
         self._contexts: List[Any] = []
         self._engine = None
+        self._engines: List[Any] = []
         self._runtime = None
         header = read_plan_header(plan)  # no GPU needed: refuse what can be refused here first
         trt = import_tensorrt(lean_ok=True)
@@ -175,15 +187,16 @@ class TensorRTEngine(Engine):
                 f"with the TensorRT version and GPU type it was built for (unless built --version_compatible / "
                 f"--hardware_compatibility); rebuild it here")
         self._engine = engine
+        self._engines = [engine]
         try:
-            self._setup(trt, int(num_contexts), bool(cuda_graphs))
+            self._setup(trt, plan, int(num_contexts), bool(cuda_graphs))
         except BaseException:
             self.close()
             raise
         _LOG.info("tensorrt engine %s loaded on %s: %d context(s), profiles %s, cuda graphs %s", self._name,
                   dev.name, num_contexts, [batch_limits(p) for p in self._ranges], cuda_graphs)
 
-    def _setup(self, trt, num_contexts: int, cuda_graphs: bool) -> None:
+    def _setup(self, trt, plan: bytes, num_contexts: int, cuda_graphs: bool) -> None:
         engine = self._engine
         inputs: Dict[str, TensorSpec] = {}
         outputs: Dict[str, TensorSpec] = {}
@@ -198,27 +211,50 @@ class TensorRTEngine(Engine):
             else:
                 outputs[name] = spec
         self._inputs, self._outputs = inputs, outputs
-        self._ranges: List[Dict[str, TensorRange]] = [
-            {name: TensorRange(*engine.get_tensor_profile_shape(name, k)) for name in inputs}
-            for k in range(engine.num_optimization_profiles)]
-        if not self._ranges:
+        all_ranges = [{name: TensorRange(*engine.get_tensor_profile_shape(name, k)) for name in inputs}
+                      for k in range(engine.num_optimization_profiles)]
+        if not all_ranges:
             raise EngineError("the engine has no optimization profile")
+        # Profiles with identical ranges are copies (engines.build adds each profile once per
+        # concurrent context): the logical profiles are the distinct ones, and context i of an
+        # engine instance uses copy i of each.
+        groups: Dict[tuple, List[int]] = {}
+        for k, ranges in enumerate(all_ranges):
+            key = tuple(sorted((n, r.min, r.opt, r.max) for n, r in ranges.items()))
+            groups.setdefault(key, []).append(k)
+        self._ranges = [all_ranges[ids[0]] for ids in groups.values()]
+        copies = min(len(ids) for ids in groups.values())
+        instances = -(-num_contexts // copies)
+        if instances > 1:
+            _LOG.info("%s: the plan holds %d copy(ies) of each profile and TensorRT needs a profile per concurrent "
+                      "context, so %d contexts use %d engine instances (weights loaded %d times); build with "
+                      "--contexts %d to share one", self._name, copies, num_contexts, instances, instances,
+                      num_contexts)
 
         programs = []
         for i in range(num_contexts):
-            ctx = engine.create_execution_context()
+            instance, copy = divmod(i, copies)
+            if instance == len(self._engines):
+                extra = self._runtime.deserialize_cuda_engine(plan)
+                if extra is None:
+                    raise EngineError(f"could not load engine instance {instance + 1} for context {i + 1} (out of "
+                                      f"GPU memory?): {self._logger.text()}. Note: use fewer contexts")
+                self._engines.append(extra)
+            ctx = self._engines[instance].create_execution_context()
             if ctx is None:
                 raise EngineError(f"could not create execution context {i + 1} of {num_contexts} (out of GPU "
                                   f"memory?): {self._logger.text()}. Note: use fewer contexts")
             self._contexts.append(ctx)
-            programs.append(_ContextProgram(ctx, self._ranges, list(outputs), self._logger,
-                                            f"{self._name} context {i}"))
+            programs.append(_ContextProgram(ctx, self._ranges, [ids[copy] for ids in groups.values()],
+                                            list(outputs), self._logger, f"{self._name} context {i}"))
 
         # Size every buffer once, for the largest shape of any profile.
         in_bytes = {name: 0 for name in inputs}
         out_bytes = {name: 0 for name in outputs}
         probe = cuda.Stream()
         try:
+            for program in programs:  # each context takes its own profile copy before any use
+                program.use_profile(probe.ptr, 0)
             for k, profile in enumerate(self._ranges):
                 shapes = {name: profile[name].max for name in inputs}
                 out_shapes = programs[0].prepare(probe.ptr, shapes)
@@ -243,7 +279,6 @@ class TensorRTEngine(Engine):
             raise
         self._pool = SlotPool(slots)
         self._cuda_graphs = cuda_graphs
-        self._lock = threading.Lock()
 
     # -- Engine interface ---------------------------------------------------------------
 
@@ -327,7 +362,8 @@ class TensorRTEngine(Engine):
                     counts[k] = counts.get(k, 0) + v
         info.update(plan=self._name, tensorrt_version=self._trt_version, gpu=self._device.name,
                     compute_capability=self._device.compute_capability, profiles=self.profiles,
-                    contexts=len(self._contexts), cuda_graphs=getattr(self, "_cuda_graphs", False),
+                    contexts=len(self._contexts), engine_instances=len(self._engines),
+                    cuda_graphs=getattr(self, "_cuda_graphs", False),
                     enqueues=counts)
         return info
 
@@ -338,6 +374,7 @@ class TensorRTEngine(Engine):
         # Release in reverse order of creation: contexts, then the engine, then the runtime.
         self._contexts = []
         self._engine = None
+        self._engines = []
         self._runtime = None
 
 

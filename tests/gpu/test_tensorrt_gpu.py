@@ -62,6 +62,8 @@ def fp32_engine(classifier):
 def test_dynamic_batches_match_onnxruntime(fp32_engine, classifier):
     ref = reference(classifier)
     assert fp32_engine.profiles == [(1, 4, 8), (9, 16, 32)]
+    # The plan holds each profile twice (BuildOptions.contexts=2), so both contexts share one engine.
+    assert fp32_engine.describe()["engine_instances"] == 1 and fp32_engine.describe()["contexts"] == 2
     assert fp32_engine.input_specs["images"].describe() == "images: uint8[N, 16, 16, 3]"
     assert fp32_engine.output_specs["logits"].describe() == "logits: float32[N, 10]"
     for n in (1, 5, 8, 9, 32, 33, 70):  # 33 and 70 are split across the largest profile
