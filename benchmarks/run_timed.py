@@ -1,0 +1,82 @@
+"""Runs one pipeline's ``run(argv)`` in this (fresh) interpreter and times the call, not the imports.
+
+    python -m benchmarks.run_timed RESULT.json MODULE [pipeline arguments ...]
+
+``benchmarks.throughput`` starts one of these per measured pipeline, so every run
+gets a clean runner state. The libraries both pipelines need (Beam, ONNX, ONNX
+Runtime, numpy, Pillow) and MODULE itself are imported before the clock starts;
+the clock then covers pipeline construction, start, every stage and finish.
+RESULT.json gets ``{"module", "import_seconds", "wall_seconds", "stats"}``, where
+``stats`` is what ``run`` returned when that is a dict (``pipelines.classify_images``
+returns its stats.json document), else null.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+
+#: Imported before timing so neither pipeline pays for them inside its measured wall time.
+PREIMPORT = ("numpy", "PIL.Image", "onnx", "onnxruntime", "apache_beam",
+             "apache_beam.ml.inference.base", "apache_beam.io.fileio")
+
+
+def runinference_metrics(result) -> dict:
+    """RunInference's own batch-size and latency distributions from a PipelineResult ({} for anything else)."""
+    if not hasattr(result, "metrics"):
+        return {}
+    try:
+        query = result.metrics().query()
+    except Exception as e:  # a runner without metrics support: the timing still counts
+        return {"error": f"{type(e).__name__}: {e}"}
+    found = {}
+    for dist in query["distributions"]:
+        name, value = dist.key.metric.name, dist.committed
+        if not name.startswith("inference_") or value is None or not value.count:
+            continue
+        entry = found.setdefault(name, {"sum": 0, "count": 0, "min": None, "max": None})
+        entry["sum"] += value.sum
+        entry["count"] += value.count
+        entry["min"] = value.min if entry["min"] is None else min(entry["min"], value.min)
+        entry["max"] = value.max if entry["max"] is None else max(entry["max"], value.max)
+    return found
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: python -m benchmarks.run_timed RESULT.json MODULE [pipeline arguments ...]", file=sys.stderr)
+        return 2
+    result_path, module_name, pipeline_argv = argv[0], argv[1], argv[2:]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The runner's choice (Prism tried first, then FnApiRunner) is logged at INFO; keep it for the report.
+    logging.getLogger("apache_beam.runners.direct.direct_runner").setLevel(logging.INFO)
+    start = time.monotonic()
+    for name in PREIMPORT:
+        importlib.import_module(name)
+    module = importlib.import_module(module_name)
+    imported = time.monotonic()
+    returned = module.run(pipeline_argv)
+    finished = time.monotonic()
+    document = {
+        "module": module_name,
+        "argv": pipeline_argv,
+        "import_seconds": round(imported - start, 3),
+        "wall_seconds": round(finished - imported, 3),
+        "stats": returned if isinstance(returned, dict) else None,
+        "runinference_metrics": runinference_metrics(returned),
+        "pid": os.getpid(),
+    }
+    tmp = result_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(document, f, indent=2, default=str)
+    os.replace(tmp, result_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
