@@ -17,6 +17,13 @@ from engines.tensorrt.plan import PlanInfo, write_sidecar
 from tests.tensorrt_models import LABELS, image_classifier
 
 
+def handler_class():
+    pytest.importorskip("apache_beam", reason="the handler is a Beam ModelHandler: needs apache-beam")
+    from transforms.tensorrt_handler import TensorRTModelHandler
+
+    return TensorRTModelHandler
+
+
 @pytest.fixture
 def no_tensorrt(monkeypatch):
     """As on a laptop: importing tensorrt, tensorrt_lean, cuda or cupy fails."""
@@ -39,7 +46,7 @@ def plan_path(tmp_path):
 
 
 def test_engine_path_handler_aligns_batches_to_the_sidecar(no_tensorrt, plan_path, caplog):
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     with caplog.at_level(logging.INFO, logger="transforms.tensorrt_handler"):
         handler = TensorRTModelHandler(engine_path=plan_path)
@@ -57,7 +64,7 @@ def test_engine_path_handler_aligns_batches_to_the_sidecar(no_tensorrt, plan_pat
 
 
 def test_explicit_batch_sizes_and_copies_per_gpu(no_tensorrt, plan_path, caplog):
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     with caplog.at_level(logging.INFO, logger="transforms.tensorrt_handler"):
         handler = TensorRTModelHandler(engine_path=plan_path, min_batch_size=32, max_batch_size=512,
@@ -71,7 +78,7 @@ def test_explicit_batch_sizes_and_copies_per_gpu(no_tensorrt, plan_path, caplog)
 
 
 def test_onnx_path_handler_reads_batches_from_build_options(no_tensorrt):
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     options = BuildOptions(profiles=["4,32,64"], precision="fp16")
     handler = TensorRTModelHandler(onnx_path="gs://bucket/model.onnx", engine_cache="gs://bucket/plans",
@@ -83,7 +90,7 @@ def test_onnx_path_handler_reads_batches_from_build_options(no_tensorrt):
 
 
 def test_plan_without_sidecar_needs_batch_sizes(no_tensorrt, tmp_path):
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     plan = str(tmp_path / "bare.plan")
     with pytest.raises(EngineError, match=r"No sidecar .*bare.plan.json beside the plan.*or pass max_batch_size"):
@@ -93,7 +100,7 @@ def test_plan_without_sidecar_needs_batch_sizes(no_tensorrt, tmp_path):
 
 
 def test_load_model_without_tensorrt_fails_with_the_fix(no_tensorrt, plan_path):
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     handler = TensorRTModelHandler(engine_path=plan_path)
     with pytest.raises(ImportError, match=r"TensorRT is not importable .*Use the image built from Dockerfile"):
@@ -105,7 +112,7 @@ def test_from_options_with_the_pipeline_flags(no_tensorrt, plan_path):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.classify_images import ClassifyOptions
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     opts = PipelineOptions(["--input", "x", "--output", "y", "--engine", "tensorrt", "--onnx_path", "m.onnx",
                             "--engine_cache", "gs://b/plans", "--precision", "fp16", "--batch_size", "48"]
@@ -122,10 +129,9 @@ def test_from_options_with_the_pipeline_flags(no_tensorrt, plan_path):
 
 def test_pipeline_with_tensorrt_handler_is_submittable(no_tensorrt, plan_path, tmp_path):
     """The job graph builds and serializes (what submitting does) with no TensorRT here."""
+    TensorRTModelHandler = handler_class()
     import apache_beam as beam
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-
-    from transforms.tensorrt_handler import TensorRTModelHandler
 
     handler = TensorRTModelHandler(engine_path=plan_path)
     pipeline = beam.Pipeline()
@@ -157,7 +163,7 @@ class MinBatchEngine(Engine):
 
 
 def test_short_batches_are_padded_to_the_profile_min(no_tensorrt, tmp_path):
-    from transforms.tensorrt_handler import TensorRTModelHandler
+    TensorRTModelHandler = handler_class()
 
     handler = TensorRTModelHandler(onnx_path="m.onnx", build_options=BuildOptions(profiles=["4,8,16"]))
     engine = MinBatchEngine(image_classifier(), 4)
