@@ -12,7 +12,6 @@
 
 import ast
 import io
-import os
 import pickle
 import re
 import sys
