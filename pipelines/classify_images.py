@@ -40,6 +40,7 @@ _LOG = logging.getLogger(__name__)
 #: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
 ENGINES = ("onnxruntime", "tensorrt")
+DEFAULT_BATCH_SIZE = 32
 LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
                  "SwitchingDirectRunner", "FnApiRunner")
 
@@ -62,6 +63,9 @@ class ClassifyOptions(PipelineOptions):
                                  "Default: cpu.")
         parser.add_argument("--intra_op_threads", type=int, default=0,
                             help="ONNX Runtime threads per batch; 0 = one per core. Default: 0.")
+        parser.add_argument("--ort_spinning", default="off", choices=("on", "off"),
+                            help="ONNX Runtime idle threads spin-wait (on) or sleep (off, leaves the cores to "
+                                 "decoding). Default: off.")
         parser.add_argument("--engine_path", default=None, help="TensorRT: a serialized engine (.plan).")
         parser.add_argument("--onnx_path", default=None,
                             help="TensorRT: an ONNX model to build (or fetch from --engine_cache) on the worker.")
@@ -70,9 +74,24 @@ class ClassifyOptions(PipelineOptions):
                                  "version and build options.")
         parser.add_argument("--precision", default="fp16", choices=("fp32", "fp16"),
                             help="TensorRT build precision with --onnx_path. Default: fp16.")
-        parser.add_argument("--batch_size", type=int, default=32, help="Largest batch. Default: 32.")
+        parser.add_argument("--trt_profile", dest="trt_profiles", action="append", default=None,
+                            metavar="MIN,OPT,MAX",
+                            help="TensorRT optimisation profile for the batch dimension with --onnx_path "
+                                 "(repeatable). Default: 1,B,B with B = --batch_size or 64.")
+        parser.add_argument("--num_contexts", type=int, default=2,
+                            help="TensorRT execution contexts per engine: copies in, compute and copies out "
+                                 "of consecutive batches overlap. Default: 2.")
+        parser.add_argument("--cuda_graphs", action="store_true",
+                            help="TensorRT: capture and replay a CUDA graph per batch shape.")
+        parser.add_argument("--workspace_gib", type=float, default=None,
+                            help="TensorRT builder workspace limit in GiB. Default: TensorRT's.")
+        parser.add_argument("--timing_cache", default=None,
+                            help="TensorRT builder timing cache file to reuse and update (local or gs://).")
+        parser.add_argument("--batch_size", type=int, default=None,
+                            help="Largest batch. Default: 32 for onnxruntime; the profile max for tensorrt.")
         parser.add_argument("--min_batch_size", type=int, default=None,
-                            help="Smallest batch formed (the last may be shorter). Default: batch_size / 4.")
+                            help="Smallest batch formed (the last may be shorter). Default: batch_size / 4 for "
+                                 "onnxruntime; the profile opt for tensorrt.")
         parser.add_argument("--share_model_across_processes", action="store_true",
                             help="One engine copy per worker machine instead of one per process.")
         parser.add_argument("--model_copies", type=int, default=1,
@@ -98,47 +117,56 @@ class ClassifyOptions(PipelineOptions):
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
 
 
-def read_labels(options: ClassifyOptions, model_path: Optional[str]) -> Optional[List[str]]:
-    """Class names from --labels_file, else from the ONNX model's 'labels' metadata, else None."""
+def read_labels_file(path: str) -> List[str]:
+    """Class names from a file (local or gs://): a JSON list, or one name per line."""
     from engines import storage
 
-    if options.labels_file:
-        text = storage.read_bytes(options.labels_file).decode("utf-8")
-        stripped = text.strip()
-        return json.loads(stripped) if stripped.startswith("[") else [line for line in text.splitlines() if line]
-    if model_path and model_path.endswith(".onnx"):
-        import onnx
-
-        model = onnx.load_model_from_string(storage.read_bytes(model_path))
-        meta = {p.key: p.value for p in model.metadata_props}
-        if "labels" in meta:
-            return json.loads(meta["labels"])
-    return None
+    text = storage.read_bytes(path).decode("utf-8")
+    return json.loads(text) if text.strip().startswith("[") else [line for line in text.splitlines() if line]
 
 
-def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optional[str]]:
-    """Builds the model handler for --engine.
+def onnx_labels(model_path: str) -> Optional[List[str]]:
+    """Class names from an ONNX model's ``labels`` metadata (written by engines.export_efficientnet), or None."""
+    import onnx
+
+    from engines import storage
+
+    model = onnx.load_model_from_string(storage.read_bytes(model_path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    return json.loads(meta["labels"]) if "labels" in meta else None
+
+
+def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optional[List[str]]]:
+    """Builds the model handler for --engine (no engine is loaded here).
 
     Returns:
-        (handler, engine description for stats, path of the ONNX model for labels or None).
+        (handler, engine description for stats, class names: --labels_file, else the model's
+        own metadata or the TensorRT plan's sidecar, else None).
     """
-    min_batch = options.min_batch_size or max(1, options.batch_size // 4)
+    explicit_labels = read_labels_file(options.labels_file) if options.labels_file else None
     if options.engine == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeLoader
         from transforms.inference import EngineModelHandler
 
         model = options.model or DEFAULT_MODEL
+        batch = options.batch_size or DEFAULT_BATCH_SIZE
         loader = OnnxRuntimeLoader(model, tuple(p.strip() for p in options.providers.split(",") if p.strip()),
-                                   options.intra_op_threads)
-        handler = EngineModelHandler(loader, min_batch_size=min_batch, max_batch_size=options.batch_size,
-                                     share_across_processes=options.share_model_across_processes,
+                                   options.intra_op_threads, allow_spinning=options.ort_spinning == "on")
+        handler = EngineModelHandler(loader, min_batch_size=options.min_batch_size or max(1, batch // 4),
+                                     max_batch_size=batch, share_across_processes=options.share_model_across_processes,
                                      model_copies=options.model_copies, metrics_namespace="onnxruntime",
                                      model_id=model)
-        return handler, {"engine": "onnxruntime", "model": model, "providers": list(loader.providers)}, model
+        info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
+                "ort_spinning": options.ort_spinning}
+        return handler, info, explicit_labels or onnx_labels(model)
     from transforms.tensorrt_handler import TensorRTModelHandler
 
-    handler = TensorRTModelHandler.from_options(options, min_batch_size=min_batch)
-    return handler, handler.describe_engine(), options.onnx_path or options.model
+    if not (options.engine_path or options.onnx_path):
+        raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
+                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
+    handler = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
+    labels = explicit_labels or handler.labels() or (onnx_labels(options.onnx_path) if options.onnx_path else None)
+    return handler, {**handler.describe_engine(), "model": options.engine_path or options.onnx_path}, labels
 
 
 def check_input(path: str) -> None:
@@ -167,7 +195,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
                               draft=not options.no_jpeg_draft)
     found = pipeline | "FindImages" >> ImageRefs(options.input)
     decoded = found["refs"] | "ReadDecode" >> beam.ParDo(
-        DecodeImages(config, options.decode_threads, options.prefetch or 2 * options.batch_size)).with_outputs(
+        DecodeImages(config, options.decode_threads,
+                     options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"])).with_outputs(
         DEAD_LETTER, main="images")
     main, failed = (decoded.images
                     | "RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())
@@ -193,16 +222,16 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     # pipeline in the process, so a required flag here would break unrelated pipelines.
     if not opts.input or not opts.output:
         raise EngineError("--input and --output are required (see --help)")
-    if opts.batch_size < 1 or opts.top_k < 1:
+    if (opts.batch_size is not None and opts.batch_size < 1) or opts.top_k < 1:
         raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
     check_input(opts.input)
-    handler, engine_info, model_path = make_handler(opts)
-    labels = read_labels(opts, model_path)
+    handler, engine_info, labels = make_handler(opts)
+    batching = handler.batch_elements_kwargs()
     local = is_local(options)
     progress_dir = tempfile.mkdtemp(prefix="classify-progress-") if local and opts.progress_every_s > 0 else None
     settings = {
-        "input": opts.input, "output": opts.output, "batch_size": opts.batch_size,
-        "min_batch_size": opts.min_batch_size or max(1, opts.batch_size // 4), "top_k": opts.top_k,
+        "input": opts.input, "output": opts.output, "batch_size": batching["max_batch_size"],
+        "min_batch_size": batching["min_batch_size"], "top_k": opts.top_k,
         "output_format": opts.output_format,
         "runner": str(options.view_as(StandardOptions).runner or "DirectRunner"),
         "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,

@@ -49,7 +49,7 @@ def test_batches_larger_than_the_engine_max_are_split(sum_model):
     handler = EngineModelHandler(lambda: Capped(sum_model), max_batch_size=16)
     batch = _images(11, seed=3)
     results = list(handler.run_inference(batch, handler.load_model()))
-    assert Capped.chunks == [4, 4, 3]  # the short last chunk reads only its own rows
+    assert Capped.chunks == [4, 4, 3]  # even chunks; the last reads only its own rows
     np.testing.assert_allclose([r.inference["total"] for r in results],
                                [b.astype(np.float64).sum() for b in batch], rtol=1e-6)
 
@@ -57,7 +57,10 @@ def test_batches_larger_than_the_engine_max_are_split(sum_model):
 def test_split_batch():
     assert split_batch(5, None) == [slice(0, 5)]
     assert split_batch(5, 8) == [slice(0, 5)]
-    assert split_batch(9, 4) == [slice(0, 4), slice(4, 8), slice(8, 9)]
+    assert split_batch(9, 4) == [slice(0, 3), slice(3, 6), slice(6, 9)]
+    assert [c.stop - c.start for c in split_batch(150, 64)] == [50, 50, 50]
+    assert [c.stop - c.start for c in split_batch(129, 64)] == [43, 43, 43]
+    assert [c.stop - c.start for c in split_batch(130, 64)] == [44, 43, 43]
 
 
 def test_multiple_named_inputs_and_outputs(multi_model):

@@ -17,7 +17,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from engines.base import EngineError
 from pipelines import classify_images
-from pipelines.classify_images import ClassifyOptions, make_handler, read_labels
+from pipelines.classify_images import ClassifyOptions, make_handler
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, read_jsonl
 from transforms.images import ImageRef, parse_manifest
 
@@ -50,8 +50,8 @@ def test_testpipeline_end_to_end(corpus, model_path):
     directory, good, broken = corpus
     options = PipelineOptions(["--input", directory, "--output", "unused", "--batch_size", "4"])
     opts = options.view_as(ClassifyOptions)
-    handler, _, _ = make_handler(opts)
-    labels = read_labels(opts, model_path)
+    handler, _, labels = make_handler(opts)
+    assert labels[285] == "Egyptian Mau"  # from the model's own metadata
     with TestPipeline(options=options) as p:
         from transforms.images import DEAD_LETTER, DecodeImages, ImageRefs
         from transforms.postprocess import TopK

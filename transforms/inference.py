@@ -31,10 +31,19 @@ Example = Union[np.ndarray, Mapping[str, np.ndarray]]
 
 
 def split_batch(batch_size: int, max_size: Optional[int]) -> Sequence[slice]:
-    """Slices that cut a batch into chunks of at most ``max_size`` (None: one chunk)."""
+    """Slices that cut a batch into the fewest chunks of at most ``max_size``, as even as possible.
+
+    Even chunks (150 at max 64 -> 50, 50, 50) rather than a short remainder (64, 64, 22), which
+    could fall under an engine's smallest allowed batch (a TensorRT profile min). None: one chunk.
+    """
     if not max_size or batch_size <= max_size:
         return [slice(0, batch_size)]
-    return [slice(start, min(start + max_size, batch_size)) for start in range(0, batch_size, max_size)]
+    chunks = -(-batch_size // max_size)
+    base, extra = divmod(batch_size, chunks)
+    bounds = [0]
+    for i in range(chunks):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class EngineModelHandler(ModelHandler[Example, PredictionResult, Engine]):
