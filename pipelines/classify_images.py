@@ -236,6 +236,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
         "runner": str(options.view_as(StandardOptions).runner or "DirectRunner"),
         "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,
         "direct_num_workers": options.view_as(DirectOptions).direct_num_workers,
+        "decode_threads": opts.decode_threads,
         "labels": "from model metadata" if labels and not opts.labels_file else (opts.labels_file or None),
     }
     _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)

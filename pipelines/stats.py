@@ -82,7 +82,7 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
             "max": round(inference["max"] / 1e6, 6) if inference.get("max") is not None else None,
             "note": "percentiles are upper edges of log buckets 9% wide",
         },
-        "stage_seconds": {s: round(v, 3) for s, v in stage_seconds.items()},
+        "stage_seconds": {s: round(v, 6) for s, v in stage_seconds.items()},
         "stage_share": {s: round(v / total_stage, 4) for s, v in stage_seconds.items()},
         "stage_note": ("summed wall time spent in each stage across all workers and threads; stages overlap, "
                        "so the sum exceeds wall_seconds when work runs in parallel"),

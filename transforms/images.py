@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import os
-import time
 from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
@@ -24,7 +23,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
+from transforms.decode import Decoded, load_image
+from transforms.preprocess import PreprocessConfig
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 DEAD_LETTER = "dead_letter"
@@ -154,56 +154,24 @@ class CountDeadLetters(beam.DoFn):
         yield row
 
 
-class _Loaded(NamedTuple):
-    """What a decode thread hands back; metrics are recorded by the bundle's own thread."""
-
-    ref: ImageRef
-    array: Optional[object]
-    error: Optional[str]
-    stage: str
-    read_s: float
-    decode_s: float
-    nbytes: int
-
-
-def load_image(ref: ImageRef, config: PreprocessConfig) -> _Loaded:
-    """Reads and preprocesses one image; never raises for a bad file (the reason is in ``error``)."""
-    start = time.perf_counter()
-    try:
-        with FileSystems.open(ref.uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            data = f.read()
-    except Exception as e:  # Beam filesystems wrap errors in several types
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return _Loaded(ref, None, f"cannot read file ({type(e).__name__}: {reason}); check the path exists and "
-                                  f"the job's credentials can read it", "read", time.perf_counter() - start, 0.0, 0)
-    read_done = time.perf_counter()
-    try:
-        array, error = preprocess_image(data, config), None
-    except BadImageError as e:
-        array, error = None, str(e)
-    except Exception as e:  # a decoder bug on a malformed file must not stop the job either
-        array, error = None, f"unexpected decoder error on a malformed file ({type(e).__name__}: {e})"
-    return _Loaded(ref, array, error, "decode", read_done - start, time.perf_counter() - read_done, len(data))
-
-
 class DecodeImages(beam.DoFn):
     """Reads and preprocesses images: ``ImageRef -> (ImageRef, uint8 array)`` or a dead letter.
 
     With ``threads`` > 0, images are read and decoded by a small thread pool
-    (Pillow and Beam's file reads release the GIL) while this DoFn's thread runs
-    the downstream batch through the engine: up to ``prefetch`` images are in
-    flight, so the next batch is decoded while the current one is inferred.
+    (Pillow and file reads release the GIL) while this DoFn's thread runs the
+    downstream batch through the engine: up to ``prefetch`` images are in flight,
+    so the next batch is decoded while the current one is inferred.
 
     Args:
         config: Preprocessing sizes and limits.
-        threads: Decode threads per DoFn instance; 0 decodes inline, -1 picks the worker's
-            core count (at most 8). Default 0.
+        threads: Decode threads per DoFn instance; 0 decodes inline, -1 picks the
+            worker's core count (at most 8). Default 0.
         prefetch: Most images in flight per DoFn instance (>= threads). Default 64.
     """
 
     def __init__(self, config: PreprocessConfig, threads: int = 0, prefetch: int = 64):
         if threads < -1 or prefetch < max(threads, 1):
-            raise ValueError(f"need threads >= 0 and prefetch >= threads, got {threads}, {prefetch}")
+            raise ValueError(f"need threads >= -1 and prefetch >= threads, got {threads}, {prefetch}")
         self._config = config
         self._threads = threads
         self._prefetch = prefetch
@@ -224,34 +192,34 @@ class DecodeImages(beam.DoFn):
     def start_bundle(self):
         self._pending = collections.deque()
 
-    def _emit(self, loaded: _Loaded, window=None, timestamp=None):
+    def _emit(self, ref: ImageRef, loaded: Decoded, window=None, timestamp=None):
         self._read_us.update(int(loaded.read_s * 1e6))
         if loaded.stage == "decode":
             self._bytes.inc(loaded.nbytes)
             self._decode_us.update(int(loaded.decode_s * 1e6))
         if loaded.error is not None:
-            out = dead_letter(loaded.ref.uri, loaded.error, loaded.stage, loaded.ref.id)
+            out = dead_letter(ref.uri, loaded.error, loaded.stage, ref.id)
             if window is not None:
                 out = beam.pvalue.TaggedOutput(out.tag, WindowedValue(out.value, timestamp, [window]))
             return out
         self._decoded.inc()
-        value = (loaded.ref, loaded.array)
+        value = (ref, loaded.array)
         return value if window is None else WindowedValue(value, timestamp, [window])
 
     def process(self, ref: ImageRef, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         if self._pool is None:
-            yield self._emit(load_image(ref, self._config))
+            yield self._emit(ref, load_image(ref.uri, self._config))
             return
-        self._pending.append((self._pool.submit(load_image, ref, self._config), window, timestamp))
+        self._pending.append((ref, self._pool.submit(load_image, ref.uri, self._config), window, timestamp))
         # Emit finished work in order; block only when the prefetch window is full.
-        while self._pending and (len(self._pending) > self._prefetch or self._pending[0][0].done()):
-            future, w, ts = self._pending.popleft()
-            yield self._emit(future.result(), w, ts)
+        while self._pending and (len(self._pending) > self._prefetch or self._pending[0][1].done()):
+            ref_done, future, w, ts = self._pending.popleft()
+            yield self._emit(ref_done, future.result(), w, ts)
 
     def finish_bundle(self):
         while self._pending:
-            future, w, ts = self._pending.popleft()
-            yield self._emit(future.result(), w, ts)
+            ref, future, w, ts = self._pending.popleft()
+            yield self._emit(ref, future.result(), w, ts)
 
     def teardown(self):
         if self._pool is not None:
