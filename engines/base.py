@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -126,6 +126,17 @@ class Engine(abc.ABC):
     def max_batch_size(self) -> Optional[int]:
         """The largest batch one ``infer`` call takes, or None when unbounded."""
         return None
+
+    # Plain methods, not properties: Beam's cross-process shared-model proxy
+    # (share_model_across_processes) forwards only method calls.
+    def input_names(self) -> List[str]:
+        """Input names in model order."""
+        return list(self.input_specs)
+
+    def batch_limit(self) -> Optional[int]:
+        """The largest batch the caller must respect, or None when ``infer`` takes any batch
+        (an engine that splits batches itself, like the TensorRT engine, returns None)."""
+        return self.max_batch_size
 
     @property
     def preferred_batch_sizes(self) -> Sequence[int]:

@@ -7,6 +7,7 @@ nothing here knows about pipelines.
 from __future__ import annotations
 
 import os
+import uuid
 
 from engines.base import EngineError
 
@@ -55,7 +56,7 @@ def write_bytes(path: str, data: bytes) -> None:
     try:
         if _is_local(path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # unique per call: threads and processes may race
             with open(tmp, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)

@@ -14,7 +14,6 @@ Every input ends as exactly one prediction or one dead-letter row.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -117,25 +116,6 @@ class ClassifyOptions(PipelineOptions):
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
 
 
-def read_labels_file(path: str) -> List[str]:
-    """Class names from a file (local or gs://): a JSON list, or one name per line."""
-    from engines import storage
-
-    text = storage.read_bytes(path).decode("utf-8")
-    return json.loads(text) if text.strip().startswith("[") else [line for line in text.splitlines() if line]
-
-
-def onnx_labels(model_path: str) -> Optional[List[str]]:
-    """Class names from an ONNX model's ``labels`` metadata (written by engines.export_efficientnet), or None."""
-    import onnx
-
-    from engines import storage
-
-    model = onnx.load_model_from_string(storage.read_bytes(model_path))
-    meta = {p.key: p.value for p in model.metadata_props}
-    return json.loads(meta["labels"]) if "labels" in meta else None
-
-
 def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optional[List[str]]]:
     """Builds the model handler for --engine (no engine is loaded here).
 
@@ -143,7 +123,11 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
         (handler, engine description for stats, class names: --labels_file, else the model's
         own metadata or the TensorRT plan's sidecar, else None).
     """
-    explicit_labels = read_labels_file(options.labels_file) if options.labels_file else None
+    from engines import storage
+    from engines.labels import onnx_labels, parse_labels
+
+    explicit_labels = parse_labels(storage.read_bytes(options.labels_file).decode("utf-8")) \
+        if options.labels_file else None
     if options.engine == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeLoader
         from transforms.inference import EngineModelHandler
@@ -158,14 +142,15 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
                                      model_id=model)
         info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
                 "ort_spinning": options.ort_spinning}
-        return handler, info, explicit_labels or onnx_labels(model)
+        return handler, info, explicit_labels or onnx_labels(storage.read_bytes(model))
     from transforms.tensorrt_handler import TensorRTModelHandler
 
     if not (options.engine_path or options.onnx_path):
         raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
                           "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
     handler = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
-    labels = explicit_labels or handler.labels() or (onnx_labels(options.onnx_path) if options.onnx_path else None)
+    labels = explicit_labels or handler.labels() or (
+        onnx_labels(storage.read_bytes(options.onnx_path)) if options.onnx_path else None)
     return handler, {**handler.describe_engine(), "model": options.engine_path or options.onnx_path}, labels
 
 
@@ -216,7 +201,8 @@ def is_local(options: PipelineOptions) -> bool:
 
 def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Dict[str, Any]:
     """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats."""
-    options = PipelineOptions(argv)
+    # ClassifyOptions(argv), not PipelineOptions(argv): only the former lists our flags in --help.
+    options = ClassifyOptions(argv)
     opts = options.view_as(ClassifyOptions)
     # Not argparse's required=True: Beam parses every registered options class for every
     # pipeline in the process, so a required flag here would break unrelated pipelines.

@@ -164,3 +164,22 @@ def test_decode_with_and_without_prefetch_threads_emits_every_input_once(corpus,
                     equal_to([(b, "decode") for b in broken] + [("missing.jpg", "read")]), label="Dead")
     with pytest.raises(ValueError, match="prefetch >= threads"):
         DecodeImages(PreprocessConfig(), 4, 2)
+
+
+def test_one_engine_shared_across_processes(corpus, model_path, tmp_path):
+    # Beam's multi-process shared model hands RunInference a proxy that forwards only
+    # method calls: the handler must not touch engine properties.
+    directory, good, broken = corpus
+    out = tmp_path / "shared"
+    stats = classify_images.run(["--input", directory, "--output", str(out), "--batch_size", "4",
+                                 "--share_model_across_processes"])
+    _check_outputs(str(out), good, broken)
+    assert stats["predictions"] == len(good)
+
+
+def test_help_lists_the_pipeline_flags(capsys):
+    with pytest.raises(SystemExit):
+        classify_images.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--input", "--output", "--engine", "--engine_path", "--trt_profile", "--top_k", "--output_format"):
+        assert flag in text

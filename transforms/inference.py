@@ -53,7 +53,7 @@ class EngineModelHandler(ModelHandler[Example, PredictionResult, Engine]):
         loader: A picklable callable returning an :class:`Engine` (runs on the worker).
         min_batch_size: Smallest batch RunInference forms (the last may be shorter). Default 1.
         max_batch_size: Largest batch RunInference forms. Default 64. Batches larger than
-            the engine's ``max_batch_size`` are split before ``infer``.
+            the engine's ``batch_limit()`` are split evenly before ``infer``.
         max_batch_duration_secs: How long a batch may wait to fill (streaming). Default None.
         share_across_processes: Share one engine across a worker's processes (Beam's
             multi-process shared model) instead of one per process. Default False.
@@ -93,14 +93,16 @@ class EngineModelHandler(ModelHandler[Example, PredictionResult, Engine]):
         start = time.perf_counter()
         engine = self._loader()
         _LOG.info("loaded %s in %.2f s: %s", engine.kind, time.perf_counter() - start, engine.describe())
-        if engine.max_batch_size and engine.max_batch_size < self._max_batch_size:
+        limit = engine.batch_limit()
+        if limit and limit < self._max_batch_size:
             _LOG.info("batches of up to %d are split into chunks of the engine's max batch %d",
-                      self._max_batch_size, engine.max_batch_size)
+                      self._max_batch_size, limit)
         return engine
 
     @staticmethod
     def _stack(batch: Sequence[Example], engine: Engine) -> Dict[str, np.ndarray]:
-        names = list(engine.input_specs)
+        # Only methods of the engine are used here: with share_across_processes it is a proxy.
+        names = engine.input_names()
         if batch and not isinstance(batch[0], Mapping):
             if len(names) != 1:
                 raise EngineError(f"The model has {len(names)} inputs {names}; pass each example as a "
@@ -117,7 +119,7 @@ class EngineModelHandler(ModelHandler[Example, PredictionResult, Engine]):
         start = time.perf_counter()
         feed = self._stack(batch, model)
         outputs: Dict[str, list] = {}
-        for chunk in split_batch(len(batch), model.max_batch_size):
+        for chunk in split_batch(len(batch), model.batch_limit()):
             result = model.infer({name: array[chunk] for name, array in feed.items()})
             for name, array in result.items():
                 outputs.setdefault(name, []).append(array)
