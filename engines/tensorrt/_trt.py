@@ -9,9 +9,10 @@ plans only. See docs/tensorrt.md and /work/shared/TENSORRT.md for the API facts.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import threading
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 from engines.base import EngineError
 
@@ -20,6 +21,9 @@ INSTALL_HINT = ("Use the image built from Dockerfile (docs/tensorrt.md), or pip 
 
 #: The TensorRT major versions this project supports (TENSORRT.md: nothing from 8.x).
 SUPPORTED_MAJORS = (10, 11)
+
+#: Most messages a capturing logger keeps: it lives as long as the engine, so it must not grow.
+MAX_MESSAGES = 200
 
 _LOGGER_CLASSES = {}
 _LOCK = threading.Lock()
@@ -72,11 +76,14 @@ def is_lean(trt) -> bool:
 
 
 def capturing_logger(trt, min_severity: str = "WARNING"):
-    """Returns a ``trt.ILogger`` that keeps every message at or above ``min_severity``.
+    """Returns a ``trt.ILogger`` that keeps the last messages at or above ``min_severity``.
 
     TensorRT reports why a parse, build or deserialization failed only through its
     logger (``build_serialized_network`` and ``deserialize_cuda_engine`` just return
     None), so the messages are kept and put into the :class:`EngineError` we raise.
+    Only the last :data:`MAX_MESSAGES` are kept, and callers :meth:`clear` the logger
+    (or take a :meth:`mark`) before each operation whose failure they report, so an
+    error carries that operation's messages, not older unrelated ones.
 
     Args:
         trt: The module from :func:`import_tensorrt`.
@@ -100,14 +107,17 @@ def _make_logger_class(trt):
               "INFO": logging.INFO, "VERBOSE": logging.DEBUG}
 
     class CapturingLogger(trt.ILogger):
-        """Keeps TensorRT's messages (``.messages``) and forwards them to Python logging."""
+        """Keeps TensorRT's last messages (``.messages``) and forwards them to Python logging."""
 
         def __init__(self, min_severity: str = "WARNING"):
             trt.ILogger.__init__(self)
             if min_severity not in levels:
                 raise EngineError(f"min_severity must be one of {list(levels)}, got {min_severity!r}")
             self._min = int(getattr(trt.ILogger.Severity, min_severity))
-            self._messages: List[Tuple[str, str]] = []
+            # (sequence number, severity, message); the sequence numbers let concurrent
+            # callers (one per execution context) read only what came after their mark().
+            self._messages: "collections.deque[Tuple[int, str, str]]" = collections.deque(maxlen=MAX_MESSAGES)
+            self._seq = 0
             self._lock = threading.Lock()
 
         def log(self, severity, msg):  # called by TensorRT, maybe from its own threads
@@ -115,21 +125,34 @@ def _make_logger_class(trt):
                 return
             name = getattr(severity, "name", str(severity))
             with self._lock:
-                self._messages.append((name, str(msg)))
+                self._messages.append((self._seq, name, str(msg)))
+                self._seq += 1
             py_log.log(levels.get(name, logging.INFO), "%s", msg)
 
         @property
         def messages(self) -> List[Tuple[str, str]]:
             with self._lock:
-                return list(self._messages)
+                return [(sev, msg) for _, sev, msg in self._messages]
 
         def clear(self) -> None:
+            """Forgets every kept message (call before an operation whose failure you report)."""
             with self._lock:
                 self._messages.clear()
 
-        def text(self, limit: int = 20) -> str:
-            """The last ``limit`` messages as one string for an error message."""
-            kept = self.messages[-limit:]
+        def mark(self) -> int:
+            """A position for :meth:`text` ``(since=...)``: messages logged from now on.
+
+            Use instead of :meth:`clear` where other threads share the logger (execution
+            contexts of one engine), so one thread does not erase another's messages.
+            """
+            with self._lock:
+                return self._seq
+
+        def text(self, limit: int = 20, since: Optional[int] = None) -> str:
+            """The last ``limit`` messages (those logged after ``since``, if given) as one string."""
+            with self._lock:
+                kept = [(sev, msg) for seq, sev, msg in self._messages if since is None or seq >= since]
+            kept = kept[-limit:]
             if not kept:
                 return "(TensorRT logged nothing)"
             return " | ".join(f"[{sev}] {msg}" for sev, msg in kept)

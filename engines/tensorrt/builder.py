@@ -211,6 +211,7 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode on 10 and 11
     parser = trt.OnnxParser(network, logger)
+    logger.clear()  # the error below must carry this parse's messages only
     if not parser.parse(to_parse):
         raise EngineError(f"TensorRT {trt.__version__} could not parse the ONNX model: "
                           f"{'; '.join(_parser_errors(parser)) or '(no parser errors)'}. "
@@ -257,6 +258,7 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
             _LOG.info("timing cache %s: %s", options.timing_cache,
                       f"loaded {len(previous)} bytes" if previous else "new")
 
+    logger.clear()  # the error below must carry this build's messages only
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT {trt.__version__} could not build the engine on {dev.name} "
