@@ -30,6 +30,10 @@ class FakeCuda:
         self._next = itertools.count(1)
         self.info = real_cuda.DeviceInfo(0, name, cc[0], cc[1], 24 << 30)
         self.graphs_work = graphs_work
+        #: While a graph is being captured: the kernels enqueued so far (else None).
+        self.capturing = None
+        #: "sync" and "capture" in the order they happened (capture must follow a synchronize).
+        self.events: List[str] = []
         self.device_info_calls = 0
         self.copies = []
         fake = self
@@ -59,7 +63,7 @@ class FakeCuda:
                 return self.handle
 
             def synchronize(self):
-                pass
+                fake.events.append("sync")
 
             def destroy(self):
                 self.handle = None
@@ -95,9 +99,77 @@ class FakeCuda:
         self.memory[dst][:nbytes] = self.memory[src][:nbytes]
 
     def capture_graph(self, stream, work):
+        """Like a CUDA graph: records the kernels ``work`` enqueues, and replays only those."""
+        self.events.append("capture")
         if not self.graphs_work:
             return None
-        return types.SimpleNamespace(launch=lambda s: work(), destroy=lambda: None)
+        self.capturing = []
+        try:
+            work()
+        except Exception:
+            return None
+        finally:
+            kernels, self.capturing = self.capturing, None
+        return types.SimpleNamespace(launch=lambda s: [k() for k in kernels], destroy=lambda: None)
+
+
+class FakeCudart:
+    """The subset of ``cuda.bindings.runtime`` that engines.tensorrt.cuda's classes call, recording frees.
+
+    Install with ``monkeypatch.setattr(engines.tensorrt.cuda, "_cudart", FakeCudart())``; results are
+    ``(cudaError_t, *values)`` tuples like cuda-python's.
+    """
+
+    cudaError_t = types.SimpleNamespace(cudaSuccess=0, cudaErrorStreamCaptureInvalidated=901)
+    cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+    cudaStreamNonBlocking = 1
+
+    def __init__(self):
+        import ctypes
+
+        self._ctypes = ctypes
+        self._next = itertools.count(1)
+        self.host: Dict[int, object] = {}
+        self.released: List[Tuple[str, int]] = []
+
+    def cudaMalloc(self, n):
+        return 0, next(self._next) << 20
+
+    def cudaFree(self, ptr):
+        self.released.append(("cudaFree", ptr))
+        return (0,)
+
+    def cudaMallocHost(self, n):
+        buf = self._ctypes.create_string_buffer(n)
+        ptr = self._ctypes.addressof(buf)
+        self.host[ptr] = buf
+        return 0, ptr
+
+    def cudaFreeHost(self, ptr):
+        self.released.append(("cudaFreeHost", ptr))
+        return (0,)
+
+    def cudaStreamCreateWithFlags(self, flags):
+        return 0, next(self._next)
+
+    def cudaStreamDestroy(self, handle):
+        self.released.append(("cudaStreamDestroy", handle))
+        return (0,)
+
+    def cudaStreamBeginCapture(self, handle, mode):
+        return (0,)
+
+    def cudaStreamEndCapture(self, handle):
+        return self.cudaError_t.cudaErrorStreamCaptureInvalidated, None
+
+    def cudaGetLastError(self):
+        return (0,)
+
+    def cudaGetErrorName(self, err):
+        return 0, b"cudaErrorStreamCaptureInvalidated"
+
+    def cudaGetErrorString(self, err):
+        return 0, b"operation failed due to a previous error during capture"
 
 
 # ------------------------------------------------------------- TensorRT --------
@@ -141,6 +213,10 @@ class FakeContext:
         self.shapes: Dict[str, tuple] = {}
         self.addresses: Dict[str, int] = {}
         self.calls: List[str] = []
+        # The batch the kernels run for. Like TensorRT's per-shape setup, execute_async_v3 applies
+        # set_input_shape's shapes when it enqueues; a captured graph replays kernels only and so
+        # runs with whatever this holds (wrong results if another shape ran since the capture).
+        self.enqueued_batch = 0
 
     def set_optimization_profile_async(self, k, stream):
         # TensorRT: each execution context in concurrent use needs its own profile (refused here
@@ -178,14 +254,21 @@ class FakeContext:
         if self.engine.fail_execute:
             self.engine.logger.log(Severity.ERROR, "fake kernel failure")
             return False
+        if self.engine.cuda.capturing is not None:
+            self.engine.cuda.capturing.append(self._kernel)
+            return True
+        self.enqueued_batch = self.shapes["a"][0]
+        self._kernel()
+        return True
+
+    def _kernel(self):
         mem = self.engine.cuda.memory
-        n = self.shapes["a"][0]
+        n = self.enqueued_batch
         a = mem[self.addresses["a"]][:n * 16].view(np.float32).reshape(n, 4)
         b = mem[self.addresses["b"]][:n * 16].view(np.int32).reshape(n, 4)
         mem[self.addresses["sum"]][:n * 16].view(np.float32).reshape(n, 4)[:] = a + b
         mem[self.addresses["flag"]][:n * 4].view(np.bool_).reshape(n, 4)[:] = a > b
         self.engine.executed.append(n)
-        return True
 
 
 class FakeEngine:

@@ -11,7 +11,9 @@
 """
 
 import ast
+import gc
 import io
+import logging
 import pickle
 import re
 import sys
@@ -347,20 +349,42 @@ def test_infer_picks_profiles_and_splits_large_batches(monkeypatch, fake_gpu):
         assert out["sum"].shape == (0, 4)
 
 
-def test_infer_refuses_shapes_outside_every_profile(monkeypatch, fake_gpu):
+def test_infer_pads_short_chunks_and_refuses_bad_feeds_before_enqueue(monkeypatch, fake_gpu):
     engine, trt = make_engine(monkeypatch, fake_gpu, profiles=((4, 8, 16),))
+    executed = trt.state.engines[0].executed
     with engine:
-        with pytest.raises(EngineError, match=r"Input tensor: a \| shape \(2, 4\) is outside every optimization "
-                                              r"profile of the engine \(profile 0: min \(4, 4\) opt \(8, 4\) max "
-                                              r"\(16, 4\)\)"):
-            engine.infer(feed(2))
+        # 2 < min 4: run as 4 (the last example repeated), return 2 rows.
+        f = feed(2)
+        out = engine.infer(f)
+        check(out, f)
+        assert out["sum"].shape == (2, 4) and executed == [4]
         # 18 = 16 + 2 would leave 2 < min 4: split evenly instead.
         f = feed(18)
         check(engine.infer(f), f)
-        assert trt.state.engines[0].executed == [9, 9]
+        assert executed == [4, 9, 9]
         with pytest.raises(EngineError, match=r"Input tensor: b \| Received unexpected dtype: int64"):
             engine.infer({"a": f["a"], "b": f["b"].astype(np.int64)})
-        assert trt.state.engines[0].executed == [9, 9]  # nothing was enqueued for refused feeds
+        assert executed == [4, 9, 9]  # nothing was enqueued for refused feeds
+
+
+def test_split_chunks_never_fall_below_the_profile_min(monkeypatch, fake_gpu):
+    # 160 split evenly is 80 + 80, both below min 100: run 150, then 10 padded to 100.
+    engine, trt = make_engine(monkeypatch, fake_gpu, profiles=((100, 120, 150),))
+    with engine:
+        f = feed(160)
+        check(engine.infer(f), f)
+        assert trt.state.engines[0].executed == [150, 100]
+        for f, out in zip([feed(160, seed=1), feed(7, seed=2)], engine.infer_many([feed(160, seed=1),
+                                                                                   feed(7, seed=2)])):
+            check(out, f)
+
+
+def test_a_plan_whose_profiles_leave_a_gap_is_refused_at_load(monkeypatch, fake_gpu):
+    with pytest.raises(EngineError, match=r"profiles leave a gap: profile 0 \(batch 1..16\) ends at batch 16 and "
+                                          r"profile 1 \(batch 64..256\) starts at 64, so batches 17..63 fit no "
+                                          r"profile"):
+        make_engine(monkeypatch, fake_gpu, profiles=((1, 8, 16), (64, 128, 256)))
+    assert not fake_gpu.memory
 
 
 def test_infer_from_many_threads(monkeypatch, fake_gpu):
@@ -412,6 +436,113 @@ def test_cuda_graphs_capture_once_per_shape_and_fall_back(monkeypatch, fake_gpu)
             f = feed(3)
             check(engine.infer(f), f)
         assert engine.describe()["enqueues"] == {"enqueue": 2, "capture_failed": 1}
+
+
+def test_cuda_graph_replays_only_after_the_same_shapes(monkeypatch, fake_gpu):
+    """A graph is valid for one (context, profile, shapes, addresses): after another shape ran on the
+    context, a plain enqueue re-applies the shapes before the graph may replay (the fake graph, like a
+    real one, replays kernels only, without execute_async_v3's per-shape setup)."""
+    engine, trt = make_engine(monkeypatch, fake_gpu, profiles=((1, 8, 16),), num_contexts=1, cuda_graphs=True)
+    with engine:
+        for i, n in enumerate((8, 3, 8, 3, 8, 8)):
+            f = feed(n, seed=i)
+            check(engine.infer(f), f)
+        counts = engine.describe()["enqueues"]
+    # 8: enqueue + capture; 3: enqueue + capture; 8: enqueue (3 ran last); 3: enqueue; 8: enqueue; 8: launch.
+    assert counts == {"enqueue": 5, "captured": 2, "graph_launch": 1}
+
+
+def test_graph_capture_follows_a_synchronized_plain_run(monkeypatch, fake_gpu):
+    engine, _ = make_engine(monkeypatch, fake_gpu, num_contexts=1, cuda_graphs=True)
+    with engine:
+        fake_gpu.events.clear()
+        engine.infer(feed(3))
+    assert fake_gpu.events[:2] == ["sync", "capture"]  # TENSORRT.md: enqueue once, synchronize, then capture
+
+
+def test_graph_capture_failure_is_logged_with_its_reason(monkeypatch, caplog):
+    from engines.tensorrt import cuda
+
+    monkeypatch.setattr(cuda, "_cudart", fakes.FakeCudart())
+    stream = cuda.Stream()
+
+    def enqueue():
+        raise EngineError("execute_async_v3 failed: [ERROR] capture not supported")
+
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt.cuda"):
+        assert cuda.capture_graph(stream, enqueue) is None
+        assert cuda.capture_graph(stream, lambda: None) is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graph capture: the enqueue raised EngineError: execute_async_v3 failed: [ERROR] capture not supported",
+        "CUDA graph capture: cudaStreamEndCapture failed with cudaErrorStreamCaptureInvalidated: operation failed "
+        "due to a previous error during capture"]
+    stream.destroy()
+
+
+def test_cuda_resources_are_freed_when_collected(monkeypatch):
+    from engines.tensorrt import cuda
+
+    rt = fakes.FakeCudart()
+    monkeypatch.setattr(cuda, "_cudart", rt)
+    dev, host, stream = cuda.DeviceBuffer(64), cuda.PinnedBuffer(64), cuda.Stream()
+    want = [("cudaFree", dev.ptr), ("cudaFreeHost", host.ptr), ("cudaStreamDestroy", stream.handle)]
+    del dev, host, stream
+    gc.collect()
+    assert sorted(rt.released) == sorted(want)
+    # Freed explicitly first: freed once, not again when collected.
+    rt.released.clear()
+    dev, host, stream = cuda.DeviceBuffer(64), cuda.PinnedBuffer(64), cuda.Stream()
+    dev.free(), host.free(), stream.destroy()
+    dev.free(), host.free(), stream.destroy()
+    del dev, host, stream
+    gc.collect()
+    assert len(rt.released) == 3
+
+
+def test_an_engine_nobody_closes_frees_its_buffers_when_collected(monkeypatch, fake_gpu):
+    engine, _ = make_engine(monkeypatch, fake_gpu, num_contexts=2)
+    check(engine.infer(feed(3)), feed(3))
+    assert fake_gpu.memory
+    del engine
+    gc.collect()
+    assert not fake_gpu.memory
+    engine, _ = make_engine(monkeypatch, fake_gpu)
+    engine.close()
+    engine.close()
+    del engine
+    gc.collect()
+    assert not fake_gpu.memory
+
+
+def test_batch_limit_is_none_so_callers_never_pre_split(monkeypatch, fake_gpu):
+    engine, _ = make_engine(monkeypatch, fake_gpu)
+    with engine:
+        assert engine.batch_limit() is None  # the engine splits and pads with the profiles itself
+        assert engine.max_batch_size == 16
+        assert engine.input_names() == ["a", "b"]
+
+
+def test_capturing_logger_is_bounded_and_reports_only_new_messages():
+    lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    logger = _trt.capturing_logger(lean, "WARNING")
+    for i in range(_trt.MAX_MESSAGES + 50):
+        logger.log(lean.ILogger.Severity.WARNING, f"old {i}")
+    assert len(logger.messages) == _trt.MAX_MESSAGES and logger.messages[0] == ("WARNING", "old 50")
+    since = logger.mark()
+    logger.log(lean.ILogger.Severity.ERROR, "new")
+    assert logger.text(since=since) == "[ERROR] new"
+    logger.clear()
+    assert logger.text() == "(TensorRT logged nothing)"
+
+
+def test_a_second_failure_does_not_repeat_the_first_ones_messages(monkeypatch, fake_gpu):
+    engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=1)
+    with engine:
+        trt.state.engines[0].fail_execute = True
+        for _ in range(2):
+            with pytest.raises(EngineError) as raised:
+                engine.infer(feed(2))
+            assert str(raised.value).count("fake kernel failure") == 1, str(raised.value)
 
 
 def test_execute_failure_carries_the_logger_message(monkeypatch, fake_gpu):

@@ -17,10 +17,10 @@ import pytest
 from engines.base import EngineError
 from engines.tensorrt.cache import BuildTarget, EngineCache, cache_key
 from engines.tensorrt.loader import TensorRTLoader
-from engines.tensorrt.options import BuildOptions, Profile, choose_profile
+from engines.tensorrt.options import BuildOptions, Profile
 from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, parse_labels, read_plan_header,
                                    read_sidecar, sidecar_path, write_sidecar)
-from engines.tensorrt.shapes import TensorRange, batch_limits, max_shapes, select_profile, split_points
+from engines.tensorrt.shapes import Chunk, TensorRange, batch_limits, check_batch_coverage, select_profile, split_points
 from tests.tensorrt_fakes import plan_bytes
 
 
@@ -77,13 +77,15 @@ def test_cache_key_is_stable_and_ignores_the_timing_cache():
     assert out.stdout.strip() == a.cache_key() == "2a17dfc53ce517ff"
 
 
-def test_choose_profile_smallest_covering():
-    profiles = [Profile(1, 64, 256), Profile(1, 4, 8), Profile(9, 16, 32)]
-    assert choose_profile(profiles, 3) == 1
-    assert choose_profile(profiles, 8) == 1
-    assert choose_profile(profiles, 9) == 2
-    assert choose_profile(profiles, 100) == 0
-    assert choose_profile(profiles, 257) is None
+def test_build_options_refuse_profiles_with_a_gap():
+    # Batches 17..63 would fit no profile: a split could never run a batch of 32.
+    with pytest.raises(EngineError, match=r"The optimization profiles leave a gap: profile 0 \[1..16\] opt 8 ends at "
+                                          r"batch 16 and profile 1 \[64..256\] opt 128 starts at 64, so batches "
+                                          r"17..63 fit no profile"):
+        BuildOptions(profiles=["1,8,16", "64,128,256"])
+    # Overlapping, touching or listed out of order is fine.
+    BuildOptions(profiles=["17,64,256", "1,8,16"])
+    BuildOptions(profiles=["1,8,32", "16,64,256", "200,300,512"])
 
 
 # -- engine shapes -----------------------------------------------------------------
@@ -117,22 +119,54 @@ def test_batch_limits_takes_the_tightest_input():
     assert batch_limits(r) == (2, 8, 12)
 
 
+def spans(chunks):
+    return [(c.start, c.stop) if c.pad == 0 else (c.start, c.stop, c.size) for c in chunks]
+
+
 def test_split_points():
     r = ranges((1, 4, 8), (9, 16, 32))
     assert split_points(0, r) == []
-    assert split_points(5, r) == [(0, 5)]
-    assert split_points(32, r) == [(0, 32)]
-    assert split_points(70, r) == [(0, 32), (32, 64), (64, 70)]
+    assert spans(split_points(5, r)) == [(0, 5)]
+    assert spans(split_points(32, r)) == [(0, 32)]
+    assert spans(split_points(70, r)) == [(0, 32), (32, 64), (64, 70)]
     # A remainder below every profile's min is shared with the chunk before it.
     r = ranges((8, 16, 32))
-    assert split_points(68, r) == [(0, 32), (32, 50), (50, 68)]
-    for start, stop in split_points(68, r):
-        select_profile(r, {"images": (stop - start, 224, 224, 3)})
+    assert spans(split_points(68, r)) == [(0, 32), (32, 50), (50, 68)]
+    for c in split_points(68, r):
+        select_profile(r, {"images": (c.size, 224, 224, 3)})
 
 
-def test_max_shapes_over_profiles():
-    r = ranges((1, 4, 8), (9, 16, 32), names=("a", "b"), tail=(3,))
-    assert max_shapes(r) == {"a": (32, 3), "b": (32, 3)}
+def test_split_points_pads_where_an_even_split_falls_below_the_min():
+    # 160 = 80 + 80 would put both halves below min 100: run 150, then 10 padded to 100.
+    r = ranges((100, 120, 150))
+    assert split_points(160, r) == [Chunk(0, 150, 150), Chunk(150, 160, 100)]
+    assert split_points(160, r)[1].pad == 90
+    # A batch below every min is padded up to the smallest min.
+    assert split_points(3, ranges((4, 8, 16), (17, 32, 64))) == [Chunk(0, 3, 4)]
+
+
+@pytest.mark.parametrize("profiles", [[(1, 4, 16), (17, 64, 256)], [(100, 120, 150)], [(8, 16, 32)],
+                                      [(4, 8, 16), (10, 40, 50)], [(3, 3, 3)]])
+def test_every_chunk_of_every_batch_fits_a_profile(profiles):
+    r = ranges(*profiles)
+    lo = min(p[0] for p in profiles)
+    for batch in range(1, 700):
+        chunks = split_points(batch, r)
+        assert chunks[0].start == 0 and chunks[-1].stop == batch
+        assert all(a.stop == b.start for a, b in zip(chunks, chunks[1:]))
+        assert all(c.pad == 0 for c in chunks[:-1]) and all(c.size >= c.stop - c.start for c in chunks)
+        for c in chunks:
+            select_profile(r, {"images": (c.size, 224, 224, 3)})  # raises when no profile takes it
+            assert c.pad == 0 or c.size == lo
+
+
+def test_check_batch_coverage():
+    check_batch_coverage([(1, 16), (17, 256)], ["a", "b"])
+    check_batch_coverage([(64, 256), (1, 100)], ["a", "b"])
+    with pytest.raises(EngineError, match=r"a ends at batch 16 and b starts at 64, so batches 17..63 fit no profile"):
+        check_batch_coverage([(1, 16), (64, 256)], ["a", "b"])
+    with pytest.raises(EngineError, match=r"c ends at batch 40 and b starts at 50"):
+        check_batch_coverage([(1, 16), (50, 60), (10, 40)], ["a", "b", "c"])
 
 
 # -- plan header and sidecar ----------------------------------------------------------

@@ -13,7 +13,7 @@ from engines.tensorrt._trt import import_tensorrt
 from engines.tensorrt.builder import BuiltEngine, EngineFromOnnx, build_plan, convert_to_fp16, summarize_onnx
 from engines.tensorrt.cache import BuildTarget, EngineCache, cache_key
 from engines.tensorrt.loader import TensorRTLoader
-from engines.tensorrt.options import BuildOptions, Profile, choose_profile
+from engines.tensorrt.options import BuildOptions, Profile
 from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, read_plan_header, read_sidecar,
                                    sidecar_path, write_sidecar)
 from engines.tensorrt.runtime import TensorRTEngine
@@ -21,6 +21,6 @@ from engines.tensorrt.runtime import TensorRTEngine
 __all__ = [
     "BuildOptions", "BuildTarget", "BuiltEngine", "EngineCache", "EngineFromOnnx", "PlanHeader", "PlanInfo",
     "Profile", "TensorRTEngine", "TensorRTLoader", "build_plan", "cache_key", "check_plan_version",
-    "choose_profile", "convert_to_fp16", "import_tensorrt", "read_plan_header", "read_sidecar", "sidecar_path",
+    "convert_to_fp16", "import_tensorrt", "read_plan_header", "read_sidecar", "sidecar_path",
     "summarize_onnx", "write_sidecar",
 ]

@@ -75,7 +75,8 @@ class ExecutionSlot:
         outputs: Output tensors.
         prepare: See the module docstring; called before every batch, outside any capture.
         enqueue: See the module docstring; must only enqueue work on the stream it is given.
-        cuda_graphs: Capture ``enqueue`` into a CUDA graph per input shape and replay it;
+        cuda_graphs: Capture ``enqueue`` into a CUDA graph per input shape and replay it when
+            the previous batch on this slot had the same shapes (else enqueue plainly once);
             when capture fails for a shape, that shape falls back to plain enqueue. Default False.
         max_graphs: Most graphs kept per slot; further shapes use plain enqueue. Default 64.
         device: GPU index the buffers live on. Default 0.
@@ -96,6 +97,8 @@ class ExecutionSlot:
         self._graphs: Dict[tuple, cuda.Graph] = {}
         self._graph_output_shapes: Dict[tuple, Mapping[str, Shape]] = {}
         self._no_graph: set = set()
+        #: Input shapes of this slot's last plain enqueue (the shapes its context last applied).
+        self._last_enqueued: Optional[tuple] = None
         self.counts = collections.Counter()
         self._pending: Optional[Mapping[str, Shape]] = None
         cuda.set_device(self.device)
@@ -143,22 +146,26 @@ class ExecutionSlot:
         self._pending = out_shapes
 
     def _run(self, shapes: Mapping[str, Shape]) -> None:
-        if not self._cuda_graphs:
-            self._enqueue(self.stream.ptr, shapes, self.addresses)
-            self.counts["enqueue"] += 1
-            return
         key = tuple(sorted(shapes.items()))
+        if not self._cuda_graphs:
+            self._enqueue_plain(key, shapes)
+            return
         graph = self._graphs.get(key)
-        if graph is not None:
+        # A graph is valid for one (context, profile, shapes, addresses) (TENSORRT.md): it replays
+        # kernels only, not the per-shape setup execute_async_v3 does after set_input_shape. So
+        # replay only when this context's previous enqueue had these very shapes; after another
+        # shape, one plain enqueue re-applies them and the next batch of this shape replays.
+        if graph is not None and self._last_enqueued == key:
             graph.launch(self.stream)
             self.counts["graph_launch"] += 1
             return
-        # First time for this shape: a plain run (which also computes this batch, and lets the
-        # model do its lazy per-shape setup before capture, as TensorRT requires), then capture.
-        self._enqueue(self.stream.ptr, shapes, self.addresses)
-        self.counts["enqueue"] += 1
-        if key in self._no_graph or len(self._graphs) >= self._max_graphs:
+        # A plain run (which also computes this batch, and lets the model do its lazy per-shape
+        # setup before capture, as TensorRT requires), then capture if this shape has no graph.
+        self._enqueue_plain(key, shapes)
+        if graph is not None or key in self._no_graph or len(self._graphs) >= self._max_graphs:
             return
+        # TENSORRT.md: enqueue once and synchronize, then capture.
+        self.stream.synchronize()
         graph = cuda.capture_graph(self.stream, lambda: self._enqueue(self.stream.ptr, shapes, self.addresses))
         if graph is None:
             self._no_graph.add(key)
@@ -168,6 +175,12 @@ class ExecutionSlot:
         else:
             self._graphs[key] = graph
             self.counts["captured"] += 1
+
+    def _enqueue_plain(self, key: tuple, shapes: Mapping[str, Shape]) -> None:
+        self._last_enqueued = None  # unknown if the enqueue fails half way
+        self._enqueue(self.stream.ptr, shapes, self.addresses)
+        self._last_enqueued = key
+        self.counts["enqueue"] += 1
 
     def wait(self) -> Dict[str, np.ndarray]:
         """Waits for the submitted batch and returns fresh copies of its outputs."""
@@ -181,6 +194,7 @@ class ExecutionSlot:
     def abandon(self) -> None:
         """Waits for whatever is in flight and forgets it (after an error)."""
         self._pending = None
+        self._last_enqueued = None  # prepare() may have set shapes that were never enqueued
         if self.stream is not None and self.stream.handle is not None:
             try:
                 self.stream.synchronize()

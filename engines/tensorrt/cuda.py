@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import logging
 import threading
+import weakref
 from typing import Optional
 
 import numpy as np
@@ -18,6 +20,8 @@ from engines.base import EngineError
 
 CUDA_HINT = ("Use the image built from Dockerfile (docs/tensorrt.md), or pip install cuda-python "
              "matching the CUDA driver (e.g. cuda-python==12.* for CUDA 12 drivers).")
+
+_LOG = logging.getLogger(__name__)
 
 _cudart = None
 _lock = threading.Lock()
@@ -124,15 +128,33 @@ def set_device(index: int) -> None:
     check(cudart().cudaSetDevice(index), f"cudaSetDevice({index})")
 
 
+def _release(call: str, handle) -> None:
+    """Frees a CUDA resource whose owner was garbage-collected without ``free()``/``destroy()``.
+
+    Runs from ``weakref.finalize`` (Beam never calls ``close()`` on a model), maybe at
+    interpreter exit when CUDA may be gone: failures are logged, never raised.
+    """
+    try:
+        rt = cudart()
+        err = getattr(rt, call)(handle)
+        err = err[0] if isinstance(err, tuple) else err
+        if err != rt.cudaError_t.cudaSuccess:
+            _LOG.debug("%s in a finalizer failed with %s", call, _error_text(rt, err))
+    except Exception as e:  # a finalizer must not raise
+        _LOG.debug("%s in a finalizer failed: %s", call, e)
+
+
 class DeviceBuffer:
-    """``nbytes`` of device memory from ``cudaMalloc``; freed by :meth:`free`."""
+    """``nbytes`` of device memory from ``cudaMalloc``; freed by :meth:`free` or when collected."""
 
     def __init__(self, nbytes: int):
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check(cudart().cudaMalloc(self.nbytes), f"cudaMalloc({self.nbytes})"))
+        self._finalizer = weakref.finalize(self, _release, "cudaFree", self.ptr)
 
     def free(self) -> None:
         if self.ptr:
+            self._finalizer.detach()
             check(cudart().cudaFree(self.ptr), "cudaFree")
             self.ptr = 0
 
@@ -141,12 +163,14 @@ class PinnedBuffer:
     """``nbytes`` of page-locked host memory from ``cudaMallocHost``, viewed as a numpy array.
 
     Copies from pinned memory are truly asynchronous, so copies of one batch overlap
-    compute of another; from pageable memory they are not.
+    compute of another; from pageable memory they are not. Freed by :meth:`free` or when
+    collected.
     """
 
     def __init__(self, nbytes: int):
         self.nbytes = max(int(nbytes), 1)
         self.ptr = int(check(cudart().cudaMallocHost(self.nbytes), f"cudaMallocHost({self.nbytes})"))
+        self._finalizer = weakref.finalize(self, _release, "cudaFreeHost", self.ptr)
         raw = (ctypes.c_uint8 * self.nbytes).from_address(self.ptr)
         self.array = np.frombuffer(raw, dtype=np.uint8)
 
@@ -162,16 +186,21 @@ class PinnedBuffer:
     def free(self) -> None:
         if self.ptr:
             self.array = None
+            self._finalizer.detach()
             check(cudart().cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
 
 
 class Stream:
-    """A non-blocking CUDA stream (does not synchronize with the legacy default stream)."""
+    """A non-blocking CUDA stream (does not synchronize with the legacy default stream).
+
+    Destroyed by :meth:`destroy` or when collected.
+    """
 
     def __init__(self):
         rt = cudart()
         self.handle = check(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
+        self._finalizer = weakref.finalize(self, _release, "cudaStreamDestroy", self.handle)
 
     @property
     def ptr(self) -> int:
@@ -183,6 +212,7 @@ class Stream:
 
     def destroy(self) -> None:
         if self.handle is not None:
+            self._finalizer.detach()
             check(cudart().cudaStreamDestroy(self.handle), "cudaStreamDestroy")
             self.handle = None
 
@@ -234,26 +264,33 @@ def capture_graph(stream: Stream, work) -> Optional[Graph]:
 
     Returns:
         The instantiated graph, or None when capture failed (the stream is left usable and
-        the caller falls back to plain enqueue). ``work`` raising counts as a failure.
+        the caller falls back to plain enqueue); the reason is logged. ``work`` raising
+        counts as a failure.
     """
     rt = cudart()
     err, = rt.cudaStreamBeginCapture(stream.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
     if err != rt.cudaError_t.cudaSuccess:
+        _LOG.warning("CUDA graph capture: cudaStreamBeginCapture failed with %s", _error_text(rt, err))
         rt.cudaGetLastError()
         return None
-    failed = False
+    failure = None
     try:
         work()
-    except Exception:  # any failure inside capture means: no graph, enqueue normally
-        failed = True
+    except Exception as e:  # any failure inside capture means: no graph, enqueue normally
+        failure = e
     err, graph = rt.cudaStreamEndCapture(stream.handle)
-    if failed or err != rt.cudaError_t.cudaSuccess or graph is None:
+    if failure is not None or err != rt.cudaError_t.cudaSuccess or graph is None:
+        if failure is not None:
+            _LOG.warning("CUDA graph capture: the enqueue raised %s: %s", type(failure).__name__, failure)
+        else:
+            _LOG.warning("CUDA graph capture: cudaStreamEndCapture failed with %s", _error_text(rt, err))
         rt.cudaGetLastError()
         if graph is not None and err == rt.cudaError_t.cudaSuccess:
             rt.cudaGraphDestroy(graph)
         return None
     err, exec_graph = rt.cudaGraphInstantiate(graph, 0)
     if err != rt.cudaError_t.cudaSuccess:
+        _LOG.warning("CUDA graph capture: cudaGraphInstantiate failed with %s", _error_text(rt, err))
         rt.cudaGetLastError()
         rt.cudaGraphDestroy(graph)
         return None

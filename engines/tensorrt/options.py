@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from engines.base import EngineError
+from engines.tensorrt.shapes import check_batch_coverage
 
 PRECISIONS = ("fp32", "fp16")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
@@ -80,7 +81,9 @@ class BuildOptions:
     Attributes:
         profiles: Optimisation profiles (batch ranges). Default one profile (1, 64, 256).
             Each applies to every input whose batch dimension is dynamic; other
-            dimensions come from the ONNX model.
+            dimensions come from the ONNX model. Their batch ranges must leave no gap
+            (every batch from the smallest min to the largest max fits some profile), so
+            that any batch can be split into chunks the engine accepts.
         precision: "fp32" or "fp16". Default "fp32". On TensorRT 10.x fp16 sets
             ``BuilderFlag.FP16``; on 11.x (strongly typed networks, no precision flags)
             the ONNX model is converted to fp16 first, keeping its input/output types.
@@ -120,6 +123,8 @@ class BuildOptions:
         object.__setattr__(self, "profiles", tuple(_to_profile(p) for p in profiles))
         if not self.profiles:
             raise EngineError("BuildOptions needs at least one profile, e.g. Profile(1, 64, 256)")
+        check_batch_coverage([(p.min, p.max) for p in self.profiles],
+                             [f"profile {k} {p.describe()}" for k, p in enumerate(self.profiles)])
         if self.precision not in PRECISIONS:
             raise EngineError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.workspace_gib is not None and not self.workspace_gib > 0:
@@ -172,8 +177,3 @@ class BuildOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
-
-def choose_profile(profiles: Sequence[Profile], batch: int) -> Optional[int]:
-    """Index of the smallest profile (by max, then index) whose range covers ``batch``, or None."""
-    covering = [(p.max, i) for i, p in enumerate(profiles) if p.covers(batch)]
-    return min(covering)[1] if covering else None

@@ -3,8 +3,10 @@
 Works with the full ``tensorrt`` module or the lean runtime ``tensorrt_lean`` (for
 version-compatible plans). Any number of named inputs and outputs; dtypes are read
 from the engine; the batch may be any size: batches within a profile run as one,
-larger ones are split across the largest profile and their outputs concatenated, and
-shapes outside every profile are refused before anything is enqueued.
+larger ones are split into chunks that each fit a profile and their outputs concatenated,
+a chunk below the smallest profile min is padded by repeating its last example (those
+outputs are dropped), and other shapes outside every profile are refused before anything
+is enqueued. Plans whose profiles leave a gap in batch sizes are refused at load.
 
 Each execution context has its own stream and buffers (an
 :class:`~engines.tensorrt.buffers.ExecutionSlot`); with ``num_contexts >= 2``
@@ -15,6 +17,7 @@ consecutive batches overlap copies and compute, whether they come from one call
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +27,8 @@ from engines.tensorrt import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, is_lean, version_tuple
 from engines.tensorrt.buffers import ExecutionSlot, SlotPool, TensorLayout, nbytes
 from engines.tensorrt.plan import PlanInfo, check_plan_version, read_plan_header
-from engines.tensorrt.shapes import ProfileRanges, Shape, TensorRange, batch_limits, select_profile, split_points
+from engines.tensorrt.shapes import (ProfileRanges, Shape, TensorRange, batch_limits, check_batch_coverage,
+                                     select_profile, split_points)
 
 _LOG = logging.getLogger(__name__)
 
@@ -111,9 +115,12 @@ class _ContextProgram:
                 if not ctx.set_tensor_address(name, int(ptr)):
                     raise EngineError(f"{self.label}: set_tensor_address({name}) failed: {self.logger.text()}")
                 self._addresses[name] = ptr
+        # Contexts of one engine share the logger and run in several threads: read only what
+        # was logged from here on rather than clearing another context's messages.
+        since = self.logger.mark()
         if not ctx.execute_async_v3(stream):
             raise EngineError(f"{self.label}: execute_async_v3 failed for input shapes {dict(shapes)}: "
-                              f"{self.logger.text()}")
+                              f"{self.logger.text(since=since)}")
 
 
 class TensorRTEngine(Engine):
@@ -176,6 +183,7 @@ class TensorRTEngine(Engine):
         if engine_host_code_allowed:
             # Version-compatible plans carry their own lean runtime, which is host code.
             self._runtime.engine_host_code_allowed = True
+        self._logger.clear()  # the error below must carry this deserialization's messages only
         engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             built = f"built by TensorRT {header.version}"
@@ -193,8 +201,9 @@ class TensorRTEngine(Engine):
         except BaseException:
             self.close()
             raise
-        _LOG.info("tensorrt engine %s loaded on %s: %d context(s), profiles %s, cuda graphs %s", self._name,
-                  dev.name, num_contexts, [batch_limits(p) for p in self._ranges], cuda_graphs)
+        _LOG.info("tensorrt engine %s loaded on %s: %d context(s), profiles %s, cuda graphs %s; batches are split "
+                  "at %d and chunks below %d padded by repeating the last example", self._name, dev.name,
+                  num_contexts, self.profiles, cuda_graphs, self.max_batch_size, min(lo for lo, _, _ in self.profiles))
 
     def _setup(self, trt, plan: bytes, num_contexts: int, cuda_graphs: bool) -> None:
         engine = self._engine
@@ -223,6 +232,11 @@ class TensorRTEngine(Engine):
             key = tuple(sorted((n, r.min, r.opt, r.max) for n, r in ranges.items()))
             groups.setdefault(key, []).append(k)
         self._ranges = [all_ranges[ids[0]] for ids in groups.values()]
+        limits = [batch_limits(p) for p in self._ranges]
+        # Splitting and padding need every batch from the smallest min to the largest max to fit
+        # some profile; a plan with a gap is refused here rather than failing on some batch later.
+        check_batch_coverage([(lo, hi) for lo, _, hi in limits],
+                             [f"profile {k} (batch {lo}..{hi})" for k, (lo, _, hi) in enumerate(limits)])
         copies = min(len(ids) for ids in groups.values())
         instances = -(-num_contexts // copies)
         if instances > 1:
@@ -235,6 +249,7 @@ class TensorRTEngine(Engine):
         for i in range(num_contexts):
             instance, copy = divmod(i, copies)
             if instance == len(self._engines):
+                self._logger.clear()
                 extra = self._runtime.deserialize_cuda_engine(plan)
                 if extra is None:
                     raise EngineError(f"could not load engine instance {instance + 1} for context {i + 1} (out of "
@@ -279,6 +294,9 @@ class TensorRTEngine(Engine):
             raise
         self._pool = SlotPool(slots)
         self._cuda_graphs = cuda_graphs
+        # Beam never calls close() on a model: free the CUDA side when the engine is collected.
+        # The finalizer holds the pool and the lists, never self.
+        self._finalizer = weakref.finalize(self, _release, self._pool, self._contexts, self._engines)
 
     # -- Engine interface ---------------------------------------------------------------
 
@@ -297,26 +315,44 @@ class TensorRTEngine(Engine):
 
     @property
     def max_batch_size(self) -> Optional[int]:
+        """The largest batch one profile takes (larger batches are split by :meth:`infer`)."""
         return max(hi for _, _, hi in self.profiles)
+
+    def batch_limit(self) -> Optional[int]:
+        """None: :meth:`infer` takes any batch size.
+
+        This engine splits large batches and pads short chunks itself, knowing every
+        profile's range, so a caller (``transforms.inference.EngineModelHandler``) must not
+        pre-split: an even split made without the profiles can land in a profile gap or
+        below a profile's min. A plain method, not a property, so that Beam's cross-process
+        shared-model proxy forwards it.
+        """
+        return None
 
     @property
     def preferred_batch_sizes(self) -> Sequence[int]:
         return sorted({opt for _, opt, _ in self.profiles})
 
-    def _chunks(self, feed: Feed) -> List[Dict[str, np.ndarray]]:
+    def _chunks(self, feed: Feed) -> List[Tuple[Dict[str, np.ndarray], int]]:
+        """(chunk feed, rows of it that are real) for each engine call ``feed`` needs.
+
+        A chunk below the smallest profile min is padded with copies of its last example;
+        the outputs of those rows are dropped by :func:`_trim`.
+        """
         batch = check_feed(self._inputs, feed)
         if not all(spec.dynamic_batch for spec in self._inputs.values()):
             select_profile(self._ranges, {n: tuple(a.shape) for n, a in feed.items()})
-            return [dict(feed)]
+            return [(dict(feed), batch)]
         chunks = []
-        for start, stop in split_points(batch, self._ranges):
-            chunk = {name: array[start:stop] for name, array in feed.items()}
+        for c in split_points(batch, self._ranges):
+            chunk = {name: _pad(array[c.start:c.stop], c.pad) for name, array in feed.items()}
             select_profile(self._ranges, {n: tuple(a.shape) for n, a in chunk.items()})  # refuse before enqueue
-            chunks.append(chunk)
+            chunks.append((chunk, c.stop - c.start))
         return chunks
 
     def infer(self, feed: Feed) -> Outputs:
-        """Runs one batch of any size (split across profiles where needed).
+        """Runs one batch of any size: split across profiles, and padded up to the smallest
+        profile min, where needed.
 
         Raises:
             EngineError: the feed does not match the inputs, or a shape is outside every profile.
@@ -324,8 +360,8 @@ class TensorRTEngine(Engine):
         chunks = self._chunks(feed)
         if not chunks:
             return {name: np.zeros((0,) + spec.shape[1:], spec.dtype) for name, spec in self._outputs.items()}
-        results = list(self._pool.run(chunks))
-        return _concat(results)
+        results = self._pool.run([chunk for chunk, _ in chunks])
+        return _concat([_trim(result, rows) for result, (_, rows) in zip(results, chunks)])
 
     def infer_many(self, feeds: Iterable[Feed]) -> Iterator[Outputs]:
         """Runs many batches with up to one in flight per context; yields outputs in order.
@@ -335,20 +371,20 @@ class TensorRTEngine(Engine):
         def all_chunks():
             for index, feed in enumerate(feeds):
                 chunks = self._chunks(feed)
-                for j, chunk in enumerate(chunks):
-                    yield index, j == len(chunks) - 1, chunk
+                for j, (chunk, rows) in enumerate(chunks):
+                    yield index, j == len(chunks) - 1, rows, chunk
 
         pending: List[Outputs] = []
         work = all_chunks()
-        meta: List[Tuple[int, bool]] = []
+        meta: List[Tuple[int, bool, int]] = []
 
         def feeds_only():
-            for index, last, chunk in work:
-                meta.append((index, last))
+            for index, last, rows, chunk in work:
+                meta.append((index, last, rows))
                 yield chunk
 
         for i, result in enumerate(self._pool.run(feeds_only())):
-            pending.append(result)
+            pending.append(_trim(result, meta[i][2]))
             if meta[i][1]:
                 yield _concat(pending)
                 pending = []
@@ -368,14 +404,40 @@ class TensorRTEngine(Engine):
         return info
 
     def close(self) -> None:
-        if self._pool is not None:
+        """Frees streams, buffers, contexts and engines. Safe to call twice; also runs when collected."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()  # runs _release once
+        elif self._pool is not None:
             self._pool.close()
-            self._pool = None
+        self._pool = None
         # Release in reverse order of creation: contexts, then the engine, then the runtime.
         self._contexts = []
         self._engine = None
         self._engines = []
         self._runtime = None
+
+
+def _release(pool: SlotPool, contexts: List[Any], engines: List[Any]) -> None:
+    """Frees an engine's slots, then its contexts, then its engine instances (runtime last, by its owner)."""
+    try:
+        pool.close()
+    except Exception as e:  # from a finalizer, maybe at interpreter exit: log, never raise
+        _LOG.warning("closing TensorRT execution slots failed: %s", e)
+    contexts.clear()
+    engines.clear()
+
+
+def _pad(array: np.ndarray, pad: int) -> np.ndarray:
+    """``array`` with ``pad`` copies of its last row appended (a chunk below every profile min)."""
+    if pad <= 0:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], pad, axis=0)])
+
+
+def _trim(result: Outputs, rows: int) -> Outputs:
+    """Drops the outputs of padding rows."""
+    return {name: value[:rows] if len(value) != rows else value for name, value in result.items()}
 
 
 def _concat(results: List[Outputs]) -> Outputs:

@@ -78,33 +78,65 @@ def select_profile(profiles: ProfileRanges, shapes: Mapping[str, Shape]) -> int:
         f"(python -m engines.build --profile MIN,OPT,MAX)")
 
 
-def split_points(batch: int, profiles: ProfileRanges) -> List[Tuple[int, int]]:
-    """Cuts a batch into [start, stop) chunks that each fit a profile's batch range.
+def check_batch_coverage(ranges: Sequence[Tuple[int, int]], labels: Sequence[str]) -> None:
+    """Refuses profile batch ranges that leave a gap between the smallest min and the largest max.
 
-    Batches up to the largest profile max are one chunk. Larger ones are cut into chunks
-    of that max; if the remainder is below every profile's min, the last two chunks
-    share the rest evenly. Whether each chunk fits is checked by :func:`select_profile`.
+    Splitting and padding (:func:`split_points`) rely on every batch size from the
+    smallest profile min to the largest profile max being accepted by some profile.
+
+    Args:
+        ranges: (min, max) batch of each profile.
+        labels: How to name each profile in the message.
+
+    Raises:
+        EngineError: a batch size between two profiles is accepted by none; names both.
+    """
+    order = sorted(range(len(ranges)), key=lambda k: ranges[k])
+    reach, reach_k = None, None
+    for k in order:
+        lo, hi = ranges[k]
+        if reach is not None and lo > reach + 1:
+            raise EngineError(
+                f"The optimization profiles leave a gap: {labels[reach_k]} ends at batch {reach} and {labels[k]} "
+                f"starts at {lo}, so batches {reach + 1}..{lo - 1} fit no profile. Note: make the profiles' batch "
+                f"ranges meet, e.g. --profile {ranges[reach_k][0]},{reach},{reach} --profile {reach + 1},{lo},{hi}")
+        if reach is None or hi > reach:
+            reach, reach_k = hi, k
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of a batch, run as a batch of ``size`` (the last row repeated to fill)."""
+
+    start: int
+    stop: int
+    size: int
+
+    @property
+    def pad(self) -> int:
+        """How many copies of the last row are appended to reach ``size``."""
+        return self.size - (self.stop - self.start)
+
+
+def split_points(batch: int, profiles: ProfileRanges) -> List[Chunk]:
+    """Cuts a batch into chunks that each run within a profile's batch range.
+
+    Assumes the profiles' batch ranges leave no gap (:func:`check_batch_coverage`), so every
+    size from the smallest min to the largest max fits some profile. Batches up to the
+    largest max are one chunk; larger ones are cut into chunks of that max. A remainder
+    below the smallest min is shared evenly with the chunk before it when both halves
+    reach that min, else it is padded up to the min (the caller repeats the last example
+    and drops the extra outputs). A batch below the smallest min is padded the same way.
     """
     if batch <= 0:
         return []
-    largest = max(batch_limits(p)[2] for p in profiles)
-    if batch <= largest:
-        return [(0, batch)]
+    limits = [batch_limits(p) for p in profiles]
+    smallest_min = min(lo for lo, _, _ in limits)
+    largest = max(hi for _, _, hi in limits)
     cuts = [(start, min(start + largest, batch)) for start in range(0, batch, largest)]
     rest = cuts[-1][1] - cuts[-1][0]
-    smallest_min = min(batch_limits(p)[0] for p in profiles)
-    if rest < smallest_min and len(cuts) > 1:
+    if rest < smallest_min and len(cuts) > 1 and largest + rest >= 2 * smallest_min:
         start = cuts[-2][0]
         half = (batch - start + 1) // 2
         cuts[-2:] = [(start, start + half), (start + half, batch)]
-    return cuts
-
-
-def max_shapes(profiles: ProfileRanges) -> Dict[str, Shape]:
-    """Per input, the element-wise largest shape over all profiles (to size buffers once)."""
-    out: Dict[str, Shape] = {}
-    for profile in profiles:
-        for name, rng in profile.items():
-            prev = out.get(name)
-            out[name] = rng.max if prev is None else tuple(max(a, b) for a, b in zip(prev, rng.max))
-    return out
+    return [Chunk(a, b, max(b - a, smallest_min)) for a, b in cuts]

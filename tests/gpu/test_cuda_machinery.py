@@ -152,12 +152,14 @@ def test_cuda_graphs_capture_and_replay(standin_cls, monkeypatch):
     monkeypatch.setattr(runtime, "import_tensorrt", lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 32)]))
     with runtime.TensorRTEngine(plan_bytes(10, 11, 0, 33), num_contexts=1, cuda_graphs=True) as engine:
         for i in range(4):
-            for n in (8, 3):
+            for n in (8, 8, 3, 3):
                 x = batch(n, seed=i * 10 + n)
                 check(engine.infer({"x": x}), x)
         counts = engine.describe()["enqueues"]
         print(f"\ncuda graphs: {counts}, kernel launches outside graphs {standin.launches}")
-        assert counts == {"enqueue": 2, "captured": 2, "graph_launch": 6}
+        # A graph replays only right after a plain enqueue of the same shape on that context: the
+        # first batch after a shape change is enqueued plainly, the second replays.
+        assert counts == {"enqueue": 8, "captured": 2, "graph_launch": 8}
 
 
 def _timed(fn, repeat=3):

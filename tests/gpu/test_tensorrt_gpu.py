@@ -136,11 +136,13 @@ def test_cuda_graphs_give_the_same_results(classifier):
 
     plan = EngineFromOnnx(classifier, BuildOptions(profiles=["1,8,16"]))()
     with TensorRTEngine(plan, cuda_graphs=True, num_contexts=1) as graphs, TensorRTEngine(plan) as plain:
-        for _ in range(3):
-            x = images(8, seed=1)
+        # Alternating shapes on one context: a graph captured for 8 must not replay right after a 3
+        # ran (it would skip the enqueue that applies set_input_shape); the last 8 follows an 8.
+        for i, n in enumerate((8, 3, 8, 3, 8, 8)):
+            x = images(n, seed=i)
             np.testing.assert_array_equal(graphs.infer({"images": x})["logits"], plain.infer({"images": x})["logits"])
         counts = graphs.describe()["enqueues"]
-        assert counts.get("graph_launch", 0) + counts.get("capture_failed", 0) >= 1, counts
+        assert counts.get("graph_launch", 0) >= 1, counts
 
 
 def test_engine_cache_builds_once_then_loads(classifier, tmp_path):
