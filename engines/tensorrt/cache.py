@@ -24,7 +24,6 @@ import os
 import re
 import tempfile
 import time
-import uuid
 from typing import Callable, Optional, Tuple
 
 from engines import storage
@@ -73,24 +72,6 @@ def _default_build(onnx_bytes: bytes, options: BuildOptions, device: int) -> Tup
 
     built = build_plan(onnx_bytes, options, device)
     return built.plan, built.info
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    if "://" in path:
-        storage.write_bytes(path, data)  # a GCS object becomes visible whole, on close
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise EngineError(f"Cannot write {path}: {e}") from e
 
 
 @contextlib.contextmanager
@@ -185,8 +166,8 @@ class EngineCache:
             extra = dict(info.extra)
             extra.update(plan_sha256=hashlib.sha256(plan).hexdigest(), cache_key=key)
             info = dataclasses.replace(info, extra=extra)
-            _write_atomic(path, plan)
-            _write_atomic(sidecar_path(path), (json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n")
-                          .encode("utf-8"))
+            storage.write_bytes(path, plan)  # atomic locally; a GCS object appears whole
+            storage.write_bytes(sidecar_path(path),
+                                (json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
             _LOG.info("built and stored %s in %.0f s", path, time.monotonic() - start)
             return plan, info, path
