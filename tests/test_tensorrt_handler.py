@@ -127,6 +127,24 @@ def test_from_options_with_the_pipeline_flags(no_tensorrt, plan_path):
     assert handler.batch_elements_kwargs() == {"min_batch_size": 64, "max_batch_size": 64}
 
 
+def test_num_contexts_reaches_the_build(no_tensorrt):
+    """Each concurrent context needs its own profile copy in the plan; fewer copies load the engine twice."""
+    pytest.importorskip("pipelines.classify_images")
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.classify_images import ClassifyOptions
+    TensorRTModelHandler = handler_class()
+
+    opts = PipelineOptions(["--input", "x", "--output", "y", "--engine", "tensorrt", "--onnx_path", "m.onnx",
+                            "--num_contexts", "4"]).view_as(ClassifyOptions)
+    handler = TensorRTModelHandler.from_options(opts)
+    assert handler.loader.build_options.contexts == 4 and handler.loader.num_contexts == 4
+    assert TensorRTModelHandler(onnx_path="m.onnx", num_contexts=3).loader.build_options.contexts == 3
+    with pytest.raises(EngineError, match=r"build_options.contexts=2 is less than num_contexts=4: .*load the engine "
+                                          r"2 times.*BuildOptions\(..., contexts=4\)"):
+        TensorRTModelHandler(onnx_path="m.onnx", build_options=BuildOptions(contexts=2), num_contexts=4)
+
+
 def test_pipeline_with_tensorrt_handler_is_submittable(no_tensorrt, plan_path, tmp_path):
     """The job graph builds and serializes (what submitting does) with no TensorRT here."""
     TensorRTModelHandler = handler_class()
@@ -262,3 +280,23 @@ def test_validate_without_tensorrt_says_how_to_get_it(no_tensorrt, models, capsy
 
     assert validate.main(["--onnx_path", models["ref"], "--reference", models["ref"]]) == 2
     assert "TensorRT is not importable" in capsys.readouterr().err
+
+
+def test_validate_plan_without_sidecar_honours_fp16_and_says_so(tmp_path, monkeypatch, caplog):
+    from engines import validate
+    from engines.tensorrt.loader import TensorRTLoader
+
+    monkeypatch.setattr(TensorRTLoader, "__call__", lambda self: "engine")  # no TensorRT here
+    plan = tmp_path / "bare.plan"
+    plan.write_bytes(b"ftrt" + bytes(60))
+    base = ["--engine_path", str(plan), "--reference", "ref.onnx"]
+    with caplog.at_level(logging.INFO, logger="engines.validate"):
+        assert validate.make_candidate(validate.parse_args(base + ["--fp16"])) == ("engine", "fp16")
+        assert validate.make_candidate(validate.parse_args(base)) == ("engine", "fp32")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"no sidecar {plan}.json beside the plan: using fp16 tolerances (from --fp16)",
+        f"no sidecar {plan}.json beside the plan: using fp32 tolerances (pass --fp16 or --precision fp16 for an "
+        f"fp16 plan)"]
+    write_sidecar(str(plan), PlanInfo(tensorrt_version="10.11.0.33", gpu_name="NVIDIA L4", compute_capability="8.9",
+                                      profiles=(Profile(1, 8, 16),), precision="fp16", onnx_sha256="0" * 64))
+    assert validate.make_candidate(validate.parse_args(base)) == ("engine", "fp16")
