@@ -1,6 +1,7 @@
 # Dataflow / Beam worker image with TensorRT: NVIDIA's TensorRT image + this project + Beam's SDK harness.
 #
 #   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/beam-tensorrt:latest .
+#   docker build --target test -t beam-tensorrt-test .     # + CuPy, for tests/gpu (docs/tensorrt.md)
 #
 # Every version is pinned here, in one place. The TensorRT base image fixes TensorRT, CUDA and
 # Python together (see NVIDIA's TensorRT container release notes); Beam's SDK image must be for the
@@ -15,16 +16,31 @@ ARG CUDA_PYTHON_VERSION=12.9.0
 ARG ONNXCONVERTER_COMMON_VERSION=1.16.0
 ARG PYTEST_VERSION=8.4.1
 ARG SCIKIT_IMAGE_VERSION=0.25.2
+# The project's own dependencies (setup.py gives ranges only). numpy is pinned to the version the
+# base image ships, because NVIDIA's TensorRT bindings are built against it: pip must never upgrade
+# it (the build fails instead if a pin below needs another numpy). NUMPY_VERSION=image means that.
+ARG NUMPY_VERSION=image
+ARG ONNX_VERSION=1.23.2
+ARG ONNXRUNTIME_VERSION=1.31.1
+ARG PILLOW_VERSION=12.3.0
+ARG PYARROW_VERSION=25.0.1
+# Only in the test stage: tests/gpu/test_cuda_machinery.py uses a CuPy kernel (CUDA 12 wheels).
+ARG CUPY_VERSION=14.2.0
 
 FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk
 
-FROM ${TENSORRT_IMAGE}
+FROM ${TENSORRT_IMAGE} AS worker
 ARG PYTHON_VERSION
 ARG BEAM_VERSION
 ARG CUDA_PYTHON_VERSION
 ARG ONNXCONVERTER_COMMON_VERSION
 ARG PYTEST_VERSION
 ARG SCIKIT_IMAGE_VERSION
+ARG NUMPY_VERSION
+ARG ONNX_VERSION
+ARG ONNXRUNTIME_VERSION
+ARG PILLOW_VERSION
+ARG PYARROW_VERSION
 
 # Install into the image's Python (Ubuntu's PEP 668 marker would refuse otherwise), and let the Beam
 # worker use that environment instead of making a fresh virtualenv at start-up (Beam >= 2.48).
@@ -51,6 +67,18 @@ COPY transforms transforms
 COPY pipelines pipelines
 COPY benchmarks benchmarks
 COPY tests tests
+# Every pin above goes into one constraints file that applies to `.` and all its dependencies.
+RUN numpy_version="${NUMPY_VERSION}"; \
+    if [ "$numpy_version" = image ]; then \
+        numpy_version="$(python3 -c 'import numpy; print(numpy.__version__)')" \
+        || { echo "the base image has no numpy: set --build-arg NUMPY_VERSION=X.Y.Z" >&2; exit 1; }; \
+    fi; \
+    printf '%s\n' "numpy==${numpy_version}" "onnx==${ONNX_VERSION}" "onnxruntime==${ONNXRUNTIME_VERSION}" \
+        "pillow==${PILLOW_VERSION}" "pyarrow==${PYARROW_VERSION}" "apache-beam==${BEAM_VERSION}" \
+        "cuda-python==${CUDA_PYTHON_VERSION}" "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \
+        "pytest==${PYTEST_VERSION}" "scikit-image==${SCIKIT_IMAGE_VERSION}" > /opt/constraints.txt \
+ && cat /opt/constraints.txt
+ENV PIP_CONSTRAINT=/opt/constraints.txt
 RUN python3 -m pip install \
         "apache-beam[gcp]==${BEAM_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" \
@@ -61,8 +89,17 @@ RUN python3 -m pip install \
  && python3 -c "import apache_beam, tensorrt, engines.tensorrt, transforms.tensorrt_handler, pipelines.classify_images; \
 from engines.tensorrt import cuda; cuda.cudart(); \
 assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \
-print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt.__version__)"
+import numpy; print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt.__version__, 'numpy', numpy.__version__)"
 
 # The SDK harness of the matching Beam release; the image starts as a Beam worker.
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
 ENTRYPOINT ["/opt/apache/beam/boot"]
+
+# The worker plus CuPy, for `pytest -m "gpu or cuda" tests/gpu` (build with --target test).
+FROM worker AS test
+ARG CUPY_VERSION
+RUN python3 -m pip install "cupy-cuda12x==${CUPY_VERSION}" \
+ && python3 -c "import cupy; print('cupy', cupy.__version__)"
+
+# The default target (`docker build .`) is the worker image, without CuPy.
+FROM worker
