@@ -6,7 +6,7 @@ Pure Python on shapes read from an engine, so every rule here is tested without 
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 from engines.base import EngineError
 
