@@ -18,7 +18,8 @@ from engines.base import EngineError
 from engines.tensorrt.cache import BuildTarget, EngineCache, cache_key
 from engines.tensorrt.loader import TensorRTLoader
 from engines.tensorrt.options import BuildOptions, Profile
-from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, parse_labels, read_plan_header,
+from engines.labels import parse_labels
+from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, read_plan_header,
                                    read_sidecar, sidecar_path, write_sidecar)
 from engines.tensorrt.shapes import Chunk, TensorRange, batch_limits, check_batch_coverage, select_profile, split_points
 from tests.tensorrt_fakes import plan_bytes
@@ -229,7 +230,7 @@ def test_parse_labels():
     assert parse_labels('["a", "b c"]') == ["a", "b c"]
     assert parse_labels("a\nb c\n\n") == ["a", "b c"]
     assert parse_labels(None) is None
-    with pytest.raises(EngineError, match="looks like JSON but does not parse"):
+    with pytest.raises(EngineError, match="look like a JSON list but do not parse"):
         parse_labels("[a, b")
 
 

@@ -23,7 +23,8 @@ from engines.base import EngineError, import_optional
 from engines.tensorrt import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, version_tuple
 from engines.tensorrt.options import BuildOptions
-from engines.tensorrt.plan import PlanInfo, parse_labels
+from engines.labels import parse_labels
+from engines.tensorrt.plan import PlanInfo
 
 _LOG = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from engines import storage
 from engines.base import EngineError
@@ -179,16 +179,3 @@ def read_sidecar(plan_path: str, required: bool = True) -> Optional[PlanInfo]:
     except ValueError as e:
         raise EngineError(f"Sidecar {path} is not valid JSON: {e}") from e
     return PlanInfo.from_json(data, where=path)
-
-
-def parse_labels(text: Optional[str]) -> Optional[List[str]]:
-    """Class names from an ONNX ``labels`` metadata value: a JSON list, else one name per line."""
-    if text is None:
-        return None
-    stripped = text.strip()
-    if stripped.startswith("["):
-        try:
-            return [str(x) for x in json.loads(stripped)]
-        except ValueError as e:
-            raise EngineError(f"ONNX metadata 'labels' looks like JSON but does not parse: {e}") from e
-    return [line for line in text.splitlines() if line.strip()]
