@@ -6,7 +6,9 @@ import json
 import os
 from typing import Any, Dict, List
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from pipelines.stats import chart_font
 
 COLORS = {"engine-only": "#9c9c9c", "ours": "#4e79a7", "peer": "#f28e2b"}
 
@@ -84,13 +86,6 @@ def table(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has no sized default font
-        return ImageFont.load_default()
-
-
 def chart(summary: Dict[str, Any]) -> Image.Image:
     """A horizontal bar chart of images/s per run, with the ratios and settings underneath."""
     results = summary["results"]
@@ -99,7 +94,7 @@ def chart(summary: Dict[str, Any]) -> Image.Image:
     height = top + row_h * len(results) + 150
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    title, body, small = _font(22), _font(16), _font(14)
+    title, body, small = chart_font(22), chart_font(16), chart_font(14)
     draw.text((20, 14), f"Images per second, {settings['images']} JPEGs, {settings['cores']} cores",
               fill="black", font=title)
     draw.text((20, 46), f"engine {settings['engine']}, batch {settings['batch_size']}, "

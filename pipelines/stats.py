@@ -91,7 +91,8 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
     }
 
 
-def _font(size: int):
+def chart_font(size: int):
+    """Pillow's default font at ``size`` (unsized on Pillow < 10.1); used by every chart we draw."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has no sized default font
@@ -103,7 +104,7 @@ def render_chart(stats: Dict[str, Any]) -> Image.Image:
     width, height = 900, 520
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    title, small = _font(22), _font(15)
+    title, small = chart_font(22), chart_font(15)
     engine = stats.get("engine", {})
     draw.text((20, 14), f"{stats['predictions']} predictions, {stats['dead_letters']} dead letters, "
                         f"{stats['images_per_second'] or 0:.1f} images/s", fill="black", font=title)
