@@ -1,0 +1,55 @@
+"""Timing stats pieces: the latency histogram, stats.json assembly and live progress."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+
+from pipelines.stats import ProgressPrinter, build_stats, render_chart
+from transforms.timing import Progress, bucket_upper_seconds, latency_bucket, percentile_from_buckets
+
+
+def test_latency_buckets_are_within_9_percent():
+    for seconds in (0.0013, 0.02, 0.5, 3.0):
+        upper = bucket_upper_seconds(latency_bucket(seconds))
+        assert seconds <= upper < seconds * 1.091
+
+
+def test_percentiles_from_buckets():
+    buckets = {latency_bucket(0.010): 90, latency_bucket(0.100): 9, latency_bucket(1.0): 1}
+    assert percentile_from_buckets(buckets, 50) == pytest.approx(0.010, rel=0.091)
+    assert percentile_from_buckets(buckets, 95) == pytest.approx(0.100, rel=0.091)
+    assert percentile_from_buckets(buckets, 99) == pytest.approx(0.100, rel=0.091)
+    assert percentile_from_buckets(buckets, 100) == pytest.approx(1.0, rel=0.091)
+    assert percentile_from_buckets({}, 50) is None
+
+
+def test_build_stats_shares_and_percentiles_never_exceed_the_max():
+    metrics = {
+        "counters": {"predictions": 90, "dead_letters": 10, "batches": 4, "bytes_read": 123},
+        "distributions": {"read_us": {"sum": 1_000_000}, "decode_us": {"sum": 3_000_000},
+                          "inference_us": {"sum": 5_000_000, "count": 4, "min": 1_000_000, "max": 1_400_000},
+                          "postprocess_us": {"sum": 500_000}, "write_us": {"sum": 500_000},
+                          "batch_size": {"sum": 90, "count": 4}},
+        "buckets": {latency_bucket(1.2): 3, latency_bucket(1.4): 1},
+    }
+    stats = build_stats(metrics, 10.0, None, {"engine": "onnxruntime"}, {})
+    assert stats["images"] == 100 and stats["images_per_second"] == 9.0
+    assert stats["stage_share"] == {"read": 0.1, "decode": 0.3, "inference": 0.5, "postprocess": 0.05, "write": 0.05}
+    lat = stats["batch_latency_seconds"]
+    assert lat["p99"] <= lat["max"] == 1.4 and lat["mean"] == 1.25
+    assert render_chart(stats).size == (900, 520)
+
+
+def test_progress_is_summed_across_processes_and_printed(tmp_path):
+    Progress(str(tmp_path), every_s=0).add("predictions", 3)
+    (tmp_path / "progress-99999.txt").write_text("predictions=4 dead_letters=2")  # another worker process
+    assert Progress.read(str(tmp_path)) == {"predictions": 7, "dead_letters": 2}
+    stream = io.StringIO()
+    with ProgressPrinter(str(tmp_path), every_s=0.05, stream=stream):
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2
+    assert lines[0].startswith("progress: 7 images scored, 2 dead letters, ") and "images/s" in lines[0]
