@@ -89,8 +89,8 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--batch_size", type=int, default=None,
                             help="Largest batch. Default: 32 for onnxruntime; the profile max for tensorrt.")
         parser.add_argument("--min_batch_size", type=int, default=None,
-                            help="Smallest batch formed (the last may be shorter). Default: batch_size / 4 for "
-                                 "onnxruntime; the profile opt for tensorrt.")
+                            help="Smallest batch formed (the last may be shorter). Default: batch_size for "
+                                 "onnxruntime (fixed batches); the profile opt for tensorrt.")
         parser.add_argument("--share_model_across_processes", action="store_true",
                             help="One engine copy per worker machine instead of one per process.")
         parser.add_argument("--model_copies", type=int, default=1,
@@ -136,7 +136,9 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
         batch = options.batch_size or DEFAULT_BATCH_SIZE
         loader = OnnxRuntimeLoader(model, tuple(p.strip() for p in options.providers.split(",") if p.strip()),
                                    options.intra_op_threads, allow_spinning=options.ort_spinning == "on")
-        handler = EngineModelHandler(loader, min_batch_size=options.min_batch_size or max(1, batch // 4),
+        # Fixed batches (min = max): Beam's adaptive sizing settled near 14 at max 32 and cost 13% of
+        # throughput on 16 cores (benchmarks/NOTES.md). The bundle's last batch may still be shorter.
+        handler = EngineModelHandler(loader, min_batch_size=options.min_batch_size or batch,
                                      max_batch_size=batch, share_across_processes=options.share_model_across_processes,
                                      model_copies=options.model_copies, metrics_namespace="onnxruntime",
                                      model_id=model)
