@@ -49,13 +49,16 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
     Args:
         metrics: From :func:`collect_metrics`.
         wall_seconds: Wall time of the whole run (launch to finish).
-        inputs: Number of inputs when known (predictions + dead letters otherwise).
+        inputs: Number of inputs when known; otherwise the pipeline's ``inputs`` counter (every
+            matched file and manifest entry), or predictions + dead letters when that is absent.
         engine: Engine and model description.
         settings: The run's settings (batch size, runner, ...).
     """
     counters, dists = metrics["counters"], metrics["distributions"]
     predictions = counters.get("predictions", 0)
     dead = counters.get("dead_letters", 0)
+    if inputs is None:
+        inputs = counters.get("inputs", predictions + dead)
     stage_seconds = {s: dists.get(f"{s}_us", {}).get("sum", 0) / 1e6 for s in STAGES}
     total_stage = sum(stage_seconds.values()) or 1.0
     batches = dists.get("batch_size", {})
@@ -70,7 +73,8 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
         "images": predictions + dead,
         "predictions": predictions,
         "dead_letters": dead,
-        "inputs": inputs if inputs is not None else predictions + dead,
+        "inputs": inputs,
+        "unaccounted": inputs - predictions - dead,
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(predictions / wall_seconds, 2) if wall_seconds > 0 else None,
         "bytes_read": counters.get("bytes_read", 0),

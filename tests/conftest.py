@@ -47,7 +47,8 @@ BROKEN = {
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):
-    """A directory with 12 good JPEGs (real photos, random crops) and broken files.
+    """A directory with 12 good JPEGs (real photos, random crops) and broken files (incl. an
+    oversized image and a dangling symlink).
 
     Returns:
         (directory, list of good paths, dict broken name -> expected reason regex).
@@ -74,6 +75,11 @@ def corpus(tmp_path_factory):
         (directory / name).write_bytes(content)
     (directory / "truncated.jpg").write_bytes(truncated[: len(truncated) // 4])
     broken["truncated.jpg"] = "truncated or corrupt JPEG"
+    Image.new("1", (10_000, 10_000)).save(directory / "oversized.png")  # 100 Mpx in a few kB
+    broken["oversized.png"] = r"10000x10000 = 100.0 Mpx, over the pixel limit of 89.5 Mpx"
+    # Beam's local listing skips files it cannot stat; the pipeline must still report this one.
+    os.symlink(directory / "moved_away_target.jpg", directory / "moved_away.jpg")
+    broken["moved_away.jpg"] = r"broken symlink \(its target is missing"
     return str(directory), sorted(good), broken
 
 

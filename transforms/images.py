@@ -14,11 +14,11 @@ import csv
 import io
 import json
 import os
+import re
 from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
-from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
@@ -101,14 +101,70 @@ def parse_manifest(name: str, text: str) -> Iterator[object]:
             yield ImageRef(line)
 
 
+def unlistable_local_files(pattern: str) -> Iterator[tuple]:
+    """Local files a glob names but Beam's listing skips because they cannot be stat'ed.
+
+    Beam's local ``match`` silently drops entries whose size it cannot read (a
+    symlink to a deleted file, a file removed while listing). They are inputs all
+    the same, so they are yielded as ``(path, OSError)`` to become dead letters.
+    """
+    if "://" in pattern:
+        return
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:
+        return  # no glob: a single path is checked at start (it must exist)
+    root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
+    matches = re.compile(FileSystem.translate_pattern(pattern)).match
+    for dirpath, _, files in os.walk(root or "."):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            if not matches(path):
+                continue
+            try:
+                os.path.getsize(path)
+            except OSError as e:
+                yield path, e
+
+
+class _Match(beam.DoFn):
+    """Pattern -> ``ImageRef`` per matched file, plus dead letters for listed files Beam cannot stat."""
+
+    def setup(self):
+        self._inputs = Metrics.counter(NAMESPACE, "inputs")
+
+    def process(self, pattern: str):
+        try:
+            matched = FileSystems.match([pattern])[0].metadata_list
+        except Exception as e:  # a listing failure is a broken setup: fail with the reason
+            raise IOError(f"Cannot list {pattern}: {e}") from e
+        for metadata in matched:
+            self._inputs.inc()
+            yield ImageRef(metadata.path)
+        for path, error in unlistable_local_files(pattern):
+            self._inputs.inc()
+            kind = "broken symlink (its target is missing)" if os.path.islink(path) else "file vanished or unreadable"
+            yield dead_letter(path, f"cannot read file ({kind}: {error.strerror or error}); fix or remove the "
+                                    f"link, or restore its target", "read")
+
+
 class _ReadManifest(beam.DoFn):
+    def setup(self):
+        self._inputs = Metrics.counter(NAMESPACE, "inputs")
+
     def process(self, path: str):
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                text = f.read().decode("utf-8")
+                raw = f.read()
         except Exception as e:  # a missing manifest is a broken setup: fail with the reason
             raise IOError(f"Cannot read manifest {path}: {e}") from e
-        yield from parse_manifest(path, text)
+        try:
+            # utf-8-sig: spreadsheet exports start CSVs with a byte-order mark that would hide 'uri'.
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise IOError(f"Manifest {path} is not UTF-8 text ({e}); save it as UTF-8") from e
+        for entry in parse_manifest(path, text):
+            self._inputs.inc()  # every entry, usable or not, is an input that must end somewhere
+            yield entry
 
 
 class ImageRefs(beam.PTransform):
@@ -131,10 +187,9 @@ class ImageRefs(beam.PTransform):
                       | "ParseManifest" >> beam.ParDo(_ReadManifest()).with_outputs(DEAD_LETTER, main="refs"))
             refs, bad = parsed.refs, parsed[DEAD_LETTER]
         else:
-            refs = (pbegin | "Pattern" >> beam.Create([normalize_pattern(self._path)])
-                    | "Match" >> fileio.MatchAll()
-                    | "ToRef" >> beam.Map(lambda metadata: ImageRef(metadata.path)))
-            bad = pbegin | "NoBadManifestRows" >> beam.Create([])
+            matched = (pbegin | "Pattern" >> beam.Create([normalize_pattern(self._path)])
+                       | "Match" >> beam.ParDo(_Match()).with_outputs(DEAD_LETTER, main="refs"))
+            refs, bad = matched.refs, matched[DEAD_LETTER]
         return {"refs": refs | "Spread" >> beam.Reshuffle(), DEAD_LETTER: bad}
 
 
@@ -152,6 +207,9 @@ class CountDeadLetters(beam.DoFn):
         self._count.inc()
         self._progress.add("dead_letters")
         yield row
+
+    def finish_bundle(self):
+        self._progress.flush("dead_letters")
 
 
 class DecodeImages(beam.DoFn):
