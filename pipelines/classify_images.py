@@ -14,6 +14,7 @@ Every input ends as exactly one prediction or one dead-letter row.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -49,6 +50,11 @@ class ClassifyOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser):
+        parser.epilog = ("Every standard Beam pipeline option is accepted as well, for example --runner "
+                         "(DirectRunner, DataflowRunner), --direct_running_mode (in_memory, multi_threading, "
+                         "multi_processing), --direct_num_workers, --project, --region, --temp_location, "
+                         "--sdk_container_image, --dataflow_service_options, --machine_type; see "
+                         "https://beam.apache.org/documentation/runners/direct/ and the README.")
         parser.add_argument("--input", default=None,
                             help="Images: a glob (local or gs://...), a directory, or a manifest file "
                                  "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id').")
@@ -124,7 +130,7 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
         own metadata or the TensorRT plan's sidecar, else None).
     """
     from engines import storage
-    from engines.labels import onnx_labels, parse_labels
+    from engines.labels import parse_labels
 
     explicit_labels = parse_labels(storage.read_bytes(options.labels_file).decode("utf-8")) \
         if options.labels_file else None
@@ -144,7 +150,7 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
                                      model_id=model)
         info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
                 "ort_spinning": options.ort_spinning}
-        return handler, info, explicit_labels or onnx_labels(storage.read_bytes(model))
+        return handler, info, explicit_labels or _onnx_summary(model).labels
     from transforms.tensorrt_handler import TensorRTModelHandler
 
     if not (options.engine_path or options.onnx_path):
@@ -152,8 +158,56 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
                           "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
     handler = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
     labels = explicit_labels or handler.labels() or (
-        onnx_labels(storage.read_bytes(options.onnx_path)) if options.onnx_path else None)
+        _onnx_summary(options.onnx_path).labels if options.onnx_path else None)
     return handler, {**handler.describe_engine(), "model": options.engine_path or options.onnx_path}, labels
+
+
+@functools.lru_cache(maxsize=2)
+def _onnx_summary(path: str):
+    """Labels and named I/O of an ONNX model (read once per launcher, local or gs://)."""
+    from engines import storage
+    from engines.labels import onnx_summary
+
+    return onnx_summary(storage.read_bytes(path))
+
+
+def check_setup(options: ClassifyOptions) -> PreprocessConfig:
+    """Checks, before anything runs, that the preprocessing and the model fit together.
+
+    A mismatch here would otherwise turn every image into a dead letter (a crop the model
+    does not take) or fail the job midway (an output name the model lacks).
+
+    Returns:
+        The preprocessing config.
+
+    Raises:
+        EngineError: naming the flag to change.
+    """
+    try:
+        config = PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
+                                  draft=not options.no_jpeg_draft)
+    except ValueError as e:
+        raise EngineError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
+    model = (options.model or DEFAULT_MODEL) if options.engine == "onnxruntime" else options.onnx_path
+    if not model:
+        return config  # a TensorRT plan: its shapes are checked when a worker loads it
+    summary = _onnx_summary(model)
+    if options.output_name not in summary.outputs:
+        raise EngineError(f"--output_name {options.output_name!r} is not an output of {model}; its outputs are "
+                          f"{summary.outputs}")
+    if len(summary.inputs) != 1:
+        raise EngineError(f"{model} has {len(summary.inputs)} inputs {sorted(summary.inputs)}; this pipeline feeds "
+                          f"one batch of images (uint8 [N, crop, crop, 3])")
+    (name, (dtype, dims)), = summary.inputs.items()
+    if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
+        raise EngineError(f"{model} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
+                          f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
+                          f"inside (see `python -m engines.export_efficientnet --help`)")
+    fixed = [d for d in dims[1:3] if isinstance(d, int) and d > 0]
+    if any(d != config.crop for d in fixed):
+        raise EngineError(f"--crop {config.crop} does not fit {model}: its input {name!r} is {list(dims)}; pass "
+                          f"--crop {fixed[0]} (and --resize >= {fixed[0]})")
+    return config
 
 
 def check_input(path: str) -> None:
@@ -168,7 +222,9 @@ def check_input(path: str) -> None:
     except Exception as e:  # Beam raises BeamIOError and friends
         raise EngineError(f"Cannot list --input {path}: {e}") from e
     if not matched:
-        raise EngineError(f"--input {path} matches no files; check the path or glob (quote it in the shell).")
+        hint = (" A folder in a bucket needs a trailing slash (gs://bucket/dir/) or a glob (gs://bucket/dir/*.jpg)."
+                if "://" in path and not path.endswith("/") and not any(c in path for c in "*?[") else "")
+        raise EngineError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
@@ -213,6 +269,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     if (opts.batch_size is not None and opts.batch_size < 1) or opts.top_k < 1:
         raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
     check_input(opts.input)
+    check_setup(opts)
     handler, engine_info, labels = make_handler(opts)
     batching = handler.batch_elements_kwargs()
     local = is_local(options)
@@ -241,8 +298,11 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     _remove_temp_dirs(opts.output)
-    stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)
+    stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)  # inputs: from the counter
     write_stats(opts.output, stats)
+    if stats["unaccounted"]:
+        _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
+                   "stats.json", stats["unaccounted"], stats["inputs"])
     return stats
 
 

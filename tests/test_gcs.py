@@ -253,3 +253,10 @@ def test_manifest_missing_object_is_a_read_dead_letter_with_its_id(gcs, images):
     assert COFFEE_CLASSES & set(_class_ids(by_id["cup-2"], 3)), by_id["cup-2"]
     assert (returned["predictions"], returned["dead_letters"]) == (2, 1), returned
     assert (out["stats"]["predictions"], out["stats"]["dead_letters"]) == (2, 1), out["stats"]
+
+
+def test_folder_without_trailing_slash_fails_at_start_with_the_fix(gcs, images):
+    from engines.base import EngineError
+
+    with pytest.raises(EngineError, match=r"matches no files.*trailing slash \(gs://bucket/dir/\)"):
+        _run(["--input", f"gs://{BUCKET}/images", "--output", f"gs://{BUCKET}/out-noslash"])

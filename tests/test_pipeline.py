@@ -66,7 +66,8 @@ def test_testpipeline_end_to_end(corpus, model_path):
         assert_that(rows | "Chelsea" >> beam.Filter(lambda r: r["uri"].endswith("chelsea.jpg"))
                     | "IsCat" >> beam.Map(lambda r: bool(CAT_CLASSES & {x["class_id"] for x in r["top_k"]})),
                     equal_to([True]), label="ChelseaIsACat")
-        assert_that(decoded[DEAD_LETTER] | "DeadNames" >> beam.Map(lambda r: os.path.basename(r["uri"])),
+        dead = (found[DEAD_LETTER], decoded[DEAD_LETTER]) | beam.Flatten()
+        assert_that(dead | "DeadNames" >> beam.Map(lambda r: os.path.basename(r["uri"])),
                     equal_to(list(broken)), label="AllBrokenDeadLettered")
 
 
@@ -77,6 +78,7 @@ def test_cli_run_writes_the_output_contract(corpus, model_path, tmp_path):
     _check_outputs(str(out), good, broken)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["predictions"] == len(good) and stats["dead_letters"] == len(broken)
+    assert stats["inputs"] == len(good) + len(broken) and stats["unaccounted"] == 0
     assert stats["images_per_second"] > 0 and stats["engine"]["engine"] == "onnxruntime"
     assert set(stats["stage_share"]) == {"read", "decode", "inference", "postprocess", "write"}
     assert abs(sum(stats["stage_share"].values()) - 1.0) < 0.01
@@ -94,7 +96,7 @@ def test_multi_processing_loses_nothing(corpus, model_path, tmp_path):
     stats = classify_images.run(["--input", directory, "--output", str(out), "--batch_size", "4",
                                  "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     _check_outputs(str(out), good, broken)
-    assert stats["predictions"] + stats["dead_letters"] == len(good) + len(broken)
+    assert stats["predictions"] + stats["dead_letters"] == len(good) + len(broken) == stats["inputs"]
 
 
 def test_parquet_output(corpus, model_path, tmp_path):
@@ -124,7 +126,7 @@ def test_manifest_with_ids_and_unusable_lines(corpus, model_path, tmp_path):
     assert missing["stage"] == "read" and missing["id"] == "gone" and "cannot read file" in missing["error"]
     assert "not valid JSON" in by_uri[f"{manifest}:4"]["error"]
     assert "no string 'uri'" in by_uri[f"{manifest}:5"]["error"]
-    assert stats["predictions"] + stats["dead_letters"] == len(lines)
+    assert stats["predictions"] + stats["dead_letters"] == len(lines) == stats["inputs"]
 
 
 def test_manifest_parsing_formats():
@@ -161,7 +163,8 @@ def test_decode_with_and_without_prefetch_threads_emits_every_input_once(corpus,
         assert_that(out.ok | beam.MapTuple(lambda ref, a: (os.path.basename(ref.uri), a.shape, str(a.dtype))),
                     equal_to([(os.path.basename(g), (224, 224, 3), "uint8") for g in good]), label="Good")
         assert_that(out[DEAD_LETTER] | beam.Map(lambda r: (os.path.basename(r["uri"]), r["stage"])),
-                    equal_to([(b, "decode") for b in broken] + [("missing.jpg", "read")]), label="Dead")
+                    equal_to([(b, "read" if b == "moved_away.jpg" else "decode") for b in broken]
+                             + [("missing.jpg", "read")]), label="Dead")
     with pytest.raises(ValueError, match="prefetch >= threads"):
         DecodeImages(PreprocessConfig(), 4, 2)
 
@@ -181,5 +184,83 @@ def test_help_lists_the_pipeline_flags(capsys):
     with pytest.raises(SystemExit):
         classify_images.main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--input", "--output", "--engine", "--engine_path", "--trt_profile", "--top_k", "--output_format"):
+    for flag in ("--input", "--output", "--engine", "--engine_path", "--trt_profile", "--top_k", "--output_format",
+                 "--runner", "--direct_running_mode", "--direct_num_workers"):
         assert flag in text
+
+
+def test_csv_manifest_saved_with_a_byte_order_mark(corpus, model_path, tmp_path):
+    # Spreadsheet exports start CSV files with a UTF-8 BOM; the 'uri' column must still be found.
+    directory, good, _ = corpus
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("uri,id\n" + "".join(f"{g},img{i}\n" for i, g in enumerate(good[:3])), encoding="utf-8-sig")
+    assert manifest.read_bytes().startswith(b"\xef\xbb\xbf")
+    out = tmp_path / "bom"
+    stats = classify_images.run(["--input", str(manifest), "--output", str(out)])
+    assert sorted(r["id"] for r in read_jsonl(str(out / "predictions-*.jsonl"))) == ["img0", "img1", "img2"]
+    assert (stats["predictions"], stats["dead_letters"], stats["inputs"]) == (3, 0, 3)
+
+
+def test_failed_batch_becomes_short_dead_letters_through_beams_exception_handling(model_path):
+    # Beam emits a failed batch as (batch, (type, repr, traceback lines)); every image in it
+    # must end as one dead-letter row whose reason is the error itself, not a traceback.
+    import numpy as np
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+    from transforms.postprocess import FailedBatchToDeadLetters
+
+    options = PipelineOptions(["--input", "unused", "--output", "unused", "--batch_size", "2"])
+    handler, _, _ = make_handler(options.view_as(ClassifyOptions))
+    wrong = [(ImageRef(f"/x/{i}.jpg", id=str(i)), np.zeros((200, 200, 3), np.uint8)) for i in range(3)]
+    with TestPipeline() as p:
+        _, failed = (p | beam.Create(wrong)
+                     | RunInference(KeyedModelHandler(handler)).with_exception_handling())
+        rows = failed.failed_inferences | beam.ParDo(FailedBatchToDeadLetters())
+
+        def check(rows):
+            assert sorted((r["uri"], r["id"], r["stage"]) for r in rows) == [
+                (f"/x/{i}.jpg", str(i), "inference") for i in range(3)]
+            for r in rows:
+                assert r["error"].startswith("inference failed for the batch holding this image ("), r
+                assert "Traceback" not in r["error"] and len(r["error"]) < 700, r
+                assert "200" in r["error"] and "224" in r["error"], r  # the shape problem, named
+
+        assert_that(rows, check)
+
+
+def test_describe_failure_handles_exceptions_and_beams_tuples():
+    from transforms.postprocess import describe_failure
+
+    try:
+        raise EngineError("bad shape [2, 200, 200, 3]")
+    except EngineError as e:
+        import sys
+        import traceback
+
+        tup = (type(e), repr(e), traceback.format_exception(*sys.exc_info()))
+        assert describe_failure(e) == describe_failure(tup) == "EngineError: bad shape [2, 200, 200, 3]"
+    assert describe_failure(ValueError("x" * 5000)).endswith("...")
+    assert len(describe_failure(ValueError("x" * 5000))) == 600
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--crop", "300"], r"bad preprocessing flags: need 0 < crop <= resize"),
+    (["--crop", "200"], r"--crop 200 does not fit .*\[.*224, 224, 3\]; pass --crop 224"),
+    (["--output_name", "probs"], r"--output_name 'probs' is not an output of .*\['logits'\]"),
+    (["--max_pixels", "0"], r"max_pixels must be positive"),
+])
+def test_setup_mistakes_fail_at_start_naming_the_flag(corpus, model_path, tmp_path, flags, message):
+    directory, _, _ = corpus
+    with pytest.raises(EngineError, match=message):
+        classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), *flags])
+    assert classify_images.main(["--input", directory, "--output", str(tmp_path / "o"), *flags]) == 2
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_float_nchw_model_is_refused_at_start(corpus, tmp_path):
+    nchw = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "efficientnet_lite0_float32_nchw.onnx")
+    if not os.path.exists(nchw):
+        pytest.fail(f"{nchw} is missing: run `make test` (it prepares it)")
+    directory, _, _ = corpus
+    with pytest.raises(EngineError, match=r"input 'images' is FLOAT .*export the model with its preprocessing"):
+        classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--model", nchw])

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import jpeg_bytes, photo
-from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
+from transforms.preprocess import BadImageError, PreprocessConfig, open_image, preprocess_image
 
 EXACT = PreprocessConfig(draft=False)
 
@@ -170,6 +170,17 @@ def test_decompression_bomb_is_refused_before_decoding():
         preprocess_image(bomb)
     with pytest.raises(BadImageError, match="over the pixel limit of 0.1 Mpx"):
         preprocess_image(_png(Image.new("RGB", (400, 400))), PreprocessConfig(max_pixels=100_000))
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured(monkeypatch):
+    # 196 Mpx is over twice Pillow's default limit, where Pillow itself refuses to open it.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    big = _png(Image.new("1", (14_000, 14_000)))
+    with pytest.raises(BadImageError, match="over the pixel limit"):
+        open_image(big, PreprocessConfig())
+    assert open_image(big, PreprocessConfig(max_pixels=200_000_000)).size == (14_000, 14_000)
+    with pytest.raises(BadImageError, match="196.0 Mpx, over the pixel limit of 150.0 Mpx"):
+        open_image(big, PreprocessConfig(max_pixels=150_000_000))
 
 
 def test_config_is_validated():

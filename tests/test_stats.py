@@ -28,7 +28,7 @@ def test_percentiles_from_buckets():
 
 def test_build_stats_shares_and_percentiles_never_exceed_the_max():
     metrics = {
-        "counters": {"predictions": 90, "dead_letters": 10, "batches": 4, "bytes_read": 123},
+        "counters": {"predictions": 90, "dead_letters": 10, "batches": 4, "bytes_read": 123, "inputs": 101},
         "distributions": {"read_us": {"sum": 1_000_000}, "decode_us": {"sum": 3_000_000},
                           "inference_us": {"sum": 5_000_000, "count": 4, "min": 1_000_000, "max": 1_400_000},
                           "postprocess_us": {"sum": 500_000}, "write_us": {"sum": 500_000},
@@ -36,6 +36,7 @@ def test_build_stats_shares_and_percentiles_never_exceed_the_max():
         "buckets": {latency_bucket(1.2): 3, latency_bucket(1.4): 1},
     }
     stats = build_stats(metrics, 10.0, None, {"engine": "onnxruntime"}, {})
+    assert stats["inputs"] == 101 and stats["unaccounted"] == 1  # one input lost would show here
     assert stats["images"] == 100 and stats["images_per_second"] == 9.0
     assert stats["stage_share"] == {"read": 0.1, "decode": 0.3, "inference": 0.5, "postprocess": 0.05, "write": 0.05}
     lat = stats["batch_latency_seconds"]
@@ -53,3 +54,13 @@ def test_progress_is_summed_across_processes_and_printed(tmp_path):
     lines = stream.getvalue().splitlines()
     assert len(lines) >= 2
     assert lines[0].startswith("progress: 7 images scored, 2 dead letters, ") and "images/s" in lines[0]
+
+
+def test_progress_flush_publishes_counts_held_back_by_the_interval(tmp_path):
+    progress = Progress(str(tmp_path / "run"), every_s=3600)
+    (tmp_path / "run").mkdir()
+    progress.add("predictions", 1, force=True)
+    progress.add("predictions", 5)  # within the interval: counted, not yet published
+    assert Progress.read(str(tmp_path / "run")) == {"predictions": 1}
+    progress.flush("predictions")
+    assert Progress.read(str(tmp_path / "run")) == {"predictions": 6}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional, Sequence
 
@@ -11,6 +12,8 @@ from apache_beam.metrics import Metrics
 
 from transforms.images import DEAD_LETTER, ImageRef, dead_letter
 from transforms.timing import NAMESPACE, Progress, stage_distribution
+
+_LOG = logging.getLogger(__name__)
 
 
 def top_k(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
@@ -76,16 +79,45 @@ class TopK(beam.DoFn):
         self._progress.add("predictions")
         yield row
 
+    def finish_bundle(self):
+        self._progress.flush("predictions")
+
+
+MAX_REASON_CHARS = 600
+
+
+def describe_failure(exception) -> str:
+    """``TypeName: message`` for an exception, or for the ``(type, repr, traceback lines)`` tuple
+    that Beam's ``with_exception_handling`` emits in place of the exception object."""
+    if isinstance(exception, BaseException):
+        text = f"{type(exception).__name__}: {exception}"
+    elif isinstance(exception, tuple) and len(exception) == 3 and isinstance(exception[0], type):
+        exc_type, exc_repr, lines = exception
+        # The traceback's last line is "module.Type: message", the message exactly as raised.
+        last = "".join(lines).rstrip().splitlines()[-1] if lines else ""
+        message = last.split(": ", 1)[1] if ": " in last else exc_repr
+        text = f"{exc_type.__name__}: {message}"
+    else:
+        text = str(exception)
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
+
 
 class FailedBatchToDeadLetters(beam.DoFn):
-    """RunInference's failed ``(batch, exception)`` -> one dead-letter row per example in the batch."""
+    """RunInference's failed ``(batch, error)`` -> one dead-letter row per example in the batch.
+
+    ``error`` is what Beam's exception handling emits: ``(type, repr, traceback lines)``
+    (or an exception object); the row keeps the type and message, not the whole traceback,
+    which goes to the worker log.
+    """
 
     def process(self, failure):
         batch, exception = failure
-        reason = f"inference failed for the batch holding this image ({type(exception).__name__}: {exception})"
+        reason = f"inference failed for the batch holding this image ({describe_failure(exception)})"
+        if isinstance(exception, tuple) and len(exception) == 3 and exception[2]:
+            _LOG.warning("a batch of %d failed in RunInference:\n%s", len(batch), "".join(exception[2]))
         for key, _ in batch:
             ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
             yield dead_letter(ref.uri, reason, "inference", ref.id).value
 
 
-__all__ = ["top_k", "TopK", "FailedBatchToDeadLetters", "DEAD_LETTER"]
+__all__ = ["top_k", "TopK", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]

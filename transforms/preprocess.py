@@ -87,6 +87,10 @@ def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
     """
     if not data:
         raise BadImageError("empty file (0 bytes): nothing to decode; re-export or re-upload the image")
+    if Image.MAX_IMAGE_PIXELS is not None and config.max_pixels > Image.MAX_IMAGE_PIXELS:
+        # Pillow refuses images over twice its own limit before our check can apply a higher
+        # --max_pixels; raise its limit to ours (process-wide, only ever upwards) so ours decides.
+        Image.MAX_IMAGE_PIXELS = config.max_pixels
     try:
         with warnings.catch_warnings():
             # Our own max_pixels check below replaces Pillow's bomb warning.

@@ -109,6 +109,10 @@ class Progress:
         except OSError:
             pass  # progress is best-effort; the results do not depend on it
 
+    def flush(self, kind: str) -> None:
+        """Publishes the current counts now (end of a bundle), so the last lines are not stale."""
+        self.add(kind, 0, force=True)
+
     @staticmethod
     def read(directory: str) -> Dict[str, int]:
         """Sums the counts every process published in ``directory``."""
