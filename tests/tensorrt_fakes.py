@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import types
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -319,9 +319,9 @@ class FakeEngine:
 
 
 def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 4), (5, 8, 16)), copies: int = 2,
-                  deserialize_ok: bool = True, module_name: str = "tensorrt"):
+                  deserialize_ok: bool = True, module_name: str = "tensorrt", needs_host_code: bool = False):
     """A module-like namespace with the runtime API subset TensorRTEngine uses."""
-    state = types.SimpleNamespace(runtimes=[], engines=[])
+    state = types.SimpleNamespace(runtimes=[], engines=[], deserialize_calls=0)
 
     class Runtime:
         def __init__(self, logger):
@@ -330,9 +330,14 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 
             state.runtimes.append(self)
 
         def deserialize_cuda_engine(self, plan):
+            state.deserialize_calls += 1
             if not deserialize_ok:
                 self.logger.log(Severity.ERROR, "The engine plan file is generated on an incompatible device, "
                                                 "expecting compute 8.9 got compute 9.0")
+                return None
+            if needs_host_code and not self.engine_host_code_allowed:
+                self.logger.log(Severity.ERROR, "Cannot deserialize an engine with host code when host code "
+                                                "is not allowed")
                 return None
             engine = FakeEngine(cuda, self.logger, profiles, copies)
             state.engines.append(engine)
@@ -360,6 +365,7 @@ class FakeBuild:
         self.flags: List[str] = []
         self.profiles: List[Dict[str, tuple]] = []
         self.parsed: List[bytes] = []
+        self.parse_paths: List[Optional[str]] = []
         self.config = None
         build = self
 
@@ -409,8 +415,9 @@ class FakeBuild:
             def __init__(self, network, logger):
                 self.network, self.logger = network, logger
 
-            def parse(self, model):
+            def parse(self, model, path=None):
                 build.parsed.append(model)
+                build.parse_paths.append(path)
                 if not build.parse_ok:
                     self.logger.log(Severity.ERROR, "ModelImporter.cpp: failed to import node 3")
                     return False

@@ -11,6 +11,7 @@
 """
 
 import ast
+import dataclasses
 import gc
 import io
 import logging
@@ -274,8 +275,9 @@ def test_import_tensorrt_falls_back_to_lean_and_names_the_fix(monkeypatch):
         _trt.import_tensorrt(lean_ok=True)
 
 
-def test_capturing_logger_on_the_real_ilogger():
+def test_capturing_logger_on_the_real_ilogger(monkeypatch):
     lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    monkeypatch.setattr(_trt, "_LOGGERS", {})  # a fresh process-wide logger for this test
     logger = _trt.capturing_logger(lean, "WARNING")
     assert isinstance(logger, lean.ILogger)
     logger.log(lean.ILogger.Severity.ERROR, "expecting compute 8.9 got compute 9.0")
@@ -316,7 +318,8 @@ def fake_gpu(monkeypatch):
 
 
 def make_engine(monkeypatch, fake_gpu, plan=None, **kw):
-    trt_kw = {k: kw.pop(k) for k in ("profiles", "copies", "deserialize_ok", "version", "module_name") if k in kw}
+    trt_kw = {k: kw.pop(k) for k in ("profiles", "copies", "deserialize_ok", "version", "module_name",
+                                     "needs_host_code") if k in kw}
     trt = fakes.fake_tensorrt(fake_gpu, **trt_kw)
     monkeypatch.setattr(runtime_mod, "import_tensorrt", lambda lean_ok=False: trt)
     version = [int(x) for x in trt.__version__.split(".")]
@@ -554,8 +557,25 @@ def test_batch_limit_is_none_so_callers_never_pre_split(monkeypatch, fake_gpu):
         assert engine.input_names() == ["a", "b"]
 
 
-def test_capturing_logger_is_bounded_and_reports_only_new_messages():
+def test_one_capturing_logger_per_process_and_module(monkeypatch):
+    # TensorRT keeps the first logger it is given as its global one: every Runtime, Builder and
+    # parser of the process must get the same object, which must stay alive.
     lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    monkeypatch.setattr(_trt, "_LOGGERS", {})
+    first = _trt.capturing_logger(lean, "WARNING")
+    assert _trt.capturing_logger(lean, "ERROR") is first  # never quieter than asked before
+    first.log(lean.ILogger.Severity.WARNING, "kept at WARNING")
+    assert first.text() == "[WARNING] kept at WARNING"
+    assert _trt.capturing_logger(lean, "INFO") is first  # more verbose when a caller asks
+    since = first.mark()
+    first.log(lean.ILogger.Severity.INFO, "now kept")
+    first.log(lean.ILogger.Severity.VERBOSE, "still dropped")
+    assert first.text(since=since) == "[INFO] now kept"
+
+
+def test_capturing_logger_is_bounded_and_reports_only_new_messages(monkeypatch):
+    lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
+    monkeypatch.setattr(_trt, "_LOGGERS", {})
     logger = _trt.capturing_logger(lean, "WARNING")
     for i in range(_trt.MAX_MESSAGES + 50):
         logger.log(lean.ILogger.Severity.WARNING, f"old {i}")
@@ -619,6 +639,35 @@ def test_version_compatible_plans_allow_host_code(monkeypatch, fake_gpu):
     engine, trt = make_engine(monkeypatch, fake_gpu, module_name="tensorrt_lean")
     engine.close()
     assert trt.state.runtimes[0].engine_host_code_allowed is True
+
+
+def test_version_compatible_plan_without_sidecar_loads_under_the_full_runtime(monkeypatch, fake_gpu, caplog):
+    # No sidecar: the first attempt keeps host code disallowed; an embedded lean runtime then
+    # needs it, so the loader retries once with it allowed.
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt.runtime"):
+        engine, trt = make_engine(monkeypatch, fake_gpu, needs_host_code=True)
+    engine.close()
+    assert trt.state.deserialize_calls == 2 and trt.state.runtimes[0].engine_host_code_allowed is True
+    assert "retrying with engine_host_code_allowed=True" in caplog.text
+    # A plain plan loads at the first attempt, host code still disallowed.
+    engine, trt = make_engine(monkeypatch, fake_gpu)
+    engine.close()
+    assert trt.state.deserialize_calls == 1 and trt.state.runtimes[0].engine_host_code_allowed is False
+    # Told explicitly (False), the loader does not second-guess it.
+    with pytest.raises(EngineError, match="host code is not allowed"):
+        make_engine(monkeypatch, fake_gpu, needs_host_code=True, engine_host_code_allowed=False)
+
+
+def test_version_compatible_plan_from_a_newer_minor_is_refused_before_the_gpu(monkeypatch, fake_gpu):
+    info = PlanInfo(tensorrt_version="10.13.0.1", gpu_name="NVIDIA L4", compute_capability="8.9",
+                    profiles=(Profile(1, 2, 4),), precision="fp32", onnx_sha256="0" * 64, version_compatible=True)
+    with pytest.raises(EngineError, match=r"built --version_compatible by TensorRT 10.13.0.1, newer than this "
+                                          r"runtime \(TensorRT 10.11.0.33\)"):
+        make_engine(monkeypatch, fake_gpu, plan=fakes.plan_bytes(10, 13, 0, 1), info=info)
+    assert fake_gpu.device_info_calls == 0
+    older = dataclasses.replace(info, tensorrt_version="10.8.0.43")
+    engine, _ = make_engine(monkeypatch, fake_gpu, plan=fakes.plan_bytes(10, 8, 0, 43), info=older)
+    engine.close()
 
 
 # -- builder glue against fakes ---------------------------------------------------------------------
@@ -733,3 +782,12 @@ def test_build_command_defaults():
     assert options.profiles == (Profile(1, 64, 256),) and options.precision == "fp32"
     options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p", "--max_batch", "32"]))
     assert options.profiles == (Profile(1, 32, 32),)
+
+
+def test_parser_gets_the_local_path_for_external_weights(fake_build, tmp_path):
+    fb = fake_build(version="10.11.0.33")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(image_classifier())
+    builder_mod.build_plan(str(model))
+    builder_mod.build_plan(image_classifier())
+    assert fb.parse_paths == [str(model), None]  # bytes in memory: nothing to resolve against

@@ -25,7 +25,7 @@ SUPPORTED_MAJORS = (10, 11)
 #: Most messages a capturing logger keeps: it lives as long as the engine, so it must not grow.
 MAX_MESSAGES = 200
 
-_LOGGER_CLASSES = {}
+_LOGGERS = {}  # id(trt.ILogger) -> the process-wide capturing logger for that module
 _LOCK = threading.Lock()
 
 
@@ -76,25 +76,34 @@ def is_lean(trt) -> bool:
 
 
 def capturing_logger(trt, min_severity: str = "WARNING"):
-    """Returns a ``trt.ILogger`` that keeps the last messages at or above ``min_severity``.
+    """Returns the process-wide ``trt.ILogger`` for ``trt`` that keeps its last messages.
 
     TensorRT reports why a parse, build or deserialization failed only through its
     logger (``build_serialized_network`` and ``deserialize_cuda_engine`` just return
     None), so the messages are kept and put into the :class:`EngineError` we raise.
-    Only the last :data:`MAX_MESSAGES` are kept, and callers :meth:`clear` the logger
-    (or take a :meth:`mark`) before each operation whose failure they report, so an
-    error carries that operation's messages, not older unrelated ones.
+
+    One logger per process and module, never one per engine or build: TensorRT keeps
+    the first logger it is given as its global logger ("The logger passed into
+    createInferRuntime differs from one already provided ..."), so a second logger would
+    miss messages routed to the global one, and a freed first logger would leave TensorRT
+    a dangling pointer. This one lives as long as the process. Several engines, builds
+    and threads share it, so callers take a :meth:`mark` before each operation whose
+    failure they report and read ``text(since=mark)``. Only the last
+    :data:`MAX_MESSAGES` are kept.
 
     Args:
         trt: The module from :func:`import_tensorrt`.
-        min_severity: "INTERNAL_ERROR", "ERROR", "WARNING", "INFO" or "VERBOSE". Default "WARNING".
+        min_severity: "INTERNAL_ERROR", "ERROR", "WARNING", "INFO" or "VERBOSE". The shared
+            logger keeps the most verbose level any caller asked for. Default "WARNING".
     """
     with _LOCK:
-        cls = _LOGGER_CLASSES.get(id(trt.ILogger))
-        if cls is None:
-            cls = _make_logger_class(trt)
-            _LOGGER_CLASSES[id(trt.ILogger)] = cls
-    return cls(min_severity)
+        logger = _LOGGERS.get(id(trt.ILogger))
+        if logger is None:
+            logger = _make_logger_class(trt)(min_severity)
+            _LOGGERS[id(trt.ILogger)] = logger
+        else:
+            logger.include(min_severity)
+    return logger
 
 
 def _make_logger_class(trt):
@@ -120,6 +129,12 @@ def _make_logger_class(trt):
             self._seq = 0
             self._lock = threading.Lock()
 
+        def include(self, min_severity: str) -> None:
+            """Also keeps messages down to ``min_severity`` (never makes the logger quieter)."""
+            if min_severity not in levels:
+                raise EngineError(f"min_severity must be one of {list(levels)}, got {min_severity!r}")
+            self._min = max(self._min, int(getattr(trt.ILogger.Severity, min_severity)))
+
         def log(self, severity, msg):  # called by TensorRT, maybe from its own threads
             if int(severity) > self._min:  # lower value = more severe
                 return
@@ -135,15 +150,15 @@ def _make_logger_class(trt):
                 return [(sev, msg) for _, sev, msg in self._messages]
 
         def clear(self) -> None:
-            """Forgets every kept message (call before an operation whose failure you report)."""
+            """Forgets every kept message (tests; shared users take a :meth:`mark` instead)."""
             with self._lock:
                 self._messages.clear()
 
         def mark(self) -> int:
             """A position for :meth:`text` ``(since=...)``: messages logged from now on.
 
-            Use instead of :meth:`clear` where other threads share the logger (execution
-            contexts of one engine), so one thread does not erase another's messages.
+            The logger is shared by every engine, build and thread of the process, so
+            one caller never erases another's messages; each reads only its own span.
             """
             with self._lock:
                 return self._seq

@@ -212,11 +212,14 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode on 10 and 11
     parser = trt.OnnxParser(network, logger)
-    logger.clear()  # the error below must carry this parse's messages only
-    if not parser.parse(to_parse):
+    since = logger.mark()  # the error below must carry this parse's messages only
+    # With the model's local path the parser can resolve weights stored outside the .onnx file
+    # (models over 2 GB); the fp16-converted copy exists only in memory.
+    local_path = str(onnx) if isinstance(onnx, str) and "://" not in onnx and to_parse is model_bytes else None
+    if not (parser.parse(to_parse, local_path) if local_path else parser.parse(to_parse)):
         raise EngineError(f"TensorRT {trt.__version__} could not parse the ONNX model: "
                           f"{'; '.join(_parser_errors(parser)) or '(no parser errors)'}. "
-                          f"TensorRT log: {logger.text()}")
+                          f"TensorRT log: {logger.text(since=since)}")
 
     config = builder.create_builder_config()
     if options.workspace_gib is not None:
@@ -237,6 +240,7 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     # Each concurrent execution context needs its own profile (TensorRT's IExecutionContext
     # contract for dynamic shapes), so every profile is added once per context.
+    since = logger.mark()
     for profile in [p for _ in range(options.contexts) for p in options.profiles]:
         trt_profile = builder.create_optimization_profile()
         for tensor in inputs:
@@ -246,7 +250,8 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
                 trt_profile.set_shape(tensor.name, (profile.min,) + rest, (profile.opt,) + rest,
                                       (profile.max,) + rest)
         if config.add_optimization_profile(trt_profile) < 0:
-            raise EngineError(f"TensorRT refused the optimization profile {profile.describe()}: {logger.text()}")
+            raise EngineError(f"TensorRT refused the optimization profile {profile.describe()}: "
+                              f"{logger.text(since=since)}")
 
     if options.timing_cache:
         previous = storage.read_bytes(options.timing_cache) if storage.exists(options.timing_cache) else b""
@@ -259,11 +264,12 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
             _LOG.info("timing cache %s: %s", options.timing_cache,
                       f"loaded {len(previous)} bytes" if previous else "new")
 
-    logger.clear()  # the error below must carry this build's messages only
+    since = logger.mark()  # the error below must carry this build's messages only
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"TensorRT {trt.__version__} could not build the engine on {dev.name} "
-                          f"(compute {dev.compute_capability}) with {options.to_json()}: {logger.text()}")
+                          f"(compute {dev.compute_capability}) with {options.to_json()}: "
+                          f"{logger.text(since=since)}")
     plan = bytes(serialized)
     if options.timing_cache:
         storage.write_bytes(options.timing_cache, bytes(config.get_timing_cache().serialize()))

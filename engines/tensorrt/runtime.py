@@ -83,9 +83,10 @@ class _ContextProgram:
     def use_profile(self, stream: int, k: int) -> None:
         actual = self.profile_ids[k]
         if actual != self.profile:
+            since = self.logger.mark()
             if not self.context.set_optimization_profile_async(actual, stream):
                 raise EngineError(f"{self.label}: set_optimization_profile_async({actual}) failed: "
-                                  f"{self.logger.text()}")
+                                  f"{self.logger.text(since=since)}")
             self.profile = actual
 
     def prepare(self, stream: int, shapes: Mapping[str, Shape]) -> Dict[str, Shape]:
@@ -93,9 +94,10 @@ class _ContextProgram:
         k = select_profile(self.ranges, shapes)
         self.use_profile(stream, k)
         for name, shape in shapes.items():
+            since = self.logger.mark()
             if not ctx.set_input_shape(name, tuple(shape)):
                 raise EngineError(f"Input tensor: {name} | TensorRT refused shape {tuple(shape)} in profile {k} "
-                                  f"({self.ranges[k][name].describe()}): {self.logger.text()}")
+                                  f"({self.ranges[k][name].describe()}): {self.logger.text(since=since)}")
         unset = ctx.infer_shapes()
         if unset:
             raise EngineError(f"{self.label}: input shapes still unset after set_input_shape: {list(unset)}")
@@ -112,11 +114,13 @@ class _ContextProgram:
         ctx = self.context
         for name, ptr in addresses.items():
             if self._addresses.get(name) != ptr:  # buffers are fixed: set once per context
+                since = self.logger.mark()
                 if not ctx.set_tensor_address(name, int(ptr)):
-                    raise EngineError(f"{self.label}: set_tensor_address({name}) failed: {self.logger.text()}")
+                    raise EngineError(f"{self.label}: set_tensor_address({name}) failed: "
+                                      f"{self.logger.text(since=since)}")
                 self._addresses[name] = ptr
-        # Contexts of one engine share the logger and run in several threads: read only what
-        # was logged from here on rather than clearing another context's messages.
+        # The logger is shared by every context, engine and thread of the process: read only
+        # what was logged from here on rather than clearing others' messages.
         since = self.logger.mark()
         if not ctx.execute_async_v3(stream):
             raise EngineError(f"{self.label}: execute_async_v3 failed for input shapes {dict(shapes)}: "
@@ -177,21 +181,29 @@ class TensorRTEngine(Engine):
 
         self._logger = capturing_logger(trt, "WARNING")
         self._runtime = trt.Runtime(self._logger)
-        if engine_host_code_allowed is None:
+        auto_host_code = engine_host_code_allowed is None
+        if auto_host_code:
             engine_host_code_allowed = bool(is_lean(trt) or (info and info.version_compatible
                                                              and not info.exclude_lean_runtime))
         if engine_host_code_allowed:
             # Version-compatible plans carry their own lean runtime, which is host code.
             self._runtime.engine_host_code_allowed = True
-        self._logger.clear()  # the error below must carry this deserialization's messages only
+        since = self._logger.mark()  # the error below must carry this deserialization's messages only
         engine = self._runtime.deserialize_cuda_engine(plan)
+        if engine is None and auto_host_code and not engine_host_code_allowed and info is None:
+            # No sidecar says how the plan was built: it may be version-compatible with an embedded
+            # lean runtime, which loads only with host code allowed. The job chose this plan; retry.
+            _LOG.warning("plan %s did not load with host code disallowed and has no sidecar; retrying with "
+                         "engine_host_code_allowed=True (a version-compatible plan embeds its runtime)", self._name)
+            self._runtime.engine_host_code_allowed = True
+            engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             built = f"built by TensorRT {header.version}"
             if info:
                 built += f" on {info.gpu_name} (compute {info.compute_capability})"
             raise EngineError(
                 f"TensorRT {self._trt_version} could not deserialize the plan {self._name} ({built}) on "
-                f"{dev.name} (compute {dev.compute_capability}): {self._logger.text()}. Note: a plan runs only "
+                f"{dev.name} (compute {dev.compute_capability}): {self._logger.text(since=since)}. Note: a plan runs only "
                 f"with the TensorRT version and GPU type it was built for (unless built --version_compatible / "
                 f"--hardware_compatibility); rebuild it here")
         self._engine = engine
@@ -248,17 +260,17 @@ class TensorRTEngine(Engine):
         programs = []
         for i in range(num_contexts):
             instance, copy = divmod(i, copies)
+            since = self._logger.mark()
             if instance == len(self._engines):
-                self._logger.clear()
                 extra = self._runtime.deserialize_cuda_engine(plan)
                 if extra is None:
                     raise EngineError(f"could not load engine instance {instance + 1} for context {i + 1} (out of "
-                                      f"GPU memory?): {self._logger.text()}. Note: use fewer contexts")
+                                      f"GPU memory?): {self._logger.text(since=since)}. Note: use fewer contexts")
                 self._engines.append(extra)
             ctx = self._engines[instance].create_execution_context()
             if ctx is None:
                 raise EngineError(f"could not create execution context {i + 1} of {num_contexts} (out of GPU "
-                                  f"memory?): {self._logger.text()}. Note: use fewer contexts")
+                                  f"memory?): {self._logger.text(since=since)}. Note: use fewer contexts")
             self._contexts.append(ctx)
             programs.append(_ContextProgram(ctx, self._ranges, [ids[copy] for ids in groups.values()],
                                             list(outputs), self._logger, f"{self._name} context {i}"))
