@@ -127,6 +127,27 @@ def test_from_options_with_the_pipeline_flags(no_tensorrt, plan_path):
     assert handler.batch_elements_kwargs() == {"min_batch_size": 64, "max_batch_size": 64}
 
 
+def test_build_flags_with_a_built_plan_are_reported_as_ignored(no_tensorrt, plan_path, caplog):
+    pytest.importorskip("pipelines.classify_images")
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.classify_images import ClassifyOptions
+    TensorRTModelHandler = handler_class()
+
+    def warnings_for(*flags):
+        caplog.clear()
+        opts = PipelineOptions(["--input", "x", "--output", "y", "--engine", "tensorrt", "--engine_path", plan_path,
+                                *flags]).view_as(ClassifyOptions)
+        with caplog.at_level(logging.WARNING, logger="transforms.tensorrt_handler"):
+            TensorRTModelHandler.from_options(opts)
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings_for() == []  # the default --precision fp16 matches the fp16 plan
+    (message,) = warnings_for("--trt_profile", "1,4,8", "--workspace_gib", "2", "--precision", "fp32")
+    assert message.startswith("ignored with --engine_path, which loads a plan as it was built: --trt_profile, "
+                              "--workspace_gib, --precision fp32 (the plan is fp16)")
+
+
 def test_num_contexts_reaches_the_build(no_tensorrt):
     """Each concurrent context needs its own profile copy in the plan; fewer copies load the engine twice."""
     pytest.importorskip("pipelines.classify_images")
@@ -157,6 +178,45 @@ def test_pipeline_with_tensorrt_handler_is_submittable(no_tensorrt, plan_path, t
          | RunInference(KeyedModelHandler(handler)).with_exception_handling())
     proto = pipeline.to_runner_api()
     assert any("RunInference" in t.unique_name for t in proto.components.transforms.values())
+
+
+@pytest.mark.parametrize("source", ["engine_path", "onnx_path"])
+def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tensorrt, plan_path, tmp_path, source):
+    """The whole CLI job graph with --engine tensorrt, as submitted to a runner, with no TensorRT here."""
+    pytest.importorskip("pipelines.classify_images")
+    import apache_beam as beam
+    from apache_beam.internal import pickler
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines import classify_images
+    from pipelines.classify_images import ClassifyOptions
+    from tests.tensorrt_models import image_classifier
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"\xff\xd8")
+    onnx_path = tmp_path / "tiny.onnx"
+    onnx_path.write_bytes(image_classifier())
+    model_flags = (["--engine_path", plan_path] if source == "engine_path" else
+                   ["--onnx_path", str(onnx_path), "--engine_cache", str(tmp_path / "cache"), "--trt_profile", "1,8,16"])
+    options = PipelineOptions(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt",
+                               "--crop", "16", "--resize", "16", *model_flags])
+    opts = options.view_as(ClassifyOptions)
+    classify_images.check_input(opts.input)
+    classify_images.check_setup(opts)  # the ONNX model's input fits --crop 16
+    handler, info, labels = classify_images.make_handler(opts)
+    assert info["engine"] == "tensorrt" and labels == LABELS
+    assert handler.batch_elements_kwargs()["max_batch_size"] == (256 if source == "engine_path" else 16)
+    pipeline = beam.Pipeline(options=options)
+    classify_images.build_pipeline(pipeline, opts, handler, labels)
+    proto = pipeline.to_runner_api()
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    assert {"FindImages", "ReadDecode", "RunInference", "TopK"} <= {n.split("/")[0] for n in names}
+    restored = pickler.loads(pickler.dumps(handler))  # what a worker unpickles
+    assert restored.batch_elements_kwargs() == handler.batch_elements_kwargs()
+    with pytest.raises(EngineError, match=r"--crop 224 does not fit .*\[.*16, 16, 3\]; pass --crop 16"):
+        classify_images.check_setup(PipelineOptions(["--engine", "tensorrt", "--onnx_path", str(onnx_path)])
+                                    .view_as(ClassifyOptions))
 
 
 class MinBatchEngine(Engine):
@@ -244,9 +304,13 @@ def test_validate_command_exit_codes(models, capsys, tmp_path):
     assert validate.main(["--engine", "onnxruntime", "--onnx_path", models["shifted"],
                           "--reference", models["ref"]]) == 1
     assert "FAILED: max |logits diff| 1 > 0.05" in capsys.readouterr().err
-    # Looser, explicit tolerances accept the same candidate.
+    # Looser numeric tolerances still fail it: its top-1 class differs on every photo.
     assert validate.main(["--engine", "onnxruntime", "--onnx_path", models["shifted"], "--reference", models["ref"],
-                          "--atol_logits", "1.5", "--atol_probs", "1"]) == 0
+                          "--atol_logits", "1.5", "--atol_probs", "1"]) == 1
+    assert "FAILED: top-1 agreement 0.0% < 90.0%" in capsys.readouterr().err
+    # Looser, explicit tolerances on every count accept the same candidate.
+    assert validate.main(["--engine", "onnxruntime", "--onnx_path", models["shifted"], "--reference", models["ref"],
+                          "--atol_logits", "1.5", "--atol_probs", "1", "--min_top1", "0"]) == 0
     assert validate.main(["--engine", "onnxruntime", "--engine_path", "x.plan", "--reference", models["ref"]]) == 2
     assert "--engine onnxruntime runs --onnx_path" in capsys.readouterr().err
 

@@ -150,11 +150,25 @@ class TensorRTModelHandler(EngineModelHandler):
             build_options = BuildOptions(profiles=profiles, precision=get("precision") or "fp32",
                                          workspace_gib=get("workspace_gib"), timing_cache=get("timing_cache"),
                                          contexts=num_contexts)
-        return cls(engine_path=get("engine_path"), onnx_path=get("onnx_path"), engine_cache=get("engine_cache"),
-                   build_options=build_options, min_batch_size=min_batch_size, max_batch_size=batch,
-                   share_across_processes=bool(get("share_model_across_processes", False)),
-                   model_copies=int(get("model_copies", 1) or 1), num_contexts=num_contexts,
-                   cuda_graphs=bool(get("cuda_graphs", False)))
+        handler = cls(engine_path=get("engine_path"), onnx_path=get("onnx_path"), engine_cache=get("engine_cache"),
+                      build_options=build_options, min_batch_size=min_batch_size, max_batch_size=batch,
+                      share_across_processes=bool(get("share_model_across_processes", False)),
+                      model_copies=int(get("model_copies", 1) or 1), num_contexts=num_contexts,
+                      cuda_graphs=bool(get("cuda_graphs", False)))
+        if get("engine_path"):
+            # A built plan fixes its profiles, precision and build settings: say so rather than
+            # let a build flag look as if it had taken effect.
+            ignored = [flag for flag, name in (("--trt_profile", "trt_profiles"), ("--workspace_gib", "workspace_gib"),
+                                               ("--timing_cache", "timing_cache"), ("--engine_cache", "engine_cache"))
+                       if get(name)]
+            info = handler._info
+            if info and get("precision") and get("precision") != info.precision:
+                ignored.append(f"--precision {get('precision')} (the plan is {info.precision})")
+            if ignored:
+                _LOG.warning("ignored with --engine_path, which loads a plan as it was built: %s. To change them, "
+                             "rebuild with `python -m engines.build`, or pass --onnx_path to build on the workers",
+                             ", ".join(ignored))
+        return handler
 
     @property
     def profiles(self) -> Tuple[Profile, ...]:

@@ -64,8 +64,9 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int],
             TensorRT itself judges the rest.
 
     Raises:
-        EngineError: another major version, or another exact version for a plan that is
-            not version-compatible; the message names both versions and the fix.
+        EngineError: another major version; a version-compatible plan from a newer minor
+            release; another exact version for a plan that is not version-compatible. The
+            message names both versions and the fix.
     """
     have = ".".join(str(v) for v in runtime_version)
     fix = (f"Rebuild the plan with this TensorRT ({have}) on this GPU type, e.g. with --engine_cache or "
@@ -73,6 +74,11 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int],
     if header.major != runtime_version[0]:
         raise EngineError(f"The plan was built by TensorRT {header.version}, but this runtime is TensorRT "
                           f"{have}; plans never load across major versions. {fix}")
+    if version_compatible and header.minor > runtime_version[1]:
+        raise EngineError(f"The plan was built --version_compatible by TensorRT {header.version}, newer than this "
+                          f"runtime (TensorRT {have}); version-compatible plans load only in the same or a later "
+                          f"{header.major}.x release. Upgrade the runtime, or rebuild the plan with TensorRT "
+                          f"{runtime_version[0]}.{runtime_version[1]} or older")
     if version_compatible is False and (header.major, header.minor, header.patch) != tuple(runtime_version[:3]):
         raise EngineError(f"The plan was built by TensorRT {header.version} without --version_compatible, "
                           f"but this runtime is TensorRT {have}; such plans load only in the exact version "

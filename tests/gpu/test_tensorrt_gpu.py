@@ -126,9 +126,16 @@ def test_multiple_named_inputs_and_outputs():
         out = engine.infer({"a": a, "b": b})
         np.testing.assert_array_equal(out["sum"], a + b.astype(np.float32))
         np.testing.assert_array_equal(out["flag"], a > b)
-        with pytest.raises(EngineError, match=r"Input tensor: a \| shape \(1, 4\) is outside every optimization "
-                                              r"profile"):
-            engine.infer({"a": a[:1], "b": b[:1]})
+        # Below the profile min (2): padded by repeating the last row, the padding's outputs dropped.
+        one = engine.infer({"a": a[:1], "b": b[:1]})
+        assert one["sum"].shape == (1, 4) and one["flag"].shape == (1, 4)
+        np.testing.assert_array_equal(one["sum"], a[:1] + b[:1].astype(np.float32))
+        # Above the profile max (8): split into chunks within the profile.
+        a2, b2 = np.concatenate([a, a[:3]]), np.concatenate([b, b[:3]])
+        np.testing.assert_array_equal(engine.infer({"a": a2, "b": b2})["sum"], a2 + b2.astype(np.float32))
+        # A fixed dimension that does not match is refused before anything is enqueued.
+        with pytest.raises(EngineError, match=r"Input tensor: a \| .*\(2, 5\)"):
+            engine.infer({"a": np.zeros((2, 5), np.float32), "b": np.zeros((2, 5), np.int32)})
 
 
 def test_cuda_graphs_give_the_same_results(classifier):
