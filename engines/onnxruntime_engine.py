@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 from typing import Dict, Sequence, Tuple
 
 import numpy as np
@@ -61,6 +62,14 @@ class OnnxRuntimeEngine(Engine):
         name: A label for stats (the model's URI). Default "".
         allow_spinning: Let idle intra-op threads spin-wait for work. Faster for an engine
             alone; in a pipeline the spinning steals cores from decoding. Default True.
+        stop_spinning_after_run: With ``allow_spinning``, threads spin between the operators
+            of one ``infer`` call but stop when it returns (ONNX Runtime's
+            ``session.force_spinning_stop``), leaving the cores to decoding between batches.
+            Default False.
+        sessions: Sessions of the same model, each with its own ``intra_op_threads`` pool.
+            Concurrent ``infer`` calls (several bundle threads) each take a free session
+            instead of sharing one pool, the CPU analogue of TensorRT's execution contexts.
+            Default 1.
 
     Raises:
         EngineError: the model cannot be parsed, or a provider is unavailable.
@@ -69,7 +78,8 @@ class OnnxRuntimeEngine(Engine):
     kind = "onnxruntime"
 
     def __init__(self, model, providers: Sequence[str] = ("cpu",), intra_op_threads: int = 0,
-                 name: str = "", allow_spinning: bool = True):
+                 name: str = "", allow_spinning: bool = True, sessions: int = 1,
+                 stop_spinning_after_run: bool = False):
         ort = import_optional("onnxruntime", "Install the project: pip install -e . (it depends on onnxruntime).")
         self._name = name or (model if isinstance(model, str) else "<bytes>")
         wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
@@ -84,14 +94,24 @@ class OnnxRuntimeEngine(Engine):
         options.intra_op_num_threads = int(intra_op_threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        if allow_spinning and stop_spinning_after_run:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        if sessions < 1:
+            raise EngineError(f"sessions must be >= 1, got {sessions}")
         try:
-            self._session = ort.InferenceSession(model, sess_options=options, providers=wanted)
+            self._sessions = [ort.InferenceSession(model, sess_options=options, providers=wanted)
+                              for _ in range(sessions)]
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime could not load model {self._name}: {e}") from e
+        self._session = self._sessions[0]
+        self._free: "queue.Queue" = queue.Queue()
+        for session in self._sessions:
+            self._free.put(session)
         self._providers = tuple(self._session.get_providers())
         self._inputs = {n.name: _spec(n) for n in self._session.get_inputs()}
         self._outputs = {n.name: _spec(n) for n in self._session.get_outputs()}
-        _LOG.info("onnxruntime engine loaded %s with providers %s", self._name, list(self._providers))
+        _LOG.info("onnxruntime engine loaded %s with providers %s%s", self._name, list(self._providers),
+                  f", {sessions} sessions" if sessions > 1 else "")
 
     @property
     def input_specs(self) -> Dict[str, TensorSpec]:
@@ -107,17 +127,26 @@ class OnnxRuntimeEngine(Engine):
 
     def infer(self, feed: Feed) -> Outputs:
         check_feed(self._inputs, feed)
-        # InferenceSession.run is thread-safe and releases the GIL.
-        values = self._session.run(list(self._outputs), {k: np.ascontiguousarray(v) for k, v in feed.items()})
+        arrays = {k: np.ascontiguousarray(v) for k, v in feed.items()}
+        # InferenceSession.run releases the GIL; a free session each, so concurrent calls do not
+        # share one intra-op thread pool.
+        session = self._free.get()
+        try:
+            values = session.run(list(self._outputs), arrays)
+        finally:
+            self._free.put(session)
         return dict(zip(self._outputs, values))
 
     def describe(self):
         info = super().describe()
         info.update(model=self._name, providers=list(self._providers))
+        if len(self._sessions) > 1:
+            info["sessions"] = len(self._sessions)
         return info
 
     def close(self) -> None:
         self._session = None
+        self._sessions = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +158,16 @@ class OnnxRuntimeLoader:
         providers: Execution providers, see :class:`OnnxRuntimeEngine`. Default ``("cpu",)``.
         intra_op_threads: Threads per ``infer`` call, 0 = ONNX Runtime's choice. Default 0.
         allow_spinning: See :class:`OnnxRuntimeEngine`. Default True.
+        sessions: See :class:`OnnxRuntimeEngine`. Default 1.
+        stop_spinning_after_run: See :class:`OnnxRuntimeEngine`. Default False.
     """
 
     model_path: str
     providers: Tuple[str, ...] = ("cpu",)
     intra_op_threads: int = 0
     allow_spinning: bool = True
+    sessions: int = 1
+    stop_spinning_after_run: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -142,8 +175,11 @@ class OnnxRuntimeLoader:
             raise EngineError("providers must name at least one execution provider, e.g. ('cpu',)")
         if self.intra_op_threads < 0:
             raise EngineError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        if self.sessions < 1:
+            raise EngineError(f"sessions must be >= 1, got {self.sessions}")
 
     def __call__(self) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(storage.read_bytes(self.model_path), self.providers,
-                                 self.intra_op_threads, name=self.model_path, allow_spinning=self.allow_spinning)
+                                 self.intra_op_threads, name=self.model_path, allow_spinning=self.allow_spinning,
+                                 sessions=self.sessions, stop_spinning_after_run=self.stop_spinning_after_run)
 

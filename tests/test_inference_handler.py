@@ -124,3 +124,52 @@ def test_keyed_run_inference_with_a_short_last_batch(sum_model):
                    | RunInference(KeyedModelHandler(handler))
                    | beam.MapTuple(lambda key, result: (key, float(result.inference["total"]))))
         assert_that(results, equal_to(expected))
+
+
+def test_several_sessions_serve_concurrent_batches(model_path):
+    # Each concurrent infer call takes a free session (its own thread pool); results must not mix.
+    import concurrent.futures
+
+    engine = OnnxRuntimeLoader(model_path, intra_op_threads=1, sessions=2)()
+    assert engine.describe()["sessions"] == 2 and len(engine._sessions) == 2
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 256, size=(n, 224, 224, 3), dtype=np.uint8) for n in (1, 3, 2, 4, 3, 1)]
+    single = OnnxRuntimeEngine(model_path, intra_op_threads=1)
+    want = [single.infer({"images": b})["logits"] for b in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda b: engine.infer({"images": b})["logits"], batches))
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert engine._free.qsize() == 2  # every session was given back
+    with pytest.raises(EngineError, match="sessions must be >= 1"):
+        OnnxRuntimeLoader(model_path, sessions=0)
+
+
+@pytest.mark.parametrize("flag,allow,stop", [("off", "0", ""), ("on", "1", ""), ("run", "1", "1")])
+def test_spinning_flag_reaches_the_session_options(model_path, monkeypatch, flag, allow, stop):
+    import onnxruntime as ort
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.classify_images import ClassifyOptions, make_handler
+
+    seen = []
+    real = ort.InferenceSession
+
+    def entry(options, key):
+        try:
+            return options.get_session_config_entry(key)
+        except RuntimeError:  # onnxruntime's answer for a key that was never set
+            return ""
+
+    def spy(model, sess_options=None, providers=None):
+        seen.append({key: entry(sess_options, key)
+                     for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop")})
+        return real(model, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    opts = PipelineOptions(["--ort_spinning", flag, "--ort_sessions", "2"]).view_as(ClassifyOptions)
+    handler, info, _ = make_handler(opts)
+    engine = handler.load_model()
+    assert info["ort_spinning"] == flag and info["ort_sessions"] == 2
+    assert seen == [{"session.intra_op.allow_spinning": allow, "session.force_spinning_stop": stop}] * 2
+    assert engine.infer({"images": np.zeros((1, 224, 224, 3), np.uint8)})["logits"].shape == (1, 1000)
