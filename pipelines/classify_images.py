@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
@@ -68,9 +68,14 @@ class ClassifyOptions(PipelineOptions):
                                  "Default: cpu.")
         parser.add_argument("--intra_op_threads", type=int, default=0,
                             help="ONNX Runtime threads per batch; 0 = one per core. Default: 0.")
-        parser.add_argument("--ort_spinning", default="off", choices=("on", "off"),
-                            help="ONNX Runtime idle threads spin-wait (on) or sleep (off, leaves the cores to "
-                                 "decoding). Default: off.")
+        parser.add_argument("--ort_sessions", type=int, default=1,
+                            help="ONNX Runtime sessions of the model per process, each with its own "
+                                 "--intra_op_threads: concurrent batches (several bundle threads, e.g. "
+                                 "--direct_running_mode=multi_threading) each get one. Default: 1.")
+        parser.add_argument("--ort_spinning", default="off", choices=("on", "off", "run"),
+                            help="ONNX Runtime idle threads spin-wait (on), sleep (off, leaves the cores to "
+                                 "decoding), or spin only while a batch runs and stop when it returns (run). "
+                                 "Default: off.")
         parser.add_argument("--engine_path", default=None, help="TensorRT: a serialized engine (.plan).")
         parser.add_argument("--onnx_path", default=None,
                             help="TensorRT: an ONNX model to build (or fetch from --engine_cache) on the worker.")
@@ -141,7 +146,9 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
         model = options.model or DEFAULT_MODEL
         batch = options.batch_size or DEFAULT_BATCH_SIZE
         loader = OnnxRuntimeLoader(model, tuple(p.strip() for p in options.providers.split(",") if p.strip()),
-                                   options.intra_op_threads, allow_spinning=options.ort_spinning == "on")
+                                   options.intra_op_threads, allow_spinning=options.ort_spinning in ("on", "run"),
+                                   sessions=options.ort_sessions,
+                                   stop_spinning_after_run=options.ort_spinning == "run")
         # Fixed batches (min = max): Beam's adaptive sizing settled near 14 at max 32 and cost 13% of
         # throughput on 16 cores (benchmarks/NOTES.md). The bundle's last batch may still be shorter.
         handler = EngineModelHandler(loader, min_batch_size=options.min_batch_size or batch,
@@ -149,7 +156,8 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
                                      model_copies=options.model_copies, metrics_namespace="onnxruntime",
                                      model_id=model)
         info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
-                "ort_spinning": options.ort_spinning}
+                "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
+                "intra_op_threads": options.intra_op_threads}
         return handler, info, explicit_labels or _onnx_summary(model).labels
     from transforms.tensorrt_handler import TensorRTModelHandler
 
@@ -257,6 +265,36 @@ def is_local(options: PipelineOptions) -> bool:
     return runner is None or str(runner).split(".")[-1] in LOCAL_RUNNERS
 
 
+#: Local CPU runs on at least this many cores default to two bundle threads, each with its own
+#: ONNX Runtime session on half the cores (benchmarks/NOTES.md: +10-15% on 16 cores, no gain on 2).
+PARALLEL_LOCAL_MIN_CORES = 8
+_PARALLEL_FLAGS = ("--direct_running_mode", "--direct_num_workers", "--ort_sessions", "--intra_op_threads")
+
+
+def apply_local_defaults(options: PipelineOptions, argv: Sequence[str]) -> Optional[str]:
+    """Sets the measured-fastest local settings for ONNX Runtime on a CPU with many cores.
+
+    One bundle thread feeding one engine leaves most of a large machine idle between batches;
+    two bundle threads (``multi_threading`` x2), each taking its own session of half the cores,
+    keep the engine busier. Applied only on the DirectRunner, with ``--providers cpu``, on
+    :data:`PARALLEL_LOCAL_MIN_CORES` or more cores, and when none of the flags it sets was given.
+
+    Returns:
+        What was set (for stats.json), or None.
+    """
+    opts = options.view_as(ClassifyOptions)
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    cores = os.cpu_count() or 1
+    if (not is_local(options) or opts.engine != "onnxruntime" or opts.providers.strip().lower() != "cpu"
+            or cores < PARALLEL_LOCAL_MIN_CORES or given.intersection(_PARALLEL_FLAGS)):
+        return None
+    direct = options.view_as(DirectOptions)
+    direct.direct_running_mode, direct.direct_num_workers = "multi_threading", 2
+    opts.ort_sessions, opts.intra_op_threads = 2, cores // 2
+    return (f"{cores} cores: --direct_running_mode=multi_threading --direct_num_workers=2 --ort_sessions 2 "
+            f"--intra_op_threads {cores // 2} (pass any of them to choose yourself)")
+
+
 def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Dict[str, Any]:
     """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats."""
     # ClassifyOptions(argv), not PipelineOptions(argv): only the former lists our flags in --help.
@@ -270,6 +308,9 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
         raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
     check_input(opts.input)
     check_setup(opts)
+    local_defaults = apply_local_defaults(options, argv if argv is not None else sys.argv[1:])
+    if local_defaults:
+        _LOG.info("local defaults for %s", local_defaults)
     handler, engine_info, labels = make_handler(opts)
     batching = handler.batch_elements_kwargs()
     local = is_local(options)
@@ -282,6 +323,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
         "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,
         "direct_num_workers": options.view_as(DirectOptions).direct_num_workers,
         "decode_threads": opts.decode_threads,
+        "local_defaults": local_defaults,
         "labels": "from model metadata" if labels and not opts.labels_file else (opts.labels_file or None),
     }
     _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)

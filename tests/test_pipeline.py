@@ -264,3 +264,37 @@ def test_float_nchw_model_is_refused_at_start(corpus, tmp_path):
     directory, _, _ = corpus
     with pytest.raises(EngineError, match=r"input 'images' is FLOAT .*export the model with its preprocessing"):
         classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--model", nchw])
+
+
+def test_many_core_local_defaults_two_bundle_threads_two_sessions_lose_nothing(corpus, model_path, tmp_path,
+                                                                                 monkeypatch):
+    # What a 16-core machine gets by default: multi_threading x2, two ONNX Runtime sessions.
+    monkeypatch.setattr(classify_images.os, "cpu_count", lambda: 16)
+    directory, good, broken = corpus
+    out = tmp_path / "mt"
+    stats = classify_images.run(["--input", directory, "--output", str(out), "--batch_size", "4"])
+    _check_outputs(str(out), good, broken)
+    settings = stats["settings"]
+    assert settings["direct_running_mode"] == "multi_threading" and settings["direct_num_workers"] == 2
+    assert settings["local_defaults"].startswith("16 cores: --direct_running_mode=multi_threading")
+    assert stats["engine"]["ort_sessions"] == 2 and stats["engine"]["intra_op_threads"] == 8
+    assert stats["inputs"] == len(good) + len(broken) and stats["unaccounted"] == 0
+
+
+def test_local_defaults_step_aside_for_explicit_flags_and_other_runners(monkeypatch):
+    monkeypatch.setattr(classify_images.os, "cpu_count", lambda: 16)
+
+    def applied(*flags):
+        options = PipelineOptions(["--input", "x", "--output", "y", *flags])
+        return classify_images.apply_local_defaults(options, list(flags)), options
+
+    done, options = applied()
+    assert done and options.view_as(ClassifyOptions).ort_sessions == 2
+    for flags in (["--direct_running_mode=in_memory"], ["--direct_num_workers", "1"], ["--intra_op_threads=4"],
+                  ["--ort_sessions=1"], ["--providers", "cuda"], ["--runner", "DataflowRunner"],
+                  ["--engine", "tensorrt"]):
+        done, options = applied(*flags)
+        assert done is None, flags
+        assert options.view_as(ClassifyOptions).ort_sessions == 1, flags
+    monkeypatch.setattr(classify_images.os, "cpu_count", lambda: 4)
+    assert applied()[0] is None  # small machines: one bundle thread measured as fast
