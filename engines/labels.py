@@ -1,9 +1,9 @@
-"""Class names (from a file or an ONNX model's ``labels`` metadata) and an ONNX model's named I/O."""
+"""Class names: parsed from a file or from an ONNX model's ``labels`` metadata."""
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import List, Optional
 
 from engines.base import EngineError
 
@@ -27,36 +27,7 @@ def parse_labels(text: Optional[str]) -> Optional[List[str]]:
 
 def onnx_labels(model: bytes) -> Optional[List[str]]:
     """Class names from a serialized ONNX model's ``labels`` metadata (see engines.export_efficientnet)."""
-    return onnx_summary(model).labels
+    from engines.onnx_summary import summarize_onnx  # imports this module: import when called
 
-
-class OnnxSummary(NamedTuple):
-    """What the launcher needs from an ONNX model, without loading it into an engine.
-
-    Attributes:
-        labels: Class names from the ``labels`` metadata, or None.
-        inputs: Input name -> (element type name such as ``UINT8``, dims: int, or str for a
-            named dynamic dimension, or None when unknown).
-        outputs: Output names, in graph order.
-    """
-
-    labels: Optional[List[str]]
-    inputs: Dict[str, Tuple[str, Tuple[Union[int, str, None], ...]]]
-    outputs: List[str]
-
-
-def onnx_summary(model: bytes) -> OnnxSummary:
-    """Labels and graph inputs/outputs of a serialized ONNX model (initializers are not inputs)."""
-    import onnx
-
-    proto = onnx.load_model_from_string(model)
-    initializers = {i.name for i in proto.graph.initializer}
-    inputs = {}
-    for value in proto.graph.input:
-        if value.name in initializers:
-            continue
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-        inputs[value.name] = (onnx.TensorProto.DataType.Name(tensor.elem_type), dims)
-    labels = parse_labels({p.key: p.value for p in proto.metadata_props}.get("labels"))
-    return OnnxSummary(labels, inputs, [o.name for o in proto.graph.output])
+    labels = summarize_onnx(model).labels
+    return list(labels) if labels is not None else None

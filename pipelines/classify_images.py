@@ -158,7 +158,7 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
         info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
                 "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
                 "intra_op_threads": options.intra_op_threads}
-        return handler, info, explicit_labels or _onnx_summary(model).labels
+        return handler, info, explicit_labels or _labels(_onnx_summary(model))
     from transforms.tensorrt_handler import TensorRTModelHandler
 
     if not (options.engine_path or options.onnx_path):
@@ -166,7 +166,7 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
                           "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
     handler = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
     labels = explicit_labels or handler.labels() or (
-        _onnx_summary(options.onnx_path).labels if options.onnx_path else None)
+        _labels(_onnx_summary(options.onnx_path)) if options.onnx_path else None)
     return handler, {**handler.describe_engine(), "model": options.engine_path or options.onnx_path}, labels
 
 
@@ -174,9 +174,13 @@ def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optiona
 def _onnx_summary(path: str):
     """Labels and named I/O of an ONNX model (read once per launcher, local or gs://)."""
     from engines import storage
-    from engines.labels import onnx_summary
+    from engines.onnx_summary import summarize_onnx
 
-    return onnx_summary(storage.read_bytes(path))
+    return summarize_onnx(storage.read_bytes(path))
+
+
+def _labels(summary) -> Optional[List[str]]:
+    return list(summary.labels) if summary.labels is not None else None
 
 
 def check_setup(options: ClassifyOptions) -> PreprocessConfig:
@@ -200,18 +204,19 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     if not model:
         return config  # a TensorRT plan: its shapes are checked when a worker loads it
     summary = _onnx_summary(model)
-    if options.output_name not in summary.outputs:
+    outputs = [name for name, _, _ in summary.outputs]
+    if options.output_name not in outputs:
         raise EngineError(f"--output_name {options.output_name!r} is not an output of {model}; its outputs are "
-                          f"{summary.outputs}")
+                          f"{outputs}")
     if len(summary.inputs) != 1:
-        raise EngineError(f"{model} has {len(summary.inputs)} inputs {sorted(summary.inputs)}; this pipeline feeds "
-                          f"one batch of images (uint8 [N, crop, crop, 3])")
-    (name, (dtype, dims)), = summary.inputs.items()
+        raise EngineError(f"{model} has {len(summary.inputs)} inputs {[n for n, _, _ in summary.inputs]}; this "
+                          f"pipeline feeds one batch of images (uint8 [N, crop, crop, 3])")
+    (name, dtype, dims), = summary.inputs
     if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
         raise EngineError(f"{model} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
                           f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
                           f"inside (see `python -m engines.export_efficientnet --help`)")
-    fixed = [d for d in dims[1:3] if isinstance(d, int) and d > 0]
+    fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
     if any(d != config.crop for d in fixed):
         raise EngineError(f"--crop {config.crop} does not fit {model}: its input {name!r} is {list(dims)}; pass "
                           f"--crop {fixed[0]} (and --resize >= {fixed[0]})")

@@ -16,21 +16,20 @@ import datetime
 import hashlib
 import logging
 import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Union
 
 from engines import storage
 from engines.base import EngineError, import_optional
 from engines.tensorrt import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, version_tuple
 from engines.tensorrt.options import BuildOptions
-from engines.labels import parse_labels
+from engines.onnx_summary import ONNX_HINT, OnnxSummary, summarize_onnx
 from engines.tensorrt.plan import PlanInfo
 
 _LOG = logging.getLogger(__name__)
 
 OnnxSource = Union[bytes, str]
 
-_ONNX_HINT = "Install the project: pip install -e . (it depends on onnx)."
 _FP16_HINT = ("fp16 builds on TensorRT 11.x convert the ONNX model first: pip install onnxconverter-common "
               "(it is in the image built from Dockerfile).")
 
@@ -44,52 +43,6 @@ def read_onnx(source: OnnxSource) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     return storage.read_bytes(str(source))
-
-
-@dataclasses.dataclass(frozen=True)
-class OnnxSummary:
-    """What the build needs to know about an ONNX model, read without TensorRT.
-
-    Attributes:
-        inputs: ``[(name, onnx elem type name, dims)]``; a dynamic dim is -1.
-        outputs: Likewise for outputs.
-        metadata: The model's ``metadata_props``.
-        labels: Parsed ``labels`` metadata (JSON list or one per line), or None.
-    """
-
-    inputs: tuple
-    outputs: tuple
-    metadata: Dict[str, str]
-    labels: Optional[tuple]
-
-
-def summarize_onnx(model_bytes: bytes) -> OnnxSummary:
-    """Reads inputs, outputs and metadata of an ONNX model (onnx only, no TensorRT).
-
-    Raises:
-        EngineError: the bytes are not an ONNX model.
-    """
-    onnx = import_optional("onnx", _ONNX_HINT)
-    try:
-        model = onnx.load_model_from_string(model_bytes)
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise EngineError(f"Not an ONNX model ({len(model_bytes)} bytes): {e}") from e
-    initializers = {i.name for i in model.graph.initializer}
-
-    def describe(values):
-        out = []
-        for v in values:
-            if v.name in initializers:
-                continue
-            t = v.type.tensor_type
-            dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in t.shape.dim)
-            out.append((v.name, onnx.TensorProto.DataType.Name(t.elem_type), dims))
-        return tuple(out)
-
-    meta = {p.key: p.value for p in model.metadata_props}
-    labels = parse_labels(meta.get("labels"))
-    return OnnxSummary(describe(model.graph.input), describe(model.graph.output), meta,
-                       tuple(labels) if labels is not None else None)
 
 
 def check_batch_dims(summary: OnnxSummary) -> None:
@@ -124,7 +77,7 @@ def convert_to_fp16(model_bytes: bytes) -> bytes:
     Used on TensorRT 11.x, whose strongly typed networks take their precision from the
     ONNX model (TENSORRT.md, "11.0 changed").
     """
-    onnx = import_optional("onnx", _ONNX_HINT)
+    onnx = import_optional("onnx", ONNX_HINT)
     float16 = import_optional("onnxconverter_common.float16", _FP16_HINT)
     model = onnx.load_model_from_string(model_bytes)
     float_casts = {node.output[0] for node in model.graph.node
