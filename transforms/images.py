@@ -142,9 +142,11 @@ class _Match(beam.DoFn):
             yield ImageRef(metadata.path)
         for path, error in unlistable_local_files(pattern):
             self._inputs.inc()
-            kind = "broken symlink (its target is missing)" if os.path.islink(path) else "file vanished or unreadable"
-            yield dead_letter(path, f"cannot read file ({kind}: {error.strerror or error}); fix or remove the "
-                                    f"link, or restore its target", "read")
+            if os.path.islink(path):
+                what, fix = "broken symlink (its target is missing)", "restore the target or remove the link"
+            else:
+                what, fix = "file vanished or cannot be stat'ed", "check the file and the job's permissions"
+            yield dead_letter(path, f"cannot read file ({what}: {error.strerror or error}); {fix}", "read")
 
 
 class _ReadManifest(beam.DoFn):

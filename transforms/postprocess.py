@@ -86,12 +86,16 @@ class TopK(beam.DoFn):
 MAX_REASON_CHARS = 600
 
 
+def _is_beam_error_tuple(error) -> bool:
+    return isinstance(error, tuple) and len(error) == 3 and isinstance(error[0], type)
+
+
 def describe_failure(exception) -> str:
     """``TypeName: message`` for an exception, or for the ``(type, repr, traceback lines)`` tuple
     that Beam's ``with_exception_handling`` emits in place of the exception object."""
     if isinstance(exception, BaseException):
         text = f"{type(exception).__name__}: {exception}"
-    elif isinstance(exception, tuple) and len(exception) == 3 and isinstance(exception[0], type):
+    elif _is_beam_error_tuple(exception):
         exc_type, exc_repr, lines = exception
         # The traceback's last line is "module.Type: message", the message exactly as raised.
         last = "".join(lines).rstrip().splitlines()[-1] if lines else ""
@@ -113,7 +117,7 @@ class FailedBatchToDeadLetters(beam.DoFn):
     def process(self, failure):
         batch, exception = failure
         reason = f"inference failed for the batch holding this image ({describe_failure(exception)})"
-        if isinstance(exception, tuple) and len(exception) == 3 and exception[2]:
+        if _is_beam_error_tuple(exception) and exception[2]:
             _LOG.warning("a batch of %d failed in RunInference:\n%s", len(batch), "".join(exception[2]))
         for key, _ in batch:
             ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
