@@ -1,0 +1,106 @@
+"""The worker image's recipe, checked statically (no Docker engine runs on our build machines).
+
+What a Dataflow worker needs from the Dockerfile and what drifts silently when someone edits
+one pin: every version pinned once at the top and in the constraints file, each pin inside
+the range setup.py asks for, Beam's SDK harness from the same Beam release and Python minor
+version, its ``boot`` entrypoint, and the project's packages copied in.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+
+
+def _top_args():
+    """ARG NAME=VALUE lines before the first FROM (the one place versions are pinned)."""
+    head = DOCKERFILE.split("\nFROM ", 1)[0]
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", head, flags=re.M))
+
+
+def _stages():
+    """{stage name: its text} for every FROM ... AS name (the last, unnamed FROM as 'default')."""
+    parts = re.split(r"^FROM ", DOCKERFILE, flags=re.M)[1:]
+    stages = {}
+    for part in parts:
+        first = part.splitlines()[0]
+        match = re.search(r"\bAS (\w+)", first)
+        stages[match.group(1) if match else "default"] = part
+    return stages
+
+
+def _setup_requirements():
+    tree = ast.parse((REPO / "setup.py").read_text())
+    beam = next(node.value.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and getattr(node.targets[0], "id", None) == "BEAM")
+    call = next(node for node in ast.walk(tree) if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setup")
+    keywords = {k.arg: k.value for k in call.keywords}
+    install = [beam] + [e.value for e in keywords["install_requires"].elts if isinstance(e, ast.Constant)]
+    extras = {ast.literal_eval(k): [ast.literal_eval(v) for v in vals.elts]
+              for k, vals in zip(keywords["extras_require"].keys, keywords["extras_require"].values)}
+    return {Requirement(r).name: Requirement(r) for r in install + extras["tensorrt"]}
+
+
+def test_every_arg_used_is_pinned_once_at_the_top():
+    pins = _top_args()
+    used = set(re.findall(r"\$\{(\w+)\}", DOCKERFILE))
+    assert used <= set(pins) | {"numpy_version"}, used - set(pins)
+    head = DOCKERFILE.split("\nFROM ", 1)[0]
+    for name in pins:
+        assert len(re.findall(rf"^ARG {name}=", head, flags=re.M)) == 1, name
+    # A stage sees a top-level ARG only if it re-declares it: every stage that uses one does.
+    for stage, text in _stages().items():
+        body = text.split("\n", 1)[1] if "\n" in text else ""
+        for name in set(re.findall(r"\$\{(\w+)\}", body)) & set(pins):
+            assert re.search(rf"^ARG {name}$", body, flags=re.M), f"stage {stage} uses {name} without ARG {name}"
+
+
+def test_pins_fall_inside_setup_py_ranges():
+    pins = _top_args()
+    wanted = _setup_requirements()
+    pinned = {"apache-beam": pins["BEAM_VERSION"], "onnx": pins["ONNX_VERSION"],
+              "onnxruntime": pins["ONNXRUNTIME_VERSION"], "pillow": pins["PILLOW_VERSION"],
+              "pyarrow": pins["PYARROW_VERSION"], "cuda-python": pins["CUDA_PYTHON_VERSION"],
+              "onnxconverter-common": pins["ONNXCONVERTER_COMMON_VERSION"]}
+    for name, version in pinned.items():
+        assert wanted[name].specifier.contains(version), f"Dockerfile pins {name}=={version}, setup.py wants {wanted[name]}"
+    assert pins["NUMPY_VERSION"] == "image"  # NVIDIA's bindings are built against the image's numpy
+
+
+def test_constraints_file_carries_every_pin():
+    constraints = re.search(r"printf '%s\\n' (.*?)> /opt/constraints.txt", DOCKERFILE, flags=re.S).group(1)
+    listed = dict(re.findall(r'"([\w-]+)==\$\{?(\w+)\}?"', constraints))
+    assert listed == {"numpy": "numpy_version", "onnx": "ONNX_VERSION", "onnxruntime": "ONNXRUNTIME_VERSION",
+                      "pillow": "PILLOW_VERSION", "pyarrow": "PYARROW_VERSION", "apache-beam": "BEAM_VERSION",
+                      "cuda-python": "CUDA_PYTHON_VERSION", "onnxconverter-common": "ONNXCONVERTER_COMMON_VERSION",
+                      "pytest": "PYTEST_VERSION", "scikit-image": "SCIKIT_IMAGE_VERSION"}
+    assert "ENV PIP_CONSTRAINT=/opt/constraints.txt" in DOCKERFILE
+
+
+def test_beam_sdk_harness_matches_and_boots_the_worker():
+    stages = _stages()
+    assert stages["beam_sdk"].startswith("apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk")
+    assert _top_args()["PYTHON_VERSION"] == "3.12"
+    worker = stages["worker"]
+    assert worker.startswith("${TENSORRT_IMAGE} AS worker")
+    assert re.search(r"^COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam$", worker, flags=re.M)
+    assert re.search(r'^ENTRYPOINT \["/opt/apache/beam/boot"\]$', worker, flags=re.M)
+    assert "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in worker  # no fresh virtualenv on every worker start
+    # The installed Beam must be the harness's release; the build checks it, and the base image's Python.
+    assert '"apache-beam[gcp]==${BEAM_VERSION}"' in worker
+    assert "assert apache_beam.__version__ == '${BEAM_VERSION}'" in worker
+    assert "assert sys.version_info[:2] == want" in worker
+    assert stages["default"].strip() == "worker"  # `docker build .` gives the worker, not the test stage
+
+
+@pytest.mark.parametrize("package", ["engines", "transforms", "pipelines"])
+def test_project_packages_are_copied_and_installed(package):
+    assert re.search(rf"^COPY {package} {package}$", DOCKERFILE, flags=re.M)
+    assert (REPO / package / "__init__.py").exists()
