@@ -183,6 +183,19 @@ def _labels(summary) -> Optional[List[str]]:
     return list(summary.labels) if summary.labels is not None else None
 
 
+def preprocess_config(options: ClassifyOptions) -> PreprocessConfig:
+    """The preprocessing the flags ask for.
+
+    Raises:
+        EngineError: sizes that cannot work together, naming the flags.
+    """
+    try:
+        return PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
+                                draft=not options.no_jpeg_draft)
+    except ValueError as e:
+        raise EngineError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
+
+
 def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     """Checks, before anything runs, that the preprocessing and the model fit together.
 
@@ -195,11 +208,7 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     Raises:
         EngineError: naming the flag to change.
     """
-    try:
-        config = PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
-                                  draft=not options.no_jpeg_draft)
-    except ValueError as e:
-        raise EngineError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
+    config = preprocess_config(options)
     model = (options.model or DEFAULT_MODEL) if options.engine == "onnxruntime" else options.onnx_path
     if not model:
         return config  # a TensorRT plan: its shapes are checked when a worker loads it
@@ -227,7 +236,7 @@ def check_input(path: str) -> None:
     """Fails fast when the input matches nothing (a broken setup, not a bad record)."""
     from apache_beam.io.filesystems import FileSystems
 
-    from transforms.images import is_manifest, normalize_pattern
+    from transforms.images import has_glob, is_manifest, normalize_pattern
 
     pattern = path if is_manifest(path) else normalize_pattern(path)
     try:
@@ -236,7 +245,7 @@ def check_input(path: str) -> None:
         raise EngineError(f"Cannot list --input {path}: {e}") from e
     if not matched:
         hint = (" A folder in a bucket needs a trailing slash (gs://bucket/dir/) or a glob (gs://bucket/dir/*.jpg)."
-                if "://" in path and not path.endswith("/") and not any(c in path for c in "*?[") else "")
+                if "://" in path and not path.endswith("/") and not has_glob(path) else "")
         raise EngineError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
 
 
@@ -247,8 +256,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     Returns:
         (prediction rows, dead-letter rows) PCollections.
     """
-    config = PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
-                              draft=not options.no_jpeg_draft)
+    config = preprocess_config(options)
     found = pipeline | "FindImages" >> ImageRefs(options.input)
     decoded = found["refs"] | "ReadDecode" >> beam.ParDo(
         DecodeImages(config, options.decode_threads,

@@ -46,9 +46,14 @@ def dead_letter(uri: str, error: str, stage: str, id: Optional[str] = None) -> b
     return beam.pvalue.TaggedOutput(DEAD_LETTER, row)
 
 
+def has_glob(path: str) -> bool:
+    """True when ``path`` holds a glob character (``*``, ``?`` or ``[``)."""
+    return any(c in path for c in "*?[")
+
+
 def is_manifest(path: str) -> bool:
     """True when ``path`` names a manifest (by suffix: .txt, .csv, .jsonl, .ndjson) rather than images."""
-    return path.lower().endswith(MANIFEST_SUFFIXES) and not any(c in path for c in "*?[")
+    return path.lower().endswith(MANIFEST_SUFFIXES) and not has_glob(path)
 
 
 def normalize_pattern(path: str) -> str:
