@@ -14,7 +14,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-Feed = Mapping[str, np.ndarray]
+#: One array per input name: numpy on the host, or a device-resident array exposing
+#: ``__cuda_array_interface__`` (CuPy, DALI's TensorGPU, torch CUDA tensors), C-contiguous.
+Feed = Mapping[str, Any]
+#: One host numpy array per output name.
 Outputs = Dict[str, np.ndarray]
 
 
@@ -55,6 +58,58 @@ class TensorSpec:
         return f"{self.name}: {self.dtype}[{dims}]"
 
 
+@dataclasses.dataclass(frozen=True)
+class ArrayInfo:
+    """Shape, dtype and place of one fed array, host or device.
+
+    Attributes:
+        shape: The array's shape.
+        dtype: Its numpy dtype.
+        device_ptr: The device address for a CUDA array, None for a host array.
+    """
+
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    device_ptr: Optional[int] = None
+
+    @property
+    def on_device(self) -> bool:
+        return self.device_ptr is not None
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def array_info(array) -> ArrayInfo:
+    """Describes a host (numpy) or device (``__cuda_array_interface__``) array without copying it.
+
+    Raises:
+        EngineError: a device array that is not C-contiguous (engines bind one flat buffer).
+    """
+    cai = getattr(array, "__cuda_array_interface__", None)
+    if cai is None:
+        array = np.asarray(array)
+        return ArrayInfo(tuple(array.shape), array.dtype)
+    shape = tuple(int(d) for d in cai["shape"])
+    dtype = np.dtype(cai["typestr"])
+    strides = cai.get("strides")
+    if strides is not None:
+        expected, step = [], dtype.itemsize
+        for dim in reversed(shape):
+            expected.insert(0, step)
+            step *= dim
+        if tuple(strides) != tuple(expected) and 0 not in shape:
+            raise EngineError(f"device array of shape {shape} is not C-contiguous (strides {tuple(strides)}); "
+                              f"make it contiguous before feeding it")
+    return ArrayInfo(shape, dtype, int(cai["data"][0]))
+
+
+def is_device_array(array) -> bool:
+    """True for an array on a CUDA device (it exposes ``__cuda_array_interface__``)."""
+    return hasattr(array, "__cuda_array_interface__")
+
+
 def check_feed(specs: Mapping[str, TensorSpec], feed: Feed) -> int:
     """Validates a feed against input specs and returns its batch size.
 
@@ -77,21 +132,21 @@ def check_feed(specs: Mapping[str, TensorSpec], feed: Feed) -> int:
             f"Note: the model expects {[s.describe() for s in specs.values()]}")
     batch = None
     for name, spec in specs.items():
-        array = feed[name]
+        array = array_info(feed[name])
         if array.dtype != spec.dtype:
             raise EngineError(
                 f"Input tensor: {name} | Received unexpected dtype: {array.dtype}. "
                 f"Note: Expected type: {spec.dtype}")
-        if array.ndim != len(spec.shape):
+        if len(array.shape) != len(spec.shape):
             raise EngineError(
-                f"Input tensor: {name} | Received shape {tuple(array.shape)} with rank {array.ndim}. "
+                f"Input tensor: {name} | Received shape {tuple(array.shape)} with rank {len(array.shape)}. "
                 f"Note: Expected {spec.describe()}")
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
             if want != -1 and got != want:
                 raise EngineError(
                     f"Input tensor: {name} | Received shape {tuple(array.shape)}, dimension {axis} is "
                     f"{got}. Note: Expected {spec.describe()}")
-        if array.ndim:
+        if array.shape:
             if batch is None:
                 batch = array.shape[0]
             elif array.shape[0] != batch:
@@ -144,18 +199,36 @@ class Engine(abc.ABC):
         return ()
 
     @abc.abstractmethod
-    def infer(self, feed: Feed) -> Outputs:
+    def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         """Runs one batch.
 
         Args:
-            feed: One array per input name, all with the same batch size.
+            feed: One array per input name, all with the same batch size: numpy arrays, or
+                device-resident arrays (``__cuda_array_interface__``), which a GPU engine
+                reads where they are, with no host round trip.
+            outputs: The output names to return (only these are copied to the host).
+                Default None: every output.
 
         Returns:
-            One array per output name, with the batch as dimension 0.
+            One host numpy array per requested output name, with the batch as dimension 0.
 
         Raises:
             EngineError: the feed does not match ``input_specs``.
         """
+
+    def _output_names(self, outputs: Optional[Sequence[str]]) -> List[str]:
+        """The requested output names (all when None), checked against the model's outputs.
+
+        Raises:
+            EngineError: a name that is not an output of the model.
+        """
+        if outputs is None:
+            return list(self.output_specs)
+        unknown = [name for name in outputs if name not in self.output_specs]
+        if unknown:
+            raise EngineError(f"Output tensor(s) {unknown} are not outputs of the model; its outputs are "
+                              f"{list(self.output_specs)}")
+        return list(outputs)
 
     def describe(self) -> Dict[str, Any]:
         """A JSON-able summary for stats and logs."""

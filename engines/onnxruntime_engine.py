@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -125,17 +125,18 @@ class OnnxRuntimeEngine(Engine):
     def providers(self) -> Tuple[str, ...]:
         return self._providers
 
-    def infer(self, feed: Feed) -> Outputs:
+    def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         check_feed(self._inputs, feed)
+        names = self._output_names(outputs)
         arrays = {k: np.ascontiguousarray(v) for k, v in feed.items()}
         # InferenceSession.run releases the GIL; a free session each, so concurrent calls do not
         # share one intra-op thread pool.
         session = self._free.get()
         try:
-            values = session.run(list(self._outputs), arrays)
+            values = session.run(names, arrays)
         finally:
             self._free.put(session)
-        return dict(zip(self._outputs, values))
+        return dict(zip(names, values))
 
     def describe(self):
         info = super().describe()
