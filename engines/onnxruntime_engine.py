@@ -15,7 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from engines import storage
-from engines.base import Engine, EngineError, Feed, Outputs, TensorSpec, check_feed, import_optional
+from engines.base import (Engine, EngineError, Feed, Outputs, TensorSpec, array_info, check_feed, import_optional,
+                          is_device_array)
 
 _LOG = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ def _spec(node) -> TensorSpec:
         raise EngineError(f"Tensor: {node.name} | Unsupported ONNX type {node.type}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     return TensorSpec(node.name, _ORT_DTYPES[node.type], shape)
+
+
+def _cuda_device_id(session) -> int:
+    options = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return int(options.get("device_id", 0))
 
 
 class OnnxRuntimeEngine(Engine):
@@ -108,6 +114,7 @@ class OnnxRuntimeEngine(Engine):
         for session in self._sessions:
             self._free.put(session)
         self._providers = tuple(self._session.get_providers())
+        self._device_id = _cuda_device_id(self._session) if "CUDAExecutionProvider" in self._providers else None
         self._inputs = {n.name: _spec(n) for n in self._session.get_inputs()}
         self._outputs = {n.name: _spec(n) for n in self._session.get_outputs()}
         _LOG.info("onnxruntime engine loaded %s with providers %s%s", self._name, list(self._providers),
@@ -128,12 +135,40 @@ class OnnxRuntimeEngine(Engine):
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         check_feed(self._inputs, feed)
         names = self._output_names(outputs)
+        if any(is_device_array(v) for v in feed.values()):
+            return self._infer_device(feed, names)
         arrays = {k: np.ascontiguousarray(v) for k, v in feed.items()}
         # InferenceSession.run releases the GIL; a free session each, so concurrent calls do not
         # share one intra-op thread pool.
         session = self._free.get()
         try:
             values = session.run(names, arrays)
+        finally:
+            self._free.put(session)
+        return dict(zip(names, values))
+
+    def _infer_device(self, feed: Feed, names: Sequence[str]) -> Outputs:
+        """Device-resident inputs: bound where they are (IOBinding), only ``names`` copied back.
+
+        The arrays must be ready (their producer synchronized, as DALI's outputs are) and stay
+        alive for the call.
+        """
+        if self._device_id is None:
+            raise EngineError("device-resident inputs need the CUDA execution provider (--providers cuda); "
+                              "this session runs on " + ", ".join(self._providers))
+        session = self._free.get()
+        try:
+            binding = session.io_binding()
+            for name, value in feed.items():
+                info = array_info(value)
+                if not info.on_device:  # a host array beside device ones: ONNX Runtime copies it
+                    binding.bind_cpu_input(name, np.ascontiguousarray(value))
+                    continue
+                binding.bind_input(name, "cuda", self._device_id, info.dtype, list(info.shape), info.device_ptr)
+            for name in names:
+                binding.bind_output(name, "cpu")
+            session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
         finally:
             self._free.put(session)
         return dict(zip(names, values))
@@ -146,8 +181,10 @@ class OnnxRuntimeEngine(Engine):
         return info
 
     def close(self) -> None:
+        # The free-session queue holds the sessions too: empty it, or nothing is released.
         self._session = None
         self._sessions = []
+        self._free = queue.Queue()
 
 
 @dataclasses.dataclass(frozen=True)

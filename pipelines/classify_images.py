@@ -25,13 +25,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from engines.base import EngineError
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
-from transforms.images import DEAD_LETTER, CountDeadLetters, DecodeImages, ImageRefs
-from transforms.postprocess import FailedBatchToDeadLetters, TopK
+from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
+from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadBatches
+from transforms.inference import ImageBatchHandler, ScorerLoader
+from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
 from transforms.preprocess import PreprocessConfig
 from transforms.sinks import FORMATS, WriteRows
 
@@ -40,7 +42,10 @@ _LOG = logging.getLogger(__name__)
 #: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
 ENGINES = ("onnxruntime", "tensorrt")
+DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
 DEFAULT_BATCH_SIZE = 32
+#: Batches for ONNX Runtime on a GPU: the issue-9 figures (10.5k images/s on an H100) used 256.
+DEFAULT_GPU_BATCH_SIZE = 256
 LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
                  "SwitchingDirectRunner", "FnApiRunner")
 
@@ -100,8 +105,8 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--batch_size", type=int, default=None,
                             help="Largest batch. Default: 32 for onnxruntime; the profile max for tensorrt.")
         parser.add_argument("--min_batch_size", type=int, default=None,
-                            help="Smallest batch formed (the last may be shorter). Default: batch_size for "
-                                 "onnxruntime (fixed batches); the profile opt for tensorrt.")
+                            help="TensorRT: the batch size the profile is tuned for (default: the profile opt); "
+                                 "batches are always --batch_size images, only a bundle's last is shorter.")
         parser.add_argument("--share_model_across_processes", action="store_true",
                             help="One engine copy per worker machine instead of one per process.")
         parser.add_argument("--model_copies", type=int, default=1,
@@ -117,57 +122,137 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--crop", type=int, default=224, help="Centre-crop size. Default 224.")
         parser.add_argument("--max_pixels", type=int, default=PreprocessConfig.max_pixels,
                             help="Refuse larger images (decompression bombs). Default: 89478485.")
+        parser.add_argument("--decode", default="auto", choices=DECODE_MODES,
+                            help="Where images are decoded: gpu (NVIDIA DALI on the engine's GPU; files the "
+                                 "header pre-screen does not pass still decode on the CPU), cpu (Pillow), "
+                                 "dali_cpu (the DALI graph on the CPU: CI and debugging), auto (gpu where a CUDA "
+                                 "device and DALI are present, else cpu). Default: auto.")
+        parser.add_argument("--hw_decoder_load", type=float, default=DaliDecoderDefaults.hw_decoder_load,
+                            help="--decode gpu: share of JPEG work for the GPU's hardware JPEG decoder where it has "
+                                 "one (0..1). Default: 0.65.")
         parser.add_argument("--decode_threads", type=int, default=-1,
-                            help="Threads per DoFn that read and decode ahead of inference; -1 = the "
-                                 "worker's cores (at most 8), 0 = inline. Default: -1.")
-        parser.add_argument("--prefetch", type=int, default=None,
-                            help="Images read/decoded ahead per DoFn. Default: 2 x batch_size.")
+                            help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
+                                 "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
+        parser.add_argument("--prefetch", type=int, default=2,
+                            help="Batches read ahead per DoFn while the engine runs the current one. Default: 2.")
         parser.add_argument("--no_jpeg_draft", action="store_true", help="Decode JPEGs at full size.")
         parser.add_argument("--progress_every_s", type=float, default=5.0,
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
 
 
-def make_handler(options: ClassifyOptions) -> Tuple[Any, Dict[str, Any], Optional[List[str]]]:
-    """Builds the model handler for --engine (no engine is loaded here).
+def _engine_loader(options: ClassifyOptions) -> Tuple[Any, int, Dict[str, Any], Optional[List[str]]]:
+    """The engine recipe for --engine (no engine is loaded here).
+
+    Returns:
+        (picklable engine loader, batch size, engine description for stats, class names from the
+        model's metadata or the TensorRT plan's sidecar, else None).
+    """
+    if options.engine == "onnxruntime":
+        from engines.onnxruntime_engine import OnnxRuntimeLoader
+
+        model = options.model or DEFAULT_MODEL
+        providers = tuple(p.strip() for p in options.providers.split(",") if p.strip())
+        on_gpu = any(p.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider")
+                     for p in providers)
+        # Fixed batches: Beam's adaptive sizing settled near 14 at max 32 and cost 13% of throughput
+        # on 16 cores (benchmarks/NOTES.md); on a GPU, 256 (issue 9's figures).
+        batch = options.batch_size or (DEFAULT_GPU_BATCH_SIZE if on_gpu else DEFAULT_BATCH_SIZE)
+        loader = OnnxRuntimeLoader(model, providers, options.intra_op_threads,
+                                   allow_spinning=options.ort_spinning in ("on", "run"), sessions=options.ort_sessions,
+                                   stop_spinning_after_run=options.ort_spinning == "run")
+        info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
+                "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
+                "intra_op_threads": options.intra_op_threads}
+        return loader, batch, info, _labels(_onnx_summary(model))
+    from transforms.tensorrt_handler import TensorRTModelHandler
+
+    if not (options.engine_path or options.onnx_path):
+        raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
+                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
+    trt = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
+    labels = trt.labels() or (_labels(_onnx_summary(options.onnx_path)) if options.onnx_path else None)
+    return (trt.loader, trt.batch_elements_kwargs()["max_batch_size"],
+            {**trt.describe_engine(), "model": options.engine_path or options.onnx_path}, labels)
+
+
+def engine_on_gpu(options: ClassifyOptions) -> bool:
+    """True when the engine runs on a GPU (TensorRT, or ONNX Runtime with a GPU provider)."""
+    if options.engine == "tensorrt":
+        return True
+    return any(p.strip().lower() in ("cuda", "tensorrt") for p in options.providers.split(","))
+
+
+def resolve_decode(options: ClassifyOptions, local: bool) -> Tuple[str, str]:
+    """Where images are decoded, and why (logged in one line, recorded in stats.json).
+
+    ``auto`` is ``gpu`` when the engine runs on a GPU and, for a local run, DALI and a CUDA
+    device are present here; for a remote runner the workers' GPUs and the worker image's DALI
+    are assumed (the Dockerfile installs it). Never a silent fall-back: an explicit ``gpu``
+    that cannot work stops the job at start.
+
+    Raises:
+        EngineError: ``--decode gpu`` with an engine on the CPU, or locally without DALI or a GPU.
+    """
+    from engines.dali_decoder import gpu_decode_unavailable
+
+    mode = options.decode
+    if mode in ("cpu", "dali_cpu"):
+        return mode, "asked for"
+    on_gpu = engine_on_gpu(options)
+    missing = gpu_decode_unavailable() if local else None
+    if mode == "gpu":
+        if not on_gpu:
+            raise EngineError("--decode gpu feeds decoded images on the GPU to the engine, which runs on the CPU "
+                              "here: add --providers cuda (or --engine tensorrt), or pass --decode cpu")
+        if missing:
+            raise EngineError(f"--decode gpu cannot run here: {missing}. Install the gpu extra "
+                              f"(pip install -e '.[gpu]') on a CUDA machine, or pass --decode cpu")
+        return "gpu", "asked for"
+    if not on_gpu:
+        return "cpu", "auto: the engine runs on the CPU"
+    if missing:
+        return "cpu", f"auto: {missing}"
+    return "gpu", "auto: the engine runs on a GPU and DALI is present" if local else \
+        "auto: the engine runs on the workers' GPUs (the worker image carries DALI)"
+
+
+def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Dict[str, Any], Optional[List[str]]]:
+    """Builds the image pipeline's model handler (no engine is loaded here).
+
+    Args:
+        options: The job's options.
+        decode: ``cpu``, ``gpu`` or ``dali_cpu`` (see :func:`resolve_decode`).
 
     Returns:
         (handler, engine description for stats, class names: --labels_file, else the model's
         own metadata or the TensorRT plan's sidecar, else None).
     """
     from engines import storage
+    from engines.dali_decoder import DaliDecoderOptions
     from engines.labels import parse_labels
 
     explicit_labels = parse_labels(storage.read_bytes(options.labels_file).decode("utf-8")) \
         if options.labels_file else None
-    if options.engine == "onnxruntime":
-        from engines.onnxruntime_engine import OnnxRuntimeLoader
-        from transforms.inference import EngineModelHandler
-
-        model = options.model or DEFAULT_MODEL
-        batch = options.batch_size or DEFAULT_BATCH_SIZE
-        loader = OnnxRuntimeLoader(model, tuple(p.strip() for p in options.providers.split(",") if p.strip()),
-                                   options.intra_op_threads, allow_spinning=options.ort_spinning in ("on", "run"),
-                                   sessions=options.ort_sessions,
-                                   stop_spinning_after_run=options.ort_spinning == "run")
-        # Fixed batches (min = max): Beam's adaptive sizing settled near 14 at max 32 and cost 13% of
-        # throughput on 16 cores (benchmarks/NOTES.md). The bundle's last batch may still be shorter.
-        handler = EngineModelHandler(loader, min_batch_size=options.min_batch_size or batch,
-                                     max_batch_size=batch, share_across_processes=options.share_model_across_processes,
-                                     model_copies=options.model_copies, metrics_namespace="onnxruntime",
-                                     model_id=model)
-        info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
-                "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
-                "intra_op_threads": options.intra_op_threads}
-        return handler, info, explicit_labels or _labels(_onnx_summary(model))
-    from transforms.tensorrt_handler import TensorRTModelHandler
-
-    if not (options.engine_path or options.onnx_path):
-        raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
-                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
-    handler = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
-    labels = explicit_labels or handler.labels() or (
-        _labels(_onnx_summary(options.onnx_path)) if options.onnx_path else None)
-    return handler, {**handler.describe_engine(), "model": options.engine_path or options.onnx_path}, labels
+    engine_loader, batch, info, labels = _engine_loader(options)
+    config = preprocess_config(options)
+    decoder = None
+    if decode in ("gpu", "dali_cpu"):
+        try:
+            decoder = DaliDecoderOptions(resize=config.resize, crop=config.crop, max_batch=batch,
+                                         device="gpu" if decode == "gpu" else "cpu",
+                                         hw_decoder_load=options.hw_decoder_load)
+        except EngineError as e:
+            raise EngineError(f"bad decode flags: {e} (see --hw_decoder_load, --batch_size)") from None
+        info = {**info, "decode": decode, "hw_decoder_load": options.hw_decoder_load if decode == "gpu" else None}
+    else:
+        info = {**info, "decode": "cpu"}
+    handler = ImageBatchHandler(
+        ScorerLoader(engine_loader, decoder, config), options.output_name, images_per_batch=batch,
+        # Two batches per call with a decoder: it decodes the second while the engine runs the first.
+        batches_per_call=2 if decoder else 1,
+        share_across_processes=options.share_model_across_processes, model_copies=options.model_copies,
+        metrics_namespace=options.engine, model_id=str(info.get("model", "")))
+    return handler, info, explicit_labels or labels
 
 
 @functools.lru_cache(maxsize=2)
@@ -250,27 +335,31 @@ def check_input(path: str) -> None:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
-                   progress_dir: Optional[str] = None):
+                   progress_dir: Optional[str] = None, decode: str = "cpu"):
     """Adds the scoring transforms to ``pipeline``.
 
+    Batches, not images, travel through Beam: refs are grouped, each batch is read (and on the
+    CPU path decoded) by a thread pool, scored in one RunInference element, and written as one
+    block of rows.
+
     Returns:
-        (prediction rows, dead-letter rows) PCollections.
+        (prediction row blocks, dead-letter rows) PCollections.
     """
     config = preprocess_config(options)
     found = pipeline | "FindImages" >> ImageRefs(options.input)
-    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(
-        DecodeImages(config, options.decode_threads,
-                     options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"])).with_outputs(
-        DEAD_LETTER, main="images")
-    main, failed = (decoded.images
-                    | "RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())
-    predictions = main | "TopK" >> beam.ParDo(TopK(options.top_k, labels, options.output_name, progress_dir))
+    read = found["refs"] | "ReadBatches" >> ReadBatches(config, handler.images_per_batch,
+                                                        gpu_decode=decode in ("gpu", "dali_cpu"),
+                                                        threads=options.decode_threads, prefetch=options.prefetch)
+    main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
+    scored = main | "TopK" >> beam.ParDo(TopKBatches(options.top_k, labels, progress_dir)).with_outputs(
+        DEAD_LETTER, main="rows")
     failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters())
-    dead = ((found[DEAD_LETTER], decoded[DEAD_LETTER], failed_rows) | "AllDeadLetters" >> beam.Flatten()
+    dead = ((found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER], failed_rows)
+            | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
-    predictions | "WritePredictions" >> WriteRows(options.output, "predictions", options.output_format)
+    scored.rows | "WritePredictions" >> WriteRows(options.output, "predictions", options.output_format, blocks=True)
     dead | "WriteDeadLetters" >> WriteRows(options.output, "dead_letter", "jsonl")
-    return predictions, dead
+    return scored.rows, dead
 
 
 def is_local(options: PipelineOptions) -> bool:
@@ -324,13 +413,16 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     local_defaults = apply_local_defaults(options, argv if argv is not None else sys.argv[1:])
     if local_defaults:
         _LOG.info("local defaults for %s", local_defaults)
-    handler, engine_info, labels = make_handler(opts)
-    batching = handler.batch_elements_kwargs()
     local = is_local(options)
+    decode, why = resolve_decode(opts, local)
+    _LOG.info("decoding on %s (%s)", {"gpu": "the GPU (NVIDIA DALI)", "cpu": "the CPU (Pillow)",
+                                     "dali_cpu": "the CPU (NVIDIA DALI)"}[decode], why)
+    handler, engine_info, labels = make_handler(opts, decode)
     progress_dir = tempfile.mkdtemp(prefix="classify-progress-") if local and opts.progress_every_s > 0 else None
     settings = {
-        "input": opts.input, "output": opts.output, "batch_size": batching["max_batch_size"],
-        "min_batch_size": batching["min_batch_size"], "top_k": opts.top_k,
+        "input": opts.input, "output": opts.output, "batch_size": handler.images_per_batch,
+        "batches_per_call": handler.batch_elements_kwargs()["max_batch_size"], "top_k": opts.top_k,
+        "decode": decode, "decode_choice": why, "prefetch_batches": opts.prefetch,
         "output_format": opts.output_format,
         "runner": str(options.view_as(StandardOptions).runner or "DirectRunner"),
         "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,
@@ -343,7 +435,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, opts, handler, labels, progress_dir)
+        build_pipeline(pipeline, opts, handler, labels, progress_dir, decode)
         printer = ProgressPrinter(progress_dir, opts.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
             result = pipeline.run()

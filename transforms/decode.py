@@ -12,11 +12,13 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from transforms.prescreen import GPU, screen
 from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
 
 
 class Decoded(NamedTuple):
-    """The outcome for one image: an array, or an error with the stage that failed."""
+    """The outcome for one image: an array, encoded bytes for the GPU decoder, or an error
+    with the stage that failed."""
 
     array: Optional[np.ndarray]
     error: Optional[str]
@@ -24,6 +26,7 @@ class Decoded(NamedTuple):
     read_s: float
     decode_s: float
     nbytes: int
+    encoded: Optional[bytes] = None  # set instead of `array` when the image goes to the GPU decoder
 
 
 def read_file(uri: str) -> bytes:
@@ -38,8 +41,13 @@ def read_file(uri: str) -> bytes:
         return f.read()
 
 
-def load_image(uri: str, config: PreprocessConfig) -> Decoded:
-    """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not."""
+def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False) -> Decoded:
+    """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not.
+
+    With ``gpu_decode``, an image the header pre-screen (:mod:`transforms.prescreen`) finds
+    sound and DALI-safe is returned undecoded (``encoded``) for the GPU decoder; every other
+    one is decoded here with Pillow, so broken files get the same reasons as on the CPU path.
+    """
     start = time.perf_counter()
     try:
         data = read_file(uri)
@@ -48,6 +56,8 @@ def load_image(uri: str, config: PreprocessConfig) -> Decoded:
         return Decoded(None, f"cannot read file ({type(e).__name__}: {reason}); check the path exists and the "
                              f"job's credentials can read it", "read", time.perf_counter() - start, 0.0, 0)
     read_done = time.perf_counter()
+    if gpu_decode and screen(data, config.max_pixels).route == GPU:
+        return Decoded(None, None, "decode", read_done - start, time.perf_counter() - read_done, len(data), data)
     try:
         array, error = preprocess_image(data, config), None
     except BadImageError as e:

@@ -14,15 +14,19 @@ None so the image pixels are not carried downstream.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from engines.base import Engine, EngineError, EngineLoader
+from transforms.images import ImageRef
+from transforms.preprocess import PreprocessConfig, preprocess_image
 from transforms.timing import NAMESPACE, LatencyHistogram, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -161,3 +165,144 @@ class EngineModelHandler(ModelHandler[Example, PredictionResult, Engine]):
         return {"loader": repr(self._loader), "min_batch_size": self._min_batch_size,
                 "max_batch_size": self._max_batch_size, "share_across_processes": self._share_across_processes,
                 "model_copies": self._model_copies}
+
+
+@dataclasses.dataclass
+class ScoredBatch:
+    """The model handler's result for one :class:`transforms.images.ImageBatch`.
+
+    Attributes:
+        refs: The batch's refs, in its row order.
+        logits: One row per scored image: the refs not in ``failed``, in order.
+        failed: Row index -> reason, for images the GPU decoder could not decode.
+    """
+
+    refs: Tuple[ImageRef, ...]
+    logits: np.ndarray
+    failed: Dict[int, str]
+
+    def scored_refs(self) -> List[ImageRef]:
+        return [ref for i, ref in enumerate(self.refs) if i not in self.failed]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerLoader:
+    """A picklable recipe for the image pipeline's model: an engine plus, for GPU decode, a decoder.
+
+    Attributes:
+        engine_loader: A picklable callable returning an :class:`Engine`.
+        decoder: DALI decoder options, or None when images arrive decoded (``--decode cpu``).
+        preprocess: The CPU preprocessing, used only for encoded images that reach a scorer
+            without a decoder (see :class:`engines.scoring.ImageScorer`).
+    """
+
+    engine_loader: EngineLoader
+    decoder: Optional[Any] = None
+    preprocess: Optional[PreprocessConfig] = None
+
+    def __call__(self):
+        from engines.scoring import ImageScorer
+
+        engine = self.engine_loader()
+        decoder = None
+        if self.decoder is not None:
+            from engines.dali_decoder import DaliDecoder
+
+            try:
+                decoder = DaliDecoder(self.decoder)
+            except BaseException:
+                engine.close()
+                raise
+        fallback = functools.partial(preprocess_image, config=self.preprocess) if self.preprocess else None
+        return ImageScorer(engine, decoder, fallback)
+
+
+class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
+    """Scores :class:`transforms.images.ImageBatch` elements: each element is already a batch.
+
+    RunInference groups ``batches_per_call`` elements per call so the decoder can decode the
+    next batch while the engine runs the current one.
+
+    Args:
+        loader: A :class:`ScorerLoader`.
+        output_name: The engine output holding the logits (only it is copied back).
+        images_per_batch: Images per element, as the reading step forms them (the one batch-size
+            decision: the engine's batch, see ``pipelines.classify_images``). Default 32.
+        batches_per_call: Elements per ``run_inference`` call. Default 1.
+        share_across_processes, model_copies, metrics_namespace, model_id: as for
+            :class:`EngineModelHandler`.
+    """
+
+    def __init__(self, loader: ScorerLoader, output_name: str = "logits", *, images_per_batch: int = 32,
+                 batches_per_call: int = 1,
+                 share_across_processes: bool = False, model_copies: int = 1, metrics_namespace: str = "engine",
+                 model_id: str = ""):
+        super().__init__()
+        if images_per_batch < 1 or batches_per_call < 1 or model_copies < 1:
+            raise EngineError(f"images_per_batch, batches_per_call and model_copies must be >= 1, got "
+                              f"{images_per_batch}, {batches_per_call}, {model_copies}")
+        if model_copies > 1 and not share_across_processes:
+            raise EngineError("model_copies > 1 needs share_across_processes=True (one copy per GPU)")
+        self._loader = loader
+        self._output_name = output_name
+        self.images_per_batch = images_per_batch
+        self._batches_per_call = batches_per_call
+        self._share_across_processes = share_across_processes
+        self._model_copies = model_copies
+        self._metrics_namespace = metrics_namespace
+        self._model_id = model_id or repr(loader.engine_loader)
+        self._histogram = None
+
+    @property
+    def loader(self) -> ScorerLoader:
+        return self._loader
+
+    def load_model(self):
+        start = time.perf_counter()
+        scorer = self._loader()
+        _LOG.info("loaded %s in %.2f s: %s", scorer.engine.kind, time.perf_counter() - start, scorer.describe())
+        return scorer
+
+    def run_inference(self, batch: Sequence[Any], model: Any,
+                      inference_args: Optional[Dict[str, Any]] = None) -> Iterable[ScoredBatch]:
+        if not batch:
+            return []
+        if self._histogram is None:
+            self._histogram = LatencyHistogram()
+        start = time.perf_counter()
+        # One method call on the model: with share_across_processes it is a proxy in another process.
+        results = model.score([(element.pixels, element.encoded) for element in batch], [self._output_name])
+        elapsed = time.perf_counter() - start
+        out = []
+        for element, result in zip(batch, results):
+            scored = len(element) - len(result.failed)
+            logits = result.outputs.get(self._output_name)
+            if logits is None:
+                logits = np.zeros((0, 0), np.float32)
+            if logits.shape[0] != scored:
+                raise EngineError(f"Output tensor: {self._output_name} | batch dimension {logits.shape[0]} does not "
+                                  f"match the {scored} images scored")
+            if result.decode_s:
+                stage_distribution("decode").update(int(result.decode_s * 1e6))
+            stage_distribution("inference").update(int(result.infer_s * 1e6))
+            for size in result.engine_calls:
+                Metrics.counter(NAMESPACE, "batches").inc()
+                Metrics.distribution(NAMESPACE, "batch_size").update(size)
+            out.append(ScoredBatch(element.refs, logits, dict(result.failed)))
+        self._histogram.record(elapsed / len(batch))
+        return out
+
+    def get_num_bytes(self, batch: Sequence[Any]) -> int:
+        return sum(element.nbytes for element in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return self._metrics_namespace
+
+    def batch_elements_kwargs(self) -> Mapping[str, Any]:
+        return {"min_batch_size": self._batches_per_call, "max_batch_size": self._batches_per_call}
+
+    def share_model_across_processes(self) -> bool:
+        return self._share_across_processes
+
+    def model_copies(self) -> int:
+        return self._model_copies

@@ -38,6 +38,78 @@ def top_k(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
              "score": round(float(probs[i]), 6)} for i in best]
 
 
+def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
+    """:func:`top_k` for every row of a (n, classes) batch at once (vectorized).
+
+    Returns:
+        One ``[{"class_id", "label", "score"}, ...]`` list per row, best first.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if logits.ndim != 2:
+        logits = logits.reshape(len(logits), -1)
+    n, classes = logits.shape
+    if n == 0:
+        return []
+    k = min(k, classes)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    best = np.argpartition(-probs, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(probs, best, axis=1), axis=1, kind="stable")
+    best = np.take_along_axis(best, order, axis=1)
+    scores = np.round(np.take_along_axis(probs, best, axis=1).astype(np.float64), 6)
+    names = labels if labels else None
+    return [[{"class_id": int(c), "label": names[c] if names and c < len(names) else f"class_{int(c)}",
+              "score": float(p)} for c, p in zip(row_ids, row_scores)]
+            for row_ids, row_scores in zip(best.tolist(), scores.tolist())]
+
+
+class TopKBatches(beam.DoFn):
+    """``ScoredBatch`` -> one block (list) of prediction rows ``{"uri", ["id"], "top_k"}``, and a
+    ``dead_letter`` row for each image the GPU decoder could not decode.
+
+    Blocks keep Beam's per-element cost off each image; the sink writes a block at once.
+
+    Args:
+        k: Classes kept per image.
+        labels: Class names by id, or None.
+        progress_dir: Local directory for live progress counts, or None.
+    """
+
+    def __init__(self, k: int, labels: Optional[Sequence[str]], progress_dir: Optional[str] = None):
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {k}")
+        self._k = k
+        self._labels = list(labels) if labels else None
+        self._progress_dir = progress_dir
+
+    def setup(self):
+        self._us = stage_distribution("postprocess")
+        self._count = Metrics.counter(NAMESPACE, "predictions")
+        self._progress = Progress(self._progress_dir)
+
+    def process(self, scored):
+        start = time.perf_counter()
+        for index, reason in sorted(scored.failed.items()):
+            ref = scored.refs[index]
+            yield dead_letter(ref.uri, reason, "decode", ref.id)
+        refs = scored.scored_refs()
+        if refs:
+            rows = []
+            for ref, classes in zip(refs, top_k_batch(scored.logits, self._k, self._labels)):
+                row = {"uri": ref.uri}
+                if ref.id is not None:
+                    row["id"] = ref.id
+                row["top_k"] = classes
+                rows.append(row)
+            self._count.inc(len(rows))
+            self._progress.add("predictions", len(rows))
+            self._us.update(int((time.perf_counter() - start) * 1e6))
+            yield rows
+
+    def finish_bundle(self):
+        self._progress.flush("predictions")
+
+
 class TopK(beam.DoFn):
     """``(ImageRef, PredictionResult)`` -> ``{"uri", ["id"], "top_k": [...]}``.
 
@@ -119,9 +191,11 @@ class FailedBatchToDeadLetters(beam.DoFn):
         reason = f"inference failed for the batch holding this image ({describe_failure(exception)})"
         if _is_beam_error_tuple(exception) and exception[2]:
             _LOG.warning("a batch of %d failed in RunInference:\n%s", len(batch), "".join(exception[2]))
-        for key, _ in batch:
-            ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
-            yield dead_letter(ref.uri, reason, "inference", ref.id).value
+        for element in batch:
+            refs = element.refs if hasattr(element, "refs") else [element[0]]  # an ImageBatch, or (key, example)
+            for key in refs:
+                ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
+                yield dead_letter(ref.uri, reason, "inference", ref.id).value
 
 
-__all__ = ["top_k", "TopK", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]
+__all__ = ["top_k", "top_k_batch", "TopK", "TopKBatches", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]

@@ -21,7 +21,10 @@ FORMATS = ("jsonl", "parquet")
 
 
 class JsonLinesSink(fileio.FileSink):
-    """One JSON object per line, UTF-8."""
+    """One JSON object per line, UTF-8. With ``blocks``, each element is a list of rows."""
+
+    def __init__(self, blocks: bool = False):
+        self._blocks = blocks
 
     def open(self, fh):
         self._fh = fh
@@ -29,7 +32,8 @@ class JsonLinesSink(fileio.FileSink):
 
     def write(self, record):
         start = time.perf_counter()
-        self._fh.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        rows = record if self._blocks else (record,)
+        self._fh.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
         self._us.update(int((time.perf_counter() - start) * 1e6))
 
     def flush(self):
@@ -52,8 +56,9 @@ def prediction_schema():
 class ParquetSink(fileio.FileSink):
     """Prediction rows as Parquet, buffered into row groups of ``row_group_size`` rows."""
 
-    def __init__(self, row_group_size: int = 8192):
+    def __init__(self, row_group_size: int = 8192, blocks: bool = False):
         self._row_group_size = row_group_size
+        self._blocks = blocks
 
     def open(self, fh):
         import pyarrow.parquet as pq
@@ -73,7 +78,10 @@ class ParquetSink(fileio.FileSink):
 
     def write(self, record):
         start = time.perf_counter()
-        self._rows.append(record)
+        if self._blocks:
+            self._rows.extend(record)
+        else:
+            self._rows.append(record)
         if len(self._rows) >= self._row_group_size:
             self._write_group()
         self._us.update(int((time.perf_counter() - start) * 1e6))
@@ -93,9 +101,10 @@ class WriteRows(beam.PTransform):
         prefix: File name prefix, e.g. "predictions" or "dead_letter".
         output_format: "jsonl" (default) or "parquet" (prediction rows only).
         shards: Number of files; None lets the runner choose. Default None.
+        blocks: Each element is a list of rows (written at once) rather than one row. Default False.
     """
 
-    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None):
+    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False):
         super().__init__()
         if output_format not in FORMATS:
             raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
@@ -103,9 +112,11 @@ class WriteRows(beam.PTransform):
         self._prefix = prefix
         self._format = output_format
         self._shards = shards
+        self._blocks = blocks
 
     def expand(self, rows):
-        sink = (lambda _: ParquetSink()) if self._format == "parquet" else (lambda _: JsonLinesSink())
+        blocks = self._blocks
+        sink = (lambda _: ParquetSink(blocks=blocks)) if self._format == "parquet" else (lambda _: JsonLinesSink(blocks))
         return rows | fileio.WriteToFiles(
             path=self._directory,
             file_naming=fileio.default_file_naming(self._prefix, f".{self._format}"),

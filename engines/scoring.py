@@ -1,0 +1,156 @@
+"""Score batches of images with an engine and, optionally, a GPU decoder that feeds it directly.
+
+:class:`ImageScorer` is what the image pipeline's model handler loads: one engine and (for
+``--decode gpu``) one DALI decoder on the same GPU. A batch arrives as CPU-decoded pixels and/or
+encoded files; encoded files are decoded in batches up to ``prefetch`` ahead, so the GPU decodes
+the next batch while the engine runs the current one, and the engine reads the decoded batch
+where it is (``__cuda_array_interface__``): no host round trip of pixels. Only the requested
+output (the logits) is copied back. No Beam here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from engines.base import Engine, EngineError, array_info
+
+#: One batch to score: (pixels decoded on the CPU or None, encoded files for the decoder).
+Item = Tuple[Optional[np.ndarray], Sequence[bytes]]
+
+
+class Scored(NamedTuple):
+    """The result for one :data:`Item`.
+
+    Attributes:
+        outputs: Output name -> host array with one row per image that was scored: the pixel
+            rows first, then the encoded images that decoded, each group in input order.
+        failed: Position within the item (pixel rows count first) -> reason, for images the
+            decoder could not decode.
+        decode_s: Time spent waiting for decoded batches.
+        infer_s: Time spent in the engine.
+        engine_calls: Batch sizes of the engine calls made.
+    """
+
+    outputs: Dict[str, np.ndarray]
+    failed: Dict[int, str]
+    decode_s: float
+    infer_s: float
+    engine_calls: List[int]
+
+
+class ImageScorer:
+    """An engine plus an optional decoder, scoring whole batches.
+
+    Args:
+        engine: The loaded engine (one image input).
+        decoder: A :class:`engines.dali_decoder.DaliDecoder`, or None when every image arrives
+            decoded. Default None.
+        fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (crop, crop, 3)),
+            used when encoded images arrive and there is no decoder (an ``auto`` choice that
+            differed between the reading and the scoring worker). Default None: an error.
+        batch_limit: Largest batch one engine call may take (None: any). Default: the engine's.
+    """
+
+    def __init__(self, engine: Engine, decoder=None, fallback_decode: Optional[Callable[[bytes], np.ndarray]] = None):
+        names = engine.input_names()
+        if len(names) != 1:
+            raise EngineError(f"the image pipeline feeds one input; the model has {len(names)}: {names}")
+        self.engine = engine
+        self.decoder = decoder
+        self._input = names[0]
+        self._fallback = fallback_decode
+
+    def _infer(self, images, outputs: Optional[Sequence[str]], calls: List[int]) -> List[Dict[str, np.ndarray]]:
+        rows = array_info(images).shape[0]
+        limit = self.engine.batch_limit()
+        if not limit or rows <= limit:
+            calls.append(rows)
+            return [self.engine.infer({self._input: images}, outputs)]
+        if not isinstance(images, np.ndarray):
+            raise EngineError(f"a device batch of {rows} is larger than the engine's max batch {limit}; lower "
+                              f"--batch_size to {limit}")
+        results = []
+        for start in range(0, rows, limit):
+            calls.append(min(limit, rows - start))
+            results.append(self.engine.infer({self._input: images[start:start + limit]}, outputs))
+        return results
+
+    def score(self, items: Sequence[Item], outputs: Optional[Sequence[str]] = None) -> List[Scored]:
+        """Scores each item; encoded images are decoded ahead while the engine runs.
+
+        Args:
+            items: Batches to score.
+            outputs: Output names to return. Default None: all.
+
+        Returns:
+            One :class:`Scored` per item, in order.
+
+        Raises:
+            EngineError: encoded images and neither a decoder nor a fallback.
+        """
+        encoded = [[np.frombuffer(data, np.uint8) for data in files] for _, files in items if files]
+        if encoded and self.decoder is None and self._fallback is None:
+            raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
+                              "GPU worker, or --decode cpu")
+        decoded = iter(self.decoder.decode(encoded)) if encoded and self.decoder is not None else None
+        results = []
+        try:
+            for pixels, files in items:
+                parts: List[Dict[str, np.ndarray]] = []
+                failed: Dict[int, str] = {}
+                calls: List[int] = []
+                decode_s = infer_s = 0.0
+                first = 0 if pixels is None else len(pixels)
+                if first:
+                    start = time.perf_counter()
+                    parts += self._infer(pixels, outputs, calls)
+                    infer_s += time.perf_counter() - start
+                if files:
+                    start = time.perf_counter()
+                    if decoded is not None:
+                        batch = next(decoded)  # valid until the next one is taken
+                        failed.update({first + i: reason for i, reason in batch.failed.items()})
+                        images, count = batch.images, len(batch.index)
+                    else:
+                        images, failed_here = self._decode_on_cpu(files)
+                        failed.update({first + i: reason for i, reason in failed_here.items()})
+                        count = len(images)
+                    decode_s += time.perf_counter() - start
+                    if count:
+                        start = time.perf_counter()
+                        parts += self._infer(images, outputs, calls)
+                        infer_s += time.perf_counter() - start
+                merged = {name: np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
+                          for name in (parts[0] if parts else {})}
+                results.append(Scored(merged, failed, decode_s, infer_s, calls))
+        finally:
+            if decoded is not None:
+                for _ in decoded:  # let the decoder release its last buffers
+                    pass
+        return results
+
+    def _decode_on_cpu(self, files: Sequence[bytes]):
+        images, failed = [], {}
+        for i, data in enumerate(files):
+            try:
+                images.append(self._fallback(bytes(data)))
+            except Exception as e:  # the fallback raises BadImageError with the reason
+                failed[i] = str(e)
+        crop = images[0].shape[0] if images else 0
+        return (np.stack(images) if images else np.zeros((0, crop, crop, 3), np.uint8)), failed
+
+    def describe(self) -> Dict[str, object]:
+        info = dict(self.engine.describe())
+        if self.decoder is not None:
+            o = self.decoder.options
+            info["decoder"] = {"library": "nvidia-dali", "device": o.device, "max_batch": o.max_batch,
+                               "hw_decoder_load": o.hw_decoder_load, "prefetch": o.prefetch}
+        return info
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+        self.engine.close()
