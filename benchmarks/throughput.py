@@ -62,6 +62,8 @@ class BenchmarkError(Exception):
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"),
+                        help="cpu: this benchmark; gpu: benchmarks.gpu (engine, decoder and pipeline on a GPU).")
     parser.add_argument("--images", type=int, default=2000, help="Corpus size. Default: 2000.")
     parser.add_argument("--engine", default="onnxruntime", choices=("onnxruntime", "tensorrt"),
                         help="Engine for engine-only and ours. Default: onnxruntime.")
@@ -525,6 +527,12 @@ def summarize(args, corpus: Corpus, results: List[Dict[str, Any]], started: floa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--device" in argv and argv[argv.index("--device") + 1:argv.index("--device") + 2] == ["gpu"] \
+            or "--device=gpu" in argv:
+        from benchmarks import gpu
+
+        return gpu.main([a for a in argv if a != "--device=gpu"])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     started = time.monotonic()

@@ -1,0 +1,256 @@
+"""GPU throughput, measured side by side in one run: `python -m benchmarks.throughput --device gpu`.
+
+On a machine with a CUDA GPU, ONNX Runtime with the CUDA provider (onnxruntime-gpu) and NVIDIA DALI:
+
+1. ``engine_device``: the engine alone on a uint8 batch already on the GPU (the ceiling);
+   ``engine_host``: the same from a host numpy batch, for reference;
+2. ``decoder``: the DALI decoder alone (encoded JPEGs in memory -> (N, 224, 224, 3) on the GPU);
+3. ``ours_gpu``: ``pipelines.classify_images --providers cuda --decode gpu`` end to end (files on disk ->
+   prediction files), whole process and stats.json's steady state;
+4. ``noop_gpu``: the same pipeline with an engine that returns zeros (the Beam + decode floor);
+5. ``ours_cpu``: ``--decode cpu`` (Pillow) on one pass over the corpus.
+
+The pipeline runs read a manifest that lists the corpus ``--repeat`` times, so start-up stays a small
+share of the run. Top-1 agreement between ``--decode gpu`` and ``--decode cpu`` is reported. Results:
+``gpu_throughput.json`` and ``gpu_throughput.png`` in ``--output``, and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from benchmarks.corpus import ensure_corpus
+from benchmarks.throughput import REPO_ROOT, _read_jsonl, run_child
+
+_LOG = logging.getLogger("benchmarks.gpu")
+DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "efficientnet_lite0.onnx")
+TARGET = 0.7  # ours / engine alone on device-resident batches (issue 9)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput --device gpu", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="gpu", choices=("gpu",))
+    parser.add_argument("--images", type=int, default=5000, help="Distinct corpus JPEGs. Default: 5000.")
+    parser.add_argument("--repeat", type=int, default=12,
+                        help="Times the manifest lists the corpus for the --decode gpu runs. Default: 12.")
+    parser.add_argument("--batch_size", type=int, default=256, help="Default: 256.")
+    parser.add_argument("--hw_decoder_load", type=float, default=0.65, help="Default: 0.65.")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="uint8 NHWC ONNX model. Default: the prepared one.")
+    parser.add_argument("--output", default="benchmark_output/gpu", help="Default: benchmark_output/gpu.")
+    parser.add_argument("--corpus_dir", default=None, help="Default: OUTPUT/corpus.")
+    parser.add_argument("--min_seconds", type=float, default=5.0, help="Each in-process measurement runs this long.")
+    parser.add_argument("--runs", default="engine,decoder,ours_gpu,noop_gpu,ours_cpu",
+                        help="Comma-separated subset to run. Default: all.")
+    parser.add_argument("--pipeline_args", default="", help="Extra classify_images flags for every pipeline run.")
+    parser.add_argument("--timeout_s", type=float, default=1200.0)
+    return parser.parse_args(argv)
+
+
+def _timed(fn, count_per_call: int, min_seconds: float) -> Dict[str, Any]:
+    fn()  # warm-up
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and calls >= 3:
+            break
+    return {"images_per_second": round(calls * count_per_call / elapsed, 1), "calls": calls,
+            "seconds": round(elapsed, 3), "batch": count_per_call}
+
+
+def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[str, Any]:
+    """The engine alone (device and host batches) and the decoder alone."""
+    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+
+    out: Dict[str, Any] = {}
+    bs = args.batch_size
+    batches = [blobs[i:i + bs] for i in range(0, len(blobs) - bs + 1, bs)]
+    arrays = [[np.frombuffer(b, np.uint8) for b in batch] for batch in batches]
+    decoder = DaliDecoder(DaliDecoderOptions(max_batch=bs, device="gpu", hw_decoder_load=args.hw_decoder_load))
+    if "decoder" in runs:
+        def decode_all():
+            for _ in decoder.decode(arrays):
+                pass
+        result = _timed(decode_all, bs * len(arrays), args.min_seconds)
+        result["batch"] = bs
+        out["decoder"] = result
+    if "engine" in runs:
+        engine = OnnxRuntimeLoader(args.model, ("cuda",))()
+        name = engine.input_names()[0]
+        stream = decoder.decode([arrays[0]])
+        batch = next(stream)  # a real decoded batch, resident on the GPU while we hold it
+        host = np.array(batch.images.as_cpu()) if hasattr(batch.images, "as_cpu") else np.asarray(batch.images)
+        out["engine_device"] = _timed(lambda: engine.infer({name: batch.images}, ["logits"]), bs, args.min_seconds)
+        out["engine_host"] = _timed(lambda: engine.infer({name: host}, ["logits"]), bs, args.min_seconds)
+        device_logits = engine.infer({name: batch.images}, ["logits"])["logits"]
+        host_logits = engine.infer({name: host}, ["logits"])["logits"]
+        out["device_vs_host_max_abs_diff"] = float(np.abs(device_logits - host_logits).max())
+        for _ in stream:
+            pass
+        engine.close()
+    decoder.close()
+    return out
+
+
+def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "pipelines.classify_images"):
+    out_dir = os.path.join(args.output, name)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    argv = ["--input", manifest, "--output", out_dir, "--model", args.model, "--providers", "cuda",
+            "--batch_size", str(args.batch_size), "--hw_decoder_load", str(args.hw_decoder_load),
+            "--progress_every_s", "0"] + extra + args.pipeline_args.split()
+    _LOG.info("%s: %s %s", name, module, " ".join(argv))
+    child = run_child(name, module, argv, args.output, args.timeout_s)
+    rows = _read_jsonl(os.path.join(out_dir, "predictions-*.jsonl"))
+    dead = _read_jsonl(os.path.join(out_dir, "dead_letter-*.jsonl"))
+    timing = child.get("timing") or {}
+    stats = timing.get("stats") or {}
+    entry = {"name": name, "args": argv, "returncode": child["returncode"], "prediction_rows": len(rows),
+             "dead_letter_rows": len(dead), "process_seconds": child["process_seconds"],
+             "run_seconds": timing.get("wall_seconds"), "import_seconds": timing.get("import_seconds"),
+             "stats_images_per_second": stats.get("images_per_second"), "cpu": child.get("cpu"),
+             "stage_seconds": stats.get("stage_seconds"), "settings": stats.get("settings"),
+             "log": child["log"]}
+    images = len(rows) + len(dead)
+    if child["returncode"] == 0 and child["process_seconds"]:
+        entry["whole_process_images_per_second"] = round(len(rows) / child["process_seconds"], 1)
+    if child["returncode"] == 0 and timing.get("wall_seconds"):
+        entry["run_images_per_second"] = round(len(rows) / timing["wall_seconds"], 1)
+        entry["startup_share"] = round(1 - (stats.get("wall_seconds") or 0) / child["process_seconds"], 3) \
+            if stats.get("wall_seconds") else None
+    if child["returncode"] != 0:
+        entry["error_tail"] = child["log_text"][-2000:]
+    entry["inputs"] = images
+    entry["top1"] = {}
+    for row in rows:
+        entry["top1"].setdefault(row["uri"], int(row["top_k"][0]["class_id"]))
+    return entry
+
+
+def agreement(a: Dict[str, int], b: Dict[str, int]) -> Optional[float]:
+    common = set(a) & set(b)
+    return round(sum(a[k] == b[k] for k in common) / len(common), 4) if common else None
+
+
+def table(summary: Dict[str, Any]) -> str:
+    r = summary["results"]
+    lines = ["| what | images/s |", "|---|---|"]
+
+    def add(label, value):
+        if value is not None:
+            lines.append(f"| {label} | {value:,.0f} |")
+
+    add("engine alone, uint8 batches on the GPU", (r.get("engine_device") or {}).get("images_per_second"))
+    add("engine alone, host numpy batches", (r.get("engine_host") or {}).get("images_per_second"))
+    add("DALI decoder alone (decode+resize+crop on the GPU)", (r.get("decoder") or {}).get("images_per_second"))
+    for name, label in (("ours_gpu", "ours --decode gpu"), ("noop_gpu", "no-op engine, --decode gpu (floor)"),
+                        ("ours_cpu", "ours --decode cpu")):
+        entry = r.get(name)
+        if entry:
+            lines.append(f"| {label}: stats.json / run / whole process | "
+                         f"{entry.get('stats_images_per_second') or 0:,.0f} / "
+                         f"{entry.get('run_images_per_second') or 0:,.0f} / "
+                         f"{entry.get('whole_process_images_per_second') or 0:,.0f} |")
+    return "\n".join(lines)
+
+
+def chart(summary: Dict[str, Any], path: str) -> None:
+    from PIL import Image, ImageDraw
+
+    bars = [(label, value) for label, value in summary["bars"] if value]
+    width, row = 900, 40
+    image = Image.new("RGB", (width, 60 + row * len(bars)), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((20, 15), summary["title"], fill="black")
+    top = max(v for _, v in bars) if bars else 1
+    for i, (label, value) in enumerate(bars):
+        y = 50 + i * row
+        draw.text((20, y + 8), label, fill="black")
+        draw.rectangle((330, y, 330 + int(480 * value / top), y + 28), fill=(70, 130, 180))
+        draw.text((335 + int(480 * value / top), y + 8), f"{value:,.0f}", fill="black")
+    image.save(path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    os.makedirs(args.output, exist_ok=True)
+    args.output = os.path.abspath(args.output)
+    started = time.time()
+    corpus = ensure_corpus(args.corpus_dir or os.path.join(args.output, "corpus"), args.images)
+    blobs = [open(p, "rb").read() for p in corpus.paths]
+    manifest = os.path.join(args.output, "inputs.txt")
+    with open(manifest, "w") as f:
+        for _ in range(args.repeat):
+            f.write("\n".join(corpus.paths) + "\n")
+    once = os.path.join(args.output, "inputs_once.txt")
+    with open(once, "w") as f:
+        f.write("\n".join(corpus.paths) + "\n")
+    results: Dict[str, Any] = {}
+    if "engine" in runs or "decoder" in runs:
+        results.update(measure_in_process(args, blobs, runs))
+    if "ours_gpu" in runs:
+        results["ours_gpu"] = _pipeline(args, "ours_gpu", manifest, ["--decode", "gpu"])
+    if "noop_gpu" in runs:
+        results["noop_gpu"] = _pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"], module="benchmarks.noop_job")
+    if "ours_cpu" in runs:
+        results["ours_cpu"] = _pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
+    ceiling = (results.get("engine_device") or {}).get("images_per_second")
+    ratios = {}
+    ours = results.get("ours_gpu") or {}
+    if ceiling:
+        for key in ("stats_images_per_second", "run_images_per_second", "whole_process_images_per_second"):
+            if ours.get(key):
+                ratios[f"ours_gpu_{key}_vs_engine_device"] = round(ours[key] / ceiling, 3)
+        if (results.get("ours_cpu") or {}).get("run_images_per_second"):
+            ratios["ours_cpu_run_vs_engine_device"] = round(results["ours_cpu"]["run_images_per_second"] / ceiling, 3)
+    noop = results.get("noop_gpu") or {}
+    if noop.get("run_images_per_second") and ours.get("run_images_per_second"):
+        ratios["ours_gpu_vs_noop_run"] = round(ours["run_images_per_second"] / noop["run_images_per_second"], 3)
+    top1 = {}
+    if ours.get("top1") and (results.get("ours_cpu") or {}).get("top1"):
+        top1["gpu_vs_cpu_decode"] = agreement(ours["top1"], results["ours_cpu"]["top1"])
+    for entry in results.values():
+        if isinstance(entry, dict):
+            entry.pop("top1", None)
+    try:
+        import subprocess
+
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception:  # no nvidia-smi: the name is only a label
+        gpu = "unknown"
+    summary = {"title": f"GPU throughput ({gpu}, batch {args.batch_size}, {len(corpus.paths)} JPEGs x {args.repeat})",
+               "gpu": gpu, "cores": os.cpu_count(), "images": len(corpus.paths), "repeat": args.repeat,
+               "batch_size": args.batch_size, "hw_decoder_load": args.hw_decoder_load, "results": results,
+               "ratios": ratios, "target_ours_vs_engine_device": TARGET, "top1_agreement": top1,
+               "seconds": round(time.time() - started, 1)}
+    summary["bars"] = [("engine alone (device)", (results.get("engine_device") or {}).get("images_per_second")),
+                       ("engine alone (host)", (results.get("engine_host") or {}).get("images_per_second")),
+                       ("DALI decoder alone", (results.get("decoder") or {}).get("images_per_second")),
+                       ("no-op engine pipeline", noop.get("run_images_per_second")),
+                       ("ours --decode gpu", ours.get("run_images_per_second")),
+                       ("ours --decode cpu", (results.get("ours_cpu") or {}).get("run_images_per_second"))]
+    with open(os.path.join(args.output, "gpu_throughput.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    chart(summary, os.path.join(args.output, "gpu_throughput.png"))
+    print(summary["title"])
+    print(table(summary))
+    print("ratios:", json.dumps(ratios), "top-1 agreement:", json.dumps(top1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""GPU decode and device-resident inputs, for real on a GPU (issue 9).
+
+NVIDIA DALI's mixed backend decodes on the GPU, and ONNX Runtime's CUDA provider reads the
+decoded batch where it is (IOBinding). Needs a CUDA GPU, nvidia-dali and onnxruntime-gpu.
+
+    python -m pytest -m cuda tests/gpu/test_gpu_decode.py -v
+"""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from engines.dali_decoder import DaliDecoder, DaliDecoderOptions, gpu_decode_unavailable
+
+
+def _ready():
+    missing = gpu_decode_unavailable()
+    if missing:
+        return f"needs a CUDA GPU and NVIDIA DALI: {missing}"
+    try:
+        import onnxruntime
+    except ImportError as e:
+        return f"needs onnxruntime-gpu: {e}"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "needs onnxruntime-gpu (no CUDAExecutionProvider)"
+    return None
+
+
+REASON = _ready()
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from pipelines.demo import write_broken, write_photos
+
+    directory = tmp_path_factory.mktemp("demo")
+    photos = write_photos(str(directory))
+    broken = write_broken(str(directory))
+    return photos, broken
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    d = DaliDecoder(DaliDecoderOptions(max_batch=16, device="gpu"))
+    yield d
+    d.close()
+
+
+def test_gpu_decoder_matches_pillow_on_what_the_prescreen_sends_it(demo, decoder):
+    from transforms.preprocess import preprocess_image
+    from transforms.prescreen import GPU, screen
+
+    photos, _ = demo
+    chosen = [p for p in photos if screen(open(p, "rb").read(), 89478485).route == GPU]
+    assert len(chosen) >= 5
+    batch = next(decoder.decode([[np.fromfile(p, np.uint8) for p in chosen]]))
+    assert hasattr(batch.images, "__cuda_array_interface__")  # it stayed on the GPU
+    images = np.array(batch.images.as_cpu())
+    for path, image in zip(chosen, images):
+        diff = np.abs(image.astype(int) - preprocess_image(open(path, "rb").read()).astype(int)).mean()
+        assert diff < 2.0, (os.path.basename(path), diff)
+
+
+def test_a_batch_with_a_bad_file_fails_only_that_file(demo, decoder):
+    photos, _ = demo
+    jpegs = [np.fromfile(p, np.uint8) for p in photos if p.endswith(".jpg")][:3]
+    bad = np.frombuffer(b"\xff\xd8\xff garbage that is no JPEG", np.uint8)
+    results = list(decoder.decode([jpegs, jpegs[:1] + [bad] + jpegs[1:], jpegs]))
+    assert [r.failed for r in results][0] == {}
+    assert list(results[1].failed) == [1] and "DALI gpu decoder failed" in results[1].failed[1]
+    assert results[1].index == [0, 2, 3]
+    assert decoder.rebuilds >= 1
+    assert results[2].failed == {} and len(results[2].index) == 3
+
+
+def test_onnxruntime_reads_the_decoded_batch_on_the_gpu(demo, decoder, model_path):
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+
+    photos, _ = demo
+    jpegs = [np.fromfile(p, np.uint8) for p in photos if p.endswith(".jpg")]
+    engine = OnnxRuntimeLoader(model_path, ("cuda",))()
+    stream = decoder.decode([jpegs])
+    batch = next(stream)
+    on_device = engine.infer({"images": batch.images}, ["logits"])
+    on_host = engine.infer({"images": np.array(batch.images.as_cpu())}, ["logits"])
+    list(stream)
+    assert list(on_device) == ["logits"]
+    np.testing.assert_allclose(on_device["logits"], on_host["logits"], atol=1e-3, rtol=1e-3)
+    engine.close()
+
+
+def _rows(directory):
+    rows = {}
+    for path in glob.glob(os.path.join(directory, "predictions-*.jsonl")):
+        for line in open(path):
+            row = json.loads(line)
+            rows[row["uri"]] = row["top_k"][0]["class_id"]
+    dead = {}
+    for path in glob.glob(os.path.join(directory, "dead_letter-*.jsonl")):
+        for line in open(path):
+            row = json.loads(line)
+            dead[row["uri"]] = (row["stage"], row["error"])
+    return rows, dead
+
+
+def test_decode_gpu_gives_the_same_dead_letters_and_top1_as_decode_cpu(demo, tmp_path, model_path):
+    from pipelines.classify_images import run
+
+    photos, broken = demo
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("\n".join(photos + broken) + "\n")
+    outputs = {}
+    for mode in ("gpu", "cpu"):
+        stats = run(["--input", str(manifest), "--output", str(tmp_path / mode), "--providers", "cuda",
+                     "--decode", mode, "--batch_size", "8", "--progress_every_s", "0"])
+        assert stats["inputs"] == len(photos) + len(broken) == stats["predictions"] + stats["dead_letters"]
+        assert stats["unaccounted"] == 0
+        outputs[mode] = _rows(str(tmp_path / mode))
+    (gpu_rows, gpu_dead), (cpu_rows, cpu_dead) = outputs["gpu"], outputs["cpu"]
+    assert gpu_dead == cpu_dead
+    assert set(gpu_rows) == set(cpu_rows) == set(photos)
+    agree = sum(gpu_rows[u] == cpu_rows[u] for u in photos) / len(photos)
+    assert agree >= 0.9, agree
