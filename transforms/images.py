@@ -280,6 +280,7 @@ class ReadImageBatches(beam.DoFn):
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
         self._pool = None
         threads = min(16, os.cpu_count() or 1) if self._threads == -1 else self._threads
+        self._threads_n = threads
         if threads:
             import concurrent.futures
 
@@ -291,6 +292,21 @@ class ReadImageBatches(beam.DoFn):
 
     def _load(self, ref: ImageRef):
         return load_image(ref.uri, self._config, self._gpu_decode)
+
+    def _load_chunk(self, refs):
+        return [self._load(ref) for ref in refs]
+
+    def _tasks(self, refs) -> int:
+        """Pool tasks for one batch.
+
+        Decoding on the CPU (Pillow releases the GIL) and remote reads (latency) want every
+        thread. Reading local files for the GPU decoder is mostly Python (open, header
+        pre-screen) and GIL-bound: a few threads with a whole chunk each, since 16 threads
+        contending for the GIL made each 43 KB read take 2.6 ms on 16 cores (issue 9, NOTES.md).
+        """
+        if self._gpu_decode and all("://" not in ref.uri for ref in refs):
+            return min(2, self._threads_n)
+        return self._threads_n
 
     def _emit(self, refs, loaded, window=None, timestamp=None):
         def windowed(value):
@@ -321,17 +337,22 @@ class ReadImageBatches(beam.DoFn):
         if self._pool is None:
             yield from self._emit(refs, [self._load(ref) for ref in refs])
             return
-        self._pending.append((refs, [self._pool.submit(self._load, ref) for ref in refs], window, timestamp))
+        tasks = self._tasks(refs)
+        size = -(-len(refs) // tasks)
+        futures = [self._pool.submit(self._load_chunk, refs[i:i + size]) for i in range(0, len(refs), size)]
+        self._pending.append((refs, futures, window, timestamp))
         # Emit finished batches in order; block only when more than `prefetch` are in flight.
         while self._pending and (len(self._pending) > self._prefetch
                                  or all(f.done() for f in self._pending[0][1])):
-            done, futures, w, ts = self._pending.popleft()
-            yield from self._emit(done, [f.result() for f in futures], w, ts)
+            yield from self._emit_pending()
+
+    def _emit_pending(self):
+        done, futures, w, ts = self._pending.popleft()
+        yield from self._emit(done, [result for f in futures for result in f.result()], w, ts)
 
     def finish_bundle(self):
         while self._pending:
-            done, futures, w, ts = self._pending.popleft()
-            yield from self._emit(done, [f.result() for f in futures], w, ts)
+            yield from self._emit_pending()
 
     def teardown(self):
         if self._pool is not None:
