@@ -151,7 +151,7 @@ class ExecutionSlot:
             self._enqueue_plain(key, shapes)
             return
         graph = self._graphs.get(key)
-        # A graph is valid for one (context, profile, shapes, addresses) (TENSORRT.md): it replays
+        # A graph is valid for one (context, profile, shapes, addresses) (docs/tensorrt.md, "CUDA graphs"): it replays
         # kernels only, not the per-shape setup execute_async_v3 does after set_input_shape. So
         # replay only when this context's previous enqueue had these very shapes; after another
         # shape, one plain enqueue re-applies them and the next batch of this shape replays.
@@ -164,7 +164,7 @@ class ExecutionSlot:
         self._enqueue_plain(key, shapes)
         if graph is not None or key in self._no_graph or len(self._graphs) >= self._max_graphs:
             return
-        # TENSORRT.md: enqueue once and synchronize, then capture.
+        # docs/tensorrt.md, "CUDA graphs": enqueue once and synchronize, then capture.
         self.stream.synchronize()
         graph = cuda.capture_graph(self.stream, lambda: self._enqueue(self.stream.ptr, shapes, self.addresses))
         if graph is None:

@@ -40,7 +40,7 @@ def cudart():
                 try:
                     from cuda.bindings import runtime as module
                 except ImportError as first:
-                    try:  # cuda-python < 12.6 (there is no ``from cuda import cuda`` in 13: TENSORRT.md)
+                    try:  # cuda-python < 12.6 (there is no ``from cuda import cuda`` in 13: docs/tensorrt.md)
                         from cuda import cudart as module  # type: ignore
                     except ImportError:
                         raise ImportError(f"cuda-python is not importable ({first}). {CUDA_HINT}") from first
