@@ -229,6 +229,28 @@ def copy_d2h_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
           "cudaMemcpyAsync(device to host)")
 
 
+def copy_d2d_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
+          "cudaMemcpyAsync(device to device)")
+
+
+def wait_for_stream(stream: Stream, producer: int) -> None:
+    """Makes ``stream`` wait for the work enqueued so far on the stream handle ``producer``.
+
+    For device arrays whose ``__cuda_array_interface__`` names the stream that produced them
+    (v3 ``stream`` key): the consumer must order its reads after that stream's work. 1 and 2
+    are the legacy and per-thread default streams, as in the interface's specification.
+    """
+    rt = cudart()
+    event = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+    try:
+        check(rt.cudaEventRecord(event, producer), f"cudaEventRecord(stream {producer})")
+        check(rt.cudaStreamWaitEvent(stream.handle, event, 0), "cudaStreamWaitEvent")
+    finally:
+        rt.cudaEventDestroy(event)  # released once the wait is satisfied; safe to destroy now
+
+
 def is_pinned(ptr: int) -> bool:
     """True when ``ptr`` is page-locked host memory known to CUDA."""
     rt = cudart()

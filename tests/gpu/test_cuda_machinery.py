@@ -113,11 +113,11 @@ def test_slots_dynamic_batches_in_order(standin_cls):
 
 def test_engine_with_standin_splits_and_chooses_profiles(standin_cls, monkeypatch):
     """TensorRTEngine's own code on real CUDA: profile choice, splitting, short last batch, threads."""
-    from engines.tensorrt import runtime
+    from engines.tensorrt import deserialize, runtime
     from tests.tensorrt_fakes import plan_bytes
 
     standin = standin_cls.StandIn(D)
-    monkeypatch.setattr(runtime, "import_tensorrt",
+    monkeypatch.setattr(deserialize, "import_tensorrt",
                         lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 16), (17, 64, 64)]))
     with runtime.TensorRTEngine(plan_bytes(10, 11, 0, 33), num_contexts=3) as engine:
         assert engine.max_batch_size == 64 and engine.profiles == [(1, 8, 16), (17, 64, 64)]
@@ -145,11 +145,11 @@ def test_engine_with_standin_splits_and_chooses_profiles(standin_cls, monkeypatc
 
 
 def test_cuda_graphs_capture_and_replay(standin_cls, monkeypatch):
-    from engines.tensorrt import runtime
+    from engines.tensorrt import deserialize, runtime
     from tests.tensorrt_fakes import plan_bytes
 
     standin = standin_cls.StandIn(D)
-    monkeypatch.setattr(runtime, "import_tensorrt", lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 32)]))
+    monkeypatch.setattr(deserialize, "import_tensorrt", lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 32)]))
     with runtime.TensorRTEngine(plan_bytes(10, 11, 0, 33), num_contexts=1, cuda_graphs=True) as engine:
         for i in range(4):
             for n in (8, 8, 3, 3):
