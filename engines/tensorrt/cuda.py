@@ -105,7 +105,7 @@ def device_count() -> int:
         raise EngineError(
             f"No CUDA GPU is usable here (cudaGetDeviceCount: {reason}). TensorRT needs an NVIDIA GPU and "
             f"driver: on Dataflow pass --dataflow_service_options=\"worker_accelerator=type:nvidia-l4;count:1;"
-            f"install-nvidia-driver\"; locally check `nvidia-smi`. There is no CPU fallback for TensorRT; use "
+            f"install-nvidia-driver:latest\"; locally check `nvidia-smi`. There is no CPU fallback for TensorRT; use "
             f"--engine onnxruntime to run on CPU")
     return int(count)
 
