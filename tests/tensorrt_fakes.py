@@ -248,12 +248,12 @@ class FakeContext:
         self.enqueued_batch = 0
 
     def set_optimization_profile_async(self, k, stream):
-        # Like the bindings (pyCore.cpp, PY_ASSERT_RUNTIME_ERROR): a failure raises RuntimeError,
+        # Like the bindings (pyCore.cpp: PY_ASSERT_RUNTIME_ERROR, same message): a failure raises RuntimeError,
         # never returns False. Since TensorRT 9/10 any number of contexts may use one profile.
         if not 0 <= k < len(self.engine.profiles) or self.engine.fail_profile:
             self.engine.logger.log(Severity.ERROR, f"setOptimizationProfileAsync: profile index {k} is invalid "
                                                    f"or the switch failed")
-            raise RuntimeError("Error in set optimization profile.")
+            raise RuntimeError("Error in set optimization profile async.")
         self.calls.append(f"profile {k}")
         self.profile = k
         return True
@@ -267,9 +267,9 @@ class FakeContext:
         return True
 
     def infer_shapes(self):
-        if self.engine.fail_infer_shapes:  # the bindings raise for anything but unset inputs
+        if self.engine.fail_infer_shapes:  # pyCore.cpp infer_shapes: RuntimeError for a negative count
             self.engine.logger.log(Severity.ERROR, "IExecutionContext::inferShapes: shape inference failed")
-            raise RuntimeError("Error in infer_shapes.")
+            raise RuntimeError("infer_shapes error code: -1")
         return [n for n, mode, _, _ in IO if mode == "INPUT" and n not in self.shapes]
 
     def get_tensor_shape(self, name):

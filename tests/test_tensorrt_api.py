@@ -692,12 +692,12 @@ def test_profile_switch_and_shape_inference_failures_carry_tensorrts_log(monkeyp
         fake_engine = trt.state.engines[0]
         fake_engine.fail_profile = True  # sizing the buffers left the context on profile 1; 3 needs profile 0
         with pytest.raises(EngineError, match=r"context 0: set_optimization_profile_async\(0\) failed: Error in set "
-                                              r"optimization profile\.: \[ERROR\] setOptimizationProfileAsync: "
+                                              r"optimization profile async\.: \[ERROR\] setOptimizationProfileAsync: "
                                               r"profile index 0"):
             engine.infer(feed(3))
         fake_engine.fail_profile = False
         fake_engine.fail_infer_shapes = True
-        with pytest.raises(EngineError, match=r"shape inference failed for input shapes .*Error in infer_shapes\.: "
+        with pytest.raises(EngineError, match=r"shape inference failed for input shapes .*infer_shapes error code: -1: "
                                               r"\[ERROR\] IExecutionContext::inferShapes: shape inference failed"):
             engine.infer(feed(3))
         fake_engine.fail_infer_shapes = False
