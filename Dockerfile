@@ -91,9 +91,15 @@ from engines.tensorrt import cuda; cuda.cudart(); \
 assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \
 import numpy; print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt.__version__, 'numpy', numpy.__version__)"
 
-# The SDK harness of the matching Beam release; the image starts as a Beam worker.
+# The SDK harness of the matching Beam release; the image starts as a Beam worker, through NVIDIA's
+# entrypoint first: in NGC images it sets up CUDA forward compatibility (the image's compat libcuda
+# when the host driver is older than the image's CUDA), which on a Dataflow driver older than the
+# image's CUDA is the difference between running and "CUDA driver version is insufficient". It ends
+# with `exec "$@"`, so Beam's boot runs next with Dataflow's arguments (docs/tensorrt.md).
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
-ENTRYPOINT ["/opt/apache/beam/boot"]
+RUN test -x /opt/nvidia/nvidia_entrypoint.sh \
+ || { echo "the base image has no /opt/nvidia/nvidia_entrypoint.sh: use an NGC TensorRT image" >&2; exit 1; }
+ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/opt/apache/beam/boot"]
 
 # The worker plus CuPy, for `pytest -m "gpu or cuda" tests/gpu` (build with --target test).
 FROM worker AS test

@@ -39,11 +39,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Plan later TensorRT versions of the same major (and tensorrt_lean) can run.")
     parser.add_argument("--exclude_lean_runtime", action="store_true",
                         help="With --version_compatible: leave the lean runtime out of the plan.")
-    parser.add_argument("--contexts", type=int, default=2,
-                        help="Execution contexts the plan serves at once (each profile is added this many times; "
-                             "TensorRT needs a profile per concurrent context). Default 2.")
     parser.add_argument("--hardware_compatibility", default="none", choices=HARDWARE_COMPATIBILITY,
-                        help="ampere_plus: one plan for every Ampere-or-newer GPU (slower). Default none.")
+                        help="ampere_plus: one plan for every Ampere-or-newer GPU (slower); same_compute_capability "
+                             "(TensorRT 10.9+): one plan for GPUs of the build GPU's compute capability. Default none.")
 
 
 def options_from_args(args: argparse.Namespace) -> BuildOptions:
@@ -66,7 +64,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     return BuildOptions(profiles=profiles, precision="fp16" if args.fp16 else "fp32",
                         workspace_gib=args.workspace_gib, opt_level=args.opt_level, timing_cache=args.timing_cache,
                         version_compatible=args.version_compatible, exclude_lean_runtime=args.exclude_lean_runtime,
-                        hardware_compatibility=args.hardware_compatibility, contexts=args.contexts)
+                        hardware_compatibility=args.hardware_compatibility)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -299,10 +299,6 @@ def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
                           "from --fp16" if args.fp16 else "pass --fp16 or --precision fp16 for an fp16 plan")
     else:
         options = options_from_args(args)
-        if options.contexts < args.num_contexts:
-            _LOG.info("building with --contexts %d to match --num_contexts (TensorRT needs a profile per concurrent "
-                      "context)", args.num_contexts)
-            options = dataclasses.replace(options, contexts=args.num_contexts)
         loader = TensorRTLoader(onnx_path=args.onnx_path, engine_cache=args.engine_cache, build_options=options,
                                 num_contexts=args.num_contexts)
         precision = options.precision

@@ -35,7 +35,10 @@ class FakeCuda:
         #: "sync" and "capture" in the order they happened (capture must follow a synchronize).
         self.events: List[str] = []
         self.device_info_calls = 0
-        self.copies = []
+        #: (kind, nbytes) of every copy: kind is "h2d", "d2h" or "d2d".
+        self.copies: List[Tuple[str, int]] = []
+        #: (consumer stream, producer stream handle) of every cross-stream wait.
+        self.waits: List[Tuple[int, int]] = []
         fake = self
 
         class DeviceBuffer:
@@ -76,7 +79,16 @@ class FakeCuda:
         return ptr
 
     def bytes_at(self, ptr: int) -> np.ndarray:
-        return self.memory[ptr]
+        """The bytes from ``ptr`` (an allocation's start or an address inside it) to the allocation's end."""
+        base = ptr & ~0xFFFFFFFF
+        return self.memory[base][ptr - base:]
+
+    def device_array(self, array: np.ndarray, stream: Optional[int] = None) -> "FakeDeviceArray":
+        """A copy of ``array`` in fake device memory, exposing ``__cuda_array_interface__``."""
+        array = np.ascontiguousarray(array)
+        ptr = self._alloc(max(array.nbytes, 1))
+        self.memory[ptr][:array.nbytes] = array.view(np.uint8).reshape(-1)
+        return FakeDeviceArray(ptr, array.shape, array.dtype, stream)
 
     def install(self, monkeypatch) -> "FakeCuda":
         m = real_cuda
@@ -85,8 +97,10 @@ class FakeCuda:
         monkeypatch.setattr(m, "set_device", lambda index: None)
         monkeypatch.setattr(m, "device_count", lambda: 1)
         monkeypatch.setattr(m, "device_info", self.device_info)
-        monkeypatch.setattr(m, "copy_h2d_async", self.copy)
-        monkeypatch.setattr(m, "copy_d2h_async", self.copy)
+        monkeypatch.setattr(m, "copy_h2d_async", lambda *a: self.copy(*a, kind="h2d"))
+        monkeypatch.setattr(m, "copy_d2h_async", lambda *a: self.copy(*a, kind="d2h"))
+        monkeypatch.setattr(m, "copy_d2d_async", lambda *a: self.copy(*a, kind="d2d"))
+        monkeypatch.setattr(m, "wait_for_stream", lambda stream, producer: self.waits.append((stream.ptr, producer)))
         monkeypatch.setattr(m, "capture_graph", self.capture_graph)
         return self
 
@@ -94,9 +108,9 @@ class FakeCuda:
         self.device_info_calls += 1
         return self.info
 
-    def copy(self, dst, src, nbytes, stream):
-        self.copies.append(nbytes)
-        self.memory[dst][:nbytes] = self.memory[src][:nbytes]
+    def copy(self, dst, src, nbytes, stream, kind="h2d"):
+        self.copies.append((kind, nbytes))
+        self.bytes_at(dst)[:nbytes] = self.bytes_at(src)[:nbytes]
 
     def capture_graph(self, stream, work):
         """Like a CUDA graph: records the kernels ``work`` enqueues, and replays only those."""
@@ -111,6 +125,21 @@ class FakeCuda:
         finally:
             kernels, self.capturing = self.capturing, None
         return types.SimpleNamespace(launch=lambda s: [k() for k in kernels], destroy=lambda: None)
+
+
+class FakeDeviceArray:
+    """An array in :class:`FakeCuda` memory, seen through ``__cuda_array_interface__`` (v3) like CuPy's."""
+
+    def __init__(self, ptr: int, shape, dtype, stream: Optional[int] = None):
+        self.ptr, self.shape, self.dtype, self.stream = ptr, tuple(shape), np.dtype(dtype), stream
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (self.ptr, False), "strides": None,
+                "version": 3, "stream": self.stream}
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("a device array cannot become a host array implicitly (the code under test tried)")
 
 
 class FakeCudart:
@@ -219,20 +248,18 @@ class FakeContext:
         self.enqueued_batch = 0
 
     def set_optimization_profile_async(self, k, stream):
-        # TensorRT: each execution context in concurrent use needs its own profile (refused here
-        # outright if another context of this engine holds it).
-        holder = self.engine.holders.get(k)
-        if holder is not None and holder is not self:
-            self.engine.logger.log(Severity.ERROR, f"Profile {k} has been chosen by another IExecutionContext")
-            return False
-        self.engine.holders.pop(self.profile, None)
-        self.engine.holders[k] = self
+        # Like the bindings (pyCore.cpp: PY_ASSERT_RUNTIME_ERROR, same message): a failure raises RuntimeError,
+        # never returns False. Since TensorRT 9/10 any number of contexts may use one profile.
+        if not 0 <= k < len(self.engine.profiles) or self.engine.fail_profile:
+            self.engine.logger.log(Severity.ERROR, f"setOptimizationProfileAsync: profile index {k} is invalid "
+                                                   f"or the switch failed")
+            raise RuntimeError("Error in set optimization profile async.")
         self.calls.append(f"profile {k}")
         self.profile = k
         return True
 
     def set_input_shape(self, name, shape):
-        lo, _, hi = self.engine.profiles[self.profile % len(self.engine.profiles)]
+        lo, _, hi = self.engine.profiles[self.profile]
         if not lo <= shape[0] <= hi:
             self.engine.logger.log(Severity.ERROR, f"shape {shape} outside profile {self.profile}")
             return False
@@ -240,6 +267,9 @@ class FakeContext:
         return True
 
     def infer_shapes(self):
+        if self.engine.fail_infer_shapes:  # pyCore.cpp infer_shapes: RuntimeError for a negative count
+            self.engine.logger.log(Severity.ERROR, "IExecutionContext::inferShapes: shape inference failed")
+            raise RuntimeError("infer_shapes error code: -1")
         return [n for n, mode, _, _ in IO if mode == "INPUT" and n not in self.shapes]
 
     def get_tensor_shape(self, name):
@@ -262,25 +292,25 @@ class FakeContext:
         return True
 
     def _kernel(self):
-        mem = self.engine.cuda.memory
+        at = self.engine.cuda.bytes_at
         n = self.enqueued_batch
-        a = mem[self.addresses["a"]][:n * 16].view(np.float32).reshape(n, 4)
-        b = mem[self.addresses["b"]][:n * 16].view(np.int32).reshape(n, 4)
-        mem[self.addresses["sum"]][:n * 16].view(np.float32).reshape(n, 4)[:] = a + b
-        mem[self.addresses["flag"]][:n * 4].view(np.bool_).reshape(n, 4)[:] = a > b
+        a = at(self.addresses["a"])[:n * 16].view(np.float32).reshape(n, 4)
+        b = at(self.addresses["b"])[:n * 16].view(np.int32).reshape(n, 4)
+        at(self.addresses["sum"])[:n * 16].view(np.float32).reshape(n, 4)[:] = a + b
+        at(self.addresses["flag"])[:n * 4].view(np.bool_).reshape(n, 4)[:] = a > b
         self.engine.executed.append(n)
 
 
 class FakeEngine:
-    def __init__(self, cuda: FakeCuda, logger, profiles, copies=1):
+    def __init__(self, cuda: FakeCuda, logger, profiles):
         self.cuda = cuda
         self.logger = logger
         self.profiles = profiles
-        self.copies = copies
-        self.holders = {}
         self.contexts: List[FakeContext] = []
         self.executed: List[int] = []
         self.fail_execute = False
+        self.fail_profile = False
+        self.fail_infer_shapes = False
 
     @property
     def num_io_tensors(self):
@@ -288,7 +318,7 @@ class FakeEngine:
 
     @property
     def num_optimization_profiles(self):
-        return len(self.profiles) * self.copies
+        return len(self.profiles)
 
     def get_tensor_name(self, i):
         return IO[i][0]
@@ -309,7 +339,7 @@ class FakeEngine:
         return False
 
     def get_tensor_profile_shape(self, name, k):
-        lo, opt, hi = self.profiles[k % len(self.profiles)]
+        lo, opt, hi = self.profiles[k]
         return [(lo, 4), (opt, 4), (hi, 4)]
 
     def create_execution_context(self):
@@ -318,8 +348,9 @@ class FakeEngine:
         return ctx
 
 
-def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 4), (5, 8, 16)), copies: int = 2,
-                  deserialize_ok: bool = True, module_name: str = "tensorrt", needs_host_code: bool = False):
+def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 4), (5, 8, 16)),
+                  deserialize_ok: bool = True, module_name: str = "tensorrt", needs_host_code: bool = False,
+                  deserialize_error: Optional[str] = None):
     """A module-like namespace with the runtime API subset TensorRTEngine uses."""
     state = types.SimpleNamespace(runtimes=[], engines=[], deserialize_calls=0)
 
@@ -332,14 +363,14 @@ def fake_tensorrt(cuda: FakeCuda, version: str = "10.11.0.33", profiles=((1, 2, 
         def deserialize_cuda_engine(self, plan):
             state.deserialize_calls += 1
             if not deserialize_ok:
-                self.logger.log(Severity.ERROR, "The engine plan file is generated on an incompatible device, "
-                                                "expecting compute 8.9 got compute 9.0")
+                self.logger.log(Severity.ERROR, deserialize_error or "The engine plan file is generated on an "
+                                                "incompatible device, expecting compute 8.9 got compute 9.0")
                 return None
             if needs_host_code and not self.engine_host_code_allowed:
                 self.logger.log(Severity.ERROR, "Cannot deserialize an engine with host code when host code "
                                                 "is not allowed")
                 return None
-            engine = FakeEngine(cuda, self.logger, profiles, copies)
+            engine = FakeEngine(cuda, self.logger, profiles)
             state.engines.append(engine)
             return engine
 
@@ -360,6 +391,10 @@ class FakeBuild:
 
     def __init__(self, version="10.11.0.33", parse_ok=True, build_ok=True):
         self.version = version
+        #: Called inside build_serialized_network (e.g. to let "another process" write the timing cache).
+        self.during_build = None
+        #: Timing entries this build adds to its cache.
+        self.new_timings = {b"conv-" + version.encode()}
         self.parse_ok = parse_ok
         self.build_ok = build_ok
         self.flags: List[str] = []
@@ -444,11 +479,26 @@ class FakeBuild:
                 self.shapes[name] = (lo, opt, hi)
 
         class TimingCache:
-            def __init__(self, data):
-                self.data = data
+            """Entries serialized as b"timing:" + sorted entries joined by b";" (anything else is corrupt)."""
+
+            def __init__(self, entries):
+                self.entries = set(entries)
+
+            @staticmethod
+            def parse(data):
+                data = bytes(data)
+                if not data:
+                    return TimingCache(())
+                if not data.startswith(b"timing:"):
+                    return None  # the real create_timing_cache gives None for a corrupt or foreign blob
+                return TimingCache(e for e in data[len(b"timing:"):].split(b";") if e)
 
             def serialize(self):
-                return b"timing:" + bytes(self.data)
+                return memoryview(b"timing:" + b";".join(sorted(self.entries)))
+
+            def combine(self, other, ignore_mismatch):
+                self.entries |= other.entries
+                return True
 
         class Config:
             def __init__(self):
@@ -469,9 +519,11 @@ class FakeBuild:
                 return len(build.profiles) - 1
 
             def create_timing_cache(self, data):
-                return TimingCache(data)
+                return TimingCache.parse(data)
 
             def set_timing_cache(self, cache, ignore_mismatch):
+                if cache is None:
+                    raise TypeError("set_timing_cache(): incompatible function arguments (cache is None)")
                 self.cache = cache
                 return True
 
@@ -497,14 +549,21 @@ class FakeBuild:
                 if not build.build_ok:
                     self.logger.log(Severity.ERROR, "Error Code 4: Internal Error (out of workspace)")
                     return None
+                if build.during_build:
+                    build.during_build()
+                if config.cache is not None:
+                    config.cache.entries |= build.new_timings
                 return memoryview(plan_bytes(*[int(x) for x in build.version.split(".")]))
 
+        # SAME_COMPUTE_CAPABILITY first exists in TensorRT 10.9.
+        levels = {"AMPERE_PLUS": "AMPERE_PLUS"}
+        if tuple(int(x) for x in version.split(".")[:2]) >= (10, 9):
+            levels["SAME_COMPUTE_CAPABILITY"] = "SAME_COMPUTE_CAPABILITY"
         self.module = types.SimpleNamespace(
             __name__="tensorrt", __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser,
             BuilderFlag=BuilderFlag,
             MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-            HardwareCompatibilityLevel=types.SimpleNamespace(AMPERE_PLUS="AMPERE_PLUS",
-                                                             SAME_COMPUTE_CAPABILITY="SAME_COMPUTE_CAPABILITY"))
+            HardwareCompatibilityLevel=types.SimpleNamespace(**levels))
 
 
 def no_gpu(*args, **kwargs):

@@ -3,13 +3,17 @@
 What a Dataflow worker needs from the Dockerfile and what drifts silently when someone edits
 one pin: every version pinned once at the top and in the constraints file, each pin inside
 the range setup.py asks for, Beam's SDK harness from the same Beam release and Python minor
-version, its ``boot`` entrypoint, and the project's packages copied in.
+version, an entrypoint that runs NVIDIA's CUDA set-up and then Beam's ``boot`` with the
+worker's arguments (run here against stand-in scripts), and the project's packages copied in.
 """
 
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,7 +95,6 @@ def test_beam_sdk_harness_matches_and_boots_the_worker():
     worker = stages["worker"]
     assert worker.startswith("${TENSORRT_IMAGE} AS worker")
     assert re.search(r"^COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam$", worker, flags=re.M)
-    assert re.search(r'^ENTRYPOINT \["/opt/apache/beam/boot"\]$', worker, flags=re.M)
     assert "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in worker  # no fresh virtualenv on every worker start
     # The installed Beam must be the harness's release; the build checks it, and the base image's Python.
     assert '"apache-beam[gcp]==${BEAM_VERSION}"' in worker
@@ -104,3 +107,52 @@ def test_beam_sdk_harness_matches_and_boots_the_worker():
 def test_project_packages_are_copied_and_installed(package):
     assert re.search(rf"^COPY {package} {package}$", DOCKERFILE, flags=re.M)
     assert (REPO / package / "__init__.py").exists()
+
+
+def _entrypoint(stage="worker"):
+    """The stage's ENTRYPOINT as an argv list (exec form)."""
+    (line,) = re.findall(r"^ENTRYPOINT (.*)$", _stages()[stage], flags=re.M)
+    return json.loads(line)
+
+
+NVIDIA_ENTRYPOINT = "/opt/nvidia/nvidia_entrypoint.sh"
+BEAM_BOOT = "/opt/apache/beam/boot"
+
+
+def test_the_worker_starts_through_nvidias_entrypoint_then_beams_boot(tmp_path):
+    """Issue 10, defect 6: run the image's ENTRYPOINT against stand-ins for the two programs.
+
+    NVIDIA's script (NGC images) sets up CUDA forward compatibility, then ``exec "$@"``; Beam's
+    boot must run after it, in the environment it prepared, with Dataflow's arguments untouched.
+    """
+    root = tmp_path / "image"
+    stand_ins = {
+        NVIDIA_ENTRYPOINT: '#!/bin/sh\nexport LD_LIBRARY_PATH="/usr/local/cuda/compat/lib:$LD_LIBRARY_PATH"\n'
+                           'echo nvidia >> "$TRACE"\nexec "$@"\n',
+        BEAM_BOOT: '#!/bin/sh\necho "boot $* | $LD_LIBRARY_PATH" >> "$TRACE"\n',
+    }
+    for path, text in stand_ins.items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o755)
+    argv = _entrypoint()
+    # Every program the entrypoint names is one of the two (mapped into the stand-in root).
+    assert set(a for a in argv if a.startswith("/")) <= set(stand_ins), argv
+    argv = [str(root / a.lstrip("/")) if a in stand_ins else a for a in argv]
+    trace = tmp_path / "trace"
+    worker_args = ["--id=sdk-0-0", "--provision_endpoint=localhost:12345", "--logging_endpoint=localhost:1"]
+    subprocess.run(argv + worker_args, check=True, env={"PATH": os.environ["PATH"], "TRACE": str(trace)},
+                   timeout=30)
+    assert trace.read_text().splitlines() == [
+        "nvidia", f"boot {' '.join(worker_args)} | /usr/local/cuda/compat/lib:"]
+
+
+def test_the_image_build_fails_without_nvidias_entrypoint():
+    # The entrypoint's first program must exist in the base image; the build checks it rather than
+    # leaving a worker that cannot start.
+    first = _entrypoint()[0]
+    worker = _stages()["worker"]
+    check = re.search(rf"^RUN test -x {re.escape(first)} \\\n \|\| \{{ .*exit 1; \}}$", worker, flags=re.M)
+    assert check, f"no build-time check that {first} exists"
+    assert worker.index(check.group(0)) < worker.index("ENTRYPOINT")

@@ -3,7 +3,7 @@
 1. Every TensorRT attribute the code uses is collected from the source (ast) and must
    be declared below; runtime names must exist in the real lean runtime module
    (``tensorrt_lean``, pip tensorrt-lean-cu13) and every name in the symbol tables of
-   the full 10.16 and 11.4 bindings (shared/tensorrt-symbols).
+   the full 10.16 and 11.4 bindings (tests/data/tensorrt-symbols, with how to regenerate them).
 2. Nothing removed in TensorRT 10.0 or 11.0 is used, and 10.x-only names are used only
    under a version guard.
 3. The builder and runtime code paths run against fakes of that same API (no GPU here),
@@ -27,7 +27,8 @@ import onnx
 import pytest
 
 from engines.base import EngineError
-from engines.tensorrt import _trt, builder as builder_mod, runtime as runtime_mod
+from engines.tensorrt import _trt, builder as builder_mod, deserialize as deserialize_mod, layout as layout_mod
+from engines.tensorrt import runtime as runtime_mod
 from engines.tensorrt.options import BuildOptions, Profile
 from engines.tensorrt.plan import PlanInfo
 from tests import tensorrt_fakes as fakes
@@ -35,7 +36,7 @@ from tests.tensorrt_models import LABELS, image_classifier, two_in_two_out
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "engines" / "tensorrt"
-SYMBOLS = REPO.parent / "shared" / "tensorrt-symbols"
+SYMBOLS = REPO / "tests" / "data" / "tensorrt-symbols"
 
 # Names used on TensorRT objects, by the lean runtime class that must have them.
 RUNTIME_API = {
@@ -56,15 +57,17 @@ BUILDER_API = {
     "builder_optimization_level", "set_flag", "BuilderFlag", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME",
     "hardware_compatibility_level", "HardwareCompatibilityLevel", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY",
     "num_inputs", "get_input", "shape", "name", "create_optimization_profile", "set_shape",
-    "add_optimization_profile", "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize",
+    "add_optimization_profile", "create_timing_cache", "set_timing_cache", "get_timing_cache", "serialize", "combine",
     "build_serialized_network", "ILogger", "Severity",
 }
 #: Only in 10.x (removed in 11.0): allowed only inside ``if ... major == 10`` branches.
 TEN_ONLY = {"FP16", "EXPLICIT_BATCH"}
 
 # Roots of attribute chains that are TensorRT objects in our source.
-TRT_ROOTS = {"trt", "builder", "network", "parser", "config", "trt_profile", "tensor", "err", "engine", "ctx"}
-TRT_SELF_ATTRS = {"_runtime", "_engine", "_engines", "context"}
+TRT_ROOTS = {"trt", "builder", "network", "parser", "config", "trt_profile", "tensor", "err", "engine", "ctx",
+             "runtime", "cache", "prev"}
+#: Attributes of our own holders that are TensorRT objects: ``self.context``, ``loaded.engine``, ``net.parser``...
+TRT_HOLDER_ATTRS = {"self": {"context"}, "loaded": {"engine", "runtime"}, "net": {"builder", "network", "parser"}}
 
 
 def _chain_root(node):
@@ -93,7 +96,7 @@ def used_trt_names():
             if not isinstance(node, ast.Attribute):
                 continue
             root, chain = _chain_root(node)
-            if root == "self" and chain and chain[0] in TRT_SELF_ATTRS:
+            if root in TRT_HOLDER_ATTRS and chain and chain[0] in TRT_HOLDER_ATTRS[root]:
                 names.update(chain[1:])
             elif root in TRT_ROOTS:
                 names.update(chain)
@@ -104,8 +107,7 @@ def used_trt_names():
 
 def symbols(version):
     path = SYMBOLS / f"{version}.txt"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing: the symbol tables live in shared/tensorrt-symbols beside the repo")
+    # Part of the repository: a missing table is a broken checkout, never a reason to skip.
     return set(path.read_text().split())
 
 
@@ -138,7 +140,9 @@ def in_table(name, table):
 
 def test_every_trt_name_in_the_source_is_declared():
     used = set().union(*used_trt_names().values())
-    used -= {"__version__", "__init__", "append"}  # append: the list self._engines
+    used -= {"__version__", "__init__"}
+    # Looked up by name (getattr) so that a level missing from an older TensorRT is a clear error.
+    used |= {member for member, _ in builder_mod.HARDWARE_LEVELS.values()}
     declared = set().union(*RUNTIME_API.values()) | BUILDER_API | TEN_ONLY
     unknown = used - declared
     assert not unknown, f"TensorRT names used but not declared in this test (check them, then add): {unknown}"
@@ -153,7 +157,7 @@ def test_runtime_names_exist_in_the_real_lean_runtime():
                if not hasattr(classes[cls], name)]
     assert not missing, missing
     assert list(lean.ILogger.Severity.__members__) == ["INTERNAL_ERROR", "ERROR", "WARNING", "INFO", "VERBOSE"]
-    assert set(runtime_mod.DTYPES) <= set(lean.DataType.__members__)
+    assert set(layout_mod.DTYPES) <= set(lean.DataType.__members__)
 
 
 def test_all_names_exist_in_the_full_bindings_symbol_tables():
@@ -318,10 +322,10 @@ def fake_gpu(monkeypatch):
 
 
 def make_engine(monkeypatch, fake_gpu, plan=None, **kw):
-    trt_kw = {k: kw.pop(k) for k in ("profiles", "copies", "deserialize_ok", "version", "module_name",
-                                     "needs_host_code") if k in kw}
+    trt_kw = {k: kw.pop(k) for k in ("profiles", "deserialize_ok", "version", "module_name", "needs_host_code",
+                                     "deserialize_error") if k in kw}
     trt = fakes.fake_tensorrt(fake_gpu, **trt_kw)
-    monkeypatch.setattr(runtime_mod, "import_tensorrt", lambda lean_ok=False: trt)
+    monkeypatch.setattr(deserialize_mod, "import_tensorrt", lambda lean_ok=False: trt)
     version = [int(x) for x in trt.__version__.split(".")]
     return runtime_mod.TensorRTEngine(plan or fakes.plan_bytes(*version), **kw), trt
 
@@ -347,26 +351,28 @@ def test_engine_specs_profiles_and_buffers(monkeypatch, fake_gpu):
                                                                               "flag": "flag: bool[N, 4]"}
         assert engine.profiles == [(1, 2, 4), (5, 8, 16)]
         assert engine.max_batch_size == 16 and list(engine.preferred_batch_sizes) == [2, 8]
-        assert [len(e.contexts) for e in trt.state.engines] == [2, 1]  # 2 profile copies per plan
+        assert [len(e.contexts) for e in trt.state.engines] == [3]  # one engine, every context on it
         slot = engine._pool.slots[0]
         assert {n: b.nbytes for n, b in slot.device_buffers.items()} == {"a": 256, "b": 256, "sum": 256, "flag": 64}
         assert trt.state.runtimes[0].engine_host_code_allowed is False
     assert not fake_gpu.memory  # close() freed every buffer
 
 
-@pytest.mark.parametrize("copies,contexts,instances", [(2, 2, 1), (1, 2, 2), (2, 3, 2), (3, 3, 1)])
-def test_concurrent_contexts_never_share_a_profile(monkeypatch, fake_gpu, copies, contexts, instances):
-    engine, trt = make_engine(monkeypatch, fake_gpu, copies=copies, num_contexts=contexts)
+@pytest.mark.parametrize("contexts", [1, 2, 3])
+def test_every_context_runs_on_one_engine_and_selects_the_covering_profile(monkeypatch, fake_gpu, contexts):
+    """Issue 10, defect 1: the plan holds each profile once and contexts share it (TensorRT 9+);
+    the plan is deserialized once, whatever the number of contexts."""
+    engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=contexts)
     with engine:
-        assert engine.profiles == [(1, 2, 4), (5, 8, 16)]  # copies are one logical profile
-        assert len(trt.state.engines) == instances == engine.describe()["engine_instances"]
-        held = [(id(e), ctx.profile) for e in trt.state.engines for ctx in e.contexts]
-        assert len(held) == contexts and len(set(held)) == contexts
-        feeds = [feed(n, seed=n) for n in (3, 9, 2, 16, 1, 12)]  # both profiles, on every context
+        assert engine.profiles == [(1, 2, 4), (5, 8, 16)]
+        assert trt.state.deserialize_calls == 1 and len(trt.state.engines) == 1
+        fake_engine = trt.state.engines[0]
+        assert len(fake_engine.contexts) == contexts == engine.describe()["contexts"]
+        feeds = [feed(n, seed=n) for n in (3, 9, 2, 16, 1, 12, 10, 11)]  # both profiles, on every context
         for f, out in zip(feeds, engine.infer_many(feeds)):
             check(out, f)
-        held = {(id(e), ctx.profile) for e in trt.state.engines for ctx in e.contexts}
-        assert len(held) == contexts
+        # The last batches (12, 10, 11) all use profile 1, on whichever contexts ran them, at once.
+        assert all(ctx.profile == 1 for ctx in fake_engine.contexts)
 
 
 def test_infer_picks_profiles_and_splits_large_batches(monkeypatch, fake_gpu):
@@ -492,7 +498,7 @@ def test_graph_capture_follows_a_synchronized_plain_run(monkeypatch, fake_gpu):
     with engine:
         fake_gpu.events.clear()
         engine.infer(feed(3))
-    assert fake_gpu.events[:2] == ["sync", "capture"]  # TENSORRT.md: enqueue once, synchronize, then capture
+    assert fake_gpu.events[:2] == ["sync", "capture"]  # docs/tensorrt.md: enqueue once, synchronize, then capture
 
 
 def test_graph_capture_failure_is_logged_with_its_reason(monkeypatch, caplog):
@@ -625,8 +631,10 @@ def test_plan_checks_before_touching_the_gpu(monkeypatch, fake_gpu):
     assert fake_gpu.device_info_calls == 0
     info = PlanInfo(tensorrt_version="10.11.0.33", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
                     profiles=(Profile(1, 2, 4),), precision="fp32", onnx_sha256="0" * 64)
-    with pytest.raises(EngineError, match=r"built on NVIDIA H100 80GB HBM3 \(compute 9.0\) and this GPU is NVIDIA "
-                                          r"L4 \(compute 8.9\).*--hardware_compatibility ampere_plus"):
+    with pytest.raises(EngineError, match=r"built on NVIDIA H100 80GB HBM3 \(compute 9.0\) without "
+                                          r"--hardware_compatibility; such plans run only on GPUs of that compute "
+                                          r"capability, and this GPU is NVIDIA L4 \(compute 8.9\).*"
+                                          r"--hardware_compatibility ampere_plus"):
         make_engine(monkeypatch, fake_gpu, info=info)
 
 
@@ -670,6 +678,133 @@ def test_version_compatible_plan_from_a_newer_minor_is_refused_before_the_gpu(mo
     engine.close()
 
 
+def _plan_info(**kw):
+    base = dict(tensorrt_version="10.11.0.33", gpu_name="NVIDIA L4", compute_capability="8.9",
+                profiles=(Profile(1, 2, 4), Profile(5, 8, 16)), precision="fp32", onnx_sha256="0" * 64)
+    base.update(kw)
+    return PlanInfo(**base)
+
+
+def test_profile_switch_and_shape_inference_failures_carry_tensorrts_log(monkeypatch, fake_gpu):
+    """Issue 10, defect 4: the bindings raise RuntimeError (never return False) when these fail."""
+    engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=1)
+    with engine:
+        fake_engine = trt.state.engines[0]
+        fake_engine.fail_profile = True  # sizing the buffers left the context on profile 1; 3 needs profile 0
+        with pytest.raises(EngineError, match=r"context 0: set_optimization_profile_async\(0\) failed: Error in set "
+                                              r"optimization profile async\.: \[ERROR\] setOptimizationProfileAsync: "
+                                              r"profile index 0"):
+            engine.infer(feed(3))
+        fake_engine.fail_profile = False
+        fake_engine.fail_infer_shapes = True
+        with pytest.raises(EngineError, match=r"shape inference failed for input shapes .*infer_shapes error code: -1: "
+                                              r"\[ERROR\] IExecutionContext::inferShapes: shape inference failed"):
+            engine.infer(feed(3))
+        fake_engine.fail_infer_shapes = False
+        f = feed(3)
+        check(engine.infer(f), f)  # the slot came back and the context switches again
+
+
+def test_gpu_checks_follow_how_the_plan_was_built(monkeypatch, fake_gpu, caplog):
+    """Issue 10, defect 5: same_compute_capability needs an equal compute capability, ampere_plus 8.0+."""
+    h100 = dict(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    with pytest.raises(EngineError, match=r"built on NVIDIA H100 80GB HBM3 \(compute 9.0\) with "
+                                          r"--hardware_compatibility same_compute_capability, which plans run only on "
+                                          r"GPUs of that compute capability, and this GPU is NVIDIA L4 \(compute 8.9\)"):
+        make_engine(monkeypatch, fake_gpu, info=_plan_info(hardware_compatibility="same_compute_capability", **h100))
+    # ampere_plus: built on an H100, loads on an L4 (8.9), without the "other GPU" warning ...
+    with caplog.at_level(logging.WARNING):
+        engine, _ = make_engine(monkeypatch, fake_gpu, info=_plan_info(hardware_compatibility="ampere_plus", **h100))
+    engine.close()
+    assert "may not be the fastest" not in caplog.text
+    # ... and is refused on a Turing T4 (7.5) before TensorRT is asked.
+    fake_gpu.info = dataclasses.replace(fake_gpu.info, name="Tesla T4", major=7, minor=5)
+    with pytest.raises(EngineError, match=r"--hardware_compatibility ampere_plus, which runs on Ampere or newer "
+                                          r"GPUs \(compute 8.0\+\), and this GPU is Tesla T4 \(compute 7.5\)"):
+        make_engine(monkeypatch, fake_gpu, info=_plan_info(hardware_compatibility="ampere_plus", **h100))
+
+
+def test_the_lean_runtime_refuses_plans_that_are_not_version_compatible(monkeypatch, fake_gpu):
+    """Issue 10, defect 5: tensorrt_lean runs version-compatible plans only."""
+    with pytest.raises(EngineError, match=r"built without --version_compatible, and this runtime is the lean "
+                                          r"runtime \(tensorrt_lean 10.11.0.33\), which runs version-compatible "
+                                          r"plans only"):
+        make_engine(monkeypatch, fake_gpu, module_name="tensorrt_lean", info=_plan_info(version_compatible=False))
+    assert fake_gpu.device_info_calls == 0
+    # No sidecar: TensorRT's lean runtime fails with its stub message (NVIDIA/TensorRT#4790); say what it means.
+    with pytest.raises(EngineError, match=r"The lean runtime \(tensorrt_lean 10.11.0.33\) could not load the plan "
+                                          r"m.plan: it runs only plans built --version_compatible.*Unexpected call "
+                                          r"to stub loadRunner"):
+        make_engine(monkeypatch, fake_gpu, module_name="tensorrt_lean", name="m.plan", deserialize_ok=False,
+                    deserialize_error="Unexpected call to stub loadRunner")
+
+
+def test_plans_without_their_lean_runtime_load_only_in_the_version_that_built_them(monkeypatch, fake_gpu):
+    """Issue 10, defect 3: Runtime.load_runtime's docstring: an EXCLUDE_LEAN_RUNTIME plan needs a lean
+    runtime of the same version; this project loads none, so another version is refused up front."""
+    info = _plan_info(tensorrt_version="10.8.0.43", version_compatible=True, exclude_lean_runtime=True)
+    with pytest.raises(EngineError, match=r"built --version_compatible --exclude_lean_runtime by TensorRT 10.8.0.43, "
+                                          r"and this runtime is TensorRT 10.11.0.33.*Rebuild it without "
+                                          r"--exclude_lean_runtime"):
+        make_engine(monkeypatch, fake_gpu, plan=fakes.plan_bytes(10, 8, 0, 43), info=info)
+    assert fake_gpu.device_info_calls == 0
+    same = dataclasses.replace(info, tensorrt_version="10.11.0.33")
+    engine, trt = make_engine(monkeypatch, fake_gpu, info=same)
+    engine.close()
+    assert trt.state.runtimes[0].engine_host_code_allowed is False  # no embedded runtime to allow
+
+
+def test_a_plan_without_the_magic_goes_to_tensorrt_with_a_warning(monkeypatch, fake_gpu, caplog):
+    """Issue 10, defect 7: the header layout is not promised for every plan; only ONNX bytes are refused."""
+    with caplog.at_level(logging.WARNING):
+        engine, trt = make_engine(monkeypatch, fake_gpu, plan=b"ptrt" + bytes(60), name="odd.plan")
+    engine.close()
+    assert trt.state.deserialize_calls == 1
+    assert "odd.plan does not start with the plan magic b'ftrt'" in caplog.text
+
+
+def test_device_inputs_never_pass_through_the_host(monkeypatch, fake_gpu):
+    """Issue 9 item 4: device arrays are copied device-to-device into the slot's buffers (padded and
+    split on the device), and only the requested outputs come back to the host."""
+    engine, trt = make_engine(monkeypatch, fake_gpu, profiles=((4, 8, 16),), num_contexts=2)
+    executed = trt.state.engines[0].executed
+    with engine:
+        for n in (2, 8, 18, 40):  # padded to 4; one chunk; 9 + 9; 16 + 16 + 8
+            f = feed(n, seed=n)
+            device_feed = {name: fake_gpu.device_array(a) for name, a in f.items()}
+            fake_gpu.copies.clear()
+            del executed[:]
+            out = engine.infer(device_feed, outputs=["sum"])
+            assert list(out) == ["sum"] and out["sum"].shape == (n, 4)
+            np.testing.assert_array_equal(out["sum"], f["a"] + f["b"].astype(np.float32))
+            assert {kind for kind, _ in fake_gpu.copies} == {"d2d", "d2h"}, fake_gpu.copies
+            # One device-to-host copy per chunk, of "sum" only (16 bytes a row; "flag" stays on the device).
+            assert [nbytes for kind, nbytes in fake_gpu.copies if kind == "d2h"] == [rows * 16 for rows in executed]
+        # Host and device inputs mixed: only the host one is staged and copied in.
+        f = feed(5, seed=7)
+        fake_gpu.copies.clear()
+        out = engine.infer({"a": f["a"], "b": fake_gpu.device_array(f["b"])})
+        check(out, f)
+        assert [kind for kind, _ in fake_gpu.copies if kind != "d2h"] == ["h2d", "d2d"]
+        # A device array names the stream that wrote it: the slot's stream waits for that stream first.
+        out = engine.infer({name: fake_gpu.device_array(a, stream=77) for name, a in f.items()})
+        check(out, f)
+        assert {producer for _, producer in fake_gpu.waits} == {77}
+        with pytest.raises(EngineError, match=r"Output tensor\(s\) \['logits'\] are not outputs of the model"):
+            engine.infer(f, outputs=["logits"])
+
+
+def test_infer_many_with_device_inputs_and_empty_batches_keeps_order(monkeypatch, fake_gpu):
+    engine, _ = make_engine(monkeypatch, fake_gpu, num_contexts=2)
+    feeds = [feed(n, seed=n) for n in (3, 0, 20, 0, 1)]
+    with engine:
+        device_feeds = [{k: fake_gpu.device_array(v) for k, v in f.items()} for f in feeds]
+        outs = list(engine.infer_many(device_feeds, outputs=["flag"]))
+    assert [o["flag"].shape[0] for o in outs] == [3, 0, 20, 0, 1]
+    for f, out in zip(feeds, outs):
+        np.testing.assert_array_equal(out["flag"], f["a"] > f["b"])
+
+
 # -- builder glue against fakes ---------------------------------------------------------------------
 
 @pytest.fixture
@@ -684,19 +819,19 @@ def fake_build(monkeypatch, fake_gpu):
 def test_build_10x_fp16_sets_the_flag_and_profiles(fake_build, tmp_path):
     fb = fake_build(version="10.11.0.33")
     timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"old")
+    timing.write_bytes(b"timing:old")
     options = BuildOptions(profiles=["1,8,32", "33,64,128"], precision="fp16", workspace_gib=2, opt_level=4,
                            timing_cache=str(timing), version_compatible=True, exclude_lean_runtime=True,
                            hardware_compatibility="ampere_plus")
     built = builder_mod.build_plan(image_classifier(), options)
     assert fb.flags == ["FP16", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
-    # Each profile once per concurrent context (default 2): TensorRT needs a profile per context.
+    # Each profile once (issue 10, defect 1): any number of contexts shares them at run time.
     assert fb.profiles == [{"images": ((1, 16, 16, 3), (8, 16, 16, 3), (32, 16, 16, 3))},
-                           {"images": ((33, 16, 16, 3), (64, 16, 16, 3), (128, 16, 16, 3))}] * 2
+                           {"images": ((33, 16, 16, 3), (64, 16, 16, 3), (128, 16, 16, 3))}]
     assert fb.config.pool == {"WORKSPACE": 2 << 30} and fb.config.builder_optimization_level == 4
     assert fb.config.hardware_compatibility_level == "AMPERE_PLUS"
     assert fb.parsed == [image_classifier()]  # 10.x parses the fp32 model as is
-    assert timing.read_bytes() == b"timing:old"
+    assert timing.read_bytes() == b"timing:conv-10.11.0.33;old"
     info = built.info
     assert (info.tensorrt_version, info.gpu_name, info.compute_capability) == ("10.11.0.33", "NVIDIA L4", "8.9")
     assert info.labels == tuple(LABELS) and info.precision == "fp16" and info.extra["fp16_via"] == "BuilderFlag.FP16"
@@ -752,8 +887,47 @@ def test_models_the_profiles_cannot_describe_are_refused(fake_build):
 
 def test_build_multi_input_model(fake_build):
     fb = fake_build()
-    builder_mod.build_plan(two_in_two_out(), BuildOptions(profiles=["2,4,8"], contexts=3))
-    assert fb.profiles == [{"a": ((2, 4), (4, 4), (8, 4)), "b": ((2, 4), (4, 4), (8, 4))}] * 3
+    builder_mod.build_plan(two_in_two_out(), BuildOptions(profiles=["2,4,8"]))
+    assert fb.profiles == [{"a": ((2, 4), (4, 4), (8, 4)), "b": ((2, 4), (4, 4), (8, 4))}]
+
+
+def test_hardware_level_is_looked_up_only_when_asked_for(fake_build):
+    """Issue 10, defect 2: SAME_COMPUTE_CAPABILITY first exists in 10.9; 10.0-10.8 must still build
+    ampere_plus plans, and asking for the missing level is a clear error."""
+    fb = fake_build(version="10.8.0.43")
+    builder_mod.build_plan(image_classifier(), BuildOptions(hardware_compatibility="ampere_plus"))
+    assert fb.config.hardware_compatibility_level == "AMPERE_PLUS"
+    with pytest.raises(EngineError, match=r"--hardware_compatibility same_compute_capability needs TensorRT 10.9 or "
+                                          r"later \(HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY\); this is "
+                                          r"TensorRT 10.8.0.43"):
+        builder_mod.build_plan(image_classifier(), BuildOptions(hardware_compatibility="same_compute_capability"))
+    fb = fake_build(version="10.9.0.34")
+    builder_mod.build_plan(image_classifier(), BuildOptions(hardware_compatibility="same_compute_capability"))
+    assert fb.config.hardware_compatibility_level == "SAME_COMPUTE_CAPABILITY"
+
+
+def test_a_corrupt_timing_cache_is_replaced_with_a_warning(fake_build, tmp_path, caplog):
+    """Issue 10, defect 7: create_timing_cache gives None for a corrupt or foreign cache."""
+    fake_build()
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"\x00garbage from another TensorRT")
+    with caplog.at_level(logging.WARNING, logger="engines.tensorrt.builder"):
+        built = builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
+    assert built.plan[:4] == b"ftrt"
+    assert "is corrupt or from another TensorRT version; starting an empty one" in caplog.text
+    assert timing.read_bytes() == b"timing:conv-10.11.0.33"
+
+
+def test_concurrent_builds_merge_the_timing_cache(fake_build, tmp_path):
+    """Two builds (two workers filling the engine cache) read the same cache; the second to finish
+    must keep what the first wrote meanwhile (Polygraphy: combine under a file lock)."""
+    fb = fake_build()
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"timing:old")
+    # While this build runs, another process finishes its own and writes its timings.
+    fb.during_build = lambda: timing.write_bytes(b"timing:old;other-worker")
+    builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
+    assert timing.read_bytes() == b"timing:conv-10.11.0.33;old;other-worker"
 
 
 def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):

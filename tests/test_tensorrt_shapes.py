@@ -23,6 +23,7 @@ from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, rea
                                    read_sidecar, sidecar_path, write_sidecar)
 from engines.tensorrt.shapes import Chunk, TensorRange, batch_limits, check_batch_coverage, select_profile, split_points
 from tests.tensorrt_fakes import plan_bytes
+from tests.tensorrt_models import image_classifier
 
 
 def ranges(*profiles, names=("images",), tail=(224, 224, 3)):
@@ -54,8 +55,8 @@ def test_build_options_validation():
         BuildOptions(profiles=())
     with pytest.raises(EngineError, match="workspace_gib must be > 0"):
         BuildOptions(workspace_gib=0)
-    with pytest.raises(EngineError, match="contexts must be an int in 1..8, got 0"):
-        BuildOptions(contexts=0)
+    # Sidecars and caches written before issue 10 carry "contexts": still readable.
+    assert BuildOptions.from_json(dict(BuildOptions().to_json(), contexts=2)) == BuildOptions()
     options = BuildOptions(profiles=["1,8,32", (33, 64, 128), {"min": 129, "opt": 200, "max": 256}])
     assert options.profiles == (Profile(1, 8, 32), Profile(33, 64, 128), Profile(129, 200, 256))
     assert options.max_batch == 256
@@ -68,14 +69,15 @@ def test_cache_key_is_stable_and_ignores_the_timing_cache():
     assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp32").cache_key()
     assert a.cache_key() != BuildOptions(profiles=["1,32,256"], precision="fp16").cache_key()
     assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp16", version_compatible=True).cache_key()
-    assert a.cache_key() != BuildOptions(profiles=["1,64,256"], precision="fp16", contexts=3).cache_key()
     # Same key in a fresh interpreter (no hash() randomisation) and across releases of this code:
     # changing it silently orphans every cached plan.
     code = ("from engines.tensorrt.options import BuildOptions;"
             "print(BuildOptions(profiles=['1,64,256'], precision='fp16').cache_key())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.stdout.strip() == a.cache_key() == "2a17dfc53ce517ff"
+    # Changed on purpose for issue 10 (schema 2: profiles stored once, no "contexts"), so plans
+    # with per-context profile copies are rebuilt rather than reused.
+    assert out.stdout.strip() == a.cache_key() == "3ca73d4e235fb1c3"
 
 
 def test_build_options_refuse_profiles_with_a_gap():
@@ -175,10 +177,13 @@ def test_check_batch_coverage():
 def test_read_plan_header():
     assert read_plan_header(plan_bytes(10, 11, 0, 33)) == PlanHeader(10, 11, 0, 33)
     assert read_plan_header(plan_bytes(11, 4, 0, 106)).version == "11.4.0.106"
-    with pytest.raises(EngineError, match=r"Not a TensorRT engine: expected the magic bytes b'ftrt'.*got b'\\x08\\x08"):
-        read_plan_header(b"\x08\x08\x12\x07pytorch" + bytes(40))  # an ONNX file's first bytes
-    with pytest.raises(EngineError, match="at least 28 bytes, got b'ftrt' and 10 bytes"):
+    with pytest.raises(EngineError, match=r"Not a TensorRT engine: .* these bytes are an ONNX model.*--onnx_path"):
+        read_plan_header(image_classifier())
+    with pytest.raises(EngineError, match="Not a TensorRT engine: 10 bytes, and a plan has at least a 28-byte header"):
         read_plan_header(b"ftrt" + bytes(6))
+    # No magic, not ONNX: the header layout is not promised for every kind of plan, so TensorRT decides.
+    assert read_plan_header(b"\x08\x08\x12\x07pytorch" + bytes(40)) is None
+    assert read_plan_header(b"ptrt" + bytes(60)) is None
 
 
 def test_check_plan_version():
@@ -191,6 +196,42 @@ def test_check_plan_version():
     with pytest.raises(EngineError, match=r"built by TensorRT 10.8.0.43 without --version_compatible, but this "
                                           r"runtime is TensorRT 10.11.0.33"):
         check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), False)
+
+
+def test_version_rules_compare_the_whole_version():
+    """Issue 10, defect 3: a version-compatible plan from a newer patch release is newer too, and a plan
+    built --exclude_lean_runtime loads only in the exact version that built it."""
+    with pytest.raises(EngineError, match=r"built --version_compatible by TensorRT 10.11.1.2, newer than this "
+                                          r"runtime \(TensorRT 10.11.0.33\)"):
+        check_plan_version(PlanHeader(10, 11, 1, 2), (10, 11, 0, 33), True)
+    check_plan_version(PlanHeader(10, 11, 0, 1), (10, 11, 0, 33), True, exclude_lean_runtime=True)
+    with pytest.raises(EngineError, match=r"--exclude_lean_runtime by TensorRT 10.8.0.43, and this runtime is "
+                                          r"TensorRT 10.11.0.33"):
+        check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), True, exclude_lean_runtime=True)
+    with pytest.raises(EngineError, match=r"lean runtime \(tensorrt_lean 11.4.0.106\), which runs "
+                                          r"version-compatible plans only"):
+        check_plan_version(PlanHeader(11, 4, 0, 106), (11, 4, 0, 106), False, lean_runtime=True)
+    check_plan_version(PlanHeader(11, 1, 0, 3), (11, 4, 0, 106), True, lean_runtime=True)
+
+
+def test_engine_layout_is_a_pure_function_of_the_engines_tensors_and_profiles():
+    from engines.tensorrt.layout import EngineLayout, TensorDesc
+
+    tensors = [TensorDesc("images", True, "UINT8", (-1, 16, 16, 3)), TensorDesc("logits", False, "FLOAT", (-1, 10))]
+    rest = (16, 16, 3)
+    layout = EngineLayout.from_tensors(tensors, [{"images": ((1,) + rest, (8,) + rest, (32,) + rest)},
+                                                 {"images": ((33,) + rest, (64,) + rest, (128,) + rest)}])
+    assert layout.profiles == [(1, 8, 32), (33, 64, 128)] and layout.max_batch == 128 and layout.min_batch == 1
+    assert layout.inputs["images"].describe() == "images: uint8[N, 16, 16, 3]"
+    assert layout.max_input_shapes() == [{"images": (32,) + rest}, {"images": (128,) + rest}]
+    with pytest.raises(EngineError, match=r"profiles leave a gap: profile 0 \(batch 1..32\) ends at batch 32"):
+        EngineLayout.from_tensors(tensors, [{"images": ((1,) + rest, (8,) + rest, (32,) + rest)},
+                                            {"images": ((64,) + rest, (64,) + rest, (128,) + rest)}])
+    with pytest.raises(EngineError, match="Tensor: logits | TensorRT type INT4 is not supported"):
+        EngineLayout.from_tensors([tensors[0], TensorDesc("logits", False, "INT4", (-1, 10))],
+                                  [{"images": ((1,) + rest, (8,) + rest, (32,) + rest)}])
+    with pytest.raises(EngineError, match="no optimization profile"):
+        EngineLayout.from_tensors(tensors, [])
 
 
 def _info(**kw):

@@ -67,8 +67,7 @@ class TensorRTModelHandler(EngineModelHandler):
         onnx_path: An ONNX model, local or gs://.
         engine_cache: With ``onnx_path``: a local directory or gs:// prefix for built plans.
             Default None (each worker builds in memory).
-        build_options: With ``onnx_path``: profiles, precision, ... Its ``contexts`` must be at
-            least ``num_contexts``. Default ``BuildOptions(contexts=num_contexts)``.
+        build_options: With ``onnx_path``: profiles, precision, ... Default ``BuildOptions()``.
         min_batch_size: Default None: the largest profile's opt (capped at ``max_batch_size``).
         max_batch_size: Default None: the largest profile's max.
         max_batch_duration_secs: How long a batch may wait to fill (streaming). Default None.
@@ -76,7 +75,8 @@ class TensorRTModelHandler(EngineModelHandler):
             its processes, instead of one per process. Default False.
         model_copies: With ``share_across_processes``: engine copies per machine; with
             ``device=None`` they are spread over the machine's GPUs. Default 1.
-        num_contexts: Execution contexts per engine (overlap of copies and compute). Default 2.
+        num_contexts: Execution contexts per engine (overlap of copies and compute); they share
+            the plan's profiles, so any number runs any plan. Default 2.
         cuda_graphs: Replay CUDA graphs per batch shape. Default False.
         device: GPU index, "auto" (round-robin over the machine's GPUs), or None: "auto" when
             ``model_copies > 1``, else 0. Default None.
@@ -96,14 +96,7 @@ class TensorRTModelHandler(EngineModelHandler):
         if device is None:
             device = "auto" if model_copies > 1 else 0
         if build_options is None:
-            # One optimisation-profile copy per concurrent context, so the runtime loads the engine once.
-            build_options = BuildOptions(contexts=num_contexts) if onnx_path else BuildOptions()
-        elif onnx_path and build_options.contexts < num_contexts:
-            raise EngineError(
-                f"build_options.contexts={build_options.contexts} is less than num_contexts={num_contexts}: TensorRT "
-                f"needs an optimisation profile per concurrent execution context, so the runtime would load the "
-                f"engine {-(-num_contexts // build_options.contexts)} times (weights in GPU memory that often). "
-                f"Note: pass BuildOptions(..., contexts={num_contexts}), or lower num_contexts")
+            build_options = BuildOptions()
         loader = TensorRTLoader(engine_path=engine_path, onnx_path=onnx_path, engine_cache=engine_cache,
                                 build_options=build_options, num_contexts=num_contexts,
                                 cuda_graphs=cuda_graphs, device=device)
@@ -148,8 +141,7 @@ class TensorRTModelHandler(EngineModelHandler):
                 size = int(batch or 64)
                 profiles = (Profile(1, size, size),)
             build_options = BuildOptions(profiles=profiles, precision=get("precision") or "fp32",
-                                         workspace_gib=get("workspace_gib"), timing_cache=get("timing_cache"),
-                                         contexts=num_contexts)
+                                         workspace_gib=get("workspace_gib"), timing_cache=get("timing_cache"))
         handler = cls(engine_path=get("engine_path"), onnx_path=get("onnx_path"), engine_cache=get("engine_cache"),
                       build_options=build_options, min_batch_size=min_batch_size, max_batch_size=batch,
                       share_across_processes=bool(get("share_model_across_processes", False)),

@@ -4,7 +4,7 @@ TensorRT is an optional, heavy dependency: nothing in this package imports it at
 module level. :func:`import_tensorrt` picks the full ``tensorrt`` module (builder,
 ONNX parser, runtime) or, where only running is needed, falls back to the lean
 runtime ``tensorrt_lean`` (pip ``tensorrt-lean-cu13``), which runs version-compatible
-plans only. See docs/tensorrt.md and /work/shared/TENSORRT.md for the API facts.
+plans only. See docs/tensorrt.md ("TensorRT facts") for the API facts.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from engines.base import EngineError
 INSTALL_HINT = ("Use the image built from Dockerfile (docs/tensorrt.md), or pip install tensorrt "
                 "(tensorrt-lean-cu13 is enough to run version-compatible plans).")
 
-#: The TensorRT major versions this project supports (TENSORRT.md: nothing from 8.x).
+#: The TensorRT major versions this project supports (docs/tensorrt.md, "TensorRT facts": nothing from 8.x).
 SUPPORTED_MAJORS = (10, 11)
 
 #: Most messages a capturing logger keeps: it lives as long as the engine, so it must not grow.

@@ -1,22 +1,29 @@
 """ONNX -> serialized TensorRT engine ("plan"), for TensorRT 10.x and 11.x.
 
-Follows the build recipe in /work/shared/TENSORRT.md: ``create_network(0)`` on both
-versions (11.x has no EXPLICIT_BATCH flag), ``set_memory_pool_limit`` for the
-workspace, one optimisation profile per :class:`~engines.tensorrt.options.Profile`
-applied to every dynamic-batch input, a timing cache loaded from and saved to a path,
-and ``build_serialized_network``. fp16: ``BuilderFlag.FP16`` on 10.x; 11.x networks
-are strongly typed (no precision flags), so the ONNX model is converted to fp16 first
-with onnxconverter-common, keeping its input/output types (uint8 in, float32 out).
+Follows the build recipe in docs/tensorrt.md ("TensorRT facts"), in four steps as
+Polygraphy splits it (``NetworkFromOnnxBytes`` -> ``CreateConfig`` ->
+``EngineBytesFromNetwork``): :func:`parse_onnx` (``create_network(0)`` on both versions:
+11.x has no EXPLICIT_BATCH flag), :func:`configure` (workspace, flags, one optimisation
+profile per :class:`~engines.tensorrt.options.Profile` applied to every dynamic-batch
+input, each added once whatever the number of execution contexts), :func:`build_serialized`
+(``build_serialized_network`` with the timing cache loaded before and merged back after,
+under a lock) and :func:`describe_plan` (the sidecar). fp16: ``BuilderFlag.FP16`` on 10.x;
+11.x networks are strongly typed (no precision flags), so the ONNX model is converted to
+fp16 first with onnxconverter-common, keeping its input/output types (uint8 in, float32 out).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import logging
+import os
+import tempfile
+import time
 import warnings
-from typing import Any, Dict, List, Union
+from typing import Any, Dict, List, Optional, Union
 
 from engines import storage
 from engines.base import EngineError, import_optional
@@ -75,7 +82,7 @@ def convert_to_fp16(model_bytes: bytes) -> bytes:
     """Converts float32 weights and compute to float16, keeping the model's input/output types.
 
     Used on TensorRT 11.x, whose strongly typed networks take their precision from the
-    ONNX model (TENSORRT.md, "11.0 changed").
+    ONNX model (docs/tensorrt.md, "TensorRT facts").
     """
     onnx = import_optional("onnx", ONNX_HINT)
     float16 = import_optional("onnxconverter_common.float16", _FP16_HINT)
@@ -125,9 +132,214 @@ def _parser_errors(parser) -> List[str]:
     return errors
 
 
+#: ``--hardware_compatibility`` value -> (``HardwareCompatibilityLevel`` member, first TensorRT with it).
+HARDWARE_LEVELS = {"ampere_plus": ("AMPERE_PLUS", "8.6"), "same_compute_capability": ("SAME_COMPUTE_CAPABILITY", "10.9")}
+
+
+def hardware_level(trt, name: str):
+    """The ``HardwareCompatibilityLevel`` member for ``name``, looked up only when asked for.
+
+    Raises:
+        EngineError: this TensorRT lacks it (SAME_COMPUTE_CAPABILITY first exists in 10.9).
+    """
+    member, since = HARDWARE_LEVELS[name]
+    level = getattr(trt.HardwareCompatibilityLevel, member, None)
+    if level is None:
+        raise EngineError(f"--hardware_compatibility {name} needs TensorRT {since} or later "
+                          f"(HardwareCompatibilityLevel.{member}); this is TensorRT {trt.__version__}. Note: use "
+                          f"--hardware_compatibility ampere_plus, or build with a newer TensorRT image")
+    return level
+
+
+@dataclasses.dataclass
+class Network:
+    """A parsed network and the objects that must outlive it (builder, parser)."""
+
+    builder: Any
+    network: Any
+    parser: Any
+
+
+def parse_onnx(trt, logger, model_bytes: bytes, local_path: Optional[str] = None) -> Network:
+    """Parses an ONNX model into a TensorRT network.
+
+    Args:
+        local_path: The model's local path, so the parser can resolve weights stored outside
+            the .onnx file (models over 2 GB). Default None.
+
+    Raises:
+        EngineError: with the parser's errors and TensorRT's log.
+    """
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode on 10 and 11
+    parser = trt.OnnxParser(network, logger)
+    since = logger.mark()  # the error below must carry this parse's messages only
+    if not (parser.parse(model_bytes, local_path) if local_path else parser.parse(model_bytes)):
+        raise EngineError(f"TensorRT {trt.__version__} could not parse the ONNX model: "
+                          f"{'; '.join(_parser_errors(parser)) or '(no parser errors)'}. "
+                          f"TensorRT log: {logger.text(since=since)}")
+    return Network(builder, network, parser)
+
+
+def configure(trt, logger, net: Network, options: BuildOptions):
+    """The builder config: workspace, optimisation level, flags and one profile per option profile.
+
+    Raises:
+        EngineError: a compatibility level this TensorRT lacks, or a profile TensorRT refuses.
+    """
+    major = version_tuple(trt)[0]
+    config = net.builder.create_builder_config()
+    if options.workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
+    config.builder_optimization_level = options.opt_level
+    if options.precision == "fp16" and major == 10:
+        # Deprecated in 10.12 and removed in 11.0 (docs/tensorrt.md): only ever reached on 10.x.
+        config.set_flag(trt.BuilderFlag.FP16)
+    if options.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if options.exclude_lean_runtime:
+            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    if options.hardware_compatibility != "none":
+        config.hardware_compatibility_level = hardware_level(trt, options.hardware_compatibility)
+    network = net.network
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    # Each profile once: since TensorRT 9/10 any number of execution contexts may use the same
+    # profile at once (docs/tensorrt.md, "Profiles and contexts").
+    for profile in options.profiles:
+        since = logger.mark()
+        trt_profile = net.builder.create_optimization_profile()
+        for tensor in inputs:
+            dims = tuple(tensor.shape)
+            if dims and dims[0] == -1:
+                rest = dims[1:]
+                trt_profile.set_shape(tensor.name, (profile.min,) + rest, (profile.opt,) + rest,
+                                      (profile.max,) + rest)
+        if config.add_optimization_profile(trt_profile) < 0:
+            raise EngineError(f"TensorRT refused the optimization profile {profile.describe()}: "
+                              f"{logger.text(since=since)}")
+    return config
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, timeout_s: float = 600.0):
+    """An exclusive lock on ``path`` among the processes of this machine (fcntl on a lock file).
+
+    For a gs:// path the lock file is local (keyed by the path), so only processes on one
+    machine exclude each other; across machines the read-merge-write still keeps what the
+    other wrote before the read.
+    """
+    import fcntl
+
+    lock_dir = os.path.join(tempfile.gettempdir(), "engines-tensorrt-timing-cache-locks")
+    os.makedirs(lock_dir, exist_ok=True)
+    lock_path = os.path.join(lock_dir, hashlib.sha256(path.encode("utf-8")).hexdigest()[:32] + ".lock")
+    with open(lock_path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise EngineError(f"Waited {timeout_s:.0f} s for the lock on the timing cache {path} "
+                                      f"({lock_path}); remove it if no build is running") from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _timing_cache_from(config, data: bytes, path: str):
+    """``config.create_timing_cache(data)``, or an empty cache (with a warning) when TensorRT refuses ``data``."""
+    cache = config.create_timing_cache(data)
+    if cache is None and data:
+        _LOG.warning("timing cache %s is corrupt or from another TensorRT version; starting an empty one (it is "
+                     "rewritten after this build)", path)
+        cache = config.create_timing_cache(b"")
+    return cache
+
+
+def load_timing_cache(config, path: str) -> None:
+    """Gives the builder the timing cache at ``path`` (empty when missing, corrupt or foreign)."""
+    previous = storage.read_bytes(path) if storage.exists(path) else b""
+    cache = _timing_cache_from(config, previous, path)
+    if cache is None:
+        _LOG.warning("TensorRT could not create a timing cache; building without one")
+        return
+    if not config.set_timing_cache(cache, False):
+        _LOG.warning("timing cache %s does not match this GPU/TensorRT; starting an empty one", path)
+        empty = config.create_timing_cache(b"")
+        if empty is not None:
+            config.set_timing_cache(empty, False)
+    else:
+        _LOG.info("timing cache %s: %s", path, f"loaded {len(previous)} bytes" if previous else "new")
+
+
+def save_timing_cache(config, path: str) -> None:
+    """Merges this build's timings into the cache at ``path``, under a lock.
+
+    Two builds (e.g. two workers filling the engine cache) both read the cache, then each
+    would overwrite the other's additions; so, as Polygraphy's ``EngineBytesFromNetwork``
+    does, the file is read again under the lock and combined into this build's cache
+    (``combine(prev, ignore_mismatch=True)``) before writing.
+    """
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+    with _file_lock(path):
+        if storage.exists(path):
+            prev = config.create_timing_cache(storage.read_bytes(path))
+            if prev is None:
+                _LOG.warning("timing cache %s is corrupt or foreign; replacing it with this build's", path)
+            elif not cache.combine(prev, True):
+                _LOG.warning("could not merge the timing cache %s into this build's; replacing it", path)
+        storage.write_bytes(path, bytes(cache.serialize()))
+
+
+def build_serialized(trt, logger, net: Network, config, options: BuildOptions, dev: cuda.DeviceInfo) -> bytes:
+    """``build_serialized_network`` with the timing cache loaded before and merged back after.
+
+    Raises:
+        EngineError: the build failed, with TensorRT's log.
+    """
+    if options.timing_cache:
+        load_timing_cache(config, options.timing_cache)
+    since = logger.mark()  # the error below must carry this build's messages only
+    serialized = net.builder.build_serialized_network(net.network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT {trt.__version__} could not build the engine on {dev.name} "
+                          f"(compute {dev.compute_capability}) with {options.to_json()}: "
+                          f"{logger.text(since=since)}")
+    plan = bytes(serialized)
+    if options.timing_cache:
+        save_timing_cache(config, options.timing_cache)
+    return plan
+
+
+def describe_plan(plan: bytes, model_bytes: bytes, summary: OnnxSummary, options: BuildOptions,
+                  trt_version: str, dev: cuda.DeviceInfo, fp16_via: Optional[str]) -> PlanInfo:
+    """The sidecar information of a freshly built plan."""
+    extra: Dict[str, Any] = {
+        "inputs": [{"name": n, "onnx_type": t, "dims": list(d)} for n, t, d in summary.inputs],
+        "outputs": [{"name": n, "onnx_type": t, "dims": list(d)} for n, t, d in summary.outputs],
+        "onnx_metadata": summary.metadata,
+        "build_options": options.to_json(),
+        "cache_key": options.cache_key(),
+        "plan_sha256": sha256_hex(plan),
+        "plan_bytes": len(plan),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fp16_via": fp16_via,
+    }
+    return PlanInfo(tensorrt_version=trt_version, gpu_name=dev.name, compute_capability=dev.compute_capability,
+                    profiles=options.profiles, precision=options.precision, onnx_sha256=sha256_hex(model_bytes),
+                    version_compatible=options.version_compatible, exclude_lean_runtime=options.exclude_lean_runtime,
+                    hardware_compatibility=options.hardware_compatibility, labels=summary.labels, extra=extra)
+
+
 def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device: int = 0,
-                 log_severity: str = "WARNING") -> BuiltEngine:
-    """Builds a plan from an ONNX model on GPU ``device``.
+               log_severity: str = "WARNING") -> BuiltEngine:
+    """Builds a plan from an ONNX model on GPU ``device``: parse, configure, build, describe.
 
     Args:
         onnx: The serialized model, or a path (local or gs://).
@@ -162,88 +374,12 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
         _LOG.info("fp16 on TensorRT %s: %s", trt.__version__, fp16_via)
 
     logger = capturing_logger(trt, log_severity)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode on 10 and 11
-    parser = trt.OnnxParser(network, logger)
-    since = logger.mark()  # the error below must carry this parse's messages only
-    # With the model's local path the parser can resolve weights stored outside the .onnx file
-    # (models over 2 GB); the fp16-converted copy exists only in memory.
+    # The fp16-converted copy exists only in memory: nothing to resolve external weights against.
     local_path = str(onnx) if isinstance(onnx, str) and "://" not in onnx and to_parse is model_bytes else None
-    if not (parser.parse(to_parse, local_path) if local_path else parser.parse(to_parse)):
-        raise EngineError(f"TensorRT {trt.__version__} could not parse the ONNX model: "
-                          f"{'; '.join(_parser_errors(parser)) or '(no parser errors)'}. "
-                          f"TensorRT log: {logger.text(since=since)}")
-
-    config = builder.create_builder_config()
-    if options.workspace_gib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * (1 << 30)))
-    config.builder_optimization_level = options.opt_level
-    if options.precision == "fp16" and major == 10:
-        # Deprecated in 10.12 and removed in 11.0 (TENSORRT.md): only ever reached on 10.x.
-        config.set_flag(trt.BuilderFlag.FP16)
-    if options.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-        if options.exclude_lean_runtime:
-            config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
-    if options.hardware_compatibility != "none":
-        levels = {"ampere_plus": trt.HardwareCompatibilityLevel.AMPERE_PLUS,
-                  "same_compute_capability": trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY}
-        config.hardware_compatibility_level = levels[options.hardware_compatibility]
-
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    # Each concurrent execution context needs its own profile (TensorRT's IExecutionContext
-    # contract for dynamic shapes), so every profile is added once per context.
-    since = logger.mark()
-    for profile in [p for _ in range(options.contexts) for p in options.profiles]:
-        trt_profile = builder.create_optimization_profile()
-        for tensor in inputs:
-            dims = tuple(tensor.shape)
-            if dims and dims[0] == -1:
-                rest = dims[1:]
-                trt_profile.set_shape(tensor.name, (profile.min,) + rest, (profile.opt,) + rest,
-                                      (profile.max,) + rest)
-        if config.add_optimization_profile(trt_profile) < 0:
-            raise EngineError(f"TensorRT refused the optimization profile {profile.describe()}: "
-                              f"{logger.text(since=since)}")
-
-    if options.timing_cache:
-        previous = storage.read_bytes(options.timing_cache) if storage.exists(options.timing_cache) else b""
-        cache = config.create_timing_cache(previous)
-        if not config.set_timing_cache(cache, False):
-            _LOG.warning("timing cache %s does not match this GPU/TensorRT; starting an empty one",
-                         options.timing_cache)
-            config.set_timing_cache(config.create_timing_cache(b""), False)
-        else:
-            _LOG.info("timing cache %s: %s", options.timing_cache,
-                      f"loaded {len(previous)} bytes" if previous else "new")
-
-    since = logger.mark()  # the error below must carry this build's messages only
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise EngineError(f"TensorRT {trt.__version__} could not build the engine on {dev.name} "
-                          f"(compute {dev.compute_capability}) with {options.to_json()}: "
-                          f"{logger.text(since=since)}")
-    plan = bytes(serialized)
-    if options.timing_cache:
-        storage.write_bytes(options.timing_cache, bytes(config.get_timing_cache().serialize()))
-
-    extra: Dict[str, Any] = {
-        "inputs": [{"name": n, "onnx_type": t, "dims": list(d)} for n, t, d in summary.inputs],
-        "outputs": [{"name": n, "onnx_type": t, "dims": list(d)} for n, t, d in summary.outputs],
-        "onnx_metadata": summary.metadata,
-        "build_options": options.to_json(),
-        "cache_key": options.cache_key(),
-        "plan_sha256": sha256_hex(plan),
-        "plan_bytes": len(plan),
-        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "fp16_via": fp16_via,
-    }
-    info = PlanInfo(tensorrt_version=str(trt.__version__), gpu_name=dev.name,
-                    compute_capability=dev.compute_capability, profiles=options.profiles,
-                    precision=options.precision, onnx_sha256=sha256_hex(model_bytes),
-                    version_compatible=options.version_compatible,
-                    exclude_lean_runtime=options.exclude_lean_runtime,
-                    hardware_compatibility=options.hardware_compatibility, labels=summary.labels, extra=extra)
+    net = parse_onnx(trt, logger, to_parse, local_path)
+    config = configure(trt, logger, net, options)
+    plan = build_serialized(trt, logger, net, config, options, dev)
+    info = describe_plan(plan, model_bytes, summary, options, str(trt.__version__), dev, fp16_via)
     _LOG.info("built a %d-byte %s plan on %s with TensorRT %s", len(plan), options.precision, dev.name,
               trt.__version__)
     return BuiltEngine(plan, info)

@@ -40,7 +40,7 @@ def cudart():
                 try:
                     from cuda.bindings import runtime as module
                 except ImportError as first:
-                    try:  # cuda-python < 12.6 (there is no ``from cuda import cuda`` in 13: TENSORRT.md)
+                    try:  # cuda-python < 12.6 (there is no ``from cuda import cuda`` in 13: docs/tensorrt.md)
                         from cuda import cudart as module  # type: ignore
                     except ImportError:
                         raise ImportError(f"cuda-python is not importable ({first}). {CUDA_HINT}") from first
@@ -105,7 +105,7 @@ def device_count() -> int:
         raise EngineError(
             f"No CUDA GPU is usable here (cudaGetDeviceCount: {reason}). TensorRT needs an NVIDIA GPU and "
             f"driver: on Dataflow pass --dataflow_service_options=\"worker_accelerator=type:nvidia-l4;count:1;"
-            f"install-nvidia-driver\"; locally check `nvidia-smi`. There is no CPU fallback for TensorRT; use "
+            f"install-nvidia-driver:latest\"; locally check `nvidia-smi`. There is no CPU fallback for TensorRT; use "
             f"--engine onnxruntime to run on CPU")
     return int(count)
 
@@ -227,6 +227,28 @@ def copy_d2h_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
     rt = cudart()
     check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
           "cudaMemcpyAsync(device to host)")
+
+
+def copy_d2d_async(dst: int, src: int, nbytes: int, stream: Stream) -> None:
+    rt = cudart()
+    check(rt.cudaMemcpyAsync(dst, src, nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
+          "cudaMemcpyAsync(device to device)")
+
+
+def wait_for_stream(stream: Stream, producer: int) -> None:
+    """Makes ``stream`` wait for the work enqueued so far on the stream handle ``producer``.
+
+    For device arrays whose ``__cuda_array_interface__`` names the stream that produced them
+    (v3 ``stream`` key): the consumer must order its reads after that stream's work. 1 and 2
+    are the legacy and per-thread default streams, as in the interface's specification.
+    """
+    rt = cudart()
+    event = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
+    try:
+        check(rt.cudaEventRecord(event, producer), f"cudaEventRecord(stream {producer})")
+        check(rt.cudaStreamWaitEvent(stream.handle, event, 0), "cudaStreamWaitEvent")
+    finally:
+        rt.cudaEventDestroy(event)  # released once the wait is satisfied; safe to destroy now
 
 
 def is_pinned(ptr: int) -> bool:

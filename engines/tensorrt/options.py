@@ -18,7 +18,8 @@ PRECISIONS = ("fp32", "fp16")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 
 #: Bump when the meaning of a build option changes, so old cached plans are not reused.
-_KEY_SCHEMA = 1
+#: 2: profiles are stored once, not once per execution context (issue 10); ``contexts`` is gone.
+_KEY_SCHEMA = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +101,11 @@ class BuildOptions:
             of the plan (smaller; the runner must then have a matching lean runtime).
             Default False.
         hardware_compatibility: "none", "ampere_plus" (runs on any Ampere or newer GPU,
-            slower) or "same_compute_capability". Default "none".
-        contexts: Execution contexts the plan serves at once. TensorRT requires each
-            context in concurrent use to have its own optimisation profile, so every profile
-            is added this many times (the runtime pairs copies with contexts). Default 2.
+            slower) or "same_compute_capability" (TensorRT 10.9+). Default "none".
+
+    Each profile is stored once: any number of execution contexts may use it at the same
+    time (TensorRT 10.x/11.x), so how many contexts run a plan is the runtime's choice
+    (``TensorRTEngine(num_contexts=...)``), not part of the plan.
     """
 
     profiles: Tuple[Profile, ...] = (Profile(1, 64, 256),)
@@ -114,7 +116,6 @@ class BuildOptions:
     version_compatible: bool = False
     exclude_lean_runtime: bool = False
     hardware_compatibility: str = "none"
-    contexts: int = 2
 
     def __post_init__(self):
         profiles = self.profiles
@@ -136,8 +137,6 @@ class BuildOptions:
         if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
             raise EngineError(f"hardware_compatibility must be one of {HARDWARE_COMPATIBILITY}, "
                               f"got {self.hardware_compatibility!r}")
-        if isinstance(self.contexts, bool) or not isinstance(self.contexts, int) or not 1 <= self.contexts <= 8:
-            raise EngineError(f"contexts must be an int in 1..8, got {self.contexts!r}")
         if self.exclude_lean_runtime and not self.version_compatible:
             raise EngineError("exclude_lean_runtime needs version_compatible=True (it only applies to "
                               "version-compatible plans)")
@@ -158,7 +157,6 @@ class BuildOptions:
             "version_compatible": self.version_compatible,
             "exclude_lean_runtime": self.exclude_lean_runtime,
             "hardware_compatibility": self.hardware_compatibility,
-            "contexts": self.contexts,
         }
 
     def cache_key(self) -> str:
@@ -174,6 +172,7 @@ class BuildOptions:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "BuildOptions":
+        # Unknown keys are ignored: sidecars written before issue 10 still carry "contexts".
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

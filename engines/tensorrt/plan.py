@@ -37,24 +37,60 @@ class PlanHeader:
         return f"{self.major}.{self.minor}.{self.patch}.{self.build}"
 
 
-def read_plan_header(plan: bytes) -> PlanHeader:
+def read_plan_header(plan: bytes) -> Optional[PlanHeader]:
     """Reads the TensorRT version from a plan's first 28 bytes.
 
+    Returns:
+        The header, or None when the bytes do not start with ``b"ftrt"``: the header layout
+        is documented for plans from 8.6 on, but not promised for every kind of plan (e.g.
+        version-compatible ones), so such bytes go to TensorRT, which decides (the caller
+        logs a warning and skips the version checks that need the header).
+
     Raises:
-        EngineError: the bytes are not a TensorRT plan (too short or no ``ftrt`` magic).
+        EngineError: too short to be a plan (under 28 bytes), or an ONNX model.
     """
     head = bytes(plan[:28])
-    if len(head) < 28 or head[:4] != MAGIC:
-        raise EngineError(
-            f"Not a TensorRT engine: expected the magic bytes {MAGIC!r} at offset 0 and at least 28 bytes, "
-            f"got {head[:4]!r} and {len(bytes(plan[:28]))} bytes. Note: pass a plan written by "
-            f"`python -m engines.build` (TensorRT 8.6 or later), not an ONNX model")
+    if len(head) < 28:
+        raise EngineError(f"Not a TensorRT engine: {len(head)} bytes, and a plan has at least a 28-byte header. "
+                          f"Note: pass a plan written by `python -m engines.build`")
+    if head[:4] != MAGIC:
+        if _looks_like_onnx(plan):
+            raise EngineError(
+                f"Not a TensorRT engine: expected the magic bytes {MAGIC!r} at offset 0, and these bytes are an "
+                f"ONNX model. Note: pass a plan written by `python -m engines.build`, or pass the model as "
+                f"--onnx_path to build it on the workers")
+        return None
     return PlanHeader(*head[24:28])
 
 
-def check_plan_version(header: PlanHeader, runtime_version: Sequence[int],
-                       version_compatible: Optional[bool]) -> None:
+def _looks_like_onnx(data: bytes) -> bool:
+    """True when ``data`` parses as an ONNX ModelProto with a graph (protobuf field 1, ir_version, first)."""
+    if bytes(data[:1]) != b"\x08":
+        return False
+    try:
+        import onnx
+
+        return len(onnx.load_model_from_string(bytes(data)).graph.node) > 0
+    except Exception:  # not ONNX, or onnx missing: let TensorRT judge
+        return False
+
+
+def check_plan_version(header: PlanHeader, runtime_version: Sequence[int], version_compatible: Optional[bool],
+                       exclude_lean_runtime: bool = False, lean_runtime: bool = False) -> None:
     """Refuses a plan the runtime cannot load, before touching the GPU.
+
+    The rules (docs/tensorrt.md, "Which runtime loads which plan"):
+
+    * never across major versions;
+    * a version-compatible plan loads in the TensorRT release that built it or a later one
+      (compared as major.minor.patch);
+    * a version-compatible plan built ``exclude_lean_runtime`` has no runtime of its own:
+      TensorRT runs it only with a lean runtime of the very version that built it
+      (``Runtime.load_runtime(path)``, which this project does not use), so it loads only
+      in that exact version here;
+    * any other plan loads only in the exact version that built it, and never in the
+      lean runtime module ``tensorrt_lean`` (which runs version-compatible plans only;
+      NVIDIA/TensorRT#4790: "Unexpected call to stub loadRunner").
 
     Args:
         header: From :func:`read_plan_header`.
@@ -62,24 +98,36 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int],
         version_compatible: Whether the plan was built version-compatible (from its
             sidecar); None when unknown, then only the major version is checked and
             TensorRT itself judges the rest.
+        exclude_lean_runtime: The plan was built with ``EXCLUDE_LEAN_RUNTIME`` (from its
+            sidecar). Default False.
+        lean_runtime: The runtime is the lean module ``tensorrt_lean``. Default False.
 
     Raises:
-        EngineError: another major version; a version-compatible plan from a newer minor
-            release; another exact version for a plan that is not version-compatible. The
-            message names both versions and the fix.
+        EngineError: naming both versions and the fix.
     """
     have = ".".join(str(v) for v in runtime_version)
+    plan = (header.major, header.minor, header.patch)
+    runtime = tuple(int(v) for v in runtime_version[:3])
     fix = (f"Rebuild the plan with this TensorRT ({have}) on this GPU type, e.g. with --engine_cache or "
            f"`python -m engines.build` inside the image built from Dockerfile")
-    if header.major != runtime_version[0]:
+    if header.major != runtime[0]:
         raise EngineError(f"The plan was built by TensorRT {header.version}, but this runtime is TensorRT "
                           f"{have}; plans never load across major versions. {fix}")
-    if version_compatible and header.minor > runtime_version[1]:
+    if version_compatible and plan > runtime:
         raise EngineError(f"The plan was built --version_compatible by TensorRT {header.version}, newer than this "
                           f"runtime (TensorRT {have}); version-compatible plans load only in the same or a later "
-                          f"{header.major}.x release. Upgrade the runtime, or rebuild the plan with TensorRT "
-                          f"{runtime_version[0]}.{runtime_version[1]} or older")
-    if version_compatible is False and (header.major, header.minor, header.patch) != tuple(runtime_version[:3]):
+                          f"release. Upgrade the runtime, or rebuild the plan with TensorRT {have} or older")
+    if version_compatible and exclude_lean_runtime and plan != runtime:
+        raise EngineError(f"The plan was built --version_compatible --exclude_lean_runtime by TensorRT "
+                          f"{header.version}, and this runtime is TensorRT {have}: such a plan carries no runtime "
+                          f"of its own and runs only with a lean runtime of the version that built it. Rebuild it "
+                          f"without --exclude_lean_runtime (it then runs in later {header.major}.x releases too), "
+                          f"or run it with TensorRT {header.major}.{header.minor}.{header.patch}")
+    if version_compatible is False and lean_runtime:
+        raise EngineError(f"The plan was built without --version_compatible, and this runtime is the lean runtime "
+                          f"(tensorrt_lean {have}), which runs version-compatible plans only. Rebuild the plan with "
+                          f"--version_compatible, or install the full TensorRT (the image built from Dockerfile)")
+    if version_compatible is False and plan != runtime:
         raise EngineError(f"The plan was built by TensorRT {header.version} without --version_compatible, "
                           f"but this runtime is TensorRT {have}; such plans load only in the exact version "
                           f"that built them. {fix}")

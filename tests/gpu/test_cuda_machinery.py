@@ -113,11 +113,11 @@ def test_slots_dynamic_batches_in_order(standin_cls):
 
 def test_engine_with_standin_splits_and_chooses_profiles(standin_cls, monkeypatch):
     """TensorRTEngine's own code on real CUDA: profile choice, splitting, short last batch, threads."""
-    from engines.tensorrt import runtime
+    from engines.tensorrt import deserialize, runtime
     from tests.tensorrt_fakes import plan_bytes
 
     standin = standin_cls.StandIn(D)
-    monkeypatch.setattr(runtime, "import_tensorrt",
+    monkeypatch.setattr(deserialize, "import_tensorrt",
                         lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 16), (17, 64, 64)]))
     with runtime.TensorRTEngine(plan_bytes(10, 11, 0, 33), num_contexts=3) as engine:
         assert engine.max_batch_size == 64 and engine.profiles == [(1, 8, 16), (17, 64, 64)]
@@ -144,12 +144,63 @@ def test_engine_with_standin_splits_and_chooses_profiles(standin_cls, monkeypatc
         print(f"\nengine stand-in: {engine.describe()['enqueues']}")
 
 
-def test_cuda_graphs_capture_and_replay(standin_cls, monkeypatch):
-    from engines.tensorrt import runtime
+def test_engine_reads_device_inputs_without_a_host_round_trip(standin_cls, monkeypatch):
+    """Issue 9 item 4 on real CUDA: CuPy arrays in, device-to-device copies only (padding and splitting on
+    the device), and only the requested outputs copied to the host."""
+    import collections
+
+    import cupy
+
+    from engines.tensorrt import cuda, deserialize, runtime
+    from engines.tensorrt.shapes import split_points
+    from tests.gpu.cupy_standin import reference
     from tests.tensorrt_fakes import plan_bytes
 
     standin = standin_cls.StandIn(D)
-    monkeypatch.setattr(runtime, "import_tensorrt", lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 32)]))
+    monkeypatch.setattr(deserialize, "import_tensorrt",
+                        lambda lean_ok=False: standin_cls.module(standin, [(4, 8, 16), (17, 32, 64)]))
+    calls = collections.Counter()
+    for kind in ("h2d", "d2h", "d2d"):
+        real = getattr(cuda, f"copy_{kind}_async")
+
+        def counted(*args, _real=real, _kind=kind):
+            calls[_kind] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(cuda, f"copy_{kind}_async", counted)
+    with runtime.TensorRTEngine(plan_bytes(10, 11, 0, 33), num_contexts=2) as engine:
+        for n in (2, 16, 17, 64, 150):  # 2 padded to 4 on the device; 150 = 64 + 64 + 22
+            x = batch(n, seed=n)
+            chunks = split_points(n, engine.layout.ranges)
+            calls.clear()
+            out = engine.infer({"x": cupy.asarray(x)}, outputs=["y"])
+            assert list(out) == ["y"] and out["y"].shape == (n, D // 16)
+            np.testing.assert_array_equal(out["y"], reference(x)["y"])
+            assert calls["h2d"] == 0, calls
+            assert calls["d2h"] == len(chunks), calls  # y only, once per chunk
+            assert calls["d2d"] == len(chunks) + sum(c.pad for c in chunks), calls
+        # Written on another (non-blocking) stream: the slot's stream must wait for it (CUDA array
+        # interface v3 "stream"); a large batch makes a missing wait likely to read unwritten memory.
+        producer = cupy.cuda.Stream(non_blocking=True)
+        for seed in range(3):
+            x = batch(64, seed=100 + seed)
+            with producer:
+                x_dev = cupy.asarray(x)
+                x_dev = (x_dev.astype(cupy.int32) + 0).astype(cupy.uint8)  # more work on the producer stream
+                out = engine.infer({"x": x_dev})
+            check(out, x)
+        outs = list(engine.infer_many([{"x": cupy.asarray(batch(n, seed=n))} for n in (5, 130, 3)], outputs=["z"]))
+        for n, out in zip((5, 130, 3), outs):
+            np.testing.assert_array_equal(out["z"], reference(batch(n, seed=n))["z"])
+        print(f"\ndevice inputs: {engine.describe()['enqueues']}")
+
+
+def test_cuda_graphs_capture_and_replay(standin_cls, monkeypatch):
+    from engines.tensorrt import deserialize, runtime
+    from tests.tensorrt_fakes import plan_bytes
+
+    standin = standin_cls.StandIn(D)
+    monkeypatch.setattr(deserialize, "import_tensorrt", lambda lean_ok=False: standin_cls.module(standin, [(1, 8, 32)]))
     with runtime.TensorRTEngine(plan_bytes(10, 11, 0, 33), num_contexts=1, cuda_graphs=True) as engine:
         for i in range(4):
             for n in (8, 8, 3, 3):
