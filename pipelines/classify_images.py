@@ -130,6 +130,9 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--hw_decoder_load", type=float, default=DaliDecoderDefaults.hw_decoder_load,
                             help="--decode gpu: share of JPEG work for the GPU's hardware JPEG decoder where it has "
                                  "one (0..1). Default: 0.65.")
+        parser.add_argument("--dali_threads", type=int, default=DaliDecoderDefaults.threads,
+                            help="--decode gpu/dali_cpu: DALI's CPU threads (Huffman decoding of the JPEGs the "
+                                 "hardware decoder does not take, non-JPEG formats). Default: 4.")
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
@@ -240,9 +243,9 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
         try:
             decoder = DaliDecoderOptions(resize=config.resize, crop=config.crop, max_batch=batch,
                                          device="gpu" if decode == "gpu" else "cpu",
-                                         hw_decoder_load=options.hw_decoder_load)
+                                         hw_decoder_load=options.hw_decoder_load, threads=options.dali_threads)
         except EngineError as e:
-            raise EngineError(f"bad decode flags: {e} (see --hw_decoder_load, --batch_size)") from None
+            raise EngineError(f"bad decode flags: {e} (see --hw_decoder_load, --dali_threads, --batch_size)") from None
         info = {**info, "decode": decode, "hw_decoder_load": options.hw_decoder_load if decode == "gpu" else None}
     else:
         info = {**info, "decode": "cpu"}
