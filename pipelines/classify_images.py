@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -285,7 +286,10 @@ def check_input(path: str) -> None:
                               f"user read and execute permission on it") from None
     pattern = normalize_pattern(path)
     try:
-        matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
+        with warnings.catch_warnings():
+            # An escaped '[' ("[[]", a folder named "Holiday [2019]") makes Beam's regex warn.
+            warnings.simplefilter("ignore", FutureWarning)
+            matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     except Exception as e:  # Beam raises BeamIOError and friends
         raise EngineError(f"Cannot list --input {path}: {e}") from e
     if not matched:
