@@ -582,8 +582,8 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
             shutil.rmtree(progress_dir, ignore_errors=True)
     _remove_temp_dirs(opts.output)
     stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)  # inputs: from the counter
+    stats["setup_problem"] = common_failure(opts.output, stats)  # from the rows just written
     write_stats(opts.output, stats)
-    stats["setup_problem"] = common_failure(opts.output, stats)
     if stats["unaccounted"]:
         _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
                    "stats.json", stats["unaccounted"], stats["inputs"])

@@ -306,8 +306,8 @@ def test_every_image_failing_the_same_way_exits_non_zero_with_rows_written(model
     code, err = _main(capsys, "--input", str(images), "--output", str(out), "--max_pixels", "1000")
     assert code == 1
     assert "all 2 inputs failed at decode for the same reason" in err and "raise --max_pixels" in err
-    _, dead, _ = _contract(out, 2)
-    assert len(dead) == 2
+    _, dead, stats = _contract(out, 2)
+    assert len(dead) == 2 and "raise --max_pixels" in stats["setup_problem"]
 
 
 def test_mixed_failures_are_bad_records_not_a_setup_problem(model_path, tmp_path, capsys, two_photos):
