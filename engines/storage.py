@@ -25,18 +25,30 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
-def read_bytes(path: str) -> bytes:
+def read_bytes(path: str, what: str = "Model file") -> bytes:
     """Reads a whole file.
 
+    Args:
+        path: Local path or URL.
+        what: The file's purpose for messages, best naming its flag ("--labels_file"). Default
+            "Model file".
+
     Raises:
-        EngineError: the file does not exist or cannot be read.
+        EngineError: the file does not exist, is not a regular file, or cannot be read.
     """
     if _is_local(path):
+        if os.path.isdir(path):
+            raise EngineError(f"{what} {path} is a directory; pass the path of the file itself")
+        if not os.path.exists(path):
+            fix = ("Prepare the default model with `make model`, or pass" if "model" in what.lower() else "Pass")
+            raise EngineError(f"{what} not found: {path}. {fix} the path of an existing file.")
         if not os.path.isfile(path):
-            raise EngineError(f"Model file not found: {path}. Prepare the default model with "
-                              f"`make model`, or pass the path of an existing file.")
-        with open(path, "rb") as f:
-            return f.read()
+            raise EngineError(f"{what} {path} is not a regular file (a FIFO, device or socket); pass a file")
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise EngineError(f"Cannot read {what} {path}: {e.strerror or e}") from None
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
@@ -44,7 +56,7 @@ def read_bytes(path: str) -> bytes:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             return f.read()
     except Exception as e:  # Beam filesystems raise several types (IOError, BeamIOError, ...)
-        raise EngineError(f"Cannot read model file {path}: {e}") from e
+        raise EngineError(f"Cannot read {what} {path}: {e}") from e
 
 
 def write_bytes(path: str, data: bytes) -> None:

@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
+from transforms.decode import DEFAULT_READ_TIMEOUT_S
 from transforms.preprocess import PreprocessConfig
 from transforms.sinks import FORMATS, WriteRows
 
@@ -138,6 +140,9 @@ class ClassifyOptions(PipelineOptions):
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
         parser.add_argument("--prefetch", type=int, default=2,
                             help="Batches read ahead per DoFn while the engine runs the current one. Default: 2.")
+        parser.add_argument("--read_timeout_s", type=float, default=DEFAULT_READ_TIMEOUT_S,
+                            help="A read of one image that makes no progress this long (a stalled gs:// object, a "
+                                 "stuck mount) becomes a dead letter; 0 = no limit. Default: 60.")
         parser.add_argument("--no_jpeg_draft", action="store_true", help="Decode JPEGs at full size.")
         parser.add_argument("--progress_every_s", type=float, default=5.0,
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
@@ -166,14 +171,14 @@ def _engine_loader(options: ClassifyOptions) -> Tuple[Any, int, Dict[str, Any], 
         info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
                 "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
                 "intra_op_threads": options.intra_op_threads}
-        return loader, batch, info, _labels(_onnx_summary(model))
+        return loader, batch, info, _labels(_onnx_summary(model, "--model"))
     from transforms.tensorrt_handler import TensorRTModelHandler
 
     if not (options.engine_path or options.onnx_path):
         raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
                           "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
     trt = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
-    labels = trt.labels() or (_labels(_onnx_summary(options.onnx_path)) if options.onnx_path else None)
+    labels = trt.labels() or (_labels(_onnx_summary(options.onnx_path, "--onnx_path")) if options.onnx_path else None)
     return (trt.loader, trt.batch_elements_kwargs()["max_batch_size"],
             {**trt.describe_engine(), "model": options.engine_path or options.onnx_path}, labels)
 
@@ -230,12 +235,9 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
         (handler, engine description for stats, class names: --labels_file, else the model's
         own metadata or the TensorRT plan's sidecar, else None).
     """
-    from engines import storage
     from engines.dali_decoder import DaliDecoderOptions
-    from engines.labels import parse_labels
 
-    explicit_labels = parse_labels(storage.read_bytes(options.labels_file).decode("utf-8")) \
-        if options.labels_file else None
+    explicit_labels = read_labels(options.labels_file) if options.labels_file else None
     engine_loader, batch, info, labels = _engine_loader(options)
     config = preprocess_config(options)
     decoder = None
@@ -258,13 +260,43 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
     return handler, info, explicit_labels or labels
 
 
-@functools.lru_cache(maxsize=2)
-def _onnx_summary(path: str):
-    """Labels and named I/O of an ONNX model (read once per launcher, local or gs://)."""
+def read_labels(path: str) -> List[str]:
+    """Class names from ``--labels_file`` (one per line or a JSON list, UTF-8).
+
+    Raises:
+        EngineError: missing, unreadable or not UTF-8, naming the flag.
+    """
+    from engines import storage
+    from engines.labels import parse_labels
+
+    data = storage.read_bytes(path, "--labels_file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EngineError(f"--labels_file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"re-save it as UTF-8") from None
+    labels = parse_labels(text)
+    if not labels:
+        raise EngineError(f"--labels_file {path} holds no class names; one per line or a JSON list")
+    return labels
+
+
+@functools.lru_cache(maxsize=4)
+def _onnx_summary(path: str, flag: str = "--model"):
+    """Labels and named I/O of an ONNX model (read once per launcher, local or gs://).
+
+    Raises:
+        EngineError: the file is missing or not an ONNX model, naming ``flag`` and the path.
+    """
     from engines import storage
     from engines.onnx_summary import summarize_onnx
 
-    return summarize_onnx(storage.read_bytes(path))
+    data = storage.read_bytes(path, f"{flag} file")
+    try:
+        return summarize_onnx(data)
+    except EngineError as e:
+        raise EngineError(f"{flag} {path}: {e}; pass an .onnx model file (`make model` prepares the default "
+                          f"one)") from None
 
 
 def _labels(summary) -> Optional[List[str]]:
@@ -300,7 +332,7 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     model = (options.model or DEFAULT_MODEL) if options.engine == "onnxruntime" else options.onnx_path
     if not model:
         return config  # a TensorRT plan: its shapes are checked when a worker loads it
-    summary = _onnx_summary(model)
+    summary = _onnx_summary(model, "--model" if options.engine == "onnxruntime" else "--onnx_path")
     outputs = [name for name, _, _ in summary.outputs]
     if options.output_name not in outputs:
         raise EngineError(f"--output_name {options.output_name!r} is not an output of {model}; its outputs are "
@@ -321,20 +353,215 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
 
 
 def check_input(path: str) -> None:
-    """Fails fast when the input matches nothing (a broken setup, not a bad record)."""
+    """Fails fast when the input cannot be used: it matches nothing, cannot be listed, or is an
+    unusable manifest (unreadable, not UTF-8, no 'uri' column, no entries) - a broken setup,
+    not a bad record."""
     from apache_beam.io.filesystems import FileSystems
 
-    from transforms.images import has_glob, is_manifest, normalize_pattern
+    from transforms.images import ManifestError, check_manifest, has_glob, is_manifest, normalize_pattern
 
-    pattern = path if is_manifest(path) else normalize_pattern(path)
+    if is_manifest(path):
+        try:
+            check_manifest(path)
+        except ManifestError as e:
+            raise EngineError(f"--input {path}: {e}") from None
+        return
+    if "://" not in path and os.path.isdir(path):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as e:
+            raise EngineError(f"--input {path} is a directory the job cannot list ({e.strerror}); give the job's "
+                              f"user read and execute permission on it") from None
+    pattern = normalize_pattern(path)
     try:
-        matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
+        with warnings.catch_warnings():
+            # An escaped '[' ("[[]", a folder named "Holiday [2019]") makes Beam's regex warn.
+            warnings.simplefilter("ignore", FutureWarning)
+            matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     except Exception as e:  # Beam raises BeamIOError and friends
         raise EngineError(f"Cannot list --input {path}: {e}") from e
     if not matched:
         hint = (" A folder in a bucket needs a trailing slash (gs://bucket/dir/) or a glob (gs://bucket/dir/*.jpg)."
                 if "://" in path and not path.endswith("/") and not has_glob(path) else "")
+        if path.startswith("~"):
+            hint += " A quoted '~' is not expanded: write the full path ($HOME/...)."
         raise EngineError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
+
+
+def check_flags(options: ClassifyOptions) -> None:
+    """Fails at start on numeric flags out of range, naming the flag (not a traceback midway).
+
+    Raises:
+        EngineError: naming the flag and the accepted range.
+    """
+    rules = [
+        ("--batch_size", options.batch_size, 1), ("--min_batch_size", options.min_batch_size, 1),
+        ("--top_k", options.top_k, 1), ("--decode_threads", options.decode_threads, -1),
+        ("--prefetch", options.prefetch, 1), ("--read_timeout_s", options.read_timeout_s, 0),
+        ("--progress_every_s", options.progress_every_s, 0), ("--intra_op_threads", options.intra_op_threads, 0),
+        ("--ort_sessions", options.ort_sessions, 1), ("--model_copies", options.model_copies, 1),
+        ("--num_contexts", options.num_contexts, 1),
+    ]
+    for flag, value, least in rules:
+        if value is not None and not value >= least:  # "not >=": NaN is out of range too
+            raise EngineError(f"{flag} must be >= {least}, got {value}")
+    if options.batch_size and options.min_batch_size and options.min_batch_size > options.batch_size:
+        raise EngineError(f"--min_batch_size {options.min_batch_size} is larger than --batch_size "
+                          f"{options.batch_size}; lower it or raise --batch_size")
+    if options.model_copies > 1 and not options.share_model_across_processes:
+        raise EngineError("--model_copies > 1 needs --share_model_across_processes (one copy per GPU)")
+
+
+#: ONNX Runtime on CPU took 70-85 x a batch's uint8 input bytes of extra resident memory for
+#: EfficientNet-Lite0 at batches 16-256 (activations; measured with ru_maxrss, issue 12). Models
+#: differ; this is used only to refuse batch sizes that cannot fit, not to pick one.
+ACTIVATION_BYTES_PER_INPUT_BYTE = 90
+
+
+def memory_limit_bytes() -> Optional[int]:
+    """The memory this process may use: its cgroup limit (v2 or v1) or the machine's RAM, or None."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and int(text) < 1 << 60:
+                limits.append(int(text))
+        except OSError:
+            continue
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_batch(options: ClassifyOptions, config: PreprocessConfig, local: bool) -> None:
+    """Fits ``--batch_size`` to the model's batch dimension and, on a local CPU run, to memory.
+
+    A model exported with a fixed batch of 1 gets batches of 1 (logged); any other fixed batch,
+    or a ``--batch_size`` the model does not take, stops the job here instead of failing every
+    batch. A batch whose activations and prefetched images cannot fit in memory would turn every
+    image into an "failed to allocate" dead letter; it is refused with the largest that fits.
+
+    Raises:
+        EngineError: naming ``--batch_size`` (or the model) and the fix.
+    """
+    if options.engine != "onnxruntime":
+        return  # TensorRT: the engine's profile bounds the batch (checked when it loads)
+    model = options.model or DEFAULT_MODEL
+    (name, _, dims), = _onnx_summary(model, "--model").inputs
+    if dims and dims[0] > 0:
+        if dims[0] != 1:
+            raise EngineError(f"{model} has a fixed batch dimension of {dims[0]} (input {name!r} is {list(dims)}); "
+                              f"the last batch of a run is shorter, so export the model with a dynamic batch "
+                              f"dimension (see `python -m engines.export_efficientnet --help`)")
+        if (options.batch_size or 1) != 1 or (options.min_batch_size or 1) != 1:
+            raise EngineError(f"--batch_size {options.batch_size} does not fit {model}: its input {name!r} is "
+                              f"{list(dims)}, a fixed batch of 1; pass --batch_size 1 or export the model with a "
+                              f"dynamic batch dimension")
+        options.batch_size = options.min_batch_size = 1
+        _LOG.info("batch size 1 chosen from the model's fixed batch dimension (%s is %s)", name, list(dims))
+    if not local or options.providers.strip().lower() != "cpu":
+        return  # the workers' or the GPU's memory is not this machine's
+    limit = memory_limit_bytes()
+    batch = options.batch_size or DEFAULT_BATCH_SIZE
+    image_bytes = config.crop * config.crop * 3
+    prefetch = (options.prefetch or 2) * batch  # --prefetch counts batches
+    sessions = options.ort_sessions  # concurrent batches: each ONNX Runtime session runs one
+    need = (batch * ACTIVATION_BYTES_PER_INPUT_BYTE * sessions + prefetch + batch) * image_bytes
+    if limit and need > 0.8 * limit:
+        fits = int(0.8 * limit / image_bytes / (ACTIVATION_BYTES_PER_INPUT_BYTE * sessions + 3))
+        raise EngineError(f"--batch_size {batch} needs about {need / 2**30:.1f} GiB (activations of "
+                          f"{sessions} concurrent batch(es) and {prefetch} prefetched images), over the "
+                          f"{limit / 2**30:.1f} GiB this job may use; pass --batch_size {max(fits, 1)} or less")
+
+
+def check_output(output: str, input_path: str) -> None:
+    """Fails at start when ``--output`` cannot take the results, rather than after scoring.
+
+    Refused: an existing file (or a path under one), a folder the job cannot write, a folder
+    already holding another run's results (their shards would mix with this run's), and a
+    folder inside a recursively scored ``--input`` folder (a rerun would score the outputs).
+
+    Raises:
+        EngineError: naming ``--output`` and the fix.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from engines import storage
+    from transforms.images import has_glob
+
+    if "://" not in output:
+        probe = os.path.abspath(output)
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            what = "is an existing file" if probe == os.path.abspath(output) else f"is under the file {probe}"
+            raise EngineError(f"--output {output} {what}; pass a directory (it is created if missing)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise EngineError(f"--output {output}: the job's user cannot write to {probe}; pass a writable "
+                              f"directory")
+        if os.path.isdir(input_path) and not has_glob(input_path):
+            inside = os.path.commonpath([os.path.realpath(input_path), os.path.realpath(output)])
+            if inside == os.path.realpath(input_path):
+                raise EngineError(f"--output {output} is inside --input {input_path}, which is scored recursively: "
+                                  f"a rerun would score the results as images; pass an output directory outside "
+                                  f"it")
+    try:
+        earlier = [m.path for prefix in ("predictions-", "dead_letter-")
+                   for m in FileSystems.match([storage.join(output, prefix + "*")], limits=[1])[0].metadata_list]
+    except Exception:  # a folder that does not exist yet has nothing to list
+        earlier = []
+    if earlier:
+        raise EngineError(f"--output {output} already holds results of an earlier run ({earlier[0]}); their files "
+                          f"would mix with this run's: pass a new directory or delete them")
+
+
+def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
+    """The setup problem behind a run in which every input failed the same way, or None.
+
+    Read from the written dead-letter rows after the run: when nothing was predicted and every
+    row failed at the same stage for the same reason (file names and numbers aside), the cause
+    is the setup, not the images.
+
+    Returns:
+        "<count> of <inputs> inputs failed at <stage>: <one reason>; <flag to change>", or None.
+    """
+    import json
+    import re
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from engines import storage
+
+    if stats["predictions"] or not stats["dead_letters"] or stats["unaccounted"]:
+        return None
+    kinds, example = set(), None
+    for meta in FileSystems.match([storage.join(output, "dead_letter-*.jsonl")])[0].metadata_list:
+        with FileSystems.open(meta.path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                reason = row["error"].replace(row["uri"], "<file>")
+                kinds.add((row["stage"], re.sub(r"[0-9]+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "''", reason))))
+                example = example or row
+                if len(kinds) > 1:
+                    return None
+    if example is None:
+        return None
+    stage, reason = example["stage"], example["error"]
+    if stage == "inference":
+        flag = ("lower --batch_size" if re.search(r"alloc|memory", reason, re.I)
+                else "check --model (or --engine_path) and --batch_size")
+    elif "pixel limit" in reason:
+        flag = "raise --max_pixels if the files are trusted"
+    else:
+        flag = "check --input"
+    return (f"all {stats['dead_letters']} inputs failed at {stage} for the same reason, a setup problem rather "
+            f"than bad images: {reason} ({flag})")
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
@@ -352,7 +579,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     found = pipeline | "FindImages" >> ImageRefs(options.input)
     read = found["refs"] | "ReadBatches" >> ReadBatches(config, handler.images_per_batch,
                                                         gpu_decode=decode in ("gpu", "dali_cpu"),
-                                                        threads=options.decode_threads, prefetch=options.prefetch)
+                                                        threads=options.decode_threads, prefetch=options.prefetch,
+                                                        read_timeout_s=options.read_timeout_s or None)
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "TopK" >> beam.ParDo(TopKBatches(options.top_k, labels, progress_dir)).with_outputs(
         DEAD_LETTER, main="rows")
@@ -409,13 +637,14 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     # pipeline in the process, so a required flag here would break unrelated pipelines.
     if not opts.input or not opts.output:
         raise EngineError("--input and --output are required (see --help)")
-    if (opts.batch_size is not None and opts.batch_size < 1) or opts.top_k < 1:
-        raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
+    check_flags(opts)
     check_input(opts.input)
-    check_setup(opts)
+    config = check_setup(opts)
     local_defaults = apply_local_defaults(options, argv if argv is not None else sys.argv[1:])
     if local_defaults:
         _LOG.info("local defaults for %s", local_defaults)
+    check_batch(opts, config, is_local(options))
+    check_output(opts.output, opts.input)
     local = is_local(options)
     decode, why = resolve_decode(opts, local)
     _LOG.info("decoding on %s (%s)", {"gpu": "the GPU (NVIDIA DALI)", "cpu": "the CPU (Pillow)",
@@ -449,6 +678,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
             shutil.rmtree(progress_dir, ignore_errors=True)
     _remove_temp_dirs(opts.output)
     stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)  # inputs: from the counter
+    stats["setup_problem"] = common_failure(opts.output, stats)  # from the rows just written
     write_stats(opts.output, stats)
     if stats["unaccounted"]:
         _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
@@ -479,8 +709,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (EngineError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters, "
+    unlistable = stats.get("unlistable_directories")
+    print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters"
+          f"{f' ({unlistable} of them directories that could not be listed)' if unlistable else ''}, "
           f"{stats['images_per_second']} images/s; stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
+    if stats.get("setup_problem"):
+        print(f"error: {stats['setup_problem']}; the rows are in {stats['settings']['output']}", file=sys.stderr)
+        return 1
     return 0
 
 

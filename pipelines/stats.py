@@ -75,6 +75,7 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
         "dead_letters": dead,
         "inputs": inputs,
         "unaccounted": inputs - predictions - dead,
+        "unlistable_directories": counters.get("unlistable_directories", 0),
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(predictions / wall_seconds, 2) if wall_seconds > 0 else None,
         "bytes_read": counters.get("bytes_read", 0),
@@ -156,6 +157,25 @@ def write_stats(directory: str, stats: Dict[str, Any]) -> Dict[str, str]:
     return paths
 
 
+#: A read of one image running this long is named in progress lines (a healthy one takes < 1 s).
+SLOW_READ_S = 10.0
+
+
+def slow_reads_note(older_than_s: float, most: int = 3) -> str:
+    """``"; slow reads: a.jpg (42 s), ..."`` for this process's reads running longer, else "".
+
+    Reads run in the launcher's process on local in-process runs (the DirectRunner's default
+    here); a multi_processing worker's reads are not seen, though their timeouts still apply.
+    """
+    from transforms.decode import IN_FLIGHT
+
+    slow = IN_FLIGHT.older_than(older_than_s)
+    if not slow:
+        return ""
+    named = ", ".join(f"{uri} ({age:.0f} s)" for uri, age in slow[:most])
+    return f"; {len(slow)} slow read(s): {named}" + (", ..." if len(slow) > most else "")
+
+
 class ProgressPrinter:
     """Prints images done and images/s every ``every_s`` seconds while a local run goes on.
 
@@ -163,9 +183,11 @@ class ProgressPrinter:
         directory: The directory the workers' :class:`transforms.timing.Progress` write to.
         every_s: Seconds between lines. Default 5.
         stream: Where to print. Default stderr.
+        slow_read_s: Reads running longer are named on the line. Default :data:`SLOW_READ_S`.
     """
 
-    def __init__(self, directory: str, every_s: float = 5.0, stream=None):
+    def __init__(self, directory: str, every_s: float = 5.0, stream=None, slow_read_s: float = SLOW_READ_S):
+        self._slow_read_s = slow_read_s
         self._directory = directory
         self._every_s = every_s
         self._stream = stream or sys.stderr
@@ -181,8 +203,8 @@ class ProgressPrinter:
             now = time.monotonic()
             rate = (done - last_done) / max(now - last_t, 1e-9)
             print(f"progress: {done} images scored, {counts.get('dead_letters', 0)} dead letters, "
-                  f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall",
-                  file=self._stream, flush=True)
+                  f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall"
+                  f"{slow_reads_note(self._slow_read_s)}", file=self._stream, flush=True)
             last_done, last_t = done, now
 
     def __enter__(self):

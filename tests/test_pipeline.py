@@ -19,7 +19,7 @@ from engines.base import EngineError
 from pipelines import classify_images
 from pipelines.classify_images import ClassifyOptions, make_handler
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, read_jsonl
-from transforms.images import ImageRef, parse_manifest
+from transforms.images import ImageRef, ManifestError, parse_manifest
 
 
 def _check_outputs(out_dir, good, broken, fmt="jsonl"):
@@ -134,8 +134,8 @@ def test_manifest_parsing_formats():
         ImageRef("/x/1.jpg"), ImageRef("gs://b/2.png")]
     assert list(parse_manifest("a.csv", "id,uri\n7,/x/1.jpg\n,/x/2.jpg\n")) == [
         ImageRef("/x/1.jpg", "7"), ImageRef("/x/2.jpg", None)]
-    bad = list(parse_manifest("b.csv", "path\n/x/1.jpg\n"))
-    assert len(bad) == 1 and "no 'uri' column" in bad[0].value["error"]
+    with pytest.raises(ManifestError, match=r"no 'uri' column \(its header: 'path'\)"):
+        list(parse_manifest("b.csv", "path\n/x/1.jpg\n"))
 
 
 def test_input_that_matches_nothing_fails_at_start(tmp_path):

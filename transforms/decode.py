@@ -3,17 +3,37 @@
 Kept free of Beam at import time (Beam's filesystems are imported only for URLs such as
 ``gs://``) so decode worker processes start fast. Never raises for a bad file: the
 reason is returned for the dead-letter output.
+
+The reading rules live here as plain functions so any reader (the per-image DoFn today, a
+batched reader tomorrow) applies the same ones (issue 12):
+
+* :func:`not_a_regular_file` refuses a FIFO, device, socket or directory *before* opening it
+  (``open()`` on a FIFO blocks until a writer appears: one such file hung a whole job);
+* :func:`read_with_timeout` turns a read that stalls (a slow ``gs://`` object, a stuck network
+  mount) into an error after ``timeout_s`` instead of hanging the job;
+* :data:`IN_FLIGHT` knows which reads are running and since when, so progress can name the
+  files that take long.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import itertools
+import os
+import stat
+import threading
 import time
-from typing import NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from transforms.prescreen import GPU, screen
 from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
+
+#: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
+#: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
+DEFAULT_READ_TIMEOUT_S = 60.0
 
 
 class Decoded(NamedTuple):
@@ -29,6 +49,48 @@ class Decoded(NamedTuple):
     encoded: Optional[bytes] = None  # set instead of `array` when the image goes to the GPU decoder
 
 
+class ReadTimeout(OSError):
+    """A read that did not finish within its time limit."""
+
+
+_KINDS = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")]
+
+
+def describe_stat_error(path: str, error: OSError) -> str:
+    """What an ``os.stat`` failure on a local input means, with the fix."""
+    if error.errno == errno.ELOOP:
+        return "symlink loop (the link resolves back to itself); point the link at a real file or remove it"
+    if error.errno == errno.ENOENT and os.path.islink(path):
+        return (f"broken symlink (its target is missing: {os.readlink(path)}); restore the target or remove "
+                f"the link")
+    if error.errno == errno.ENOENT:
+        return "file not found; check the path exists"
+    if error.errno == errno.EACCES:
+        return "permission denied; give the job's user read access to the file and its folders"
+    return f"cannot stat the file ({error.strerror or error}); check the file and the job's permissions"
+
+
+def not_a_regular_file(path: str) -> Optional[str]:
+    """Why a local input cannot be read as an image file, or None when it is a regular file.
+
+    Only ``os.stat`` runs (following symlinks); nothing is opened, so a FIFO or a device
+    cannot block the caller. URLs (``gs://...``) are not checked here (None).
+    """
+    if "://" in path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"cannot read file ({describe_stat_error(path, e)})"
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _KINDS if test(mode)), "not a file")
+    fix = ("list the image files, or pass the directory itself as --input to score it recursively"
+           if stat.S_ISDIR(mode) else "only regular files are read; remove it from the input or list real files")
+    return f"not a regular file: {path} is {what}; {fix}"
+
+
 def read_file(uri: str) -> bytes:
     """Reads a whole file: plain ``open`` for local paths, Beam's FileSystems for URLs (gs://, ...)."""
     if "://" not in uri:
@@ -41,16 +103,111 @@ def read_file(uri: str) -> bytes:
         return f.read()
 
 
-def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False) -> Decoded:
+class InFlightReads:
+    """The reads running now, with their start times, so progress can name slow files.
+
+    Process-local and thread-safe; readers wrap each read in :meth:`track`.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._reads: Dict[int, Tuple[str, float]] = {}
+
+    @contextlib.contextmanager
+    def track(self, uri: str) -> Iterator[None]:
+        key = next(self._ids)
+        with self._lock:
+            self._reads[key] = (uri, time.monotonic())
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reads.pop(key, None)
+
+    def older_than(self, seconds: float) -> List[Tuple[str, float]]:
+        """``[(uri, seconds running)]`` for reads running longer than ``seconds``, longest first."""
+        now = time.monotonic()
+        with self._lock:
+            slow = [(uri, now - start) for uri, start in self._reads.values() if now - start > seconds]
+        return sorted(slow, key=lambda item: -item[1])
+
+
+#: The reads of this process (every thread of every DoFn instance).
+IN_FLIGHT = InFlightReads()
+
+
+def read_timeout_reason(timeout_s: float) -> str:
+    """The dead-letter reason for a read that stalled."""
+    return (f"read did not finish within {timeout_s:g} s (a stalled read: a slow object store or a stuck mount); "
+            f"raise --read_timeout_s if the file is just slow")
+
+
+def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
+                      in_flight: Optional[InFlightReads] = IN_FLIGHT) -> bytes:
+    """:func:`read_file` with a time limit.
+
+    The read runs in a daemon thread. Python cannot interrupt a thread blocked in a system call,
+    so a read that stalls for good leaves its thread behind (parked on the stuck file, holding
+    no lock) and the caller gets :class:`ReadTimeout`; the job goes on.
+
+    Args:
+        uri: Local path or URL.
+        timeout_s: Seconds before giving up; None or 0 reads inline without a limit.
+            Default :data:`DEFAULT_READ_TIMEOUT_S`.
+        in_flight: Registry the read is listed in while it runs, or None. Default :data:`IN_FLIGHT`.
+
+    Raises:
+        ReadTimeout: the read took longer than ``timeout_s``.
+        Exception: whatever :func:`read_file` raises.
+    """
+    tracking = in_flight.track(uri) if in_flight is not None else contextlib.nullcontext()
+    with tracking:
+        if not timeout_s:
+            return read_file(uri)
+        box: Dict[str, object] = {}
+        done = threading.Event()
+
+        def target():
+            try:
+                box["data"] = read_file(uri)
+            except BaseException as e:  # handed to the caller's thread
+                box["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=target, name=f"read {uri[-40:]}", daemon=True).start()
+        if not done.wait(timeout_s):
+            raise ReadTimeout(read_timeout_reason(timeout_s))
+        if "error" in box:
+            raise box["error"]
+        return box["data"]
+
+
+def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
+               read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Decoded:
     """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not.
 
     With ``gpu_decode``, an image the header pre-screen (:mod:`transforms.prescreen`) finds
     sound and DALI-safe is returned undecoded (``encoded``) for the GPU decoder; every other
     one is decoded here with Pillow, so broken files get the same reasons as on the CPU path.
+
+    Args:
+        uri: Local path or URL.
+        config: Preprocessing sizes and limits.
+        gpu_decode: See above. Default False.
+        read_timeout_s: See :func:`read_with_timeout`; None reads inline (the batched reader
+            watches whole chunks instead, see ``transforms.images``). Default
+            :data:`DEFAULT_READ_TIMEOUT_S`.
     """
     start = time.perf_counter()
+    refused = not_a_regular_file(uri)
+    if refused is not None:
+        return Decoded(None, refused, "read", time.perf_counter() - start, 0.0, 0)
     try:
-        data = read_file(uri)
+        data = read_with_timeout(uri, read_timeout_s)
+    except ReadTimeout as e:
+        return Decoded(None, f"cannot read file ({e})", "read", time.perf_counter() - start, 0.0, 0)
     except Exception as e:  # OSError locally; Beam filesystems wrap errors in several types
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return Decoded(None, f"cannot read file ({type(e).__name__}: {reason}); check the path exists and the "

@@ -12,10 +12,15 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import glob
 import io
 import json
+import logging
 import os
 import re
+import threading
+import urllib.parse
+import warnings
 from typing import Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -25,9 +30,11 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.decode import load_image
+from transforms.decode import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
 from transforms.preprocess import PreprocessConfig
 from transforms.timing import NAMESPACE, Progress, stage_distribution
+
+_LOG = logging.getLogger(__name__)
 
 DEAD_LETTER = "dead_letter"
 MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl", ".ndjson")
@@ -54,39 +61,112 @@ def has_glob(path: str) -> bool:
 
 
 def is_manifest(path: str) -> bool:
-    """True when ``path`` names a manifest (by suffix: .txt, .csv, .jsonl, .ndjson) rather than images."""
-    return path.lower().endswith(MANIFEST_SUFFIXES) and not has_glob(path)
+    """True when ``path`` names a manifest (by suffix: .txt, .csv, .jsonl, .ndjson) rather than images.
+
+    A directory is a directory whatever its name ends in (``photos.txt/`` is scored recursively).
+    """
+    if not path.lower().endswith(MANIFEST_SUFFIXES) or has_glob(path):
+        return False
+    return "://" in path or not os.path.isdir(path)
 
 
 def normalize_pattern(path: str) -> str:
-    """A directory (local path or URL ending in '/') becomes a recursive glob of its files."""
+    """A directory (local path or URL ending in '/') becomes a recursive glob of its files.
+
+    A local directory's own name is escaped, so a folder named ``Holiday [2019]`` is not read
+    as a glob character class.
+    """
+    if "://" not in path and os.path.isdir(path):
+        return os.path.join(glob.escape(path), "**")
     if path.endswith("/"):
         return path + "**"
-    if "://" not in path and os.path.isdir(path):
-        return os.path.join(path, "**")
     return path
+
+
+class ManifestError(ValueError):
+    """A manifest the job cannot use at all (unreadable, not UTF-8, no 'uri' column, no entries):
+    a setup mistake that stops the job at start, not a bad record."""
+
+
+def read_manifest(path: str) -> str:
+    """The text of a manifest, local or on any Beam filesystem.
+
+    Raises:
+        ManifestError: it cannot be read, or is not UTF-8 text; the message says how to fix it.
+    """
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            raw = f.read()
+    except Exception as e:  # Beam filesystems raise several types
+        raise ManifestError(f"cannot read manifest {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    try:
+        # utf-8-sig: spreadsheet exports start CSVs with a byte-order mark that would hide 'uri'.
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(
+            f"manifest {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-save it as UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)} > fixed{os.path.splitext(path)[1]}`") from None
+
+
+def _resolve(uri: str, base: str) -> str:
+    """A manifest entry as a path the filesystems understand.
+
+    ``file:///a/b.jpg`` becomes the local path ``/a/b.jpg``; a relative path resolves against
+    the manifest's own folder (``base``), as most tools that read file lists do, not against
+    the job's working directory.
+    """
+    if uri.startswith("file://"):
+        parsed = urllib.parse.urlparse(uri)
+        if parsed.netloc in ("", "localhost"):
+            return urllib.parse.unquote(parsed.path)
+        return uri
+    if "://" in uri or os.path.isabs(uri) or not base:
+        return uri
+    if "://" in base:
+        return base.rstrip("/") + "/" + uri
+    return os.path.join(base, uri)
+
+
+def _entry(uri: str, raw_id, name: str, where: str):
+    """An ``ImageRef`` for one manifest entry, or a dead letter for a relative path that is missing."""
+    base = name[:name.rstrip("/").rfind("/") + 1] if "://" in name else os.path.dirname(name)
+    resolved = _resolve(uri, base)
+    ref_id = None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id, ensure_ascii=False)
+    if resolved != uri and "://" not in resolved and not uri.startswith("file://") and not os.path.lexists(resolved):
+        return dead_letter(resolved, f"cannot read file (file not found: {uri!r} from {where}; relative paths in a "
+                                     f"manifest resolve against the manifest's folder "
+                                     f"{os.path.abspath(base) or '.'}, not the working directory)", "read", ref_id)
+    return ImageRef(resolved, ref_id)
 
 
 def parse_manifest(name: str, text: str) -> Iterator[object]:
     """Yields ``ImageRef`` per manifest entry, or a dead-letter row for an unusable entry.
 
     Formats, by suffix: ``.txt`` one URI per line (blank lines and ``#`` comments
-    skipped); ``.csv`` with a header holding ``uri`` and optionally ``id``;
-    ``.jsonl``/``.ndjson`` objects with ``uri`` and optionally ``id``.
+    skipped); ``.csv`` with a header holding ``uri`` and optionally ``id`` (names
+    matched after stripping spaces); ``.jsonl``/``.ndjson`` objects with ``uri`` and
+    optionally ``id`` (an id that is not a string is written as JSON). Relative paths
+    resolve against the manifest's folder; ``file://`` URIs become local paths.
+
+    Raises:
+        ManifestError: a CSV header without a ``uri`` column (no entry can be read).
     """
     lower = name.lower()
     if lower.endswith(".csv"):
         reader = csv.DictReader(io.StringIO(text))
-        if not reader.fieldnames or "uri" not in reader.fieldnames:
-            yield dead_letter(name, f"CSV manifest has no 'uri' column (header: {reader.fieldnames}); add a "
-                                    f"header line 'uri,id'", "manifest")
-            return
+        if reader.fieldnames is None:
+            return  # no header: an empty manifest (the caller decides what that means)
+        reader.fieldnames = [(field or "").strip() for field in reader.fieldnames]
+        if "uri" not in reader.fieldnames:
+            raise ManifestError(f"CSV manifest {name} has no 'uri' column (its header: "
+                                f"{','.join(reader.fieldnames)!r}); make the first line 'uri' or 'uri,id'")
         for line_no, row in enumerate(reader, start=2):
             uri = (row.get("uri") or "").strip()
             if not uri:
                 yield dead_letter(f"{name}:{line_no}", "manifest row has an empty 'uri'", "manifest")
                 continue
-            yield ImageRef(uri, (row.get("id") or "").strip() or None)
+            yield _entry(uri, (row.get("id") or "").strip() or None, name, f"{name}:{line_no}")
         return
     for line_no, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
@@ -102,27 +182,61 @@ def parse_manifest(name: str, text: str) -> Iterator[object]:
             if not isinstance(uri, str) or not uri.strip():
                 yield dead_letter(f"{name}:{line_no}", "manifest object has no string 'uri' field", "manifest")
                 continue
-            raw_id = row.get("id")
-            yield ImageRef(uri.strip(), None if raw_id is None else str(raw_id))
+            yield _entry(uri.strip(), row.get("id"), name, f"{name}:{line_no}")
         else:
-            yield ImageRef(line)
+            yield _entry(line, None, name, f"{name}:{line_no}")
+
+
+def check_manifest(path: str) -> None:
+    """Fails when a manifest cannot be used at all: unreadable, not UTF-8, no 'uri' column, no entries.
+
+    Raises:
+        ManifestError: with what was found and the fix.
+    """
+    if not any(True for _ in parse_manifest(path, read_manifest(path))):
+        raise ManifestError(f"manifest {path} lists no images (it is empty, or holds only blank lines, comments "
+                            f"or a header); add one image path or URI per entry")
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The part of a glob before its first wildcard, with ``[x]`` escapes read as the literal ``x``."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "[" and i + 2 < len(pattern) and pattern[i + 2] == "]" and pattern[i + 1] not in "!^":
+            out.append(pattern[i + 1])
+            i += 3
+            continue
+        if c in "*?[":
+            break
+        out.append(c)
+        i += 1
+    return "".join(out)
 
 
 def unlistable_local_files(pattern: str) -> Iterator[tuple]:
-    """Local files a glob names but Beam's listing skips because they cannot be stat'ed.
+    """Local inputs a glob names but Beam's listing skips: ``(path, dead-letter reason)``.
 
     Beam's local ``match`` silently drops entries whose size it cannot read (a
-    symlink to a deleted file, a file removed while listing). They are inputs all
-    the same, so they are yielded as ``(path, OSError)`` to become dead letters.
+    symlink to a deleted file or to itself, a file removed while listing) and
+    directories it cannot list (``os.walk`` ignores their errors). They are inputs
+    all the same, so each becomes a dead letter.
     """
-    if "://" in pattern:
-        return
-    prefix = re.match(r"^[^[*?]*", pattern).group(0)
-    if prefix == pattern:
+    if "://" in pattern or not has_glob(pattern):
         return  # no glob: a single path is checked at start (it must exist)
+    prefix = _literal_prefix(pattern)
     root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
     matches = re.compile(FileSystem.translate_pattern(pattern)).match
-    for dirpath, _, files in os.walk(root or "."):
+    recursive = "**" in pattern
+    unlistable = []
+
+    def onerror(error: OSError):
+        path = error.filename or root
+        # A folder the pattern cannot reach into (``dir/*.jpg`` vs ``dir/sub/``) holds no inputs.
+        if recursive or path.rstrip(os.sep).count(os.sep) < pattern.count(os.sep):
+            unlistable.append((path, error))
+
+    for dirpath, _, files in os.walk(root or ".", onerror=onerror):
         for name in files:
             path = os.path.join(dirpath, name)
             if not matches(path):
@@ -130,30 +244,35 @@ def unlistable_local_files(pattern: str) -> Iterator[tuple]:
             try:
                 os.path.getsize(path)
             except OSError as e:
-                yield path, e
+                yield path, f"cannot read file ({describe_stat_error(path, e)})"
+    for path, error in unlistable:
+        yield path, (f"cannot list directory ({type(error).__name__}: {error.strerror or error}); its files were "
+                     f"not scored: give the job's user read and execute permission on it")
 
 
 class _Match(beam.DoFn):
-    """Pattern -> ``ImageRef`` per matched file, plus dead letters for listed files Beam cannot stat."""
+    """Pattern -> ``ImageRef`` per matched file, plus dead letters for what Beam's listing skips."""
 
     def setup(self):
         self._inputs = Metrics.counter(NAMESPACE, "inputs")
+        self._unlistable = Metrics.counter(NAMESPACE, "unlistable_directories")
 
     def process(self, pattern: str):
         try:
-            matched = FileSystems.match([pattern])[0].metadata_list
+            with warnings.catch_warnings():
+                # An escaped '[' ("[[]") makes Beam's regex warn about a nested set; it matches right.
+                warnings.simplefilter("ignore", FutureWarning)
+                matched = FileSystems.match([pattern])[0].metadata_list
         except Exception as e:  # a listing failure is a broken setup: fail with the reason
             raise IOError(f"Cannot list {pattern}: {e}") from e
         for metadata in matched:
             self._inputs.inc()
             yield ImageRef(metadata.path)
-        for path, error in unlistable_local_files(pattern):
+        for path, reason in unlistable_local_files(pattern):
             self._inputs.inc()
-            if os.path.islink(path):
-                what, fix = "broken symlink (its target is missing)", "restore the target or remove the link"
-            else:
-                what, fix = "file vanished or cannot be stat'ed", "check the file and the job's permissions"
-            yield dead_letter(path, f"cannot read file ({what}: {error.strerror or error}); {fix}", "read")
+            if reason.startswith("cannot list directory"):
+                self._unlistable.inc()
+            yield dead_letter(path, reason, "read")
 
 
 class _ReadManifest(beam.DoFn):
@@ -161,17 +280,7 @@ class _ReadManifest(beam.DoFn):
         self._inputs = Metrics.counter(NAMESPACE, "inputs")
 
     def process(self, path: str):
-        try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                raw = f.read()
-        except Exception as e:  # a missing manifest is a broken setup: fail with the reason
-            raise IOError(f"Cannot read manifest {path}: {e}") from e
-        try:
-            # utf-8-sig: spreadsheet exports start CSVs with a byte-order mark that would hide 'uri'.
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise IOError(f"Manifest {path} is not UTF-8 text ({e}); save it as UTF-8") from e
-        for entry in parse_manifest(path, text):
+        for entry in parse_manifest(path, read_manifest(path)):
             self._inputs.inc()  # every entry, usable or not, is an input that must end somewhere
             yield entry
 
@@ -247,6 +356,16 @@ class ImageBatch:
         return (0 if self.pixels is None else self.pixels.nbytes) + sum(len(e) for e in self.encoded)
 
 
+class _Chunk:
+    """Part of a batch read by one pool task; results grow as its reads finish."""
+
+    def __init__(self, refs):
+        self.refs = list(refs)
+        self.results: list = []
+        self.abandoned = False
+        self.lock = threading.Lock()
+
+
 class ReadImageBatches(beam.DoFn):
     """Reads (and, on the CPU path, decodes) a batch of images: ``[ImageRef] -> ImageBatch``.
 
@@ -259,19 +378,22 @@ class ReadImageBatches(beam.DoFn):
 
     Args:
         config: Preprocessing sizes and limits.
-        gpu_decode: Leave images the pre-screen passes encoded for the GPU decoder. Default False.
-        threads: Reader threads per DoFn; 0 reads inline, -1 picks the worker's cores (at most
             16). Default -1.
         prefetch: Batches in flight per DoFn instance. Default 2.
+        read_timeout_s: A read that makes no progress for this long becomes a ``read`` dead
+            letter and the rest of its chunk is read by another thread; None = no limit.
+            Default 60.
     """
 
-    def __init__(self, config: PreprocessConfig, gpu_decode: bool = False, threads: int = -1, prefetch: int = 2):
+    def __init__(self, config: PreprocessConfig, gpu_decode: bool = False, threads: int = -1, prefetch: int = 2,
+                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S):
         if threads < -1 or prefetch < 1:
             raise ValueError(f"need threads >= -1 and prefetch >= 1, got {threads}, {prefetch}")
         self._config = config
         self._gpu_decode = gpu_decode
         self._threads = threads
         self._prefetch = prefetch
+        self._read_timeout_s = read_timeout_s
 
     def setup(self):
         self._read_us = stage_distribution("read")
@@ -290,11 +412,16 @@ class ReadImageBatches(beam.DoFn):
     def start_bundle(self):
         self._pending = collections.deque()
 
-    def _load(self, ref: ImageRef):
-        return load_image(ref.uri, self._config, self._gpu_decode)
+    def _load(self, ref: ImageRef, timeout_s: Optional[float] = None):
+        return load_image(ref.uri, self._config, self._gpu_decode, timeout_s)
 
-    def _load_chunk(self, refs):
-        return [self._load(ref) for ref in refs]
+    def _load_chunk(self, chunk: "_Chunk") -> None:
+        for ref in chunk.refs:
+            result = self._load(ref)  # inline read (tracked in IN_FLIGHT); _collect watches the chunk
+            with chunk.lock:
+                if chunk.abandoned:
+                    return
+                chunk.results.append(result)
 
     def _tasks(self, refs) -> int:
         """Pool tasks for one batch.
@@ -335,20 +462,50 @@ class ReadImageBatches(beam.DoFn):
     def process(self, refs, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         refs = list(refs)
         if self._pool is None:
-            yield from self._emit(refs, [self._load(ref) for ref in refs])
+            yield from self._emit(refs, [self._load(ref, self._read_timeout_s) for ref in refs])
             return
         tasks = self._tasks(refs)
         size = -(-len(refs) // tasks)
-        futures = [self._pool.submit(self._load_chunk, refs[i:i + size]) for i in range(0, len(refs), size)]
-        self._pending.append((refs, futures, window, timestamp))
+        chunks = [_Chunk(refs[i:i + size]) for i in range(0, len(refs), size)]
+        futures = [self._pool.submit(self._load_chunk, chunk) for chunk in chunks]
+        self._pending.append((refs, list(zip(chunks, futures)), window, timestamp))
         # Emit finished batches in order; block only when more than `prefetch` are in flight.
         while self._pending and (len(self._pending) > self._prefetch
-                                 or all(f.done() for f in self._pending[0][1])):
+                                 or all(f.done() for _, f in self._pending[0][1])):
             yield from self._emit_pending()
 
+    def _collect(self, chunk: "_Chunk", future) -> list:
+        """A chunk's results; a read stalled for ``read_timeout_s`` becomes a dead letter.
+
+        Python cannot interrupt a thread blocked in a read, so the stalled thread is left behind
+        (the pool loses it) and the rest of the chunk goes to another one. One watchdog per
+        chunk rather than a thread per read keeps the fast path cheap.
+        """
+        import concurrent.futures
+
+        while True:
+            seen = len(chunk.results)
+            try:
+                future.result(timeout=self._read_timeout_s or None)
+                return chunk.results
+            except concurrent.futures.TimeoutError:
+                with chunk.lock:
+                    if len(chunk.results) != seen:
+                        continue  # slow but moving
+                    chunk.abandoned = True
+                    done = list(chunk.results)
+                stuck = chunk.refs[len(done)]
+                _LOG.warning("read of %s made no progress for %s s; it becomes a dead letter", stuck.uri,
+                             self._read_timeout_s)
+                timed_out = Decoded(None, f"cannot read file ({read_timeout_reason(self._read_timeout_s)})", "read",
+                                    float(self._read_timeout_s), 0.0, 0)
+                rest = _Chunk(chunk.refs[len(done) + 1:])
+                tail = self._collect(rest, self._pool.submit(self._load_chunk, rest)) if rest.refs else []
+                return done + [timed_out] + tail
+
     def _emit_pending(self):
-        done, futures, w, ts = self._pending.popleft()
-        yield from self._emit(done, [result for f in futures for result in f.result()], w, ts)
+        done, chunks, w, ts = self._pending.popleft()
+        yield from self._emit(done, [result for chunk, f in chunks for result in self._collect(chunk, f)], w, ts)
 
     def finish_bundle(self):
         while self._pending:
@@ -365,14 +522,14 @@ class ReadBatches(beam.PTransform):
     Args:
         config: Preprocessing sizes and limits.
         batch_size: Images per batch (the bundle's last may be smaller).
-        gpu_decode, threads, prefetch: See :class:`ReadImageBatches`.
+        gpu_decode, threads, prefetch, read_timeout_s: See :class:`ReadImageBatches`.
     """
 
     def __init__(self, config: PreprocessConfig, batch_size: int, gpu_decode: bool = False, threads: int = -1,
-                 prefetch: int = 2):
+                 prefetch: int = 2, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S):
         super().__init__()
         self._batch_size = batch_size
-        self._read = ReadImageBatches(config, gpu_decode, threads, prefetch)
+        self._read = ReadImageBatches(config, gpu_decode, threads, prefetch, read_timeout_s)
 
     def expand(self, refs):
         return (refs

@@ -189,6 +189,8 @@ class FailedBatchToDeadLetters(beam.DoFn):
     def process(self, failure):
         batch, exception = failure
         reason = f"inference failed for the batch holding this image ({describe_failure(exception)})"
+        if "alloc" in reason.lower() or "MemoryError" in reason:
+            reason += f"; the batch of {len(batch)} did not fit in memory: lower --batch_size"
         if _is_beam_error_tuple(exception) and exception[2]:
             _LOG.warning("a batch of %d failed in RunInference:\n%s", len(batch), "".join(exception[2]))
         for element in batch:

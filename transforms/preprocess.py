@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
 import warnings
 
 import numpy as np
@@ -62,9 +63,22 @@ class PreprocessConfig:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
 
 
+#: ISO media brands of AVIF, which Pillow decodes (when built with libavif): a file with one of
+#: them that Pillow cannot identify is a corrupt AVIF, not an unsupported format.
+_AVIF_BRANDS = (b"ftypavif", b"ftypavis")
+
+
+def _avif_supported() -> bool:
+    from PIL import features
+
+    return bool(features.check("avif"))
+
+
 # Formats people store next to photos that Pillow cannot decode: name them in the reason.
 _UNSUPPORTED = [
     (lambda d: d.startswith(b"%PDF"), "PDF document"),
+    (lambda d: d[4:12] in _AVIF_BRANDS and not _avif_supported(),
+     "AVIF image (this Pillow was built without AVIF support)"),
     (lambda d: b"<svg" in d[:512].lower(), "SVG vector image"),
     (lambda d: d[4:12] in (b"ftypheic", b"ftypheix", b"ftyphevc", b"ftypmif1"), "HEIC/HEIF image"),
     (lambda d: d[4:8] == b"ftyp", "video or ISO media file"),
@@ -77,6 +91,12 @@ def _describe_start(data: bytes) -> str:
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
         return f"starts with text {head.decode('ascii', 'replace')!r}"
     return f"starts with bytes {head.hex(' ')}"
+
+
+def over_limit_message(size: str, config: PreprocessConfig) -> str:
+    """The dead-letter reason for an image over ``--max_pixels``, quoting the limit in force."""
+    return (f"image is {size}, over the pixel limit of {config.max_pixels / 1e6:.1f} Mpx (--max_pixels "
+            f"{config.max_pixels}; possible decompression bomb); raise --max_pixels only if the file is trusted")
 
 
 def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
@@ -97,6 +117,9 @@ def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data[4:12] in _AVIF_BRANDS and _avif_supported():
+            raise BadImageError(f"truncated or corrupt AVIF data ({len(data)} bytes; the decoder could not read it); "
+                                f"re-export or re-download the file") from None
         for matches, name in _UNSUPPORTED:
             if matches(data):
                 raise BadImageError(f"unsupported format: {name} ({len(data)} bytes); convert it to JPEG or PNG "
@@ -107,14 +130,13 @@ def open_image(data: bytes, config: PreprocessConfig) -> Image.Image:
         raise BadImageError(f"{what} ({len(data)} bytes, {start}); expected JPEG, PNG, WebP, GIF, BMP or "
                             f"TIFF") from None
     except Image.DecompressionBombError as e:
-        raise BadImageError(f"image over the pixel limit, refused as a possible decompression bomb "
-                            f"({e}); raise --max_pixels only if the file is trusted") from None
+        # Pillow's own refusal quotes Pillow's limit; the user set --max_pixels, so quote that.
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)) / 1e6:.1f} Mpx" if pixels else "larger than Pillow accepts"
+        raise BadImageError(over_limit_message(size, config)) from None
     width, height = image.size
     if width * height > config.max_pixels:
-        raise BadImageError(
-            f"image is {width}x{height} = {width * height / 1e6:.1f} Mpx, over the pixel limit of "
-            f"{config.max_pixels / 1e6:.1f} Mpx (possible decompression bomb); raise --max_pixels only if "
-            f"the file is trusted")
+        raise BadImageError(over_limit_message(f"{width}x{height} = {width * height / 1e6:.1f} Mpx", config))
     if width == 0 or height == 0:
         raise BadImageError(f"image has no pixels ({width}x{height})")
     return image
@@ -205,5 +227,5 @@ def preprocess_image(data: bytes, config: PreprocessConfig = PreprocessConfig())
         # SyntaxError (bad PNG chunks) or ValueError/EOFError from plugins.
         raise BadImageError(f"truncated or corrupt {image.format or 'image'} data ({type(e).__name__}: {e}); "
                             f"re-export or re-download the file") from None
-    except Image.DecompressionBombError as e:
-        raise BadImageError(f"image over the pixel limit ({e}); raise --max_pixels only if trusted") from None
+    except Image.DecompressionBombError:
+        raise BadImageError(over_limit_message(f"{image.size[0]}x{image.size[1]} once decoded", config)) from None
