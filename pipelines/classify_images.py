@@ -32,7 +32,7 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 from engines.base import EngineError
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
 from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
-from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadBatches
+from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
 from transforms.decode import DEFAULT_READ_TIMEOUT_S
@@ -132,9 +132,10 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--hw_decoder_load", type=float, default=DaliDecoderDefaults.hw_decoder_load,
                             help="--decode gpu: share of JPEG work for the GPU's hardware JPEG decoder where it has "
                                  "one (0..1). Default: 0.65.")
-        parser.add_argument("--dali_threads", type=int, default=DaliDecoderDefaults.threads,
-                            help="--decode gpu/dali_cpu: DALI's CPU threads (Huffman decoding of the JPEGs the "
-                                 "hardware decoder does not take, non-JPEG formats). Default: 4.")
+        parser.add_argument("--dali_threads", type=int, default=-1,
+                            help="--decode gpu/dali_cpu: DALI's CPU threads (JPEG parsing and Huffman decoding for "
+                                 "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (on an H100 host: "
+                                 "4 -> 4.0k, 8 -> 7.4k, 16 -> 10.5k images/s decoded). Default: -1.")
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
@@ -245,7 +246,9 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
         try:
             decoder = DaliDecoderOptions(resize=config.resize, crop=config.crop, max_batch=batch,
                                          device="gpu" if decode == "gpu" else "cpu",
-                                         hw_decoder_load=options.hw_decoder_load, threads=options.dali_threads)
+                                         hw_decoder_load=options.hw_decoder_load,
+                                         threads=options.dali_threads if options.dali_threads > 0
+                                         else min(16, os.cpu_count() or 1))
         except EngineError as e:
             raise EngineError(f"bad decode flags: {e} (see --hw_decoder_load, --dali_threads, --batch_size)") from None
         info = {**info, "decode": decode, "hw_decoder_load": options.hw_decoder_load if decode == "gpu" else None}
@@ -576,11 +579,12 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
         (prediction row blocks, dead-letter rows) PCollections.
     """
     config = preprocess_config(options)
-    found = pipeline | "FindImages" >> ImageRefs(options.input)
-    read = found["refs"] | "ReadBatches" >> ReadBatches(config, handler.images_per_batch,
-                                                        gpu_decode=decode in ("gpu", "dali_cpu"),
-                                                        threads=options.decode_threads, prefetch=options.prefetch,
-                                                        read_timeout_s=options.read_timeout_s or None)
+    batch = handler.images_per_batch
+    found = pipeline | "FindImages" >> ImageRefs(options.input, batch_size=batch)
+    read = found["refs"] | "ReadBatches" >> beam.ParDo(
+        ReadImageBatches(config, gpu_decode=decode in ("gpu", "dali_cpu"), threads=options.decode_threads,
+                         prefetch=options.prefetch, read_timeout_s=options.read_timeout_s or None)).with_outputs(
+        DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "TopK" >> beam.ParDo(TopKBatches(options.top_k, labels, progress_dir)).with_outputs(
         DEAD_LETTER, main="rows")
