@@ -24,6 +24,9 @@ ARG ONNX_VERSION=1.23.2
 ARG ONNXRUNTIME_VERSION=1.31.1
 ARG PILLOW_VERSION=12.3.0
 ARG PYARROW_VERSION=25.0.1
+# GPU decode (--decode gpu): NVIDIA DALI built for the image's CUDA major (12 for the 25.0x images).
+ARG DALI_PACKAGE=nvidia-dali-cuda120
+ARG DALI_VERSION=2.4.0
 # Only in the test stage: tests/gpu/test_cuda_machinery.py uses a CuPy kernel (CUDA 12 wheels).
 ARG CUPY_VERSION=14.2.0
 
@@ -41,6 +44,8 @@ ARG ONNX_VERSION
 ARG ONNXRUNTIME_VERSION
 ARG PILLOW_VERSION
 ARG PYARROW_VERSION
+ARG DALI_PACKAGE
+ARG DALI_VERSION
 
 # Install into the image's Python (Ubuntu's PEP 668 marker would refuse otherwise), and let the Beam
 # worker use that environment instead of making a fresh virtualenv at start-up (Beam >= 2.48).
@@ -76,7 +81,8 @@ RUN numpy_version="${NUMPY_VERSION}"; \
     printf '%s\n' "numpy==${numpy_version}" "onnx==${ONNX_VERSION}" "onnxruntime==${ONNXRUNTIME_VERSION}" \
         "pillow==${PILLOW_VERSION}" "pyarrow==${PYARROW_VERSION}" "apache-beam==${BEAM_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \
-        "pytest==${PYTEST_VERSION}" "scikit-image==${SCIKIT_IMAGE_VERSION}" > /opt/constraints.txt \
+        "pytest==${PYTEST_VERSION}" "scikit-image==${SCIKIT_IMAGE_VERSION}" \
+        "${DALI_PACKAGE}==${DALI_VERSION}" > /opt/constraints.txt \
  && cat /opt/constraints.txt
 ENV PIP_CONSTRAINT=/opt/constraints.txt
 RUN python3 -m pip install \
@@ -85,8 +91,9 @@ RUN python3 -m pip install \
         "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \
         "pytest==${PYTEST_VERSION}" \
         "scikit-image==${SCIKIT_IMAGE_VERSION}" \
+        "${DALI_PACKAGE}==${DALI_VERSION}" \
         . \
- && python3 -c "import apache_beam, tensorrt, engines.tensorrt, transforms.tensorrt_handler, pipelines.classify_images; \
+ && python3 -c "import apache_beam, tensorrt, nvidia.dali, engines.tensorrt, engines.dali_decoder, transforms.tensorrt_handler, pipelines.classify_images; \
 from engines.tensorrt import cuda; cuda.cudart(); \
 assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \
 import numpy; print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt.__version__, 'numpy', numpy.__version__)"

@@ -34,6 +34,10 @@ setup(
         # TensorRT itself comes with NVIDIA's image (see Dockerfile) or NVIDIA's package index;
         # listing it here would pull a second copy into that image. These are its companions.
         "tensorrt": ["cuda-python>=12.4", "onnxconverter-common>=1.14"],
+        # GPU decode (--decode gpu): NVIDIA DALI for the environment's CUDA major, and ONNX Runtime's
+        # CUDA provider. `gpu` is CUDA 13 (driver r580+), `gpu-cuda12` CUDA 12.
+        "gpu": ["nvidia-dali-cuda130>=2.4", "onnxruntime-gpu>=1.20", "cuda-python>=13"],
+        "gpu-cuda12": ["nvidia-dali-cuda120>=2.4", "onnxruntime-gpu>=1.20", "cuda-python>=12.4,<13"],
         "demo": ["scikit-image>=0.22"],
         "test": [
             "pytest>=7",
@@ -44,6 +48,8 @@ setup(
             # Real CUDA bindings (no GPU needed to import) so CI checks the "no GPU" error path.
             "cuda-python>=13",
             "nvidia-cuda-runtime>=13",
+            # The DALI graph runs on the CPU in CI (--decode dali_cpu): pre-screen, routing, fallback.
+            "nvidia-dali-cuda130>=2.4",
         ],
         "benchmark": ["scikit-image>=0.22", "pyinstrument>=4"],
     },

@@ -169,7 +169,7 @@ def test_spinning_flag_reaches_the_session_options(model_path, monkeypatch, flag
     monkeypatch.setattr(ort, "InferenceSession", spy)
     opts = PipelineOptions(["--ort_spinning", flag, "--ort_sessions", "2"]).view_as(ClassifyOptions)
     handler, info, _ = make_handler(opts)
-    engine = handler.load_model()
+    engine = handler.load_model().engine
     assert info["ort_spinning"] == flag and info["ort_sessions"] == 2
     assert seen == [{"session.intra_op.allow_spinning": allow, "session.force_spinning_stop": stop}] * 2
     assert engine.infer({"images": np.zeros((1, 224, 224, 3), np.uint8)})["logits"].shape == (1, 1000)

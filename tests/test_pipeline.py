@@ -10,6 +10,7 @@ import os
 import re
 
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -53,20 +54,22 @@ def test_testpipeline_end_to_end(corpus, model_path):
     handler, _, labels = make_handler(opts)
     assert labels[285] == "Egyptian Mau"  # from the model's own metadata
     with TestPipeline(options=options) as p:
-        from transforms.images import DEAD_LETTER, DecodeImages, ImageRefs
-        from transforms.postprocess import TopK
+        from transforms.images import DEAD_LETTER, ImageRefs, ReadBatches
+        from transforms.postprocess import TopKBatches
         from transforms.preprocess import PreprocessConfig
-        from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+        from apache_beam.ml.inference.base import RunInference
 
         found = p | ImageRefs(directory)
-        decoded = found["refs"] | beam.ParDo(DecodeImages(PreprocessConfig())).with_outputs(DEAD_LETTER, main="ok")
-        rows = decoded.ok | RunInference(KeyedModelHandler(handler)) | beam.ParDo(TopK(5, labels))
+        decoded = found["refs"] | ReadBatches(PreprocessConfig(), 4)
+        scored = decoded.batches | RunInference(handler) | beam.ParDo(TopKBatches(5, labels)).with_outputs(
+            DEAD_LETTER, main="blocks")
+        rows = scored.blocks | beam.FlatMap(lambda block: block)
         assert_that(rows | "Names" >> beam.Map(lambda r: os.path.basename(r["uri"])),
                     equal_to([os.path.basename(g) for g in good]), label="AllGoodScored")
         assert_that(rows | "Chelsea" >> beam.Filter(lambda r: r["uri"].endswith("chelsea.jpg"))
                     | "IsCat" >> beam.Map(lambda r: bool(CAT_CLASSES & {x["class_id"] for x in r["top_k"]})),
                     equal_to([True]), label="ChelseaIsACat")
-        dead = (found[DEAD_LETTER], decoded[DEAD_LETTER]) | beam.Flatten()
+        dead = (found[DEAD_LETTER], decoded[DEAD_LETTER], scored[DEAD_LETTER]) | beam.Flatten()
         assert_that(dead | "DeadNames" >> beam.Map(lambda r: os.path.basename(r["uri"])),
                     equal_to(list(broken)), label="AllBrokenDeadLettered")
 
@@ -149,24 +152,35 @@ def test_input_and_output_are_required(tmp_path):
         classify_images.run(["--output", str(tmp_path)])
 
 
-@pytest.mark.parametrize("threads,prefetch", [(0, 1), (1, 1), (2, 3), (4, 64)])
-def test_decode_with_and_without_prefetch_threads_emits_every_input_once(corpus, threads, prefetch):
+@pytest.mark.parametrize("threads,prefetch,batch,gpu", [(0, 1, 3, False), (1, 1, 1, False), (2, 3, 4, False),
+                                                        (4, 8, 2, False), (2, 2, 3, True)])
+def test_batched_reading_emits_every_input_once(corpus, threads, prefetch, batch, gpu):
     directory, good, broken = corpus
-    from transforms.images import DEAD_LETTER, DecodeImages, ImageRef
+    from transforms.images import DEAD_LETTER, ImageRef, ReadBatches
     from transforms.preprocess import PreprocessConfig
+    from transforms.prescreen import GPU, screen
 
     refs = [ImageRef(p) for p in good] + [ImageRef(os.path.join(directory, b)) for b in broken]
     refs.append(ImageRef(os.path.join(directory, "missing.jpg"), id="m"))
+
+    def rows(b):
+        decoded = [(os.path.basename(r.uri), "pixels") for r in b.refs[:b.decoded_count]]
+        assert b.pixels is None or b.pixels.shape[1:] == (224, 224, 3) and b.pixels.dtype == np.uint8
+        return decoded + [(os.path.basename(r.uri), "encoded") for r in b.refs[b.decoded_count:]]
+
+    expected = [(os.path.basename(g), "encoded" if gpu and screen(open(g, "rb").read(), 89478485).route == GPU
+                 else "pixels") for g in good]
     with TestPipeline() as p:
-        out = (p | beam.Create(refs)
-               | beam.ParDo(DecodeImages(PreprocessConfig(), threads, prefetch)).with_outputs(DEAD_LETTER, main="ok"))
-        assert_that(out.ok | beam.MapTuple(lambda ref, a: (os.path.basename(ref.uri), a.shape, str(a.dtype))),
-                    equal_to([(os.path.basename(g), (224, 224, 3), "uint8") for g in good]), label="Good")
+        out = p | beam.Create(refs) | ReadBatches(PreprocessConfig(), batch, gpu_decode=gpu, threads=threads,
+                                                  prefetch=prefetch)
+        assert_that(out.batches | beam.Map(len) | beam.CombineGlobally(max), equal_to([min(batch, len(good))]),
+                    label="BatchSize")
+        assert_that(out.batches | beam.FlatMap(rows), equal_to(expected), label="Good")
         assert_that(out[DEAD_LETTER] | beam.Map(lambda r: (os.path.basename(r["uri"]), r["stage"])),
                     equal_to([(b, "read" if b == "moved_away.jpg" else "decode") for b in broken]
                              + [("missing.jpg", "read")]), label="Dead")
-    with pytest.raises(ValueError, match="prefetch >= threads"):
-        DecodeImages(PreprocessConfig(), 4, 2)
+    with pytest.raises(ValueError, match="prefetch >= 1"):
+        ReadBatches(PreprocessConfig(), 4, threads=2, prefetch=0)
 
 
 def test_one_engine_shared_across_processes(corpus, model_path, tmp_path):
@@ -204,17 +218,19 @@ def test_csv_manifest_saved_with_a_byte_order_mark(corpus, model_path, tmp_path)
 def test_failed_batch_becomes_short_dead_letters_through_beams_exception_handling(model_path):
     # Beam emits a failed batch as (batch, (type, repr, traceback lines)); every image in it
     # must end as one dead-letter row whose reason is the error itself, not a traceback.
-    import numpy as np
-    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.ml.inference.base import RunInference
 
+    from transforms.images import ImageBatch
     from transforms.postprocess import FailedBatchToDeadLetters
 
     options = PipelineOptions(["--input", "unused", "--output", "unused", "--batch_size", "2"])
     handler, _, _ = make_handler(options.view_as(ClassifyOptions))
-    wrong = [(ImageRef(f"/x/{i}.jpg", id=str(i)), np.zeros((200, 200, 3), np.uint8)) for i in range(3)]
+    wrong = [ImageBatch((ImageRef("/x/0.jpg", id="0"), ImageRef("/x/1.jpg", id="1")),
+                        np.zeros((2, 200, 200, 3), np.uint8)),
+             ImageBatch((ImageRef("/x/2.jpg", id="2"),), np.zeros((1, 200, 200, 3), np.uint8))]
     with TestPipeline() as p:
         _, failed = (p | beam.Create(wrong)
-                     | RunInference(KeyedModelHandler(handler)).with_exception_handling())
+                     | RunInference(handler).with_exception_handling())
         rows = failed.failed_inferences | beam.ParDo(FailedBatchToDeadLetters())
 
         def check(rows):

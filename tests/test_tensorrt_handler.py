@@ -209,12 +209,12 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     classify_images.check_setup(opts)  # the ONNX model's input fits --crop 16
     handler, info, labels = classify_images.make_handler(opts)
     assert info["engine"] == "tensorrt" and labels == LABELS
-    assert handler.batch_elements_kwargs()["max_batch_size"] == (256 if source == "engine_path" else 16)
+    assert handler.images_per_batch == (256 if source == "engine_path" else 16)
     pipeline = beam.Pipeline(options=options)
     classify_images.build_pipeline(pipeline, opts, handler, labels)
     proto = pipeline.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"FindImages", "ReadDecode", "RunInference", "TopK"} <= {n.split("/")[0] for n in names}
+    assert {"FindImages", "ReadBatches", "RunInference", "TopK"} <= {n.split("/")[0] for n in names}
     restored = pickler.loads(pickler.dumps(handler))  # what a worker unpickles
     assert restored.batch_elements_kwargs() == handler.batch_elements_kwargs()
     with pytest.raises(EngineError, match=r"--crop 224 does not fit .*\[.*16, 16, 3\]; pass --crop 16"):
