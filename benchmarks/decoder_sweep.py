@@ -2,8 +2,8 @@
 
     python -m benchmarks.decoder_sweep [--images 5000] [--batch_size 256]
 
-Prints images/s for each variant (threads, hardware decoder share, the exact crop-box graph vs
-DALI's own resize_shorter + crop) so the defaults in engines/dali_decoder.py rest on numbers.
+Prints images/s for each variant (threads, hardware decoder share, crop boxes from the host vs
+computed inside the graph) so the defaults in engines/dali_decoder.py rest on numbers.
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--corpus_dir", default="benchmark_output/corpus")
-    parser.add_argument("--variants", default="threads=4;threads=8;threads=16;threads=8,hw_decoder_load=1.0;"
-                                              "threads=8,hw_decoder_load=0.0;threads=8,prefetch=3")
+    parser.add_argument("--variants", default="threads=8;threads=16;threads=8,crop_box=graph;"
+                                              "threads=16,crop_box=graph;threads=16,hw_decoder_load=1.0")
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
     corpus = ensure_corpus(args.corpus_dir, args.images)
-    blobs = [np.fromfile(p, np.uint8) for p in corpus.paths]
+    from benchmarks.gpu import decode_inputs
+
     bs = args.batch_size
-    batches = [blobs[i:i + bs] for i in range(0, len(blobs) - bs + 1, bs)]
+    batches = decode_inputs([open(p, "rb").read() for p in corpus.paths], bs)
     results = {}
     for variant in args.variants.split(";"):
         kwargs = {}
         for item in filter(None, variant.split(",")):
             key, value = item.split("=")
-            kwargs[key] = type(getattr(DaliDecoderOptions, key))(value) if key != "exact_crop" else value == "1"
+            kwargs[key] = type(getattr(DaliDecoderOptions, key))(value)
         decoder = DaliDecoder(DaliDecoderOptions(max_batch=bs, device="gpu", **kwargs))
         for _ in decoder.decode(batches[:4]):
             pass

@@ -49,7 +49,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--output", default="benchmark_output/gpu", help="Default: benchmark_output/gpu.")
     parser.add_argument("--corpus_dir", default=None, help="Default: OUTPUT/corpus.")
     parser.add_argument("--min_seconds", type=float, default=5.0, help="Each in-process measurement runs this long.")
-    parser.add_argument("--runs", default="engine,decoder,ours_gpu,noop_gpu,ours_cpu",
+    parser.add_argument("--runs", default="engine,decoder,reader,ours_gpu,noop_gpu,ours_cpu",
                         help="Comma-separated subset to run. Default: all.")
     parser.add_argument("--pipeline_args", default="", help="Extra classify_images flags for every pipeline run.")
     parser.add_argument("--timeout_s", type=float, default=1200.0)
@@ -69,6 +69,45 @@ def _timed(fn, count_per_call: int, min_seconds: float) -> Dict[str, Any]:
             "seconds": round(elapsed, 3), "batch": count_per_call}
 
 
+def decode_inputs(blobs: List[bytes], batch_size: int):
+    """Full batches of encoded files with their crop boxes, as the pipeline's reader makes them."""
+    from engines.dali_decoder import DecodeInput
+    from transforms.preprocess import PreprocessConfig, crop_box
+    from transforms.prescreen import screen
+
+    config = PreprocessConfig()
+    out = []
+    for i in range(0, len(blobs) - batch_size + 1, batch_size):
+        chunk = blobs[i:i + batch_size]
+        boxes = []
+        for data in chunk:
+            s = screen(data, config.max_pixels)
+            boxes.append(crop_box(s.width, s.height, config))
+        out.append(DecodeInput([np.frombuffer(b, np.uint8) for b in chunk], boxes))
+    return out
+
+
+def measure_reader(args, paths: List[str]) -> Dict[str, Any]:
+    """The pipeline's batch reader alone (read + pre-screen, GPU route), outside Beam."""
+    from transforms.images import ImageRef, ReadImageBatches
+    from transforms.preprocess import PreprocessConfig
+
+    reader = ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=-1, prefetch=2)
+    reader.setup()
+    refs = [ImageRef(p) for p in paths]
+    batches = [refs[i:i + args.batch_size] for i in range(0, len(refs), args.batch_size)]
+    start = time.perf_counter()
+    count = 0
+    for batch in batches:
+        for out in reader.process(batch, None, None):
+            count += len(getattr(out, "refs", ()))
+    for out in reader.finish_bundle():
+        count += len(getattr(out, "refs", ()))
+    elapsed = time.perf_counter() - start
+    reader.teardown()
+    return {"images_per_second": round(count / elapsed, 1), "images": count, "seconds": round(elapsed, 3)}
+
+
 def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[str, Any]:
     """The engine alone (device and host batches) and the decoder alone."""
     from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
@@ -76,9 +115,9 @@ def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[st
 
     out: Dict[str, Any] = {}
     bs = args.batch_size
-    batches = [blobs[i:i + bs] for i in range(0, len(blobs) - bs + 1, bs)]
-    arrays = [[np.frombuffer(b, np.uint8) for b in batch] for batch in batches]
-    decoder = DaliDecoder(DaliDecoderOptions(max_batch=bs, device="gpu", hw_decoder_load=args.hw_decoder_load))
+    arrays = decode_inputs(blobs, bs)
+    decoder = DaliDecoder(DaliDecoderOptions(max_batch=bs, device="gpu", hw_decoder_load=args.hw_decoder_load,
+                                             threads=min(16, os.cpu_count() or 1)))
     if "decoder" in runs:
         def decode_all():
             for _ in decoder.decode(arrays):
@@ -92,6 +131,7 @@ def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[st
         stream = decoder.decode([arrays[0]])
         batch = next(stream)  # a real decoded batch, resident on the GPU while we hold it
         host = np.array(batch.images.as_cpu()) if hasattr(batch.images, "as_cpu") else np.asarray(batch.images)
+        out["decoder_threads"] = decoder.options.threads
         out["engine_device"] = _timed(lambda: engine.infer({name: batch.images}, ["logits"]), bs, args.min_seconds)
         out["engine_host"] = _timed(lambda: engine.infer({name: host}, ["logits"]), bs, args.min_seconds)
         device_logits = engine.infer({name: batch.images}, ["logits"])["logits"]
@@ -154,6 +194,7 @@ def table(summary: Dict[str, Any]) -> str:
     add("engine alone, uint8 batches on the GPU", (r.get("engine_device") or {}).get("images_per_second"))
     add("engine alone, host numpy batches", (r.get("engine_host") or {}).get("images_per_second"))
     add("DALI decoder alone (decode+resize+crop on the GPU)", (r.get("decoder") or {}).get("images_per_second"))
+    add("batch reader alone (read + header pre-screen, no Beam)", (r.get("reader") or {}).get("images_per_second"))
     for name, label in (("ours_gpu", "ours --decode gpu"), ("noop_gpu", "no-op engine, --decode gpu (floor)"),
                         ("ours_cpu", "ours --decode cpu")):
         entry = r.get(name)
@@ -199,6 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with open(once, "w") as f:
         f.write("\n".join(corpus.paths) + "\n")
     results: Dict[str, Any] = {}
+    if "reader" in runs:
+        results["reader"] = measure_reader(args, corpus.paths * args.repeat)
     if "engine" in runs or "decoder" in runs:
         results.update(measure_in_process(args, blobs, runs))
     if "ours_gpu" in runs:
@@ -240,6 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     summary["bars"] = [("engine alone (device)", (results.get("engine_device") or {}).get("images_per_second")),
                        ("engine alone (host)", (results.get("engine_host") or {}).get("images_per_second")),
                        ("DALI decoder alone", (results.get("decoder") or {}).get("images_per_second")),
+                       ("batch reader alone", (results.get("reader") or {}).get("images_per_second")),
                        ("no-op engine pipeline", noop.get("run_images_per_second")),
                        ("ours --decode gpu", ours.get("run_images_per_second")),
                        ("ours --decode cpu", (results.get("ours_cpu") or {}).get("run_images_per_second"))]

@@ -23,6 +23,7 @@ of the environment (the ``gpu`` extra, or the image built from the Dockerfile).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import logging
@@ -55,6 +56,10 @@ class DaliDecoderOptions:
             (0..1). Default 0.65 (DALI's); measured on an H100: 0.65 -> 20.2k images/s,
             1.0 -> 21.7k, CUDA only -> 7.2k (issue 9).
         prefetch: Batches decoded ahead of the one in use (DALI's prefetch queue). Default 2.
+        crop_box: Where each image's crop region comes from: ``"host"`` (the caller passes it
+            with the batch, computed from the header the pre-screen read) or ``"graph"``
+            (computed inside the graph from ``peek_image_shape``: no caller input, but ~15
+            per-sample CPU operators). Default "host".
     """
 
     resize: int = 256
@@ -65,6 +70,7 @@ class DaliDecoderOptions:
     threads: int = 4
     hw_decoder_load: float = 0.65
     prefetch: int = 2
+    crop_box: str = "host"
 
     def __post_init__(self):
         if self.crop <= 0 or self.resize < self.crop:
@@ -74,8 +80,24 @@ class DaliDecoderOptions:
         if self.max_batch < 1 or self.threads < 1 or self.prefetch < 1:
             raise EngineError(f"max_batch, threads and prefetch must be >= 1, got {self.max_batch}, "
                               f"{self.threads}, {self.prefetch}")
+        if self.crop_box not in ("host", "graph"):
+            raise EngineError(f"crop_box must be 'host' or 'graph', got {self.crop_box!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise EngineError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
+
+
+class DecodeInput(NamedTuple):
+    """One batch to decode.
+
+    Attributes:
+        encoded: 1-D uint8 arrays, the encoded files.
+        boxes: Per image, the source region ``(left, top, right, bottom)`` that resize-and-crop
+            keeps, in EXIF-oriented pixel coordinates (``transforms.preprocess.crop_box``); needed
+            with ``crop_box="host"``, ignored with ``"graph"``.
+    """
+
+    encoded: Sequence[np.ndarray]
+    boxes: Optional[Sequence[Sequence[float]]] = None
 
 
 class DecodedBatch(NamedTuple):
@@ -129,8 +151,12 @@ class DaliDecoder:
         self.options = options
         self._dali = import_optional("nvidia.dali", DALI_HINT)
         self._pipe = None
+        self._inputs: collections.deque = collections.deque()
         self.rebuilds = 0
         self._build()
+
+    def _next_input(self):
+        return self._inputs.popleft()
 
     def _graph(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -142,16 +168,22 @@ class DaliDecoder:
         @pipeline_def(batch_size=o.max_batch, num_threads=o.threads, device_id=o.device_id if gpu else None,
                       prefetch_queue_depth=o.prefetch, exec_async=True, exec_pipelined=True)
         def graph():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-            # The region transforms.preprocess.crop_box keeps, from the (EXIF-oriented) header size.
-            shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
-            height, width = shape[0], shape[1]
-            scale = o.resize / dmath.min(height, width)
-            resized_w, resized_h = dmath.floor(width * scale + 0.5), dmath.floor(height * scale + 0.5)
-            left, top = dmath.floor((resized_w - o.crop) / 2), dmath.floor((resized_h - o.crop) / 2)
-            sx, sy = width / resized_w, height / resized_h
-            start = fn.stack(top * sy, left * sx)
-            end = fn.stack((top + o.crop) * sy, (left + o.crop) * sx)
+            # Inputs come from self._inputs, which _schedule fills right before each schedule_run:
+            # DALI calls a non-parallel source in the calling thread, once per run.
+            if o.crop_box == "host":
+                encoded, start, end = fn.external_source(source=self._next_input, num_outputs=3, batch=True,
+                                                         dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+            else:
+                encoded = fn.external_source(source=self._next_input, batch=True, dtype=types.UINT8)
+                # The region transforms.preprocess.crop_box keeps, from the (EXIF-oriented) header size.
+                shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
+                height, width = shape[0], shape[1]
+                scale = o.resize / dmath.min(height, width)
+                resized_w, resized_h = dmath.floor(width * scale + 0.5), dmath.floor(height * scale + 0.5)
+                left, top = dmath.floor((resized_w - o.crop) / 2), dmath.floor((resized_h - o.crop) / 2)
+                sx, sy = width / resized_w, height / resized_h
+                start = fn.stack(top * sy, left * sx)
+                end = fn.stack((top + o.crop) * sy, (left + o.crop) * sx)
             if gpu:
                 image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
                                           hw_decoder_load=o.hw_decoder_load)
@@ -169,9 +201,10 @@ class DaliDecoder:
             pipe.build()
             # Prime the prefetch queue once (DALI's first run consumes `prefetch` inputs), so
             # that afterwards every scheduled run takes exactly one fed batch.
-            warm = [_tiny_jpeg()]
+            warm = DecodeInput([_tiny_jpeg()], [(0.0, 0.0, 16.0, 16.0)])
+            self._inputs.clear()
             for _ in range(self.options.prefetch):
-                pipe.feed_input("encoded", warm)
+                self._inputs.append(self._source_item(warm))
             pipe.schedule_run()
             for _ in range(self.options.prefetch):
                 pipe.share_outputs()
@@ -184,9 +217,22 @@ class DaliDecoder:
                   time.perf_counter() - start, self.options.max_batch, self.options.resize, self.options.crop,
                   f", hw_decoder_load {self.options.hw_decoder_load}" if self.options.device == "gpu" else "")
 
-    def _schedule(self, batch: Sequence[np.ndarray]) -> None:
-        self._pipe.feed_input("encoded", list(batch))
-        self._pipe.schedule_run()
+    def _source_item(self, batch: "DecodeInput"):
+        if self.options.crop_box == "graph":
+            return list(batch.encoded)
+        if batch.boxes is None or len(batch.boxes) != len(batch.encoded):
+            raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
+        starts = [np.array((top, left), np.float32) for left, top, _, _ in batch.boxes]  # DALI wants (y, x)
+        ends = [np.array((bottom, right), np.float32) for _, _, right, bottom in batch.boxes]
+        return (list(batch.encoded), starts, ends)
+
+    def _schedule(self, batch: "DecodeInput") -> None:
+        self._inputs.append(self._source_item(batch))
+        try:
+            self._pipe.schedule_run()
+        except BaseException:
+            self._inputs.clear()
+            raise
 
     def _take(self):
         (out,) = self._pipe.share_outputs()  # host-synchronous: the data is ready for any stream
@@ -194,13 +240,13 @@ class DaliDecoder:
             return out.as_tensor()
         return np.array(out.as_tensor())
 
-    def _one_by_one(self, batch: Sequence[np.ndarray]) -> DecodedBatch:
+    def _one_by_one(self, batch: "DecodeInput") -> DecodedBatch:
         """After a failed batch: rebuild, then decode each image alone so only the bad ones fail."""
         images, index, failed = [], [], {}
-        for i, data in enumerate(batch):
+        for i, data in enumerate(batch.encoded):
             self._rebuild_if_broken()
             try:
-                self._schedule([data])
+                self._schedule(DecodeInput([data], None if batch.boxes is None else [batch.boxes[i]]))
                 images.append(np.array(self._take_host()))
                 self._pipe.release_outputs()
             except Exception as e:  # DALI raises RuntimeError/IndexError and breaks the pipeline
@@ -221,15 +267,17 @@ class DaliDecoder:
 
     def _rebuild_if_broken(self) -> None:
         if self._pipe is None:
+            self._inputs.clear()
             self.rebuilds += 1
             _LOG.warning("rebuilding the DALI decoder after a failed batch (rebuild %d)", self.rebuilds)
             self._build()
 
-    def decode(self, batches: Iterable[Sequence[np.ndarray]]) -> Iterator[DecodedBatch]:
+    def decode(self, batches: Iterable["DecodeInput"]) -> Iterator[DecodedBatch]:
         """Decodes batches in order, up to ``prefetch`` ahead of the one being used.
 
         Args:
-            batches: Each a sequence of 1-D uint8 arrays (encoded files), at most ``max_batch``.
+            batches: Each a :class:`DecodeInput` of at most ``max_batch`` images (a plain
+                sequence of encoded arrays is accepted with ``crop_box="graph"``).
 
         Yields:
             One :class:`DecodedBatch` per input batch. A GPU batch's ``images`` stay valid until
@@ -242,8 +290,13 @@ class DaliDecoder:
             batch = next(source, None)
             if batch is None:
                 return False
-            if not 1 <= len(batch) <= self.options.max_batch:
-                raise EngineError(f"a decode batch holds 1..{self.options.max_batch} images, got {len(batch)}")
+            if not isinstance(batch, DecodeInput):
+                batch = DecodeInput(list(batch), None)
+            if not 1 <= len(batch.encoded) <= self.options.max_batch:
+                raise EngineError(f"a decode batch holds 1..{self.options.max_batch} images, got "
+                                  f"{len(batch.encoded)}")
+            if self.options.crop_box == "host" and (batch.boxes is None or len(batch.boxes) != len(batch.encoded)):
+                raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
             pending.append(batch)
             if self._pipe is not None:
                 try:
@@ -263,11 +316,11 @@ class DaliDecoder:
                 try:
                     images = self._take()
                 except Exception as e:  # the whole batch failed: find the bad images below
-                    _LOG.warning("DALI failed on a batch of %d (%s); retrying it image by image", len(batch),
+                    _LOG.warning("DALI failed on a batch of %d (%s); retrying it image by image", len(batch.encoded),
                                  _first_line(e))
                     self._pipe = None
             if images is not None:
-                yield DecodedBatch(images, list(range(len(batch))), {}, time.perf_counter() - start)
+                yield DecodedBatch(images, list(range(len(batch.encoded))), {}, time.perf_counter() - start)
                 self._pipe.release_outputs()
             else:
                 result = self._one_by_one(batch)  # leaves a fresh pipeline behind

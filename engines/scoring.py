@@ -17,8 +17,9 @@ import numpy as np
 
 from engines.base import Engine, EngineError, array_info
 
-#: One batch to score: (pixels decoded on the CPU or None, encoded files for the decoder).
-Item = Tuple[Optional[np.ndarray], Sequence[bytes]]
+#: One batch to score: (pixels decoded on the CPU or None, encoded files for the decoder, and each
+#: file's crop region ``(left, top, right, bottom)`` for the decoder, or None).
+Item = Tuple[Optional[np.ndarray], Sequence[bytes], Optional[Sequence[Sequence[float]]]]
 
 
 class Scored(NamedTuple):
@@ -91,14 +92,17 @@ class ImageScorer:
         Raises:
             EngineError: encoded images and neither a decoder nor a fallback.
         """
-        encoded = [[np.frombuffer(data, np.uint8) for data in files] for _, files in items if files]
+        from engines.dali_decoder import DecodeInput
+
+        encoded = [DecodeInput([np.frombuffer(data, np.uint8) for data in files], boxes or None)
+                   for _, files, boxes in items if files]
         if encoded and self.decoder is None and self._fallback is None:
             raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
                               "GPU worker, or --decode cpu")
         decoded = iter(self.decoder.decode(encoded)) if encoded and self.decoder is not None else None
         results = []
         try:
-            for pixels, files in items:
+            for pixels, files, _ in items:
                 parts: List[Dict[str, np.ndarray]] = []
                 failed: Dict[int, str] = {}
                 calls: List[int] = []

@@ -89,6 +89,18 @@ def test_exif_orientation_is_read_and_transposed_sizes_swap():
         assert (result.width, result.height) == ((400, 600) if orientation >= 5 else (600, 400))
 
 
+def decode_input(datas):
+    """A DecodeInput with each file's crop box from its header, as the reader makes it."""
+    from engines.dali_decoder import DecodeInput
+    from transforms.preprocess import crop_box
+
+    boxes = []
+    for data in datas:
+        s = screen(bytes(data), LIMIT)
+        boxes.append(crop_box(s.width, s.height, PreprocessConfig()) if s.width else (0.0, 0.0, 16.0, 16.0))
+    return DecodeInput([np.frombuffer(bytes(d), np.uint8) for d in datas], boxes)
+
+
 @pytest.fixture(scope="module")
 def decoder():
     from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
@@ -98,12 +110,18 @@ def decoder():
     d.close()
 
 
-def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder):
-    # The crop box comes from the header inside the graph; an off-by-one crop gave a mean
-    # difference of 6.6 on chelsea (451x300) before, exact boxes give ~0.2 (issue 9).
+@pytest.mark.parametrize("where", ["host", "graph"])
+def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder, where):
+    # The crop box comes from the header (on the host, or inside the graph); DALI's own
+    # resize_shorter + crop was one pixel off and gave a mean difference of 6.6 on chelsea
+    # (451x300), exact boxes give ~0.2 (issue 9).
+    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+
     images = {"chelsea": jpeg_bytes(photo("chelsea")), "coffee": jpeg_bytes(photo("coffee")),
               "rotated": _jpeg_with_orientation(6), "portrait": jpeg_bytes(photo("astronaut")[:, 100:400])}
-    batch = next(decoder.decode([[np.frombuffer(d, np.uint8) for d in images.values()]]))
+    use = decoder if where == "host" else DaliDecoder(DaliDecoderOptions(device="cpu", max_batch=8, threads=2,
+                                                                          crop_box="graph"))
+    batch = next(use.decode([decode_input(list(images.values()))]))
     assert batch.failed == {} and batch.images.shape == (4, 224, 224, 3) and batch.images.dtype == np.uint8
     for (name, data), image in zip(images.items(), batch.images):
         diff = np.abs(image.astype(int) - preprocess_image(data).astype(int)).mean()
@@ -111,16 +129,18 @@ def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder):
 
 
 def test_a_failed_batch_is_retried_image_by_image(decoder):
-    good = [np.frombuffer(jpeg_bytes(photo(n)), np.uint8) for n in ("chelsea", "coffee")]
-    bad = np.frombuffer(b"\xff\xd8\xff this is no JPEG", np.uint8)
+    good = [jpeg_bytes(photo(n)) for n in ("chelsea", "coffee")]
+    bad = b"\xff\xd8\xff this is no JPEG"
     before = decoder.rebuilds
-    results = list(decoder.decode([good, [good[0], bad, good[1]], good]))
+    results = list(decoder.decode([decode_input(good), decode_input([good[0], bad, good[1]]), decode_input(good)]))
     assert [r.failed for r in results[::2]] == [{}, {}]
     assert list(results[1].failed) == [1] and "decoder failed on this image" in results[1].failed[1]
     assert results[1].index == [0, 2] and results[1].images.shape[0] == 2
     assert decoder.rebuilds > before
     with pytest.raises(EngineError, match="1..8 images"):
-        list(decoder.decode([good * 5]))
+        list(decoder.decode([decode_input(good * 5)]))
+    with pytest.raises(EngineError, match="one crop box per image"):
+        list(decoder.decode([[np.frombuffer(good[0], np.uint8)]]))
 
 
 def test_scorer_orders_rows_pixels_first_and_decodes_on_cpu_without_a_decoder(model_path):
@@ -131,13 +151,13 @@ def test_scorer_orders_rows_pixels_first_and_decodes_on_cpu_without_a_decoder(mo
     pixels = preprocess_image(coffee)[None]
     engine = OnnxRuntimeLoader(model_path)()
     scorer = ImageScorer(engine, None, preprocess_image)
-    (result,) = scorer.score([(pixels, (chelsea, b"garbage"))], ["logits"])
+    (result,) = scorer.score([(pixels, (chelsea, b"garbage"), None)], ["logits"])
     assert list(result.outputs) == ["logits"] and result.outputs["logits"].shape == (2, 1000)
     assert set(result.failed) == {2} and "not an image" in result.failed[2]
     direct = engine.infer({"images": np.stack([preprocess_image(coffee), preprocess_image(chelsea)])})["logits"]
     np.testing.assert_allclose(result.outputs["logits"], direct, atol=1e-4)
     with pytest.raises(EngineError, match="without a decoder"):
-        ImageScorer(engine).score([(None, (chelsea,))])
+        ImageScorer(engine).score([(None, (chelsea,), None)])
 
 
 def test_onnxruntime_on_the_cpu_refuses_device_arrays_with_the_fix(model_path):

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from transforms.prescreen import GPU, screen
-from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
+from transforms.preprocess import BadImageError, PreprocessConfig, crop_box, preprocess_image
 
 #: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
 #: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
@@ -47,6 +47,7 @@ class Decoded(NamedTuple):
     decode_s: float
     nbytes: int
     encoded: Optional[bytes] = None  # set instead of `array` when the image goes to the GPU decoder
+    box: Optional[Tuple[float, float, float, float]] = None  # its crop region (crop_box), with `encoded`
 
 
 class ReadTimeout(OSError):
@@ -213,8 +214,11 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
         return Decoded(None, f"cannot read file ({type(e).__name__}: {reason}); check the path exists and the "
                              f"job's credentials can read it", "read", time.perf_counter() - start, 0.0, 0)
     read_done = time.perf_counter()
-    if gpu_decode and screen(data, config.max_pixels).route == GPU:
-        return Decoded(None, None, "decode", read_done - start, time.perf_counter() - read_done, len(data), data)
+    if gpu_decode:
+        screened = screen(data, config.max_pixels)
+        if screened.route == GPU:
+            return Decoded(None, None, "decode", read_done - start, time.perf_counter() - read_done, len(data), data,
+                           crop_box(screened.width, screened.height, config))
     try:
         array, error = preprocess_image(data, config), None
     except BadImageError as e:

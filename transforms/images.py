@@ -376,11 +376,14 @@ class ImageBatch:
         refs: One per image, in row order: first the ``pixels`` rows, then the ``encoded`` ones.
         pixels: (n, crop, crop, 3) uint8 decoded on the CPU (Pillow), or None.
         encoded: Encoded files for the GPU decoder (``--decode gpu``), one per remaining ref.
+        boxes: For each encoded file, the source region resize-and-crop keeps
+            (``transforms.preprocess.crop_box`` of its header size), so the GPU crops exactly as Pillow.
     """
 
     refs: Tuple[ImageRef, ...]
     pixels: Optional[np.ndarray] = None
     encoded: Tuple[bytes, ...] = ()
+    boxes: Tuple[Tuple[float, float, float, float], ...] = ()
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -488,14 +491,15 @@ class ReadImageBatches(beam.DoFn):
                 out = dead_letter(ref.uri, result.error, result.stage, ref.id)
                 yield beam.pvalue.TaggedOutput(out.tag, windowed(out.value))
             elif result.encoded is not None:
-                encoded.append((ref, result.encoded))
+                encoded.append((ref, result.encoded, result.box))
             else:
                 decoded.append((ref, result.array))
         if decoded or encoded:
             self._decoded.inc(len(decoded))
             pixels = np.stack([array for _, array in decoded]) if decoded else None
-            yield windowed(ImageBatch(tuple(ref for ref, _ in decoded) + tuple(ref for ref, _ in encoded),
-                                      pixels, tuple(data for _, data in encoded)))
+            yield windowed(ImageBatch(tuple(ref for ref, _ in decoded) + tuple(ref for ref, _, _ in encoded),
+                                      pixels, tuple(data for _, data, _ in encoded),
+                                      tuple(box for _, _, box in encoded)))
 
     def process(self, refs, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         refs = list(refs)

@@ -271,7 +271,8 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
             self._histogram = LatencyHistogram()
         start = time.perf_counter()
         # One method call on the model: with share_across_processes it is a proxy in another process.
-        results = model.score([(element.pixels, element.encoded) for element in batch], [self._output_name])
+        results = model.score([(element.pixels, element.encoded, element.boxes) for element in batch],
+                              [self._output_name])
         elapsed = time.perf_counter() - start
         out = []
         for element, result in zip(batch, results):

@@ -8,8 +8,8 @@ images whose headers prove them sound and of a kind DALI decodes like Pillow go 
 
 - JPEG: baseline, extended or progressive Huffman (SOF0/1/2), 1 or 3 components, an EXIF
   orientation of 1-8 if any, ending with the EOI marker (not truncated);
-- PNG: 8- or 16-bit grey or RGB, not interlaced, no transparency chunk, not animated, ending
-  with IEND;
+- PNG: 8- or 16-bit grey or RGB, not interlaced, no transparency chunk, not animated, no EXIF
+  chunk, ending with IEND;
 - and at most ``max_pixels`` pixels.
 
 Everything else - alpha, palette, CMYK, animation, other formats, and anything broken - takes
@@ -138,8 +138,8 @@ def _screen_png(data: bytes, max_pixels: int) -> Screen:
     i = 8
     while i + 8 <= len(data):
         kind = data[i + 4:i + 8]
-        if kind in (b"tRNS", b"acTL"):
-            return _cpu("png", f"{kind.decode()} chunk (transparency or animation)", width, height)
+        if kind in (b"tRNS", b"acTL", b"eXIf"):
+            return _cpu("png", f"{kind.decode()} chunk (transparency, animation or an orientation)", width, height)
         if kind == b"IDAT":
             break
         i += 12 + _u32(data, i)

@@ -13,7 +13,18 @@ import os
 import numpy as np
 import pytest
 
-from engines.dali_decoder import DaliDecoder, DaliDecoderOptions, gpu_decode_unavailable
+from engines.dali_decoder import DaliDecoder, DaliDecoderOptions, DecodeInput, gpu_decode_unavailable
+from transforms.preprocess import PreprocessConfig, crop_box
+from transforms.prescreen import screen
+
+
+def decode_input(datas):
+    """A DecodeInput with each file's crop box from its header, as the reader makes it."""
+    boxes = []
+    for data in datas:
+        s = screen(bytes(data), PreprocessConfig().max_pixels)
+        boxes.append(crop_box(s.width, s.height, PreprocessConfig()) if s.width else (0.0, 0.0, 16.0, 16.0))
+    return DecodeInput([np.frombuffer(bytes(d), np.uint8) for d in datas], boxes)
 
 
 def _ready():
@@ -57,7 +68,7 @@ def test_gpu_decoder_matches_pillow_on_what_the_prescreen_sends_it(demo, decoder
     photos, _ = demo
     chosen = [p for p in photos if screen(open(p, "rb").read(), 89478485).route == GPU]
     assert len(chosen) >= 5
-    batch = next(decoder.decode([[np.fromfile(p, np.uint8) for p in chosen]]))
+    batch = next(decoder.decode([decode_input([open(p, "rb").read() for p in chosen])]))
     assert hasattr(batch.images, "__cuda_array_interface__")  # it stayed on the GPU
     images = np.array(batch.images.as_cpu())
     for path, image in zip(chosen, images):
@@ -67,9 +78,10 @@ def test_gpu_decoder_matches_pillow_on_what_the_prescreen_sends_it(demo, decoder
 
 def test_a_batch_with_a_bad_file_fails_only_that_file(demo, decoder):
     photos, _ = demo
-    jpegs = [np.fromfile(p, np.uint8) for p in photos if p.endswith(".jpg")][:3]
-    bad = np.frombuffer(b"\xff\xd8\xff garbage that is no JPEG", np.uint8)
-    results = list(decoder.decode([jpegs, jpegs[:1] + [bad] + jpegs[1:], jpegs]))
+    jpegs = [open(p, "rb").read() for p in photos if p.endswith(".jpg")][:3]
+    bad = b"\xff\xd8\xff garbage that is no JPEG"
+    results = list(decoder.decode([decode_input(jpegs), decode_input(jpegs[:1] + [bad] + jpegs[1:]),
+                                   decode_input(jpegs)]))
     assert [r.failed for r in results][0] == {}
     assert list(results[1].failed) == [1] and "DALI gpu decoder failed" in results[1].failed[1]
     assert results[1].index == [0, 2, 3]
@@ -81,9 +93,9 @@ def test_onnxruntime_reads_the_decoded_batch_on_the_gpu(demo, decoder, model_pat
     from engines.onnxruntime_engine import OnnxRuntimeLoader
 
     photos, _ = demo
-    jpegs = [np.fromfile(p, np.uint8) for p in photos if p.endswith(".jpg")]
+    jpegs = [open(p, "rb").read() for p in photos if p.endswith(".jpg")]
     engine = OnnxRuntimeLoader(model_path, ("cuda",))()
-    stream = decoder.decode([jpegs])
+    stream = decoder.decode([decode_input(jpegs)])
     batch = next(stream)
     on_device = engine.infer({"images": batch.images}, ["logits"])
     on_host = engine.infer({"images": np.array(batch.images.as_cpu())}, ["logits"])
