@@ -152,11 +152,16 @@ class DaliDecoder:
         self._dali = import_optional("nvidia.dali", DALI_HINT)
         self._pipe = None
         self._inputs: collections.deque = collections.deque()
+        # With no_copy DALI reads fed arrays in place: keep every input of the runs that may still
+        # be in flight (at most `prefetch`) referenced here.
+        self._alive: collections.deque = collections.deque(maxlen=options.prefetch + 2)
         self.rebuilds = 0
         self._build()
 
     def _next_input(self):
-        return self._inputs.popleft()
+        item = self._inputs.popleft()
+        self._alive.append(item)
+        return item
 
     def _graph(self):
         from nvidia.dali import fn, pipeline_def, types
@@ -171,10 +176,14 @@ class DaliDecoder:
             # Inputs come from self._inputs, which _schedule fills right before each schedule_run:
             # DALI calls a non-parallel source in the calling thread, once per run.
             if o.crop_box == "host":
+                # no_copy: DALI reads the caller's arrays in place (decode() keeps each batch alive until
+                # its output is taken); copying 256 x 43 KB under the GIL cost ~15 ms a batch on the
+                # H100 host, 14% of the main thread (py-spy, benchmarks/NOTES.md).
                 encoded, start, end = fn.external_source(source=self._next_input, num_outputs=3, batch=True,
+                                                         no_copy=True,
                                                          dtype=[types.UINT8, types.FLOAT, types.FLOAT])
             else:
-                encoded = fn.external_source(source=self._next_input, batch=True, dtype=types.UINT8)
+                encoded = fn.external_source(source=self._next_input, batch=True, no_copy=True, dtype=types.UINT8)
                 # The region transforms.preprocess.crop_box keeps, from the (EXIF-oriented) header size.
                 shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
                 height, width = shape[0], shape[1]

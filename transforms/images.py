@@ -481,12 +481,13 @@ class ReadImageBatches(beam.DoFn):
             return value if window is None else WindowedValue(value, timestamp, [window])
 
         decoded, encoded = [], []
+        read_us = decode_us = nbytes = 0
         for ref, result in zip(refs, loaded):
-            self._read_us.update(int(result.read_s * 1e6))
+            read_us += int(result.read_s * 1e6)
             if result.stage == "decode":
-                self._bytes.inc(result.nbytes)
+                nbytes += result.nbytes
                 if result.encoded is None:
-                    self._decode_us.update(int(result.decode_s * 1e6))
+                    decode_us += int(result.decode_s * 1e6)
             if result.error is not None:
                 out = dead_letter(ref.uri, result.error, result.stage, ref.id)
                 yield beam.pvalue.TaggedOutput(out.tag, windowed(out.value))
@@ -494,6 +495,11 @@ class ReadImageBatches(beam.DoFn):
                 encoded.append((ref, result.encoded, result.box))
             else:
                 decoded.append((ref, result.array))
+        # One metric update per batch, not per image: the stage sums are what stats.json reads.
+        self._read_us.update(read_us)
+        self._bytes.inc(nbytes)
+        if decode_us:
+            self._decode_us.update(decode_us)
         if decoded or encoded:
             self._decoded.inc(len(decoded))
             pixels = np.stack([array for _, array in decoded]) if decoded else None
