@@ -48,6 +48,8 @@ DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
 DEFAULT_BATCH_SIZE = 32
 #: Batches for ONNX Runtime on a GPU: the issue-9 figures (10.5k images/s on an H100) used 256.
 DEFAULT_GPU_BATCH_SIZE = 256
+#: Batches per inference call with GPU decode (the decoder overlaps all but a call's first).
+GPU_DECODE_BATCHES_PER_CALL = 4
 LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
                  "SwitchingDirectRunner", "FnApiRunner")
 
@@ -139,8 +141,9 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
-        parser.add_argument("--prefetch", type=int, default=2,
-                            help="Batches read ahead per DoFn while the engine runs the current one. Default: 2.")
+        parser.add_argument("--prefetch", type=int, default=None,
+                            help="Batches read ahead per DoFn while the engine runs the current ones. Default: "
+                                 "twice the batches per inference call (8 with GPU decode, else 2).")
         parser.add_argument("--read_timeout_s", type=float, default=DEFAULT_READ_TIMEOUT_S,
                             help="A read of one image that makes no progress this long (a stalled gs:// object, a "
                                  "stuck mount) becomes a dead letter; 0 = no limit. Default: 60.")
@@ -256,8 +259,9 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
         info = {**info, "decode": "cpu"}
     handler = ImageBatchHandler(
         ScorerLoader(engine_loader, decoder, config), options.output_name, images_per_batch=batch,
-        # Two batches per call with a decoder: it decodes the second while the engine runs the first.
-        batches_per_call=2 if decoder else 1,
+        # With a decoder, each call decodes batch k+1 while the engine runs batch k; only a call's
+        # first batch waits for its decode, so calls take several batches.
+        batches_per_call=GPU_DECODE_BATCHES_PER_CALL if decoder else 1,
         share_across_processes=options.share_model_across_processes, model_copies=options.model_copies,
         metrics_namespace=options.engine, model_id=str(info.get("model", "")))
     return handler, info, explicit_labels or labels
@@ -583,7 +587,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     found = pipeline | "FindImages" >> ImageRefs(options.input, batch_size=batch)
     read = found["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(config, gpu_decode=decode in ("gpu", "dali_cpu"), threads=options.decode_threads,
-                         prefetch=options.prefetch, read_timeout_s=options.read_timeout_s or None)).with_outputs(
+                         prefetch=options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"],
+                         read_timeout_s=options.read_timeout_s or None)).with_outputs(
         DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "TopK" >> beam.ParDo(TopKBatches(options.top_k, labels, progress_dir)).with_outputs(
@@ -658,7 +663,8 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     settings = {
         "input": opts.input, "output": opts.output, "batch_size": handler.images_per_batch,
         "batches_per_call": handler.batch_elements_kwargs()["max_batch_size"], "top_k": opts.top_k,
-        "decode": decode, "decode_choice": why, "prefetch_batches": opts.prefetch,
+        "decode": decode, "decode_choice": why,
+        "prefetch_batches": opts.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"],
         "output_format": opts.output_format,
         "runner": str(options.view_as(StandardOptions).runner or "DirectRunner"),
         "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,
