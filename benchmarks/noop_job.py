@@ -14,8 +14,8 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from engines.base import Engine, Feed, Outputs, TensorSpec, array_info
-from pipelines import classify_images
+from engines.base import Engine, EngineRecipe, Feed, Outputs, TensorSpec, array_info
+from pipelines import classify_images, engine_registry
 
 
 class NoopEngine(Engine):
@@ -46,15 +46,28 @@ class NoopLoader:
         return NoopEngine()
 
 
+def cli_on_gpu(options) -> bool:
+    """As the ONNX Runtime engine it stands in for: on a GPU when --providers names one."""
+    from engines.onnxruntime_engine import cli_on_gpu as onnxruntime_on_gpu
+
+    return onnxruntime_on_gpu(options)
+
+
+def cli_recipe(options) -> EngineRecipe:
+    """The ONNX Runtime recipe's batch size and labels, with the no-op engine as the loader."""
+    from engines.onnxruntime_engine import cli_recipe as onnxruntime_recipe
+
+    real = onnxruntime_recipe(options)
+    return dataclasses.replace(real, loader=NoopLoader(), info={**real.info, "engine": "noop"})
+
+
 def run(argv):
-    real = classify_images._engine_loader
-
-    def noop_loader(options):
-        _, batch, info, labels = real(options)
-        return NoopLoader(), batch, {**info, "engine": "noop"}, labels
-
-    classify_images._engine_loader = noop_loader
-    try:
-        return classify_images.run(argv)
-    finally:
-        classify_images._engine_loader = real
+    """``classify_images.run`` with ``--engine noop``: one registry entry, as a third engine would be."""
+    engine_registry.ENGINES.setdefault("noop", __name__)
+    argv = list(argv)
+    if "--engine" in argv:
+        argv[argv.index("--engine") + 1] = "noop"
+    else:
+        argv += ["--engine", "noop"]
+    options_model = [] if "--model" in argv else ["--model", classify_images.DEFAULT_MODEL]
+    return classify_images.run(argv + options_model)

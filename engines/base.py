@@ -252,6 +252,29 @@ class Engine(abc.ABC):
 EngineLoader = Callable[[], Engine]
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineRecipe:
+    """What a job needs to know about its engine before any worker loads it.
+
+    Attributes:
+        loader: Picklable callable that loads the engine on the worker.
+        batch_size: Images per batch this engine should get (the one batch-size decision).
+        on_gpu: The engine runs on a GPU: decoded batches may be fed device-resident.
+        info: JSON-able description for stats.json and logs.
+        labels: Class names the engine's own artefact carries (a TensorRT plan's sidecar), or None.
+        labels_model: An ONNX model whose ``labels`` metadata holds them, or None.
+        labels_flag: The flag that named ``labels_model`` (for error messages).
+    """
+
+    loader: EngineLoader
+    batch_size: int
+    on_gpu: bool
+    info: Dict[str, Any]
+    labels: Optional[List[str]] = None
+    labels_model: Optional[str] = None
+    labels_flag: str = "--model"
+
+
 def import_optional(module: str, install_hint: str):
     """Imports an optional heavy dependency or raises an ImportError with the fix.
 

@@ -15,8 +15,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 
 from engines import storage
-from engines.base import (Engine, EngineError, Feed, Outputs, TensorSpec, array_info, check_feed, import_optional,
-                          is_device_array)
+from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, array_info, check_feed,
+                          import_optional, is_device_array)
 
 _LOG = logging.getLogger(__name__)
 
@@ -221,3 +221,34 @@ class OnnxRuntimeLoader:
                                  self.intra_op_threads, name=self.model_path, allow_spinning=self.allow_spinning,
                                  sessions=self.sessions, stop_spinning_after_run=self.stop_spinning_after_run)
 
+
+
+#: Batch sizes chosen when --batch_size is not given. On a CPU, fixed batches of 32: Beam's adaptive
+#: sizing settled near 14 at max 32 and cost 13% of throughput on 16 cores (benchmarks/NOTES.md). On a
+#: GPU, 256: the issue-9 figures (10.5k images/s for EfficientNet-Lite0 on an H100) used it.
+CPU_BATCH_SIZE = 32
+GPU_BATCH_SIZE = 256
+_GPU_PROVIDERS = ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider")
+
+
+def _providers(options) -> Tuple[str, ...]:
+    return tuple(p.strip() for p in options.providers.split(",") if p.strip())
+
+
+def cli_on_gpu(options) -> bool:
+    """``--providers`` names a GPU provider (see ``pipelines/engine_registry.py``)."""
+    return any(p.lower() in _GPU_PROVIDERS for p in _providers(options))
+
+
+def cli_recipe(options) -> EngineRecipe:
+    """The ONNX Runtime recipe from ``--model``, ``--providers``, ``--batch_size``, ``--intra_op_threads``,
+    ``--ort_sessions`` and ``--ort_spinning`` (see ``pipelines/engine_registry.py``)."""
+    on_gpu = cli_on_gpu(options)
+    loader = OnnxRuntimeLoader(options.model, _providers(options), options.intra_op_threads,
+                               allow_spinning=options.ort_spinning in ("on", "run"), sessions=options.ort_sessions,
+                               stop_spinning_after_run=options.ort_spinning == "run")
+    info = {"engine": "onnxruntime", "model": options.model, "providers": list(loader.providers),
+            "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
+            "intra_op_threads": options.intra_op_threads}
+    return EngineRecipe(loader, options.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), on_gpu, info,
+                        labels_model=options.model, labels_flag="--model")

@@ -30,6 +30,7 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from engines.base import EngineError
+from pipelines.engine_registry import engine_names
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
 from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
@@ -43,11 +44,7 @@ _LOG = logging.getLogger(__name__)
 
 #: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
-ENGINES = ("onnxruntime", "tensorrt")
 DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
-DEFAULT_BATCH_SIZE = 32
-#: Batches for ONNX Runtime on a GPU: the issue-9 figures (10.5k images/s on an H100) used 256.
-DEFAULT_GPU_BATCH_SIZE = 256
 #: Batches per inference call with GPU decode (the decoder overlaps all but a call's first).
 GPU_DECODE_BATCHES_PER_CALL = 4
 LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
@@ -71,7 +68,8 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--model", default=None,
                             help=f"ONNX model for --engine onnxruntime (default: the prepared "
                                  f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
-        parser.add_argument("--engine", default="onnxruntime", choices=ENGINES, help="Inference engine.")
+        parser.add_argument("--engine", default="onnxruntime", choices=engine_names(),
+                            help="Inference engine (pipelines/engine_registry.py). Default: onnxruntime.")
         parser.add_argument("--providers", default="cpu",
                             help="ONNX Runtime execution providers, comma-separated: cpu, cuda, tensorrt. "
                                  "Default: cpu.")
@@ -152,46 +150,20 @@ class ClassifyOptions(PipelineOptions):
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
 
 
-def _engine_loader(options: ClassifyOptions) -> Tuple[Any, int, Dict[str, Any], Optional[List[str]]]:
-    """The engine recipe for --engine (no engine is loaded here).
+def engine_recipe(options: ClassifyOptions):
+    """The engine recipe for --engine, from the one registry (``pipelines/engine_registry.py``)."""
+    from pipelines import engine_registry
 
-    Returns:
-        (picklable engine loader, batch size, engine description for stats, class names from the
-        model's metadata or the TensorRT plan's sidecar, else None).
-    """
-    if options.engine == "onnxruntime":
-        from engines.onnxruntime_engine import OnnxRuntimeLoader
-
-        model = options.model or DEFAULT_MODEL
-        providers = tuple(p.strip() for p in options.providers.split(",") if p.strip())
-        on_gpu = any(p.lower() in ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider")
-                     for p in providers)
-        # Fixed batches: Beam's adaptive sizing settled near 14 at max 32 and cost 13% of throughput
-        # on 16 cores (benchmarks/NOTES.md); on a GPU, 256 (issue 9's figures).
-        batch = options.batch_size or (DEFAULT_GPU_BATCH_SIZE if on_gpu else DEFAULT_BATCH_SIZE)
-        loader = OnnxRuntimeLoader(model, providers, options.intra_op_threads,
-                                   allow_spinning=options.ort_spinning in ("on", "run"), sessions=options.ort_sessions,
-                                   stop_spinning_after_run=options.ort_spinning == "run")
-        info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
-                "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
-                "intra_op_threads": options.intra_op_threads}
-        return loader, batch, info, _labels(_onnx_summary(model, "--model"))
-    from transforms.tensorrt_handler import TensorRTModelHandler
-
-    if not (options.engine_path or options.onnx_path):
-        raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
-                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
-    trt = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
-    labels = trt.labels() or (_labels(_onnx_summary(options.onnx_path, "--onnx_path")) if options.onnx_path else None)
-    return (trt.loader, trt.batch_elements_kwargs()["max_batch_size"],
-            {**trt.describe_engine(), "model": options.engine_path or options.onnx_path}, labels)
+    if options.engine == "onnxruntime" and not options.model:
+        options.model = DEFAULT_MODEL
+    return engine_registry.recipe(options)
 
 
 def engine_on_gpu(options: ClassifyOptions) -> bool:
     """True when the engine runs on a GPU (TensorRT, or ONNX Runtime with a GPU provider)."""
-    if options.engine == "tensorrt":
-        return True
-    return any(p.strip().lower() in ("cuda", "tensorrt") for p in options.providers.split(","))
+    from pipelines import engine_registry
+
+    return engine_registry.on_gpu(options)
 
 
 def resolve_decode(options: ClassifyOptions, local: bool) -> Tuple[str, str]:
@@ -242,7 +214,10 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
     from engines.dali_decoder import DaliDecoderOptions
 
     explicit_labels = read_labels(options.labels_file) if options.labels_file else None
-    engine_loader, batch, info, labels = _engine_loader(options)
+    recipe = engine_recipe(options)
+    engine_loader, batch, info = recipe.loader, recipe.batch_size, recipe.info
+    labels = recipe.labels or (_labels(_onnx_summary(recipe.labels_model, recipe.labels_flag))
+                               if recipe.labels_model and not explicit_labels else None)
     config = preprocess_config(options)
     decoder = None
     if decode in ("gpu", "dali_cpu"):
@@ -473,7 +448,9 @@ def check_batch(options: ClassifyOptions, config: PreprocessConfig, local: bool)
     if not local or options.providers.strip().lower() != "cpu":
         return  # the workers' or the GPU's memory is not this machine's
     limit = memory_limit_bytes()
-    batch = options.batch_size or DEFAULT_BATCH_SIZE
+    from engines.onnxruntime_engine import CPU_BATCH_SIZE
+
+    batch = options.batch_size or CPU_BATCH_SIZE
     image_bytes = config.crop * config.crop * 3
     prefetch = (options.prefetch or 2) * batch  # --prefetch counts batches
     sessions = options.ort_sessions  # concurrent batches: each ONNX Runtime session runs one

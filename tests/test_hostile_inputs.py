@@ -156,12 +156,13 @@ def test_a_stalled_read_becomes_a_read_dead_letter(tmp_path, monkeypatch):
 # 2. A directory the job cannot list is a dead letter, counted, and named in the summary.
 
 def _world_readable_tree(tmp_path: Path) -> Path:
-    root = Path(shutil.os.path.realpath(tmp_path)) / "shared"
-    root.mkdir()
-    for p in [tmp_path, *tmp_path.parents]:
-        if str(p) in ("/", ""):
-            break
-        os.chmod(p, os.stat(p).st_mode | 0o005)  # let the other user walk to it
+    # Not under tmp_path: pytest resets its own root (/tmp/pytest-of-root) to 0700 at every session
+    # start, so another pytest run on the machine would lock the other user out mid-test.
+    import atexit
+    import tempfile
+
+    root = Path(os.path.realpath(tempfile.mkdtemp(prefix="hostile-shared-")))
+    atexit.register(shutil.rmtree, root, True)
     os.chmod(root, 0o777)
     return root
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from apache_beam.ml.inference.base import PredictionResult
 
-from engines.base import Engine, EngineError
+from engines.base import Engine, EngineError, EngineRecipe
 from engines.tensorrt.loader import TensorRTLoader
 from engines.tensorrt.options import BuildOptions, Profile
 from transforms.inference import EngineModelHandler, Example
@@ -196,3 +196,25 @@ class TensorRTModelHandler(EngineModelHandler):
         elif loader.onnx_path:
             info.update(precision=loader.build_options.precision)
         return info
+
+
+def cli_on_gpu(options: Any) -> bool:
+    """TensorRT always runs on a GPU (see ``pipelines/engine_registry.py``)."""
+    return True
+
+
+def cli_recipe(options: Any) -> EngineRecipe:
+    """The TensorRT recipe from ``--engine_path`` or ``--onnx_path`` and the build flags; the batch
+    size comes from the plan's profiles unless ``--batch_size`` is given (see
+    ``pipelines/engine_registry.py``).
+
+    Raises:
+        EngineError: neither ``--engine_path`` nor ``--onnx_path``.
+    """
+    if not (options.engine_path or options.onnx_path):
+        raise EngineError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
+                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
+    handler = TensorRTModelHandler.from_options(options, min_batch_size=options.min_batch_size)
+    return EngineRecipe(handler.loader, handler.batch_elements_kwargs()["max_batch_size"], True,
+                        {**handler.describe_engine(), "model": options.engine_path or options.onnx_path},
+                        labels=handler.labels(), labels_model=options.onnx_path, labels_flag="--onnx_path")

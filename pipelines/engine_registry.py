@@ -1,0 +1,51 @@
+"""The one place that knows which engines exist: ``--engine NAME`` -> the module that serves it.
+
+Each engine module exposes two functions of the job's options (``pipelines.classify_images.
+ClassifyOptions``, read by attribute):
+
+- ``cli_on_gpu(options) -> bool``: whether the engine runs on a GPU (then images may be decoded
+  on the GPU and fed device-resident);
+- ``cli_recipe(options) -> engines.base.EngineRecipe``: the picklable loader (typed: a frozen
+  dataclass such as ``OnnxRuntimeLoader``), the batch size it wants, its description for
+  stats.json, and where its class names come from.
+
+Modules are imported only when their engine is chosen, so naming TensorRT here costs a laptop
+nothing. A third engine is one file with those two functions plus one line in :data:`ENGINES`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, List
+
+from engines.base import EngineError, EngineRecipe
+
+#: Engine name -> module exposing ``cli_on_gpu`` and ``cli_recipe``.
+ENGINES = {
+    "onnxruntime": "engines.onnxruntime_engine",
+    "tensorrt": "transforms.tensorrt_handler",
+}
+
+
+def engine_names() -> List[str]:
+    return list(ENGINES)
+
+
+def _module(name: str):
+    if name not in ENGINES:
+        raise EngineError(f"--engine {name!r} is not one of {engine_names()}")
+    return importlib.import_module(ENGINES[name])
+
+
+def on_gpu(options: Any) -> bool:
+    """Whether ``--engine`` runs on a GPU with these options."""
+    return bool(_module(options.engine).cli_on_gpu(options))
+
+
+def recipe(options: Any) -> EngineRecipe:
+    """The engine recipe for ``--engine`` (nothing is loaded).
+
+    Raises:
+        EngineError: an unknown engine, or options the engine cannot use (naming the flag).
+    """
+    return _module(options.engine).cli_recipe(options)
