@@ -397,6 +397,10 @@ class ImageBatch:
         return (0 if self.pixels is None else self.pixels.nbytes) + sum(len(e) for e in self.encoded)
 
 
+#: Threads reading local files for the GPU decoder (GIL-bound Python: more threads only convoy).
+LOCAL_GPU_READERS = 2
+
+
 class _Chunk:
     """Part of a batch read by one pool task; results grow as its reads finish."""
 
@@ -441,13 +445,16 @@ class ReadImageBatches(beam.DoFn):
         self._decode_us = stage_distribution("decode")
         self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
-        self._pool = None
+        self._pool = self._local_pool = None
         threads = min(16, os.cpu_count() or 1) if self._threads == -1 else self._threads
         self._threads_n = threads
         if threads:
             import concurrent.futures
 
             self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="read")
+            if self._gpu_decode:
+                self._local_pool = concurrent.futures.ThreadPoolExecutor(
+                    min(LOCAL_GPU_READERS, threads), thread_name_prefix="read-local")
         self._pending = collections.deque()
 
     def start_bundle(self):
@@ -464,17 +471,19 @@ class ReadImageBatches(beam.DoFn):
                     return
                 chunk.results.append(result)
 
-    def _tasks(self, refs) -> int:
-        """Pool tasks for one batch.
+    def _tasks(self, refs):
+        """(pool, tasks) for one batch.
 
         Decoding on the CPU (Pillow releases the GIL) and remote reads (latency) want every
         thread. Reading local files for the GPU decoder is mostly Python (open, header
-        pre-screen) and GIL-bound: a few threads with a whole chunk each, since 16 threads
-        contending for the GIL made each 43 KB read take 2.6 ms on 16 cores (issue 9, NOTES.md).
+        pre-screen) and GIL-bound: it goes to a pool of :data:`LOCAL_GPU_READERS` threads, a
+        whole batch per task, however many batches are in flight, since many threads
+        contending for the GIL made each 43 KB read take 0.5-2.6 ms on 16 cores against 20 us
+        alone (issue 9, benchmarks/NOTES.md).
         """
-        if self._gpu_decode and all("://" not in ref.uri for ref in refs):
-            return min(2, self._threads_n)
-        return self._threads_n
+        if self._local_pool is not None and all("://" not in ref.uri for ref in refs):
+            return self._local_pool, 1
+        return self._pool, self._threads_n
 
     def _emit(self, refs, loaded, window=None, timestamp=None):
         def windowed(value):
@@ -512,10 +521,10 @@ class ReadImageBatches(beam.DoFn):
         if self._pool is None:
             yield from self._emit(refs, [self._load(ref, self._read_timeout_s) for ref in refs])
             return
-        tasks = self._tasks(refs)
+        pool, tasks = self._tasks(refs)
         size = -(-len(refs) // tasks)
         chunks = [_Chunk(refs[i:i + size]) for i in range(0, len(refs), size)]
-        futures = [self._pool.submit(self._load_chunk, chunk) for chunk in chunks]
+        futures = [pool.submit(self._load_chunk, chunk) for chunk in chunks]
         self._pending.append((refs, list(zip(chunks, futures)), window, timestamp))
         # Emit finished batches in order; block only when more than `prefetch` are in flight.
         while self._pending and (len(self._pending) > self._prefetch
@@ -560,8 +569,9 @@ class ReadImageBatches(beam.DoFn):
             yield from self._emit_pending()
 
     def teardown(self):
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._local_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 class ReadBatches(beam.PTransform):
