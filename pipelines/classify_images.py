@@ -7,12 +7,16 @@
 Outputs in ``--output``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
 ``{"uri", "top_k": [{"class_id", "label", "score"}, ...]}``; ``dead_letter-*.jsonl``
 with ``{"uri", "error", "stage"}`` for every input that could not be scored;
-``stats.json`` and ``stats.png`` with throughput and per-stage timing.
-Every input ends as exactly one prediction or one dead-letter row.
+``stats.json`` and ``stats.png`` with throughput and per-stage timing; ``_scored-*.jsonl`` (what
+was scored, for ``--skip_scored``) and ``_SUCCESS`` (written last by the commit step).
+Every input ends as exactly one prediction or one dead-letter row (or is skipped with
+``--skip_scored``). Each run replaces ``--output`` as a whole; ``{date}`` in ``--input`` and
+``--output`` is filled from ``--run_date`` (docs/scheduling.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import logging
@@ -29,11 +33,14 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from engines.base import EngineError
-from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
+from pipelines import partitions
+from pipelines.stats import ProgressPrinter, collect_metrics, committed_stats, write_stats
+from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, DecodeImages, ImageRefs
 from transforms.postprocess import FailedBatchToDeadLetters, TopK
 from transforms.preprocess import PreprocessConfig
-from transforms.sinks import FORMATS, WriteRows
+from transforms.scored import CheckScored
+from transforms.sinks import FORMATS
 
 _LOG = logging.getLogger(__name__)
 
@@ -57,8 +64,19 @@ class ClassifyOptions(PipelineOptions):
                          "https://beam.apache.org/documentation/runners/direct/ and the README.")
         parser.add_argument("--input", default=None,
                             help="Images: a glob (local or gs://...), a directory, or a manifest file "
-                                 "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id').")
-        parser.add_argument("--output", default=None, help="Output directory (local or gs://...).")
+                                 "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id'). "
+                                 "{date} is replaced by --run_date.")
+        parser.add_argument("--output", default=None,
+                            help="Output directory (local or gs://...), replaced as a whole by each run "
+                                 "(committed with a _SUCCESS file). {date} is replaced by --run_date.")
+        parser.add_argument("--run_date", default=None,
+                            help="The run's date, YYYY-MM-DD, 'today' or 'yesterday' (UTC); fills {date} in "
+                                 "--input and --output. Default: today (UTC).")
+        parser.add_argument("--skip_scored", default=None, metavar="ROOT",
+                            help="Skip inputs already scored by a committed run under ROOT (same URI, size and "
+                                 "modification time); changed files are scored again. Default: score all.")
+        # Test-only (transforms/faults.py): STAGE:PERCENT:DIR[:always] fails chosen bundles.
+        parser.add_argument("--test_faults", default=None, help=argparse.SUPPRESS)
         parser.add_argument("--model", default=None,
                             help=f"ONNX model for --engine onnxruntime (default: the prepared "
                                  f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
@@ -250,26 +268,31 @@ def check_input(path: str) -> None:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
-                   progress_dir: Optional[str] = None):
-    """Adds the scoring transforms to ``pipeline``.
+                   progress_dir: Optional[str] = None, plan=None):
+    """Adds the scoring transforms to ``pipeline``, ending with the commit of ``--output``.
+
+    Args:
+        plan: The run's ``transforms.commit.CommitPlan``. Default: a new run into ``--output``.
 
     Returns:
         (prediction rows, dead-letter rows) PCollections.
     """
     config = preprocess_config(options)
+    plan, faults = plan or partitions.make_plan(options), partitions.fault_plan(options)
     found = pipeline | "FindImages" >> ImageRefs(options.input)
-    decoded = found["refs"] | "ReadDecode" >> beam.ParDo(
+    checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output)
+    decoded = checked["refs"] | "ReadDecode" >> beam.ParDo(with_faults(
         DecodeImages(config, options.decode_threads,
-                     options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"])).with_outputs(
-        DEAD_LETTER, main="images")
+                     options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"]),
+        faults, mid="read", end="decode")).with_outputs(DEAD_LETTER, main="images")
     main, failed = (decoded.images
                     | "RunInference" >> RunInference(KeyedModelHandler(handler)).with_exception_handling())
-    predictions = main | "TopK" >> beam.ParDo(TopK(options.top_k, labels, options.output_name, progress_dir))
+    predictions = main | "TopK" >> beam.ParDo(with_faults(TopK(options.top_k, labels, options.output_name,
+                                                                progress_dir), faults, end="inference"))
     failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters())
     dead = ((found[DEAD_LETTER], decoded[DEAD_LETTER], failed_rows) | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
-    predictions | "WritePredictions" >> WriteRows(options.output, "predictions", options.output_format)
-    dead | "WriteDeadLetters" >> WriteRows(options.output, "dead_letter", "jsonl")
+    partitions.write_and_commit(plan, found, checked, predictions, dead, options.output_format, faults)
     return predictions, dead
 
 
@@ -317,6 +340,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     # pipeline in the process, so a required flag here would break unrelated pipelines.
     if not opts.input or not opts.output:
         raise EngineError("--input and --output are required (see --help)")
+    partitions.resolve_dated_flags(opts)
     if (opts.batch_size is not None and opts.batch_size < 1) or opts.top_k < 1:
         raise EngineError(f"--batch_size and --top_k must be >= 1, got {opts.batch_size} and {opts.top_k}")
     check_input(opts.input)
@@ -338,12 +362,14 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
         "decode_threads": opts.decode_threads,
         "local_defaults": local_defaults,
         "labels": "from model metadata" if labels and not opts.labels_file else (opts.labels_file or None),
+        "run_date": opts.run_date, "skip_scored": opts.skip_scored,
     }
+    plan = partitions.make_plan(opts, engine_info, settings)
     _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, opts, handler, labels, progress_dir)
+        build_pipeline(pipeline, opts, handler, labels, progress_dir, plan)
         printer = ProgressPrinter(progress_dir, opts.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
             result = pipeline.run()
@@ -352,28 +378,17 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
-    _remove_temp_dirs(opts.output)
-    stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)  # inputs: from the counter
+    # The commit step wrote stats.json with the committed counts; add the timing only metrics know.
+    committed = partitions.read_committed(opts.output)
+    if committed["run_id"] != plan.run_id:
+        raise EngineError(f"{opts.output} was committed by run {committed['run_id']}, not this run ({plan.run_id}): "
+                          f"two runs wrote it at once; rerun one of them")
+    stats = committed_stats(committed, engine_info, settings, collect_metrics(result), wall)
     write_stats(opts.output, stats)
     if stats["unaccounted"]:
         _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
                    "stats.json", stats["unaccounted"], stats["inputs"])
     return stats
-
-
-def _remove_temp_dirs(output: str) -> None:
-    """Removes the (by now empty) temporary directories fileio.WriteToFiles leaves in the output."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from engines import storage
-
-    for prefix in ("predictions", "dead_letter"):
-        path = storage.join(output, f".temp-{prefix}")
-        try:
-            if FileSystems.exists(path):
-                FileSystems.delete([path])
-        except Exception as e:  # cleanup is best-effort; the results are already in place
-            _LOG.warning("could not remove %s: %s", path, e)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -385,6 +400,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters, "
+          f"{stats['skipped']} skipped as already scored, "
           f"{stats['images_per_second']} images/s; stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
     return 0
 
