@@ -3,7 +3,7 @@
 Dataflow (and Beam's BundleBasedDirectRunner) retry a failed bundle and keep only the outputs of
 the attempt that succeeded. This module makes that happen on purpose, one stage at a time, so a
 test can check that the committed output of a run with failures equals a clean run's
-(issue 11). It is switched on only by the hidden ``--test_faults STAGE:PERCENT:DIR[:always]``
+(issue 11). It is switched on only by the hidden ``--test_faults STAGE:PERCENT:DIR[:always|:kill]``
 flag; without it every function here returns its argument unchanged.
 
 A bundle is named by its first element (a URI), which a retry sees again: the attempt that fails
@@ -47,12 +47,15 @@ class FaultPlan:
         percent: Share of bundles (by a hash of their first element) that fail, 1-100.
         marker_dir: A local directory every worker process can write.
         always: Fail every attempt of a chosen bundle (the run fails), not only the first.
+        kill: Kill the worker process (SIGKILL) at the first chosen bundle instead of raising,
+            as a crash or preemption would.
     """
 
     stage: str
     percent: int
     marker_dir: str
     always: bool = False
+    kill: bool = False
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -62,13 +65,14 @@ class FaultPlan:
 
     @classmethod
     def parse(cls, text: Optional[str]) -> Optional["FaultPlan"]:
-        """``STAGE:PERCENT:DIR[:always]`` -> a plan; None or "" -> None."""
+        """``STAGE:PERCENT:DIR[:always|:kill]`` -> a plan; None or "" -> None."""
         if not text:
             return None
         parts = text.split(":")
-        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "always") or not parts[1].isdigit():
-            raise ValueError(f"--test_faults takes STAGE:PERCENT:DIR[:always], got {text!r}")
-        return cls(parts[0], int(parts[1]), parts[2], len(parts) == 4)
+        mode = parts[3] if len(parts) == 4 else ""
+        if len(parts) not in (3, 4) or mode not in ("", "always", "kill") or not parts[1].isdigit():
+            raise ValueError(f"--test_faults takes STAGE:PERCENT:DIR[:always|:kill], got {text!r}")
+        return cls(parts[0], int(parts[1]), parts[2], mode == "always", mode == "kill")
 
     def should_fail(self, stage: str, key: str) -> bool:
         """Records one attempt of the bundle named ``key`` and says whether it must fail."""
@@ -79,6 +83,10 @@ class FaultPlan:
         open(os.path.join(self.marker_dir, f"attempt-{stage}-{digest}-{uuid.uuid4().hex}"), "w").close()
         if int(digest, 16) % 100 >= self.percent:
             return False
+        if self.kill:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.always:
             return True
         try:  # O_EXCL: exactly one attempt per bundle creates the marker, and only that one fails
