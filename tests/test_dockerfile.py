@@ -104,3 +104,20 @@ def test_beam_sdk_harness_matches_and_boots_the_worker():
 def test_project_packages_are_copied_and_installed(package):
     assert re.search(rf"^COPY {package} {package}$", DOCKERFILE, flags=re.M)
     assert (REPO / package / "__init__.py").exists()
+
+
+def test_the_worker_image_is_also_the_flex_template_launcher():
+    # One image for launcher and workers (docs/scheduling.md says why): the launcher binary from
+    # Google's base for our Python version, pointed at the CLI, and Beam's boot still the entrypoint.
+    pins = _top_args()
+    assert pins["TEMPLATE_LAUNCHER_IMAGE"].startswith(
+        "gcr.io/dataflow-templates-base/python" + pins["PYTHON_VERSION"].replace(".", "") + "-template-launcher-base:")
+    assert _stages()["template_launcher"].startswith("${TEMPLATE_LAUNCHER_IMAGE} AS template_launcher")
+    worker = _stages()["worker"]
+    assert re.search(r"^COPY --from=template_launcher /opt/google/dataflow/python_template_launcher "
+                     r"/opt/google/dataflow/python_template_launcher$", worker, flags=re.M)
+    py_file = re.search(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)$", worker, flags=re.M).group(1)
+    assert py_file == "/opt/beam-tensorrt-images/pipelines/classify_images.py"
+    assert (REPO / "pipelines" / "classify_images.py").exists()
+    assert re.search(r"^WORKDIR /opt/beam-tensorrt-images$", worker, flags=re.M)
+    assert re.findall(r"^ENTRYPOINT .*$", DOCKERFILE, flags=re.M) == ['ENTRYPOINT ["/opt/apache/beam/boot"]']
