@@ -198,7 +198,8 @@ def test_killed_run_then_rerun_equals_a_clean_run(corpus, model_path, clean_bund
     assert {k: v for k, v in after.items() if k not in staged} == before
     classify_images.run(["--input", directory, "--output", str(out), *FAST])
     _assert_same_rows(_partition(out), clean_bundle_run)
-    assert not (out / "_staging").exists()
+    assert not (out / "_staging").exists(), (json.loads((out / "_SUCCESS").read_text())["run_id"],
+                                            sorted(str(p) for p in (out / "_staging").rglob("*")))
 
 
 # --- retries lose nothing and duplicate nothing ----------------------------------------------
