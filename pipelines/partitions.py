@@ -68,9 +68,14 @@ def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
 
 
 def new_run_id(now: Optional[dt.datetime] = None) -> str:
-    """A run id that sorts by start time and never repeats: ``20240531T010203Z-1a2b3c4d``."""
+    """A run id that sorts by start time and never repeats: ``20240531T010203.123456Z-1a2b3c4d``.
+
+    Microseconds, not whole seconds: the commit removes the staging folders of runs whose id sorts
+    at or before its own, and a killed run and its rerun can start within one second; the random
+    suffix then decided their order, and half the time the dead run's staging stayed behind.
+    """
     now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
+    return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
 
 
 def resolve_dated_flags(opts) -> dt.date:

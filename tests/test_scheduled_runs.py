@@ -127,6 +127,19 @@ def test_dated_run_fills_input_and_output_and_commits(days, model_path, tmp_path
     assert os.listdir(out) == ["dt=2024-05-31"]
 
 
+def test_run_ids_sort_by_start_time_even_within_one_second():
+    # The commit removes the staging folders of runs whose id sorts at or before its own (runs that
+    # started earlier and died). A killed run and its rerun can start within one second; with ids of
+    # whole seconds the random suffix decided the order half the time, the dead run's staging stayed,
+    # and test_killed_run_then_rerun_equals_a_clean_run failed now and then.
+    start = dt.datetime(2024, 5, 31, 1, 2, 3, 100_000, tzinfo=dt.timezone.utc)
+    for step_us in (1, 1_000, 400_000):
+        for _ in range(50):
+            earlier = partitions.new_run_id(start)
+            later = partitions.new_run_id(start + dt.timedelta(microseconds=step_us))
+            assert earlier < later, (earlier, later)
+
+
 # --- reruns replace; failed and killed runs keep the last good partition ----------------------
 
 @pytest.fixture(scope="module")
