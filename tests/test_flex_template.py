@@ -24,7 +24,8 @@ EXAMPLES = {"input": "gs://b/photos/dt={date}/**", "output": "gs://b/scored/dt={
             "engine_path": "gs://b/e.plan", "onnx_path": "gs://b/m.onnx", "engine_cache": "gs://b/plans",
             "num_contexts": "2", "batch_size": "64", "min_batch_size": "16", "top_k": "5", "output_name": "logits",
             "labels_file": "gs://b/labels.txt", "resize": "256", "crop": "224", "decode_threads": "-1",
-            "prefetch": "128", "model_copies": "1"}
+            "prefetch": "8", "model_copies": "1", "dali_threads": "-1", "hw_decoder_load": "0.65",
+            "read_timeout_s": "30.5"}
 
 
 def _actions():
@@ -56,7 +57,7 @@ def test_required_parameters_and_the_users_settings_are_all_there():
     names = {p["name"] for p in METADATA["parameters"]}
     assert {p["name"] for p in METADATA["parameters"] if not p["isOptional"]} == {"input", "output"}
     assert {"input", "output", "run_date", "skip_scored", "model", "engine", "engine_path", "onnx_path",
-            "batch_size", "top_k", "output_format", "decode_threads"} <= names
+            "batch_size", "top_k", "output_format", "decode", "decode_threads", "read_timeout_s"} <= names
     assert len(names) == len(METADATA["parameters"])
 
 
