@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
@@ -51,8 +52,8 @@ def fingerprint(uri: str) -> Optional[Dict[str, float]]:
     try:
         if "://" not in uri:
             st = os.stat(uri)  # follows symlinks, as reading does
-            if not os.path.isfile(uri):
-                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None  # a FIFO or device: the reader refuses it with the reason
             size, mtime = st.st_size, st.st_mtime
         else:
             metadata = FileSystems.get_filesystem(uri).metadata(uri)
