@@ -3,11 +3,20 @@
 #   docker build -t REGION-docker.pkg.dev/PROJECT/REPO/beam-tensorrt:latest .
 #   docker build --target test -t beam-tensorrt-test .     # + CuPy, for tests/gpu (docs/tensorrt.md)
 #
+# The same image is the Dataflow Flex Template launcher (docs/scheduling.md, `make flex-template`):
+# Google's launcher binary is copied in and pointed at pipelines/classify_images.py, and the
+# ENTRYPOINT still starts Beam's boot (after NVIDIA's) for the workers. One image, not a launcher stage of its own, so the
+# launcher builds and pickles the pipeline with exactly the Beam, Python and project code the GPU
+# workers unpickle it with; the price is a launcher VM pulling the large image (a few minutes per launch).
+#
 # Every version is pinned here, in one place. The TensorRT base image fixes TensorRT, CUDA and
 # Python together (see NVIDIA's TensorRT container release notes); Beam's SDK image must be for the
 # same Python minor version, and apache-beam here must equal BEAM_VERSION. A plan (.plan) runs only
 # with the TensorRT version that built it: build plans inside this image (docs/tensorrt.md).
 ARG TENSORRT_IMAGE=nvcr.io/nvidia/tensorrt:25.06-py3
+# Google's Flex Template launcher for the same Python minor version as PYTHON_VERSION (pin a digest
+# in production: the tag moves).
+ARG TEMPLATE_LAUNCHER_IMAGE=gcr.io/dataflow-templates-base/python312-template-launcher-base:latest
 ARG PYTHON_VERSION=3.12
 ARG BEAM_VERSION=2.77.0
 # cuda-python must match the image's CUDA major (12 for the 25.0x images); onnxconverter-common is
@@ -31,6 +40,8 @@ ARG DALI_VERSION=2.4.0
 ARG CUPY_VERSION=14.2.0
 
 FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk
+
+FROM ${TEMPLATE_LAUNCHER_IMAGE} AS template_launcher
 
 FROM ${TENSORRT_IMAGE} AS worker
 ARG PYTHON_VERSION
@@ -106,6 +117,10 @@ import numpy; print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
 RUN test -x /opt/nvidia/nvidia_entrypoint.sh \
  || { echo "the base image has no /opt/nvidia/nvidia_entrypoint.sh: use an NGC TensorRT image" >&2; exit 1; }
+# The Flex Template launcher runs this file with the template's parameters as flags; the project is
+# installed above, so no setup file or requirements are staged at launch.
+COPY --from=template_launcher /opt/google/dataflow/python_template_launcher /opt/google/dataflow/python_template_launcher
+ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/opt/beam-tensorrt-images/pipelines/classify_images.py
 ENTRYPOINT ["/opt/nvidia/nvidia_entrypoint.sh", "/opt/apache/beam/boot"]
 
 # The worker plus CuPy, for `pytest -m "gpu or cuda" tests/gpu` (build with --target test).

@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 MODEL := models/efficientnet_lite0.onnx
 MODEL_NCHW := models/efficientnet_lite0_float32_nchw.onnx
 
-.PHONY: venv model demo test test-all benchmark clean
+.PHONY: venv model demo test test-all benchmark clean flex-template
 
 venv: $(VENV)/.installed
 
@@ -37,3 +37,11 @@ benchmark: $(MODEL) $(MODEL_NCHW)
 
 clean:
 	rm -rf $(VENV) models demo_output demo_images benchmark_output
+
+# Prints the Flex Template build command (docs/scheduling.md); run what it prints, or `make flex-template | sh`.
+# IMAGE is the image built from Dockerfile and pushed; TEMPLATE the gs:// path of the template spec.
+IMAGE ?= REGION-docker.pkg.dev/PROJECT/REPO/beam-tensorrt:latest
+TEMPLATE ?= gs://BUCKET/templates/classify_images.json
+flex-template:
+	@echo gcloud dataflow flex-template build $(TEMPLATE) \\
+	@echo "    --image $(IMAGE) --sdk-language PYTHON --metadata-file flex/metadata.json"

@@ -7,12 +7,16 @@
 Outputs in ``--output``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
 ``{"uri", "top_k": [{"class_id", "label", "score"}, ...]}``; ``dead_letter-*.jsonl``
 with ``{"uri", "error", "stage"}`` for every input that could not be scored;
-``stats.json`` and ``stats.png`` with throughput and per-stage timing.
-Every input ends as exactly one prediction or one dead-letter row.
+``stats.json`` and ``stats.png`` with throughput and per-stage timing; ``_scored-*.jsonl`` (what
+was scored, for ``--skip_scored``) and ``_SUCCESS`` (written last by the commit step).
+Every input ends as exactly one prediction or one dead-letter row (or is skipped with
+``--skip_scored``). Each run replaces ``--output`` as a whole; ``{date}`` in ``--input`` and
+``--output`` is filled from ``--run_date`` (docs/scheduling.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import logging
@@ -30,15 +34,18 @@ from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from engines.base import EngineError
+from pipelines import partitions
 from pipelines.engine_registry import engine_names
-from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, write_stats
+from pipelines.stats import ProgressPrinter, collect_metrics, committed_stats, write_stats
 from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
+from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
 from transforms.decode import DEFAULT_READ_TIMEOUT_S
 from transforms.preprocess import PreprocessConfig
-from transforms.sinks import FORMATS, WriteRows
+from transforms.scored import CheckScored
+from transforms.sinks import FORMATS
 
 _LOG = logging.getLogger(__name__)
 
@@ -63,8 +70,19 @@ class ClassifyOptions(PipelineOptions):
                          "https://beam.apache.org/documentation/runners/direct/ and the README.")
         parser.add_argument("--input", default=None,
                             help="Images: a glob (local or gs://...), a directory, or a manifest file "
-                                 "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id').")
-        parser.add_argument("--output", default=None, help="Output directory (local or gs://...).")
+                                 "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id'). "
+                                 "{date} is replaced by --run_date.")
+        parser.add_argument("--output", default=None,
+                            help="Output directory (local or gs://...), replaced as a whole by each run "
+                                 "(committed with a _SUCCESS file). {date} is replaced by --run_date.")
+        parser.add_argument("--run_date", default=None,
+                            help="The run's date, YYYY-MM-DD, 'today' or 'yesterday' (UTC); fills {date} in "
+                                 "--input and --output. Default: today (UTC).")
+        parser.add_argument("--skip_scored", default=None, metavar="ROOT",
+                            help="Skip inputs already scored by a committed run under ROOT (same URI, size and "
+                                 "modification time); changed files are scored again. Default: score all.")
+        # Test-only (transforms/faults.py): STAGE:PERCENT:DIR[:always|:kill] fails chosen bundles.
+        parser.add_argument("--test_faults", default=None, help=argparse.SUPPRESS)
         parser.add_argument("--model", default=None,
                             help=f"ONNX model for --engine onnxruntime (default: the prepared "
                                  f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
@@ -466,8 +484,10 @@ def check_output(output: str, input_path: str) -> None:
     """Fails at start when ``--output`` cannot take the results, rather than after scoring.
 
     Refused: an existing file (or a path under one), a folder the job cannot write, a folder
-    already holding another run's results (their shards would mix with this run's), and a
-    folder inside a recursively scored ``--input`` folder (a rerun would score the outputs).
+    holding prediction or dead-letter files that no committed run of this pipeline wrote (the
+    commit would delete or mix with them), and a folder inside a recursively scored ``--input``
+    folder (a rerun would score the outputs). A partition this pipeline committed (issue 11:
+    ``_SUCCESS`` or ``_scored-*`` files) is not refused: a rerun replaces it as a whole.
 
     Raises:
         EngineError: naming ``--output`` and the fix.
@@ -498,9 +518,11 @@ def check_output(output: str, input_path: str) -> None:
                    for m in FileSystems.match([storage.join(output, prefix + "*")], limits=[1])[0].metadata_list]
     except Exception:  # a folder that does not exist yet has nothing to list
         earlier = []
-    if earlier:
-        raise EngineError(f"--output {output} already holds results of an earlier run ({earlier[0]}); their files "
-                          f"would mix with this run's: pass a new directory or delete them")
+    if earlier and not partitions.is_partition(output):
+        raise EngineError(f"--output {output} already holds results of an earlier run ({earlier[0]}) that this "
+                          f"pipeline did not commit (no _SUCCESS or _scored files: an older version or another "
+                          f"tool wrote them); a rerun replaces only a partition it committed, and these files would "
+                          f"mix with this run's: pass a new directory or delete them")
 
 
 def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
@@ -549,33 +571,37 @@ def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
-                   progress_dir: Optional[str] = None, decode: str = "cpu"):
-    """Adds the scoring transforms to ``pipeline``.
+                   progress_dir: Optional[str] = None, decode: str = "cpu", plan=None):
+    """Adds the scoring transforms to ``pipeline``, ending with the commit of ``--output``.
 
     Batches, not images, travel through Beam: refs are grouped, each batch is read (and on the
     CPU path decoded) by a thread pool, scored in one RunInference element, and written as one
-    block of rows.
+    block of rows. Rows go to a staging folder; the last step commits them (issue 11).
+
+    Args:
+        plan: The run's ``transforms.commit.CommitPlan``. Default: a new run into ``--output``.
 
     Returns:
         (prediction row blocks, dead-letter rows) PCollections.
     """
     config = preprocess_config(options)
+    plan, faults = plan or partitions.make_plan(options), partitions.fault_plan(options)
     batch = handler.images_per_batch
     found = pipeline | "FindImages" >> ImageRefs(options.input, batch_size=batch)
-    read = found["refs"] | "ReadBatches" >> beam.ParDo(
+    checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output)
+    read = checked["refs"] | "ReadBatches" >> beam.ParDo(with_faults(
         ReadImageBatches(config, gpu_decode=decode in ("gpu", "dali_cpu"), threads=options.decode_threads,
                          prefetch=options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"],
-                         read_timeout_s=options.read_timeout_s or None)).with_outputs(
-        DEAD_LETTER, main="batches")
+                         read_timeout_s=options.read_timeout_s or None),
+        faults, mid="read", end="decode")).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
-    scored = main | "TopK" >> beam.ParDo(TopKBatches(options.top_k, labels, progress_dir)).with_outputs(
-        DEAD_LETTER, main="rows")
+    scored = main | "TopK" >> beam.ParDo(with_faults(TopKBatches(options.top_k, labels, progress_dir), faults,
+                                                     end="inference")).with_outputs(DEAD_LETTER, main="rows")
     failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters())
     dead = ((found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER], failed_rows)
             | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
-    scored.rows | "WritePredictions" >> WriteRows(options.output, "predictions", options.output_format, blocks=True)
-    dead | "WriteDeadLetters" >> WriteRows(options.output, "dead_letter", "jsonl")
+    partitions.write_and_commit(plan, found, checked, scored.rows, dead, options.output_format, faults)
     return scored.rows, dead
 
 
@@ -623,6 +649,8 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     # pipeline in the process, so a required flag here would break unrelated pipelines.
     if not opts.input or not opts.output:
         raise EngineError("--input and --output are required (see --help)")
+    partitions.resolve_dated_flags(opts)
+    partitions.fault_plan(opts)  # the hidden test switch, checked before anything runs
     check_flags(opts)
     check_input(opts.input)
     config = check_setup(opts)
@@ -649,12 +677,14 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
         "decode_threads": opts.decode_threads,
         "local_defaults": local_defaults,
         "labels": "from model metadata" if labels and not opts.labels_file else (opts.labels_file or None),
+        "run_date": opts.run_date, "skip_scored": opts.skip_scored,
     }
+    plan = partitions.make_plan(opts, engine_info, settings)
     _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, opts, handler, labels, progress_dir, decode)
+        build_pipeline(pipeline, opts, handler, labels, progress_dir, decode, plan)
         printer = ProgressPrinter(progress_dir, opts.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
             result = pipeline.run()
@@ -663,29 +693,18 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
-    _remove_temp_dirs(opts.output)
-    stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)  # inputs: from the counter
-    stats["setup_problem"] = common_failure(opts.output, stats)  # from the rows just written
+    # The commit step wrote stats.json with the committed counts; add the timing only metrics know.
+    committed = partitions.read_committed(opts.output)
+    if committed["run_id"] != plan.run_id:
+        raise EngineError(f"{opts.output} was committed by run {committed['run_id']}, not this run ({plan.run_id}): "
+                          f"two runs wrote it at once; rerun one of them")
+    stats = committed_stats(committed, engine_info, settings, collect_metrics(result), wall)
+    stats["setup_problem"] = common_failure(opts.output, stats)  # from the rows just committed
     write_stats(opts.output, stats)
     if stats["unaccounted"]:
         _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
                    "stats.json", stats["unaccounted"], stats["inputs"])
     return stats
-
-
-def _remove_temp_dirs(output: str) -> None:
-    """Removes the (by now empty) temporary directories fileio.WriteToFiles leaves in the output."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from engines import storage
-
-    for prefix in ("predictions", "dead_letter"):
-        path = storage.join(output, f".temp-{prefix}")
-        try:
-            if FileSystems.exists(path):
-                FileSystems.delete([path])
-        except Exception as e:  # cleanup is best-effort; the results are already in place
-            _LOG.warning("could not remove %s: %s", path, e)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -699,6 +718,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     unlistable = stats.get("unlistable_directories")
     print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters"
           f"{f' ({unlistable} of them directories that could not be listed)' if unlistable else ''}, "
+          f"{stats['skipped']} skipped as already scored, "
           f"{stats['images_per_second']} images/s; stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
     if stats.get("setup_problem"):
         print(f"error: {stats['setup_problem']}; the rows are in {stats['settings']['output']}", file=sys.stderr)

@@ -57,8 +57,9 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
     counters, dists = metrics["counters"], metrics["distributions"]
     predictions = counters.get("predictions", 0)
     dead = counters.get("dead_letters", 0)
+    skipped = counters.get("skipped", 0)  # --skip_scored: already scored by a committed run
     if inputs is None:
-        inputs = counters.get("inputs", predictions + dead)
+        inputs = counters.get("inputs", predictions + dead + skipped)
     stage_seconds = {s: dists.get(f"{s}_us", {}).get("sum", 0) / 1e6 for s in STAGES}
     total_stage = sum(stage_seconds.values()) or 1.0
     batches = dists.get("batch_size", {})
@@ -73,8 +74,9 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
         "images": predictions + dead,
         "predictions": predictions,
         "dead_letters": dead,
+        "skipped": skipped,
         "inputs": inputs,
-        "unaccounted": inputs - predictions - dead,
+        "unaccounted": inputs - predictions - dead - skipped,
         "unlistable_directories": counters.get("unlistable_directories", 0),
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(predictions / wall_seconds, 2) if wall_seconds > 0 else None,
@@ -174,6 +176,48 @@ def slow_reads_note(older_than_s: float, most: int = 3) -> str:
         return ""
     named = ", ".join(f"{uri} ({age:.0f} s)" for uri, age in slow[:most])
     return f"; {len(slow)} slow read(s): {named}" + (", ..." if len(slow) > most else "")
+
+
+def committed_stats(summary: Dict[str, Any], engine: Dict[str, Any], settings: Dict[str, Any],
+                    metrics: Optional[Dict[str, Any]] = None, wall_seconds: Optional[float] = None) -> Dict[str, Any]:
+    """The ``stats.json`` of a committed run: its counts from ``_SUCCESS``, its timing from metrics.
+
+    Args:
+        summary: The commit step's ``_SUCCESS`` document (counts, run id, start and end time).
+        engine: Engine and model description.
+        settings: The run's settings.
+        metrics: From :func:`collect_metrics` when the launcher waited for the job; None inside
+            the job (the commit step cannot read the job's metrics, so per-stage timing is absent).
+        wall_seconds: Launch to finish, when the launcher measured it; else start to commit.
+    """
+    import datetime as dt
+
+    metrics = {"counters": {}, "distributions": {}, "buckets": {}, **(metrics or {})}
+    # The committed rows are the truth; metrics of retried bundles could only disagree by a bug.
+    metrics["counters"] = {**metrics["counters"], **{k: summary[k] for k in ("predictions", "dead_letters",
+                                                                                  "skipped")}}
+    if wall_seconds is None:
+        start, end = (dt.datetime.fromisoformat(summary[k]) for k in ("start_time", "end_time"))
+        wall_seconds = (end - start).total_seconds()
+    stats = build_stats(metrics, wall_seconds, summary["inputs"], engine, settings)
+    stats["run"] = {k: summary.get(k) for k in ("run_id", "run_date", "start_time", "end_time", "skip_scored")}
+    stats["timing"] = "from Beam metrics (the launcher waited)" if metrics["distributions"] else (
+        "counts only: per-stage timing is in the runner's metrics (the commit step cannot read them)")
+    return stats
+
+
+class CommittedStatsWriter:
+    """``write_stats(output, summary)`` for the commit step: a small picklable recipe."""
+
+    def __init__(self, engine: Dict[str, Any], settings: Dict[str, Any]):
+        self._engine, self._settings = engine, settings
+
+    def __call__(self, output: str, summary: Dict[str, Any]) -> None:
+        from pipelines.classify_images import common_failure  # at call time: it imports this module
+
+        stats = committed_stats(summary, self._engine, self._settings)
+        stats["setup_problem"] = common_failure(output, stats)  # template runs have no launcher to say it
+        write_stats(output, stats)
 
 
 class ProgressPrinter:

@@ -156,3 +156,23 @@ def test_the_image_build_fails_without_nvidias_entrypoint():
     check = re.search(rf"^RUN test -x {re.escape(first)} \\\n \|\| \{{ .*exit 1; \}}$", worker, flags=re.M)
     assert check, f"no build-time check that {first} exists"
     assert worker.index(check.group(0)) < worker.index("ENTRYPOINT")
+
+
+def test_the_worker_image_is_also_the_flex_template_launcher():
+    # One image for launcher and workers (docs/scheduling.md says why): the launcher binary from
+    # Google's base for our Python version, pointed at the CLI, and Beam's boot still what the entrypoint starts.
+    pins = _top_args()
+    assert pins["TEMPLATE_LAUNCHER_IMAGE"].startswith(
+        "gcr.io/dataflow-templates-base/python" + pins["PYTHON_VERSION"].replace(".", "") + "-template-launcher-base:")
+    assert _stages()["template_launcher"].startswith("${TEMPLATE_LAUNCHER_IMAGE} AS template_launcher")
+    worker = _stages()["worker"]
+    assert re.search(r"^COPY --from=template_launcher /opt/google/dataflow/python_template_launcher "
+                     r"/opt/google/dataflow/python_template_launcher$", worker, flags=re.M)
+    py_file = re.search(r"^ENV FLEX_TEMPLATE_PYTHON_PY_FILE=(\S+)$", worker, flags=re.M).group(1)
+    assert py_file == "/opt/beam-tensorrt-images/pipelines/classify_images.py"
+    assert (REPO / "pipelines" / "classify_images.py").exists()
+    assert re.search(r"^WORKDIR /opt/beam-tensorrt-images$", worker, flags=re.M)
+    # Workers still start Beam's boot (through NVIDIA's entrypoint); the launcher binary is run by
+    # Dataflow on the launcher VM, not through the ENTRYPOINT.
+    assert _entrypoint()[-1] == BEAM_BOOT
+    assert len(re.findall(r"^ENTRYPOINT .*$", DOCKERFILE, flags=re.M)) == 1

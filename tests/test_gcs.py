@@ -190,9 +190,10 @@ def test_glob_every_input_ends_as_exactly_one_row(images, glob_run):
     assert sorted(predicted) == sorted([images["chelsea.jpg"], images["coffee.jpg"]])
     assert sorted(dead) == sorted(images[n] for n in BROKEN)
     assert sorted(predicted + dead) == sorted(images.values())
-    # Only the results are left in --output: fileio's temporary objects were moved into place.
+    # Only the results are left in --output: the staged objects were moved into place and staging removed.
     for name in out["names"]:
-        assert re.fullmatch(r"out/(predictions-.+\.jsonl|dead_letter-.+\.jsonl|stats\.json|stats\.png)", name), \
+        assert re.fullmatch(r"out/(predictions-.+\.jsonl|dead_letter-.+\.jsonl|_scored-.+\.jsonl|stats\.json|stats\.png"
+                            r"|_SUCCESS)", name), \
             out["names"]
 
 
@@ -260,3 +261,53 @@ def test_folder_without_trailing_slash_fails_at_start_with_the_fix(gcs, images):
 
     with pytest.raises(EngineError, match=r"matches no files.*trailing slash \(gs://bucket/dir/\)"):
         _run(["--input", f"gs://{BUCKET}/images", "--output", f"gs://{BUCKET}/out-noslash"])
+
+
+def _listed(bucket, prefix):
+    return sorted(b.name[len(prefix) + 1:] for b in bucket.client.list_blobs(BUCKET, prefix=f"{prefix}/"))
+
+
+def test_rerun_replaces_a_gcs_partition_and_removes_stale_objects(gcs, images):
+    out = f"gs://{BUCKET}/replace"
+    _run(["--input", f"gs://{BUCKET}/images/*", "--output", out])
+    first = json.loads(gcs.blob("replace/_SUCCESS").download_as_text())
+    # Objects an earlier run with other settings would have left.
+    gcs.blob("replace/predictions-00001-of-00002.jsonl").upload_from_string('{"uri": "gs://old", "top_k": []}\n')
+    gcs.blob("replace/dead_letter-00003-of-00004.jsonl").upload_from_string('{"uri": "gs://old"}\n')
+
+    _run(["--input", f"gs://{BUCKET}/images/*", "--output", out])
+
+    success = json.loads(gcs.blob("replace/_SUCCESS").download_as_text())
+    assert success["run_id"] != first["run_id"]
+    assert _listed(gcs, "replace") == sorted(sum(success["files"].values(), []) + ["_SUCCESS"])
+    outputs = _read_outputs(gcs, "replace")
+    assert sorted(r["uri"] for r in outputs["predictions"]) == sorted([images["chelsea.jpg"], images["coffee.jpg"]])
+    assert sorted(r["uri"] for r in outputs["dead"]) == sorted(images[n] for n in BROKEN)
+    assert (success["predictions"], success["dead_letters"], success["unaccounted"]) == (2, 2, 0)
+
+
+def test_skip_scored_on_gcs_scores_new_and_changed_objects_only(gcs):
+    gcs.blob("daily/chelsea.jpg").upload_from_string(_jpeg("chelsea"), content_type="image/jpeg")
+    gcs.blob("daily/coffee.jpg").upload_from_string(_jpeg("coffee"), content_type="image/jpeg")
+    gcs.blob("daily/notes.jpg").upload_from_string(b"not a photo\n", content_type="image/jpeg")
+    day = ["--input", f"gs://{BUCKET}/daily/*", "--output", f"gs://{BUCKET}/scored/dt={{date}}",
+           "--skip_scored", f"gs://{BUCKET}/scored"]
+    first = _run(day + ["--run_date", "2024-05-30"])
+    assert (first["predictions"], first["dead_letters"], first["skipped"]) == (2, 1, 0)
+
+    gcs.blob("daily/rocket.jpg").upload_from_string(_jpeg("rocket"), content_type="image/jpeg")  # new
+    from PIL import Image
+    import skimage.data
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.coffee()).save(buf, format="JPEG", quality=60)
+    gcs.blob("daily/coffee.jpg").upload_from_string(buf.getvalue(), content_type="image/jpeg")  # changed
+    second = _run(day + ["--run_date", "2024-05-31"])
+
+    out = _read_outputs(gcs, "scored/dt=2024-05-31")
+    assert sorted(r["uri"] for r in out["predictions"]) == [f"gs://{BUCKET}/daily/coffee.jpg",
+                                                            f"gs://{BUCKET}/daily/rocket.jpg"]
+    assert out["dead"] == []
+    assert (second["skipped"], second["inputs"], second["unaccounted"]) == (2, 4, 0)
+    assert out["stats"]["skipped"] == 2
+    assert json.loads(gcs.blob("scored/dt=2024-05-31/_SUCCESS").download_as_text())["skipped"] == 2
+    assert not [n for n in _listed(gcs, "scored/dt=2024-05-31") if n.startswith("_staging")]

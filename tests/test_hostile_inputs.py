@@ -453,13 +453,40 @@ def test_output_inside_the_scored_input_folder_is_refused(tmp_path, capsys, two_
     assert code == 2 and "is inside --input" in err and "a rerun would score the results" in err
 
 
-def test_output_holding_an_earlier_run_is_refused(model_path, tmp_path, capsys, two_photos):
+def test_output_holding_results_this_pipeline_did_not_commit_is_refused(model_path, tmp_path, capsys, two_photos):
+    # Results an older version of this pipeline (no commit step) or another tool left: a commit would
+    # delete them or mix its shards with theirs, so the job stops at start and touches nothing.
+    images = tmp_path / "in"
+    _write(images, two_photos)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "predictions-00000-of-00002.jsonl").write_text('{"uri": "/old/a.jpg", "top_k": []}\n')
+    (out / "stats.json").write_text("{}\n")
+    (out / "_SUCCESS").write_text("")  # Hadoop and Spark write an empty _SUCCESS: not this pipeline's
+    before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
+    code, err = _main(capsys, "--input", str(images), "--output", str(out))
+    assert code == 2 and "already holds results of an earlier run" in err and "did not commit" in err
+    assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
+
+
+def test_output_holding_a_committed_partition_is_replaced_without_mixing(model_path, tmp_path, capsys, two_photos):
+    # Issue 12 refused any output holding results, because their shards mixed with the next run's;
+    # issue 11 replaces a partition this pipeline committed as a whole, so a rerun with another
+    # format (or shard count) leaves only its own files, and stats agree with them.
     images = tmp_path / "in"
     _write(images, two_photos)
     out = tmp_path / "o"
     assert _main(capsys, "--input", str(images), "--output", str(out))[0] == 0
+    assert list(out.glob("predictions-*.jsonl")) and (out / "_SUCCESS").exists()
+    (out / "_SUCCESS").unlink()  # as a commit that died after its first step leaves it: still ours
     code, err = _main(capsys, "--input", str(images), "--output", str(out), "--output_format", "parquet")
-    assert code == 2 and "already holds results of an earlier run" in err
+    assert code == 0, err
+    assert not list(out.glob("predictions-*.jsonl"))
+    import pyarrow.parquet as pq
+
+    rows = sum(pq.read_table(p).num_rows for p in out.glob("predictions-*.parquet"))
+    stats = json.loads((out / "stats.json").read_text())
+    assert rows == stats["predictions"] == len(two_photos) and stats["unaccounted"] == 0
 
 
 def test_quoted_tilde_gets_a_hint(tmp_path, capsys):

@@ -1,0 +1,203 @@
+"""Date partitions for scheduled runs: ``--run_date``, ``{date}`` placeholders, run ids (issue 11).
+
+A scheduler passes one parameter, the date; ``--input 'gs://b/photos/dt={date}/**'`` and
+``--output 'gs://b/scored/dt={date}'`` become that day's folders. Everything here runs in the
+launcher, before the pipeline is built, so a bad date or an unknown placeholder stops the job at
+start with an error naming the flag.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import string
+import uuid
+from typing import Any, Dict, Optional
+
+from engines.base import EngineError
+
+#: Placeholders ``--input`` and ``--output`` may hold, and what fills them.
+PLACEHOLDERS = ("date",)
+#: ``--run_date`` words resolved in UTC when the job starts: a Cloud Scheduler body is fixed text,
+#: so a nightly job for the day that just ended passes ``yesterday`` (docs/scheduling.md).
+DATE_WORDS = ("today", "yesterday")
+RUN_DATE_PATTERN = r"^(\d{4}-\d{2}-\d{2}|today|yesterday)$"
+
+
+def parse_run_date(value: Optional[str], now: Optional[dt.datetime] = None) -> dt.date:
+    """The run's date from ``--run_date``.
+
+    Args:
+        value: ``YYYY-MM-DD``, ``today`` or ``yesterday`` (UTC); None or "" means today (UTC).
+        now: The current time, for tests. Default: now, UTC.
+
+    Raises:
+        EngineError: naming ``--run_date`` and the form it takes.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
+    text = (value or "today").strip()
+    if text in DATE_WORDS:
+        return now.date() - dt.timedelta(days=DATE_WORDS.index(text))
+    try:
+        if len(text) != 10:
+            raise ValueError("not 10 characters")
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise EngineError(f"--run_date {value!r} is not a date: use YYYY-MM-DD (e.g. 2024-05-31), 'today' or "
+                          f"'yesterday' (UTC); the default is today (UTC)") from None
+
+
+def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
+    """``value`` with ``{date}`` replaced by ``run_date`` (``YYYY-MM-DD``).
+
+    ``{{`` and ``}}`` stand for literal braces.
+
+    Raises:
+        EngineError: an unknown placeholder or an unmatched brace, naming ``flag``.
+    """
+    try:
+        fields = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
+        unknown = [name for name in fields if name not in PLACEHOLDERS]
+        if unknown:
+            raise EngineError(f"{flag} {value!r} has the unknown placeholder {{{unknown[0]}}}; the only placeholder "
+                              f"is {{date}} (filled from --run_date); write {{{{ and }}}} for literal braces")
+        return value.format(date=run_date.isoformat())
+    except (ValueError, IndexError, KeyError) as e:
+        raise EngineError(f"{flag} {value!r} is not a valid template ({e}); the only placeholder is {{date}}, "
+                          f"write {{{{ and }}}} for literal braces") from None
+
+
+def new_run_id(now: Optional[dt.datetime] = None) -> str:
+    """A run id that sorts by start time and never repeats: ``20240531T010203.123456Z-1a2b3c4d``.
+
+    Microseconds, not whole seconds: the commit removes the staging folders of runs whose id sorts
+    at or before its own, and a killed run and its rerun can start within one second; the random
+    suffix then decided their order, and half the time the dead run's staging stayed behind.
+    """
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
+
+
+def resolve_dated_flags(opts) -> dt.date:
+    """Fills ``{date}`` in ``--input`` and ``--output`` from ``--run_date`` (in place).
+
+    Returns:
+        The run date.
+
+    Raises:
+        EngineError: a bad date or placeholder, naming the flag.
+    """
+    run_date = parse_run_date(opts.run_date)
+    if opts.input:
+        opts.input = fill_placeholders("--input", opts.input, run_date)
+    if opts.output:
+        opts.output = fill_placeholders("--output", opts.output, run_date)
+    opts.run_date = run_date.isoformat()
+    return run_date
+
+
+def make_plan(opts, engine: Optional[Dict[str, Any]] = None, settings: Optional[Dict[str, Any]] = None):
+    """The commit plan of this run (a new run id; stats written by the commit step).
+
+    Args:
+        opts: ClassifyOptions with ``{date}`` already filled (:func:`resolve_dated_flags`).
+        engine: Engine description for stats.json. Default: empty.
+        settings: The run's settings for stats.json. Default: empty.
+    """
+    from pipelines.stats import CommittedStatsWriter
+    from transforms.commit import CommitPlan
+
+    start = dt.datetime.now(dt.timezone.utc)
+    return CommitPlan(output=opts.output, run_id=new_run_id(start), run_date=opts.run_date or
+                      parse_run_date(None).isoformat(), input=opts.input,
+                      start_time=start.isoformat(timespec="seconds"), skip_root=opts.skip_scored or None,
+                      write_stats=CommittedStatsWriter(engine or {}, settings or {}))
+
+
+def fault_plan(opts):
+    """The hidden ``--test_faults`` switch, parsed (None when off)."""
+    from transforms.faults import FaultPlan
+
+    try:
+        return FaultPlan.parse(getattr(opts, "test_faults", None))
+    except ValueError as e:
+        raise EngineError(str(e)) from None
+
+
+def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None):
+    """Writes predictions, dead letters and the scored-input records to the staging folder, then
+    commits the partition as the pipeline's last step (transforms/commit.py).
+
+    Args:
+        plan: The run's ``transforms.commit.CommitPlan``.
+        found: ``ImageRefs``'s outputs: lists of refs, and dead-letter rows from listing.
+        checked: ``CheckScored``'s outputs: fingerprint blocks and skipped counts.
+        predictions: Blocks (lists) of prediction rows.
+        dead: Dead-letter rows, one element each.
+        output_format: ``--output_format``.
+        faults: The test-only fault plan, or None.
+
+    Returns:
+        The commit step's output: the ``_SUCCESS`` document.
+    """
+    import apache_beam as beam
+
+    from transforms.commit import CommitPartition
+    from transforms.faults import sink_wrapper
+    from transforms.images import DEAD_LETTER
+    from transforms.scored import FINGERPRINTS, SCORED_PREFIX, SKIPPED
+    from transforms.sinks import WriteRows
+
+    wrap = sink_wrapper(faults)
+    written = [predictions | "WritePredictions" >> WriteRows(plan.staging, "predictions", output_format, blocks=True,
+                                                             wrap_sink=wrap),
+               dead | "WriteDeadLetters" >> WriteRows(plan.staging, "dead_letter", "jsonl", wrap_sink=wrap),
+               checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.staging, SCORED_PREFIX, "jsonl", blocks=True,
+                                                                  wrap_sink=wrap)]
+    # Counts per batch or block (one number per element), never one element per image (issue 9).
+    inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
+               found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
+              | "AllInputs" >> beam.Flatten())
+    return ({"written": written | "AllWritten" >> beam.Flatten(), "inputs": inputs,
+             "predictions": predictions | "RowsPerBlock" >> beam.Map(len),
+             "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
+             "skipped": checked[SKIPPED]} | "CommitPartition" >> CommitPartition(plan))
+
+
+def is_partition(output: str) -> bool:
+    """True when ``output`` is a partition this pipeline committed, or began to commit.
+
+    Its ``_SUCCESS`` is this pipeline's JSON document (a run id), or ``_scored-*`` files are
+    there (a commit that stopped after it deleted ``_SUCCESS`` and before it wrote the new one).
+    A rerun may replace such a partition; ``check_output`` refuses other folders holding results.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from engines import storage
+    from transforms.scored import SCORED_PREFIX, SUCCESS
+
+    try:
+        success = storage.join(output, SUCCESS)
+        if FileSystems.exists(success):
+            with FileSystems.open(success) as f:
+                document = json.loads(f.read().decode("utf-8"))
+            if isinstance(document, dict) and "run_id" in document:
+                return True
+        pattern = storage.join(output, SCORED_PREFIX + "-*.jsonl")
+        return bool(FileSystems.match([pattern], limits=[1])[0].metadata_list)
+    except (OSError, ValueError):  # unreadable or not ours (e.g. an empty Hadoop/Spark _SUCCESS)
+        return False
+
+
+def read_committed(output: str) -> Dict[str, Any]:
+    """The ``_SUCCESS`` document of the partition at ``output``.
+
+    Raises:
+        EngineError: the partition is not committed.
+    """
+    from engines import storage
+
+    path = storage.join(output, "_SUCCESS")
+    if not storage.exists(path):
+        raise EngineError(f"{output} has no _SUCCESS: the job finished but its commit step did not run")
+    return json.loads(storage.read_bytes(path, "--output partition's commit file").decode("utf-8"))
