@@ -13,7 +13,6 @@ import json
 import sys
 import time
 
-import numpy as np
 
 from benchmarks.corpus import ensure_corpus
 from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
