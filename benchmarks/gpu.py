@@ -72,8 +72,8 @@ def _timed(fn, count_per_call: int, min_seconds: float) -> Dict[str, Any]:
 def decode_inputs(blobs: List[bytes], batch_size: int):
     """Full batches of encoded files with their crop boxes, as the pipeline's reader makes them."""
     from engines.dali_decoder import DecodeInput
-    from transforms.preprocess import PreprocessConfig, crop_box
-    from transforms.prescreen import screen
+    from engines.pillow_decoder import PreprocessConfig, crop_box
+    from engines.prescreen import screen
 
     config = PreprocessConfig()
     out = []
@@ -90,7 +90,7 @@ def decode_inputs(blobs: List[bytes], batch_size: int):
 def measure_reader(args, paths: List[str]) -> Dict[str, Any]:
     """The pipeline's batch reader alone (read + pre-screen, GPU route), outside Beam."""
     from transforms.images import ImageRef, ReadImageBatches
-    from transforms.preprocess import PreprocessConfig
+    from engines.pillow_decoder import PreprocessConfig
 
     reader = ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=-1, prefetch=2)
     reader.setup()

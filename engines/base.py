@@ -28,6 +28,15 @@ class EngineError(Exception):
     """
 
 
+class UsageError(Exception):
+    """A command-line mistake: a flag missing, out of range, or at odds with another flag or the model.
+
+    Kept apart from :class:`EngineError` (the model, the engine or a library failed) so callers
+    and tests can tell the two apart; both stop a command at start with exit status 2. The
+    message names the flag and the fix.
+    """
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorSpec:
     """Name, dtype and shape of one engine input or output.
@@ -192,11 +201,6 @@ class Engine(abc.ABC):
         """The largest batch the caller must respect, or None when ``infer`` takes any batch
         (an engine that splits batches itself, like the TensorRT engine, returns None)."""
         return self.max_batch_size
-
-    @property
-    def preferred_batch_sizes(self) -> Sequence[int]:
-        """Batch sizes the engine runs best at (e.g. TensorRT profile opt), maybe empty."""
-        return ()
 
     @abc.abstractmethod
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:

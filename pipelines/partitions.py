@@ -14,7 +14,7 @@ import string
 import uuid
 from typing import Any, Dict, Optional
 
-from engines.base import EngineError
+from engines.base import EngineError, UsageError
 
 #: Placeholders ``--input`` and ``--output`` may hold, and what fills them.
 PLACEHOLDERS = ("date",)
@@ -43,8 +43,8 @@ def parse_run_date(value: Optional[str], now: Optional[dt.datetime] = None) -> d
             raise ValueError("not 10 characters")
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise EngineError(f"--run_date {value!r} is not a date: use YYYY-MM-DD (e.g. 2024-05-31), 'today' or "
-                          f"'yesterday' (UTC); the default is today (UTC)") from None
+        raise UsageError(f"--run_date {value!r} is not a date: use YYYY-MM-DD (e.g. 2024-05-31), 'today' or "
+                         f"'yesterday' (UTC); the default is today (UTC)") from None
 
 
 def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
@@ -59,12 +59,12 @@ def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
         fields = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
         unknown = [name for name in fields if name not in PLACEHOLDERS]
         if unknown:
-            raise EngineError(f"{flag} {value!r} has the unknown placeholder {{{unknown[0]}}}; the only placeholder "
-                              f"is {{date}} (filled from --run_date); write {{{{ and }}}} for literal braces")
+            raise UsageError(f"{flag} {value!r} has the unknown placeholder {{{unknown[0]}}}; the only placeholder "
+                             f"is {{date}} (filled from --run_date); write {{{{ and }}}} for literal braces")
         return value.format(date=run_date.isoformat())
     except (ValueError, IndexError, KeyError) as e:
-        raise EngineError(f"{flag} {value!r} is not a valid template ({e}); the only placeholder is {{date}}, "
-                          f"write {{{{ and }}}} for literal braces") from None
+        raise UsageError(f"{flag} {value!r} is not a valid template ({e}); the only placeholder is {{date}}, "
+                         f"write {{{{ and }}}} for literal braces") from None
 
 
 def new_run_id(now: Optional[dt.datetime] = None) -> str:
@@ -121,7 +121,7 @@ def fault_plan(opts):
     try:
         return FaultPlan.parse(getattr(opts, "test_faults", None))
     except ValueError as e:
-        raise EngineError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None):

@@ -16,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from engines.base import EngineError
+from engines.base import EngineError, UsageError
 from pipelines import classify_images
 from pipelines.classify_images import ClassifyOptions, make_handler
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, read_jsonl
@@ -56,7 +56,7 @@ def test_testpipeline_end_to_end(corpus, model_path):
     with TestPipeline(options=options) as p:
         from transforms.images import DEAD_LETTER, ImageRefs, ReadBatches
         from transforms.postprocess import TopKBatches
-        from transforms.preprocess import PreprocessConfig
+        from engines.pillow_decoder import PreprocessConfig
         from apache_beam.ml.inference.base import RunInference
 
         found = p | ImageRefs(directory)
@@ -142,13 +142,13 @@ def test_manifest_parsing_formats():
 
 
 def test_input_that_matches_nothing_fails_at_start(tmp_path):
-    with pytest.raises(EngineError, match="matches no files"):
+    with pytest.raises(UsageError, match="matches no files"):
         classify_images.run(["--input", str(tmp_path / "*.jpg"), "--output", str(tmp_path / "o")])
     assert classify_images.main(["--input", str(tmp_path / "*.jpg"), "--output", str(tmp_path / "o")]) == 2
 
 
 def test_input_and_output_are_required(tmp_path):
-    with pytest.raises(EngineError, match="--input and --output are required"):
+    with pytest.raises(UsageError, match="--input and --output are required"):
         classify_images.run(["--output", str(tmp_path)])
 
 
@@ -157,8 +157,8 @@ def test_input_and_output_are_required(tmp_path):
 def test_batched_reading_emits_every_input_once(corpus, threads, prefetch, batch, gpu):
     directory, good, broken = corpus
     from transforms.images import DEAD_LETTER, ImageRef, ReadBatches
-    from transforms.preprocess import PreprocessConfig
-    from transforms.prescreen import GPU, screen
+    from engines.pillow_decoder import PreprocessConfig
+    from engines.prescreen import GPU, screen
 
     refs = [ImageRef(p) for p in good] + [ImageRef(os.path.join(directory, b)) for b in broken]
     refs.append(ImageRef(os.path.join(directory, "missing.jpg"), id="m"))
@@ -267,7 +267,7 @@ def test_describe_failure_handles_exceptions_and_beams_tuples():
 ])
 def test_setup_mistakes_fail_at_start_naming_the_flag(corpus, model_path, tmp_path, flags, message):
     directory, _, _ = corpus
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(UsageError, match=message):
         classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), *flags])
     assert classify_images.main(["--input", directory, "--output", str(tmp_path / "o"), *flags]) == 2
     assert not (tmp_path / "o").exists()  # nothing ran
