@@ -47,3 +47,18 @@ def test_onnxruntime_job_builds_without_gpu_modules(tmp_path):
         """)
     assert result.returncode == 0, result.stderr
     assert "built onnxruntime" in result.stdout
+
+
+def test_the_environment_that_runs_jobs_has_no_torch():
+    """Beam's RunInference imports torch whenever it is importable (~2 s of every job's start on 2
+    cores, issue 13), so `make` keeps torch in .venv-export, which only exports the model."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        pytest.skip(f"runs in the repository's .venv (what `make test` uses), not in {sys.prefix}")
+    assert importlib.util.find_spec("torch") is None, (
+        "torch is installed in .venv, the environment that runs jobs: every job would import it at start; "
+        "export tooling belongs in .venv-export (requirements-export.txt, `make model`)")
