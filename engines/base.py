@@ -3,7 +3,8 @@
 An engine owns a loaded model and runs named tensors through it:
 ``infer({"images": uint8[N, 224, 224, 3]}) -> {"logits": float32[N, 1000]}``.
 Nothing in this module imports an inference library; ``transforms/`` talks to
-engines only through :class:`Engine`, :class:`TensorSpec` and :class:`EngineError`.
+engines through :class:`Engine`, :class:`TensorSpec` and :class:`EngineError` (and the
+pure image code; README, "How it is built").
 """
 
 from __future__ import annotations
@@ -175,16 +176,20 @@ class Engine(abc.ABC):
 
     #: Short name used in stats and logs ("onnxruntime", "tensorrt").
     kind: str = "engine"
+    #: Input and output specs by name, in model order: set by each engine when it loads (or
+    #: override :attr:`input_specs` / :attr:`output_specs`).
+    _inputs: Dict[str, TensorSpec]
+    _outputs: Dict[str, TensorSpec]
 
     @property
-    @abc.abstractmethod
     def input_specs(self) -> Dict[str, TensorSpec]:
-        """Input specs by name, in model order."""
+        """Input specs by name, in model order (a copy)."""
+        return dict(self._inputs)
 
     @property
-    @abc.abstractmethod
     def output_specs(self) -> Dict[str, TensorSpec]:
-        """Output specs by name, in model order."""
+        """Output specs by name, in model order (a copy)."""
+        return dict(self._outputs)
 
     @property
     def max_batch_size(self) -> Optional[int]:

@@ -12,7 +12,7 @@ import datetime as dt
 import json
 import string
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from engines.base import EngineError, UsageError
 
@@ -201,3 +201,15 @@ def read_committed(output: str) -> Dict[str, Any]:
     if not storage.exists(path):
         raise EngineError(f"{output} has no _SUCCESS: the job finished but its commit step did not run")
     return json.loads(storage.read_bytes(path, "--output partition's commit file").decode("utf-8"))
+
+
+def read_rows(pattern: str) -> List[Dict[str, Any]]:
+    """The JSON Lines rows of every local file matching ``pattern`` (``predictions-*.jsonl``, ...),
+    file by file in name order: how the demo, the benchmark and the tests read a run's output."""
+    import glob
+
+    rows: List[Dict[str, Any]] = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path, encoding="utf-8") as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+    return rows

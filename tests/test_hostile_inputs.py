@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from pipelines import classify_images
-from tests.conftest import jpeg_bytes, photo, read_jsonl, tiny_model
+from pipelines.partitions import read_rows
+from tests.conftest import jpeg_bytes, photo
 
 REPO = Path(__file__).resolve().parent.parent
 #: No case may take longer than this (issue 12's "done means").
@@ -46,7 +47,7 @@ def _write(directory: Path, photos) -> list:
 
 
 def _rows(out: Path):
-    return read_jsonl(str(out / "predictions-*.jsonl")), read_jsonl(str(out / "dead_letter-*.jsonl"))
+    return read_rows(str(out / "predictions-*.jsonl")), read_rows(str(out / "dead_letter-*.jsonl"))
 
 
 def _contract(out: Path, inputs: int):

@@ -62,3 +62,34 @@ def test_the_environment_that_runs_jobs_has_no_torch():
     assert importlib.util.find_spec("torch") is None, (
         "torch is installed in .venv, the environment that runs jobs: every job would import it at start; "
         "export tooling belongs in .venv-export (requirements-export.txt, `make model`)")
+
+
+def _imports(path):
+    """Every module a file imports (at the top or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+#: What transforms/ may use of engines/ (README, "How it is built"): the interface, the pure image
+#: code, and - inside the model handler - the scorer and the GPU decoder it loads.
+TRANSFORMS_MAY_IMPORT = {"engines.base", "engines.pillow_decoder", "engines.prescreen", "engines.scoring",
+                         "engines.dali_decoder"}
+
+
+def test_layers_import_only_downwards():
+    upward = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / "engines").rglob("*.py") for m in _imports(p)
+              if m.split(".")[0] in ("transforms", "pipelines", "benchmarks")}
+    assert not upward, f"engines/ must not import the layers above it: {sorted(upward)}"
+    into_engines = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / "transforms").rglob("*.py") for m in _imports(p)
+                    if m.startswith("engines.") and not any(m == a or m.startswith(a + ".")
+                                                            for a in TRANSFORMS_MAY_IMPORT)}
+    assert not into_engines, f"transforms/ reaches engines/ past the README's picture: {sorted(into_engines)}"
+    assert not {m for p in (REPO / "transforms").rglob("*.py") for m in _imports(p) if m.startswith("pipelines")}

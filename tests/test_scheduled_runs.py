@@ -22,7 +22,8 @@ import pytest
 
 from engines.base import UsageError
 from pipelines import classify_images, partitions
-from tests.conftest import REPO, jpeg_bytes, photo, read_jsonl
+from pipelines.partitions import read_rows
+from tests.conftest import REPO, jpeg_bytes, photo
 from transforms import faults
 
 FAST = ["--batch_size", "4", "--progress_every_s", "0", "--decode_threads", "2"]
@@ -33,8 +34,8 @@ def _partition(out) -> dict:
     out = Path(out)
     success = json.loads((out / "_SUCCESS").read_text()) if (out / "_SUCCESS").exists() else None
     return {"success": success, "names": sorted(os.listdir(out)),
-            "predictions": read_jsonl(str(out / "predictions-*.jsonl")),
-            "dead": read_jsonl(str(out / "dead_letter-*.jsonl")), "scored": read_jsonl(str(out / "_scored-*.jsonl"))}
+            "predictions": read_rows(str(out / "predictions-*.jsonl")),
+            "dead": read_rows(str(out / "dead_letter-*.jsonl")), "scored": read_rows(str(out / "_scored-*.jsonl"))}
 
 
 def _snapshot(out) -> dict:
