@@ -104,7 +104,7 @@ RUN python3 -m pip install \
         "scikit-image==${SCIKIT_IMAGE_VERSION}" \
         "${DALI_PACKAGE}==${DALI_VERSION}" \
         . \
- && python3 -c "import apache_beam, tensorrt, nvidia.dali, engines.tensorrt, engines.dali_decoder, transforms.tensorrt_handler, pipelines.classify_images; \
+ && python3 -c "import apache_beam, tensorrt, nvidia.dali, engines.tensorrt, engines.dali_decoder, engines.tensorrt.recipe, pipelines.classify_images; \
 from engines.tensorrt import cuda; cuda.cudart(); \
 assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \
 import numpy; print('apache-beam', apache_beam.__version__, 'tensorrt', tensorrt.__version__, 'numpy', numpy.__version__)"

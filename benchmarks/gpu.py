@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.corpus import ensure_corpus
-from benchmarks.throughput import REPO_ROOT, _read_jsonl, run_child
+from benchmarks.throughput import REPO_ROOT, run_child
+from pipelines.partitions import read_rows
 
 _LOG = logging.getLogger("benchmarks.gpu")
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "efficientnet_lite0.onnx")
@@ -72,8 +73,8 @@ def _timed(fn, count_per_call: int, min_seconds: float) -> Dict[str, Any]:
 def decode_inputs(blobs: List[bytes], batch_size: int):
     """Full batches of encoded files with their crop boxes, as the pipeline's reader makes them."""
     from engines.dali_decoder import DecodeInput
-    from transforms.preprocess import PreprocessConfig, crop_box
-    from transforms.prescreen import screen
+    from engines.pillow_decoder import PreprocessConfig, crop_box
+    from engines.prescreen import screen
 
     config = PreprocessConfig()
     out = []
@@ -90,7 +91,7 @@ def decode_inputs(blobs: List[bytes], batch_size: int):
 def measure_reader(args, paths: List[str]) -> Dict[str, Any]:
     """The pipeline's batch reader alone (read + pre-screen, GPU route), outside Beam."""
     from transforms.images import ImageRef, ReadImageBatches
-    from transforms.preprocess import PreprocessConfig
+    from engines.pillow_decoder import PreprocessConfig
 
     reader = ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=-1, prefetch=2)
     reader.setup()
@@ -152,8 +153,8 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
             "--progress_every_s", "0"] + extra + args.pipeline_args.split()
     _LOG.info("%s: %s %s", name, module, " ".join(argv))
     child = run_child(name, module, argv, args.output, args.timeout_s)
-    rows = _read_jsonl(os.path.join(out_dir, "predictions-*.jsonl"))
-    dead = _read_jsonl(os.path.join(out_dir, "dead_letter-*.jsonl"))
+    rows = read_rows(os.path.join(out_dir, "predictions-*.jsonl"))
+    dead = read_rows(os.path.join(out_dir, "dead_letter-*.jsonl"))
     timing = child.get("timing") or {}
     stats = timing.get("stats") or {}
     entry = {"name": name, "args": argv, "returncode": child["returncode"], "prediction_rows": len(rows),

@@ -10,7 +10,7 @@ engine costs. Used by ``benchmarks.gpu``; never by a real job.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -26,14 +26,6 @@ class NoopEngine(Engine):
     def __init__(self, classes: int = 1000):
         self._inputs = {"images": TensorSpec("images", np.uint8, (-1, -1, -1, 3))}
         self._outputs = {"logits": TensorSpec("logits", np.float32, (-1, classes))}
-
-    @property
-    def input_specs(self) -> Dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    @property
-    def output_specs(self) -> Dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         rows = array_info(feed["images"]).shape[0]

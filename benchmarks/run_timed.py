@@ -33,17 +33,9 @@ def runinference_metrics(result) -> dict:
         query = result.metrics().query()
     except Exception as e:  # a runner without metrics support: the timing still counts
         return {"error": f"{type(e).__name__}: {e}"}
-    found = {}
-    for dist in query["distributions"]:
-        name, value = dist.key.metric.name, dist.committed
-        if not name.startswith("inference_") or value is None or not value.count:
-            continue
-        entry = found.setdefault(name, {"sum": 0, "count": 0, "min": None, "max": None})
-        entry["sum"] += value.sum
-        entry["count"] += value.count
-        entry["min"] = value.min if entry["min"] is None else min(entry["min"], value.min)
-        entry["max"] = value.max if entry["max"] is None else max(entry["max"], value.max)
-    return found
+    from pipelines.stats import merge_distributions
+
+    return merge_distributions(query["distributions"], keep=lambda name: name.startswith("inference_"))
 
 
 def main(argv=None) -> int:

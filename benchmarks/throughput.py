@@ -46,6 +46,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.corpus import Corpus, CorpusError, _cores, ensure_corpus, preprocess_corpus
+from pipelines.partitions import read_rows
 
 _LOG = logging.getLogger("benchmarks.throughput")
 
@@ -306,12 +307,7 @@ def _error_tail(log_text: str, lines: int = 6) -> str:
     return " | ".join(tail)
 
 
-def _read_jsonl(pattern: str) -> List[Dict[str, Any]]:
-    rows = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path, encoding="utf-8") as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
-    return rows
+
 
 
 def _finish_run(entry: Dict[str, Any], child: Dict[str, Any], images: int, top1: Dict[str, int]) -> Dict[str, Any]:
@@ -351,8 +347,8 @@ def run_ours(args, corpus: Corpus, workdir: str) -> Dict[str, Any]:
     argv += args.runner_argv
     _LOG.info("ours: pipelines.classify_images %s", " ".join(shlex.quote(a) for a in argv))
     child = run_child("ours", "pipelines.classify_images", argv, workdir, args.timeout_s)
-    rows = _read_jsonl(os.path.join(out, "predictions-*.jsonl"))
-    dead = _read_jsonl(os.path.join(out, "dead_letter-*.jsonl"))
+    rows = read_rows(os.path.join(out, "predictions-*.jsonl"))
+    dead = read_rows(os.path.join(out, "dead_letter-*.jsonl"))
     top1 = {os.path.basename(r["uri"]): int(r["top_k"][0]["class_id"]) for r in rows if r.get("top_k")}
     entry = {"name": "ours", "kind": "ours", "args": argv, "output": out, "prediction_rows": len(rows),
              "dead_letter_rows": len(dead)}

@@ -3,7 +3,8 @@
 An engine owns a loaded model and runs named tensors through it:
 ``infer({"images": uint8[N, 224, 224, 3]}) -> {"logits": float32[N, 1000]}``.
 Nothing in this module imports an inference library; ``transforms/`` talks to
-engines only through :class:`Engine`, :class:`TensorSpec` and :class:`EngineError`.
+engines through :class:`Engine`, :class:`TensorSpec` and :class:`EngineError` (and the
+pure image code; README, "How it is built").
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ class EngineError(Exception):
     """A user-facing error: bad model file, bad feed, missing library or device.
 
     The message says what failed, what was expected and the fix.
+    """
+
+
+class UsageError(Exception):
+    """A command-line mistake: a flag missing, out of range, or at odds with another flag or the model.
+
+    Kept apart from :class:`EngineError` (the model, the engine or a library failed) so callers
+    and tests can tell the two apart; both stop a command at start with exit status 2. The
+    message names the flag and the fix.
     """
 
 
@@ -166,16 +176,20 @@ class Engine(abc.ABC):
 
     #: Short name used in stats and logs ("onnxruntime", "tensorrt").
     kind: str = "engine"
+    #: Input and output specs by name, in model order: set by each engine when it loads (or
+    #: override :attr:`input_specs` / :attr:`output_specs`).
+    _inputs: Dict[str, TensorSpec]
+    _outputs: Dict[str, TensorSpec]
 
     @property
-    @abc.abstractmethod
     def input_specs(self) -> Dict[str, TensorSpec]:
-        """Input specs by name, in model order."""
+        """Input specs by name, in model order (a copy)."""
+        return dict(self._inputs)
 
     @property
-    @abc.abstractmethod
     def output_specs(self) -> Dict[str, TensorSpec]:
-        """Output specs by name, in model order."""
+        """Output specs by name, in model order (a copy)."""
+        return dict(self._outputs)
 
     @property
     def max_batch_size(self) -> Optional[int]:
@@ -192,11 +206,6 @@ class Engine(abc.ABC):
         """The largest batch the caller must respect, or None when ``infer`` takes any batch
         (an engine that splits batches itself, like the TensorRT engine, returns None)."""
         return self.max_batch_size
-
-    @property
-    def preferred_batch_sizes(self) -> Sequence[int]:
-        """Batch sizes the engine runs best at (e.g. TensorRT profile opt), maybe empty."""
-        return ()
 
     @abc.abstractmethod
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:

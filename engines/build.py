@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from engines.base import EngineError
+from engines.base import EngineError, UsageError
 from engines.tensorrt.options import HARDWARE_COMPATIBILITY, BuildOptions, Profile
 
 
@@ -53,8 +53,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     single = (args.min_batch, args.opt_batch, args.max_batch)
     if args.profile:
         if any(v is not None for v in single):
-            raise EngineError("Use either --profile MIN,OPT,MAX (repeatable) or --min_batch/--opt_batch/--max_batch, "
-                              "not both")
+            raise UsageError("Use either --profile MIN,OPT,MAX (repeatable) or --min_batch/--opt_batch/--max_batch, "
+                             "not both")
         profiles = tuple(Profile.parse(p) for p in args.profile)
     else:
         lo = 1 if args.min_batch is None else args.min_batch
@@ -89,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         built = build_plan(args.onnx, options, args.device)
         storage.write_bytes(args.output, built.plan)
         sidecar = write_sidecar(args.output, built.info)
-    except (EngineError, ImportError) as e:
+    except (UsageError, EngineError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = built.info

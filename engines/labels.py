@@ -1,4 +1,5 @@
-"""Class names: parsed from a file or from an ONNX model's ``labels`` metadata."""
+"""Class names from text: a ``--labels_file``, or an ONNX model's ``labels`` metadata (read by
+:mod:`engines.onnx_summary`, which imports this module; nothing here imports it back)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,3 @@ def parse_labels(text: Optional[str]) -> Optional[List[str]]:
             raise EngineError(f"labels look like a JSON list but do not parse: {e}") from e
     return [line for line in text.splitlines() if line.strip()]
 
-
-def onnx_labels(model: bytes) -> Optional[List[str]]:
-    """Class names from a serialized ONNX model's ``labels`` metadata (see engines.export_efficientnet)."""
-    from engines.onnx_summary import summarize_onnx  # imports this module: import when called
-
-    labels = summarize_onnx(model).labels
-    return list(labels) if labels is not None else None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -119,14 +119,6 @@ class OnnxRuntimeEngine(Engine):
         self._outputs = {n.name: _spec(n) for n in self._session.get_outputs()}
         _LOG.info("onnxruntime engine loaded %s with providers %s%s", self._name, list(self._providers),
                   f", {sessions} sessions" if sessions > 1 else "")
-
-    @property
-    def input_specs(self) -> Dict[str, TensorSpec]:
-        return dict(self._inputs)
-
-    @property
-    def output_specs(self) -> Dict[str, TensorSpec]:
-        return dict(self._outputs)
 
     @property
     def providers(self) -> Tuple[str, ...]:

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from engines.base import Engine, EngineError, TensorSpec
+from engines.base import Engine, EngineError, TensorSpec, UsageError
 
 _LOG = logging.getLogger(__name__)
 
@@ -117,20 +117,15 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
     return images
 
 
-def resize_center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resizes the shorter side (bilinear, to 256/224 of the crop) and centre-crops to height x width.
-
-    A small local stand-in for the pipeline's preprocessing (``engines`` must not import
-    ``transforms``); both engines see the same pixels, which is what the comparison needs.
-    """
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """The pipeline's own resize-and-crop (:func:`engines.pillow_decoder.resize_and_crop`) to a
+    ``size`` x ``size`` model input, the shorter side first resized to 256/224 of it (256 for 224),
+    as the pipeline's defaults do."""
     from PIL import Image
 
-    pil = Image.fromarray(image)
-    scale = max(height, width) * 256 / 224 / min(pil.size)
-    size = (max(width, round(pil.size[0] * scale)), max(height, round(pil.size[1] * scale)))
-    pil = pil.resize(size, Image.Resampling.BILINEAR)
-    left, top = (size[0] - width) // 2, (size[1] - height) // 2
-    return np.asarray(pil.crop((left, top, left + width, top + height)))
+    from engines.pillow_decoder import PreprocessConfig, resize_and_crop
+
+    return resize_and_crop(Image.fromarray(image), PreprocessConfig(resize=round(size * 256 / 224), crop=size))
 
 
 def batch_for(spec: TensorSpec, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -145,7 +140,10 @@ def batch_for(spec: TensorSpec, images: Sequence[np.ndarray]) -> np.ndarray:
                           f"(N,3,H,W); validate needs an image classifier")
     nchw = shape[3] != 3
     height, width = (shape[2], shape[3]) if nchw else (shape[1], shape[2])
-    batch = np.stack([resize_center_crop(image, height, width) for image in images])
+    if height != width or height < 1:
+        raise EngineError(f"Input tensor: {spec.name} | {spec.describe()} is not a square image of fixed size; "
+                          f"validate crops square images as the pipeline does (--crop)")
+    batch = np.stack([resize_center_crop(image, height) for image in images])
     if nchw:
         batch = batch.transpose(0, 3, 1, 2)
     if spec.dtype.kind == "f":  # raw 0..255 values; the model is expected to normalise
@@ -283,7 +281,7 @@ def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
         from engines.onnxruntime_engine import OnnxRuntimeLoader
 
         if not args.onnx_path or args.engine_path:
-            raise EngineError("--engine onnxruntime runs --onnx_path (not --engine_path)")
+            raise UsageError("--engine onnxruntime runs --onnx_path (not --engine_path)")
         return OnnxRuntimeLoader(args.onnx_path)(), _onnx_precision(args.onnx_path)
     from engines.tensorrt.loader import TensorRTLoader
 
@@ -321,7 +319,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                          min_top1=base.min_top1 if args.min_top1 is None else args.min_top1)
         with candidate, OnnxRuntimeLoader(args.reference)() as reference:
             report = compare(candidate, reference, images, precision, tol, args.output_name, args.batch_size)
-    except (EngineError, ImportError) as e:
+    except (UsageError, EngineError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{report.images} images, output {report.output!r}, {report.precision}: max |logits diff| "

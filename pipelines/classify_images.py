@@ -33,17 +33,17 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
-from engines.base import EngineError
+from engines.base import EngineError, UsageError
+from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
+from engines.pillow_decoder import PreprocessConfig
 from pipelines import partitions
 from pipelines.engine_registry import engine_names
 from pipelines.stats import ProgressPrinter, collect_metrics, committed_stats, write_stats
-from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
 from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
-from transforms.decode import DEFAULT_READ_TIMEOUT_S
-from transforms.preprocess import PreprocessConfig
+from transforms.reading import DEFAULT_READ_TIMEOUT_S
 from transforms.scored import CheckScored
 from transforms.sinks import FORMATS
 
@@ -204,11 +204,11 @@ def resolve_decode(options: ClassifyOptions, local: bool) -> Tuple[str, str]:
     missing = gpu_decode_unavailable() if local else None
     if mode == "gpu":
         if not on_gpu:
-            raise EngineError("--decode gpu feeds decoded images on the GPU to the engine, which runs on the CPU "
-                              "here: add --providers cuda (or --engine tensorrt), or pass --decode cpu")
+            raise UsageError("--decode gpu feeds decoded images on the GPU to the engine, which runs on the CPU "
+                             "here: add --providers cuda (or --engine tensorrt), or pass --decode cpu")
         if missing:
-            raise EngineError(f"--decode gpu cannot run here: {missing}. Install the gpu extra "
-                              f"(pip install -e '.[gpu]') on a CUDA machine, or pass --decode cpu")
+            raise UsageError(f"--decode gpu cannot run here: {missing}. Install the gpu extra "
+                             f"(pip install -e '.[gpu]') on a CUDA machine, or pass --decode cpu")
         return "gpu", "asked for"
     if not on_gpu:
         return "cpu", "auto: the engine runs on the CPU"
@@ -246,7 +246,7 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
                                          threads=options.dali_threads if options.dali_threads > 0
                                          else min(16, os.cpu_count() or 1))
         except EngineError as e:
-            raise EngineError(f"bad decode flags: {e} (see --hw_decoder_load, --dali_threads, --batch_size)") from None
+            raise UsageError(f"bad decode flags: {e} (see --hw_decoder_load, --dali_threads, --batch_size)") from None
         info = {**info, "decode": decode, "hw_decoder_load": options.hw_decoder_load if decode == "gpu" else None}
     else:
         info = {**info, "decode": "cpu"}
@@ -313,7 +313,7 @@ def preprocess_config(options: ClassifyOptions) -> PreprocessConfig:
         return PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
                                 draft=not options.no_jpeg_draft)
     except ValueError as e:
-        raise EngineError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
+        raise UsageError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
 
 
 def check_setup(options: ClassifyOptions) -> PreprocessConfig:
@@ -335,8 +335,8 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     summary = _onnx_summary(model, "--model" if options.engine == "onnxruntime" else "--onnx_path")
     outputs = [name for name, _, _ in summary.outputs]
     if options.output_name not in outputs:
-        raise EngineError(f"--output_name {options.output_name!r} is not an output of {model}; its outputs are "
-                          f"{outputs}")
+        raise UsageError(f"--output_name {options.output_name!r} is not an output of {model}; its outputs are "
+                         f"{outputs}")
     if len(summary.inputs) != 1:
         raise EngineError(f"{model} has {len(summary.inputs)} inputs {[n for n, _, _ in summary.inputs]}; this "
                           f"pipeline feeds one batch of images (uint8 [N, crop, crop, 3])")
@@ -347,8 +347,8 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
                           f"inside (see `python -m engines.export_efficientnet --help`)")
     fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
     if any(d != config.crop for d in fixed):
-        raise EngineError(f"--crop {config.crop} does not fit {model}: its input {name!r} is {list(dims)}; pass "
-                          f"--crop {fixed[0]} (and --resize >= {fixed[0]})")
+        raise UsageError(f"--crop {config.crop} does not fit {model}: its input {name!r} is {list(dims)}; pass "
+                         f"--crop {fixed[0]} (and --resize >= {fixed[0]})")
     return config
 
 
@@ -364,15 +364,15 @@ def check_input(path: str) -> None:
         try:
             check_manifest(path)
         except ManifestError as e:
-            raise EngineError(f"--input {path}: {e}") from None
+            raise UsageError(f"--input {path}: {e}") from None
         return
     if "://" not in path and os.path.isdir(path):
         try:
             with os.scandir(path):
                 pass
         except OSError as e:
-            raise EngineError(f"--input {path} is a directory the job cannot list ({e.strerror}); give the job's "
-                              f"user read and execute permission on it") from None
+            raise UsageError(f"--input {path} is a directory the job cannot list ({e.strerror}); give the job's "
+                             f"user read and execute permission on it") from None
     pattern = normalize_pattern(path)
     try:
         with warnings.catch_warnings():
@@ -380,13 +380,13 @@ def check_input(path: str) -> None:
             warnings.simplefilter("ignore", FutureWarning)
             matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
     except Exception as e:  # Beam raises BeamIOError and friends
-        raise EngineError(f"Cannot list --input {path}: {e}") from e
+        raise UsageError(f"Cannot list --input {path}: {e}") from e
     if not matched:
         hint = (" A folder in a bucket needs a trailing slash (gs://bucket/dir/) or a glob (gs://bucket/dir/*.jpg)."
                 if "://" in path and not path.endswith("/") and not has_glob(path) else "")
         if path.startswith("~"):
             hint += " A quoted '~' is not expanded: write the full path ($HOME/...)."
-        raise EngineError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
+        raise UsageError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
 
 
 def check_flags(options: ClassifyOptions) -> None:
@@ -405,12 +405,12 @@ def check_flags(options: ClassifyOptions) -> None:
     ]
     for flag, value, least in rules:
         if value is not None and not value >= least:  # "not >=": NaN is out of range too
-            raise EngineError(f"{flag} must be >= {least}, got {value}")
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
     if options.batch_size and options.min_batch_size and options.min_batch_size > options.batch_size:
-        raise EngineError(f"--min_batch_size {options.min_batch_size} is larger than --batch_size "
-                          f"{options.batch_size}; lower it or raise --batch_size")
+        raise UsageError(f"--min_batch_size {options.min_batch_size} is larger than --batch_size "
+                         f"{options.batch_size}; lower it or raise --batch_size")
     if options.model_copies > 1 and not options.share_model_across_processes:
-        raise EngineError("--model_copies > 1 needs --share_model_across_processes (one copy per GPU)")
+        raise UsageError("--model_copies > 1 needs --share_model_across_processes (one copy per GPU)")
 
 
 #: ONNX Runtime on CPU took 70-85 x a batch's uint8 input bytes of extra resident memory for
@@ -458,9 +458,9 @@ def check_batch(options: ClassifyOptions, config: PreprocessConfig, local: bool)
                               f"the last batch of a run is shorter, so export the model with a dynamic batch "
                               f"dimension (see `python -m engines.export_efficientnet --help`)")
         if (options.batch_size or 1) != 1 or (options.min_batch_size or 1) != 1:
-            raise EngineError(f"--batch_size {options.batch_size} does not fit {model}: its input {name!r} is "
-                              f"{list(dims)}, a fixed batch of 1; pass --batch_size 1 or export the model with a "
-                              f"dynamic batch dimension")
+            raise UsageError(f"--batch_size {options.batch_size} does not fit {model}: its input {name!r} is "
+                             f"{list(dims)}, a fixed batch of 1; pass --batch_size 1 or export the model with a "
+                             f"dynamic batch dimension")
         options.batch_size = options.min_batch_size = 1
         _LOG.info("batch size 1 chosen from the model's fixed batch dimension (%s is %s)", name, list(dims))
     if not local or options.providers.strip().lower() != "cpu":
@@ -475,9 +475,9 @@ def check_batch(options: ClassifyOptions, config: PreprocessConfig, local: bool)
     need = (batch * ACTIVATION_BYTES_PER_INPUT_BYTE * sessions + prefetch + batch) * image_bytes
     if limit and need > 0.8 * limit:
         fits = int(0.8 * limit / image_bytes / (ACTIVATION_BYTES_PER_INPUT_BYTE * sessions + 3))
-        raise EngineError(f"--batch_size {batch} needs about {need / 2**30:.1f} GiB (activations of "
-                          f"{sessions} concurrent batch(es) and {prefetch} prefetched images), over the "
-                          f"{limit / 2**30:.1f} GiB this job may use; pass --batch_size {max(fits, 1)} or less")
+        raise UsageError(f"--batch_size {batch} needs about {need / 2**30:.1f} GiB (activations of "
+                         f"{sessions} concurrent batch(es) and {prefetch} prefetched images), over the "
+                         f"{limit / 2**30:.1f} GiB this job may use; pass --batch_size {max(fits, 1)} or less")
 
 
 def check_output(output: str, input_path: str) -> None:
@@ -503,26 +503,26 @@ def check_output(output: str, input_path: str) -> None:
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
             what = "is an existing file" if probe == os.path.abspath(output) else f"is under the file {probe}"
-            raise EngineError(f"--output {output} {what}; pass a directory (it is created if missing)")
+            raise UsageError(f"--output {output} {what}; pass a directory (it is created if missing)")
         if not os.access(probe, os.W_OK | os.X_OK):
-            raise EngineError(f"--output {output}: the job's user cannot write to {probe}; pass a writable "
-                              f"directory")
+            raise UsageError(f"--output {output}: the job's user cannot write to {probe}; pass a writable "
+                             f"directory")
         if os.path.isdir(input_path) and not has_glob(input_path):
             inside = os.path.commonpath([os.path.realpath(input_path), os.path.realpath(output)])
             if inside == os.path.realpath(input_path):
-                raise EngineError(f"--output {output} is inside --input {input_path}, which is scored recursively: "
-                                  f"a rerun would score the results as images; pass an output directory outside "
-                                  f"it")
+                raise UsageError(f"--output {output} is inside --input {input_path}, which is scored recursively: "
+                                 f"a rerun would score the results as images; pass an output directory outside "
+                                 f"it")
     try:
         earlier = [m.path for prefix in ("predictions-", "dead_letter-")
                    for m in FileSystems.match([storage.join(output, prefix + "*")], limits=[1])[0].metadata_list]
     except Exception:  # a folder that does not exist yet has nothing to list
         earlier = []
     if earlier and not partitions.is_partition(output):
-        raise EngineError(f"--output {output} already holds results of an earlier run ({earlier[0]}) that this "
-                          f"pipeline did not commit (no _SUCCESS or _scored files: an older version or another "
-                          f"tool wrote them); a rerun replaces only a partition it committed, and these files would "
-                          f"mix with this run's: pass a new directory or delete them")
+        raise UsageError(f"--output {output} already holds results of an earlier run ({earlier[0]}) that this "
+                         f"pipeline did not commit (no _SUCCESS or _scored files: an older version or another "
+                         f"tool wrote them); a rerun replaces only a partition it committed, and these files would "
+                         f"mix with this run's: pass a new directory or delete them")
 
 
 def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
@@ -640,7 +640,7 @@ def apply_local_defaults(options: PipelineOptions, argv: Sequence[str]) -> Optio
             f"--intra_op_threads {cores // 2} (pass any of them to choose yourself)")
 
 
-def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Dict[str, Any]:
+def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats."""
     # ClassifyOptions(argv), not PipelineOptions(argv): only the former lists our flags in --help.
     options = ClassifyOptions(argv)
@@ -648,7 +648,7 @@ def run(argv: Optional[List[str]] = None, save_main_session: bool = False) -> Di
     # Not argparse's required=True: Beam parses every registered options class for every
     # pipeline in the process, so a required flag here would break unrelated pipelines.
     if not opts.input or not opts.output:
-        raise EngineError("--input and --output are required (see --help)")
+        raise UsageError("--input and --output are required (see --help)")
     partitions.resolve_dated_flags(opts)
     partitions.fault_plan(opts)  # the hidden test switch, checked before anything runs
     check_flags(opts)
@@ -712,7 +712,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     try:
         stats = run(argv if argv is not None else sys.argv[1:])
-    except (EngineError, ImportError) as e:
+    except (UsageError, EngineError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     unlistable = stats.get("unlistable_directories")

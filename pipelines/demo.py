@@ -17,10 +17,12 @@ import io
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 from PIL import Image
+
+from pipelines.partitions import read_rows
 
 # (file name, skimage.data function, how to save it): every common mode the pipeline converts.
 PHOTOS = [
@@ -101,14 +103,6 @@ def write_broken(directory: str) -> List[str]:
     return paths
 
 
-def _read_rows(pattern: str) -> List[Dict]:
-    rows = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path, encoding="utf-8") as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
-    return rows
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="demo_output", help="Output directory. Default: demo_output.")
@@ -128,8 +122,8 @@ def main(argv=None) -> int:
     code = classify(["--input", manifest, "--output", args.output, "--top_k", "3"] + beam_args)
     if code:
         return code
-    predictions = _read_rows(os.path.join(args.output, "predictions-*.jsonl"))
-    dead = _read_rows(os.path.join(args.output, "dead_letter-*.jsonl"))
+    predictions = read_rows(os.path.join(args.output, "predictions-*.jsonl"))
+    dead = read_rows(os.path.join(args.output, "dead_letter-*.jsonl"))
     with open(os.path.join(args.output, "stats.json")) as f:
         stats = json.load(f)
     print(f"\nTop predictions ({len(predictions)} images):")

@@ -18,12 +18,12 @@ from __future__ import annotations
 import importlib
 from typing import Any, List
 
-from engines.base import EngineError, EngineRecipe
+from engines.base import EngineRecipe, UsageError
 
 #: Engine name -> module exposing ``cli_on_gpu`` and ``cli_recipe``.
 ENGINES = {
     "onnxruntime": "engines.onnxruntime_engine",
-    "tensorrt": "transforms.tensorrt_handler",
+    "tensorrt": "engines.tensorrt.recipe",
 }
 
 
@@ -33,7 +33,7 @@ def engine_names() -> List[str]:
 
 def _module(name: str):
     if name not in ENGINES:
-        raise EngineError(f"--engine {name!r} is not one of {engine_names()}")
+        raise UsageError(f"--engine {name!r} is not one of {engine_names()}")
     return importlib.import_module(ENGINES[name])
 
 

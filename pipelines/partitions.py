@@ -12,9 +12,9 @@ import datetime as dt
 import json
 import string
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from engines.base import EngineError
+from engines.base import EngineError, UsageError
 
 #: Placeholders ``--input`` and ``--output`` may hold, and what fills them.
 PLACEHOLDERS = ("date",)
@@ -43,8 +43,8 @@ def parse_run_date(value: Optional[str], now: Optional[dt.datetime] = None) -> d
             raise ValueError("not 10 characters")
         return dt.date.fromisoformat(text)
     except ValueError:
-        raise EngineError(f"--run_date {value!r} is not a date: use YYYY-MM-DD (e.g. 2024-05-31), 'today' or "
-                          f"'yesterday' (UTC); the default is today (UTC)") from None
+        raise UsageError(f"--run_date {value!r} is not a date: use YYYY-MM-DD (e.g. 2024-05-31), 'today' or "
+                         f"'yesterday' (UTC); the default is today (UTC)") from None
 
 
 def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
@@ -59,12 +59,12 @@ def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
         fields = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
         unknown = [name for name in fields if name not in PLACEHOLDERS]
         if unknown:
-            raise EngineError(f"{flag} {value!r} has the unknown placeholder {{{unknown[0]}}}; the only placeholder "
-                              f"is {{date}} (filled from --run_date); write {{{{ and }}}} for literal braces")
+            raise UsageError(f"{flag} {value!r} has the unknown placeholder {{{unknown[0]}}}; the only placeholder "
+                             f"is {{date}} (filled from --run_date); write {{{{ and }}}} for literal braces")
         return value.format(date=run_date.isoformat())
     except (ValueError, IndexError, KeyError) as e:
-        raise EngineError(f"{flag} {value!r} is not a valid template ({e}); the only placeholder is {{date}}, "
-                          f"write {{{{ and }}}} for literal braces") from None
+        raise UsageError(f"{flag} {value!r} is not a valid template ({e}); the only placeholder is {{date}}, "
+                         f"write {{{{ and }}}} for literal braces") from None
 
 
 def new_run_id(now: Optional[dt.datetime] = None) -> str:
@@ -121,7 +121,7 @@ def fault_plan(opts):
     try:
         return FaultPlan.parse(getattr(opts, "test_faults", None))
     except ValueError as e:
-        raise EngineError(str(e)) from None
+        raise UsageError(str(e)) from None
 
 
 def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None):
@@ -201,3 +201,15 @@ def read_committed(output: str) -> Dict[str, Any]:
     if not storage.exists(path):
         raise EngineError(f"{output} has no _SUCCESS: the job finished but its commit step did not run")
     return json.loads(storage.read_bytes(path, "--output partition's commit file").decode("utf-8"))
+
+
+def read_rows(pattern: str) -> List[Dict[str, Any]]:
+    """The JSON Lines rows of every local file matching ``pattern`` (``predictions-*.jsonl``, ...),
+    file by file in name order: how the demo, the benchmark and the tests read a run's output."""
+    import glob
+
+    rows: List[Dict[str, Any]] = []
+    for path in sorted(glob.glob(pattern)):
+        with open(path, encoding="utf-8") as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+    return rows

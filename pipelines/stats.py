@@ -13,6 +13,29 @@ from PIL import Image, ImageDraw, ImageFont
 from transforms.timing import HISTOGRAM_PREFIX, NAMESPACE, STAGES, Progress, percentile_from_buckets
 
 
+def merge_distributions(results, keep=lambda name: True) -> Dict[str, Dict[str, Any]]:
+    """Beam distribution results merged by metric name (steps and workers report apart).
+
+    Args:
+        results: ``DistributionResult``s, as ``result.metrics().query()["distributions"]`` lists them.
+        keep: Which metric names to merge. Default: all.
+
+    Returns:
+        ``{name: {"sum", "count", "min", "max"}}``; empty distributions are left out.
+    """
+    merged: Dict[str, Dict[str, Any]] = {}
+    for dist in results:
+        name, value = dist.key.metric.name, dist.committed
+        if value is None or not value.count or not keep(name):
+            continue
+        entry = merged.setdefault(name, {"sum": 0, "count": 0, "min": None, "max": None})
+        entry["sum"] += value.sum
+        entry["count"] += value.count
+        entry["min"] = value.min if entry["min"] is None else min(entry["min"], value.min)
+        entry["max"] = value.max if entry["max"] is None else max(entry["max"], value.max)
+    return merged
+
+
 def collect_metrics(result) -> Dict[str, Any]:
     """Reads this project's counters and distributions from a finished pipeline result.
 
@@ -22,7 +45,7 @@ def collect_metrics(result) -> Dict[str, Any]:
     from apache_beam.metrics.metric import MetricsFilter
 
     query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
-    counters, buckets, distributions = {}, {}, {}
+    counters, buckets = {}, {}
     for counter in query["counters"]:
         name, value = counter.key.metric.name, counter.committed or 0
         if name.startswith(HISTOGRAM_PREFIX):
@@ -30,16 +53,7 @@ def collect_metrics(result) -> Dict[str, Any]:
             buckets[index] = buckets.get(index, 0) + value
         else:
             counters[name] = counters.get(name, 0) + value
-    for dist in query["distributions"]:
-        value = dist.committed
-        if value is None or not value.count:
-            continue
-        entry = distributions.setdefault(dist.key.metric.name, {"sum": 0, "count": 0, "min": None, "max": None})
-        entry["sum"] += value.sum
-        entry["count"] += value.count
-        entry["min"] = value.min if entry["min"] is None else min(entry["min"], value.min)
-        entry["max"] = value.max if entry["max"] is None else max(entry["max"], value.max)
-    return {"counters": counters, "distributions": distributions, "buckets": buckets}
+    return {"counters": counters, "distributions": merge_distributions(query["distributions"]), "buckets": buckets}
 
 
 def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[int], engine: Dict[str, Any],
@@ -169,7 +183,7 @@ def slow_reads_note(older_than_s: float, most: int = 3) -> str:
     Reads run in the launcher's process on local in-process runs (the DirectRunner's default
     here); a multi_processing worker's reads are not seen, though their timeouts still apply.
     """
-    from transforms.decode import IN_FLIGHT
+    from transforms.reading import IN_FLIGHT
 
     slow = IN_FLIGHT.older_than(older_than_s)
     if not slow:

@@ -135,17 +135,3 @@ def sum_model(tmp_path) -> str:
 @pytest.fixture
 def multi_model(tmp_path) -> str:
     return tiny_model(tmp_path / "multi.onnx", "multi")
-
-
-def read_jsonl(pattern: str):
-    import glob
-    import json
-
-    rows = []
-    for path in sorted(glob.glob(pattern)):
-        with open(path, encoding="utf-8") as f:
-            rows.extend(json.loads(line) for line in f if line.strip())
-    return rows
-
-
-os.environ.setdefault("PYTHONHASHSEED", "0")

@@ -81,25 +81,25 @@ def test_pins_fall_inside_setup_py_ranges():
 def test_constraints_file_carries_every_pin():
     constraints = re.search(r"printf '%s\\n' (.*?)> /opt/constraints.txt", DOCKERFILE, flags=re.S).group(1)
     listed = dict(re.findall(r'"([\w-]+)==\$\{?(\w+)\}?"', constraints))
-    assert listed == {"numpy": "numpy_version", "onnx": "ONNX_VERSION", "onnxruntime": "ONNXRUNTIME_VERSION",
-                      "pillow": "PILLOW_VERSION", "pyarrow": "PYARROW_VERSION", "apache-beam": "BEAM_VERSION",
-                      "cuda-python": "CUDA_PYTHON_VERSION", "onnxconverter-common": "ONNXCONVERTER_COMMON_VERSION",
-                      "pytest": "PYTEST_VERSION", "scikit-image": "SCIKIT_IMAGE_VERSION"}
+    # Every package the worker installs from setup.py is held to a pin, and every pin is one from the top.
+    missing = set(_setup_requirements()) - set(listed)
+    assert not missing, f"setup.py installs {sorted(missing)} in the worker with no pin in /opt/constraints.txt"
+    assert set(listed.values()) <= set(_top_args()) | {"numpy_version"}, listed
     assert "ENV PIP_CONSTRAINT=/opt/constraints.txt" in DOCKERFILE
 
 
 def test_beam_sdk_harness_matches_and_boots_the_worker():
     stages = _stages()
-    assert stages["beam_sdk"].startswith("apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk")
-    assert _top_args()["PYTHON_VERSION"] == "3.12"
+    # The harness comes from the same Beam release and Python minor the worker installs and runs.
+    assert re.match(r"apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\} ", stages["beam_sdk"])
     worker = stages["worker"]
     assert worker.startswith("${TENSORRT_IMAGE} AS worker")
     assert re.search(r"^COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam$", worker, flags=re.M)
     assert "RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in worker  # no fresh virtualenv on every worker start
-    # The installed Beam must be the harness's release; the build checks it, and the base image's Python.
-    assert '"apache-beam[gcp]==${BEAM_VERSION}"' in worker
-    assert "assert apache_beam.__version__ == '${BEAM_VERSION}'" in worker
-    assert "assert sys.version_info[:2] == want" in worker
+    assert re.search(r"apache-beam(\[\w+\])?==\$\{BEAM_VERSION\}", worker)
+    # ... and the build proves it: the installed Beam and the base image's Python are checked.
+    assert re.search(r"apache_beam\.__version__ == .\$\{BEAM_VERSION\}", worker)
+    assert re.search(r"sys\.version_info\[:2\]", worker) and "${PYTHON_VERSION}" in worker
     assert stages["default"].strip() == "worker"  # `docker build .` gives the worker, not the test stage
 
 

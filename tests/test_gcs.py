@@ -257,9 +257,9 @@ def test_manifest_missing_object_is_a_read_dead_letter_with_its_id(gcs, images):
 
 
 def test_folder_without_trailing_slash_fails_at_start_with_the_fix(gcs, images):
-    from engines.base import EngineError
+    from engines.base import UsageError
 
-    with pytest.raises(EngineError, match=r"matches no files.*trailing slash \(gs://bucket/dir/\)"):
+    with pytest.raises(UsageError, match=r"matches no files.*trailing slash \(gs://bucket/dir/\)"):
         _run(["--input", f"gs://{BUCKET}/images", "--output", f"gs://{BUCKET}/out-noslash"])
 
 

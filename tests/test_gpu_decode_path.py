@@ -14,8 +14,8 @@ from PIL import Image
 
 from engines.base import EngineError
 from tests.conftest import jpeg_bytes, photo
-from transforms.preprocess import PreprocessConfig, preprocess_image
-from transforms.prescreen import CPU, GPU, exif_orientation, screen
+from engines.pillow_decoder import PreprocessConfig, preprocess_image
+from engines.prescreen import CPU, GPU, exif_orientation, screen
 
 dali = pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
 
@@ -92,7 +92,7 @@ def test_exif_orientation_is_read_and_transposed_sizes_swap():
 def decode_input(datas):
     """A DecodeInput with each file's crop box from its header, as the reader makes it."""
     from engines.dali_decoder import DecodeInput
-    from transforms.preprocess import crop_box
+    from engines.pillow_decoder import crop_box
 
     boxes = []
     for data in datas:

@@ -23,7 +23,8 @@ import pytest
 from PIL import Image
 
 from pipelines import classify_images
-from tests.conftest import jpeg_bytes, photo, read_jsonl, tiny_model
+from pipelines.partitions import read_rows
+from tests.conftest import jpeg_bytes, photo
 
 REPO = Path(__file__).resolve().parent.parent
 #: No case may take longer than this (issue 12's "done means").
@@ -46,7 +47,7 @@ def _write(directory: Path, photos) -> list:
 
 
 def _rows(out: Path):
-    return read_jsonl(str(out / "predictions-*.jsonl")), read_jsonl(str(out / "dead_letter-*.jsonl"))
+    return read_rows(str(out / "predictions-*.jsonl")), read_rows(str(out / "dead_letter-*.jsonl"))
 
 
 def _contract(out: Path, inputs: int):
@@ -94,7 +95,7 @@ def test_fifo_among_the_inputs_is_a_dead_letter_and_the_job_finishes(model_path,
 
 
 def test_non_regular_files_are_refused_without_opening_them(tmp_path):
-    from transforms.decode import not_a_regular_file
+    from transforms.reading import not_a_regular_file
 
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
@@ -108,7 +109,7 @@ def test_non_regular_files_are_refused_without_opening_them(tmp_path):
 def test_a_stalled_read_times_out_and_progress_names_it(tmp_path):
     # A FIFO with no writer is a real read that never finishes: read_with_timeout must give up.
     from pipelines.stats import slow_reads_note
-    from transforms.decode import ReadTimeout, read_with_timeout
+    from transforms.reading import ReadTimeout, read_with_timeout
 
     fifo = str(tmp_path / "stuck.jpg")
     os.mkfifo(fifo)
@@ -135,9 +136,9 @@ def test_a_stalled_read_times_out_and_progress_names_it(tmp_path):
 
 
 def test_a_stalled_read_becomes_a_read_dead_letter(tmp_path, monkeypatch):
-    import transforms.decode as decode
-    from transforms.decode import load_image, not_a_regular_file
-    from transforms.preprocess import PreprocessConfig
+    import transforms.reading as decode
+    from transforms.reading import load_image, not_a_regular_file
+    from engines.pillow_decoder import PreprocessConfig
 
     # A FIFO is refused before any read (not_a_regular_file); here the read itself must time out,
     # as a stuck gs:// object or network mount would (URLs are not stat'ed).
@@ -386,7 +387,7 @@ def test_symlink_loop_is_not_called_a_missing_target(model_path, tmp_path, capsy
 # 11, 14. Messages that misled.
 
 def test_bomb_message_quotes_the_max_pixels_in_force():
-    from transforms.preprocess import BadImageError, PreprocessConfig, preprocess_image
+    from engines.pillow_decoder import BadImageError, PreprocessConfig, preprocess_image
 
     buf = io.BytesIO()
     Image.new("1", (20_000, 9_000)).save(buf, format="PNG")  # 180 Mpx: over twice Pillow's own limit
@@ -399,7 +400,7 @@ def test_bomb_message_quotes_the_max_pixels_in_force():
 def test_corrupt_avif_is_called_corrupt_not_unsupported():
     from PIL import features
 
-    from transforms.preprocess import BadImageError, preprocess_image
+    from engines.pillow_decoder import BadImageError, preprocess_image
 
     if not features.check("avif"):
         pytest.skip("this Pillow has no AVIF support")

@@ -47,3 +47,49 @@ def test_onnxruntime_job_builds_without_gpu_modules(tmp_path):
         """)
     assert result.returncode == 0, result.stderr
     assert "built onnxruntime" in result.stdout
+
+
+def test_the_environment_that_runs_jobs_has_no_torch():
+    """Beam's RunInference imports torch whenever it is importable (~2 s of every job's start on 2
+    cores, issue 13), so `make` keeps torch in .venv-export, which only exports the model."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
+        pytest.skip(f"runs in the repository's .venv (what `make test` uses), not in {sys.prefix}")
+    assert importlib.util.find_spec("torch") is None, (
+        "torch is installed in .venv, the environment that runs jobs: every job would import it at start; "
+        "export tooling belongs in .venv-export (requirements-export.txt, `make model`)")
+
+
+def _imports(path):
+    """Every module a file imports (at the top or inside functions)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+#: What transforms/ may use of engines/ (README, "How it is built"): the interface, the pure image
+#: code, and - inside the model handler - the scorer and the GPU decoder it loads.
+TRANSFORMS_MAY_IMPORT = {"engines.base", "engines.pillow_decoder", "engines.prescreen", "engines.scoring",
+                         "engines.dali_decoder"}
+
+
+def test_layers_import_only_downwards():
+    upward = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / "engines").rglob("*.py") for m in _imports(p)
+              if m.split(".")[0] in ("transforms", "pipelines", "benchmarks")}
+    assert not upward, f"engines/ must not import the layers above it: {sorted(upward)}"
+    into_engines = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / "transforms").rglob("*.py") for m in _imports(p)
+                    if m.startswith("engines.") and not any(m == a or m.startswith(a + ".")
+                                                            for a in TRANSFORMS_MAY_IMPORT)}
+    assert not into_engines, f"transforms/ reaches engines/ past the README's picture: {sorted(into_engines)}"
+    assert not {m for p in (REPO / "transforms").rglob("*.py") for m in _imports(p) if m.startswith("pipelines")}

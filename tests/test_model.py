@@ -10,8 +10,8 @@ import pytest
 
 from engines.onnxruntime_engine import OnnxRuntimeEngine
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, jpeg_bytes, photo
-from transforms.postprocess import top_k
-from transforms.preprocess import preprocess_image
+from transforms.postprocess import top_k_batch
+from engines.pillow_decoder import preprocess_image
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,7 @@ def test_model_contract(engine, model_path):
 
 def test_chelsea_is_a_cat_and_coffee_is_espresso_or_a_cup(engine, model_path):
     logits = _scores(engine, ["chelsea", "coffee"])
-    cat = [p["class_id"] for p in top_k(logits[0], 5)]
-    coffee = [p["class_id"] for p in top_k(logits[1], 3)]
+    cat, coffee = ([p["class_id"] for p in row[:k]] for row, k in zip(top_k_batch(logits, 5), (5, 3)))
     assert CAT_CLASSES & set(cat), cat
     assert ESPRESSO_OR_CUP & set(coffee), coffee
 
@@ -49,9 +48,10 @@ def test_batch_composition_does_not_change_scores(engine):
 
 def test_top_k_softmax_and_labels():
     logits = np.array([1.0, 3.0, 2.0, 3.0], np.float32)
-    rows = top_k(logits, 3, ["a", "b", "c", "d"])
+    rows, = top_k_batch(logits[None], 3, ["a", "b", "c", "d"])
     probs = np.exp(logits - 3) / np.exp(logits - 3).sum()
     assert [r["class_id"] for r in rows] == [1, 3, 2]
     assert [r["label"] for r in rows] == ["b", "d", "c"]
     np.testing.assert_allclose([r["score"] for r in rows], probs[[1, 3, 2]], atol=1e-6)
-    assert top_k(logits, 10)[0]["label"] == "class_1" and len(top_k(logits, 10)) == 4
+    unnamed, = top_k_batch(logits[None], 10)
+    assert unnamed[0]["label"] == "class_1" and len(unnamed) == 4

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.base import EngineError
+from engines.base import UsageError
 from pipelines import classify_images, partitions
-from tests.conftest import REPO, jpeg_bytes, photo, read_jsonl
+from pipelines.partitions import read_rows
+from tests.conftest import REPO, jpeg_bytes, photo
 from transforms import faults
 
 FAST = ["--batch_size", "4", "--progress_every_s", "0", "--decode_threads", "2"]
@@ -33,8 +34,8 @@ def _partition(out) -> dict:
     out = Path(out)
     success = json.loads((out / "_SUCCESS").read_text()) if (out / "_SUCCESS").exists() else None
     return {"success": success, "names": sorted(os.listdir(out)),
-            "predictions": read_jsonl(str(out / "predictions-*.jsonl")),
-            "dead": read_jsonl(str(out / "dead_letter-*.jsonl")), "scored": read_jsonl(str(out / "_scored-*.jsonl"))}
+            "predictions": read_rows(str(out / "predictions-*.jsonl")),
+            "dead": read_rows(str(out / "dead_letter-*.jsonl")), "scored": read_rows(str(out / "_scored-*.jsonl"))}
 
 
 def _snapshot(out) -> dict:
@@ -71,14 +72,14 @@ def test_run_date_forms_and_placeholders():
     assert partitions.parse_run_date(None, now) == dt.date(2024, 3, 1)
     assert partitions.parse_run_date("yesterday", now) == dt.date(2024, 2, 29)
     for bad in ("2024-02-30", "31/05/2024", "2024-5-31", "tomorrow"):
-        with pytest.raises(EngineError, match=r"--run_date .* is not a date: use YYYY-MM-DD"):
+        with pytest.raises(UsageError, match=r"--run_date .* is not a date: use YYYY-MM-DD"):
             partitions.parse_run_date(bad)
     day = dt.date(2024, 5, 31)
     assert partitions.fill_placeholders("--input", "gs://b/photos/dt={date}/**", day) == "gs://b/photos/dt=2024-05-31/**"
     assert partitions.fill_placeholders("--output", "/x/{{literal}}/{date}", day) == "/x/{literal}/2024-05-31"
-    with pytest.raises(EngineError, match=r"--output .* unknown placeholder \{day\}; the only placeholder is \{date\}"):
+    with pytest.raises(UsageError, match=r"--output .* unknown placeholder \{day\}; the only placeholder is \{date\}"):
         partitions.fill_placeholders("--output", "/x/dt={day}", day)
-    with pytest.raises(EngineError, match=r"--input .* is not a valid template"):
+    with pytest.raises(UsageError, match=r"--input .* is not a valid template"):
         partitions.fill_placeholders("--input", "/x/dt={date", day)
 
 
@@ -90,7 +91,7 @@ def test_bad_date_or_placeholder_stops_at_start(corpus, tmp_path, flags, message
     directory, _, _ = corpus
     argv = ["--input", directory, "--output", str(tmp_path / "o"), *flags]
     argv = [a.replace("OUT", str(tmp_path)) for a in argv]
-    with pytest.raises(EngineError, match=message):
+    with pytest.raises(UsageError, match=message):
         classify_images.run(argv)
     assert classify_images.main(argv) == 2
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob("dt=*"))
@@ -234,7 +235,7 @@ def test_retried_bundles_commit_exactly_the_clean_output(corpus, model_path, cle
 
 def test_fault_switch_is_checked_at_start(corpus, tmp_path):
     directory, _, _ = corpus
-    with pytest.raises(EngineError, match=r"--test_faults stage must be one of"):
+    with pytest.raises(UsageError, match=r"--test_faults stage must be one of"):
         classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--test_faults", "x:10:/tmp"])
 
 

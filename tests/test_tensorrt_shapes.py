@@ -59,7 +59,6 @@ def test_build_options_validation():
     assert BuildOptions.from_json(dict(BuildOptions().to_json(), contexts=2)) == BuildOptions()
     options = BuildOptions(profiles=["1,8,32", (33, 64, 128), {"min": 129, "opt": 200, "max": 256}])
     assert options.profiles == (Profile(1, 8, 32), Profile(33, 64, 128), Profile(129, 200, 256))
-    assert options.max_batch == 256
     assert BuildOptions.from_json(options.to_json()) == options
 
 
@@ -250,7 +249,7 @@ def test_sidecar_round_trip(tmp_path):
     assert data["profiles"] == [{"min": 1, "opt": 64, "max": 256}]
     assert data["tensorrt_version"] == "10.11.0.33" and data["onnx_sha256"] == "ab" * 32
     info = read_sidecar(plan)
-    assert info == _info() and info.extra["plan_sha256"] == "00" and info.max_batch == 256
+    assert info == _info() and info.extra["plan_sha256"] == "00"
 
 
 def test_sidecar_errors(tmp_path):
@@ -369,12 +368,10 @@ def test_loader_validation_and_pickling(tmp_path):
     loader = TensorRTLoader(onnx_path="gs://bucket/m.onnx", engine_cache="gs://bucket/plans",
                             build_options=BuildOptions(profiles=["1,16,64"], precision="fp16"), device="auto")
     assert pickle.loads(pickle.dumps(loader)) == loader
-    assert loader.batch_profiles() == (Profile(1, 16, 64),)
     plan = str(tmp_path / "m.plan")
     write_sidecar(plan, _info(profiles=(Profile(1, 8, 32), Profile(33, 128, 512))))
-    assert TensorRTLoader(engine_path=plan).batch_profiles() == (Profile(1, 8, 32), Profile(33, 128, 512))
-    with pytest.raises(EngineError, match="No sidecar"):
-        TensorRTLoader(engine_path=str(tmp_path / "other.plan")).batch_profiles()
+    assert TensorRTLoader(engine_path=plan).plan_info().profiles == (Profile(1, 8, 32), Profile(33, 128, 512))
+    assert TensorRTLoader(engine_path=str(tmp_path / "other.plan")).plan_info() is None
 
 
 def test_loader_missing_plan_file_says_how_to_build_one(tmp_path):

@@ -16,33 +16,17 @@ from transforms.timing import NAMESPACE, Progress, stage_distribution
 _LOG = logging.getLogger(__name__)
 
 
-def top_k(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
-    """Softmax over one example's logits and its k best classes, best first.
+def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
+    """Softmax over each row of a (n, classes) batch and its k best classes, best first (vectorized).
 
     Args:
-        logits: 1-D scores, one per class.
+        logits: Scores, one row per image.
         k: How many classes to keep (capped at the number of classes).
         labels: Class names by id, or None.
 
     Returns:
-        ``[{"class_id": int, "label": str, "score": float}, ...]``; ``label`` is
+        One ``[{"class_id", "label", "score"}, ...]`` list per row, best first; ``label`` is
         ``"class_<id>"`` when no labels are known.
-    """
-    logits = np.asarray(logits, dtype=np.float32).reshape(-1)
-    k = min(k, logits.size)
-    shifted = np.exp(logits - logits.max())
-    probs = shifted / shifted.sum()
-    best = np.argpartition(-probs, k - 1)[:k]
-    best = best[np.argsort(-probs[best], kind="stable")]
-    return [{"class_id": int(i), "label": labels[i] if labels and i < len(labels) else f"class_{int(i)}",
-             "score": round(float(probs[i]), 6)} for i in best]
-
-
-def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
-    """:func:`top_k` for every row of a (n, classes) batch at once (vectorized).
-
-    Returns:
-        One ``[{"class_id", "label", "score"}, ...]`` list per row, best first.
     """
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim != 2:
@@ -110,51 +94,6 @@ class TopKBatches(beam.DoFn):
         self._progress.flush("predictions")
 
 
-class TopK(beam.DoFn):
-    """``(ImageRef, PredictionResult)`` -> ``{"uri", ["id"], "top_k": [...]}``.
-
-    Args:
-        k: Classes kept per image.
-        labels: Class names by id, or None.
-        output_name: The engine output holding the logits. Default "logits".
-        progress_dir: Local directory for live progress counts, or None.
-    """
-
-    def __init__(self, k: int, labels: Optional[Sequence[str]], output_name: str = "logits",
-                 progress_dir: Optional[str] = None):
-        if k < 1:
-            raise ValueError(f"top_k must be >= 1, got {k}")
-        self._k = k
-        self._labels = list(labels) if labels else None
-        self._output_name = output_name
-        self._progress_dir = progress_dir
-
-    def setup(self):
-        self._us = stage_distribution("postprocess")
-        self._count = Metrics.counter(NAMESPACE, "predictions")
-        self._progress = Progress(self._progress_dir)
-
-    def process(self, element):
-        start = time.perf_counter()
-        ref, result = element
-        outputs = result.inference
-        if self._output_name not in outputs:
-            # A wrong --output_name is a setup error, not a bad record: fail loudly.
-            raise KeyError(f"engine output {self._output_name!r} not found; the model's outputs are "
-                           f"{sorted(outputs)}. Pass --output_name with one of them.")
-        row = {"uri": ref.uri}
-        if ref.id is not None:
-            row["id"] = ref.id
-        row["top_k"] = top_k(outputs[self._output_name], self._k, self._labels)
-        self._us.update(int((time.perf_counter() - start) * 1e6))
-        self._count.inc()
-        self._progress.add("predictions")
-        yield row
-
-    def finish_bundle(self):
-        self._progress.flush("predictions")
-
-
 MAX_REASON_CHARS = 600
 
 
@@ -200,4 +139,4 @@ class FailedBatchToDeadLetters(beam.DoFn):
                 yield dead_letter(ref.uri, reason, "inference", ref.id).value
 
 
-__all__ = ["top_k", "top_k_batch", "TopK", "TopKBatches", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]
+__all__ = ["top_k_batch", "TopKBatches", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]

@@ -365,10 +365,6 @@ class SlotPool:
             for slot in list(in_flight) + idle:
                 self._free.put(slot)
 
-    def run_one(self, feed: Mapping[str, Any], outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
-        """Runs one batch on a free slot (blocks until one is free)."""
-        return next(iter(self.run([feed], depth=1, outputs=outputs)))
-
     def _acquire(self, block: bool) -> Optional[ExecutionSlot]:
         try:
             return self._free.get(block=block)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import re
@@ -29,7 +28,7 @@ from typing import Callable, Optional, Tuple
 from engines import storage
 from engines.base import EngineError
 from engines.tensorrt.options import BuildOptions
-from engines.tensorrt.plan import PlanInfo, sidecar_path
+from engines.tensorrt.plan import PlanInfo, read_sidecar, write_sidecar
 
 _LOG = logging.getLogger(__name__)
 
@@ -121,15 +120,16 @@ class EngineCache:
     def lookup(self, key: str, onnx_sha256: str) -> Optional[Tuple[bytes, PlanInfo]]:
         """The cached plan and its info, or None when absent or inconsistent."""
         path = self.plan_path(key)
-        if not (storage.exists(path) and storage.exists(sidecar_path(path))):
+        if not storage.exists(path):
             return None
-        plan = storage.read_bytes(path)
         try:
-            info = PlanInfo.from_json(json.loads(storage.read_bytes(sidecar_path(path)).decode("utf-8")),
-                                      where=sidecar_path(path))
-        except (ValueError, EngineError) as e:
+            info = read_sidecar(path, required=False)
+        except EngineError as e:
             _LOG.warning("ignoring cached plan %s: %s", path, e)
             return None
+        if info is None:
+            return None
+        plan = storage.read_bytes(path)
         if info.extra.get("plan_sha256") != hashlib.sha256(plan).hexdigest() or info.onnx_sha256 != onnx_sha256:
             _LOG.warning("ignoring cached plan %s: its sidecar belongs to another plan or model (a concurrent "
                          "writer?); building again", path)
@@ -167,7 +167,6 @@ class EngineCache:
             extra.update(plan_sha256=hashlib.sha256(plan).hexdigest(), cache_key=key)
             info = dataclasses.replace(info, extra=extra)
             storage.write_bytes(path, plan)  # atomic locally; a GCS object appears whole
-            storage.write_bytes(sidecar_path(path),
-                                (json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
+            write_sidecar(path, info)
             _LOG.info("built and stored %s in %.0f s", path, time.monotonic() - start)
             return plan, info, path

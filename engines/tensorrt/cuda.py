@@ -251,16 +251,6 @@ def wait_for_stream(stream: Stream, producer: int) -> None:
         rt.cudaEventDestroy(event)  # released once the wait is satisfied; safe to destroy now
 
 
-def is_pinned(ptr: int) -> bool:
-    """True when ``ptr`` is page-locked host memory known to CUDA."""
-    rt = cudart()
-    err, attrs = rt.cudaPointerGetAttributes(ptr)
-    if err != rt.cudaError_t.cudaSuccess:
-        rt.cudaGetLastError()  # clear the sticky-free error an unknown pointer leaves
-        return False
-    return attrs.type == rt.cudaMemoryType.cudaMemoryTypeHost
-
-
 class Graph:
     """A captured CUDA graph, instantiated and ready to replay on a stream."""
 

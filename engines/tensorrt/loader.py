@@ -6,11 +6,11 @@ import dataclasses
 import logging
 import os
 import tempfile
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 from engines import storage
 from engines.base import EngineError
-from engines.tensorrt.options import BuildOptions, Profile
+from engines.tensorrt.options import BuildOptions
 from engines.tensorrt.plan import PlanInfo, read_sidecar
 
 _LOG = logging.getLogger(__name__)
@@ -86,17 +86,6 @@ class TensorRTLoader:
     def plan_info(self) -> Optional[PlanInfo]:
         """The sidecar of ``engine_path`` (None if absent or when building from ONNX); no TensorRT needed."""
         return read_sidecar(self.engine_path, required=False) if self.engine_path else None
-
-    def batch_profiles(self) -> Tuple[Profile, ...]:
-        """The engine's batch profiles, known without TensorRT (sidecar or build options).
-
-        Raises:
-            EngineError: ``engine_path`` has no sidecar to read them from.
-        """
-        if self.onnx_path:
-            return self.build_options.profiles
-        info = read_sidecar(self.engine_path, required=True)
-        return info.profiles
 
     def _device_index(self) -> int:
         if self.device != "auto":

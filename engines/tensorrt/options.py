@@ -141,11 +141,6 @@ class BuildOptions:
             raise EngineError("exclude_lean_runtime needs version_compatible=True (it only applies to "
                               "version-compatible plans)")
 
-    @property
-    def max_batch(self) -> int:
-        """The largest batch any profile accepts."""
-        return max(p.max for p in self.profiles)
-
     def key_fields(self) -> Dict[str, Any]:
         """The settings that change what plan is built (everything but the timing cache)."""
         return {

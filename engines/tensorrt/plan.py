@@ -168,10 +168,6 @@ class PlanInfo:
     labels: Optional[tuple] = None
     extra: Dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
-    @property
-    def max_batch(self) -> int:
-        return max(p.max for p in self.profiles)
-
     def to_json(self) -> Dict[str, Any]:
         data = dict(self.extra)
         data.update(

@@ -36,7 +36,7 @@ from engines.base import Engine, EngineError, Feed, Outputs, TensorSpec, array_i
 from engines.tensorrt import cuda
 from engines.tensorrt.buffers import ExecutionSlot, Rows, SlotPool, TensorLayout, nbytes
 from engines.tensorrt.deserialize import EngineFromBytes, LoadedEngine
-from engines.tensorrt.layout import DTYPES, EngineLayout, read_layout  # noqa: F401 (DTYPES: re-exported)
+from engines.tensorrt.layout import EngineLayout, read_layout
 from engines.tensorrt.plan import PlanInfo
 from engines.tensorrt.shapes import Shape, select_profile, split_points
 
@@ -257,16 +257,12 @@ class TensorRTEngine(Engine):
         """None: :meth:`infer` takes any batch size.
 
         This engine splits large batches and pads short chunks itself, knowing every
-        profile's range, so a caller (``transforms.inference.EngineModelHandler``) must not
+        profile's range, so a caller (``engines.scoring.ImageScorer``) must not
         pre-split: an even split made without the profiles can land in a profile gap or
         below a profile's min. A plain method, not a property, so that Beam's cross-process
         shared-model proxy forwards it.
         """
         return None
-
-    @property
-    def preferred_batch_sizes(self) -> Sequence[int]:
-        return sorted({opt for _, opt, _ in self.profiles})
 
     def _chunks(self, feed: Feed) -> List[Tuple[Dict[str, Rows], int]]:
         """(chunk feed, rows of it that are real) for each engine call ``feed`` needs.

@@ -62,6 +62,18 @@ def check(out, x):
     np.testing.assert_array_equal(out["z"], want["z"])
 
 
+def is_pinned(ptr: int) -> bool:
+    """True when ``ptr`` is page-locked host memory known to CUDA."""
+    from engines.tensorrt import cuda
+
+    rt = cuda.cudart()
+    err, attrs = rt.cudaPointerGetAttributes(ptr)
+    if err != rt.cudaError_t.cudaSuccess:
+        rt.cudaGetLastError()  # clear the sticky-free error an unknown pointer leaves
+        return False
+    return attrs.type == rt.cudaMemoryType.cudaMemoryTypeHost
+
+
 def test_device_info_and_errors():
     from engines.tensorrt import cuda
 
@@ -79,14 +91,14 @@ def test_pinned_and_device_buffers_are_what_they_claim(standin_cls):
     slot = make_slots(standin_cls.StandIn(D), 1, 8)[0]
     try:
         for name, buf in slot.host_buffers.items():
-            assert cuda.is_pinned(buf.ptr), name
+            assert is_pinned(buf.ptr), name
             err, flags = rt.cudaHostGetFlags(buf.ptr)
             assert err == rt.cudaError_t.cudaSuccess, (name, err)
         for name, buf in slot.device_buffers.items():
             err, attrs = rt.cudaPointerGetAttributes(buf.ptr)
             assert err == rt.cudaError_t.cudaSuccess and attrs.type == rt.cudaMemoryType.cudaMemoryTypeDevice
         pageable = np.zeros(1 << 20, np.uint8)
-        assert not cuda.is_pinned(pageable.ctypes.data)
+        assert not is_pinned(pageable.ctypes.data)
     finally:
         slot.close()
 
@@ -105,7 +117,7 @@ def test_slots_dynamic_batches_in_order(standin_cls):
             check(out, f["x"])
         with pytest.raises(EngineError, match=r"Input tensor: x \| shape \(129, 4096\) needs 528384 bytes"):
             list(pool.run([{"x": batch(129)}]))
-        check(pool.run_one({"x": batch(3, seed=9)}), batch(3, seed=9))  # the pool recovered
+        check(next(iter(pool.run([{"x": batch(3, seed=9)}], depth=1))), batch(3, seed=9))  # the pool recovered
         assert pool._free.qsize() == 2
     finally:
         pool.close()
@@ -298,7 +310,7 @@ def _threads(pool, feeds, n):
     def work(part):
         try:
             for f in part:
-                pool.run_one(f)
+                next(iter(pool.run([f], depth=1)))
         except Exception as e:  # asserted below
             errors.append(e)
 

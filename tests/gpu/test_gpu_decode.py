@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from engines.dali_decoder import DaliDecoder, DaliDecoderOptions, DecodeInput, gpu_decode_unavailable
-from transforms.preprocess import PreprocessConfig, crop_box
-from transforms.prescreen import screen
+from engines.pillow_decoder import PreprocessConfig, crop_box
+from engines.prescreen import screen
 
 
 def decode_input(datas):
@@ -62,8 +62,8 @@ def decoder():
 
 
 def test_gpu_decoder_matches_pillow_on_what_the_prescreen_sends_it(demo, decoder):
-    from transforms.preprocess import preprocess_image
-    from transforms.prescreen import GPU, screen
+    from engines.pillow_decoder import preprocess_image
+    from engines.prescreen import GPU, screen
 
     photos, _ = demo
     chosen = [p for p in photos if screen(open(p, "rb").read(), 89478485).route == GPU]

@@ -1,7 +1,9 @@
-"""Decode and preprocess one image with Pillow: bytes -> uint8 RGB (crop, crop, 3).
+"""Decode one image with Pillow and resize-and-crop it: bytes -> uint8 RGB (crop, crop, 3).
 
-Pure functions, no Beam: the DoFns in :mod:`transforms.images` call them, and
-tests compare them with an independent reference computation.
+The CPU decoder, beside the GPU one (:mod:`engines.dali_decoder`). Pure functions, no Beam:
+the batch reader (:mod:`transforms.reading`) calls them, the GPU decoder crops the box
+:func:`crop_box` gives, ``python -m engines.validate`` feeds engines :func:`resize_and_crop`
+pixels, and tests compare them with an independent reference computation.
 
 Steps: refuse empty/non-image/oversized input, JPEG draft mode (DCT-domain
 downscaling while the shorter side stays >= ``resize``), EXIF orientation,
@@ -197,6 +199,22 @@ def crop_box(width: int, height: int, config: PreprocessConfig):
     return (left * sx, top * sy, (left + config.crop) * sx, (top + config.crop) * sy)
 
 
+def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
+    """Resizes the shorter side to ``config.resize`` and centre-crops ``config.crop``, in one Pillow
+    resize of just the :func:`crop_box` region.
+
+    Args:
+        image: An RGB Pillow image.
+        config: Sizes and the resampling filter.
+
+    Returns:
+        A C-contiguous uint8 array (crop, crop, 3).
+    """
+    width, height = image.size
+    out = image.resize((config.crop, config.crop), _RESAMPLE[config.resample], box=crop_box(width, height, config))
+    return np.asarray(out, dtype=np.uint8)
+
+
 def preprocess_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
     """Decodes image bytes into a uint8 RGB array of shape (crop, crop, 3).
 
@@ -216,10 +234,7 @@ def preprocess_image(data: bytes, config: PreprocessConfig = PreprocessConfig())
         _draft(image, config)
         image = ImageOps.exif_transpose(image)  # loads the pixels
         image = _to_rgb(image)
-        width, height = image.size
-        out = image.resize((config.crop, config.crop), _RESAMPLE[config.resample],
-                           box=crop_box(width, height, config))
-        return np.asarray(out, dtype=np.uint8)
+        return resize_and_crop(image, config)
     except BadImageError:
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:

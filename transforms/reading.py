@@ -1,11 +1,11 @@
-"""Read and decode one image, in any thread or process: ``uri -> Decoded``.
+"""Read one image file by the reading rules, then pre-screen or decode it: ``uri -> Decoded``.
 
 Kept free of Beam at import time (Beam's filesystems are imported only for URLs such as
-``gs://``) so decode worker processes start fast. Never raises for a bad file: the
+``gs://``). Decoding itself is :mod:`engines.pillow_decoder`'s. Never raises for a bad file: the
 reason is returned for the dead-letter output.
 
-The reading rules live here as plain functions so any reader (the per-image DoFn today, a
-batched reader tomorrow) applies the same ones (issue 12):
+The reading rules live here as plain functions so every reader (the batch reader
+``transforms.images.ReadImageBatches`` today) applies the same ones (issue 12):
 
 * :func:`not_a_regular_file` refuses a FIFO, device, socket or directory *before* opening it
   (``open()`` on a FIFO blocks until a writer appears: one such file hung a whole job);
@@ -28,8 +28,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from transforms.prescreen import GPU, screen
-from transforms.preprocess import BadImageError, PreprocessConfig, crop_box, preprocess_image
+from engines.pillow_decoder import BadImageError, PreprocessConfig, crop_box, preprocess_image
+from engines.prescreen import GPU, screen
 
 #: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
 #: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
@@ -189,7 +189,7 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
                read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Decoded:
     """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not.
 
-    With ``gpu_decode``, an image the header pre-screen (:mod:`transforms.prescreen`) finds
+    With ``gpu_decode``, an image the header pre-screen (:mod:`engines.prescreen`) finds
     sound and DALI-safe is returned undecoded (``encoded``) for the GPU decoder; every other
     one is decoded here with Pillow, so broken files get the same reasons as on the CPU path.
 
