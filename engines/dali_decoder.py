@@ -8,10 +8,11 @@ the same graph on the CPU (``device_id=None``), for CI and for debugging decode 
 a laptop.
 
 The graph reproduces ``engines.pillow_decoder`` exactly as defined there: the shorter side
-scaled to ``resize`` (rounded half up), the centre ``crop`` x ``crop`` of that, taken as one
-antialiased linear resize of the matching source region (``crop_box``), EXIF orientation
-applied. The region is computed inside the graph from the header (``peek_image_shape``), so
-the only input is the encoded bytes.
+scaled to ``resize``, the centre ``crop`` x ``crop`` of that, taken as one antialiased linear
+resize of the matching source region, EXIF orientation applied. By default the caller passes each
+image's region (``crop_box`` of the header size the pre-screen read, the CPU path's own function);
+``crop_box="graph"`` computes it inside the graph from ``peek_image_shape`` instead (no caller
+input, ~15 per-sample CPU operators: 12.8k vs 15.3k images/s on an H100 host, benchmarks/NOTES.md).
 
 Decoding runs ahead: up to ``prefetch`` batches are decoded while the caller uses the current
 one (DALI's scheduled API). A batch DALI fails on breaks the pipeline object; the decoder
