@@ -14,18 +14,15 @@ fp16 first with onnxconverter-common, keeping its input/output types (uint8 in, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import logging
-import os
-import tempfile
-import time
 import warnings
 from typing import Any, Dict, List, Optional, Union
 
 from engines import storage
+from engines.tensorrt.locks import machine_lock
 from engines.base import EngineError, import_optional
 from engines.tensorrt import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, version_tuple
@@ -220,34 +217,14 @@ def configure(trt, logger, net: Network, options: BuildOptions):
     return config
 
 
-@contextlib.contextmanager
 def _file_lock(path: str, timeout_s: float = 600.0):
-    """An exclusive lock on ``path`` among the processes of this machine (fcntl on a lock file).
+    """An exclusive lock on ``path`` among the processes of this machine.
 
-    For a gs:// path the lock file is local (keyed by the path), so only processes on one
-    machine exclude each other; across machines the read-merge-write still keeps what the
-    other wrote before the read.
+    For a gs:// path the lock is local (keyed by the path), so only processes on one machine
+    exclude each other; across machines the read-merge-write still keeps what the other wrote
+    before the read.
     """
-    import fcntl
-
-    lock_dir = os.path.join(tempfile.gettempdir(), "engines-tensorrt-timing-cache-locks")
-    os.makedirs(lock_dir, exist_ok=True)
-    lock_path = os.path.join(lock_dir, hashlib.sha256(path.encode("utf-8")).hexdigest()[:32] + ".lock")
-    with open(lock_path, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EngineError(f"Waited {timeout_s:.0f} s for the lock on the timing cache {path} "
-                                      f"({lock_path}); remove it if no build is running") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return machine_lock(f"timing-cache:{path}", timeout_s, f"merging the timing cache {path}")
 
 
 def _timing_cache_from(config, data: bytes, path: str):

@@ -15,17 +15,15 @@ plan and sidecar from two different writers are never paired.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import re
-import tempfile
 import time
 from typing import Callable, Optional, Tuple
 
 from engines import storage
+from engines.tensorrt.locks import machine_lock
 from engines.base import EngineError
 from engines.tensorrt.options import BuildOptions
 from engines.tensorrt.plan import PlanInfo, read_sidecar, write_sidecar
@@ -71,30 +69,6 @@ def _default_build(onnx_bytes: bytes, options: BuildOptions, device: int) -> Tup
 
     built = build_plan(onnx_bytes, options, device)
     return built.plan, built.info
-
-
-@contextlib.contextmanager
-def _machine_lock(key: str, timeout_s: float):
-    """An exclusive lock shared by every process on this machine (fcntl.flock on a temp file)."""
-    import fcntl
-
-    lock_dir = os.path.join(tempfile.gettempdir(), "engines-tensorrt-cache-locks")
-    os.makedirs(lock_dir, exist_ok=True)
-    with open(os.path.join(lock_dir, f"{key}.lock"), "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise EngineError(f"Waited {timeout_s:.0f} s for another process building the plan {key}; "
-                                      f"remove {handle.name} if no build is running") from None
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class EngineCache:
@@ -154,7 +128,7 @@ class EngineCache:
         if found:
             _LOG.info("engine cache hit: %s", path)
             return found[0], found[1], path
-        with _machine_lock(key, self._lock_timeout_s):
+        with machine_lock(f"plan:{key}", self._lock_timeout_s, f"building the plan {key}"):
             found = self.lookup(key, onnx_sha)  # another process here may have built it meanwhile
             if found:
                 _LOG.info("engine cache hit after waiting for another process: %s", path)
