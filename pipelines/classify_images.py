@@ -153,7 +153,7 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--dali_threads", type=int, default=-1,
                             help="--decode gpu/dali_cpu: DALI's CPU threads (JPEG parsing and Huffman decoding for "
                                  "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (on an H100 host: "
-                                 "4 -> 4.0k, 8 -> 7.4k, 16 -> 10.5k images/s decoded). Default: -1.")
+                                 "8 -> 10.0k, 16 -> 15.3k images/s decoded). Default: -1.")
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
