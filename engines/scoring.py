@@ -52,7 +52,9 @@ class ImageScorer:
         fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (crop, crop, 3)),
             used when encoded images arrive and there is no decoder (an ``auto`` choice that
             differed between the reading and the scoring worker). Default None: an error.
-        batch_limit: Largest batch one engine call may take (None: any). Default: the engine's.
+
+    Batches larger than the engine's ``batch_limit()`` are cut into engine-sized calls (host arrays
+    only; a device batch over the limit is an error naming ``--batch_size``).
     """
 
     def __init__(self, engine: Engine, decoder=None, fallback_decode: Optional[Callable[[bytes], np.ndarray]] = None):
