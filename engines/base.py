@@ -225,6 +225,11 @@ class Engine(abc.ABC):
             EngineError: the feed does not match ``input_specs``.
         """
 
+    def device_index(self) -> Optional[int]:
+        """The GPU the engine runs on (a decoder feeding it device arrays must use the same one),
+        or None on the CPU. A plain method so Beam's shared-model proxy forwards it."""
+        return None
+
     def _output_names(self, outputs: Optional[Sequence[str]]) -> List[str]:
         """The requested output names (all when None), checked against the model's outputs.
 

@@ -34,6 +34,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 
 from engines.base import EngineError, import_optional
+from engines.devices import cuda_device_count
 
 _LOG = logging.getLogger(__name__)
 
@@ -342,19 +343,6 @@ class DaliDecoder:
     def close(self) -> None:
         self._pipe = None
 
-
-
-def cuda_device_count() -> int:
-    """CUDA devices visible to this process (0 without cuda-python, a driver or a GPU)."""
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        return 0
-    try:
-        err, count = runtime.cudaGetDeviceCount()
-    except Exception:  # no driver library at all
-        return 0
-    return int(count) if int(err) == 0 else 0
 
 
 def gpu_decode_unavailable() -> Optional[str]:

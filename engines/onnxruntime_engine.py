@@ -15,6 +15,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from engines import storage
+from engines.devices import Device, check_device, cuda_device_count, resolve_device
 from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, array_info, check_feed,
                           import_optional, is_device_array)
 
@@ -51,6 +52,9 @@ def _spec(node) -> TensorSpec:
     return TensorSpec(node.name, _ORT_DTYPES[node.type], shape)
 
 
+_GPU_PROVIDER_NAMES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 def _cuda_device_id(session) -> int:
     options = session.get_provider_options().get("CUDAExecutionProvider", {})
     return int(options.get("device_id", 0))
@@ -76,6 +80,7 @@ class OnnxRuntimeEngine(Engine):
             Concurrent ``infer`` calls (several bundle threads) each take a free session
             instead of sharing one pool, the CPU analogue of TensorRT's execution contexts.
             Default 1.
+        device_id: The GPU the CUDA and TensorRT providers use. Default 0.
 
     Raises:
         EngineError: the model cannot be parsed, or a provider is unavailable.
@@ -85,7 +90,7 @@ class OnnxRuntimeEngine(Engine):
 
     def __init__(self, model, providers: Sequence[str] = ("cpu",), intra_op_threads: int = 0,
                  name: str = "", allow_spinning: bool = True, sessions: int = 1,
-                 stop_spinning_after_run: bool = False):
+                 stop_spinning_after_run: bool = False, device_id: int = 0):
         ort = import_optional("onnxruntime", "Install the project: pip install -e . (it depends on onnxruntime).")
         self._name = name or (model if isinstance(model, str) else "<bytes>")
         wanted = [PROVIDER_ALIASES.get(p.lower(), p) for p in providers]
@@ -105,7 +110,10 @@ class OnnxRuntimeEngine(Engine):
         if sessions < 1:
             raise EngineError(f"sessions must be >= 1, got {sessions}")
         try:
-            self._sessions = [ort.InferenceSession(model, sess_options=options, providers=wanted)
+            # Each GPU provider is told its device; the CPU provider takes no options.
+            provider_options = [{"device_id": str(device_id)} if p in _GPU_PROVIDER_NAMES else {} for p in wanted]
+            self._sessions = [ort.InferenceSession(model, sess_options=options, providers=wanted,
+                                                   provider_options=provider_options)
                               for _ in range(sessions)]
         except Exception as e:  # onnxruntime raises its own exception types
             raise EngineError(f"ONNX Runtime could not load model {self._name}: {e}") from e
@@ -123,6 +131,9 @@ class OnnxRuntimeEngine(Engine):
     @property
     def providers(self) -> Tuple[str, ...]:
         return self._providers
+
+    def device_index(self) -> Optional[int]:
+        return self._device_id
 
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         check_feed(self._inputs, feed)
@@ -190,6 +201,8 @@ class OnnxRuntimeLoader:
         allow_spinning: See :class:`OnnxRuntimeEngine`. Default True.
         sessions: See :class:`OnnxRuntimeEngine`. Default 1.
         stop_spinning_after_run: See :class:`OnnxRuntimeEngine`. Default False.
+        device: GPU index for the CUDA/TensorRT providers, or "auto": consecutive engine copies on
+            consecutive GPUs (``engines.devices``; ``--model_copies`` N on N GPUs). Default 0.
     """
 
     model_path: str
@@ -198,6 +211,7 @@ class OnnxRuntimeLoader:
     allow_spinning: bool = True
     sessions: int = 1
     stop_spinning_after_run: bool = False
+    device: Device = 0
 
     def __post_init__(self):
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -207,11 +221,21 @@ class OnnxRuntimeLoader:
             raise EngineError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.sessions < 1:
             raise EngineError(f"sessions must be >= 1, got {self.sessions}")
+        check_device(self.device)
+
+    def _device_id(self) -> int:
+        if not any(PROVIDER_ALIASES.get(p.lower(), p) in _GPU_PROVIDER_NAMES for p in self.providers):
+            return 0  # CPU only: no GPU to choose
+        index = resolve_device(self.device, cuda_device_count())
+        if self.device == "auto":
+            _LOG.info("device auto: this ONNX Runtime engine copy goes on GPU %d", index)
+        return index
 
     def __call__(self) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(storage.read_bytes(self.model_path), self.providers,
                                  self.intra_op_threads, name=self.model_path, allow_spinning=self.allow_spinning,
-                                 sessions=self.sessions, stop_spinning_after_run=self.stop_spinning_after_run)
+                                 sessions=self.sessions, stop_spinning_after_run=self.stop_spinning_after_run,
+                                 device_id=self._device_id())
 
 
 
@@ -238,9 +262,11 @@ def cli_recipe(options) -> EngineRecipe:
     on_gpu = cli_on_gpu(options)
     loader = OnnxRuntimeLoader(options.model, _providers(options), options.intra_op_threads,
                                allow_spinning=options.ort_spinning in ("on", "run"), sessions=options.ort_sessions,
-                               stop_spinning_after_run=options.ort_spinning == "run")
+                               stop_spinning_after_run=options.ort_spinning == "run",
+                               # One copy per GPU: --model_copies N spreads N copies over the GPUs.
+                               device="auto" if on_gpu and options.model_copies > 1 else 0)
     info = {"engine": "onnxruntime", "model": options.model, "providers": list(loader.providers),
             "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
-            "intra_op_threads": options.intra_op_threads}
+            "intra_op_threads": options.intra_op_threads, "device": loader.device}
     return EngineRecipe(loader, options.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), on_gpu, info,
                         labels_model=options.model, labels_flag="--model")

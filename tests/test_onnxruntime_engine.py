@@ -81,10 +81,10 @@ def test_spinning_flag_reaches_the_session_options(sum_model, monkeypatch, flag,
         except RuntimeError:  # onnxruntime's answer for a key that was never set
             return ""
 
-    def spy(model, sess_options=None, providers=None):
+    def spy(model, sess_options=None, providers=None, provider_options=None):
         seen.append({key: entry(sess_options, key)
                      for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop")})
-        return real(model, sess_options=sess_options, providers=providers)
+        return real(model, sess_options=sess_options, providers=providers, provider_options=provider_options)
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
     # A tiny model: what is checked is the session options each of the two sessions gets.

@@ -69,8 +69,14 @@ class ScorerLoader:
         if self.decoder is not None:
             from engines.dali_decoder import DaliDecoder
 
+            options = self.decoder
+            gpu = engine.device_index()
+            if options.device == "gpu" and gpu is not None and gpu != options.device_id:
+                # The decoder feeds the engine device arrays: it must sit on the engine's GPU
+                # (with --model_copies N, copies spread over the GPUs; engines.devices).
+                options = dataclasses.replace(options, device_id=gpu)
             try:
-                decoder = DaliDecoder(self.decoder)
+                decoder = DaliDecoder(options)
             except BaseException:
                 engine.close()
                 raise

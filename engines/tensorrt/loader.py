@@ -4,40 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import tempfile
 from typing import Optional, Union
 
 from engines import storage
 from engines.base import EngineError
+from engines.devices import next_device
 from engines.tensorrt.options import BuildOptions
 from engines.tensorrt.plan import PlanInfo, read_sidecar
 
 _LOG = logging.getLogger(__name__)
-
-
-def next_device(count: int) -> int:
-    """Round-robin GPU choice shared by every process on this machine (a locked counter file).
-
-    Beam loads ``model_copies`` copies of a shared model, each through one ``load_model``
-    call; with ``device="auto"`` consecutive copies land on consecutive GPUs.
-    """
-    import fcntl
-
-    path = os.path.join(tempfile.gettempdir(), "engines-tensorrt-next-device")
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.seek(0)
-            text = f.read().strip()
-            n = int(text) if text.isdigit() else 0
-            f.seek(0)
-            f.truncate()
-            f.write(str(n + 1))
-            f.flush()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-    return n % max(count, 1)
 
 
 @dataclasses.dataclass(frozen=True)

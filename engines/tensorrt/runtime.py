@@ -347,6 +347,9 @@ class TensorRTEngine(Engine):
         for _ in empties:
             yield dict(empty)
 
+    def device_index(self) -> Optional[int]:
+        return self._loaded.device.index if self._loaded is not None else None
+
     def describe(self) -> Dict[str, Any]:
         info = super().describe()
         counts: Dict[str, int] = {}

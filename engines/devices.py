@@ -1,0 +1,80 @@
+"""Which GPU an engine copy (and the decoder that feeds it) uses.
+
+Beam loads ``--model_copies`` copies of a shared model, each through one ``load_model`` call,
+possibly in different processes of one worker. With ``device="auto"`` consecutive copies land on
+consecutive GPUs (a counter file locked across the machine's processes); the DALI decoder of a
+copy follows its engine's GPU (``transforms.inference.ScorerLoader``). Nothing here imports a
+GPU library at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Union
+
+from engines.base import EngineError
+
+#: A GPU index, or "auto" for round-robin over the machine's GPUs.
+Device = Union[int, str]
+
+
+def cuda_device_count() -> int:
+    """CUDA devices visible to this process (0 without cuda-python, a driver or a GPU)."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return 0
+    try:
+        err, count = runtime.cudaGetDeviceCount()
+    except Exception:  # no driver library at all
+        return 0
+    return int(count) if int(err) == 0 else 0
+
+
+def next_device(count: int, counter_path: str = "") -> int:
+    """Round-robin GPU choice shared by every process on this machine (a locked counter file).
+
+    Args:
+        count: GPUs visible.
+        counter_path: The counter file. Default: one in the temp directory.
+    """
+    import fcntl
+
+    path = counter_path or os.path.join(tempfile.gettempdir(), "engines-next-device")
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            text = f.read().strip()
+            n = int(text) if text.isdigit() else 0
+            f.seek(0)
+            f.truncate()
+            f.write(str(n + 1))
+            f.flush()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return n % max(count, 1)
+
+
+def check_device(device: Device) -> Device:
+    """``device`` if it is "auto" or a GPU index >= 0.
+
+    Raises:
+        EngineError: anything else.
+    """
+    if device == "auto" or (isinstance(device, int) and not isinstance(device, bool) and device >= 0):
+        return device
+    raise EngineError(f"device must be a GPU index >= 0 or 'auto', got {device!r}")
+
+
+def resolve_device(device: Device, count: int) -> int:
+    """The GPU index for ``device``: itself, or the next one round-robin for "auto".
+
+    Raises:
+        EngineError: an index this machine does not have.
+    """
+    index = next_device(count) if device == "auto" else int(device)
+    if count and index >= count:
+        raise EngineError(f"GPU {index} asked for, but this machine has {count} (indices 0..{count - 1})")
+    return index

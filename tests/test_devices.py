@@ -1,0 +1,114 @@
+"""GPU placement without a GPU (issue 14): engine copies spread round-robin over the GPUs, ONNX Runtime told
+its device, and the DALI decoder placed on its engine's GPU. The two-GPU run itself needs the GPU machine."""
+
+import numpy as np
+import pytest
+
+from engines.base import Engine, EngineError, TensorSpec
+from engines.devices import check_device, next_device, resolve_device
+
+
+def test_next_device_round_robins_through_a_shared_counter(tmp_path):
+    counter = str(tmp_path / "counter")
+    assert [next_device(2, counter) for _ in range(5)] == [0, 1, 0, 1, 0]
+    assert [next_device(3, counter) for _ in range(3)] == [2, 0, 1]  # 5, 6, 7 mod 3
+
+
+def test_devices_are_checked_and_resolved(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
+    assert check_device("auto") == "auto" and check_device(1) == 1
+    for bad in (-1, "gpu1", True, 1.5):
+        with pytest.raises(EngineError, match="GPU index >= 0 or 'auto'"):
+            check_device(bad)
+    assert [resolve_device("auto", 2) for _ in range(3)] == [0, 1, 0]
+    assert resolve_device(1, 2) == 1
+    with pytest.raises(EngineError, match="GPU 2 asked for, but this machine has 2"):
+        resolve_device(2, 2)
+
+
+class _FakeSession:
+    """Records what ONNX Runtime's InferenceSession is given (no CUDA build of onnxruntime here)."""
+
+    created = []
+
+    def __init__(self, model, sess_options=None, providers=None, provider_options=None):
+        self.providers, self.provider_options = providers, provider_options
+        _FakeSession.created.append(self)
+
+    def get_providers(self):
+        return list(self.providers)
+
+    def get_provider_options(self):
+        return {p: dict(o) for p, o in zip(self.providers, self.provider_options)}
+
+    def get_inputs(self):
+        return [type("Node", (), {"name": "images", "type": "tensor(uint8)", "shape": ["N", 224, 224, 3]})()]
+
+    def get_outputs(self):
+        return [type("Node", (), {"name": "logits", "type": "tensor(float)", "shape": ["N", 1000]})()]
+
+
+def test_onnxruntime_copies_spread_over_the_gpus_and_each_session_is_told_its_device(
+        model_path, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from engines import onnxruntime_engine
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _FakeSession)
+    monkeypatch.setattr(onnxruntime_engine, "cuda_device_count", lambda: 2)
+    _FakeSession.created = []
+    loader = OnnxRuntimeLoader(model_path, ("cuda", "cpu"), device="auto")
+    engines = [loader(), loader(), loader()]
+    assert [e.device_index() for e in engines] == [0, 1, 0]
+    assert [s.provider_options for s in _FakeSession.created] == [
+        [{"device_id": "0"}, {}], [{"device_id": "1"}, {}], [{"device_id": "0"}, {}]]
+    fixed = OnnxRuntimeLoader(model_path, ("cuda",), device=1)()
+    assert fixed.device_index() == 1
+    with pytest.raises(EngineError, match="GPU 5 asked for"):
+        OnnxRuntimeLoader(model_path, ("cuda",), device=5)()
+    assert OnnxRuntimeLoader(model_path, ("cpu",))().device_index() is None  # real CPU session: no GPU
+
+
+class _OnGpu(Engine):
+    kind = "stub"
+
+    def __init__(self, gpu):
+        self._gpu = gpu
+        self._inputs = {"images": TensorSpec("images", np.uint8, (-1, 224, 224, 3))}
+        self._outputs = {"logits": TensorSpec("logits", np.float32, (-1, 10))}
+
+    def device_index(self):
+        return self._gpu
+
+    def infer(self, feed, outputs=None):
+        return {"logits": np.zeros((len(feed["images"]), 10), np.float32)}
+
+
+def test_the_decoder_sits_on_its_engines_gpu(monkeypatch):
+    from engines import dali_decoder
+    from engines.dali_decoder import DaliDecoderOptions
+    from transforms.inference import ScorerLoader
+
+    built = []
+    monkeypatch.setattr(dali_decoder, "DaliDecoder", lambda options: built.append(options) or object())
+    for gpu in (1, 0):
+        ScorerLoader(lambda gpu=gpu: _OnGpu(gpu), DaliDecoderOptions(device="gpu", device_id=0))()
+    assert [o.device_id for o in built] == [1, 0]
+    ScorerLoader(lambda: _OnGpu(1), DaliDecoderOptions(device="cpu"))()  # a CPU graph has no GPU to follow
+    assert built[-1].device == "cpu" and built[-1].device_id == 0
+
+
+def test_model_copies_on_gpu_mean_one_copy_per_gpu(model_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipelines.classify_images import ClassifyOptions, engine_recipe
+
+    def recipe(*flags):
+        return engine_recipe(PipelineOptions(["--input", "x", "--output", "y", *flags]).view_as(ClassifyOptions))
+
+    assert recipe("--providers", "cuda", "--share_model_across_processes", "--model_copies", "2").loader.device == "auto"
+    assert recipe("--providers", "cuda").loader.device == 0
+    assert recipe("--model_copies", "2", "--share_model_across_processes").loader.device == 0  # on the CPU
