@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,3 +136,13 @@ def sum_model(tmp_path) -> str:
 @pytest.fixture
 def multi_model(tmp_path) -> str:
     return tiny_model(tmp_path / "multi.onnx", "multi")
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """As on a laptop: importing tensorrt, tensorrt_lean, cuda or cupy fails."""
+    for name in ("tensorrt", "tensorrt_lean", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cupy"):
+        monkeypatch.setitem(sys.modules, name, None)
+    from engines.tensorrt import cuda
+
+    monkeypatch.setattr(cuda, "_cudart", None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 import pytest
 
@@ -12,16 +11,6 @@ from engines.onnxruntime_engine import OnnxRuntimeEngine
 from engines.tensorrt.options import Profile
 from engines.tensorrt.plan import PlanInfo, write_sidecar
 from tests.tensorrt_models import image_classifier
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    """As on a laptop: importing tensorrt, tensorrt_lean, cuda or cupy fails."""
-    for name in ("tensorrt", "tensorrt_lean", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cupy"):
-        monkeypatch.setitem(sys.modules, name, None)
-    from engines.tensorrt import cuda
-
-    monkeypatch.setattr(cuda, "_cudart", None)
 
 
 @pytest.fixture
