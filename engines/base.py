@@ -273,7 +273,6 @@ class EngineRecipe:
     Attributes:
         loader: Picklable callable that loads the engine on the worker.
         batch_size: Images per batch this engine should get (the one batch-size decision).
-        on_gpu: The engine runs on a GPU: decoded batches may be fed device-resident.
         info: JSON-able description for stats.json and logs.
         labels: Class names the engine's own artefact carries (a TensorRT plan's sidecar), or None.
         labels_model: An ONNX model whose ``labels`` metadata holds them, or None.
@@ -282,7 +281,6 @@ class EngineRecipe:
 
     loader: EngineLoader
     batch_size: int
-    on_gpu: bool
     info: Dict[str, Any]
     labels: Optional[List[str]] = None
     labels_model: Optional[str] = None

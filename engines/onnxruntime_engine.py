@@ -268,5 +268,5 @@ def cli_recipe(options) -> EngineRecipe:
     info = {"engine": "onnxruntime", "model": options.model, "providers": list(loader.providers),
             "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
             "intra_op_threads": options.intra_op_threads, "device": loader.device}
-    return EngineRecipe(loader, options.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), on_gpu, info,
+    return EngineRecipe(loader, options.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), info,
                         labels_model=options.model, labels_flag="--model")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import sys
 
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -13,19 +12,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from engines.base import EngineError, UsageError
 from engines.tensorrt.options import Profile
 from engines.tensorrt.plan import PlanInfo, write_sidecar
-from engines.tensorrt.recipe import choose_batch_sizes, cli_recipe
+from engines.tensorrt.recipe import choose_batch_sizes, cli_on_gpu, cli_recipe
 from pipelines.classify_images import ClassifyOptions
 from tests.tensorrt_models import LABELS, image_classifier
-
-
-@pytest.fixture
-def no_tensorrt(monkeypatch):
-    """As on a laptop: importing tensorrt, tensorrt_lean, cuda or cupy fails."""
-    for name in ("tensorrt", "tensorrt_lean", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cupy"):
-        monkeypatch.setitem(sys.modules, name, None)
-    from engines.tensorrt import cuda
-
-    monkeypatch.setattr(cuda, "_cudart", None)
 
 
 @pytest.fixture
@@ -44,8 +33,9 @@ def options(*flags):
 
 
 def test_a_plan_gets_the_largest_profile_max_and_its_sidecar_labels(no_tensorrt, plan_path):
-    recipe = cli_recipe(options("--engine_path", plan_path))
-    assert recipe.batch_size == 256 and recipe.on_gpu and recipe.labels == LABELS
+    opts = options("--engine_path", plan_path)
+    recipe = cli_recipe(opts)
+    assert recipe.batch_size == 256 and cli_on_gpu(opts) and recipe.labels == LABELS
     assert recipe.info["precision"] == "fp16" and recipe.info["built_on"] == "NVIDIA L4 (compute 8.9)"
     assert recipe.info["profiles"] == [{"min": 1, "opt": 8, "max": 16}, {"min": 17, "opt": 128, "max": 256}]
     clone = pickle.loads(pickle.dumps(recipe.loader))  # what a worker unpickles

@@ -126,5 +126,5 @@ def cli_recipe(options: Any) -> EngineRecipe:
                          built_on=f"{info.gpu_name} (compute {info.compute_capability})")
     elif loader.onnx_path:
         described.update(precision=loader.build_options.precision)
-    return EngineRecipe(loader, hi, True, described, labels=list(info.labels) if info and info.labels else None,
+    return EngineRecipe(loader, hi, described, labels=list(info.labels) if info and info.labels else None,
                         labels_model=options.onnx_path, labels_flag="--onnx_path")
