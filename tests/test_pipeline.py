@@ -55,13 +55,14 @@ def test_testpipeline_end_to_end(corpus, model_path):
     handler, _, labels = make_handler(opts)
     assert labels[285] == "Egyptian Mau"  # from the model's own metadata
     with TestPipeline(options=options) as p:
-        from transforms.images import DEAD_LETTER, ImageRefs, ReadBatches
+        from transforms.images import DEAD_LETTER, ImageRefs, ReadImageBatches
         from transforms.postprocess import TopKBatches
         from engines.pillow_decoder import PreprocessConfig
         from apache_beam.ml.inference.base import RunInference
 
-        found = p | ImageRefs(directory)
-        decoded = found["refs"] | ReadBatches(PreprocessConfig(), 4)
+        found = p | ImageRefs(directory, batch_size=4)
+        decoded = found["refs"] | beam.ParDo(ReadImageBatches(PreprocessConfig())).with_outputs(
+            DEAD_LETTER, main="batches")
         scored = decoded.batches | RunInference(handler) | beam.ParDo(TopKBatches(5, labels)).with_outputs(
             DEAD_LETTER, main="blocks")
         rows = scored.blocks | beam.FlatMap(lambda block: block)
@@ -157,7 +158,7 @@ def test_input_and_output_are_required(tmp_path):
                                                         (4, 8, 2, False), (2, 2, 3, True)])
 def test_batched_reading_emits_every_input_once(corpus, threads, prefetch, batch, gpu):
     directory, good, broken = corpus
-    from transforms.images import DEAD_LETTER, ImageRef, ReadBatches
+    from transforms.images import DEAD_LETTER, ImageRef, ReadImageBatches, in_batches
     from engines.pillow_decoder import PreprocessConfig
     from engines.prescreen import GPU, screen
 
@@ -172,8 +173,10 @@ def test_batched_reading_emits_every_input_once(corpus, threads, prefetch, batch
     expected = [(os.path.basename(g), "encoded" if gpu and screen(open(g, "rb").read(), 89478485).route == GPU
                  else "pixels") for g in good]
     with TestPipeline() as p:
-        out = p | beam.Create(refs) | ReadBatches(PreprocessConfig(), batch, gpu_decode=gpu, threads=threads,
-                                                  prefetch=prefetch)
+        # Grouped as listing groups them (in_batches), then read as the pipeline reads them.
+        out = (p | beam.Create(list(in_batches(refs, batch)))
+               | beam.ParDo(ReadImageBatches(PreprocessConfig(), gpu_decode=gpu, threads=threads,
+                                             prefetch=prefetch)).with_outputs(DEAD_LETTER, main="batches"))
         assert_that(out.batches | beam.Map(len) | beam.CombineGlobally(max), equal_to([min(batch, len(good))]),
                     label="BatchSize")
         assert_that(out.batches | beam.FlatMap(rows), equal_to(expected), label="Good")
@@ -181,7 +184,7 @@ def test_batched_reading_emits_every_input_once(corpus, threads, prefetch, batch
                     equal_to([(b, "read" if b == "moved_away.jpg" else "decode") for b in broken]
                              + [("missing.jpg", "read")]), label="Dead")
     with pytest.raises(ValueError, match="prefetch >= 1"):
-        ReadBatches(PreprocessConfig(), 4, threads=2, prefetch=0)
+        ReadImageBatches(PreprocessConfig(), threads=2, prefetch=0)
 
 
 def test_one_engine_shared_across_processes(corpus, model_path, tmp_path):

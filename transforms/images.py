@@ -1,7 +1,8 @@
 """Beam transforms that find, read and decode images, with a dead-letter output.
 
 ``ImageRefs`` turns a path, glob or manifest (any Beam filesystem: local,
-``gs://``, ...) into ``ImageRef`` elements; ``ReadBatches`` groups them and reads
+``gs://``, ...) into ``ImageRef`` elements, or lists of them (one element per batch) as the
+pipeline asks for them; ``ReadImageBatches`` reads
 each batch into one ``ImageBatch`` (decoded uint8 crops on the CPU path, encoded
 bytes for the GPU decoder) and sends every failure to the ``dead_letter`` output
 as ``{"uri", "error", "stage"}``. Batches, not images, travel through Beam.
@@ -572,24 +573,3 @@ class ReadImageBatches(beam.DoFn):
         for pool in (self._pool, self._local_pool):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-
-
-class ReadBatches(beam.PTransform):
-    """``ImageRef`` -> ``ImageBatch`` of up to ``batch_size`` images (+ ``dead_letter`` rows).
-
-    Args:
-        config: Preprocessing sizes and limits.
-        batch_size: Images per batch (the bundle's last may be smaller).
-        gpu_decode, threads, prefetch, read_timeout_s: See :class:`ReadImageBatches`.
-    """
-
-    def __init__(self, config: PreprocessConfig, batch_size: int, gpu_decode: bool = False, threads: int = -1,
-                 prefetch: int = 2, read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S):
-        super().__init__()
-        self._batch_size = batch_size
-        self._read = ReadImageBatches(config, gpu_decode, threads, prefetch, read_timeout_s)
-
-    def expand(self, refs):
-        return (refs
-                | "Batch" >> beam.BatchElements(min_batch_size=self._batch_size, max_batch_size=self._batch_size)
-                | "Read" >> beam.ParDo(self._read).with_outputs(DEAD_LETTER, main="batches"))
