@@ -570,6 +570,11 @@ def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
             f"than bad images: {reason} ({flag})")
 
 
+def read_prefetch(options: ClassifyOptions, handler) -> int:
+    """Batches read ahead: --prefetch, else twice the batches one inference call takes."""
+    return options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"]
+
+
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
                    progress_dir: Optional[str] = None, decode: str = "cpu", plan=None):
     """Adds the scoring transforms to ``pipeline``, ending with the commit of ``--output``.
@@ -591,7 +596,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(with_faults(
         ReadImageBatches(config, gpu_decode=decode in ("gpu", "dali_cpu"), threads=options.decode_threads,
-                         prefetch=options.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"],
+                         prefetch=read_prefetch(options, handler),
                          read_timeout_s=options.read_timeout_s or None),
         faults, mid="read", end="decode")).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
@@ -669,7 +674,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "input": opts.input, "output": opts.output, "batch_size": handler.images_per_batch,
         "batches_per_call": handler.batch_elements_kwargs()["max_batch_size"], "top_k": opts.top_k,
         "decode": decode, "decode_choice": why,
-        "prefetch_batches": opts.prefetch or 2 * handler.batch_elements_kwargs()["max_batch_size"],
+        "prefetch_batches": read_prefetch(opts, handler),
         "output_format": opts.output_format,
         "runner": str(options.view_as(StandardOptions).runner or "DirectRunner"),
         "direct_running_mode": options.view_as(DirectOptions).direct_running_mode,
