@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.corpus import ensure_corpus
-from benchmarks.throughput import REPO_ROOT, run_child
+from benchmarks.throughput import REPO_ROOT, agreement, run_child
 from pipelines.partitions import read_rows
 
 _LOG = logging.getLogger("benchmarks.gpu")
@@ -177,11 +177,6 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     for row in rows:
         entry["top1"].setdefault(row["uri"], int(row["top_k"][0]["class_id"]))
     return entry
-
-
-def agreement(a: Dict[str, int], b: Dict[str, int]) -> Optional[float]:
-    common = set(a) & set(b)
-    return round(sum(a[k] == b[k] for k in common) / len(common), 4) if common else None
 
 
 def table(summary: Dict[str, Any]) -> str:
