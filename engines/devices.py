@@ -1,10 +1,13 @@
 """Which GPU an engine copy (and the decoder that feeds it) uses.
 
-Beam loads ``--model_copies`` copies of a shared model, each through one ``load_model`` call,
-possibly in different processes of one worker. With ``device="auto"`` consecutive copies land on
-consecutive GPUs (a counter file locked across the machine's processes); the DALI decoder of a
-copy follows its engine's GPU (``transforms.inference.ScorerLoader``). Nothing here imports a
-GPU library at import time.
+Every engine copy a worker loads goes through one ``load_model`` call: one per SDK process
+(Dataflow starts several per worker; locally ``--direct_running_mode multi_processing
+--direct_num_workers N``), or ``--model_copies`` copies of a model shared across processes. With
+``device="auto"`` (what the recipes use on a GPU) consecutive copies land on consecutive GPUs (a
+counter file locked across the machine's processes), so N processes or copies on N GPUs put one
+engine on each; the DALI decoder of a copy follows its engine's GPU
+(``transforms.inference.ScorerLoader``). ``CUDA_VISIBLE_DEVICES`` limits the GPUs a job sees.
+Nothing here imports a GPU library at import time.
 """
 
 from __future__ import annotations
@@ -74,7 +77,10 @@ def resolve_device(device: Device, count: int) -> int:
     Raises:
         EngineError: an index this machine does not have.
     """
-    index = next_device(count) if device == "auto" else int(device)
+    if device == "auto":
+        index = next_device(count) if count > 1 else 0  # one GPU (or none): no counter to share
+    else:
+        index = int(device)
     if count and index >= count:
         raise EngineError(f"GPU {index} asked for, but this machine has {count} (indices 0..{count - 1})")
     return index

@@ -263,8 +263,9 @@ def cli_recipe(options) -> EngineRecipe:
     loader = OnnxRuntimeLoader(options.model, _providers(options), options.intra_op_threads,
                                allow_spinning=options.ort_spinning in ("on", "run"), sessions=options.ort_sessions,
                                stop_spinning_after_run=options.ort_spinning == "run",
-                               # One copy per GPU: --model_copies N spreads N copies over the GPUs.
-                               device="auto" if on_gpu and options.model_copies > 1 else 0)
+                               # Each engine copy (one per SDK process, or --model_copies N of a
+                               # shared model) takes the next GPU: one per GPU (engines.devices).
+                               device="auto" if on_gpu else 0)
     info = {"engine": "onnxruntime", "model": options.model, "providers": list(loader.providers),
             "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
             "intra_op_threads": options.intra_op_threads, "device": loader.device}

@@ -33,6 +33,7 @@ class Scored(NamedTuple):
         decode_s: Time spent waiting for decoded batches.
         infer_s: Time spent in the engine.
         engine_calls: Batch sizes of the engine calls made.
+        device: The GPU the engine (and its decoder) ran on, or None on the CPU.
     """
 
     outputs: Dict[str, np.ndarray]
@@ -40,6 +41,7 @@ class Scored(NamedTuple):
     decode_s: float
     infer_s: float
     engine_calls: List[int]
+    device: Optional[int] = None
 
 
 class ImageScorer:
@@ -103,6 +105,7 @@ class ImageScorer:
                               "GPU worker, or --decode cpu")
         decoded = iter(self.decoder.decode(encoded)) if encoded and self.decoder is not None else None
         results = []
+        device = self.engine.device_index()
         try:
             for pixels, files, _ in items:
                 parts: List[Dict[str, np.ndarray]] = []
@@ -131,7 +134,7 @@ class ImageScorer:
                         infer_s += time.perf_counter() - start
                 merged = {name: np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
                           for name in (parts[0] if parts else {})}
-                results.append(Scored(merged, failed, decode_s, infer_s, calls))
+                results.append(Scored(merged, failed, decode_s, infer_s, calls, device))
         finally:
             if decoded is not None:
                 for _ in decoded:  # let the decoder release its last buffers

@@ -712,6 +712,14 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     return stats
 
 
+def per_device(stats: Dict[str, Any]) -> str:
+    """" (gpu0 30000, gpu1 29990 images)" when more than one device scored, else ""."""
+    devices = stats.get("images_per_device") or {}
+    if len(devices) < 2:
+        return ""
+    return " (" + ", ".join(f"{name} {n}" for name, n in devices.items()) + " images)"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
@@ -724,7 +732,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters"
           f"{f' ({unlistable} of them directories that could not be listed)' if unlistable else ''}, "
           f"{stats['skipped']} skipped as already scored, "
-          f"{stats['images_per_second']} images/s; stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
+          f"{stats['images_per_second']} images/s{per_device(stats)}; "
+          f"stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
     if stats.get("setup_problem"):
         print(f"error: {stats['setup_problem']}; the rows are in {stats['settings']['output']}", file=sys.stderr)
         return 1

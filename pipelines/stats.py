@@ -95,6 +95,10 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
         "wall_seconds": round(wall_seconds, 3),
         "images_per_second": round(predictions / wall_seconds, 2) if wall_seconds > 0 else None,
         "bytes_read": counters.get("bytes_read", 0),
+        # Images each device's engine copies scored ("gpu0", "gpu1", "cpu"): with several GPUs,
+        # whether work reached every one of them (transforms.inference.device_counter).
+        "images_per_device": {name[len("scored_on_"):]: n for name, n in sorted(counters.items())
+                              if name.startswith("scored_on_")},
         "batches": counters.get("batches", 0),
         "mean_batch_size": round(batches["sum"] / batches["count"], 2) if batches.get("count") else None,
         "batch_latency_seconds": {
@@ -261,7 +265,8 @@ class ProgressPrinter:
             now = time.monotonic()
             rate = (done - last_done) / max(now - last_t, 1e-9)
             print(f"progress: {done} images scored, {counts.get('dead_letters', 0)} dead letters, "
-                  f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall"
+                  f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall "
+                  f"after {now - self._start:.1f} s"
                   f"{slow_reads_note(self._slow_read_s)}", file=self._stream, flush=True)
             last_done, last_t = done, now
 

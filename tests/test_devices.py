@@ -101,7 +101,9 @@ def test_the_decoder_sits_on_its_engines_gpu(monkeypatch):
     assert built[-1].device == "cpu" and built[-1].device_id == 0
 
 
-def test_model_copies_on_gpu_mean_one_copy_per_gpu(model_path):
+def test_every_engine_copy_on_a_gpu_takes_the_next_gpu(model_path):
+    """One copy per SDK process (Dataflow, multi_processing) or per --model_copies: each must take the
+    next GPU, or every process of a two-GPU worker would crowd GPU 0."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipelines.classify_images import ClassifyOptions, engine_recipe
@@ -110,5 +112,22 @@ def test_model_copies_on_gpu_mean_one_copy_per_gpu(model_path):
         return engine_recipe(PipelineOptions(["--input", "x", "--output", "y", *flags]).view_as(ClassifyOptions))
 
     assert recipe("--providers", "cuda", "--share_model_across_processes", "--model_copies", "2").loader.device == "auto"
-    assert recipe("--providers", "cuda").loader.device == 0
+    assert recipe("--providers", "cuda").loader.device == "auto"
     assert recipe("--model_copies", "2", "--share_model_across_processes").loader.device == 0  # on the CPU
+
+
+def test_one_gpu_needs_no_counter(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "missing"))  # no counter file can be made
+    assert [resolve_device("auto", 1), resolve_device("auto", 0)] == [0, 0]
+
+
+def test_stats_count_the_images_each_device_scored():
+    from pipelines.classify_images import per_device
+    from pipelines.stats import build_stats
+    from transforms.inference import device_counter
+
+    counters = {"predictions": 7, device_counter(0): 4, device_counter(1): 3}
+    stats = build_stats({"counters": counters, "distributions": {}, "buckets": {}}, 1.0, 7, {}, {})
+    assert stats["images_per_device"] == {"gpu0": 4, "gpu1": 3}
+    assert per_device(stats) == " (gpu0 4, gpu1 3 images)"
+    assert per_device({"images_per_device": {"cpu": 7}}) == ""

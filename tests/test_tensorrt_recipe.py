@@ -39,7 +39,7 @@ def test_a_plan_gets_the_largest_profile_max_and_its_sidecar_labels(no_tensorrt,
     assert recipe.info["precision"] == "fp16" and recipe.info["built_on"] == "NVIDIA L4 (compute 8.9)"
     assert recipe.info["profiles"] == [{"min": 1, "opt": 8, "max": 16}, {"min": 17, "opt": 128, "max": 256}]
     clone = pickle.loads(pickle.dumps(recipe.loader))  # what a worker unpickles
-    assert clone == recipe.loader and clone.engine_path == plan_path and clone.device == 0
+    assert clone == recipe.loader and clone.engine_path == plan_path and clone.device == "auto"
 
 
 def test_explicit_batch_size_and_copies_per_gpu(no_tensorrt, plan_path):

@@ -28,6 +28,11 @@ from transforms.timing import NAMESPACE, LatencyHistogram, stage_distribution
 _LOG = logging.getLogger(__name__)
 
 
+def device_counter(device: Optional[int]) -> str:
+    """The counter of images scored on ``device`` (a GPU index, or None for the CPU)."""
+    return "scored_on_cpu" if device is None else f"scored_on_gpu{int(device)}"
+
+
 @dataclasses.dataclass
 class ScoredBatch:
     """The model handler's result for one :class:`transforms.images.ImageBatch`.
@@ -160,6 +165,8 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
             for size in result.engine_calls:
                 Metrics.counter(NAMESPACE, "batches").inc()
                 Metrics.distribution(NAMESPACE, "batch_size").update(size)
+            # Which engine copy scored the images: stats.json's images_per_device.
+            Metrics.counter(NAMESPACE, device_counter(result.device)).inc(scored)
             out.append(ScoredBatch(element.refs, logits, dict(result.failed)))
         self._histogram.record(elapsed / len(batch))
         return out

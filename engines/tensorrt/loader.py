@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional, Union
+from typing import Optional
 
 from engines import storage
 from engines.base import EngineError
-from engines.devices import next_device
+from engines.devices import Device, check_device, resolve_device
 from engines.tensorrt.options import BuildOptions
 from engines.tensorrt.plan import PlanInfo, read_sidecar
 
@@ -41,7 +41,7 @@ class TensorRTLoader:
     build_options: BuildOptions = BuildOptions()
     num_contexts: int = 2
     cuda_graphs: bool = False
-    device: Union[int, str] = 0
+    device: Device = 0
 
     def __post_init__(self):
         if bool(self.engine_path) == bool(self.onnx_path):
@@ -54,33 +54,32 @@ class TensorRTLoader:
             raise EngineError(f"build_options must be a BuildOptions, got {type(self.build_options).__name__}")
         if isinstance(self.num_contexts, bool) or not isinstance(self.num_contexts, int) or self.num_contexts < 1:
             raise EngineError(f"num_contexts must be an int >= 1, got {self.num_contexts!r}")
-        if self.device != "auto" and (isinstance(self.device, bool) or not isinstance(self.device, int)
-                                      or self.device < 0):
-            raise EngineError(f"device must be a GPU index >= 0 or 'auto', got {self.device!r}")
+        check_device(self.device)
 
     def plan_info(self) -> Optional[PlanInfo]:
         """The sidecar of ``engine_path`` (None if absent or when building from ONNX); no TensorRT needed."""
         return read_sidecar(self.engine_path, required=False) if self.engine_path else None
 
     def _device_index(self) -> int:
-        if self.device != "auto":
-            return int(self.device)
         from engines.tensorrt import cuda
 
-        index = next_device(cuda.device_count())
-        _LOG.info("device auto: this engine copy goes on GPU %d", index)
+        index = resolve_device(self.device, cuda.device_count())
+        if self.device == "auto":
+            _LOG.info("device auto: this engine copy goes on GPU %d", index)
         return index
 
     def __call__(self):
         """Loads (building or fetching if needed) and returns a :class:`TensorRTEngine`."""
+        from engines.tensorrt._trt import import_tensorrt
         from engines.tensorrt.runtime import TensorRTEngine
 
+        if self.engine_path and not storage.exists(self.engine_path):
+            raise EngineError(f"Engine file not found: {self.engine_path}. Build one with `python -m "
+                              f"engines.build --onnx MODEL.onnx --output {self.engine_path}` on the target "
+                              f"GPU type, or pass onnx_path (and engine_cache) to build on the worker")
+        import_tensorrt(lean_ok=True)  # a missing TensorRT is named (with its fix) before any GPU question
         device = self._device_index()
         if self.engine_path:
-            if not storage.exists(self.engine_path):
-                raise EngineError(f"Engine file not found: {self.engine_path}. Build one with `python -m "
-                                  f"engines.build --onnx MODEL.onnx --output {self.engine_path}` on the target "
-                                  f"GPU type, or pass onnx_path (and engine_cache) to build on the worker")
             plan = storage.read_bytes(self.engine_path)
             info = self.plan_info()
             name = self.engine_path

@@ -70,7 +70,7 @@ def _loader(options: Any) -> TensorRTLoader:
     return TensorRTLoader(engine_path=options.engine_path, onnx_path=options.onnx_path,
                           engine_cache=options.engine_cache, build_options=build_options,
                           num_contexts=int(options.num_contexts or 2), cuda_graphs=bool(options.cuda_graphs),
-                          device="auto" if options.model_copies > 1 else 0)
+                          device="auto")  # each copy or process on the next GPU
 
 
 def _warn_ignored_build_flags(options: Any, info) -> None:
