@@ -8,7 +8,9 @@ On a machine with a CUDA GPU, ONNX Runtime with the CUDA provider (onnxruntime-g
 3. ``ours_gpu``: ``pipelines.classify_images --providers cuda --decode gpu`` end to end (files on disk ->
    prediction files), whole process and stats.json's steady state;
 4. ``noop_gpu``: the same pipeline with an engine that returns zeros (the Beam + decode floor);
-5. ``ours_cpu``: ``--decode cpu`` (Pillow) on one pass over the corpus.
+5. ``ours_cpu``: ``--decode cpu`` (Pillow) on one pass over the corpus;
+6. ``gpus``: one GPU vs two with the same SDK processes (``benchmarks/multi_gpu.py``), and with
+   ``engine`` on a two-GPU machine, the engine alone on both GPUs at once (two threads, host batches).
 
 The pipeline runs read a manifest that lists the corpus ``--repeat`` times, so start-up stays a small
 share of the run. Top-1 agreement between ``--decode gpu`` and ``--decode cpu`` is reported. Results:
@@ -29,6 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.corpus import ensure_corpus
+from benchmarks.multi_gpu import gpu_indices, run_gpus
+from benchmarks.multi_gpu import table as gpus_table
 from benchmarks.throughput import REPO_ROOT, agreement, run_child
 from pipelines.partitions import read_rows
 
@@ -51,7 +55,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--corpus_dir", default=None, help="Default: OUTPUT/corpus.")
     parser.add_argument("--min_seconds", type=float, default=5.0, help="Each in-process measurement runs this long.")
     parser.add_argument("--runs", default="engine,decoder,reader,ours_gpu,noop_gpu,ours_cpu",
-                        help="Comma-separated subset to run. Default: all.")
+                        help="Comma-separated subset to run, of engine, decoder, reader, ours_gpu, noop_gpu, "
+                             "ours_cpu and gpus (one GPU vs two). Default: all but gpus.")
+    parser.add_argument("--processes", default="1,4,8",
+                        help="gpus: SDK process counts to compare one GPU and two GPUs at (1: one process on one "
+                             "GPU, the single-process baseline). Default: 1,4,8.")
+    parser.add_argument("--gpus_repeat", type=int, default=40,
+                        help="gpus: times the manifest lists the corpus for the multi-process runs. Default: 40.")
     parser.add_argument("--pipeline_args", default="", help="Extra classify_images flags for every pipeline run.")
     parser.add_argument("--timeout_s", type=float, default=1200.0)
     return parser.parse_args(argv)
@@ -141,18 +151,46 @@ def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[st
         for _ in stream:
             pass
         engine.close()
+        if len(gpu_indices()) >= 2:
+            out["engine_host_two_gpus"] = engine_on_two_gpus(args, host)
     decoder.close()
     return out
 
 
-def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "pipelines.classify_images"):
+def engine_on_two_gpus(args, host: np.ndarray) -> Dict[str, Any]:
+    """The two-GPU ceiling: one engine per GPU, each driven by its own thread with host batches
+    (ONNX Runtime releases the GIL while it runs)."""
+    import threading
+
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+
+    engines = [OnnxRuntimeLoader(args.model, ("cuda",), device=gpu)() for gpu in (0, 1)]
+    name = engines[0].input_names()[0]
+    results: List[Dict[str, Any]] = [{}, {}]
+
+    def drive(i):
+        results[i] = _timed(lambda: engines[i].infer({name: host}, ["logits"]), len(host), args.min_seconds)
+
+    threads = [threading.Thread(target=drive, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for engine in engines:
+        engine.close()
+    return {"images_per_second": round(sum(r["images_per_second"] for r in results), 1),
+            "per_gpu": [r["images_per_second"] for r in results]}
+
+
+def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "pipelines.classify_images",
+              env: Optional[Dict[str, str]] = None):
     out_dir = os.path.join(args.output, name)
     shutil.rmtree(out_dir, ignore_errors=True)
     argv = ["--input", manifest, "--output", out_dir, "--model", args.model, "--providers", "cuda",
             "--batch_size", str(args.batch_size), "--hw_decoder_load", str(args.hw_decoder_load),
             "--progress_every_s", "0"] + extra + args.pipeline_args.split()
     _LOG.info("%s: %s %s", name, module, " ".join(argv))
-    child = run_child(name, module, argv, args.output, args.timeout_s)
+    child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
     rows = read_rows(os.path.join(out_dir, "predictions-*.jsonl"))
     dead = read_rows(os.path.join(out_dir, "dead_letter-*.jsonl"))
     timing = child.get("timing") or {}
@@ -189,6 +227,8 @@ def table(summary: Dict[str, Any]) -> str:
 
     add("engine alone, uint8 batches on the GPU", (r.get("engine_device") or {}).get("images_per_second"))
     add("engine alone, host numpy batches", (r.get("engine_host") or {}).get("images_per_second"))
+    add("engine alone on two GPUs at once, host numpy batches",
+        (r.get("engine_host_two_gpus") or {}).get("images_per_second"))
     add("DALI decoder alone (decode+resize+crop on the GPU)", (r.get("decoder") or {}).get("images_per_second"))
     add("batch reader alone (read + header pre-screen, no Beam)", (r.get("reader") or {}).get("images_per_second"))
     for name, label in (("ours_gpu", "ours --decode gpu"), ("noop_gpu", "no-op engine, --decode gpu (floor)"),
@@ -246,6 +286,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["noop_gpu"] = _pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"], module="benchmarks.noop_job")
     if "ours_cpu" in runs:
         results["ours_cpu"] = _pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
+    if "gpus" in runs:
+        results["gpus"] = run_gpus(args, lambda name, path, extra, env: _pipeline(args, name, path, extra, env=env),
+                                   corpus.paths)
     ceiling = (results.get("engine_device") or {}).get("images_per_second")
     ratios = {}
     ours = results.get("ours_gpu") or {}
@@ -289,6 +332,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summary["title"])
     print(table(summary))
     print("ratios:", json.dumps(ratios), "top-1 agreement:", json.dumps(top1))
+    if results.get("gpus"):
+        print(gpus_table(results["gpus"]))
+        print("two GPUs / one GPU:", json.dumps(results["gpus"]["ratios"]))
+        for entry in results["gpus"]["runs"].values():
+            for gpu, sample in entry["gpu_samples"]["gpus"].items():
+                print(f"{entry['name']} {gpu} utilisation % per second:", sample["utilisation_per_second"])
     return 0
 
 

@@ -251,8 +251,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def run_child(name: str, module: str, argv: List[str], workdir: str, timeout_s: float) -> Dict[str, Any]:
+def run_child(name: str, module: str, argv: List[str], workdir: str, timeout_s: float,
+              env_extra: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """Runs ``module.run(argv)`` in a fresh interpreter via benchmarks.run_timed.
+
+    Args:
+        env_extra: Environment variables to set for the run (e.g. ``CUDA_VISIBLE_DEVICES``).
 
     Returns:
         ``{"returncode", "process_seconds", "timed_out", "log", "timing": run_timed's JSON or None}``.
@@ -265,12 +269,14 @@ def run_child(name: str, module: str, argv: List[str], workdir: str, timeout_s: 
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(env_extra or {})
     command = [sys.executable, "-m", "benchmarks.run_timed", result_path, module] + argv
     start = time.monotonic()
     timed_out = False
     monitor = CpuMonitor(_cores())
     with monitor, open(log_path, "w") as log:
-        log.write("$ " + " ".join(shlex.quote(c) for c in command) + "\n")
+        log.write("$ " + "".join(f"{k}={shlex.quote(v)} " for k, v in (env_extra or {}).items())
+                  + " ".join(shlex.quote(c) for c in command) + "\n")
         log.flush()
         # A session of its own, so a timeout can end the run together with its worker processes.
         proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
