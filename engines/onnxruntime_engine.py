@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -53,6 +53,13 @@ def _spec(node) -> TensorSpec:
 
 
 _GPU_PROVIDER_NAMES = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def _gpu_options(provider: str, device_id: int) -> Dict[str, str]:
+    options = {"device_id": str(device_id)}
+    if provider == "CUDAExecutionProvider":
+        options["arena_extend_strategy"] = "kSameAsRequested"
+    return options
 
 
 def _cuda_device_id(session) -> int:
@@ -110,8 +117,11 @@ class OnnxRuntimeEngine(Engine):
         if sessions < 1:
             raise EngineError(f"sessions must be >= 1, got {sessions}")
         try:
-            # Each GPU provider is told its device; the CPU provider takes no options.
-            provider_options = [{"device_id": str(device_id)} if p in _GPU_PROVIDER_NAMES else {} for p in wanted]
+            # Each GPU provider is told its device; the CPU provider takes no options. The CUDA
+            # arena grows by what is asked, not to the next power of two: every SDK process of a
+            # GPU worker holds one engine, and the doubling was memory those processes need
+            # (benchmarks/gpu_memory.py).
+            provider_options = [_gpu_options(p, device_id) if p in _GPU_PROVIDER_NAMES else {} for p in wanted]
             self._sessions = [ort.InferenceSession(model, sess_options=options, providers=wanted,
                                                    provider_options=provider_options)
                               for _ in range(sessions)]

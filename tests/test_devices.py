@@ -63,8 +63,9 @@ def test_onnxruntime_copies_spread_over_the_gpus_and_each_session_is_told_its_de
     loader = OnnxRuntimeLoader(model_path, ("cuda", "cpu"), device="auto")
     engines = [loader(), loader(), loader()]
     assert [e.device_index() for e in engines] == [0, 1, 0]
+    cuda = {"arena_extend_strategy": "kSameAsRequested"}
     assert [s.provider_options for s in _FakeSession.created] == [
-        [{"device_id": "0"}, {}], [{"device_id": "1"}, {}], [{"device_id": "0"}, {}]]
+        [{"device_id": "0", **cuda}, {}], [{"device_id": "1", **cuda}, {}], [{"device_id": "0", **cuda}, {}]]
     fixed = OnnxRuntimeLoader(model_path, ("cuda",), device=1)()
     assert fixed.device_index() == 1
     with pytest.raises(EngineError, match="GPU 5 asked for"):

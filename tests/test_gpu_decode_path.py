@@ -128,6 +128,28 @@ def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder, where
         assert diff < 1.0, (name, diff)
 
 
+def test_running_out_of_gpu_memory_fails_the_batch_with_the_fix_instead_of_retrying_each_image(decoder, monkeypatch):
+    """Seen on two H100s: eight processes filled one GPU, and a decoder rebuilt itself 1,400 times
+    retrying image by image. Out of memory is no bad image: the batch fails once, naming the fix."""
+    good = [jpeg_bytes(photo(n)) for n in ("chelsea", "coffee")]
+    real_take = decoder._take
+    calls = []
+
+    def take_out_of_memory():
+        calls.append(1)
+        raise RuntimeError("Critical error in pipeline:\nnvjpeg error #5 (allocator failure) when running "
+                           "nvjpegDecoderStateCreate")
+
+    monkeypatch.setattr(decoder, "_take", take_out_of_memory)
+    before = decoder.rebuilds
+    with pytest.raises(EngineError, match=r"ran out of memory .*allocator failure.*fewer SDK processes per GPU"):
+        list(decoder.decode([decode_input(good)]))
+    assert calls == [1] and decoder.rebuilds == before  # no image-by-image retries
+    monkeypatch.setattr(decoder, "_take", real_take)
+    batch = next(decoder.decode([decode_input(good)]))  # the next batch gets a fresh pipeline
+    assert batch.failed == {} and batch.images.shape[0] == 2 and decoder.rebuilds == before + 1
+
+
 def test_a_failed_batch_is_retried_image_by_image(decoder):
     good = [jpeg_bytes(photo(n)) for n in ("chelsea", "coffee")]
     bad = b"\xff\xd8\xff this is no JPEG"
