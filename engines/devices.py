@@ -7,6 +7,9 @@ Every engine copy a worker loads goes through one ``load_model`` call: one per S
 counter file locked across the machine's processes), so N processes or copies on N GPUs put one
 engine on each; the DALI decoder of a copy follows its engine's GPU
 (``transforms.inference.ScorerLoader``). ``CUDA_VISIBLE_DEVICES`` limits the GPUs a job sees.
+The counter lives in ``tempfile.gettempdir()``, where Beam's ``MultiProcessShared`` (behind
+``--share_model_across_processes``) keeps its lock and address files: it is shared by exactly the
+processes that can share a model.
 Nothing here imports a GPU library at import time.
 """
 
