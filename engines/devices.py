@@ -15,11 +15,14 @@ Nothing here imports a GPU library at import time.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Union
 
 from engines.base import EngineError
+
+_LOG = logging.getLogger(__name__)
 
 #: A GPU index, or "auto" for round-robin over the machine's GPUs.
 Device = Union[int, str]
@@ -82,6 +85,7 @@ def resolve_device(device: Device, count: int) -> int:
     """
     if device == "auto":
         index = next_device(count) if count > 1 else 0  # one GPU (or none): no counter to share
+        _LOG.info("device auto: this engine copy goes on GPU %d", index)
     else:
         index = int(device)
     if count and index >= count:

@@ -236,10 +236,7 @@ class OnnxRuntimeLoader:
     def _device_id(self) -> int:
         if not any(PROVIDER_ALIASES.get(p.lower(), p) in _GPU_PROVIDER_NAMES for p in self.providers):
             return 0  # CPU only: no GPU to choose
-        index = resolve_device(self.device, cuda_device_count())
-        if self.device == "auto":
-            _LOG.info("device auto: this ONNX Runtime engine copy goes on GPU %d", index)
-        return index
+        return resolve_device(self.device, cuda_device_count())
 
     def __call__(self) -> OnnxRuntimeEngine:
         return OnnxRuntimeEngine(storage.read_bytes(self.model_path), self.providers,

@@ -63,10 +63,7 @@ class TensorRTLoader:
     def _device_index(self) -> int:
         from engines.tensorrt import cuda
 
-        index = resolve_device(self.device, cuda.device_count())
-        if self.device == "auto":
-            _LOG.info("device auto: this engine copy goes on GPU %d", index)
-        return index
+        return resolve_device(self.device, cuda.device_count())
 
     def __call__(self):
         """Loads (building or fetching if needed) and returns a :class:`TensorRTEngine`."""
