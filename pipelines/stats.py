@@ -10,7 +10,8 @@ from typing import Any, Dict, Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-from transforms.timing import HISTOGRAM_PREFIX, NAMESPACE, STAGES, Progress, percentile_from_buckets
+from transforms.timing import (DEVICE_PREFIX, HISTOGRAM_PREFIX, NAMESPACE, STAGES, Progress,
+                               percentile_from_buckets)
 
 
 def merge_distributions(results, keep=lambda name: True) -> Dict[str, Dict[str, Any]]:
@@ -96,9 +97,9 @@ def build_stats(metrics: Dict[str, Any], wall_seconds: float, inputs: Optional[i
         "images_per_second": round(predictions / wall_seconds, 2) if wall_seconds > 0 else None,
         "bytes_read": counters.get("bytes_read", 0),
         # Images each device's engine copies scored ("gpu0", "gpu1", "cpu"): with several GPUs,
-        # whether work reached every one of them (transforms.inference.device_counter).
-        "images_per_device": {name[len("scored_on_"):]: n for name, n in sorted(counters.items())
-                              if name.startswith("scored_on_")},
+        # whether work reached every one of them (transforms.timing.device_counter).
+        "images_per_device": {name[len(DEVICE_PREFIX):]: n for name, n in sorted(counters.items())
+                              if name.startswith(DEVICE_PREFIX)},
         "batches": counters.get("batches", 0),
         "mean_batch_size": round(batches["sum"] / batches["count"], 2) if batches.get("count") else None,
         "batch_latency_seconds": {

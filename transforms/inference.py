@@ -23,14 +23,9 @@ from apache_beam.ml.inference.base import ModelHandler
 from engines.base import EngineError, EngineLoader
 from engines.pillow_decoder import PreprocessConfig, preprocess_image
 from transforms.images import ImageRef
-from transforms.timing import NAMESPACE, LatencyHistogram, stage_distribution
+from transforms.timing import NAMESPACE, LatencyHistogram, device_counter, stage_distribution
 
 _LOG = logging.getLogger(__name__)
-
-
-def device_counter(device: Optional[int]) -> str:
-    """The counter of images scored on ``device`` (a GPU index, or None for the CPU)."""
-    return "scored_on_cpu" if device is None else f"scored_on_gpu{int(device)}"
 
 
 @dataclasses.dataclass

@@ -20,7 +20,14 @@ from apache_beam.metrics import Metrics
 NAMESPACE = "beam_trt"
 STAGES = ("read", "decode", "inference", "postprocess", "write")
 HISTOGRAM_PREFIX = "batch_latency_bucket_"
+#: Counters of images scored per device: "scored_on_gpu0", "scored_on_cpu" (stats.json's images_per_device).
+DEVICE_PREFIX = "scored_on_"
 _BUCKETS_PER_OCTAVE = 8
+
+
+def device_counter(device: Optional[int]) -> str:
+    """The counter of images scored on ``device`` (a GPU index, or None for the CPU)."""
+    return f"{DEVICE_PREFIX}cpu" if device is None else f"{DEVICE_PREFIX}gpu{int(device)}"
 
 
 def stage_distribution(stage: str):
