@@ -283,10 +283,7 @@ class DaliDecoder:
                 images.append(np.array(self._take_host()))
                 self._pipe.release_outputs()
             except Exception as e:  # DALI raises RuntimeError/IndexError and breaks the pipeline
-                self._pipe = None
-                oom = out_of_memory_error(e)
-                if oom is not None:
-                    raise oom from e
+                self._broken(e)
                 failed[i] = f"the DALI {self.options.device} decoder failed on this image ({_first_line(e)})"
                 continue
             index.append(i)
@@ -300,6 +297,14 @@ class DaliDecoder:
         if self.options.device == "gpu":
             out = out.as_cpu()
         return np.array(out.as_tensor())
+
+    def _broken(self, error: BaseException) -> None:
+        """DALI failed, which leaves its pipeline unusable: drop it (rebuilt before its next use),
+        and raise at once when the GPU ran out of memory, which no per-image retry can help."""
+        self._pipe = None
+        oom = out_of_memory_error(error)
+        if oom is not None:
+            raise oom from error
 
     def _rebuild_if_broken(self) -> None:
         if self._pipe is None:
@@ -339,10 +344,7 @@ class DaliDecoder:
                 try:
                     self._schedule(batch)
                 except Exception as e:  # a broken feed breaks the pipeline: decode it one by one below
-                    self._pipe = None
-                    oom = out_of_memory_error(e)
-                    if oom is not None:
-                        raise oom from e
+                    self._broken(e)
             return True
 
         for _ in range(self.options.prefetch):
@@ -356,13 +358,9 @@ class DaliDecoder:
                 try:
                     images = self._take()
                 except Exception as e:  # the whole batch failed: find the bad images below
-                    oom = out_of_memory_error(e)
-                    if oom is not None:
-                        self._pipe = None  # rebuilt at the next decode, when memory may be back
-                        raise oom from e
+                    self._broken(e)
                     _LOG.warning("DALI failed on a batch of %d (%s); retrying it image by image", len(batch.encoded),
                                  _first_line(e))
-                    self._pipe = None
             if images is not None:
                 yield DecodedBatch(images, list(range(len(batch.encoded))), {}, time.perf_counter() - start)
                 self._pipe.release_outputs()
