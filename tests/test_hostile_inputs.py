@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Tuple
 
 import numpy as np
 import pytest
@@ -156,25 +157,28 @@ def test_a_stalled_read_becomes_a_read_dead_letter(tmp_path, monkeypatch):
 
 # 2. A directory the job cannot list is a dead letter, counted, and named in the summary.
 
-def _world_readable_tree(tmp_path: Path) -> Path:
-    # Not under tmp_path: pytest resets its own root (/tmp/pytest-of-root) to 0700 at every session
-    # start, so another pytest run on the machine would lock the other user out mid-test.
+def _photos_another_user_can_read(two_photos) -> Tuple[Path, Path]:
+    """A world-writable root holding ``in/`` with the two photos, readable by any user.
+
+    Not under tmp_path: pytest resets its own root (/tmp/pytest-of-root) to 0700 at every session
+    start, so another pytest run on the machine would lock the other user out mid-test.
+    """
     import atexit
     import tempfile
 
     root = Path(os.path.realpath(tempfile.mkdtemp(prefix="hostile-shared-")))
     atexit.register(shutil.rmtree, root, True)
     os.chmod(root, 0o777)
-    return root
+    images = root / "in"
+    _write(images, two_photos)
+    os.chmod(images, 0o755)
+    return root, images
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or (os.geteuid() == 0 and not shutil.which("setpriv")),
                     reason="needs setpriv to run the job as another user")
-def test_unreadable_subdirectory_becomes_a_dead_letter(model_path, tmp_path, two_photos):
-    root = _world_readable_tree(tmp_path)
-    images = root / "in"
-    _write(images, two_photos)
-    os.chmod(images, 0o755)
+def test_unreadable_subdirectory_becomes_a_dead_letter(model_path, two_photos):
+    root, images = _photos_another_user_can_read(two_photos)
     secret = images / "private"
     _write(secret, {"hidden.jpg": two_photos["chelsea.jpg"]})
     out = root / "out"
@@ -197,11 +201,8 @@ def test_unreadable_subdirectory_becomes_a_dead_letter(model_path, tmp_path, two
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as nobody")
-def test_unwritable_output_and_unlistable_input_stop_at_start(model_path, tmp_path, two_photos):
-    root = _world_readable_tree(tmp_path)
-    images = root / "in"
-    _write(images, two_photos)
-    os.chmod(images, 0o755)
+def test_unwritable_output_and_unlistable_input_stop_at_start(model_path, two_photos):
+    root, images = _photos_another_user_can_read(two_photos)
     locked = root / "locked"
     locked.mkdir(mode=0o755)  # root's: nobody cannot create anything in it
     proc = _cli(["--input", str(images), "--output", str(locked / "out")], user="65534")
