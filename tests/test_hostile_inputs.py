@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Tuple
 
-import numpy as np
 import pytest
 from PIL import Image
 
