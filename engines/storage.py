@@ -6,6 +6,8 @@ nothing here knows about pipelines.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import uuid
 
@@ -47,6 +49,9 @@ def read_bytes(path: str, what: str = "Model file") -> bytes:
         try:
             with open(path, "rb") as f:
                 return f.read()
+        except MemoryError:
+            raise EngineError(f"{what} {path} is {os.path.getsize(path) / 2**30:.1f} GiB, more than this machine can "
+                              f"hold in memory; check that it names the right file") from None
         except OSError as e:
             raise EngineError(f"Cannot read {what} {path}: {e.strerror or e}") from None
     from apache_beam.io.filesystem import CompressionTypes
@@ -55,6 +60,9 @@ def read_bytes(path: str, what: str = "Model file") -> bytes:
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             return f.read()
+    except MemoryError:
+        raise EngineError(f"{what} {path} is more than this machine can hold in memory; check that it names the "
+                          f"right file") from None
     except Exception as e:  # Beam filesystems raise several types (IOError, BeamIOError, ...)
         raise EngineError(f"Cannot read {what} {path}: {e}") from e
 
@@ -62,9 +70,13 @@ def read_bytes(path: str, what: str = "Model file") -> bytes:
 def write_bytes(path: str, data: bytes) -> None:
     """Writes a whole file, atomically on local disk (temp file + rename).
 
+    A failed local write removes its temp file: on a full disk it would hold space and sit beside
+    the outputs as ``*.tmp-*`` debris.
+
     Raises:
-        EngineError: the file cannot be written.
+        EngineError: the file cannot be written; a full disk or a size or quota limit is named as such.
     """
+    tmp = None
     try:
         if _is_local(path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -79,7 +91,12 @@ def write_bytes(path: str, data: bytes) -> None:
         with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             f.write(data)
     except Exception as e:  # OSError locally; Beam filesystems raise their own types
-        raise EngineError(f"Cannot write {path}: {e}") from e
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        fix = "; free space on that disk (or raise its quota or file-size limit) and rerun" if full else ""
+        raise EngineError(f"Cannot write {path}: {e}{fix}") from e
 
 
 def join(base: str, *parts: str) -> str:
@@ -87,3 +104,234 @@ def join(base: str, *parts: str) -> str:
     if _is_local(base):
         return os.path.join(base, *parts)
     return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` paths (gs://, s3://, ...), False for local paths."""
+    return not _is_local(path)
+
+
+def canonical(path: str) -> str:
+    """One spelling per location, for comparing paths and URIs.
+
+    Local paths become absolute with symbolic links, ``.``, ``..`` and repeated slashes resolved
+    (``./scored//dt=1`` and a symlinked root name the same folder); URLs get a lower-case scheme
+    and no trailing slash. ``gs://b/a//b`` stays as it is: object names may hold ``//``.
+    """
+    if _is_local(path):
+        return os.path.realpath(os.path.abspath(path))
+    scheme, rest = path.split("://", 1)
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
+
+
+def _escape_glob(path: str) -> str:
+    # Beam's glob has no escape character, but a one-character class matches that character.
+    return "".join(f"[{c}]" if c in "*?[" else c for c in path)
+
+
+def list_tree(directory: str) -> list:
+    """Every file under ``directory`` (recursively), its name taken literally: ``*``, ``?`` and
+    ``[`` in it are characters, not a glob. Empty when the folder does not exist."""
+    if _is_local(directory):
+        found = []
+        for root, dirs, files in os.walk(directory):
+            found += [os.path.join(root, name) for name in files]
+            found += [os.path.join(root, name) for name in dirs if os.path.islink(os.path.join(root, name))]
+        return found
+    prefix = directory.rstrip("/") + "/"
+    if directory.startswith("gs://"):
+        from apache_beam.io.gcp.gcsio import GcsIO
+
+        return [name for name, _ in GcsIO().list_files(prefix)]  # a literal prefix listing
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        return [m.path for m in FileSystems.match([_escape_glob(prefix) + "**"])[0].metadata_list]
+    except Exception:  # Beam raises BeamIOError for a folder that does not exist
+        return []
+
+
+def list_children(directory: str) -> list:
+    """Names directly in ``directory`` (files and folders, a folder once), taken literally."""
+    if _is_local(directory):
+        try:
+            return sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    prefix = directory.rstrip("/") + "/"
+    return sorted({path[len(prefix):].split("/", 1)[0] for path in list_tree(directory) if path.startswith(prefix)})
+
+
+def delete_tree(path: str) -> None:
+    """Deletes a file, or a folder and everything in it; nothing when it is missing (literal name)."""
+    if _is_local(path):
+        import shutil
+
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=False, onerror=None)
+        elif os.path.lexists(path):
+            os.remove(path)
+        return
+    from apache_beam.io.filesystems import FileSystems
+
+    files = list_tree(path)
+    if exists(path):
+        files.append(path)
+    if files:
+        FileSystems.delete(files)
+
+
+#: The version token of a file that does not exist (see :func:`version_token`).
+ABSENT = "absent"
+
+
+class VersionMismatch(Exception):
+    """:func:`replace_if` found another version than the expected one; nothing was written.
+
+    Attributes:
+        path: The file.
+        current: Its content now (None when it does not exist).
+    """
+
+    def __init__(self, path: str, current):
+        super().__init__(f"{path} changed since its version was read")
+        self.path, self.current = path, current
+
+
+def _local_token(data) -> str:
+    import hashlib
+
+    return ABSENT if data is None else "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _gcs_blob(path: str):
+    from apache_beam.io.gcp.gcsio import GcsIO, parse_gcs_path
+
+    bucket, name = parse_gcs_path(path)
+    return GcsIO().client.bucket(bucket), name
+
+
+def read_versioned(path: str):
+    """``(token, content)`` of a small file: content None and token :data:`ABSENT` when missing.
+
+    The token names this exact version: on GCS the object's generation (``gen:N``), elsewhere a
+    SHA-256 of the content. :func:`replace_if` writes only over the version it names.
+    """
+    if path.startswith("gs://"):
+        from google.api_core import exceptions
+
+        bucket, name = _gcs_blob(path)
+        for _ in range(5):  # a new generation between the two requests: read again
+            blob = bucket.get_blob(name)
+            if blob is None:
+                return ABSENT, None
+            try:
+                return f"gen:{blob.generation}", blob.download_as_bytes(if_generation_match=blob.generation)
+            except (exceptions.PreconditionFailed, exceptions.NotFound):
+                continue
+        raise EngineError(f"{path} changed five times while being read; is something rewriting it in a loop?")
+    if _is_local(path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            data = None
+    else:
+        data = read_bytes(path, "file") if exists(path) else None
+    return _local_token(data), data
+
+
+def version_token(path: str) -> str:
+    """The version token of ``path`` now (:func:`read_versioned`)."""
+    return read_versioned(path)[0]
+
+
+def replace_if(path: str, data: bytes, expected: str, lock_timeout_s: float = 300.0) -> None:
+    """Writes ``data`` to ``path`` only if ``path`` is still at version ``expected``: a compare-and-swap.
+
+    Readers see the old content or the new one, whole, never a mix:
+    - local disk: under an exclusive ``flock`` on the file's folder (writers on one machine;
+      ``flock`` does not reach across NFS clients), the version is checked, the data
+      written to a temporary file, flushed to disk, and renamed over ``path`` (atomic on POSIX);
+      the folder is flushed too, so the rename survives a power loss.
+    - gs://: one upload with ``ifGenerationMatch`` (0 when ``expected`` is :data:`ABSENT`): GCS
+      refuses it with 412 when another writer got there first (docs/scheduling.md cites the docs).
+    - other filesystems: checked, then written: two writers within that gap can both succeed.
+
+    Raises:
+        VersionMismatch: the file is at another version (nothing was written).
+        EngineError: the lock was not free within ``lock_timeout_s``.
+    """
+    if path.startswith("gs://"):
+        from google.api_core import exceptions
+
+        bucket, name = _gcs_blob(path)
+        generation = 0 if expected == ABSENT else int(expected.split(":", 1)[1]) if expected.startswith("gen:") else -1
+        if generation < 0:
+            raise VersionMismatch(path, read_versioned(path)[1])
+        try:
+            bucket.blob(name).upload_from_string(data, content_type="application/json",
+                                                 if_generation_match=generation)
+        except exceptions.PreconditionFailed:
+            raise VersionMismatch(path, read_versioned(path)[1]) from None
+        return
+    if not _is_local(path):
+        token, current = read_versioned(path)
+        if token != expected:
+            raise VersionMismatch(path, current)
+        write_bytes(path, data)
+        return
+    import contextlib
+    import fcntl
+    import time
+
+    folder = os.path.dirname(os.path.abspath(path))
+    lock = os.open(folder, os.O_RDONLY)  # the folder itself is the lock: nothing is left behind
+    try:
+        deadline = time.monotonic() + lock_timeout_s
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise EngineError(f"waited {lock_timeout_s:.0f} s for another process to finish writing {path} "
+                                      f"(it holds a lock on {folder}); is another run committing this folder?") from None
+                time.sleep(0.05)
+        token, current = read_versioned(path)
+        if token != expected:
+            raise VersionMismatch(path, current)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        fsync_folder(folder)
+    finally:
+        os.close(lock)  # releases the flock
+
+
+def fsync_folder(folder: str) -> None:
+    """Flushes a local folder's entries (new names, renames) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str) -> None:
+    """Flushes a local file's data to disk (nothing for URLs: an object is durable once written)."""
+    if not _is_local(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

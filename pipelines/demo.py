@@ -12,9 +12,7 @@ the top predictions, the dead letters and the throughput.
 from __future__ import annotations
 
 import argparse
-import glob
 import io
-import json
 import os
 import sys
 from typing import List
@@ -22,7 +20,7 @@ from typing import List
 import numpy as np
 from PIL import Image
 
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_files, committed_rows, committed_stats
 
 # (file name, skimage.data function, how to save it): every common mode the pipeline converts.
 PHOTOS = [
@@ -114,18 +112,15 @@ def main(argv=None) -> int:
     with open(manifest, "w") as f:
         f.write("# sample photos and broken files written by pipelines.demo\n")
         f.write("\n".join(os.path.abspath(p) for p in inputs) + "\n")
-    for old in glob.glob(os.path.join(args.output, "*-of-*.*")):
-        os.remove(old)
 
     from pipelines.classify_images import main as classify
 
     code = classify(["--input", manifest, "--output", args.output, "--top_k", "3"] + beam_args)
     if code:
         return code
-    predictions = read_rows(os.path.join(args.output, "predictions-*.jsonl"))
-    dead = read_rows(os.path.join(args.output, "dead_letter-*.jsonl"))
-    with open(os.path.join(args.output, "stats.json")) as f:
-        stats = json.load(f)
+    predictions = committed_rows(args.output, "predictions", missing_ok=True)
+    dead = committed_rows(args.output, "dead_letter", missing_ok=True)
+    stats = committed_stats(args.output)
     print(f"\nTop predictions ({len(predictions)} images):")
     for row in sorted(predictions, key=lambda r: r["uri"]):
         best = ", ".join(f"{p['label']} {p['score']:.2f}" for p in row["top_k"])
@@ -138,7 +133,7 @@ def main(argv=None) -> int:
           f"({stats['engine']['engine']}, batch p50 {lat['p50'] * 1e3:.1f} ms). "
           f"Inputs {len(inputs)} = predictions {len(predictions)} + dead letters {len(dead)}: "
           f"{'OK' if len(inputs) == len(predictions) + len(dead) else 'MISMATCH'}")
-    print(f"Stats: {os.path.join(args.output, 'stats.json')} and stats.png")
+    print(f"Stats: {committed_files(args.output, 'stats')[0]} and stats.png beside it")
     return 0 if len(inputs) == len(predictions) + len(dead) else 1
 
 

@@ -97,21 +97,26 @@ def resolve_dated_flags(opts) -> dt.date:
 
 
 def make_plan(opts, engine: Optional[Dict[str, Any]] = None, settings: Optional[Dict[str, Any]] = None):
-    """The commit plan of this run (a new run id; stats written by the commit step).
+    """The commit plan of this run: a new run id, and the version of ``--output``'s ``_SUCCESS`` it
+    may replace (read now, at launch: a run that commits over another version fails).
 
     Args:
         opts: ClassifyOptions with ``{date}`` already filled (:func:`resolve_dated_flags`).
         engine: Engine description for stats.json. Default: empty.
         settings: The run's settings for stats.json. Default: empty.
     """
+    from engines import storage
     from pipelines.stats import CommittedStatsWriter
-    from transforms.commit import CommitPlan
+    from transforms.commit import CommitPlan, parse_record
 
     start = dt.datetime.now(dt.timezone.utc)
+    base, current = storage.read_versioned(storage.join(opts.output, "_SUCCESS"))
+    record = parse_record(current)
     return CommitPlan(output=opts.output, run_id=new_run_id(start), run_date=opts.run_date or
                       parse_run_date(None).isoformat(), input=opts.input,
                       start_time=start.isoformat(timespec="seconds"), skip_root=opts.skip_scored or None,
-                      write_stats=CommittedStatsWriter(engine or {}, settings or {}))
+                      write_stats=CommittedStatsWriter(engine or {}, settings or {}), base=base,
+                      replaces=record["run_id"] if record else None)
 
 
 def fault_plan(opts):
@@ -125,7 +130,7 @@ def fault_plan(opts):
 
 
 def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None):
-    """Writes predictions, dead letters and the scored-input records to the staging folder, then
+    """Writes predictions, dead letters and the scored-input records into the run's own folder, then
     commits the partition as the pipeline's last step (transforms/commit.py).
 
     Args:
@@ -149,10 +154,10 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
     from transforms.sinks import WriteRows
 
     wrap = sink_wrapper(faults)
-    written = [predictions | "WritePredictions" >> WriteRows(plan.staging, "predictions", output_format, blocks=True,
+    written = [predictions | "WritePredictions" >> WriteRows(plan.run_folder, "predictions", output_format, blocks=True,
                                                              wrap_sink=wrap),
-               dead | "WriteDeadLetters" >> WriteRows(plan.staging, "dead_letter", "jsonl", wrap_sink=wrap),
-               checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.staging, SCORED_PREFIX, "jsonl", blocks=True,
+               dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl", wrap_sink=wrap),
+               checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True,
                                                                   wrap_sink=wrap)]
     # Counts per batch or block (one number per element), never one element per image (issue 9).
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
@@ -164,48 +169,103 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
              "skipped": checked[SKIPPED]} | "CommitPartition" >> CommitPartition(plan))
 
 
+def concurrent_commit(plan):
+    """The :class:`transforms.commit.CommitConflict` to raise when another run committed ``plan``'s
+    partition after this run was launched, or None (nothing changed, or this run committed it).
+
+    A run that loses the race can fail before its commit step (the winner's commit removes the
+    folders of runs that sort before it, this one's among them); this names the real cause.
+    """
+    from engines import storage
+    from transforms.commit import CommitConflict, parse_record
+
+    try:
+        token, data = storage.read_versioned(plan.success)
+    except Exception:  # the storage itself failing: let the original error speak
+        return None
+    record = parse_record(data)
+    if token == plan.base or (record is not None and record["run_id"] == plan.run_id):
+        return None
+    return CommitConflict(plan, record if data is not None else None)
+
+
 def is_partition(output: str) -> bool:
     """True when ``output`` is a partition this pipeline committed, or began to commit.
 
-    Its ``_SUCCESS`` is this pipeline's JSON document (a run id), or ``_scored-*`` files are
-    there (a commit that stopped after it deleted ``_SUCCESS`` and before it wrote the new one).
-    A rerun may replace such a partition; ``check_output`` refuses other folders holding results.
+    Its ``_SUCCESS`` is this pipeline's JSON document (a run id), or run folders or ``_scored-*``
+    files (an older version's commit that stopped midway) are there. A rerun may replace such a
+    partition; ``check_output`` refuses other folders holding results.
     """
-    from apache_beam.io.filesystems import FileSystems
-
     from engines import storage
+    from transforms.commit import RUN_PREFIX, parse_record
     from transforms.scored import SCORED_PREFIX, SUCCESS
 
     try:
-        success = storage.join(output, SUCCESS)
-        if FileSystems.exists(success):
-            with FileSystems.open(success) as f:
-                document = json.loads(f.read().decode("utf-8"))
-            if isinstance(document, dict) and "run_id" in document:
-                return True
-        pattern = storage.join(output, SCORED_PREFIX + "-*.jsonl")
-        return bool(FileSystems.match([pattern], limits=[1])[0].metadata_list)
-    except (OSError, ValueError):  # unreadable or not ours (e.g. an empty Hadoop/Spark _SUCCESS)
+        if parse_record(storage.read_versioned(storage.join(output, SUCCESS))[1]) is not None:
+            return True
+        return any(name.startswith((SCORED_PREFIX + "-", RUN_PREFIX)) for name in storage.list_children(output))
+    except (OSError, EngineError):  # unreadable: not known to be ours
         return False
 
 
 def read_committed(output: str) -> Dict[str, Any]:
-    """The ``_SUCCESS`` document of the partition at ``output``.
+    """The ``_SUCCESS`` record of the partition at ``output``.
 
     Raises:
-        EngineError: the partition is not committed.
+        EngineError: the partition has no readable record of this pipeline.
+    """
+    from engines import storage
+    from transforms.commit import parse_record
+
+    path = storage.join(output, "_SUCCESS")
+    _, data = storage.read_versioned(path)
+    record = parse_record(data)
+    if record is None:
+        what = "has no _SUCCESS" if data is None else "has a _SUCCESS that is not a record of this pipeline"
+        raise EngineError(f"{output} {what}: no run of this pipeline has committed it")
+    return record
+
+
+def committed_files(output: str, kind: str, record: Optional[Dict[str, Any]] = None) -> List[str]:
+    """The paths of one kind of file in the committed partition at ``output``: what to read.
+
+    Args:
+        output: The partition.
+        kind: ``predictions``, ``dead_letter``, ``scored`` or ``stats``.
+        record: Its ``_SUCCESS`` record when already read. Default: read it now.
     """
     from engines import storage
 
-    path = storage.join(output, "_SUCCESS")
-    if not storage.exists(path):
-        raise EngineError(f"{output} has no _SUCCESS: the job finished but its commit step did not run")
-    return json.loads(storage.read_bytes(path, "--output partition's commit file").decode("utf-8"))
+    record = record or read_committed(output)
+    return [storage.join(output, *name.split("/")) for name in record["files"].get(kind, [])]
+
+
+def committed_rows(output: str, kind: str = "predictions", missing_ok: bool = False) -> List[Dict[str, Any]]:
+    """The JSON Lines rows of one kind of file in the committed local partition at ``output``.
+
+    Args:
+        missing_ok: Return no rows, rather than raise, when nothing is committed there. Default False.
+    """
+    from engines import storage
+
+    if missing_ok and not storage.exists(storage.join(output, "_SUCCESS")):
+        return []
+    rows: List[Dict[str, Any]] = []
+    for path in committed_files(output, kind):
+        with open(path, encoding="utf-8") as f:
+            rows.extend(json.loads(line) for line in f if line.strip())
+    return rows
+
+
+def committed_stats(output: str) -> Dict[str, Any]:
+    """The ``stats.json`` of the run committed at the local partition ``output``."""
+    (path,) = [p for p in committed_files(output, "stats") if p.endswith(".json")]
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def read_rows(pattern: str) -> List[Dict[str, Any]]:
-    """The JSON Lines rows of every local file matching ``pattern`` (``predictions-*.jsonl``, ...),
-    file by file in name order: how the demo, the benchmark and the tests read a run's output."""
+    """The JSON Lines rows of every local file matching ``pattern``, file by file in name order."""
     import glob
 
     rows: List[Dict[str, Any]] = []

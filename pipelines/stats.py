@@ -231,12 +231,14 @@ class CommittedStatsWriter:
     def __init__(self, engine: Dict[str, Any], settings: Dict[str, Any]):
         self._engine, self._settings = engine, settings
 
-    def __call__(self, output: str, summary: Dict[str, Any]) -> None:
+    def __call__(self, run_folder: str, summary: Dict[str, Any]) -> None:
+        from engines import storage
         from pipelines.classify_images import common_failure  # at call time: it imports this module
 
         stats = committed_stats(summary, self._engine, self._settings)
-        stats["setup_problem"] = common_failure(output, stats)  # template runs have no launcher to say it
-        write_stats(output, stats)
+        dead = [storage.join(run_folder, name.split("/", 1)[-1]) for name in summary["files"].get("dead_letter", [])]
+        stats["setup_problem"] = common_failure(dead, stats)  # template runs have no launcher to say it
+        write_stats(run_folder, stats)
 
 
 class ProgressPrinter:

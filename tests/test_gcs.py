@@ -19,9 +19,9 @@ FnApiRunner), so the seeded cache is the one Beam's workers use.
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import json
+import os
 import re
 import socket
 import subprocess
@@ -70,9 +70,10 @@ def _start_emulator(workdir: Path):
         log_path = workdir / f"emulator-{attempt}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
+                [sys.executable, "-m", "tests.gcs_emulator", "start", "--host", "127.0.0.1", "--port", str(port),
                  "--in-memory", "--default-bucket", BUCKET],
-                cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -153,17 +154,18 @@ def images(gcs):
 
 
 def _read_outputs(bucket, prefix: str):
-    """Reads predictions, dead letters and stats.json under gs://BUCKET/<prefix>/ from the emulator."""
+    """Reads predictions, dead letters and stats.json of the partition gs://BUCKET/<prefix>/ from the
+    emulator, through the files its _SUCCESS lists (as a reader must)."""
     names = sorted(b.name for b in bucket.client.list_blobs(BUCKET, prefix=f"{prefix}/"))
+    record = json.loads(bucket.blob(f"{prefix}/_SUCCESS").download_as_text())
 
-    def rows(pattern):
-        matched = [n for n in names if fnmatch.fnmatch(n, f"{prefix}/{pattern}")]
-        return [json.loads(line) for n in matched
-                for line in bucket.blob(n).download_as_text().splitlines() if line.strip()]
+    def rows(kind):
+        return [json.loads(line) for n in record["files"][kind]
+                for line in bucket.blob(f"{prefix}/{n}").download_as_text().splitlines() if line.strip()]
 
-    stats = json.loads(bucket.blob(f"{prefix}/stats.json").download_as_text())
-    return {"names": names, "predictions": rows("predictions-*.jsonl"), "dead": rows("dead_letter-*.jsonl"),
-            "stats": stats}
+    stats = json.loads(bucket.blob(f"{prefix}/{record['run_folder']}/stats.json").download_as_text())
+    return {"names": names, "predictions": rows("predictions"), "dead": rows("dead_letter"), "stats": stats,
+            "record": record}
 
 
 def _run(argv):
@@ -190,11 +192,8 @@ def test_glob_every_input_ends_as_exactly_one_row(images, glob_run):
     assert sorted(predicted) == sorted([images["chelsea.jpg"], images["coffee.jpg"]])
     assert sorted(dead) == sorted(images[n] for n in BROKEN)
     assert sorted(predicted + dead) == sorted(images.values())
-    # Only the results are left in --output: the staged objects were moved into place and staging removed.
-    for name in out["names"]:
-        assert re.fullmatch(r"out/(predictions-.+\.jsonl|dead_letter-.+\.jsonl|_scored-.+\.jsonl|stats\.json|stats\.png"
-                            r"|_SUCCESS)", name), \
-            out["names"]
+    # Only the committed run is left in --output: its _SUCCESS and the files it lists, no temporary objects.
+    assert out["names"] == sorted(["out/_SUCCESS"] + [f"out/{n}" for n in sum(out["record"]["files"].values(), [])])
 
 
 def test_glob_real_photos_get_expected_classes(images, glob_run):
@@ -310,4 +309,48 @@ def test_skip_scored_on_gcs_scores_new_and_changed_objects_only(gcs):
     assert (second["skipped"], second["inputs"], second["unaccounted"]) == (2, 4, 0)
     assert out["stats"]["skipped"] == 2
     assert json.loads(gcs.blob("scored/dt=2024-05-31/_SUCCESS").download_as_text())["skipped"] == 2
-    assert not [n for n in _listed(gcs, "scored/dt=2024-05-31") if n.startswith("_staging")]
+    assert out["names"] == sorted([f"scored/dt=2024-05-31/{n}" for n in ["_SUCCESS"] +
+                                   sum(out["record"]["files"].values(), [])])
+
+
+def test_replace_if_on_gcs_writes_only_over_the_generation_it_read(gcs):
+    from engines import storage
+
+    path = f"gs://{BUCKET}/cas/_SUCCESS"
+    assert storage.version_token(path) == storage.ABSENT
+    storage.replace_if(path, b"first", storage.ABSENT)
+    first = storage.version_token(path)
+    assert first.startswith("gen:")
+    with pytest.raises(storage.VersionMismatch) as caught:
+        storage.replace_if(path, b"second", storage.ABSENT)  # created meanwhile by another writer
+    assert caught.value.current == b"first"
+    storage.replace_if(path, b"second", first)
+    with pytest.raises(storage.VersionMismatch):
+        storage.replace_if(path, b"third", first)  # a generation that is no longer live
+    assert gcs.blob("cas/_SUCCESS").download_as_bytes() == b"second"
+
+
+def test_two_runs_into_one_gcs_partition_at_once_exactly_one_commits(gcs, images, tmp_path):
+    # The slow run was launched first and is held right before its swap of _SUCCESS (a test-only
+    # hook, tests/commit_hooks.py); the fast run commits meanwhile. GCS's precondition decides.
+    out = f"gs://{BUCKET}/race"
+    _run(["--input", f"gs://{BUCKET}/images/*", "--output", out])
+    gate = tmp_path / "gate"
+    argv = [sys.executable, "-m", "tests.commit_hooks", "pause", str(gate), out, "--", "--input",
+            f"gs://{BUCKET}/images/chelsea.jpg", "--output", out, "--batch_size", "4", "--progress_every_s", "0"]
+    repo = Path(__file__).resolve().parent.parent
+    slow = subprocess.Popen(argv, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NO_GCE_CHECK": "true"})
+    deadline = time.monotonic() + 300
+    while not Path(str(gate) + ".waiting").exists():
+        assert slow.poll() is None, slow.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the slow run never reached its commit"
+        time.sleep(0.1)
+    fast = _run(["--input", f"gs://{BUCKET}/images/coffee.jpg", "--output", out])
+    gate.touch()
+    _, err = slow.communicate(timeout=300)
+    assert slow.returncode == 1, err[-3000:]
+    assert f"committed by run {fast['run']['run_id']}" in err and "this run committed nothing" in err, err[-3000:]
+    outputs = _read_outputs(gcs, "race")
+    assert outputs["record"]["run_id"] == fast["run"]["run_id"]
+    assert [r["uri"] for r in outputs["predictions"]] == [images["coffee.jpg"]]

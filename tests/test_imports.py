@@ -79,9 +79,10 @@ def _imports(path):
 
 
 #: What transforms/ may use of engines/ (README, "How it is built"): the interface, the pure image
-#: code, and - inside the model handler - the scorer and the GPU decoder it loads.
+#: code, inside the model handler the scorer and the GPU decoder it loads, and the file API the
+#: commit and --skip_scored use.
 TRANSFORMS_MAY_IMPORT = {"engines.base", "engines.pillow_decoder", "engines.prescreen", "engines.scoring",
-                         "engines.dali_decoder"}
+                         "engines.dali_decoder", "engines.storage"}
 
 
 def test_layers_import_only_downwards():

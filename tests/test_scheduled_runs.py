@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +21,6 @@ import pytest
 
 from engines.base import UsageError
 from pipelines import classify_images, partitions
-from pipelines.partitions import read_rows
 from tests.conftest import REPO, jpeg_bytes, photo
 from transforms import faults
 
@@ -30,12 +28,23 @@ FAST = ["--batch_size", "4", "--progress_every_s", "0", "--decode_threads", "2"]
 
 
 def _partition(out) -> dict:
-    """{"success", "predictions", "dead", "scored", "names"} of a partition folder."""
+    """{"success", "predictions", "dead", "scored", "names"} of a partition folder, read as a user
+    would: through the files its _SUCCESS lists."""
+    from transforms.commit import parse_record
+
     out = Path(out)
-    success = json.loads((out / "_SUCCESS").read_text()) if (out / "_SUCCESS").exists() else None
-    return {"success": success, "names": sorted(os.listdir(out)),
-            "predictions": read_rows(str(out / "predictions-*.jsonl")),
-            "dead": read_rows(str(out / "dead_letter-*.jsonl")), "scored": read_rows(str(out / "_scored-*.jsonl"))}
+    success = parse_record((out / "_SUCCESS").read_bytes()) if (out / "_SUCCESS").exists() else None
+
+    def rows(kind):
+        return partitions.committed_rows(str(out), kind) if success else []
+
+    return {"success": success, "names": sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()),
+            "predictions": rows("predictions"), "dead": rows("dead_letter"), "scored": rows("scored")}
+
+
+def _stats(out) -> dict:
+    """The committed run's stats.json."""
+    return json.loads((Path(partitions.committed_files(str(out), "stats")[0])).read_text())
 
 
 def _snapshot(out) -> dict:
@@ -126,6 +135,7 @@ def test_dated_run_fills_input_and_output_and_commits(days, model_path, tmp_path
     assert sorted(sum(success["files"].values(), [])) == sorted(n for n in part["names"] if n != "_SUCCESS")
     assert stats["run"]["run_id"] == success["run_id"] and stats["predictions"] == 2
     assert os.listdir(out) == ["dt=2024-05-31"]
+    assert sorted(os.listdir(out / "dt=2024-05-31")) == ["_SUCCESS", success["run_folder"]]
 
 
 def test_run_ids_sort_by_start_time_even_within_one_second():
@@ -164,6 +174,8 @@ def test_rerun_replaces_every_stale_file_and_keeps_foreign_ones(corpus, model_pa
     (out / "_scored-00003-of-00004.jsonl").write_text(json.dumps({"uri": good[0], "size": 1, "mtime": 1}) + "\n")
     (out / "NOTES.txt").write_text("the user's own file\n")
     (out / ".temp-predictions").mkdir()  # left by a run of an older version of this pipeline
+    (out / "_staging" / "20000101T000000.000000Z-dead").mkdir(parents=True)  # an older version's staging
+    (out / "stats.json.tmp-0123abcd").write_text("{")  # a stats write that died
 
     classify_images.run(["--input", directory, "--output", str(out), *FAST, "--direct_running_mode",
                          "multi_threading", "--direct_num_workers", "2"])
@@ -174,7 +186,7 @@ def test_rerun_replaces_every_stale_file_and_keeps_foreign_ones(corpus, model_pa
     assert sorted(second["names"]) == sorted(listed + ["_SUCCESS", "NOTES.txt"])
     _assert_same_rows(second, clean_bundle_run)
     assert len(second["predictions"]) == len(good) and len(second["dead"]) == len(broken)
-    stats = json.loads((out / "stats.json").read_text())
+    stats = _stats(out)
     assert (stats["predictions"], stats["dead_letters"], stats["unaccounted"]) == (len(good), len(broken), 0)
     assert stats["run"]["run_id"] == second["success"]["run_id"]
 
@@ -189,11 +201,12 @@ def test_failed_run_leaves_the_last_good_partition_untouched(corpus, model_path,
         classify_images.run(["--input", directory, "--output", str(out), "--runner", "BundleBasedDirectRunner",
                              *FAST, "--test_faults", f"decode:100:{markers}:always"])
     after = _snapshot(out)
-    committed = {k: v for k, v in after.items() if not k.startswith("_staging/")}
+    committed = {k: v for k, v in after.items() if k in before}
     assert committed == before  # byte for byte: no _SUCCESS of its own, no file changed
     assert faults.count_attempts(str(markers), "decode")[2] == 4  # Beam gave up after 4 attempts
     classify_images.run(["--input", directory, "--output", str(out), *FAST])
-    assert not (out / "_staging").exists()  # the next commit removes the failed run's staging
+    part = _partition(out)
+    assert sorted(part["names"]) == sorted(["_SUCCESS"] + sum(part["success"]["files"].values(), []))
 
 
 def test_killed_run_then_rerun_equals_a_clean_run(corpus, model_path, clean_bundle_run, tmp_path):
@@ -207,13 +220,13 @@ def test_killed_run_then_rerun_equals_a_clean_run(corpus, model_path, clean_bund
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     after = _snapshot(out)
-    staged = [k for k in after if k.startswith("_staging/")]
+    staged = [k for k in after if k not in before]
     assert staged, "the killed run wrote nothing before it died"
     assert {k: v for k, v in after.items() if k not in staged} == before
     classify_images.run(["--input", directory, "--output", str(out), *FAST])
-    _assert_same_rows(_partition(out), clean_bundle_run)
-    assert not (out / "_staging").exists(), (json.loads((out / "_SUCCESS").read_text())["run_id"],
-                                            sorted(str(p) for p in (out / "_staging").rglob("*")))
+    part = _partition(out)
+    _assert_same_rows(part, clean_bundle_run)
+    assert sorted(part["names"]) == sorted(["_SUCCESS"] + sum(part["success"]["files"].values(), []))
 
 
 # --- retries lose nothing and duplicate nothing ----------------------------------------------
@@ -263,7 +276,7 @@ def test_skip_scored_scores_new_and_changed_files_only(model_path, tmp_path):
     assert [os.path.basename(r["uri"]) for r in part["dead"]] == ["missing.jpg"]
     assert (second["skipped"], second["inputs"], second["unaccounted"]) == (3, 6, 0)  # chelsea, astronaut, broken
     assert part["success"]["skipped"] == 3
-    assert json.loads((scored / "dt=2024-05-31" / "stats.json").read_text())["skipped"] == 3
+    assert _stats(scored / "dt=2024-05-31")["skipped"] == 3
 
     # A rerun of a day replaces it: its own earlier partition does not count as scored.
     rerun = classify_images.run(day + ["--run_date", "2024-05-31"])
@@ -385,9 +398,9 @@ def test_portable_runner_with_external_sdk_workers_on_the_demo(model_path, tmp_p
     assert len(part["predictions"]) == 11 and len(part["dead"]) == 6
     success = part["success"]
     assert (success["inputs"], success["predictions"], success["dead_letters"], success["unaccounted"]) == (17, 11, 6, 0)
-    stats = json.loads((out / "stats.json").read_text())
+    stats = _stats(out)
     assert (stats["inputs"], stats["predictions"], stats["dead_letters"], stats["unaccounted"]) == (17, 11, 6, 0)
     assert stats["run"]["run_id"] == success["run_id"]
-    assert (out / "stats.png").read_bytes().startswith(b"\x89PNG")
-    assert not (out / "_staging").exists()
+    assert (out / success["run_folder"] / "stats.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(part["names"]) == sorted(["_SUCCESS"] + sum(success["files"].values(), []))
     assert "scored 11 images, 6 dead letters, 0 skipped" in proc.stdout

@@ -23,15 +23,19 @@ that matter (e.g. a year of daily folders), not at a bucket's root.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from engines import storage
 from transforms.timing import NAMESPACE
+
+_LOG = logging.getLogger(__name__)
 
 FINGERPRINTS = "fingerprints"
 SKIPPED = "skipped"
@@ -43,7 +47,9 @@ SETTLED_DEAD_LETTER_STAGES = ("decode",)
 #: of milliseconds; a batch of 256 in series would take seconds).
 REMOTE_STAT_THREADS = 16
 
-Fingerprint = Tuple[int, float]
+#: ``(size in bytes, modification time in whole milliseconds)``: hashable, so a URI's earlier
+#: fingerprints are a set and each check costs O(1), however often a URI was recorded.
+Fingerprint = Tuple[int, int]
 
 
 def fingerprint(uri: str) -> Optional[Dict[str, float]]:
@@ -63,8 +69,16 @@ def fingerprint(uri: str) -> Optional[Dict[str, float]]:
     return {"size": int(size), "mtime": round(float(mtime), 3)}
 
 
-def _same(fp: Dict[str, float], prior: Fingerprint) -> bool:
-    return fp["size"] == prior[0] and abs(fp["mtime"] - prior[1]) < 1e-3
+def _key(fp: Dict[str, float]) -> Fingerprint:
+    return int(fp["size"]), int(round(float(fp["mtime"]) * 1000))
+
+
+def record_uri(uri: str) -> str:
+    """The URI as records store and compare it: one spelling per file (``storage.canonical``)."""
+    try:
+        return storage.canonical(uri)
+    except (OSError, ValueError):  # a NUL byte or an over-long name: keep it as given
+        return uri
 
 
 class _CheckBatch(beam.DoFn):
@@ -93,13 +107,13 @@ class _CheckBatch(beam.DoFn):
             self._pool = concurrent.futures.ThreadPoolExecutor(REMOTE_STAT_THREADS, thread_name_prefix="stat")
         return list(self._pool.map(fingerprint, [ref.uri for ref in refs]))
 
-    def _merged(self, prior) -> Dict[str, List[Fingerprint]]:
+    def _merged(self, prior) -> Dict[str, Set[Fingerprint]]:
         # A batch job's side input is the same for every bundle: merge it once per DoFn instance.
         if self._prior is None:
-            merged: Dict[str, List[Fingerprint]] = {}
+            merged: Dict[str, Set[Fingerprint]] = {}
             for partition in prior:
                 for uri, fps in partition.items():
-                    merged.setdefault(uri, []).extend(tuple(fp) for fp in fps)
+                    merged.setdefault(uri, set()).update(tuple(fp) for fp in fps)
             self._prior = merged
         return self._prior
 
@@ -108,12 +122,13 @@ class _CheckBatch(beam.DoFn):
         known = self._merged(prior) if self._skip else {}
         keep, records, skipped = [], [], 0
         for ref, fp in zip(refs, self._fingerprints(refs)):
-            if fp is not None and any(_same(fp, p) for p in known.get(ref.uri, ())):
+            uri = record_uri(ref.uri) if fp is not None else ref.uri
+            if fp is not None and _key(fp) in known.get(uri, ()):
                 skipped += 1
                 continue
             keep.append(ref)
             if fp is not None:
-                records.append({"uri": ref.uri, **fp})
+                records.append({"uri": uri, **fp})
         if skipped:
             self._skipped.inc(skipped)
             yield beam.pvalue.TaggedOutput(SKIPPED, skipped)
@@ -128,25 +143,44 @@ class _CheckBatch(beam.DoFn):
 
 
 class _ListCommitted(beam.DoFn):
-    """ROOT -> ``(partition, _SUCCESS document)`` for every committed partition under it."""
+    """ROOT -> ``(partition, _SUCCESS record)`` for every committed partition under it.
 
-    def __init__(self, exclude: str):
-        self._exclude = exclude.rstrip("/")
+    Skipped: the partition this run replaces (by canonical path, or by the run id it holds now),
+    partitions that lost track of inputs, and ``_SUCCESS`` files that are not a readable record of
+    this pipeline (truncated, empty, another tool's), each with a warning naming the file.
+
+    Args:
+        exclude: This run's ``--output`` (canonical).
+        replaces: The run id committed there when this run was launched, or None.
+    """
+
+    def __init__(self, exclude: str, replaces: Optional[str] = None):
+        self._exclude = storage.canonical(exclude)
+        self._replaces = replaces
 
     def process(self, root: str):
-        root = root.rstrip("/")
-        seen = set()
-        for result in FileSystems.match([f"{root}/{SUCCESS}", f"{root}/**/{SUCCESS}"]):
-            for metadata in result.metadata_list:
-                partition = metadata.path[: -len(SUCCESS) - 1]
-                if partition.rstrip("/") == self._exclude or partition in seen:
-                    continue  # this run replaces that partition: score everything in it again
-                seen.add(partition)
-                with FileSystems.open(metadata.path) as f:
-                    done = json.loads(f.read().decode("utf-8"))
-                if done.get("unaccounted", 0):
-                    continue  # a run that lost track of inputs: trust none of its records
-                yield partition, done
+        from transforms.commit import parse_record
+
+        for path in sorted(storage.list_tree(root)):
+            if path.rsplit("/", 1)[-1] != SUCCESS:
+                continue
+            partition = path[: -len(SUCCESS) - 1]
+            if storage.canonical(partition) == self._exclude:
+                continue  # this run replaces that partition: score everything in it again
+            try:
+                record = parse_record(storage.read_versioned(path)[1])
+            except Exception as e:  # unreadable (permissions, a folder named _SUCCESS): not a record
+                record, why = None, str(e)
+            else:
+                why = "truncated, empty or not written by this pipeline"
+            if record is None:
+                _LOG.warning("--skip_scored: skipping %s (%s); the inputs of that partition are scored again. Fix: "
+                             "rerun that day to rewrite it, or delete the file if the folder is not a partition",
+                             path, why)
+                continue
+            if record["run_id"] == self._replaces or record.get("unaccounted", 0):
+                continue  # the same partition under another spelling, or a run that lost track of inputs
+            yield partition, record
 
 
 def _read_jsonl(path: str):
@@ -157,20 +191,37 @@ def _read_jsonl(path: str):
 
 
 class _ReadPartition(beam.DoFn):
-    """``(partition, _SUCCESS)`` -> ``{uri: [[size, mtime], ...]}`` of the inputs it scored."""
+    """``(partition, _SUCCESS)`` -> ``{uri: [[size, mtime_ms], ...]}`` of the inputs it scored.
+
+    A damaged file never stops the run: an unreadable dead-letter file drops the whole partition
+    (which of its inputs may be skipped is then unknown), an unreadable ``_scored`` file drops the
+    inputs it recorded; either is logged with the file and the fix, and those inputs are scored again.
+    """
 
     def process(self, element):
         partition, done = element
         files = done.get("files", {})
-        unsettled = {row["uri"] for name in files.get("dead_letter", [])
-                     for row in _read_jsonl(FileSystems.join(partition, name))
-                     if row.get("stage") not in SETTLED_DEAD_LETTER_STAGES}
-        scored: Dict[str, List[List[float]]] = {}
+        try:
+            unsettled = {record_uri(row["uri"]) for name in files.get("dead_letter", [])
+                         for row in _read_jsonl(storage.join(partition, *name.split("/")))
+                         if row.get("stage") not in SETTLED_DEAD_LETTER_STAGES}
+        except Exception as e:  # missing, truncated, not JSON, rows without "uri"
+            _LOG.warning("--skip_scored: skipping %s: a dead-letter file it lists cannot be read (%s); its inputs are "
+                         "scored again. Fix: rerun that day to rewrite the partition", partition, e)
+            return
+        scored: Dict[str, Set[Fingerprint]] = {}
         for name in files.get("scored", []):
-            for row in _read_jsonl(FileSystems.join(partition, name)):
-                if row["uri"] not in unsettled:
-                    scored.setdefault(row["uri"], []).append([row["size"], row["mtime"]])
-        yield scored
+            path = storage.join(partition, *name.split("/"))
+            try:
+                rows = [(row["uri"], _key(row)) for row in _read_jsonl(path)]
+            except Exception as e:
+                _LOG.warning("--skip_scored: skipping %s (%s); the inputs it recorded are scored again. Fix: rerun "
+                             "that day to rewrite the partition", path, e)
+                continue
+            for uri, key in rows:
+                if uri not in unsettled:
+                    scored.setdefault(uri, set()).add(key)
+        yield {uri: sorted(keys) for uri, keys in scored.items()}
 
 
 class CheckScored(beam.PTransform):
@@ -180,17 +231,19 @@ class CheckScored(beam.PTransform):
     Args:
         skip_root: ``--skip_scored ROOT``, or None to score everything.
         output: This run's partition, never counted as scored (a rerun replaces it).
+        replaces: The run id committed in ``output`` at launch; a partition holding it is the
+            same folder under another name and is not counted either. Default None.
     """
 
-    def __init__(self, skip_root: Optional[str], output: str):
+    def __init__(self, skip_root: Optional[str], output: str, replaces: Optional[str] = None):
         super().__init__()
-        self._root, self._output = skip_root, output
+        self._root, self._output, self._replaces = skip_root, output, replaces
 
     def expand(self, batches):
         side = {}
         if self._root:
             prior = (batches.pipeline | "ScoredRoot" >> beam.Create([self._root])
-                     | "ListCommitted" >> beam.ParDo(_ListCommitted(self._output))
+                     | "ListCommitted" >> beam.ParDo(_ListCommitted(self._output, self._replaces))
                      | "SpreadPartitions" >> beam.Reshuffle()
                      | "ReadScored" >> beam.ParDo(_ReadPartition()))
             side = {"prior": beam.pvalue.AsList(prior)}
