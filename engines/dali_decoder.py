@@ -18,6 +18,13 @@ Decoding runs ahead: up to ``prefetch`` batches are decoded while the caller use
 one (DALI's scheduled API). A batch DALI fails on breaks the pipeline object; the decoder
 then rebuilds it and decodes that batch image by image, so only the bad images fail.
 
+A decoder serves one caller at a time; callers that share a model (Beam's bundle threads) each
+borrow one of their own from a :class:`DecoderPool` for a whole call. Identity travels with the
+pixels: each batch fed gets a number of its own, and every image an id (that number, its
+position) that the graph returns beside the decoded image. When a batch is taken the ids must be
+those of the batch the caller queued, one per image, or the take raises an :class:`EngineError`
+naming both: a batch can never be scored as another.
+
 DALI is imported lazily; install ``nvidia-dali-cuda130`` (or ``-cuda120``) for the CUDA major
 of the environment (the ``gpu`` extra, or the image built from the Dockerfile).
 """
@@ -25,15 +32,18 @@ of the environment (the ``gpu`` extra, or the image built from the Dockerfile).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
+import itertools
 import logging
+import threading
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from engines.base import EngineError, import_optional
+from engines.base import EngineError, array_info, import_optional
 from engines.devices import cuda_device_count
 
 _LOG = logging.getLogger(__name__)
@@ -109,7 +119,8 @@ class DecodedBatch(NamedTuple):
         images: (n, crop, crop, 3) uint8 for the images that decoded, in input order: a DALI
             GPU tensor (``__cuda_array_interface__``) valid until the next batch is taken, or a
             numpy array.
-        index: Input positions of those images (``images[j]`` is input ``index[j]``).
+        index: Input positions of those images (``images[j]`` is input ``index[j]``), read from
+            the ids the graph returned with them.
         failed: Input position -> reason, for images DALI could not decode.
         seconds: Wall time the caller waited for this batch.
     """
@@ -158,10 +169,18 @@ def out_of_memory_error(error: BaseException) -> Optional[EngineError]:
                        f"--model_copies N for N GPUs) or a smaller --batch_size")
 
 
+def _plural(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
 class DaliDecoder:
     """A built DALI pipeline that decodes batches of encoded images, prefetching ahead.
 
-    Not thread-safe: one decoder per engine copy (per GPU), used by one caller at a time.
+    Not thread-safe: its input queue and its DALI pipeline belong to one caller at a time, for the
+    whole of a :meth:`decode` stream. Callers that share a model borrow decoders from a
+    :class:`DecoderPool`, one each. Two streams mixed on one decoder raise :class:`EngineError` at
+    the first batch one of them takes from the other (the ids checked at each take), never hand one
+    caller another's images.
 
     Args:
         options: See :class:`DaliDecoderOptions`.
@@ -180,6 +199,9 @@ class DaliDecoder:
         # be in flight (at most `prefetch`) referenced here.
         self._alive: collections.deque = collections.deque(maxlen=options.prefetch + 2)
         self.rebuilds = 0
+        # Numbers each fed batch; never restarts (not at a rebuild either), so an output left over
+        # from an earlier batch cannot pass for a later one.
+        self._batch_numbers = itertools.count()
         self._build()
 
     def _next_input(self):
@@ -199,15 +221,18 @@ class DaliDecoder:
         def graph():
             # Inputs come from self._inputs, which _schedule fills right before each schedule_run:
             # DALI calls a non-parallel source in the calling thread, once per run.
+            # Each sample's id (batch number, position) rides through the graph beside its image and
+            # comes back with it: the take checks it (see the module docstring).
             if o.crop_box == "host":
                 # no_copy: DALI reads the caller's arrays in place (decode() keeps each batch alive until
                 # its output is taken); copying 256 x 43 KB under the GIL cost ~15 ms a batch on the
                 # H100 host, 14% of the main thread (py-spy, benchmarks/NOTES.md).
-                encoded, start, end = fn.external_source(source=self._next_input, num_outputs=3, batch=True,
-                                                         no_copy=True,
-                                                         dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+                encoded, start, end, ids = fn.external_source(
+                    source=self._next_input, num_outputs=4, batch=True, no_copy=True,
+                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT64])
             else:
-                encoded = fn.external_source(source=self._next_input, batch=True, no_copy=True, dtype=types.UINT8)
+                encoded, ids = fn.external_source(source=self._next_input, num_outputs=2, batch=True, no_copy=True,
+                                                  dtype=[types.UINT8, types.INT64])
                 # The region engines.pillow_decoder.crop_box keeps, from the (EXIF-oriented) header size.
                 shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
                 height, width = shape[0], shape[1]
@@ -223,7 +248,7 @@ class DaliDecoder:
             else:
                 image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
             return fn.resize(image, size=(o.crop, o.crop), roi_start=start, roi_end=end, roi_relative=False,
-                             antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8)
+                             antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8), ids
 
         return graph()
 
@@ -237,7 +262,7 @@ class DaliDecoder:
             warm = DecodeInput([_tiny_jpeg()], [(0.0, 0.0, 16.0, 16.0)])
             self._inputs.clear()
             for _ in range(self.options.prefetch):
-                self._inputs.append(self._source_item(warm))
+                self._inputs.append(self._source_item(warm, -1))  # -1: no caller's batch
             pipe.schedule_run()
             for _ in range(self.options.prefetch):
                 pipe.share_outputs()
@@ -250,28 +275,61 @@ class DaliDecoder:
                   time.perf_counter() - start, self.options.max_batch, self.options.resize, self.options.crop,
                   f", hw_decoder_load {self.options.hw_decoder_load}" if self.options.device == "gpu" else "")
 
-    def _source_item(self, batch: "DecodeInput"):
+    def _source_item(self, batch: "DecodeInput", number: int):
+        ids = [np.array((number, i), np.int64) for i in range(len(batch.encoded))]
         if self.options.crop_box == "graph":
-            return list(batch.encoded)
+            return (list(batch.encoded), ids)
         if batch.boxes is None or len(batch.boxes) != len(batch.encoded):
             raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
         starts = [np.array((top, left), np.float32) for left, top, _, _ in batch.boxes]  # DALI wants (y, x)
         ends = [np.array((bottom, right), np.float32) for _, _, right, bottom in batch.boxes]
-        return (list(batch.encoded), starts, ends)
+        return (list(batch.encoded), starts, ends, ids)
 
-    def _schedule(self, batch: "DecodeInput") -> None:
-        self._inputs.append(self._source_item(batch))
+    def _schedule(self, batch: "DecodeInput") -> int:
+        """Feeds ``batch`` and schedules its run; returns the batch's number (its images' ids say it)."""
+        number = next(self._batch_numbers)
+        self._inputs.append(self._source_item(batch, number))
         try:
             self._pipe.schedule_run()
         except BaseException:
             self._inputs.clear()
             raise
+        return number
 
     def _take(self):
-        (out,) = self._pipe.share_outputs()  # host-synchronous: the data is ready for any stream
+        """The next run's (images, ids): images where DALI left them, ids as int64 (n, 2) on the host."""
+        out, ids = self._pipe.share_outputs()  # host-synchronous: the data is ready for any stream
+        ids = np.array(ids.as_cpu().as_tensor())
         if self.options.device == "gpu":
-            return out.as_tensor()
-        return np.array(out.as_tensor())
+            return out.as_tensor(), ids
+        return np.array(out.as_tensor()), ids
+
+    def _take_host(self):
+        """As :meth:`_take`, with the images copied to the host."""
+        out, ids = self._pipe.share_outputs()
+        return np.array(out.as_cpu().as_tensor()), np.array(ids.as_cpu().as_tensor())
+
+    def _claim(self, images, ids: np.ndarray, number: int, count: int) -> List[int]:
+        """Checks that a taken run is the batch this caller fed (its number, one id per image in order)
+        and returns the positions the ids name.
+
+        Raises:
+            EngineError: another batch's images, or a row count other than the batch's. The pipeline
+                is dropped (its queue belongs to someone else's batches) and rebuilt when next used.
+        """
+        expected = np.stack([np.full(count, number, np.int64), np.arange(count, dtype=np.int64)], axis=1)
+        rows = array_info(images).shape[0]
+        if ids.shape == expected.shape and (ids == expected).all() and rows == count:
+            return ids[:, 1].tolist()
+        self._pipe = None
+        numbers = sorted(set(ids[:, 0].tolist())) if ids.ndim == 2 and ids.shape[0] else []
+        got = "batch " + ", ".join(str(n) for n in numbers) if numbers else "no batch"
+        rows_note = "" if rows == ids.shape[0] else f", but {rows} decoded rows"
+        raise EngineError(f"the DALI {self.options.device} decoder returned the images of {got} "
+                          f"({_plural(ids.shape[0])}{rows_note}) where batch {number} ({_plural(count)}) "
+                          f"was expected: two callers used one decoder at once, or the decoder lost a batch. "
+                          f"Nothing of either batch was scored; each caller must borrow its own decoder "
+                          f"(DecoderPool)")
 
     def _one_by_one(self, batch: "DecodeInput") -> DecodedBatch:
         """After a failed batch: rebuild, then decode each image alone so only the bad ones fail."""
@@ -279,24 +337,20 @@ class DaliDecoder:
         for i, data in enumerate(batch.encoded):
             self._rebuild_if_broken()
             try:
-                self._schedule(DecodeInput([data], None if batch.boxes is None else [batch.boxes[i]]))
-                images.append(np.array(self._take_host()))
-                self._pipe.release_outputs()
+                number = self._schedule(DecodeInput([data], None if batch.boxes is None else [batch.boxes[i]]))
+                image, ids = self._take_host()
             except Exception as e:  # DALI raises RuntimeError/IndexError and breaks the pipeline
                 self._broken(e)
                 failed[i] = f"the DALI {self.options.device} decoder failed on this image ({_first_line(e)})"
                 continue
+            self._claim(image, ids, number, 1)  # raises, not a bad image: outside the except above
+            images.append(image)
+            self._pipe.release_outputs()
             index.append(i)
         self._rebuild_if_broken()
         crop = self.options.crop
         stacked = np.concatenate(images) if images else np.zeros((0, crop, crop, 3), np.uint8)
         return DecodedBatch(stacked, index, failed, 0.0)
-
-    def _take_host(self):
-        (out,) = self._pipe.share_outputs()
-        if self.options.device == "gpu":
-            out = out.as_cpu()
-        return np.array(out.as_tensor())
 
     def _broken(self, error: BaseException) -> None:
         """DALI failed, which leaves its pipeline unusable: drop it (rebuilt before its next use),
@@ -322,11 +376,27 @@ class DaliDecoder:
 
         Yields:
             One :class:`DecodedBatch` per input batch. A GPU batch's ``images`` stay valid until
-            the next one is requested: use (or copy) it before advancing.
+            the next one is requested: use (or copy) it before advancing. A stream closed early
+            (``close()``, an error) leaves none of its batches in the pipeline.
+
+        Raises:
+            EngineError: a batch of no or too many images, or without crop boxes; the GPU ran out
+                of memory; or a taken run is not this stream's batch (its ids), which only a second
+                caller on the same decoder can cause.
         """
-        pending: List[Sequence[np.ndarray]] = []
+        # Each entry: [batch, its number while it is queued in the live pipeline, else None].
+        pending: List[list] = []
         source = iter(batches)
         self._rebuild_if_broken()  # after a failure that was raised (out of memory)
+        holding = False  # a taken run that is not released yet
+
+        def queue(entry: list) -> None:
+            entry[1] = None
+            if self._pipe is not None:
+                try:
+                    entry[1] = self._schedule(entry[0])
+                except Exception as e:  # a broken feed breaks the pipeline: decode it one by one below
+                    self._broken(e)
 
         def schedule_next() -> bool:
             batch = next(source, None)
@@ -339,41 +409,187 @@ class DaliDecoder:
                                   f"{len(batch.encoded)}")
             if self.options.crop_box == "host" and (batch.boxes is None or len(batch.boxes) != len(batch.encoded)):
                 raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
-            pending.append(batch)
-            if self._pipe is not None:
-                try:
-                    self._schedule(batch)
-                except Exception as e:  # a broken feed breaks the pipeline: decode it one by one below
-                    self._broken(e)
+            entry = [batch, None]
+            pending.append(entry)
+            queue(entry)
             return True
 
-        for _ in range(self.options.prefetch):
-            if not schedule_next():
-                break
-        while pending:
-            batch = pending.pop(0)
-            start = time.perf_counter()
-            images = None
-            if self._pipe is not None:
-                try:
-                    images = self._take()
-                except Exception as e:  # the whole batch failed: find the bad images below
-                    self._broken(e)
-                    _LOG.warning("DALI failed on a batch of %d (%s); retrying it image by image", len(batch.encoded),
-                                 _first_line(e))
-            if images is not None:
-                yield DecodedBatch(images, list(range(len(batch.encoded))), {}, time.perf_counter() - start)
+        finished = False
+        try:
+            for _ in range(self.options.prefetch):
+                if not schedule_next():
+                    break
+            while pending:
+                batch, number = pending.pop(0)
+                start = time.perf_counter()
+                taken = None
+                if self._pipe is not None and number is not None:
+                    try:
+                        taken = self._take()
+                    except Exception as e:  # the whole batch failed: find the bad images below
+                        self._broken(e)
+                        _LOG.warning("DALI failed on a batch of %d (%s); retrying it image by image",
+                                     len(batch.encoded), _first_line(e))
+                if taken is not None:
+                    images, ids = taken
+                    holding = True
+                    index = self._claim(images, ids, number, len(batch.encoded))
+                    yield DecodedBatch(images, index, {}, time.perf_counter() - start)
+                    holding = False
+                    self._pipe.release_outputs()
+                else:
+                    result = self._one_by_one(batch)  # leaves a fresh pipeline behind
+                    for entry in pending:  # queued on the dead pipeline: queue them again
+                        queue(entry)
+                    yield result._replace(seconds=time.perf_counter() - start)
+                schedule_next()
+            finished = True
+        finally:
+            if not finished:  # an error, or the caller stopped early
+                self._settle(holding, sum(number is not None for _, number in pending))
+
+    def _settle(self, holding: bool, queued: int) -> None:
+        """Leaves no output of a stream that ended early in the pipeline: releases the run it held
+        and takes the runs it queued, so the next stream's first take is its own batch. A pipeline
+        that fails at that is dropped (rebuilt when next used)."""
+        if self._pipe is None:
+            return
+        try:
+            if holding:
                 self._pipe.release_outputs()
-            else:
-                result = self._one_by_one(batch)  # leaves a fresh pipeline behind
-                for other in pending:  # queued on the dead pipeline: queue them again
-                    self._schedule(other)
-                yield result._replace(seconds=time.perf_counter() - start)
-            schedule_next()
+            for _ in range(queued):
+                self._pipe.share_outputs()
+                self._pipe.release_outputs()
+        except Exception:  # DALI failed on a queued batch nobody waits for any more
+            self._pipe = None
 
     def close(self) -> None:
         self._pipe = None
+        self._inputs.clear()
+        self._alive.clear()
 
+
+class DecoderPool:
+    """Lends DALI decoders to the callers of one shared model, one each, for a whole call.
+
+    Beam's RunInference shares one loaded model between a worker's bundle threads (the DirectRunner's
+    ``multi_threading`` mode, Dataflow's harness threads, the threads on which Beam's multi-process
+    shared model serves its callers), so several threads score at once, and a :class:`DaliDecoder`
+    serves one stream at a time: its input queue and its pipeline's outputs would interleave between
+    callers (measured on an H200 before this pool existed: 58% of 5,000 rows carried another image's
+    top-1). Decoders are built when first needed, one per caller running at the same time, up to
+    ``max_decoders``; a caller beyond the cap waits for one to come back (``max_decoders=1``: one
+    decoder taken in turns, a lock around decode-and-infer). Each decoder holds its own DALI
+    pipeline, about 0.9 GB of GPU memory at batch 256 (``benchmarks/gpu_memory.py`` on an H100),
+    and its own ``threads`` CPU threads.
+
+    Shared state: the list of decoders and which are free, guarded by one lock (any thread may
+    borrow and give back). Per caller: a borrowed decoder, used by that caller alone until it is
+    given back.
+
+    Args:
+        options: What every decoder is built with (its ``device_id`` already the engine's GPU).
+        max_decoders: Most decoders built; callers beyond it wait. Default 0: no cap, one per
+            caller running at once.
+
+    Raises:
+        EngineError: ``max_decoders`` below 0.
+    """
+
+    def __init__(self, options: DaliDecoderOptions, max_decoders: int = 0):
+        if max_decoders < 0:
+            raise EngineError(f"max_decoders must be >= 0 (0: one per concurrent caller), got {max_decoders}; "
+                              f"see --max_decoders")
+        self.options = options
+        self.max_decoders = max_decoders
+        self._changed = threading.Condition()
+        self._built: List = []
+        self._free: List = []
+        self._building = 0  # builds under way: they count against the cap
+        self._closed = False
+
+    @property
+    def built(self) -> int:
+        """Decoders built so far (at most ``max_decoders`` when it is set)."""
+        with self._changed:
+            return len(self._built)
+
+    def build_first(self) -> None:
+        """Builds one decoder now, so that a broken setup (no DALI, a GPU it cannot use) fails when the
+        model loads rather than at the first batch.
+
+        Raises:
+            ImportError, EngineError: as :class:`DaliDecoder`.
+        """
+        with self.borrow():
+            pass
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[DaliDecoder]:
+        """A decoder of the caller's own for the ``with`` block: a free one, a new one while under the
+        cap, else the next one given back.
+
+        Raises:
+            EngineError: the pool is closed, or a new decoder cannot be built (its place is freed
+                for the next caller).
+        """
+        decoder = self._take()
+        try:
+            yield decoder
+        finally:
+            self._give_back(decoder)
+
+    def _take(self) -> DaliDecoder:
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise EngineError("the decoder pool is closed: the scorer was closed while scoring")
+                if self._free:
+                    return self._free.pop()
+                if not self.max_decoders or len(self._built) + self._building < self.max_decoders:
+                    self._building += 1
+                    break
+                self._changed.wait()
+        # Built outside the lock: building takes a second or more, and other callers may give theirs back.
+        try:
+            decoder = self._build()
+        except BaseException:
+            with self._changed:
+                self._building -= 1
+                self._changed.notify()
+            raise
+        with self._changed:
+            self._building -= 1
+            closed = self._closed
+            if not closed:
+                self._built.append(decoder)
+            count = len(self._built)
+        if closed:
+            decoder.close()
+            raise EngineError("the decoder pool is closed: the scorer was closed while scoring")
+        _LOG.info("DALI %s decoder %d built for calls running at once (%s)", self.options.device, count,
+                  f"at most {self.max_decoders}" if self.max_decoders else "no cap")
+        return decoder
+
+    def _build(self) -> DaliDecoder:
+        return DaliDecoder(self.options)
+
+    def _give_back(self, decoder: DaliDecoder) -> None:
+        with self._changed:
+            if not self._closed:
+                self._free.append(decoder)
+                self._changed.notify()
+                return
+        decoder.close()  # the pool closed while it was out
+
+    def close(self) -> None:
+        """Closes every decoder: the free ones now, the borrowed ones when they come back."""
+        with self._changed:
+            self._closed = True
+            free, self._free = self._free, []
+            self._changed.notify_all()
+        for decoder in free:
+            decoder.close()
 
 
 def gpu_decode_unavailable() -> Optional[str]:

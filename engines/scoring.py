@@ -1,7 +1,8 @@
 """Score batches of images with an engine and, optionally, a GPU decoder that feeds it directly.
 
 :class:`ImageScorer` is what the image pipeline's model handler loads: one engine and (for
-``--decode gpu``) one DALI decoder on the same GPU. A batch arrives as CPU-decoded pixels and/or
+``--decode gpu`` or ``dali_cpu``) a pool of DALI decoders on the same GPU, one per call running
+at once (``engines.dali_decoder.DecoderPool``). A batch arrives as CPU-decoded pixels and/or
 encoded files; encoded files are decoded in batches up to ``prefetch`` ahead, so the GPU decodes
 the next batch while the engine runs the current one, and the engine reads the decoded batch
 where it is (``__cuda_array_interface__``): no host round trip of pixels. Only the requested
@@ -10,6 +11,7 @@ output (the logits) is copied back. No Beam here.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -45,11 +47,18 @@ class Scored(NamedTuple):
 
 
 class ImageScorer:
-    """An engine plus an optional decoder, scoring whole batches.
+    """An engine plus an optional pool of decoders, scoring whole batches.
+
+    Several threads may call :meth:`score` at once, as Beam's RunInference does with the model it
+    shares between a worker's bundle threads. Per caller: the decoder a call borrows from
+    ``decoders`` for all of its decoding and inference, and everything a call builds. Shared: the
+    engine, which serves concurrent calls itself (``engines.base.Engine``: ONNX Runtime's session
+    pool, TensorRT's slot pool), and the pool, which is locked. Nothing else changes after
+    construction.
 
     Args:
         engine: The loaded engine (one image input).
-        decoder: A :class:`engines.dali_decoder.DaliDecoder`, or None when every image arrives
+        decoders: A :class:`engines.dali_decoder.DecoderPool`, or None when every image arrives
             decoded. Default None.
         fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (crop, crop, 3)),
             used when encoded images arrive and there is no decoder (an ``auto`` choice that
@@ -59,12 +68,13 @@ class ImageScorer:
     only; a device batch over the limit is an error naming ``--batch_size``).
     """
 
-    def __init__(self, engine: Engine, decoder=None, fallback_decode: Optional[Callable[[bytes], np.ndarray]] = None):
+    def __init__(self, engine: Engine, decoders=None,
+                 fallback_decode: Optional[Callable[[bytes], np.ndarray]] = None):
         names = engine.input_names()
         if len(names) != 1:
             raise EngineError(f"the image pipeline feeds one input; the model has {len(names)}: {names}")
         self.engine = engine
-        self.decoder = decoder
+        self.decoders = decoders
         self._input = names[0]
         self._fallback = fallback_decode
 
@@ -73,18 +83,30 @@ class ImageScorer:
         limit = self.engine.batch_limit()
         if not limit or rows <= limit:
             calls.append(rows)
-            return [self.engine.infer({self._input: images}, outputs)]
+            return [self._checked(self.engine.infer({self._input: images}, outputs), rows)]
         if not isinstance(images, np.ndarray):
             raise EngineError(f"a device batch of {rows} is larger than the engine's max batch {limit}; lower "
                               f"--batch_size to {limit}")
         results = []
         for start in range(0, rows, limit):
             calls.append(min(limit, rows - start))
-            results.append(self.engine.infer({self._input: images[start:start + limit]}, outputs))
+            results.append(self._checked(self.engine.infer({self._input: images[start:start + limit]}, outputs),
+                                         calls[-1]))
         return results
+
+    def _checked(self, result: Dict[str, np.ndarray], rows: int) -> Dict[str, np.ndarray]:
+        """The engine's outputs, each with one row per image fed: rows are paired with images by position."""
+        for name, value in result.items():
+            if np.ndim(value) and value.shape[0] != rows:
+                raise EngineError(f"Output tensor: {name} | batch dimension {value.shape[0]} does not match the "
+                                  f"{rows} images fed to the {self.engine.kind} engine")
+        return result
 
     def score(self, items: Sequence[Item], outputs: Optional[Sequence[str]] = None) -> List[Scored]:
         """Scores each item; encoded images are decoded ahead while the engine runs.
+
+        Safe to call from several threads at once: a call with encoded images borrows a decoder
+        of its own for the whole call (waiting for one when ``max_decoders`` are out).
 
         Args:
             items: Batches to score.
@@ -94,16 +116,22 @@ class ImageScorer:
             One :class:`Scored` per item, in order.
 
         Raises:
-            EngineError: encoded images and neither a decoder nor a fallback.
+            EngineError: encoded images and neither a decoder nor a fallback; or rows that cannot
+                be paired with their images (a decoded batch or an engine output with another row
+                count than its images, a decoded batch that is not the one fed).
         """
         from engines.dali_decoder import DecodeInput
 
         encoded = [DecodeInput([np.frombuffer(data, np.uint8) for data in files], boxes or None)
                    for _, files, boxes in items if files]
-        if encoded and self.decoder is None and self._fallback is None:
+        if encoded and self.decoders is None and self._fallback is None:
             raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
                               "GPU worker, or --decode cpu")
-        decoded = iter(self.decoder.decode(encoded)) if encoded and self.decoder is not None else None
+        borrowed = self.decoders.borrow() if encoded and self.decoders is not None else contextlib.nullcontext()
+        with borrowed as decoder:
+            return self._score(items, outputs, decoder.decode(encoded) if decoder is not None else None)
+
+    def _score(self, items: Sequence[Item], outputs: Optional[Sequence[str]], decoded) -> List[Scored]:
         results = []
         device = self.engine.device_index()
         try:
@@ -121,6 +149,7 @@ class ImageScorer:
                     start = time.perf_counter()
                     if decoded is not None:
                         batch = next(decoded)  # valid until the next one is taken
+                        _check_decoded(batch, len(files))
                         failed.update({first + i: reason for i, reason in batch.failed.items()})
                         images, count = batch.images, len(batch.index)
                     else:
@@ -137,8 +166,7 @@ class ImageScorer:
                 results.append(Scored(merged, failed, decode_s, infer_s, calls, device))
         finally:
             if decoded is not None:
-                for _ in decoded:  # let the decoder release its last buffers
-                    pass
+                decoded.close()  # the decoder takes back what this call left queued or held
         return results
 
     def _decode_on_cpu(self, files: Sequence[bytes]):
@@ -153,13 +181,23 @@ class ImageScorer:
 
     def describe(self) -> Dict[str, object]:
         info = dict(self.engine.describe())
-        if self.decoder is not None:
-            o = self.decoder.options
+        if self.decoders is not None:
+            o = self.decoders.options
             info["decoder"] = {"library": "nvidia-dali", "device": o.device, "max_batch": o.max_batch,
-                               "hw_decoder_load": o.hw_decoder_load, "prefetch": o.prefetch}
+                               "hw_decoder_load": o.hw_decoder_load, "prefetch": o.prefetch,
+                               "max_decoders": self.decoders.max_decoders or "one per concurrent call"}
         return info
 
     def close(self) -> None:
-        if self.decoder is not None:
-            self.decoder.close()
+        """Closes every decoder of the pool and the engine; call when no thread is scoring."""
+        if self.decoders is not None:
+            self.decoders.close()
         self.engine.close()
+
+
+def _check_decoded(batch, files: int) -> None:
+    """A decoded batch accounts for each of its ``files`` images once: decoded (one row each) or failed."""
+    rows = array_info(batch.images).shape[0]
+    if rows != len(batch.index) or sorted([*batch.index, *batch.failed]) != list(range(files)):
+        raise EngineError(f"the decoder returned {rows} rows for images {batch.index} and failures for "
+                          f"{sorted(batch.failed)}, for a batch of {files} images; none of it was scored")

@@ -3,10 +3,8 @@
 the scorer, and the contract inputs = predictions + dead letters on the mixed good/broken corpus.
 """
 
-import glob
 import io
 import json
-import os
 
 import numpy as np
 import pytest
@@ -158,11 +156,37 @@ def test_a_failed_batch_is_retried_image_by_image(decoder):
     assert [r.failed for r in results[::2]] == [{}, {}]
     assert list(results[1].failed) == [1] and "decoder failed on this image" in results[1].failed[1]
     assert results[1].index == [0, 2] and results[1].images.shape[0] == 2
+    for image, data in zip(results[1].images, good):  # image by image, each keeps its own pixels
+        assert np.abs(image.astype(int) - preprocess_image(data).astype(int)).mean() < 1.0
     assert decoder.rebuilds > before
     with pytest.raises(EngineError, match="1..8 images"):
         list(decoder.decode([decode_input(good * 5)]))
     with pytest.raises(EngineError, match="one crop box per image"):
         list(decoder.decode([[np.frombuffer(good[0], np.uint8)]]))
+
+
+def test_two_callers_interleaved_on_one_decoder_get_an_error_not_each_others_images():
+    """What a decoder shared without a lock did: a second caller took the batch the first had queued
+    and scored it as its own. Each batch's ids travel through the graph beside its images, so the
+    take sees whose batch it got and refuses it, naming both."""
+    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+
+    chelsea, coffee, astronaut = (jpeg_bytes(photo(n)) for n in ("chelsea", "coffee", "astronaut"))
+    d = DaliDecoder(DaliDecoderOptions(device="cpu", max_batch=8, threads=1, prefetch=2))
+    try:
+        first = d.decode([decode_input([chelsea]), decode_input([coffee])])
+        batch = next(first)  # both of its batches are queued now (prefetch 2)
+        assert np.abs(batch.images[0].astype(int) - preprocess_image(chelsea).astype(int)).mean() < 1.0
+        with pytest.raises(EngineError, match=r"returned the images of batch 1 \(1 image\) where batch 2 "
+                                              r"\(1 image\) was expected"):
+            next(d.decode([decode_input([astronaut])]))  # its take would be coffee's queued batch
+        first.close()
+        # The decoder drops the mixed-up pipeline: its next use decodes what it is given.
+        (again,) = d.decode([decode_input([astronaut])])
+        assert again.index == [0] and again.failed == {}
+        assert np.abs(again.images[0].astype(int) - preprocess_image(astronaut).astype(int)).mean() < 1.0
+    finally:
+        d.close()
 
 
 def test_scorer_orders_rows_pixels_first_and_decodes_on_cpu_without_a_decoder(model_path):
@@ -196,11 +220,13 @@ def test_onnxruntime_on_the_cpu_refuses_device_arrays_with_the_fix(model_path):
 
 def _rows(directory):
     rows, dead = {}, {}
-    for path in glob.glob(os.path.join(directory, "predictions-*.jsonl")):
+    from pipelines.partitions import committed_files
+
+    for path in committed_files(directory, "predictions"):
         for line in open(path):
             row = json.loads(line)
             rows[row["uri"]] = row["top_k"][0]["class_id"]
-    for path in glob.glob(os.path.join(directory, "dead_letter-*.jsonl")):
+    for path in committed_files(directory, "dead_letter"):
         for line in open(path):
             row = json.loads(line)
             dead[row["uri"]] = (row["stage"], row["error"])

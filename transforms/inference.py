@@ -4,8 +4,9 @@ The handler is a small picklable recipe: a :class:`ScorerLoader` (an engine load
 :class:`engines.onnxruntime_engine.OnnxRuntimeLoader`, plus decoder options for GPU decode) and
 batch settings. No engine object exists until ``load_model()`` runs on the worker; RunInference
 then shares the loaded engine across the worker's threads (and, with ``share_across_processes``,
-across its processes). Each element is a whole :class:`transforms.images.ImageBatch`; each result
-a :class:`ScoredBatch` with the logits of that batch.
+across its processes), so the loaded scorer serves concurrent calls (``engines.scoring``). Each
+element is a whole :class:`transforms.images.ImageBatch`; each result a :class:`ScoredBatch` with
+the logits of that batch.
 """
 
 from __future__ import annotations
@@ -55,19 +56,28 @@ class ScorerLoader:
         decoder: DALI decoder options, or None when images arrive decoded (``--decode cpu``).
         preprocess: The CPU preprocessing, used only for encoded images that reach a scorer
             without a decoder (see :class:`engines.scoring.ImageScorer`).
+        max_decoders: Most DALI decoders the loaded scorer builds, one per call running at once
+            (``engines.dali_decoder.DecoderPool``); callers beyond it wait; 0: no cap. Default 1
+            (one decoder taken in turns: measured faster than one per caller, ``--max_decoders``).
     """
 
     engine_loader: EngineLoader
     decoder: Optional[Any] = None
     preprocess: Optional[PreprocessConfig] = None
+    max_decoders: int = 1
+
+    def __post_init__(self):
+        if self.max_decoders < 0:
+            raise EngineError(f"max_decoders must be >= 0 (0: one per concurrent call), got {self.max_decoders}; "
+                              f"see --max_decoders")
 
     def __call__(self):
         from engines.scoring import ImageScorer
 
         engine = self.engine_loader()
-        decoder = None
+        decoders = None
         if self.decoder is not None:
-            from engines.dali_decoder import DaliDecoder
+            from engines.dali_decoder import DecoderPool
 
             options = self.decoder
             gpu = engine.device_index()
@@ -76,12 +86,13 @@ class ScorerLoader:
                 # (with --model_copies N, copies spread over the GPUs; engines.devices).
                 options = dataclasses.replace(options, device_id=gpu)
             try:
-                decoder = DaliDecoder(options)
+                decoders = DecoderPool(options, self.max_decoders)
+                decoders.build_first()  # a broken setup fails at load, not at the first batch
             except BaseException:
                 engine.close()
                 raise
         fallback = functools.partial(preprocess_image, config=self.preprocess) if self.preprocess else None
-        return ImageScorer(engine, decoder, fallback)
+        return ImageScorer(engine, decoders, fallback)
 
 
 class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):

@@ -6,8 +6,6 @@ decoded batch where it is (IOBinding). Needs a CUDA GPU, nvidia-dali and onnxrun
     python -m pytest -m cuda tests/gpu/test_gpu_decode.py -v
 """
 
-import glob
-import json
 import os
 
 import numpy as np
@@ -106,16 +104,10 @@ def test_onnxruntime_reads_the_decoded_batch_on_the_gpu(demo, decoder, model_pat
 
 
 def _rows(directory):
-    rows = {}
-    for path in glob.glob(os.path.join(directory, "predictions-*.jsonl")):
-        for line in open(path):
-            row = json.loads(line)
-            rows[row["uri"]] = row["top_k"][0]["class_id"]
-    dead = {}
-    for path in glob.glob(os.path.join(directory, "dead_letter-*.jsonl")):
-        for line in open(path):
-            row = json.loads(line)
-            dead[row["uri"]] = (row["stage"], row["error"])
+    from pipelines.partitions import committed_rows
+
+    rows = {row["uri"]: row["top_k"][0]["class_id"] for row in committed_rows(directory, "predictions")}
+    dead = {row["uri"]: (row["stage"], row["error"]) for row in committed_rows(directory, "dead_letter")}
     return rows, dead
 
 

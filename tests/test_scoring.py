@@ -1,0 +1,230 @@
+"""One ImageScorer shared by several threads, as Beam's RunInference shares one loaded model between a
+worker's bundle threads (DirectRunner ``multi_threading``, Dataflow's harness threads, the threads of
+Beam's multi-process shared model): every call must get its own images' predictions. The real DALI
+graph on the CPU (``--decode dali_cpu``) and the real model, compared with a one-thread run.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engines.pillow_decoder import PreprocessConfig, crop_box
+from engines.prescreen import screen
+from pipelines.partitions import committed_rows
+from tests.conftest import photo
+
+dali = pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
+
+THREADS = 4
+ROUNDS = 2  # score() calls per thread
+ITEMS_PER_CALL = 2  # batches per call: RunInference hands a call several, decoded ahead of the engine
+IMAGES_PER_ITEM = 4
+#: Seconds the threads of one concurrent run get; one thread alone needs about 5 on two busy cores.
+HANG_S = 90
+#: Not an image: DALI fails the batch holding it, which the decoder then retries image by image.
+BROKEN = b"\xff\xd8\xff this is no JPEG"
+_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "colorwheel")
+
+
+def distinct_jpegs(count: int, seed: int = 0) -> List[bytes]:
+    """``count`` different JPEGs from skimage's colour photos, each rotated, mirrored, cropped and scaled
+    its own way, so that a prediction given to the wrong image shows in its logits."""
+    sources = [photo(name) for name in _SOURCES]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        src = np.rot90(sources[i % len(sources)], k=(i // len(sources)) % 4)
+        if (i // (4 * len(sources))) % 2:
+            src = src[:, ::-1]
+        h, w = src.shape[:2]
+        ch, cw = int(rng.integers(h * 3 // 5, h + 1)), int(rng.integers(w * 3 // 5, w + 1))
+        y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        image = Image.fromarray(np.ascontiguousarray(src[y:y + ch, x:x + cw]))
+        scale = float(rng.uniform(240, 330)) / min(ch, cw)  # small files: decoding stays cheap
+        image = image.resize((max(1, round(cw * scale)), max(1, round(ch * scale))), Image.BILINEAR)
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=int(rng.integers(80, 96)))
+        out.append(buf.getvalue())
+    return out
+
+
+def _item(files: List[bytes]):
+    """One batch as the reader hands it to the scorer: encoded files and each one's crop box."""
+    config = PreprocessConfig()
+    boxes = []
+    for data in files:
+        s = screen(data, config.max_pixels)
+        boxes.append(crop_box(s.width, s.height, config) if s.width else (0.0, 0.0, 16.0, 16.0))
+    return (None, tuple(files), boxes)
+
+
+@pytest.fixture(scope="module")
+def calls() -> List[List[tuple]]:
+    """THREADS x ROUNDS score() calls of ITEMS_PER_CALL batches, no photo in two of them; the first
+    round's second batch of each thread holds a broken file."""
+    photos = iter(distinct_jpegs(THREADS * ROUNDS * ITEMS_PER_CALL * IMAGES_PER_ITEM))
+    out = []
+    for t in range(THREADS):
+        for r in range(ROUNDS):
+            items = []
+            for i in range(ITEMS_PER_CALL):
+                files = [next(photos) for _ in range(IMAGES_PER_ITEM)]
+                if r == 0 and i == 1:
+                    files.insert(2, BROKEN)
+                items.append(_item(files))
+            out.append(items)
+    return out
+
+
+def _scorer(model_path, **loader):
+    from engines.dali_decoder import DaliDecoderOptions
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from transforms.inference import ScorerLoader
+
+    decoder = DaliDecoderOptions(device="cpu", max_batch=IMAGES_PER_ITEM + 1, threads=1)
+    return ScorerLoader(OnnxRuntimeLoader(model_path), decoder, PreprocessConfig(), **loader)()
+
+
+@pytest.fixture(scope="module")
+def expected(calls, model_path):
+    """What one thread gets, call after call, from a scorer of its own."""
+    scorer = _scorer(model_path)
+    try:
+        return [scorer.score(items, ["logits"]) for items in calls]
+    finally:
+        scorer.close()
+
+
+def _score_concurrently(scorer, calls) -> Tuple[Dict[int, list], Dict[int, str]]:
+    """Runs the calls on THREADS threads at once (thread t takes calls t*ROUNDS ...), all on ``scorer``.
+
+    Returns:
+        (call index -> results, call index -> the error it raised).
+    """
+    results, errors = {}, {}
+    start = threading.Barrier(THREADS)
+
+    def work(t):
+        start.wait()
+        for k in range(t * ROUNDS, (t + 1) * ROUNDS):
+            try:
+                results[k] = scorer.score(calls[k], ["logits"])
+            except Exception as e:  # a mixed-up decoder raises: counted as a wrong call below
+                errors[k] = f"{type(e).__name__}: {e}"
+
+    # Daemon threads with one deadline: a decoder mixed up between callers can wait forever for a
+    # batch another caller took, and the test must then fail rather than hang.
+    threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + HANG_S
+    for thread in threads:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = sum(thread.is_alive() for thread in threads)
+    assert not hung, f"{hung} of {THREADS} scoring threads still waited for a decoded batch after {HANG_S} s"
+    return results, errors
+
+
+def _check_same_as_one_thread(results, errors, expected):
+    wrong, failed_differs = [], []
+    for k, want in enumerate(expected):
+        if k in errors:
+            continue
+        for i, (got, exp) in enumerate(zip(results[k], want)):
+            if sorted(got.failed) != sorted(exp.failed):
+                failed_differs.append((k, i, sorted(got.failed), sorted(exp.failed)))
+                continue
+            a, b = got.outputs["logits"], exp.outputs["logits"]
+            if a.shape != b.shape:
+                wrong.append((k, i, f"{a.shape[0]} rows instead of {b.shape[0]}"))
+                continue
+            for row in range(b.shape[0]):
+                if a[row].argmax() != b[row].argmax() or not np.allclose(a[row], b[row], atol=1e-4, rtol=0):
+                    wrong.append((k, i, row))
+    assert not errors and not wrong and not failed_differs, (
+        f"{len(errors)} of {len(expected)} calls raised ({list(errors.values())[:2]}); {len(wrong)} images got "
+        f"another image's logits or top-1 (call, batch, row): {wrong[:6]}; {len(failed_differs)} batches failed "
+        f"other images than one thread did: {failed_differs[:3]}")
+
+
+def test_four_threads_sharing_one_scorer_each_get_their_own_images_predictions(calls, expected, model_path):
+    # The reference itself is sound: the photos differ, the broken file is the only failure.
+    assert all(sorted(r.failed) == ([2] if k % ROUNDS == 0 and i == 1 else [])
+               for k, want in enumerate(expected) for i, r in enumerate(want))
+    assert all(r.outputs["logits"].shape == (IMAGES_PER_ITEM, 1000) for want in expected for r in want)
+    tops = np.concatenate([r.outputs["logits"].argmax(1) for want in expected for r in want])
+    assert len(set(tops.tolist())) > 8, "the photos are too alike to show a mix-up"
+    scorer = _scorer(model_path, max_decoders=0)  # one decoder per caller: the shape that mixed rows up
+    try:
+        results, errors = _score_concurrently(scorer, calls)
+        built = scorer.decoders.built
+    finally:
+        scorer.close()
+    _check_same_as_one_thread(results, errors, expected)
+    assert 1 < built <= THREADS  # the calls did overlap, each with a decoder of its own
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_max_decoders_caps_the_decoders_built_and_the_callers_beyond_it_wait(calls, expected, model_path, cap):
+    # Cap 1 is one decoder that the four threads take in turns: a lock around decode-and-infer.
+    scorer = _scorer(model_path, max_decoders=cap)
+    try:
+        results, errors = _score_concurrently(scorer, calls)
+        assert 1 <= scorer.decoders.built <= cap
+    finally:
+        scorer.close()
+    _check_same_as_one_thread(results, errors, expected)
+
+
+def test_max_decoders_reaches_the_recipe_and_a_negative_one_is_refused(tmp_path, model_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from engines.base import UsageError
+    from pipelines.classify_images import ClassifyOptions, make_handler, run
+
+    opts = PipelineOptions(["--input", "x", "--output", "y", "--max_decoders", "2"]).view_as(ClassifyOptions)
+    assert make_handler(opts, "dali_cpu")[0].loader.max_decoders == 2
+    with pytest.raises(UsageError, match="--max_decoders must be >= 0"):
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max_decoders", "-1"])
+
+
+def _rows(output: str) -> Tuple[Dict[str, Tuple[int, float]], List[dict]]:
+    """uri -> (top-1 class, its score), and the dead-letter rows, of a committed run in ``output``.
+
+    Read as a user must: through the files the committed ``_SUCCESS`` lists (it raises when there is none).
+    """
+    predictions = committed_rows(output, "predictions")
+    top1 = {row["uri"]: (row["top_k"][0]["class_id"], row["top_k"][0]["score"]) for row in predictions}
+    assert len(top1) == len(predictions), "an image has two prediction rows"
+    assert top1, f"no prediction rows in {output}"
+    return top1, committed_rows(output, "dead_letter")
+
+
+def test_the_cli_with_four_bundle_threads_gives_the_rows_of_one(tmp_path, model_path):
+    """The whole job, as measured on a GPU where 58% of rows carried another image's top-1: four bundle
+    threads share the one loaded scorer (``multi_threading``); each image must keep its own row."""
+    from pipelines.classify_images import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, data in enumerate(distinct_jpegs(96, seed=1)):
+        (photos / f"photo_{i:03d}.jpg").write_bytes(data)
+    runs = {}
+    for workers in (4, 1):
+        out = str(tmp_path / f"workers{workers}")
+        assert main(["--input", str(photos), "--output", out, "--decode", "dali_cpu", "--batch_size", "16",
+                     "--direct_running_mode", "multi_threading", "--direct_num_workers", str(workers),
+                     "--dali_threads", "1", "--decode_threads", "2", "--progress_every_s", "0"]) == 0
+        runs[workers] = _rows(out)
+    (four, four_dead), (one, one_dead) = runs[4], runs[1]
+    assert four_dead == [] and one_dead == []
+    assert len(one) == 96 and set(four) == set(one)
+    moved = sorted(uri for uri in one if four[uri][0] != one[uri][0] or abs(four[uri][1] - one[uri][1]) > 1e-5)
+    assert not moved, f"{len(moved)} of {len(one)} images got another top-1 or score with four threads: {moved[:5]}"
