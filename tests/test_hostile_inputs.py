@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from PIL import Image
 
 from pipelines import classify_images
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_files, committed_rows, committed_stats
 from tests.conftest import jpeg_bytes, photo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,11 +48,11 @@ def _write(directory: Path, photos) -> list:
 
 
 def _rows(out: Path):
-    return read_rows(str(out / "predictions-*.jsonl")), read_rows(str(out / "dead_letter-*.jsonl"))
+    return committed_rows(str(out), "predictions"), committed_rows(str(out), "dead_letter")
 
 
 def _contract(out: Path, inputs: int):
-    stats = json.loads((out / "stats.json").read_text())
+    stats = committed_stats(str(out))
     predictions, dead = _rows(out)
     assert (stats["inputs"], stats["unaccounted"]) == (inputs, 0), stats
     assert len(predictions) + len(dead) == inputs == stats["predictions"] + stats["dead_letters"]
@@ -66,14 +67,23 @@ def _main(capsys, *argv):
     return code, err
 
 
-def _cli(argv, user=None, cwd=None, timeout=CASE_LIMIT_S):
-    """Runs the CLI in a subprocess (optionally as another user) within the case time limit."""
+def _cli(argv, user=None, cwd=None, timeout=CASE_LIMIT_S, limits=None):
+    """Runs the CLI in a subprocess (optionally as another user, or under resource limits:
+    {resource.RLIMIT_*: bytes}) within the case time limit."""
+    import resource
+
     prefix = []
     if user is not None:
         prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": "/tmp"}
+
+    def set_limits():
+        for which, value in (limits or {}).items():
+            resource.setrlimit(which, (value, value))
+
     proc = subprocess.run(prefix + [sys.executable, "-m", "pipelines.classify_images", *argv], cwd=cwd or REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=set_limits if limits else None)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
 
@@ -372,6 +382,139 @@ def test_manifest_entries_file_uris_relative_paths_directories_and_json_ids(mode
     assert "is a directory" in by_id["true"]["error"] and "check the path exists" not in by_id["true"]["error"]
 
 
+# A bad manifest line is that line's dead letter; every other line is scored.
+
+_LATIN1 = "/photos/café.jpg".encode("latin-1")  # a line another tool wrote in Latin-1
+
+
+def _bad_lines(suffix: str, good: list) -> Tuple[list, dict]:
+    """The lines of a ``suffix`` manifest listing the ``good`` photos among bad lines, and
+    {line number: regex its dead-letter reason must match} for the bad ones."""
+    if suffix == ".txt":
+        lines = [good[0], b"/photos/cat\x00.jpg", _LATIN1, good[1]]
+        return lines, {2: r"holds a NUL byte", 3: r"is not UTF-8 text \(byte 0xe9\)"}
+    if suffix == ".csv":
+        lines = [b"uri,id", good[0] + b",a", b"/photos/cat\x00.jpg,b", _LATIN1 + b",c",
+                 b'"/photos/' + b"x" * 200_000 + b'.jpg",d', good[1] + b",e"]
+        return lines, {3: r"holds a NUL byte", 4: r"is not UTF-8 text \(byte 0xe9\)",
+                       5: r"cannot be read as CSV \(field larger than field limit"}
+    lines = [json.dumps({"uri": good[0].decode()}).encode(), b'{"uri": "/photos/cat\\u0000.jpg"}',
+             b'{"uri": "' + _LATIN1 + b'"}', b"[" * 100_000 + b"]" * 100_000,
+             json.dumps({"uri": good[1].decode()}).encode()]
+    return lines, {2: r"holds a NUL byte", 3: r"is not UTF-8 text \(byte 0xe9\)", 4: r"nested too deeply"}
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv", ".jsonl"])
+def test_a_bad_manifest_line_is_its_own_dead_letter_and_the_rest_is_scored(model_path, tmp_path, capsys,
+                                                                           two_photos, suffix):
+    good = [p.encode() for p in _write(tmp_path / "in", two_photos)]
+    lines, bad = _bad_lines(suffix, good)
+    manifest = tmp_path / f"list{suffix}"
+    manifest.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "o"
+    code, err = _main(capsys, "--input", str(manifest), "--output", str(out))
+    assert code == 0, err
+    predictions, dead, _ = _contract(out, 2 + len(bad))
+    assert sorted(r["uri"] for r in predictions) == sorted(p.decode() for p in good)
+    assert sorted(r["uri"] for r in dead) == sorted(f"{manifest}:{n}" for n in bad)
+    for row in dead:
+        line = int(row["uri"].rsplit(":", 1)[1])
+        assert row["stage"] == "manifest" and row["error"].startswith(f"manifest {manifest} line {line}: "), row
+        assert re.search(bad[line], row["error"]) and "fix or remove that line" in row["error"], row
+
+
+def test_a_file_name_that_is_not_utf8_is_a_dead_letter_and_the_rest_is_scored(model_path, tmp_path, capsys,
+                                                                              two_photos):
+    # The listing's counterpart of a bad manifest line: a name another system wrote in Latin-1
+    # cannot travel through Beam or into the outputs as text, and used to stop the job.
+    images = tmp_path / "in"
+    _write(images, two_photos)
+    latin = os.path.join(os.fsencode(images), "café.jpg".encode("latin-1"))
+    with open(latin, "wb") as f:
+        f.write(two_photos["chelsea.jpg"])
+    out = tmp_path / "o"
+    code, err = _main(capsys, "--input", str(images), "--output", str(out))
+    assert code == 0, err
+    predictions, dead, _ = _contract(out, 3)
+    assert sorted(os.path.basename(r["uri"]) for r in predictions) == ["chelsea.jpg", "coffee.jpg"]
+    (row,) = dead
+    assert row["uri"] == str(images / "caf\\xe9.jpg") and row["stage"] == "read", row
+    assert "file name is not UTF-8 (byte 0xe9)" in row["error"] and "rename the file" in row["error"], row
+
+
+# Exit status: 2 for a setup mistake found at start, 1 for a failure after the job started.
+
+def test_a_write_failing_after_the_start_exits_1_with_one_line_and_leaves_no_temporary_file(model_path, tmp_path,
+                                                                                           two_photos):
+    # A file-size limit (RLIMIT_FSIZE; Python ignores SIGXFSZ, so writes fail with EFBIG as on a full
+    # disk) lets the start checks and the small row files through and fails the larger stats.png:
+    # a disk filling up while the job runs, reproduced without privileges or a tmpfs.
+    import resource
+
+    images = tmp_path / "in"
+    _write(images, two_photos)
+    out = tmp_path / "o"
+    proc = _cli(["--input", str(images), "--output", str(out)], limits={resource.RLIMIT_FSIZE: 16 << 10})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "File too large" in last, proc.stderr[-3000:]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], sorted(map(str, out.rglob("*")))
+    proc = _cli(["--input", str(images), "--output", str(tmp_path / "o2"), "--model", str(tmp_path / "none.onnx")])
+    assert proc.returncode == 2 and "--model file not found" in proc.stderr, proc.stderr[-3000:]  # a setup mistake
+
+
+def test_an_engine_that_fails_to_load_on_the_worker_exits_1(model_path, tmp_path, capsys, two_photos):
+    # The model's inputs and outputs pass the start checks; ONNX Runtime refuses its graph only when a
+    # worker loads it, after the job started (on Dataflow, minutes later on another machine).
+    import onnx
+
+    model = onnx.load(model_path)
+    model.graph.node[5].op_type = "NoSuchOp"
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    code, err = _main(capsys, "--input", _write(tmp_path / "in", two_photos)[0], "--output", str(tmp_path / "o"),
+                      "--model", str(broken))
+    assert code == 1, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and "ONNX Runtime could not load model" in line and "NoSuchOp" in line, err
+
+
+def test_output_that_is_a_dangling_symlink_is_named_as_such(tmp_path, capsys, two_photos):
+    images = tmp_path / "in"
+    _write(images, two_photos)
+    os.symlink(tmp_path / "unmounted" / "scored", tmp_path / "link")
+    code, err = _main(capsys, "--input", str(images), "--output", str(tmp_path / "link"))
+    assert code == 2 and "is a dangling symbolic link" in err and "an existing file" not in err, err
+    assert f"to {tmp_path / 'unmounted' / 'scored'}" in err and "remove it or point it at a directory" in err, err
+
+
+def test_a_huge_input_file_is_a_dead_letter_naming_its_size_and_the_fix(model_path, tmp_path, two_photos):
+    # A 30 GiB sparse file takes no disk. The address-space limit makes a read of it all fail at
+    # once with MemoryError (as on a worker with less memory) instead of filling this machine's.
+    import resource
+
+    images = tmp_path / "in"
+    _write(images, two_photos)
+    with open(images / "huge.jpg", "wb") as f:
+        f.truncate(30 << 30)
+    limits = {resource.RLIMIT_AS: 8 << 30}
+    out = tmp_path / "o"
+    proc = _cli(["--input", str(images), "--output", str(out)], limits=limits)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictions, dead, _ = _contract(out, 3)
+    (row,) = dead
+    assert row["uri"].endswith("huge.jpg") and row["stage"] == "read", row
+    assert "30.0 GiB" in row["error"] and "--max_pixels" in row["error"] and "remove it" in row["error"], row
+    assert "credentials" not in row["error"], row
+    # With --max_pixels raised so far that the size no longer rules it out, the read itself runs out of memory.
+    out = tmp_path / "o2"
+    proc = _cli(["--input", str(images), "--output", str(out), "--max_pixels", str(1 << 32)], limits=limits)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = _contract(out, 3)[1]
+    assert "30.0 GiB" in row["error"] and "more than this worker can hold in memory" in row["error"], row
+    assert "credentials" not in row["error"], row
+
+
 # 13. Symlink loops are named as such.
 
 def test_symlink_loop_is_not_called_a_missing_target(model_path, tmp_path, capsys, two_photos):
@@ -478,15 +621,15 @@ def test_output_holding_a_committed_partition_is_replaced_without_mixing(model_p
     _write(images, two_photos)
     out = tmp_path / "o"
     assert _main(capsys, "--input", str(images), "--output", str(out))[0] == 0
-    assert list(out.glob("predictions-*.jsonl")) and (out / "_SUCCESS").exists()
-    (out / "_SUCCESS").unlink()  # as a commit that died after its first step leaves it: still ours
+    assert list(out.glob("run-*/predictions-*.jsonl")) and (out / "_SUCCESS").exists()
+    (out / "_SUCCESS").write_text('{"run_id": "trunc')  # a truncated record: replaced by the rerun
     code, err = _main(capsys, "--input", str(images), "--output", str(out), "--output_format", "parquet")
     assert code == 0, err
-    assert not list(out.glob("predictions-*.jsonl"))
+    assert not list(out.glob("**/predictions-*.jsonl"))
     import pyarrow.parquet as pq
 
-    rows = sum(pq.read_table(p).num_rows for p in out.glob("predictions-*.parquet"))
-    stats = json.loads((out / "stats.json").read_text())
+    rows = sum(pq.read_table(p).num_rows for p in committed_files(str(out), "predictions"))
+    stats = committed_stats(str(out))
     assert rows == stats["predictions"] == len(two_photos) and stats["unaccounted"] == 0
 
 

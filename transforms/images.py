@@ -92,22 +92,70 @@ class ManifestError(ValueError):
 def read_manifest(path: str) -> str:
     """The text of a manifest, local or on any Beam filesystem.
 
+    Bytes that are not UTF-8 are kept as surrogate escapes (``surrogateescape``), so one line
+    another tool wrote in Latin-1 becomes that line's dead letter (:func:`parse_manifest`) rather
+    than stopping the job; :func:`check_manifest` refuses a file in which no entry decodes.
+
     Raises:
-        ManifestError: it cannot be read, or is not UTF-8 text; the message says how to fix it.
+        ManifestError: it cannot be read, or is too large to hold; the message says how to fix it.
     """
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             raw = f.read()
+    except MemoryError:
+        raise ManifestError(f"manifest {path}{_size_note(path)} is larger than this machine can hold in memory; "
+                            f"split it into smaller manifests run as separate jobs, or pass the folder of the "
+                            f"images (a glob) as --input") from None
     except Exception as e:  # Beam filesystems raise several types
         raise ManifestError(f"cannot read manifest {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    # utf-8-sig: spreadsheet exports start CSVs with a byte-order mark that would hide 'uri'.
+    return raw.decode("utf-8-sig", "surrogateescape")
+
+
+def _size_note(path: str) -> str:
+    """" (12.3 GiB)" for a file whose size can be read, else ""."""
     try:
-        # utf-8-sig: spreadsheet exports start CSVs with a byte-order mark that would hide 'uri'.
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ManifestError(
-            f"manifest {path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); re-save it as UTF-8, "
-            f"e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)} > fixed{os.path.splitext(path)[1]}`") from None
+        size = FileSystems.match([path], limits=[1])[0].metadata_list[0].size_in_bytes
+    except Exception:  # only a detail of an error message
+        return ""
+    return f" ({size / 2**30:.1f} GiB)"
+
+
+#: Bytes that were not UTF-8, as ``surrogateescape`` decoding keeps them (U+DC80..U+DCFF).
+_UNDECODED = re.compile("[\udc80-\udcff]")
+#: Any surrogate: in a JSON string, an escape such as ``\ud800`` with no partner, which no
+#: output (UTF-8 JSON Lines, Parquet) can hold.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+#: The fix for most bad lines; a manifest is the user's file, so the line is theirs to mend.
+_FIX_LINE = "fix or remove that line"
+#: Line breaks as editors count them, so a dead letter's line number is the one an editor shows.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+#: A NUL byte: no path or URI holds one (the OS refuses it; before this check one such line
+#: stopped the whole job midway, in os.stat).
+_NUL_PROBLEM = "holds a NUL byte (binary or corrupt data: no path or URI holds one)"
+
+
+def _line_problem(name: str, text: str) -> Optional[Tuple[str, str]]:
+    """(problem, fix) of a manifest line's text that cannot name an input, or None.
+
+    Checked on the raw line, before the csv or json module reads it, so the reason names the
+    cause (bytes that are not UTF-8, a NUL byte) rather than what it broke.
+    """
+    bad = _UNDECODED.search(text)
+    if bad is not None:
+        return (f"is not UTF-8 text (byte 0x{ord(bad.group()) - 0xDC00:02x})",
+                f"re-save the manifest as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {os.path.basename(name)} > "
+                f"fixed{os.path.splitext(name)[1]}`), or {_FIX_LINE}")
+    if "\x00" in text:
+        return _NUL_PROBLEM, _FIX_LINE
+    return None
+
+
+def _bad_line(name: str, line_no, problem: str, fix: str = _FIX_LINE) -> beam.pvalue.TaggedOutput:
+    """The ``manifest`` dead letter of one manifest line (or a CSV record starting there)."""
+    return dead_letter(f"{name}:{line_no}", f"manifest {name} line {line_no}: {problem}; {fix}", "manifest")
 
 
 def _resolve(uri: str, base: str) -> str:
@@ -129,20 +177,69 @@ def _resolve(uri: str, base: str) -> str:
     return os.path.join(base, uri)
 
 
-def _entry(uri: str, raw_id, name: str, where: str):
-    """An ``ImageRef`` for one manifest entry, or a dead letter for a relative path that is missing."""
+def _entry(uri: str, raw_id, name: str, line_no) -> object:
+    """An ``ImageRef`` for one manifest entry, or a dead letter: a relative path that is missing, or a
+    ``uri`` or ``id`` no input can have."""
+    ref_id = None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id, ensure_ascii=False)
+    if "\x00" in uri:  # a JSON escape (\u0000); raw NUL bytes are caught on the line
+        return _bad_line(name, line_no, _NUL_PROBLEM)
+    if _SURROGATE.search(uri) or (ref_id is not None and _SURROGATE.search(ref_id)):
+        return _bad_line(name, line_no, "holds a JSON escape of a lone surrogate (such as \\ud800), which is not text "
+                                        "any output can hold")
     base = name[:name.rstrip("/").rfind("/") + 1] if "://" in name else os.path.dirname(name)
     resolved = _resolve(uri, base)
-    ref_id = None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id, ensure_ascii=False)
     if resolved != uri and "://" not in resolved and not uri.startswith("file://") and not os.path.lexists(resolved):
-        return dead_letter(resolved, f"cannot read file (file not found: {uri!r} from {where}; relative paths in a "
-                                     f"manifest resolve against the manifest's folder "
+        return dead_letter(resolved, f"cannot read file (file not found: {uri!r} from {name}:{line_no}; relative paths "
+                                     f"in a manifest resolve against the manifest's folder "
                                      f"{os.path.abspath(base) or '.'}, not the working directory)", "read", ref_id)
     return ImageRef(resolved, ref_id)
 
 
+def _csv_entries(name: str, text: str) -> Iterator[object]:
+    """The entries of a CSV manifest (see :func:`parse_manifest`), one record at a time, so a line the
+    csv module cannot read is that line's dead letter."""
+    rows = csv.reader(io.StringIO(text, newline=""))  # newline="": line numbers as an editor counts them
+    try:
+        header = next(rows, None)
+    except csv.Error as e:
+        raise ManifestError(f"CSV manifest {name}: its header line cannot be read as CSV ({e}); make the first line "
+                            f"'uri' or 'uri,id'") from None
+    if header is None:
+        return  # no header: an empty manifest (the caller decides what that means)
+    fields = [field.strip() for field in header]
+    if "uri" not in fields:
+        shown = ",".join(fields).encode("utf-8", "backslashreplace").decode("utf-8")  # may hold escaped bytes
+        raise ManifestError(f"CSV manifest {name} has no 'uri' column (its header: {shown!r}); make the first line "
+                            f"'uri' or 'uri,id'")
+    while True:
+        start = rows.line_num + 1
+        try:
+            record = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the reader goes on at the next line
+            yield _bad_line(name, start, f"cannot be read as CSV ({e})")
+            continue
+        if not record:
+            continue  # a blank line
+        problem = _line_problem(name, "".join(record))
+        if problem:
+            yield _bad_line(name, start, *problem)
+            continue
+        row = dict(zip(fields, record))
+        raw_uri = row.get("uri") or ""
+        uri = raw_uri.strip()
+        if not uri:
+            yield _bad_line(name, start, "the 'uri' field is empty")
+        elif "\n" in raw_uri or "\r" in raw_uri:
+            yield _bad_line(name, start, f"the 'uri' field runs on to line {rows.line_num} (a double quote without "
+                                         f"its closing quote?)")
+        else:
+            yield _entry(uri, (row.get("id") or "").strip() or None, name, start)
+
+
 def parse_manifest(name: str, text: str) -> Iterator[object]:
-    """Yields ``ImageRef`` per manifest entry, or a dead-letter row for an unusable entry.
+    """Yields ``ImageRef`` per manifest entry, or a ``manifest`` dead-letter row for an unusable entry.
 
     Formats, by suffix: ``.txt`` one URI per line (blank lines and ``#`` comments
     skipped); ``.csv`` with a header holding ``uri`` and optionally ``id`` (names
@@ -150,53 +247,63 @@ def parse_manifest(name: str, text: str) -> Iterator[object]:
     optionally ``id`` (an id that is not a string is written as JSON). Relative paths
     resolve against the manifest's folder; ``file://`` URIs become local paths.
 
+    A line that cannot name an input (bytes that are not UTF-8, a NUL byte, text the csv or json
+    module cannot read, no ``uri``) is that line's dead letter, ``{"uri": "<manifest>:<line>"}``, with
+    a reason naming the manifest, the line and the fix; every other line is still an input.
+
     Raises:
         ManifestError: a CSV header without a ``uri`` column (no entry can be read).
     """
     lower = name.lower()
     if lower.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames is None:
-            return  # no header: an empty manifest (the caller decides what that means)
-        reader.fieldnames = [(field or "").strip() for field in reader.fieldnames]
-        if "uri" not in reader.fieldnames:
-            raise ManifestError(f"CSV manifest {name} has no 'uri' column (its header: "
-                                f"{','.join(reader.fieldnames)!r}); make the first line 'uri' or 'uri,id'")
-        for line_no, row in enumerate(reader, start=2):
-            uri = (row.get("uri") or "").strip()
-            if not uri:
-                yield dead_letter(f"{name}:{line_no}", "manifest row has an empty 'uri'", "manifest")
-                continue
-            yield _entry(uri, (row.get("id") or "").strip() or None, name, f"{name}:{line_no}")
+        yield from _csv_entries(name, text)
         return
-    for line_no, line in enumerate(text.splitlines(), start=1):
+    jsonl = lower.endswith((".jsonl", ".ndjson"))
+    for line_no, line in enumerate(_LINE_BREAK.split(text), start=1):
         line = line.strip()
-        if not line or (line.startswith("#") and not lower.endswith((".jsonl", ".ndjson"))):
+        if not line or (line.startswith("#") and not jsonl):
             continue
-        if lower.endswith((".jsonl", ".ndjson")):
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                yield dead_letter(f"{name}:{line_no}", f"manifest line is not valid JSON ({e})", "manifest")
-                continue
-            uri = row.get("uri") if isinstance(row, dict) else None
-            if not isinstance(uri, str) or not uri.strip():
-                yield dead_letter(f"{name}:{line_no}", "manifest object has no string 'uri' field", "manifest")
-                continue
-            yield _entry(uri.strip(), row.get("id"), name, f"{name}:{line_no}")
-        else:
-            yield _entry(line, None, name, f"{name}:{line_no}")
+        problem = _line_problem(name, line)
+        if problem:
+            yield _bad_line(name, line_no, *problem)
+            continue
+        if not jsonl:
+            yield _entry(line, None, name, line_no)
+            continue
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            yield _bad_line(name, line_no, "is JSON nested too deeply to read")
+            continue
+        except ValueError as e:
+            yield _bad_line(name, line_no, f"is not valid JSON ({e})")
+            continue
+        uri = row.get("uri") if isinstance(row, dict) else None
+        if not isinstance(uri, str) or not uri.strip():
+            yield _bad_line(name, line_no, "has no string 'uri' field (each line is a JSON object with one)")
+            continue
+        yield _entry(uri.strip(), row.get("id"), name, line_no)
 
 
 def check_manifest(path: str) -> None:
-    """Fails when a manifest cannot be used at all: unreadable, not UTF-8, no 'uri' column, no entries.
+    """Fails when a manifest cannot be used at all: unreadable, no 'uri' column, no entries, or no entry
+    that is UTF-8 (a file saved in another encoding, not one bad line).
 
     Raises:
         ManifestError: with what was found and the fix.
     """
-    if not any(True for _ in parse_manifest(path, read_manifest(path))):
+    text = read_manifest(path)
+    if next(parse_manifest(path, text), None) is None:
         raise ManifestError(f"manifest {path} lists no images (it is empty, or holds only blank lines, comments "
                             f"or a header); add one image path or URI per entry")
+    undecoded = _UNDECODED.search(text)
+    # Only a manifest with undecodable bytes is read to the end here: the job reads it again anyway.
+    if undecoded and not any(isinstance(entry, ImageRef) for entry in parse_manifest(path, text)):
+        line = text.count("\n", 0, undecoded.start()) + 1
+        raise ManifestError(
+            f"manifest {path} is not UTF-8 text (byte 0x{ord(undecoded.group()) - 0xDC00:02x} on line {line}); "
+            f"re-save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {os.path.basename(path)} > "
+            f"fixed{os.path.splitext(path)[1]}`")
 
 
 def _literal_prefix(pattern: str) -> str:
@@ -251,6 +358,21 @@ def unlistable_local_files(pattern: str) -> Iterator[tuple]:
                      f"not scored: give the job's user read and execute permission on it")
 
 
+def _printable(path: str) -> str:
+    """A path holding bytes that are not UTF-8, with those bytes written as ``\\xe9``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _not_utf8_name(undecoded: "re.Match") -> str:
+    """The dead-letter reason for a listed file whose name is not UTF-8.
+
+    Such a name (from a system that writes Latin-1) cannot travel through Beam, which encodes text
+    as UTF-8, nor into the outputs; it used to stop the job.
+    """
+    return (f"file name is not UTF-8 (byte 0x{ord(undecoded.group()) - 0xDC00:02x}), so it cannot be written in "
+            f"the outputs; rename the file (e.g. `convmv -f latin1 -t utf-8 --notest FILE`)")
+
+
 class _Match(beam.DoFn):
     """Pattern -> ``ImageRef`` per matched file, plus dead letters for what Beam's listing skips."""
 
@@ -268,12 +390,16 @@ class _Match(beam.DoFn):
             raise IOError(f"Cannot list {pattern}: {e}") from e
         for metadata in matched:
             self._inputs.inc()
+            undecoded = _UNDECODED.search(metadata.path)
+            if undecoded:
+                yield dead_letter(_printable(metadata.path), _not_utf8_name(undecoded), "read")
+                continue
             yield ImageRef(metadata.path)
         for path, reason in unlistable_local_files(pattern):
             self._inputs.inc()
             if reason.startswith("cannot list directory"):
                 self._unlistable.inc()
-            yield dead_letter(path, reason, "read")
+            yield dead_letter(_printable(path), _printable(reason), "read")  # a reason may quote a link's target
 
 
 class _ReadManifest(beam.DoFn):

@@ -36,6 +36,43 @@ from engines.prescreen import GPU, screen
 DEFAULT_READ_TIMEOUT_S = 60.0
 
 
+#: Most bytes per pixel an image file the decoders take can need: 16-bit RGBA stored uncompressed is 8;
+#: twice that leaves room for metadata, thumbnails and the pages of a multi-page TIFF before the one
+#: decoded. A larger file cannot hold an image under --max_pixels, and reading it whole could take
+#: all of a worker's memory (a 30 GiB file ended as MemoryError, or the worker killed).
+MAX_FILE_BYTES_PER_PIXEL = 16
+#: Headers and embedded metadata (ICC profiles, XMP, previews) a small image may carry on top.
+FILE_SIZE_ALLOWANCE = 64 << 20
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file read as an image under ``max_pixels`` (see :data:`MAX_FILE_BYTES_PER_PIXEL`)."""
+    return max_pixels * MAX_FILE_BYTES_PER_PIXEL + FILE_SIZE_ALLOWANCE
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def too_large_reason(size: int, max_pixels: int) -> str:
+    """The dead-letter reason for a file too large to be an image under ``--max_pixels``."""
+    return (f"file is {_gib(size)}, more than an image under the pixel limit can take "
+            f"({_gib(max_file_bytes(max_pixels))} for --max_pixels {max_pixels}), so it is not read; remove it "
+            f"from the input, or raise --max_pixels if it is a real image")
+
+
+def _size_of(uri: str) -> Optional[int]:
+    """The size of a file in bytes, or None where it cannot be read."""
+    try:
+        if "://" not in uri:
+            return os.path.getsize(uri)
+        from apache_beam.io.filesystems import FileSystems
+
+        return FileSystems.match([uri], limits=[1])[0].metadata_list[0].size_in_bytes
+    except Exception:  # the read that follows reports a missing or unreadable file
+        return None
+
+
 class Decoded(NamedTuple):
     """The outcome for one image: an array, encoded bytes for the GPU decoder, or an error
     with the stage that failed."""
@@ -203,12 +240,24 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
     """
     start = time.perf_counter()
     refused = not_a_regular_file(uri)
+    if refused is None and "://" not in uri:
+        size = _size_of(uri)
+        if size is not None and size > max_file_bytes(config.max_pixels):
+            refused = too_large_reason(size, config.max_pixels)
     if refused is not None:
         return Decoded(None, refused, "read", time.perf_counter() - start, 0.0, 0)
     try:
         data = read_with_timeout(uri, read_timeout_s)
     except ReadTimeout as e:
         return Decoded(None, f"cannot read file ({e})", "read", time.perf_counter() - start, 0.0, 0)
+    except MemoryError:
+        # Not "check the path and credentials": the file is there, this worker cannot hold it.
+        size = _size_of(uri)
+        unread = ("" if "://" in uri else f" (local files over {_gib(max_file_bytes(config.max_pixels))} are refused "
+                                          f"unread: lower --max_pixels {config.max_pixels} to refuse this one)")
+        return Decoded(None, f"cannot read file: it is {_gib(size) if size is not None else 'larger'}, more than this "
+                             f"worker can hold in memory; remove it from the input or run on workers with more "
+                             f"memory{unread}", "read", time.perf_counter() - start, 0.0, 0)
     except Exception as e:  # OSError locally; Beam filesystems wrap errors in several types
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return Decoded(None, f"cannot read file ({type(e).__name__}: {reason}); check the path exists and the "
@@ -223,6 +272,9 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
         array, error = preprocess_image(data, config), None
     except BadImageError as e:
         array, error = None, str(e)
+    except MemoryError:
+        array, error = None, (f"decoding it ({len(data) / 2**20:.1f} MiB encoded) needs more memory than this worker "
+                              f"has; lower --max_pixels to refuse images this large, or remove it from the input")
     except Exception as e:  # a decoder bug on a malformed file must not stop the job either
         array, error = None, f"unexpected decoder error on a malformed file ({type(e).__name__}: {e})"
     return Decoded(array, error, "decode", read_done - start, time.perf_counter() - read_done, len(data))
