@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["engines", "engines.*", "transforms", "transforms.*", "pipelines",
                                     "pipelines.*", "benchmarks", "benchmarks.*"]),
+    # The worker image's Python and Beam versions, read by the launch check (pipelines/launch_checks.py).
+    package_data={"pipelines": ["image_versions.txt"]},
     install_requires=[
         BEAM,
         "numpy>=1.24",
@@ -30,9 +32,11 @@ setup(
         # listing it here would pull a second copy into that image. These are its companions.
         "tensorrt": ["cuda-python>=12.4", "onnxconverter-common>=1.14"],
         # GPU decode (--decode gpu): NVIDIA DALI for the environment's CUDA major, and ONNX Runtime's
-        # CUDA provider. `gpu` is CUDA 13 (driver r580+), `gpu-cuda12` CUDA 12.
-        "gpu": ["nvidia-dali-cuda130>=2.4", "onnxruntime-gpu>=1.20", "cuda-python>=13"],
-        "gpu-cuda12": ["nvidia-dali-cuda120>=2.4", "onnxruntime-gpu>=1.20", "cuda-python>=12.4,<13"],
+        # CUDA provider. `gpu` is CUDA 13 (driver r580+), `gpu-cuda12` CUDA 12. onnxruntime-gpu on PyPI
+        # is built for CUDA 12 up to 1.26 and for CUDA 13 from 1.27 (docs/tensorrt.md). Either replaces
+        # the CPU onnxruntime: uninstall that first (both install the module onnxruntime).
+        "gpu": ["nvidia-dali-cuda130>=2.4", "onnxruntime-gpu>=1.27", "cuda-python>=13"],
+        "gpu-cuda12": ["nvidia-dali-cuda120>=2.4", "onnxruntime-gpu>=1.20,<1.27", "cuda-python>=12.4,<13"],
         "demo": ["scikit-image>=0.22"],
         "test": [
             "pytest>=7",

@@ -287,6 +287,27 @@ class EngineRecipe:
     labels_flag: str = "--model"
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerPath:
+    """A file or folder an engine flag names that the workers open, so it must be reachable from them.
+
+    Attributes:
+        flag: The flag, e.g. "--onnx_path".
+        path: Its value, or None when the flag was not given and its default is a file on the
+            launching machine (then ``default`` says which).
+        written: The workers write it (a cache); False: they only read it.
+        default: With ``path`` None: what the default is, for the message. Default "".
+        note: More for the message: what must be uploaded with it (a plan's sidecar), or where the
+            default file is. Default "".
+    """
+
+    flag: str
+    path: Optional[str]
+    written: bool = False
+    default: str = ""
+    note: str = ""
+
+
 def import_optional(module: str, install_hint: str):
     """Imports an optional heavy dependency or raises an ImportError with the fix.
 

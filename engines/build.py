@@ -33,7 +33,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workspace_gib", type=float, default=None,
                         help="Builder workspace limit in GiB (default: TensorRT's, the GPU's memory).")
     parser.add_argument("--timing_cache", default=None,
-                        help="Timing cache file to reuse and update (local or gs://); speeds up rebuilds.")
+                        help="Timing cache to reuse and update (local or gs://); speeds up rebuilds. One file per "
+                             "GPU type and TensorRT version: PATH.<gpu>-sm<cc>-trt<version>.")
     parser.add_argument("--opt_level", type=int, default=3, help="Builder optimisation level 0-5 (default 3).")
     parser.add_argument("--version_compatible", action="store_true",
                         help="Plan later TensorRT versions of the same major (and tensorrt_lean) can run.")

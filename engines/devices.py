@@ -28,10 +28,35 @@ _LOG = logging.getLogger(__name__)
 Device = Union[int, str]
 
 
+#: What to install when cuda-python is missing.
+CUDA_PYTHON_HINT = ("pip install cuda-python matching the CUDA driver (cuda-python==12.* for CUDA 12 drivers, 13.* "
+                    "for CUDA 13), or use the image built from Dockerfile (docs/tensorrt.md)")
+
+
+def cuda_runtime():
+    """cuda-python's CUDA runtime module, in either of its layouts (the one place that imports it).
+
+    ``cuda.bindings.runtime`` from cuda-python 12.6 on; before that (12.4 and 12.5, which setup.py
+    allows) the same module was ``cuda.cudart`` (``from cuda import cudart``). cuda-python 13 has
+    only the first (docs/tensorrt.md).
+
+    Raises:
+        ImportError: neither layout is importable; the message names the fix.
+    """
+    try:
+        from cuda.bindings import runtime
+    except ImportError as first:
+        try:
+            from cuda import cudart as runtime  # type: ignore
+        except ImportError:
+            raise ImportError(f"cuda-python is not importable ({first}); {CUDA_PYTHON_HINT}") from first
+    return runtime
+
+
 def cuda_device_count() -> int:
     """CUDA devices visible to this process (0 without cuda-python, a driver or a GPU)."""
     try:
-        from cuda.bindings import runtime
+        runtime = cuda_runtime()
     except ImportError:
         return 0
     try:

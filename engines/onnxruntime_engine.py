@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engines import storage
 from engines.devices import Device, check_device, cuda_device_count, resolve_device
-from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, array_info, check_feed,
-                          import_optional, is_device_array)
+from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, UsageError, WorkerPath,
+                          array_info, check_feed, import_optional, is_device_array)
 
 _LOG = logging.getLogger(__name__)
 
@@ -261,6 +261,52 @@ def _providers(options) -> Tuple[str, ...]:
 def cli_on_gpu(options) -> bool:
     """``--providers`` names a GPU provider (see ``pipelines/engine_registry.py``)."""
     return any(p.lower() in _GPU_PROVIDERS for p in _providers(options))
+
+
+def _provider_name(alias: str) -> Optional[str]:
+    """The ONNX Runtime provider an alias or full name stands for, or None when it is neither."""
+    if alias.lower() in PROVIDER_ALIASES:
+        return PROVIDER_ALIASES[alias.lower()]
+    return alias if alias.endswith("ExecutionProvider") else None
+
+
+def cli_check(options, local: bool) -> None:
+    """Refuses ``--providers`` that cannot work, at start (see ``pipelines/engine_registry.py``).
+
+    Every runner: a name that is no provider. Local runs: a provider this machine's onnxruntime
+    lacks (the CPU package has no CUDA provider), which would otherwise fail every worker's model
+    load after the job started. Remote runners' workers run the image's onnxruntime-gpu, not this
+    machine's, so availability is theirs to check.
+
+    Raises:
+        UsageError: naming ``--providers`` and the fix.
+    """
+    flag = f"--providers {options.providers}"
+    wanted = []
+    for alias in _providers(options):
+        name = _provider_name(alias)
+        if name is None:
+            raise UsageError(f"{flag}: {alias!r} is not an ONNX Runtime execution provider; use cpu, cuda, tensorrt or "
+                             f"a full provider name (...ExecutionProvider)")
+        wanted.append(name)
+    if not local:
+        return
+    ort = import_optional("onnxruntime", "Install the project: pip install -e . (it depends on onnxruntime).")
+    available = ort.get_available_providers()
+    missing = [name for name in wanted if name not in available]
+    if missing:
+        build = "a GPU build" if any(p in available for p in _GPU_PROVIDER_NAMES) else "the CPU build"
+        raise UsageError(f"{flag}: this onnxruntime ({ort.__version__}, {build}) has no {', '.join(missing)} (it has "
+                         f"{', '.join(available)}): install onnxruntime-gpu for this machine's CUDA in its place (pip "
+                         f"uninstall onnxruntime; pip install 'onnxruntime-gpu<1.27' for CUDA 12, 'onnxruntime-gpu>=1.27' "
+                         f"for CUDA 13), or pass --providers cpu")
+
+
+def cli_worker_paths(options) -> List[WorkerPath]:
+    """``--model``, which every worker reads (see ``pipelines/engine_registry.py``); None: its default,
+    the model ``make model`` prepares on the launching machine."""
+    return [WorkerPath("--model", options.model or None,
+                       default="the prepared model", note="models/efficientnet_lite0.onnx, from `make model`")]
 
 
 def cli_recipe(options) -> EngineRecipe:

@@ -395,6 +395,8 @@ class FakeBuild:
         self.during_build = None
         #: Timing entries this build adds to its cache.
         self.new_timings = {b"conv-" + version.encode()}
+        #: ignore_mismatch of every ITimingCache.combine call.
+        self.combine_calls: List[bool] = []
         self.parse_ok = parse_ok
         self.build_ok = build_ok
         self.flags: List[str] = []
@@ -497,6 +499,7 @@ class FakeBuild:
                 return memoryview(b"timing:" + b";".join(sorted(self.entries)))
 
             def combine(self, other, ignore_mismatch):
+                build.combine_calls.append(ignore_mismatch)
                 self.entries |= other.entries
                 return True
 

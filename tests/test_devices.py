@@ -132,3 +132,62 @@ def test_stats_count_the_images_each_device_scored():
     assert stats["images_per_device"] == {"gpu0": 4, "gpu1": 3}
     assert per_device(stats) == " (gpu0 4, gpu1 3 images)"
     assert per_device({"images_per_device": {"cpu": 7}}) == ""
+
+
+def _old_cuda_python(monkeypatch, count=2):
+    """cuda-python 12.4/12.5 as its modules look: no ``cuda.bindings``; the runtime is ``cuda.cudart``
+    (``from cuda import cudart``), whose calls return ``(cudaError_t, value)`` with an IntEnum status."""
+    import enum
+    import sys
+    import types
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorNoDevice = 100
+
+    cudart = types.ModuleType("cuda.cudart")
+    cudart.cudaError_t = cudaError_t
+    cudart.cudaGetDeviceCount = lambda: (cudaError_t.cudaSuccess, count) if count else (cudaError_t.cudaErrorNoDevice, 0)
+    package = types.ModuleType("cuda")
+    package.__path__ = []
+    package.cudart = cudart
+    for name, module in (("cuda", package), ("cuda.cudart", cudart), ("cuda.bindings", None),
+                         ("cuda.bindings.runtime", None)):
+        monkeypatch.setitem(sys.modules, name, module)
+    return cudart
+
+
+def test_gpus_are_counted_with_the_cuda_python_12_4_module_layout(monkeypatch):
+    """setup.py allows cuda-python >= 12.4; before 12.6 there is no cuda.bindings, and GPU decode said
+    "no CUDA device is visible" on a GPU machine while the TensorRT engine (which had the fallback) ran."""
+    from engines import devices
+    from engines.dali_decoder import gpu_decode_unavailable
+    from engines.tensorrt import cuda as trt_cuda
+
+    old = _old_cuda_python(monkeypatch, count=2)
+    monkeypatch.setattr(trt_cuda, "_cudart", None)
+    assert devices.cuda_device_count() == 2
+    assert devices.cuda_runtime() is old and trt_cuda.cudart() is old  # one lookup, used by both
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    assert gpu_decode_unavailable() is None
+    _old_cuda_python(monkeypatch, count=0)
+    assert devices.cuda_device_count() == 0
+
+
+def test_the_cuda_python_12_6_and_later_layout_comes_first(monkeypatch):
+    """The real bindings (cuda-python 13 here): cuda.bindings.runtime answers, even with an old-layout
+    module beside it."""
+    runtime = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python >= 12.6 is not installed")
+    from engines import devices
+
+    assert devices.cuda_runtime() is runtime
+    err, count = runtime.cudaGetDeviceCount()
+    assert devices.cuda_device_count() == (int(count) if int(err) == 0 else 0)
+
+
+def test_without_cuda_python_there_is_no_gpu_and_the_error_names_the_fix(no_tensorrt):
+    from engines import devices
+
+    assert devices.cuda_device_count() == 0
+    with pytest.raises(ImportError, match=r"cuda-python is not importable .*pip install cuda-python"):
+        devices.cuda_runtime()

@@ -40,6 +40,11 @@ def _stages():
     return stages
 
 
+def _run_steps(stage):
+    """The stage's RUN instructions, each with its continuation lines, as written."""
+    return re.findall(r"^RUN (?:.*\\\n)*.*$", _stages()[stage], flags=re.M)
+
+
 def _setup_requirements():
     tree = ast.parse((REPO / "setup.py").read_text())
     beam = next(node.value.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
@@ -70,7 +75,7 @@ def test_pins_fall_inside_setup_py_ranges():
     pins = _top_args()
     wanted = _setup_requirements()
     pinned = {"apache-beam": pins["BEAM_VERSION"], "onnx": pins["ONNX_VERSION"],
-              "onnxruntime": pins["ONNXRUNTIME_VERSION"], "pillow": pins["PILLOW_VERSION"],
+              "onnxruntime": pins["ONNXRUNTIME_GPU_VERSION"], "pillow": pins["PILLOW_VERSION"],
               "pyarrow": pins["PYARROW_VERSION"], "cuda-python": pins["CUDA_PYTHON_VERSION"],
               "onnxconverter-common": pins["ONNXCONVERTER_COMMON_VERSION"]}
     for name, version in pinned.items():
@@ -82,7 +87,9 @@ def test_constraints_file_carries_every_pin():
     constraints = re.search(r"printf '%s\\n' (.*?)> /opt/constraints.txt", DOCKERFILE, flags=re.S).group(1)
     listed = dict(re.findall(r'"([\w-]+)==\$\{?(\w+)\}?"', constraints))
     # Every package the worker installs from setup.py is held to a pin, and every pin is one from the top.
-    missing = set(_setup_requirements()) - set(listed)
+    # onnxruntime (setup.py's, for laptops) is onnxruntime-gpu in the image (its own test below).
+    missing = set(_setup_requirements()) - set(listed) - {"onnxruntime"}
+    assert "onnxruntime-gpu" in listed
     assert not missing, f"setup.py installs {sorted(missing)} in the worker with no pin in /opt/constraints.txt"
     assert set(listed.values()) <= set(_top_args()) | {"numpy_version"}, listed
     assert "ENV PIP_CONSTRAINT=/opt/constraints.txt" in DOCKERFILE
@@ -172,7 +179,73 @@ def test_the_worker_image_is_also_the_flex_template_launcher():
     assert py_file == "/opt/beam-tensorrt-images/pipelines/classify_images.py"
     assert (REPO / "pipelines" / "classify_images.py").exists()
     assert re.search(r"^WORKDIR /opt/beam-tensorrt-images$", worker, flags=re.M)
+    # A launch in this image may name model files in it by path: the launch check is told it runs in the image.
+    from pipelines.launch_checks import IN_IMAGE_VARIABLE
+
+    assert re.search(rf"^\s+{IN_IMAGE_VARIABLE}=1$", worker, flags=re.M), f"the image does not set {IN_IMAGE_VARIABLE}=1"
     # Workers still start Beam's boot (through NVIDIA's entrypoint); the launcher binary is run by
     # Dataflow on the launcher VM, not through the ENTRYPOINT.
     assert _entrypoint()[-1] == BEAM_BOOT
     assert len(re.findall(r"^ENTRYPOINT .*$", DOCKERFILE, flags=re.M)) == 1
+
+
+def test_python_and_beam_versions_come_from_the_file_the_launcher_reads():
+    """pipelines/image_versions.txt is the one place the image's Python and Beam are set: the launch check
+    (pipelines/launch_checks.py) reads it at run time, and the build copies it in and fails when the ARGs
+    (which FROM lines need before any file can be read) or the installed versions differ from it."""
+    from pipelines.launch_checks import IMAGE_VERSIONS_FILE, image_versions
+
+    versions = image_versions()
+    pins = _top_args()
+    assert (pins["PYTHON_VERSION"], pins["BEAM_VERSION"]) == (versions.python, versions.beam)
+    worker = _stages()["worker"]
+    relative = IMAGE_VERSIONS_FILE.relative_to(REPO).as_posix()
+    copy = re.search(rf"^COPY {re.escape(relative)} (\S+)$", worker, flags=re.M)
+    assert copy, f"the worker stage does not COPY {relative}"
+    # Read in a RUN step before anything is installed: the ARGs and the base image's Python are checked against it.
+    steps = [step for step in _run_steps("worker") if f"open('{copy.group(1)}')" in step]
+    assert steps, f"no RUN step reads {copy.group(1)}"
+    first_check = steps[0]
+    assert "${PYTHON_VERSION}" in first_check and "${BEAM_VERSION}" in first_check
+    assert "sys.version_info[:2]" in first_check
+    assert worker.index(copy.group(0)) < worker.index(first_check) < worker.index("pip install")
+    # After the install, the installed package reads its own copy and Beam's version is checked against it.
+    assert re.search(r"from pipelines\.launch_checks import image_versions.*apache_beam\.__version__ == v\.beam",
+                     worker, flags=re.S)
+    setup = (REPO / "setup.py").read_text()
+    assert re.search(r"package_data=\{\"pipelines\": \[[^]]*\"image_versions\.txt\"", setup), \
+        "setup.py does not ship pipelines/image_versions.txt with the package (the image installs it with pip)"
+
+
+#: onnxruntime-gpu on PyPI: the CUDA major its CUDA provider is built for, by release (checked with
+#: `pip download --no-deps onnxruntime-gpu==V` and `readelf -d onnxruntime/capi/libonnxruntime_providers_cuda.so`:
+#: 1.26.0 needs libcudart.so.12 and libcudnn.so.9; 1.27.0 and later (1.31.1) libcudart.so.13). docs/tensorrt.md.
+def _onnxruntime_gpu_cuda_major(version: str) -> int:
+    from packaging.version import Version
+
+    return 13 if Version(version) >= Version("1.27") else 12
+
+
+def test_the_image_runs_onnx_runtime_on_the_gpu_with_one_build_for_its_cuda_major():
+    pins = _top_args()
+    # The image's CUDA major, as the pins already tie it: cuda-python and DALI are built for it.
+    cuda_major = int(pins["CUDA_PYTHON_VERSION"].split(".")[0])
+    assert pins["DALI_PACKAGE"] == f"nvidia-dali-cuda{cuda_major}0"
+    assert "ONNXRUNTIME_VERSION" not in pins, "the CPU onnxruntime would shadow onnxruntime-gpu (one package only)"
+    version = pins["ONNXRUNTIME_GPU_VERSION"]
+    assert _onnxruntime_gpu_cuda_major(version) == cuda_major, \
+        f"onnxruntime-gpu {version} is built for CUDA {_onnxruntime_gpu_cuda_major(version)}; the image has CUDA {cuda_major}"
+    worker = _stages()["worker"]
+    constraints = re.search(r"printf '%s\\n' (.*?)> /opt/constraints.txt", DOCKERFILE, flags=re.S).group(1)
+    assert '"onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"' in constraints and '"onnxruntime==' not in constraints
+    install = next(step for step in _run_steps("worker") if "pip install" in step and " ." in step)
+    assert '"onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}"' in install
+    # setup.py asks for onnxruntime (the CPU package, for laptops): the project itself goes in without its
+    # dependencies, which are listed here instead, so pip never pulls the CPU build beside the GPU one.
+    assert re.search(r"pip install --no-deps \.", worker), "the project's own install would pull the CPU onnxruntime"
+    listed = {Requirement(r).name for r in re.findall(r'"([\w\[\]-]+)(?:==\$\{\w+\})?"', install)}
+    assert set(_setup_requirements()) - {"onnxruntime"} <= listed | {"onnxruntime-gpu"}, listed
+    # The build proves it: one onnxruntime, with the CUDA provider, whose libraries all resolve in this image.
+    assert re.search(r"pip show onnxruntime\b.*&& exit 1", install, flags=re.S) or \
+        re.search(r"! python3 -m pip show onnxruntime ", worker)
+    assert "CUDAExecutionProvider" in worker and "libonnxruntime_providers_cuda.so" in worker and "ldd" in worker

@@ -66,3 +66,15 @@ def test_run_date_regex_is_the_one_the_cli_checks():
 
     (param,) = [p for p in METADATA["parameters"] if p["name"] == "run_date"]
     assert param["regexes"] == [RUN_DATE_PATTERN.replace(r"\d", "[0-9]")]
+
+
+def test_paths_the_workers_list_or_write_take_buckets_only():
+    # A template always launches on Dataflow, where pipelines/launch_checks.py refuses these on a local
+    # disk; the regex says so before the launch. Model files may be paths in the image the workers run.
+    by_name = {p["name"]: p for p in METADATA["parameters"]}
+    for name in ("input", "output", "skip_scored", "engine_cache"):
+        regexes = [re.compile(r) for r in by_name[name]["regexes"]]
+        assert not any(r.search("/data/photos/") for r in regexes), name
+        assert all(r.search("gs://b/x/") for r in regexes), name
+    for name in ("model", "onnx_path", "engine_path"):
+        assert all(re.compile(r).search("/opt/models/m.onnx") for r in by_name[name]["regexes"]), name

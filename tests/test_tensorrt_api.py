@@ -805,6 +805,10 @@ def test_infer_many_with_device_inputs_and_empty_batches_keeps_order(monkeypatch
 
 # -- builder glue against fakes ---------------------------------------------------------------------
 
+#: The file ``--timing_cache timing.cache`` means for the fake GPU (NVIDIA L4, compute 8.9) and TensorRT 10.11.0.33.
+L4_TIMING = "timing.cache.nvidia-l4-sm89-trt10.11.0.33"
+
+
 @pytest.fixture
 def fake_build(monkeypatch, fake_gpu):
     def install(**kw):
@@ -816,8 +820,8 @@ def fake_build(monkeypatch, fake_gpu):
 
 def test_build_10x_fp16_sets_the_flag_and_profiles(fake_build, tmp_path):
     fb = fake_build(version="10.11.0.33")
-    timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"timing:old")
+    timing, l4_timing = tmp_path / "timing.cache", tmp_path / L4_TIMING
+    l4_timing.write_bytes(b"timing:old")
     options = BuildOptions(profiles=["1,8,32", "33,64,128"], precision="fp16", workspace_gib=2, opt_level=4,
                            timing_cache=str(timing), version_compatible=True, exclude_lean_runtime=True,
                            hardware_compatibility="ampere_plus")
@@ -829,7 +833,7 @@ def test_build_10x_fp16_sets_the_flag_and_profiles(fake_build, tmp_path):
     assert fb.config.pool == {"WORKSPACE": 2 << 30} and fb.config.builder_optimization_level == 4
     assert fb.config.hardware_compatibility_level == "AMPERE_PLUS"
     assert fb.parsed == [image_classifier()]  # 10.x parses the fp32 model as is
-    assert timing.read_bytes() == b"timing:conv-10.11.0.33;old"
+    assert l4_timing.read_bytes() == b"timing:conv-10.11.0.33;old"
     info = built.info
     assert (info.tensorrt_version, info.gpu_name, info.compute_capability) == ("10.11.0.33", "NVIDIA L4", "8.9")
     assert info.labels == tuple(LABELS) and info.precision == "fp16" and info.extra["fp16_via"] == "BuilderFlag.FP16"
@@ -902,25 +906,25 @@ def test_hardware_level_is_looked_up_only_when_asked_for(fake_build):
 def test_a_corrupt_timing_cache_is_replaced_with_a_warning(fake_build, tmp_path, caplog):
     """Issue 10, defect 7: create_timing_cache gives None for a corrupt or foreign cache."""
     fake_build()
-    timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"\x00garbage from another TensorRT")
+    timing, l4_timing = tmp_path / "timing.cache", tmp_path / L4_TIMING
+    l4_timing.write_bytes(b"\x00garbage from another TensorRT")
     with caplog.at_level(logging.WARNING, logger="engines.tensorrt.builder"):
         built = builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
     assert built.plan[:4] == b"ftrt"
     assert "is corrupt or from another TensorRT version; starting an empty one" in caplog.text
-    assert timing.read_bytes() == b"timing:conv-10.11.0.33"
+    assert l4_timing.read_bytes() == b"timing:conv-10.11.0.33"
 
 
 def test_concurrent_builds_merge_the_timing_cache(fake_build, tmp_path):
     """Two builds (two workers filling the engine cache) read the same cache; the second to finish
     must keep what the first wrote meanwhile (Polygraphy: combine under a file lock)."""
     fb = fake_build()
-    timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"timing:old")
-    # While this build runs, another process finishes its own and writes its timings.
-    fb.during_build = lambda: timing.write_bytes(b"timing:old;other-worker")
+    timing, l4_timing = tmp_path / "timing.cache", tmp_path / L4_TIMING
+    l4_timing.write_bytes(b"timing:old")
+    # While this build runs, another process (same GPU type) finishes its own and writes its timings.
+    fb.during_build = lambda: l4_timing.write_bytes(b"timing:old;other-worker")
     builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
-    assert timing.read_bytes() == b"timing:conv-10.11.0.33;old;other-worker"
+    assert l4_timing.read_bytes() == b"timing:conv-10.11.0.33;old;other-worker"
 
 
 def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):
@@ -958,3 +962,89 @@ def test_parser_gets_the_local_path_for_external_weights(fake_build, tmp_path):
     builder_mod.build_plan(str(model))
     builder_mod.build_plan(image_classifier())
     assert fb.parse_paths == [str(model), None]  # bytes in memory: nothing to resolve against
+
+
+# -- plan compatibility and headers, timing caches per GPU (docs/tensorrt.md, "What this relies on") --
+
+def test_tensorrt_10_version_compatible_plans_load_in_a_tensorrt_11_runtime(monkeypatch, fake_gpu):
+    """NVIDIA's 11.4 support matrix, "Engine Portability": "TensorRT 10 version-compatible engines can run
+    with a TensorRT 11 runtime, and TensorRT 8 version-compatible engines can run with a TensorRT 10
+    runtime. No other combination across major versions is supported." """
+    ten = _plan_info(tensorrt_version="10.11.0.33", version_compatible=True)
+    for module_name in ("tensorrt", "tensorrt_lean"):
+        engine, trt = make_engine(monkeypatch, fake_gpu, plan=fakes.plan_bytes(10, 11, 0, 33), info=ten,
+                                  version="11.4.0.106", module_name=module_name)
+        engine.close()
+        assert trt.state.runtimes[0].engine_host_code_allowed is True  # it runs its own embedded lean runtime
+    refused = [
+        # Not version-compatible: only the exact version that built it.
+        (_plan_info(), fakes.plan_bytes(10, 11, 0, 33), "11.4.0.106",
+         r"built by TensorRT 10.11.0.33 without --version_compatible, but this runtime is TensorRT 11.4.0.106"),
+        # No embedded runtime: only the exact version.
+        (_plan_info(version_compatible=True, exclude_lean_runtime=True), fakes.plan_bytes(10, 11, 0, 33), "11.4.0.106",
+         r"--exclude_lean_runtime by TensorRT 10.11.0.33, and this runtime is TensorRT 11.4.0.106"),
+        # Newer than the runtime, across majors too.
+        (_plan_info(tensorrt_version="11.4.0.106", version_compatible=True), fakes.plan_bytes(11, 4, 0, 106),
+         "10.11.0.33", r"built --version_compatible by TensorRT 11.4.0.106, newer than this runtime"),
+    ]
+    for info, plan, version, match in refused:
+        with pytest.raises(EngineError, match=match):
+            make_engine(monkeypatch, fake_gpu, plan=plan, info=info, version=version)
+    assert fake_gpu.device_info_calls == 2  # only the two that loaded (full and lean runtime) reached the GPU
+
+
+def test_which_majors_a_plan_crosses_is_what_nvidia_documents():
+    from engines.tensorrt.plan import PlanHeader, check_plan_version
+
+    ten, eight = PlanHeader(10, 11, 0, 33), PlanHeader(8, 6, 1, 6)
+    check_plan_version(ten, (11, 4, 0, 106), version_compatible=True)
+    check_plan_version(eight, (10, 11, 0, 33), version_compatible=True)
+    check_plan_version(ten, (11, 4, 0, 106), version_compatible=None)  # no sidecar: TensorRT decides
+    with pytest.raises(EngineError, match=r"TensorRT 8.6.1.6, but this runtime is TensorRT 11.4.0.106.*only "
+                                          r"version-compatible plans of TensorRT 10 in 11 and of 8 in 10"):
+        check_plan_version(eight, (11, 4, 0, 106), version_compatible=True)
+    with pytest.raises(EngineError, match=r"TensorRT 10.11.0.33 without --version_compatible"):
+        check_plan_version(ten, (11, 4, 0, 106), version_compatible=False)
+
+
+def _plan_with_layout(serialization_version: int, version_bytes: bytes) -> bytes:
+    return b"ftrt" + serialization_version.to_bytes(4, "little") + bytes(16) + version_bytes + bytes(36)
+
+
+def test_a_header_of_another_layout_claims_no_version_and_tensorrt_decides(monkeypatch, fake_gpu, caplog):
+    """trtexec (samples/common/sampleEngines.cpp, printPlanVersion) reads the version from bytes 24-27 only
+    when bytes 4-7, the serialization version, are 0: "Blob index to store the plan version may depend on
+    the serialization version"; for any other it prints "Serialization version is not supported"."""
+    from engines.tensorrt.plan import read_plan_header
+
+    assert read_plan_header(_plan_with_layout(0, bytes([10, 11, 0, 33]))).version == "10.11.0.33"
+    plan = _plan_with_layout(1, bytes([48, 0, 7, 0]))  # what bytes 24-27 hold in another layout is unknown
+    assert read_plan_header(plan) is None
+    with caplog.at_level(logging.WARNING):
+        engine, trt = make_engine(monkeypatch, fake_gpu, plan=plan, name="other-layout.plan")
+    engine.close()
+    assert trt.state.deserialize_calls == 1
+    assert "other-layout.plan has plan header serialization version 1" in caplog.text
+    assert "48.0.7.0" not in caplog.text
+    with pytest.raises(EngineError, match=r"could not deserialize the plan x.plan \(its TensorRT version is not "
+                                          r"read here: plan header serialization version 1.*\)"):
+        make_engine(monkeypatch, fake_gpu, plan=plan, deserialize_ok=False, name="x.plan")
+
+
+def test_timing_caches_of_different_gpus_never_merge(fake_build, fake_gpu, tmp_path):
+    """One --timing_cache path shared by workers of two GPU types (often on gs://) keeps one cache per GPU
+    and TensorRT version; NVIDIA's ITimingCache.combine: "Combining caches generated from devices with
+    different device properties may lead to functional/performance bugs!" """
+    fb = fake_build()
+    timing = tmp_path / "timing.cache"
+    fb.new_timings = {b"l4-tactic"}
+    builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
+    fake_gpu.info = dataclasses.replace(fake_gpu.info, name="NVIDIA H100 80GB HBM3", major=9, minor=0)
+    fb.new_timings = {b"h100-tactic"}
+    builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
+    fb.new_timings = {b"h100-tactic-2"}
+    builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == {
+        "timing.cache.nvidia-l4-sm89-trt10.11.0.33": b"timing:l4-tactic",
+        "timing.cache.nvidia-h100-80gb-hbm3-sm90-trt10.11.0.33": b"timing:h100-tactic;h100-tactic-2"}
+    assert fb.combine_calls == [False]  # the same GPU's caches merge, and a mismatch is not ignored

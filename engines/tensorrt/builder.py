@@ -258,8 +258,10 @@ def save_timing_cache(config, path: str) -> None:
 
     Two builds (e.g. two workers filling the engine cache) both read the cache, then each
     would overwrite the other's additions; so, as Polygraphy's ``EngineBytesFromNetwork``
-    does, the file is read again under the lock and combined into this build's cache
-    (``combine(prev, ignore_mismatch=True)``) before writing.
+    does, the file is read again under the lock and combined into this build's cache before
+    writing. ``path`` is one GPU type's and TensorRT version's file
+    (:func:`engines.tensorrt.cache.timing_cache_path`), so ``combine(prev, ignore_mismatch=False)``:
+    a cache TensorRT says is from another device is replaced, never merged.
     """
     cache = config.get_timing_cache()
     if cache is None:
@@ -269,8 +271,9 @@ def save_timing_cache(config, path: str) -> None:
             prev = config.create_timing_cache(storage.read_bytes(path))
             if prev is None:
                 _LOG.warning("timing cache %s is corrupt or foreign; replacing it with this build's", path)
-            elif not cache.combine(prev, True):
-                _LOG.warning("could not merge the timing cache %s into this build's; replacing it", path)
+            elif not cache.combine(prev, False):
+                _LOG.warning("could not merge the timing cache %s into this build's (another device or TensorRT "
+                             "version, says TensorRT); replacing it", path)
         storage.write_bytes(path, bytes(cache.serialize()))
 
 
@@ -280,8 +283,13 @@ def build_serialized(trt, logger, net: Network, config, options: BuildOptions, d
     Raises:
         EngineError: the build failed, with TensorRT's log.
     """
+    timing_cache = None
     if options.timing_cache:
-        load_timing_cache(config, options.timing_cache)
+        from engines.tensorrt.cache import BuildTarget, timing_cache_path
+
+        timing_cache = timing_cache_path(options.timing_cache,
+                                         BuildTarget(dev.name, dev.compute_capability, str(trt.__version__)))
+        load_timing_cache(config, timing_cache)
     since = logger.mark()  # the error below must carry this build's messages only
     serialized = net.builder.build_serialized_network(net.network, config)
     if serialized is None:
@@ -289,8 +297,8 @@ def build_serialized(trt, logger, net: Network, config, options: BuildOptions, d
                           f"(compute {dev.compute_capability}) with {options.to_json()}: "
                           f"{logger.text(since=since)}")
     plan = bytes(serialized)
-    if options.timing_cache:
-        save_timing_cache(config, options.timing_cache)
+    if timing_cache:
+        save_timing_cache(config, timing_cache)
     return plan
 
 

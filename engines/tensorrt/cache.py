@@ -58,10 +58,25 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
 
 
+def target_key(target: BuildTarget) -> str:
+    """GPU type and TensorRT version as a file-name part, e.g. ``nvidia-l4-sm89-trt10.11.0.33``."""
+    return f"{_slug(target.gpu_name)}-sm{target.compute_capability.replace('.', '')}-trt{target.tensorrt_version}"
+
+
 def cache_key(onnx_sha256: str, options: BuildOptions, target: BuildTarget) -> str:
     """The file stem of a cached plan, e.g. ``3f2a...-nvidia-l4-sm89-trt10.11.0.33-9c1e...``."""
-    return (f"{onnx_sha256[:16]}-{_slug(target.gpu_name)}-sm{target.compute_capability.replace('.', '')}"
-            f"-trt{target.tensorrt_version}-{options.cache_key()}")
+    return f"{onnx_sha256[:16]}-{target_key(target)}-{options.cache_key()}"
+
+
+def timing_cache_path(path: str, target: BuildTarget) -> str:
+    """The file of ``--timing_cache PATH`` for one GPU type and TensorRT version: ``PATH.<target_key>``.
+
+    Timings are measurements on one GPU with one TensorRT, and workers of several GPU types may share
+    one path (often gs://); each type keeps its own file, so their caches never merge (NVIDIA's
+    ``ITimingCache::combine``: "Combining caches generated from devices with different device
+    properties may lead to functional/performance bugs!").
+    """
+    return f"{path}.{target_key(target)}"
 
 
 def _default_build(onnx_bytes: bytes, options: BuildOptions, device: int) -> Tuple[bytes, PlanInfo]:

@@ -18,9 +18,6 @@ import numpy as np
 
 from engines.base import EngineError
 
-CUDA_HINT = ("Use the image built from Dockerfile (docs/tensorrt.md), or pip install cuda-python "
-             "matching the CUDA driver (e.g. cuda-python==12.* for CUDA 12 drivers).")
-
 _LOG = logging.getLogger(__name__)
 
 _cudart = None
@@ -28,7 +25,8 @@ _lock = threading.Lock()
 
 
 def cudart():
-    """The CUDA runtime bindings module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6).
+    """The CUDA runtime bindings module (``cuda.bindings.runtime``, or ``cuda.cudart`` before 12.6), from
+    :func:`engines.devices.cuda_runtime`, so GPU decode and the engine find the same one.
 
     Raises:
         ImportError: cuda-python is not installed; the message names the fix.
@@ -37,14 +35,9 @@ def cudart():
     if _cudart is None:
         with _lock:
             if _cudart is None:
-                try:
-                    from cuda.bindings import runtime as module
-                except ImportError as first:
-                    try:  # cuda-python < 12.6 (there is no ``from cuda import cuda`` in 13: docs/tensorrt.md)
-                        from cuda import cudart as module  # type: ignore
-                    except ImportError:
-                        raise ImportError(f"cuda-python is not importable ({first}). {CUDA_HINT}") from first
-                _cudart = module
+                from engines.devices import cuda_runtime
+
+                _cudart = cuda_runtime()
     return _cudart
 
 

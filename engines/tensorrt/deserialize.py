@@ -16,7 +16,8 @@ from typing import Any, Optional
 from engines.base import EngineError
 from engines.tensorrt import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, is_lean, version_tuple
-from engines.tensorrt.plan import PlanHeader, PlanInfo, check_plan_version, read_plan_header
+from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, read_plan_header, serialization_version,
+                                   unread_header_reason)
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,8 +119,11 @@ class EngineFromBytes:
         header = read_plan_header(self.plan)
         info = self.info
         if header is None:
-            _LOG.warning("%s does not start with the plan magic b'ftrt', so its TensorRT version is unknown here; "
-                         "letting TensorRT %s decide whether it loads", self.name, trt.__version__)
+            layout = serialization_version(self.plan)
+            why = (f"has plan header serialization version {layout} (bytes 4-7; trtexec reads the version at bytes "
+                   f"24-27 only in version 0)" if layout is not None else "does not start with the plan magic b'ftrt'")
+            _LOG.warning("%s %s, so its TensorRT version is unknown here; letting TensorRT %s decide whether it "
+                         "loads", self.name, why, trt.__version__)
             return None
         check_plan_version(header, version_tuple(trt), info.version_compatible if info else None,
                            exclude_lean_runtime=bool(info and info.exclude_lean_runtime), lean_runtime=is_lean(trt))
@@ -169,7 +173,8 @@ class EngineFromBytes:
                 f"The lean runtime (tensorrt_lean {trt.__version__}) could not load the plan {self.name}: it runs "
                 f"only plans built --version_compatible, and this one is not ({log}). Note: rebuild the plan with "
                 f"--version_compatible, or install the full TensorRT (the image built from Dockerfile)")
-        built = f"built by TensorRT {header.version}" if header else "no plan header"
+        built = (f"built by TensorRT {header.version}" if header
+                 else f"its TensorRT version is not read here: {unread_header_reason(self.plan)}")
         if info:
             built += f" on {info.gpu_name} (compute {info.compute_capability})"
         raise EngineError(

@@ -93,8 +93,9 @@ class BuildOptions:
         opt_level: Builder optimisation level 0-5 (higher builds slower, may run faster).
             Default 3, TensorRT's own default.
         timing_cache: Path (local or gs://) of a timing cache to load before and save
-            after building, or None. Default None. Not part of :meth:`cache_key`: it
-            changes build time, not what a plan computes.
+            after building, or None. Default None. Each GPU type and TensorRT version uses its
+            own file, ``PATH.<gpu>-sm<cc>-trt<version>`` (``engines.tensorrt.cache.timing_cache_path``).
+            Not part of :meth:`cache_key`: it changes build time, not what a plan computes.
         version_compatible: Build a plan later TensorRT versions of the same major (and
             the lean runtime) can run. Default False.
         exclude_lean_runtime: With ``version_compatible``, leave the lean runtime out

@@ -1,8 +1,11 @@
 """What can be known about a plan without TensorRT or a GPU: its header and its sidecar.
 
 A serialized TensorRT engine ("plan", TensorRT 8.6 and later) starts with the magic
-``b"ftrt"`` and carries the TensorRT version that built it in bytes 24-27 (major,
-minor, patch, build). ``python -m engines.build`` writes a JSON sidecar
+``b"ftrt"``, then its serialization version (bytes 4-7, little-endian); in serialization
+version 0 bytes 24-27 hold the TensorRT version that built it (major, minor, patch, build).
+That is how trtexec reads it (NVIDIA/TensorRT ``samples/common/sampleEngines.cpp``,
+``printPlanVersion``: "Blob index to store the plan version may depend on the serialization
+version"), so another serialization version claims no version here. ``python -m engines.build`` writes a JSON sidecar
 ``<plan>.json`` beside each plan with what the runtime and the Beam handler need
 (profiles, precision, GPU, ONNX hash, labels); :func:`read_sidecar` reads it on a
 laptop, so batch sizes can be chosen before any worker starts.
@@ -19,6 +22,13 @@ from engines.base import EngineError
 from engines.tensorrt.options import Profile
 
 MAGIC = b"ftrt"
+#: The one plan header layout whose version bytes (24-27) are known (trtexec's ``printPlanVersion``).
+KNOWN_SERIALIZATION_VERSION = 0
+#: (plan major, runtime major) pairs across which NVIDIA supports version-compatible plans: the 11.4
+#: support matrix, "Engine Portability": "TensorRT 10 version-compatible engines can run with a
+#: TensorRT 11 runtime, and TensorRT 8 version-compatible engines can run with a TensorRT 10 runtime.
+#: No other combination across major versions is supported." (docs/tensorrt.md)
+CROSS_MAJOR_VERSION_COMPATIBLE = frozenset({(10, 11), (8, 10)})
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = 1
 
@@ -37,14 +47,20 @@ class PlanHeader:
         return f"{self.major}.{self.minor}.{self.patch}.{self.build}"
 
 
+def serialization_version(plan: bytes) -> Optional[int]:
+    """The plan header's serialization version (bytes 4-7, little-endian), or None without the magic."""
+    head = bytes(plan[:8])
+    return int.from_bytes(head[4:8], "little") if head[:4] == MAGIC and len(head) == 8 else None
+
+
 def read_plan_header(plan: bytes) -> Optional[PlanHeader]:
     """Reads the TensorRT version from a plan's first 28 bytes.
 
     Returns:
-        The header, or None when the bytes do not start with ``b"ftrt"``: the header layout
-        is documented for plans from 8.6 on, but not promised for every kind of plan (e.g.
-        version-compatible ones), so such bytes go to TensorRT, which decides (the caller
-        logs a warning and skips the version checks that need the header).
+        The header, or None when the bytes do not start with ``b"ftrt"`` or their
+        serialization version is not :data:`KNOWN_SERIALIZATION_VERSION` (bytes 24-27 may then
+        hold anything): such bytes go to TensorRT, which decides (the caller logs a warning
+        and skips the version checks that need the header).
 
     Raises:
         EngineError: too short to be a plan (under 28 bytes), or an ONNX model.
@@ -60,7 +76,18 @@ def read_plan_header(plan: bytes) -> Optional[PlanHeader]:
                 f"ONNX model. Note: pass a plan written by `python -m engines.build`, or pass the model as "
                 f"--onnx_path to build it on the workers")
         return None
+    if serialization_version(head) != KNOWN_SERIALIZATION_VERSION:
+        return None
     return PlanHeader(*head[24:28])
+
+
+def unread_header_reason(plan: bytes) -> str:
+    """Why :func:`read_plan_header` gave no version for ``plan`` (for warnings and errors)."""
+    version = serialization_version(plan)
+    if version is None:
+        return f"no plan magic {MAGIC!r} at offset 0"
+    return (f"plan header serialization version {version} (bytes 4-7); its TensorRT version is at bytes 24-27 only "
+            f"in version {KNOWN_SERIALIZATION_VERSION}")
 
 
 def _looks_like_onnx(data: bytes) -> bool:
@@ -81,23 +108,24 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int], versi
 
     The rules (docs/tensorrt.md, "Which runtime loads which plan"):
 
-    * never across major versions;
+    * a plan that is not version-compatible loads only in the exact version that built it,
+      and never in the lean runtime module ``tensorrt_lean`` (which runs version-compatible
+      plans only; NVIDIA/TensorRT#4790: "Unexpected call to stub loadRunner");
     * a version-compatible plan loads in the TensorRT release that built it or a later one
-      (compared as major.minor.patch);
+      (compared as major.minor.patch), within its major version or across the majors NVIDIA
+      supports (:data:`CROSS_MAJOR_VERSION_COMPATIBLE`: 10 -> 11, 8 -> 10);
     * a version-compatible plan built ``exclude_lean_runtime`` has no runtime of its own:
       TensorRT runs it only with a lean runtime of the very version that built it
       (``Runtime.load_runtime(path)``, which this project does not use), so it loads only
       in that exact version here;
-    * any other plan loads only in the exact version that built it, and never in the
-      lean runtime module ``tensorrt_lean`` (which runs version-compatible plans only;
-      NVIDIA/TensorRT#4790: "Unexpected call to stub loadRunner").
+    * no other plan crosses a major version.
 
     Args:
         header: From :func:`read_plan_header`.
         runtime_version: The loaded TensorRT version (major, minor, patch, build).
         version_compatible: Whether the plan was built version-compatible (from its
-            sidecar); None when unknown, then only the major version is checked and
-            TensorRT itself judges the rest.
+            sidecar); None when unknown, then only the major versions are checked (a pair
+            NVIDIA supports for version-compatible plans passes) and TensorRT judges the rest.
         exclude_lean_runtime: The plan was built with ``EXCLUDE_LEAN_RUNTIME`` (from its
             sidecar). Default False.
         lean_runtime: The runtime is the lean module ``tensorrt_lean``. Default False.
@@ -110,19 +138,6 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int], versi
     runtime = tuple(int(v) for v in runtime_version[:3])
     fix = (f"Rebuild the plan with this TensorRT ({have}) on this GPU type, e.g. with --engine_cache or "
            f"`python -m engines.build` inside the image built from Dockerfile")
-    if header.major != runtime[0]:
-        raise EngineError(f"The plan was built by TensorRT {header.version}, but this runtime is TensorRT "
-                          f"{have}; plans never load across major versions. {fix}")
-    if version_compatible and plan > runtime:
-        raise EngineError(f"The plan was built --version_compatible by TensorRT {header.version}, newer than this "
-                          f"runtime (TensorRT {have}); version-compatible plans load only in the same or a later "
-                          f"release. Upgrade the runtime, or rebuild the plan with TensorRT {have} or older")
-    if version_compatible and exclude_lean_runtime and plan != runtime:
-        raise EngineError(f"The plan was built --version_compatible --exclude_lean_runtime by TensorRT "
-                          f"{header.version}, and this runtime is TensorRT {have}: such a plan carries no runtime "
-                          f"of its own and runs only with a lean runtime of the version that built it. Rebuild it "
-                          f"without --exclude_lean_runtime (it then runs in later {header.major}.x releases too), "
-                          f"or run it with TensorRT {header.major}.{header.minor}.{header.patch}")
     if version_compatible is False and lean_runtime:
         raise EngineError(f"The plan was built without --version_compatible, and this runtime is the lean runtime "
                           f"(tensorrt_lean {have}), which runs version-compatible plans only. Rebuild the plan with "
@@ -131,6 +146,20 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int], versi
         raise EngineError(f"The plan was built by TensorRT {header.version} without --version_compatible, "
                           f"but this runtime is TensorRT {have}; such plans load only in the exact version "
                           f"that built them. {fix}")
+    if version_compatible and plan > runtime:
+        raise EngineError(f"The plan was built --version_compatible by TensorRT {header.version}, newer than this "
+                          f"runtime (TensorRT {have}); version-compatible plans load only in the same or a later "
+                          f"release. Upgrade the runtime, or rebuild the plan with TensorRT {have} or older")
+    if header.major != runtime[0] and (header.major, runtime[0]) not in CROSS_MAJOR_VERSION_COMPATIBLE:
+        raise EngineError(f"The plan was built by TensorRT {header.version}, but this runtime is TensorRT {have}; "
+                          f"across major versions NVIDIA supports only version-compatible plans of TensorRT 10 in 11 "
+                          f"and of 8 in 10. {fix}")
+    if version_compatible and exclude_lean_runtime and plan != runtime:
+        raise EngineError(f"The plan was built --version_compatible --exclude_lean_runtime by TensorRT "
+                          f"{header.version}, and this runtime is TensorRT {have}: such a plan carries no runtime "
+                          f"of its own and runs only with a lean runtime of the version that built it. Rebuild it "
+                          f"without --exclude_lean_runtime (it then runs in later releases too), or run it with "
+                          f"TensorRT {header.major}.{header.minor}.{header.patch}")
 
 
 def sidecar_path(plan_path: str) -> str:

@@ -10,9 +10,9 @@ smallest profile min (``engines.tensorrt.runtime``), so the pipeline only picks 
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from engines.base import EngineError, EngineRecipe, UsageError
+from engines.base import EngineError, EngineRecipe, UsageError, WorkerPath
 from engines.tensorrt.loader import TensorRTLoader
 from engines.tensorrt.options import BuildOptions, Profile
 
@@ -84,6 +84,28 @@ def _warn_ignored_build_flags(options: Any, info) -> None:
     if ignored:
         _LOG.warning("ignored with --engine_path, which loads a plan as it was built: %s. To change them, rebuild "
                      "with `python -m engines.build`, or pass --onnx_path to build on the workers", ", ".join(ignored))
+
+
+def cli_check(options: Any, local: bool) -> None:
+    """Nothing to check at start beyond the flags ``cli_recipe`` reads: whether TensorRT, the driver and a
+    GPU of the plan's kind are there is known only where the engine loads, and the loader says so in one
+    error (``engines/tensorrt/deserialize.py``). See ``pipelines/engine_registry.py``."""
+
+
+def cli_worker_paths(options: Any) -> List[WorkerPath]:
+    """The plan (and its sidecar) or the ONNX model the workers read, and the caches they write when they
+    build (``--engine_cache``, ``--timing_cache``, used with ``--onnx_path`` only); see
+    ``pipelines/engine_registry.py``."""
+    paths = []
+    if options.engine_path:
+        paths.append(WorkerPath("--engine_path", options.engine_path,
+                                note=f"with its sidecar {options.engine_path}.json beside it"))
+    if options.onnx_path:
+        paths.append(WorkerPath("--onnx_path", options.onnx_path))
+        paths += [WorkerPath(flag, value, written=True)
+                  for flag, value in (("--engine_cache", options.engine_cache), ("--timing_cache", options.timing_cache))
+                  if value]
+    return paths
 
 
 def cli_recipe(options: Any) -> EngineRecipe:

@@ -1,0 +1,190 @@
+"""Checks at launch for what would otherwise fail on the workers, long after submission.
+
+Called once from ``pipelines.classify_images.run`` before anything is read, built or staged;
+each failure is a :class:`~engines.base.UsageError` naming the flag and the fix (exit 2).
+
+For a remote runner (Dataflow; anything but the DirectRunner and Prism):
+
+* **Versions.** The launching interpreter's Python major.minor and Apache Beam must equal the
+  worker image's (:data:`IMAGE_VERSIONS_FILE`, the one place they are set; the Dockerfile builds
+  from it). Google's custom-container docs: "use an Apache Beam SDK version and language version
+  that match the SDK on your custom container image"
+  (https://cloud.google.com/dataflow/docs/guides/run-custom-container); the pipeline is pickled
+  here and unpickled there. ``--allow_version_mismatch`` skips this for another image built for
+  the launching environment.
+* **Paths.** Every file or folder the workers open (``--input``, ``--output``, ``--skip_scored`` and
+  the engine's own, :func:`pipelines.engine_registry.worker_paths`: ``--model``, ``--engine_path``,
+  ``--onnx_path``, ``--engine_cache``, ``--timing_cache``) must be where the workers can reach it,
+  not on the launching machine's disk (``.dockerignore`` keeps ``models/`` out of the image, so not
+  even the default model is there). One exception: files the workers only read (a model, a
+  manifest) that a launch *inside the worker image* names by path (the Flex Template launcher runs
+  in it, see :data:`IN_IMAGE_VARIABLE`) are in the image the workers run too. ``--labels_file`` is read at launch and its names travel inside the
+  pipeline, so it may stay local.
+
+For every runner, the engine's own checks (:func:`pipelines.engine_registry.check`), e.g. ONNX Runtime
+refuses ``--providers`` names that are no provider, and locally a provider this machine's
+onnxruntime lacks (the remote workers run the image's onnxruntime-gpu instead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from apache_beam.options.pipeline_options import StandardOptions
+
+from engines.base import EngineError, UsageError, WorkerPath
+
+_LOG = logging.getLogger(__name__)
+
+#: The worker image's Python and Beam versions (KEY=VALUE lines; '#' starts a comment).
+IMAGE_VERSIONS_FILE = Path(__file__).resolve().with_name("image_versions.txt")
+#: Set (to 1) by the Dockerfile in the worker image: a launch in it (the Flex Template launcher) runs
+#: in the image the workers run, so a model file it names by path is there for them too.
+IN_IMAGE_VARIABLE = "BEAM_TENSORRT_WORKER_IMAGE"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageVersions:
+    """Python (major.minor) and Apache Beam versions of an environment.
+
+    Attributes:
+        python: e.g. "3.12".
+        beam: e.g. "2.77.0".
+    """
+
+    python: str
+    beam: str
+
+    def describe(self) -> str:
+        return f"Python {self.python} and apache-beam {self.beam}"
+
+
+def _read_pins(path: Path) -> Dict[str, str]:
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise EngineError(f"{path}: {line!r} is not KEY=VALUE")
+            pins[key.strip()] = value.strip()
+    return pins
+
+
+def image_versions(path: Path = IMAGE_VERSIONS_FILE) -> ImageVersions:
+    """The worker image's versions, from :data:`IMAGE_VERSIONS_FILE`.
+
+    Raises:
+        EngineError: the file is missing or lacks PYTHON_VERSION or BEAM_VERSION (a broken install).
+    """
+    try:
+        pins = _read_pins(path)
+        return ImageVersions(python=pins["PYTHON_VERSION"], beam=pins["BEAM_VERSION"])
+    except (OSError, KeyError) as e:
+        raise EngineError(f"Cannot read the worker image's versions from {path} ({e!r}); reinstall the project "
+                          f"(pip install -e .), which ships that file") from None
+
+
+def launcher_versions() -> ImageVersions:
+    """This interpreter's Python major.minor and the Apache Beam it imports."""
+    import apache_beam
+
+    return ImageVersions(python=f"{sys.version_info[0]}.{sys.version_info[1]}", beam=apache_beam.__version__)
+
+
+def check_versions(image: ImageVersions, launcher: ImageVersions, allowed: bool) -> None:
+    """Refuses a launch whose Python or Beam differs from the worker image's.
+
+    Args:
+        image: The worker image's versions (:func:`image_versions`).
+        launcher: This environment's (:func:`launcher_versions`).
+        allowed: ``--allow_version_mismatch`` was passed.
+
+    Raises:
+        UsageError: naming both sets of versions, the file and the two fixes.
+    """
+    if allowed or image == launcher:
+        return
+    raise UsageError(f"this launch uses {launcher.describe()}, but the worker image has {image.describe()} "
+                     f"({IMAGE_VERSIONS_FILE.parent.name}/{IMAGE_VERSIONS_FILE.name}, what the Dockerfile builds): "
+                     f"the pipeline is pickled here and unpickled on the workers, and Dataflow asks for the image's "
+                     f"Beam and Python at launch. Launch from Python {image.python} with apache-beam=={image.beam} "
+                     f"(e.g. inside the image), or pass --allow_version_mismatch when --sdk_container_image is "
+                     f"another image built for this environment")
+
+
+def _is_local_path(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _upload(path: str) -> str:
+    """The gsutil command that puts ``path`` in a bucket."""
+    local = path[len("file://"):] if path.startswith("file://") else path
+    folder = os.path.isdir(local) or any(ch in local for ch in "*?[")
+    return f"gsutil -m cp -r {path} gs://BUCKET/" if folder else f"gsutil cp {path} gs://BUCKET/"
+
+
+def worker_paths(opts: Any) -> List[WorkerPath]:
+    """Every path the workers open: the pipeline's own and those of ``--engine``'s flags."""
+    from pipelines import engine_registry
+
+    paths = [WorkerPath("--input", opts.input), WorkerPath("--output", opts.output, written=True)]
+    if opts.skip_scored:
+        paths.append(WorkerPath("--skip_scored", opts.skip_scored))
+    return paths + engine_registry.worker_paths(opts)
+
+
+def check_worker_paths(opts: Any, runner: str) -> None:
+    """Refuses, for a remote runner, a path the workers open that lies on this machine's disk.
+
+    Raises:
+        UsageError: naming the flag, the path and the upload that fixes it.
+    """
+    in_image = os.environ.get(IN_IMAGE_VARIABLE) == "1"
+    for item in worker_paths(opts):
+        workers = f"{runner}'s workers cannot reach this machine's disk"
+        if item.path is None:
+            where = f" ({item.note})" if item.note else ""
+            raise UsageError(f"{item.flag} is not given, so the workers would read {item.default} on this machine's "
+                             f"disk{where}: upload it (gsutil cp FILE gs://BUCKET/) and pass {item.flag} "
+                             f"gs://BUCKET/FILE ({workers})")
+        if not _is_local_path(item.path):
+            continue
+        name = os.path.basename(item.path.rstrip("/")) or "PATH"
+        if item.written:
+            raise UsageError(f"{item.flag} {item.path} is on this machine's disk, and the workers write it there on "
+                             f"their own disks, where it is lost with them: pass {item.flag} gs://BUCKET/{name} "
+                             f"({workers})")
+        if in_image and os.path.isfile(item.path):  # read only, and in the image the workers run
+            _LOG.info("%s %s is a file in the worker image this launch runs in; the workers read it there "
+                      "(--sdk_container_image must be this image)", item.flag, item.path)
+            continue
+        note = f", {item.note}" if item.note else ""
+        raise UsageError(f"{item.flag} {item.path} is on this machine's disk: upload it ({_upload(item.path)}) and "
+                         f"pass {item.flag} gs://BUCKET/{name}{note} ({workers})")
+
+
+def check_launch(options: Any, opts: Any, local: bool) -> None:
+    """Every launch check for this run, before anything is read, built or staged.
+
+    Args:
+        options: The job's ``PipelineOptions``.
+        opts: Its ``pipelines.classify_images.ClassifyOptions`` view.
+        local: The runner runs here (DirectRunner, Prism).
+
+    Raises:
+        UsageError: naming the flag and the fix.
+    """
+    from pipelines import engine_registry
+
+    engine_registry.check(opts, local)  # e.g. --providers cuda with a CPU-only onnxruntime here
+    if local:
+        return
+    check_versions(image_versions(), launcher_versions(), bool(opts.allow_version_mismatch))
+    runner = str(options.view_as(StandardOptions).runner).split(".")[-1]
+    check_worker_paths(opts, runner)
