@@ -21,7 +21,6 @@ With one process (``P`` = 1) the job runs in one process on one GPU: the single-
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import subprocess
@@ -29,7 +28,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_rows, committed_stats
 
 _PROGRESS = re.compile(r"progress: (\d+) images scored.* after ([0-9.]+) s")
 
@@ -136,8 +135,8 @@ def write_id_manifest(path: str, paths: Sequence[str], repeat: int) -> int:
 
 def accounting(out_dir: str, expected: int) -> Dict[str, Any]:
     """Every listed id back exactly once, as a prediction or a dead letter."""
-    ids = [row.get("id") for pattern in ("predictions-*.jsonl", "dead_letter-*.jsonl")
-           for row in read_rows(os.path.join(out_dir, pattern))]
+    ids = [row.get("id") for kind in ("predictions", "dead_letter")
+           for row in committed_rows(out_dir, kind, missing_ok=True)]
     unique = set(ids)
     return {"listed": expected, "rows": len(ids), "distinct_ids": len(unique),
             "scored_twice": len(ids) - len(unique), "missing": expected - len(unique - {None}),
@@ -179,10 +178,8 @@ def run_gpus(args, pipeline, paths: Sequence[str]) -> Dict[str, Any]:
         entry.update({"gpus": n_gpus, "processes": procs, "dali_threads": threads, "env": env,
                       "steady": steady_rate(log_text), "gpu_samples": sampler.summary(),
                       "accounting": accounting(os.path.join(args.output, name), listed)})
-        stats_path = os.path.join(args.output, name, "stats.json")
-        if os.path.exists(stats_path):
-            with open(stats_path) as f:
-                stats = json.load(f)
+        if os.path.exists(os.path.join(args.output, name, "_SUCCESS")):
+            stats = committed_stats(os.path.join(args.output, name))
             entry["images_per_device"] = stats.get("images_per_device")
             entry["unaccounted"] = stats.get("unaccounted")
         entry.pop("top1", None)

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.corpus import ensure_corpus
 from benchmarks.throughput import BenchmarkError, _finish_run, run_child
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_rows
 
 _LOG = logging.getLogger("benchmarks.sweep")
 
@@ -48,7 +48,7 @@ def run_variant(name: str, extra: List[str], corpus, workdir: str, batch_size: i
     argv = ["--input", corpus.glob, "--output", out, "--batch_size", str(batch_size), "--progress_every_s", "0"]
     argv += extra
     child = run_child(f"{name}-{repeat}", "pipelines.classify_images", argv, workdir, timeout_s)
-    rows = read_rows(os.path.join(out, "predictions-*.jsonl"))
+    rows = committed_rows(out, "predictions", missing_ok=True)
     top1 = {os.path.basename(r["uri"]): int(r["top_k"][0]["class_id"]) for r in rows if r.get("top_k")}
     entry = _finish_run({"name": name, "kind": "ours", "args": argv, "output": out}, child, len(corpus.paths), top1)
     stats = (child["timing"] or {}).get("stats") or {}

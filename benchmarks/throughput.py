@@ -46,7 +46,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.corpus import Corpus, CorpusError, _cores, ensure_corpus, preprocess_corpus
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_rows
 
 _LOG = logging.getLogger("benchmarks.throughput")
 
@@ -353,8 +353,8 @@ def run_ours(args, corpus: Corpus, workdir: str) -> Dict[str, Any]:
     argv += args.runner_argv
     _LOG.info("ours: pipelines.classify_images %s", " ".join(shlex.quote(a) for a in argv))
     child = run_child("ours", "pipelines.classify_images", argv, workdir, args.timeout_s)
-    rows = read_rows(os.path.join(out, "predictions-*.jsonl"))
-    dead = read_rows(os.path.join(out, "dead_letter-*.jsonl"))
+    rows = committed_rows(out, "predictions", missing_ok=True)
+    dead = committed_rows(out, "dead_letter", missing_ok=True)
     top1 = {os.path.basename(r["uri"]): int(r["top_k"][0]["class_id"]) for r in rows if r.get("top_k")}
     entry = {"name": "ours", "kind": "ours", "args": argv, "output": out, "prediction_rows": len(rows),
              "dead_letter_rows": len(dead)}

@@ -4,11 +4,12 @@
         [--model PATH] [--engine onnxruntime|tensorrt] [--batch_size N] [--top_k K] \\
         [--output_format jsonl|parquet] [any Beam pipeline option: --runner, --direct_num_workers, ...]
 
-Outputs in ``--output``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
+Outputs in ``--output/run-RUN_ID/``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
 ``{"uri", "top_k": [{"class_id", "label", "score"}, ...]}``; ``dead_letter-*.jsonl``
 with ``{"uri", "error", "stage"}`` for every input that could not be scored;
 ``stats.json`` and ``stats.png`` with throughput and per-stage timing; ``_scored-*.jsonl`` (what
-was scored, for ``--skip_scored``) and ``_SUCCESS`` (written last by the commit step).
+was scored, for ``--skip_scored``). ``--output/_SUCCESS``, swapped in last by the commit step,
+names the committed run and lists its files: read those (transforms/commit.py).
 Every input ends as exactly one prediction or one dead-letter row (or is skipped with
 ``--skip_scored``). Each run replaces ``--output`` as a whole; ``{date}`` in ``--input`` and
 ``--output`` is filled from ``--run_date`` (docs/scheduling.md).
@@ -24,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,17 +35,19 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from engines import storage
 from engines.base import EngineError, UsageError
 from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
 from engines.pillow_decoder import PreprocessConfig
-from pipelines import partitions
+from pipelines import launch_checks, partitions, submission
 from pipelines.engine_registry import engine_names
-from pipelines.stats import ProgressPrinter, collect_metrics, committed_stats, write_stats
+from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, committed_stats, write_stats
 from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
 from transforms.reading import DEFAULT_READ_TIMEOUT_S
+from transforms.commit import CommitConflict
 from transforms.scored import CheckScored
 from transforms.sinks import FORMATS
 
@@ -52,6 +56,10 @@ _LOG = logging.getLogger(__name__)
 #: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
 DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
+#: DALI decoders per loaded model. Four bundle threads on one H200 (benchmarks/results/h200-concurrency.json,
+#: 5,000 JPEGs x 4, batch 256, steady state): one decoder taken in turns 2,944 images/s, one decoder per
+#: thread 1,536 (four DALI pipelines and their CPU threads contend with the engine), one thread alone 2,458.
+DEFAULT_MAX_DECODERS = 1
 #: Batches per inference call with GPU decode (the decoder overlaps all but a call's first).
 GPU_DECODE_BATCHES_PER_CALL = 4
 LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
@@ -121,7 +129,9 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--workspace_gib", type=float, default=None,
                             help="TensorRT builder workspace limit in GiB. Default: TensorRT's.")
         parser.add_argument("--timing_cache", default=None,
-                            help="TensorRT builder timing cache file to reuse and update (local or gs://).")
+                            help="TensorRT builder timing cache to reuse and update (local or gs://): one file per "
+                                 "GPU type and TensorRT version, PATH.<gpu>-sm<cc>-trt<version>, so caches of "
+                                 "different GPUs never merge.")
         parser.add_argument("--batch_size", type=int, default=None,
                             help="Largest batch. Default: 32 for onnxruntime; the profile max for tensorrt.")
         parser.add_argument("--min_batch_size", type=int, default=None,
@@ -154,6 +164,15 @@ class ClassifyOptions(PipelineOptions):
                             help="--decode gpu/dali_cpu: DALI's CPU threads (JPEG parsing and Huffman decoding for "
                                  "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (on an H100 host: "
                                  "8 -> 10.0k, 16 -> 15.3k images/s decoded). Default: -1.")
+        parser.add_argument("--max_decoders", type=int, default=DEFAULT_MAX_DECODERS,
+                            help="--decode gpu/dali_cpu: most DALI decoders per loaded model. Bundle threads that "
+                                 "share the model (--direct_running_mode multi_threading, Dataflow's harness "
+                                 "threads) each borrow a decoder for a whole inference call; 0 builds one per call "
+                                 "running at once, N caps them and further calls wait (1: one decoder, taken in "
+                                 "turns). Each decoder holds its own DALI pipeline, about 0.9 GB of GPU memory at "
+                                 "--batch_size 256 (benchmarks/gpu_memory.py, H100), and --dali_threads CPU "
+                                 "threads. Default: 1, measured faster (H200, four bundle threads, steady state: "
+                                 "one decoder 2,944 images/s, one per thread 1,536).")
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
@@ -166,6 +185,10 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--no_jpeg_draft", action="store_true", help="Decode JPEGs at full size.")
         parser.add_argument("--progress_every_s", type=float, default=5.0,
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
+        parser.add_argument("--allow_version_mismatch", action="store_true",
+                            help="Remote runners: launch even though this environment's Python or Apache Beam "
+                                 "differs from the worker image's (pipelines/image_versions.txt), e.g. for another "
+                                 "--sdk_container_image built for this environment.")
 
 
 def engine_recipe(options: ClassifyOptions):
@@ -251,7 +274,8 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
     else:
         info = {**info, "decode": "cpu"}
     handler = ImageBatchHandler(
-        ScorerLoader(engine_loader, decoder, config), options.output_name, images_per_batch=batch,
+        ScorerLoader(engine_loader, decoder, config, max_decoders=options.max_decoders), options.output_name,
+        images_per_batch=batch,
         # With a decoder, each call decodes batch k+1 while the engine runs batch k; only a call's
         # first batch waits for its decode, so calls take several batches.
         batches_per_call=GPU_DECODE_BATCHES_PER_CALL if decoder else 1,
@@ -389,23 +413,108 @@ def check_input(path: str) -> None:
         raise UsageError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
 
 
+#: Largest batch (--batch_size, --min_batch_size, a --trt_profile size): 2**20 images of 224x224x3
+#: are 147 GiB of uint8 pixels before any activation, more than any GPU or worker holds.
+MAX_BATCH = 1 << 20
+#: Longest time limit or interval: a read stalled for a day is stuck, not slow, and
+#: threading's waits raise OverflowError past threading.TIMEOUT_MAX, which is what inf or 1e12 did midway.
+MAX_SECONDS = 86_400
+#: Most threads or sessions per process: each thread reserves a stack (8 MiB by default on Linux) and the
+#: work is bound by the cores long before; thousands exhaust the process's memory or thread limit.
+MAX_THREADS = 1024
+#: Most batches read ahead per DoFn (--prefetch): they wait in memory, and 1024 batches of 32 images are
+#: already 4.6 GiB of pixels per DoFn; 2 to 8 keep the engine fed.
+MAX_PREFETCH = 1024
+#: Largest --resize or --crop: a resized image with a 16384-pixel shorter side holds over 768 MiB of pixels,
+#: and no classifier takes inputs near that size.
+MAX_SIDE = 16_384
+#: Largest --max_pixels: an image of 2**32 pixels decodes to 12 GiB of RGB in one thread.
+MAX_PIXELS = 1 << 32
+#: Most classes per image: the largest public label sets have about 22,000 (ImageNet-21k), and every
+#: class is an entry in every prediction row.
+MAX_TOP_K = 100_000
+#: Most engine copies or TensorRT contexts: copies are one per GPU (no machine has 64) and each context
+#: holds its own activation memory (2 or 3 already overlap copies and compute).
+MAX_COPIES = 64
+#: Largest --workspace_gib: more than any GPU's memory (an H200 has 141 GB).
+MAX_WORKSPACE_GIB = 1024
+
+
+def _show(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_range(flag: str, value, least, most, why: str) -> None:
+    """Raises UsageError unless ``least <= value <= most`` (None is a flag left at its default).
+
+    Raises:
+        UsageError: naming the flag, the value, the accepted range and why it ends there.
+    """
+    if value is None or least <= value <= most:  # NaN fails both comparisons: refused too
+        return
+    accepted = f"accepted: {_show(least)} to {_show(most)}"
+    if value != value:
+        raise UsageError(f"{flag} must be a number, got nan ({accepted})")
+    if value < least:
+        raise UsageError(f"{flag} must be >= {_show(least)}, got {_show(value)} ({accepted})")
+    raise UsageError(f"{flag} must be <= {_show(most)}, got {_show(value)} ({accepted}; {why})")
+
+
+def _check_profiles(profiles: Optional[Sequence[str]]) -> None:
+    """--trt_profile values: three batch sizes MIN,OPT,MAX, each 1..MAX_BATCH.
+
+    Raises:
+        UsageError: naming the flag, the value and the accepted form.
+    """
+    for text in profiles or ():
+        parts = [part.strip() for part in str(text).split(",")]
+        if len(parts) != 3 or not all(part.isdigit() and 1 <= int(part) <= MAX_BATCH for part in parts):
+            raise UsageError(f"--trt_profile {text} is not three batch sizes MIN,OPT,MAX such as 1,64,256 (accepted: "
+                             f"whole numbers 1 to {MAX_BATCH}; a batch of {MAX_BATCH} images already holds 147 GiB of "
+                             f"pixels)")
+
+
 def check_flags(options: ClassifyOptions) -> None:
     """Fails at start on numeric flags out of range, naming the flag (not a traceback midway).
 
+    Every numeric flag has a lower and an upper bound: inf, nan or a huge value is a typo that would
+    otherwise fail on a worker (a timeout past threading's limit overflows) or exhaust memory there.
+    Non-numbers for whole-number flags are refused by argparse before this runs.
+
     Raises:
-        EngineError: naming the flag and the accepted range.
+        UsageError: naming the flag, the value and the accepted range.
     """
+    batch = "a batch this large holds more pixels than any GPU or worker"
+    threads = "each thread reserves a stack; the cores bound the work long before"
+    seconds = "a day: beyond it a stall is a stuck read or a typo"
     rules = [
-        ("--batch_size", options.batch_size, 1), ("--min_batch_size", options.min_batch_size, 1),
-        ("--top_k", options.top_k, 1), ("--decode_threads", options.decode_threads, -1),
-        ("--prefetch", options.prefetch, 1), ("--read_timeout_s", options.read_timeout_s, 0),
-        ("--progress_every_s", options.progress_every_s, 0), ("--intra_op_threads", options.intra_op_threads, 0),
-        ("--ort_sessions", options.ort_sessions, 1), ("--model_copies", options.model_copies, 1),
-        ("--num_contexts", options.num_contexts, 1),
+        ("--batch_size", options.batch_size, 1, MAX_BATCH, batch),
+        ("--min_batch_size", options.min_batch_size, 1, MAX_BATCH, batch),
+        ("--top_k", options.top_k, 1, MAX_TOP_K, "more classes than the largest public label sets"),
+        ("--decode_threads", options.decode_threads, -1, MAX_THREADS, threads),
+        ("--dali_threads", options.dali_threads, -1, MAX_THREADS, threads),
+        ("--intra_op_threads", options.intra_op_threads, 0, MAX_THREADS, threads),
+        ("--ort_sessions", options.ort_sessions, 1, MAX_THREADS, "each session holds its own activations"),
+        ("--prefetch", options.prefetch, 1, MAX_PREFETCH, "prefetched batches wait in memory"),
+        ("--read_timeout_s", options.read_timeout_s, 0, MAX_SECONDS, seconds),
+        ("--progress_every_s", options.progress_every_s, 0, MAX_SECONDS, seconds),
+        ("--model_copies", options.model_copies, 1, MAX_COPIES, "one copy per GPU"),
+        ("--num_contexts", options.num_contexts, 1, MAX_COPIES, "each context holds its own activation memory"),
+        ("--resize", options.resize, 1, MAX_SIDE, "no classifier takes inputs near this size"),
+        ("--crop", options.crop, 1, MAX_SIDE, "no classifier takes inputs near this size"),
+        ("--max_pixels", options.max_pixels, 1, MAX_PIXELS, "such an image decodes to 12 GiB in one thread"),
+        ("--hw_decoder_load", options.hw_decoder_load, 0, 1, "a share of the JPEG work"),
+        ("--max_decoders", options.max_decoders, 0, MAX_THREADS, "each decoder holds GPU memory and CPU threads"),
     ]
-    for flag, value, least in rules:
-        if value is not None and not value >= least:  # "not >=": NaN is out of range too
-            raise UsageError(f"{flag} must be >= {least}, got {value}")
+    for flag, value, least, most, why in rules:
+        _check_range(flag, value, least, most, why)
+    workspace = options.workspace_gib
+    if workspace is not None and not 0 < workspace <= MAX_WORKSPACE_GIB:
+        # Not _check_range: 0 is refused too (TensorRT needs some workspace; leave the flag out for its default).
+        raise UsageError(f"--workspace_gib must be > 0 and <= {MAX_WORKSPACE_GIB}, got {_show(workspace)} (accepted: "
+                         f"above 0 to {MAX_WORKSPACE_GIB} GiB, more than any GPU's memory; leave it out for "
+                         f"TensorRT's default)")
+    _check_profiles(options.trt_profiles)
     if options.batch_size and options.min_batch_size and options.min_batch_size > options.batch_size:
         raise UsageError(f"--min_batch_size {options.min_batch_size} is larger than --batch_size "
                          f"{options.batch_size}; lower it or raise --batch_size")
@@ -501,6 +610,11 @@ def check_output(output: str, input_path: str) -> None:
         probe = os.path.abspath(output)
         while not os.path.lexists(probe):
             probe = os.path.dirname(probe)
+        if os.path.islink(probe) and not os.path.exists(probe):
+            # Not "an existing file": the link is there, what it names is not (an unmounted disk, a moved folder).
+            what = "is" if probe == os.path.abspath(output) else f"is under {probe}, which is"
+            raise UsageError(f"--output {output} {what} a dangling symbolic link to {os.readlink(probe)} (the target "
+                             f"does not exist); remove it or point it at a directory")
         if not os.path.isdir(probe):
             what = "is an existing file" if probe == os.path.abspath(output) else f"is under the file {probe}"
             raise UsageError(f"--output {output} {what}; pass a directory (it is created if missing)")
@@ -525,7 +639,7 @@ def check_output(output: str, input_path: str) -> None:
                          f"mix with this run's: pass a new directory or delete them")
 
 
-def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
+def common_failure(dead_letter_files: Sequence[str], stats: Dict[str, Any]) -> Optional[str]:
     """The setup problem behind a run in which every input failed the same way, or None.
 
     Read from the written dead-letter rows after the run: when nothing was predicted and every
@@ -540,13 +654,11 @@ def common_failure(output: str, stats: Dict[str, Any]) -> Optional[str]:
 
     from apache_beam.io.filesystems import FileSystems
 
-    from engines import storage
-
     if stats["predictions"] or not stats["dead_letters"] or stats["unaccounted"]:
         return None
     kinds, example = set(), None
-    for meta in FileSystems.match([storage.join(output, "dead_letter-*.jsonl")])[0].metadata_list:
-        with FileSystems.open(meta.path) as f:
+    for path in dead_letter_files:
+        with FileSystems.open(path) as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -593,7 +705,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     plan, faults = plan or partitions.make_plan(options), partitions.fault_plan(options)
     batch = handler.images_per_batch
     found = pipeline | "FindImages" >> ImageRefs(options.input, batch_size=batch)
-    checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output)
+    checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(with_faults(
         ReadImageBatches(config, gpu_decode=decode in ("gpu", "dali_cpu"), threads=options.decode_threads,
                          prefetch=read_prefetch(options, handler),
@@ -628,6 +740,9 @@ def apply_local_defaults(options: PipelineOptions, argv: Sequence[str]) -> Optio
     two bundle threads (``multi_threading`` x2), each taking its own session of half the cores,
     keep the engine busier. Applied only on the DirectRunner, with ``--providers cpu``, on
     :data:`PARALLEL_LOCAL_MIN_CORES` or more cores, and when none of the flags it sets was given.
+    Safe with every ``--decode``: the two threads share the loaded model, whose engine serves
+    concurrent calls and whose DALI decoders (``dali_cpu``) are lent one per call
+    (``engines.dali_decoder.DecoderPool``).
 
     Returns:
         What was set (for stats.json), or None.
@@ -645,8 +760,16 @@ def apply_local_defaults(options: PipelineOptions, argv: Sequence[str]) -> Optio
             f"--intra_op_threads {cores // 2} (pass any of them to choose yourself)")
 
 
-def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats."""
+def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = None) -> Dict[str, Any]:
+    """Parses arguments, runs the job, writes stats.json and stats.png, returns the stats; a run that only
+    submits its job (a Flex Template launch) returns its summary instead (pipelines/submission.py).
+
+    Args:
+        argv: The command line. Default: ``sys.argv[1:]``.
+        started: Set once every start check has passed, just before the pipeline is built and run, so
+            a caller can tell a setup mistake (raised before) from a failure of the running job (after):
+            :func:`main` exits 2 for the first and 1 for the second. Default: None.
+    """
     # ClassifyOptions(argv), not PipelineOptions(argv): only the former lists our flags in --help.
     options = ClassifyOptions(argv)
     opts = options.view_as(ClassifyOptions)
@@ -657,6 +780,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     partitions.resolve_dated_flags(opts)
     partitions.fault_plan(opts)  # the hidden test switch, checked before anything runs
     check_flags(opts)
+    launch_checks.check_launch(options, opts, is_local(options))  # versions, worker-readable paths, providers
     check_input(opts.input)
     config = check_setup(opts)
     local_defaults = apply_local_defaults(options, argv if argv is not None else sys.argv[1:])
@@ -664,6 +788,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         _LOG.info("local defaults for %s", local_defaults)
     check_batch(opts, config, is_local(options))
     check_output(opts.output, opts.input)
+    # One spelling per folder from here on: the commit, --skip_scored's "the partition this run
+    # replaces" and the records compare these (./scored//dt=1, a symlinked root and an absolute
+    # path are one partition).
+    opts.output = storage.canonical(opts.output)
+    if opts.skip_scored:
+        opts.skip_scored = storage.canonical(opts.skip_scored)
     local = is_local(options)
     decode, why = resolve_decode(opts, local)
     _LOG.info("decoding on %s (%s)", {"gpu": "the GPU (NVIDIA DALI)", "cpu": "the CPU (Pillow)",
@@ -686,26 +816,49 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     }
     plan = partitions.make_plan(opts, engine_info, settings)
     _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)
+    if started is not None:
+        started.set()  # the start checks are over: what fails from here on fails a running job
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, opts, handler, labels, progress_dir, decode, plan)
         printer = ProgressPrinter(progress_dir, opts.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
-            result = pipeline.run()
-            result.wait_until_finish()
+            try:
+                result = pipeline.run()
+                # A Flex Template launch (--template_location) only writes the job object: no wait, no _SUCCESS.
+                submitted = submission.wait_unless_submit_only(options, result, opts.output, plan.run_id)
+            except Exception as e:
+                conflict = partitions.concurrent_commit(plan)
+                if conflict is not None:  # the real cause, whatever step noticed it first
+                    raise conflict from e
+                raise
         wall = time.monotonic() - start
     finally:
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
+    if submitted:
+        return submitted
     # The commit step wrote stats.json with the committed counts; add the timing only metrics know.
     committed = partitions.read_committed(opts.output)
+    folder = plan.run_folder
     if committed["run_id"] != plan.run_id:
-        raise EngineError(f"{opts.output} was committed by run {committed['run_id']}, not this run ({plan.run_id}): "
-                          f"two runs wrote it at once; rerun one of them")
+        # This run's commit succeeded (the step raises otherwise), and a run launched after it has
+        # already replaced it: report this run's counts from its metrics; its files are gone.
+        _LOG.warning("%s was committed by this run (%s) and already replaced by run %s, launched later",
+                     opts.output, plan.run_id, committed["run_id"])
+        stats = build_stats(collect_metrics(result), wall, None, engine_info, settings)
+        stats.update(run={"run_id": plan.run_id, "replaced_by": committed["run_id"]}, stats_file=None,
+                     setup_problem=None)
+        return stats
     stats = committed_stats(committed, engine_info, settings, collect_metrics(result), wall)
-    stats["setup_problem"] = common_failure(opts.output, stats)  # from the rows just committed
-    write_stats(opts.output, stats)
+    stats["setup_problem"] = common_failure(partitions.committed_files(opts.output, "dead_letter", committed), stats)
+    stats["stats_file"] = storage.join(folder, "stats.json")
+    try:
+        write_stats(folder, stats)
+    except EngineError as e:  # a full disk, say: the partition is committed with the commit step's stats
+        _LOG.warning("the run is committed, but adding the timing to its stats.json failed (%s); the committed "
+                     "stats.json has the counts", e)
     if stats["unaccounted"]:
         _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
                    "stats.json", stats["unaccounted"], stats["inputs"])
@@ -720,20 +873,78 @@ def per_device(stats: Dict[str, Any]) -> str:
     return " (" + ", ".join(f"{name} {n}" for name, n in devices.items()) + " images)"
 
 
+#: Errors raised before the pipeline starts that are setup mistakes: exit status 2, the message names the flag.
+SETUP_MISTAKES = (UsageError, EngineError, ImportError)
+#: Failures :func:`main` reports in one line without a traceback: setup mistakes, and the engine, a library,
+#: the disk or the network failing while the job runs, another run committing the partition first (exit
+#: status 1). Any other exception is a bug and keeps its traceback.
+EXPECTED_FAILURES = SETUP_MISTAKES + (OSError, MemoryError, CommitConflict)
+
+
+class _NoTracebackForExpectedFailures(logging.Filter):
+    """Keeps Beam's log line of a failed step but drops its traceback when the failure is expected.
+
+    Beam logs every exception a step raises with its traceback before re-raising it
+    (``apache_beam.runners.common``); for an expected failure :func:`main` prints the reason itself,
+    and the line alone still shows a bundle that failed and was retried.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], EXPECTED_FAILURES):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _caused_by_expected(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, EXPECTED_FAILURES):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line: exit status 0 when the job ran, 2 for a setup mistake found at start, 1 for a
+    failure after the job started or when every input failed for one reason (README, "Exit status")."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoTracebackForExpectedFailures) for f in handler.filters):
+            handler.addFilter(_NoTracebackForExpectedFailures())
+    started = threading.Event()
     try:
-        stats = run(argv if argv is not None else sys.argv[1:])
-    except (UsageError, EngineError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        stats = run(argv if argv is not None else sys.argv[1:], started)
+    except EXPECTED_FAILURES as e:
+        if not started.is_set() and isinstance(e, SETUP_MISTAKES):
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        print(f"error: the job failed{' after it started' if started.is_set() else ''}: {_one_line(e)}",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        # Beam's runners re-raise a step's exception as a RuntimeError whose message is the original
+        # one ("OSError: [Errno 28] ... [while running 'WriteScored/...']"): expected when an expected
+        # failure is in its chain, a bug otherwise.
+        if not (started.is_set() and _caused_by_expected(e)):
+            raise
+        print(f"error: the job failed after it started: {_one_line(e)}", file=sys.stderr)
+        return 1
+    if stats.get("submitted"):
+        print(submission.describe(stats))
+        return 0
     unlistable = stats.get("unlistable_directories")
     print(f"scored {stats['predictions']} images, {stats['dead_letters']} dead letters"
           f"{f' ({unlistable} of them directories that could not be listed)' if unlistable else ''}, "
           f"{stats['skipped']} skipped as already scored, "
           f"{stats['images_per_second']} images/s{per_device(stats)}; "
-          f"stats in {os.path.join(stats['settings']['output'], 'stats.json')}")
+          + (f"stats in {stats['stats_file']}" if stats.get("stats_file") else
+             f"then replaced by run {stats['run'].get('replaced_by')}"))
     if stats.get("setup_problem"):
         print(f"error: {stats['setup_problem']}; the rows are in {stats['settings']['output']}", file=sys.stderr)
         return 1

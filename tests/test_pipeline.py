@@ -6,6 +6,7 @@ Every run checks the contract: predictions + dead letters = inputs, each input e
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import re
 
@@ -19,7 +20,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from engines.base import EngineError, UsageError
 from pipelines import classify_images
 from pipelines.classify_images import ClassifyOptions, make_handler
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_files, committed_rows, committed_stats
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP
 from transforms.images import ImageRef, ManifestError, parse_manifest, read_manifest
 
@@ -28,12 +29,12 @@ def _check_outputs(out_dir, good, broken, fmt="jsonl"):
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        files = sorted(f for f in os.listdir(out_dir) if f.startswith("predictions-") and f.endswith(".parquet"))
-        assert files, os.listdir(out_dir)
-        predictions = [row for f in files for row in pq.read_table(os.path.join(out_dir, f)).to_pylist()]
+        files = committed_files(out_dir, "predictions")
+        assert files and all(f.endswith(".parquet") for f in files), files
+        predictions = [row for f in files for row in pq.read_table(f).to_pylist()]
     else:
-        predictions = read_rows(os.path.join(out_dir, "predictions-*.jsonl"))
-    dead = read_rows(os.path.join(out_dir, "dead_letter-*.jsonl"))
+        predictions = committed_rows(out_dir, "predictions")
+    dead = committed_rows(out_dir, "dead_letter")
     predicted = sorted(os.path.basename(r["uri"]) for r in predictions)
     dead_names = sorted(os.path.basename(r["uri"]) for r in dead)
     assert predicted == sorted(os.path.basename(p) for p in good)
@@ -81,7 +82,7 @@ def test_cli_run_writes_the_output_contract(corpus, model_path, tmp_path):
     out = tmp_path / "out"
     assert classify_images.main(["--input", directory, "--output", str(out), "--batch_size", "5"]) == 0
     _check_outputs(str(out), good, broken)
-    stats = json.loads((out / "stats.json").read_text())
+    stats = committed_stats(str(out))
     assert stats["predictions"] == len(good) and stats["dead_letters"] == len(broken)
     assert stats["inputs"] == len(good) + len(broken) and stats["unaccounted"] == 0
     assert stats["images_per_second"] > 0 and stats["engine"]["engine"] == "onnxruntime"
@@ -91,8 +92,9 @@ def test_cli_run_writes_the_output_contract(corpus, model_path, tmp_path):
     lat = stats["batch_latency_seconds"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"]
     assert stats["batches"] >= 3 and stats["mean_batch_size"] <= 5
-    assert (out / "stats.png").read_bytes().startswith(b"\x89PNG")
-    assert not [f for f in os.listdir(out) if f.startswith(".temp")]
+    png = [f for f in committed_files(str(out), "stats") if f.endswith(".png")]
+    assert Path(png[0]).read_bytes().startswith(b"\x89PNG")
+    assert not [p for p in out.rglob(".temp*")]
 
 
 def test_multi_processing_loses_nothing(corpus, model_path, tmp_path):
@@ -123,8 +125,8 @@ def test_manifest_with_ids_and_unusable_lines(corpus, model_path, tmp_path):
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "m"
     stats = classify_images.run(["--input", str(manifest), "--output", str(out)])
-    predictions = read_rows(str(out / "predictions-*.jsonl"))
-    dead = read_rows(str(out / "dead_letter-*.jsonl"))
+    predictions = committed_rows(str(out), "predictions")
+    dead = committed_rows(str(out), "dead_letter")
     assert sorted(r["id"] for r in predictions) == ["2", "a1"]
     by_uri = {r["uri"]: r for r in dead}
     missing = by_uri[str(tmp_path / "missing.jpg")]
@@ -265,7 +267,7 @@ def test_describe_failure_handles_exceptions_and_beams_tuples():
     (["--crop", "300"], r"bad preprocessing flags: need 0 < crop <= resize"),
     (["--crop", "200"], r"--crop 200 does not fit .*\[.*224, 224, 3\]; pass --crop 224"),
     (["--output_name", "probs"], r"--output_name 'probs' is not an output of .*\['logits'\]"),
-    (["--max_pixels", "0"], r"max_pixels must be positive"),
+    (["--max_pixels", "0"], r"--max_pixels must be >= 1, got 0 \(accepted: 1 to "),
 ])
 def test_setup_mistakes_fail_at_start_naming_the_flag(corpus, model_path, tmp_path, flags, message):
     directory, _, _ = corpus

@@ -54,12 +54,13 @@ def test_auto_puts_consecutive_copies_on_both_gpus_each_with_its_decoder(photos,
         assert [s.engine.device_index() for s in scorers] == [0, 1]
         results = []
         for gpu, scorer in enumerate(scorers):
-            assert scorer.decoder.options.device_id == gpu
-            stream = scorer.decoder.decode([decode_input(photos)])
-            batch = next(stream)
-            assert _gpu_of(batch.images.__cuda_array_interface__["data"][0]) == gpu  # decoded on its own GPU
-            for _ in stream:
-                pass
+            assert scorer.decoders.options.device_id == gpu
+            with scorer.decoders.borrow() as decoder:
+                stream = decoder.decode([decode_input(photos)])
+                batch = next(stream)
+                assert _gpu_of(batch.images.__cuda_array_interface__["data"][0]) == gpu  # decoded on its own GPU
+                for _ in stream:
+                    pass
             scored = scorer.score([(None, photos, decode_input(photos).boxes)], ["logits"])[0]
             assert scored.device == gpu and not scored.failed
             results.append(scored.outputs["logits"])
