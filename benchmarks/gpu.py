@@ -34,7 +34,7 @@ from benchmarks.corpus import ensure_corpus
 from benchmarks.multi_gpu import gpu_indices, run_gpus
 from benchmarks.multi_gpu import table as gpus_table
 from benchmarks.throughput import REPO_ROOT, agreement, run_child
-from pipelines.partitions import read_rows
+from pipelines.partitions import committed_rows
 
 _LOG = logging.getLogger("benchmarks.gpu")
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "efficientnet_lite0.onnx")
@@ -56,7 +56,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--min_seconds", type=float, default=5.0, help="Each in-process measurement runs this long.")
     parser.add_argument("--runs", default="engine,decoder,reader,ours_gpu,noop_gpu,ours_cpu",
                         help="Comma-separated subset to run, of engine, decoder, reader, ours_gpu, noop_gpu, "
-                             "ours_cpu and gpus (one GPU vs two). Default: all but gpus.")
+                             "ours_cpu, gpus (one GPU vs two) and concurrency (threads, processes and the shared "
+                             "model, each checked against one thread). Default: all but gpus and concurrency.")
     parser.add_argument("--processes", default="1,4,8",
                         help="gpus: SDK process counts to compare one GPU and two GPUs at (1: one process on one "
                              "GPU, the single-process baseline). Default: 1,4,8.")
@@ -191,8 +192,8 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
             "--progress_every_s", "0"] + extra + args.pipeline_args.split()
     _LOG.info("%s: %s %s", name, module, " ".join(argv))
     child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
-    rows = read_rows(os.path.join(out_dir, "predictions-*.jsonl"))
-    dead = read_rows(os.path.join(out_dir, "dead_letter-*.jsonl"))
+    rows = committed_rows(out_dir, "predictions", missing_ok=True)
+    dead = committed_rows(out_dir, "dead_letter", missing_ok=True)
     timing = child.get("timing") or {}
     stats = timing.get("stats") or {}
     entry = {"name": name, "args": argv, "returncode": child["returncode"], "prediction_rows": len(rows),
@@ -286,6 +287,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["noop_gpu"] = _pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"], module="benchmarks.noop_job")
     if "ours_cpu" in runs:
         results["ours_cpu"] = _pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
+    if "concurrency" in runs:
+        from benchmarks.concurrency import run_concurrency
+
+        results["concurrency"] = run_concurrency(
+            args, lambda name, path, extra, env: _pipeline(args, name, path, extra, env=env), corpus.paths)
     if "gpus" in runs:
         results["gpus"] = run_gpus(args, lambda name, path, extra, env: _pipeline(args, name, path, extra, env=env),
                                    corpus.paths)
@@ -332,6 +338,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summary["title"])
     print(table(summary))
     print("ratios:", json.dumps(ratios), "top-1 agreement:", json.dumps(top1))
+    if results.get("concurrency"):
+        from benchmarks.concurrency import table as concurrency_table
+
+        print(concurrency_table(results["concurrency"]))
     if results.get("gpus"):
         print(gpus_table(results["gpus"]))
         print("two GPUs / one GPU:", json.dumps(results["gpus"]["ratios"]))

@@ -1,0 +1,92 @@
+"""Concurrent callers of one scorer on a GPU: correct rows first, then speed and GPU memory (the
+``concurrency`` run of ``python -m benchmarks.gpu --runs engine,concurrency``).
+
+The same job (``--providers cuda --decode gpu``) in the shapes production uses, side by side:
+
+- ``threads1``: one bundle thread, one process: the reference rows;
+- ``threads4``: four bundle threads sharing one model in one process (``multi_threading``), each
+  concurrent caller with a decoder of its own (``--max_decoders 0``, the default);
+- ``threads4_lock``: the same with one decoder that callers take in turn (``--max_decoders 1``);
+- ``processes4``: four SDK processes, an engine and a decoder each (``multi_processing``);
+- ``shared4``: four SDK processes sending every batch to one engine per machine through Beam's
+  shared-object proxy (``--share_model_across_processes``, the documented Dataflow shape).
+
+For each: every row's top-1 against the reference's top-1 for the same image (a shifted pairing of
+images and predictions shows here, as it did before decoders were per caller: 57.8% of rows with
+another image's top-1), every listed id back exactly once, steady-state images/s from the progress
+lines, whole-run images/s, and GPU memory and utilisation sampled with nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable, Dict, Sequence
+
+from benchmarks.multi_gpu import GpuSampler, accounting, steady_rate, write_id_manifest
+from pipelines.partitions import committed_rows
+
+#: (name, flags) of each configuration, the reference first.
+CONFIGURATIONS = (
+    ("threads1", []),
+    ("threads4", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"]),
+    ("threads4_lock", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",
+                       "--max_decoders", "1"]),
+    ("processes4", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4"]),
+    ("shared4", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4",
+                 "--share_model_across_processes"]),
+)
+
+
+def top1_by_uri(out_dir: str) -> Dict[str, list]:
+    rows: Dict[str, list] = collections.defaultdict(list)
+    for row in committed_rows(out_dir, "predictions", missing_ok=True):
+        rows[row["uri"]].append(int(row["top_k"][0]["class_id"]))
+    return rows
+
+
+def compare(reference: Dict[str, list], other: Dict[str, list]) -> Dict[str, Any]:
+    """Rows of ``other`` whose top-1 differs from the reference's majority top-1 for that image."""
+    majority = {uri: collections.Counter(v).most_common(1)[0][0] for uri, v in reference.items()}
+    rows = sum(len(v) for v in other.values())
+    differ = sum(1 for uri, v in other.items() for c in v if c != majority.get(uri))
+    return {"rows": rows, "rows_with_another_top1": differ, "share": round(differ / rows, 5) if rows else None}
+
+
+def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str, Any]:
+    """Runs every configuration; ``pipeline(name, manifest, extra_flags, env)`` runs one job."""
+    manifest = os.path.join(args.output, f"inputs_ids_{args.repeat}.csv")
+    listed = write_id_manifest(manifest, paths, args.repeat)
+    threads = max(2, min(16, (os.cpu_count() or 1) // 4))
+    out: Dict[str, Any] = {"listed": listed, "runs": {}}
+    reference = None
+    for name, flags in CONFIGURATIONS:
+        extra = ["--decode", "gpu", "--dali_threads", str(threads), "--progress_every_s", "1", *flags]
+        with GpuSampler() as sampler:
+            entry = pipeline(name, manifest, extra, {})
+        log_text = open(entry["log"], errors="replace").read() if entry.get("log") else ""
+        folder = os.path.join(args.output, name)
+        top1 = top1_by_uri(folder)
+        if reference is None:
+            reference = top1
+        entry.update({"flags": flags, "steady": steady_rate(log_text), "gpu_samples": sampler.summary(),
+                      "accounting": accounting(folder, listed), "top1_vs_threads1": compare(reference, top1)})
+        entry.pop("top1", None)
+        out["runs"][name] = entry
+    return out
+
+
+def table(result: Dict[str, Any]) -> str:
+    lines = ["| configuration | rows with another image's top-1 (vs threads1) | every input once | steady images/s | "
+             "run images/s | GPU memory peak (MiB) | mean GPU utilisation |", "|---|---|---|---|---|---|---|"]
+    for name, entry in result["runs"].items():
+        cmp_ = entry["top1_vs_threads1"]
+        acc = entry["accounting"]
+        gpus = entry["gpu_samples"]["gpus"]
+        memory = max((g["max_memory_mib"] for g in gpus.values()), default=0)
+        util = ", ".join(f"{g['mean_utilisation']:.0f}%" for g in gpus.values())
+        lines.append(f"| {name} | {cmp_['rows_with_another_top1']:,} of {cmp_['rows']:,} | "
+                     f"{'yes' if acc['every_input_once'] else 'NO'} | "
+                     f"{((entry.get('steady') or {}).get('images_per_second') or 0):,.0f} | "
+                     f"{entry.get('run_images_per_second') or 0:,.0f} | {memory:,.0f} | {util} |")
+    return "\n".join(lines)
