@@ -189,9 +189,13 @@ def test_check_plan_version():
     check_plan_version(PlanHeader(10, 11, 0, 33), (10, 11, 0, 33), None)
     check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), True)  # version-compatible: TRT judges
     check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), None)  # unknown: TRT judges
-    with pytest.raises(EngineError, match=r"built by TensorRT 10.11.0.33, but this runtime is TensorRT 11.4.0.106; "
-                                          r"plans never load across major versions"):
-        check_plan_version(PlanHeader(10, 11, 0, 33), (11, 4, 0, 106), True)
+    check_plan_version(PlanHeader(10, 11, 0, 33), (11, 4, 0, 106), True)  # NVIDIA supports 10 -> 11 for these
+    with pytest.raises(EngineError, match=r"built by TensorRT 9.3.0.1, but this runtime is TensorRT 11.4.0.106; "
+                                          r"across major versions NVIDIA supports only version-compatible plans"):
+        check_plan_version(PlanHeader(9, 3, 0, 1), (11, 4, 0, 106), True)
+    with pytest.raises(EngineError, match=r"built by TensorRT 10.11.0.33 without --version_compatible, but this "
+                                          r"runtime is TensorRT 11.4.0.106"):
+        check_plan_version(PlanHeader(10, 11, 0, 33), (11, 4, 0, 106), False)
     with pytest.raises(EngineError, match=r"built by TensorRT 10.8.0.43 without --version_compatible, but this "
                                           r"runtime is TensorRT 10.11.0.33"):
         check_plan_version(PlanHeader(10, 8, 0, 43), (10, 11, 0, 33), False)
