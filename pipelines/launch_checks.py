@@ -3,9 +3,11 @@
 Called once from ``pipelines.classify_images.run`` before anything is read, built or staged;
 each failure is a :class:`~engines.base.UsageError` naming the flag and the fix (exit 2).
 
-For a remote runner (Dataflow; anything but the DirectRunner and Prism):
+For a remote runner (Dataflow; anything but the DirectRunner and Prism) whose workers do not run on
+this machine (a portable runner's LOOPBACK or PROCESS workers, or an EXTERNAL pool on localhost, do;
+:func:`workers_environment`):
 
-* **Versions.** The launching interpreter's Python major.minor and Apache Beam must equal the
+* **Versions** (workers that run the image). The launching interpreter's Python major.minor and Apache Beam must equal the
   worker image's (:data:`IMAGE_VERSIONS_FILE`, the one place they are set; the Dockerfile builds
   from it). Google's custom-container docs: "use an Apache Beam SDK version and language version
   that match the SDK on your custom container image"
@@ -185,6 +187,38 @@ def check_launch(options: Any, opts: Any, local: bool) -> None:
     engine_registry.check(opts, local)  # e.g. --providers cuda with a CPU-only onnxruntime here
     if local:
         return
-    check_versions(image_versions(), launcher_versions(), bool(opts.allow_version_mismatch))
+    environment = workers_environment(options)
+    if environment == "this machine":
+        return
+    if environment == "image":
+        check_versions(image_versions(), launcher_versions(), bool(opts.allow_version_mismatch))
     runner = str(options.view_as(StandardOptions).runner).split(".")[-1]
     check_worker_paths(opts, runner)
+
+
+#: Portable environment types whose SDK workers run as processes of this machine.
+_THIS_MACHINE_ENVIRONMENTS = {"LOOPBACK", "PROCESS"}
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
+
+
+def workers_environment(options: Any) -> str:
+    """Where a remote runner's SDK workers run, which decides what the launch checks hold them to.
+
+    Returns:
+        "image": the worker image (Dataflow, or a portable runner's default DOCKER environment), so
+        the launcher must match its versions and the workers cannot read this machine's disk;
+        "this machine": LOOPBACK or PROCESS workers, or an EXTERNAL worker pool on localhost: they
+        run this machine's Python and read its disk, like a local runner;
+        "elsewhere": an EXTERNAL worker pool on another host: its Python is the pool's own (Beam
+        checks the SDK at connection), but it cannot read this machine's disk.
+    """
+    from apache_beam.options.pipeline_options import PortableOptions
+
+    portable = options.view_as(PortableOptions)
+    kind = (portable.environment_type or "").upper()
+    if kind in _THIS_MACHINE_ENVIRONMENTS:
+        return "this machine"
+    if kind == "EXTERNAL":
+        host = (portable.environment_config or "").rsplit(":", 1)[0]
+        return "this machine" if host in _LOOPBACK_HOSTS else "elsewhere"
+    return "image"

@@ -198,3 +198,35 @@ def test_a_remote_runner_leaves_the_providers_to_the_worker_image():
     # The workers' onnxruntime is the image's (onnxruntime-gpu), not this machine's.
     _check(*_flags(), "--providers", "cuda,cpu")
     _check(*_flags(), "--providers", "TensorrtExecutionProvider,CUDAExecutionProvider")
+
+
+@pytest.mark.parametrize("flags, where", [
+    ([], "image"),  # Dataflow
+    (["--runner", "PortableRunner", "--job_endpoint", "localhost:1"], "image"),  # DOCKER by default
+    (["--runner", "PortableRunner", "--environment_type", "PROCESS", "--environment_config", "{}"], "this machine"),
+    (["--runner", "PortableRunner", "--environment_type", "LOOPBACK"], "this machine"),
+    (["--runner", "PortableRunner", "--environment_type", "EXTERNAL", "--environment_config", "localhost:5"],
+     "this machine"),
+    (["--runner", "PortableRunner", "--environment_type", "EXTERNAL", "--environment_config", "pool.internal:5"],
+     "elsewhere"),
+])
+def test_where_the_workers_run_decides_which_checks_hold(flags, where):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    assert launch_checks.workers_environment(PipelineOptions([*DATAFLOW, *flags])) == where
+
+
+def test_a_worker_pool_on_another_host_cannot_read_local_paths_but_keeps_its_own_python(monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    other = launch_checks.ImageVersions(python="2.7", beam="0.1.0")  # no launcher matches this image
+    monkeypatch.setattr(launch_checks, "image_versions", lambda: other)
+    pool = ["--runner", "PortableRunner", "--environment_type", "EXTERNAL", "--environment_config", "pool.internal:5"]
+    options = PipelineOptions([*DATAFLOW, *pool, *_flags()])
+    launch_checks.check_launch(options, options.view_as(classify_images.ClassifyOptions), False)
+    with pytest.raises(UsageError, match="apache-beam 0.1.0"):  # the same launch to Dataflow is held to the image
+        options = PipelineOptions([*DATAFLOW, *_flags()])
+        launch_checks.check_launch(options, options.view_as(classify_images.ClassifyOptions), False)
+    options, opts = _options(*pool, *_flags(model="/tmp/m.onnx"))
+    with pytest.raises(UsageError, match="--model"):
+        launch_checks.check_launch(options, opts, False)
