@@ -186,7 +186,7 @@ def concurrent_commit(plan):
     record = parse_record(data)
     if token == plan.base or (record is not None and record["run_id"] == plan.run_id):
         return None
-    return CommitConflict(plan, record if data is not None else None)
+    return CommitConflict(plan, (record or {}) if data is not None else None)
 
 
 def is_partition(output: str) -> bool:

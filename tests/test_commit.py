@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,3 +343,117 @@ def test_skip_scored_check_is_linear_in_the_records_of_one_uri():
     elapsed = time.perf_counter() - start
     assert elapsed < 5.0, f"{elapsed:.1f} s for 40,000 checks against 40,000 records of one URI"
     assert [o.value for o in out if getattr(o, "tag", None) == "skipped"] == [40_000]
+
+
+# --- the commit step alone: CommitPartition on Beam's TestPipeline, real files in tmp_path -----
+
+RUN_ID = "20240531T010203.000000Z-0000aaaa"
+
+
+def _plan(out: Path, run_id: str = RUN_ID, **kwargs):
+    """A plan as the launcher makes it: ``base`` is the version of ``_SUCCESS`` read now."""
+    from transforms.commit import CommitPlan
+
+    kwargs.setdefault("base", storage.version_token(str(out / "_SUCCESS")))
+    return CommitPlan(output=str(out), run_id=run_id, run_date="2024-05-31", input="/photos/",
+                      start_time="2024-05-31T01:02:03+00:00", **kwargs)
+
+
+def _stage(plan, names=("predictions-00000-of-00001.jsonl", "dead_letter-00000-of-00001.jsonl",
+                        "_scored-00000-of-00001.jsonl")):
+    """Writes the run's files into its folder, as the sinks would, and returns their FileResults."""
+    from apache_beam.io import fileio
+
+    folder = Path(plan.run_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text(f'{{"file": "{name}"}}\n')
+    return [fileio.FileResult(str(folder / name), 0, 1, None, None, None) for name in names]
+
+
+def _run_commit(plan, written, counts=None, check=None):
+    """Runs CommitPartition over ``written`` (FileResults) and ``counts`` ({name: [numbers]})."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    from transforms.commit import COUNTS, CommitPartition
+
+    counts = {**{name: [] for name in COUNTS}, **(counts or {})}
+    with TestPipeline() as p:
+        inputs = {"written": p | "Written" >> beam.Create(written)}
+        for name in COUNTS:
+            inputs[name] = p | f"Count_{name}" >> beam.Create(counts[name], reshuffle=False)
+        committed = inputs | CommitPartition(plan)
+        if check is not None:
+            assert_that(committed, check)
+
+
+def _record_of(run_id: str, input_dir: str = "/other/") -> bytes:
+    import json
+
+    return json.dumps({"run_id": run_id, "start_time": "2024-05-31T00:59:00+00:00", "input": input_dir,
+                       "files": {"predictions": []}}).encode()
+
+
+def test_conflict_with_a_foreign_success_names_the_writer_not_a_deletion(tmp_path):
+    # Another tool wrote _SUCCESS (not a record of this pipeline) after this run was launched.
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out)
+    written = _stage(plan)
+    (out / "_SUCCESS").write_bytes(b"written by another tool\n")
+    with pytest.raises(Exception, match="a writer whose _SUCCESS is not a record of this pipeline") as caught:
+        _run_commit(plan, written)
+    assert "deleted" not in str(caught.value)
+    assert (out / "_SUCCESS").read_bytes() == b"written by another tool\n"
+
+
+def test_conflict_found_by_the_launcher_names_the_foreign_writer_not_a_deletion(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out)
+    (out / "_SUCCESS").write_bytes(b"\x00 not json")
+    conflict = partitions.concurrent_commit(plan)
+    assert conflict is not None
+    assert "a writer whose _SUCCESS is not a record of this pipeline" in str(conflict)
+    assert "deleted" not in str(conflict)
+
+
+class _WriteSuccessMeanwhile:
+    """A ``write_stats`` that, as another writer would between the commit's check and its swap,
+    replaces ``_SUCCESS`` with ``data``."""
+
+    def __init__(self, success: str, data: bytes):
+        self.success, self.data = success, data
+
+    def __call__(self, folder, summary):
+        Path(self.success).write_bytes(self.data)
+
+
+@pytest.mark.parametrize("data,who", [
+    (b"another tool's marker\n", "a writer whose _SUCCESS is not a record of this pipeline"),
+    (_record_of("20240531T005900.000000Z-0000bbbb"), "run 20240531T005900.000000Z-0000bbbb (launched "
+                                                     "2024-05-31T00:59:00+00:00, input /other/)"),
+])
+def test_conflict_at_the_swap_names_who_wrote_success_meanwhile(tmp_path, data, who):
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out, write_stats=_WriteSuccessMeanwhile(str(out / "_SUCCESS"), data))
+    written = _stage(plan)
+    with pytest.raises(Exception, match=re.escape(f"was committed by {who} while this run ({RUN_ID})")):
+        _run_commit(plan, written)
+    assert (out / "_SUCCESS").read_bytes() == data
+
+
+def test_conflict_says_deleted_only_when_success_is_gone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_bytes(_record_of("20240530T000000.000000Z-0000cccc"))
+    plan = _plan(out)  # launched over that record
+    written = _stage(plan)
+    (out / "_SUCCESS").unlink()
+    with pytest.raises(Exception, match="was committed by someone who deleted its _SUCCESS while this run"):
+        _run_commit(plan, written)
+    assert "deleted its _SUCCESS" in str(partitions.concurrent_commit(plan))
+    assert not (out / "_SUCCESS").exists()
