@@ -6,10 +6,12 @@ import io
 import json
 import os
 import time
+from pathlib import Path
 
 from benchmarks.multi_gpu import (GpuSampler, accounting, configurations, steady_rate, two_vs_one,
                                   write_id_manifest)
 from pipelines import classify_images
+from pipelines.partitions import committed_files
 from pipelines.stats import ProgressPrinter
 from transforms.timing import Progress
 
@@ -28,12 +30,13 @@ def test_a_multi_process_job_returns_every_listed_image_once(corpus, tmp_path):
                       "every_input_once": True}
     assert stats["images_per_device"] == {"cpu": stats["predictions"]} and stats["predictions"] == 2 * len(good)
 
-    # A row written twice (and so one id short elsewhere) is caught.
-    shard = sorted(p for p in os.listdir(out) if p.startswith("predictions-"))[0]
-    rows = (out / shard).read_text().splitlines()
+    # A row written twice (and so one id short elsewhere) is caught. The files are those _SUCCESS
+    # lists, in the committed run's folder.
+    shard = Path(committed_files(str(out), "predictions")[0])
+    rows = shard.read_text().splitlines()
     twice = json.loads(rows[0])
     rows[1] = json.dumps(twice)
-    (out / shard).write_text("\n".join(rows) + "\n")
+    shard.write_text("\n".join(rows) + "\n")
     result = accounting(str(out), listed)
     assert result["scored_twice"] == 1 and result["missing"] == 1 and not result["every_input_once"]
 
