@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 MODEL := models/efficientnet_lite0.onnx
 MODEL_NCHW := models/efficientnet_lite0_float32_nchw.onnx
 
-.PHONY: venv model demo test test-all benchmark clean flex-template
+.PHONY: venv model demo test test-gpu test-all benchmark clean flex-template
 
 venv: $(VENV)/.installed
 
@@ -39,8 +39,17 @@ $(MODEL_NCHW): $(EXPORT_VENV)/.installed engines/export_efficientnet.py
 demo: $(VENV)/.installed $(MODEL)
 	$(PY) -m pipelines.demo --output demo_output
 
+# Tests marked gpu or cuda (tests/gpu) need an NVIDIA GPU: they are the GPU lane, `make test-gpu`, which
+# .ci/run adds where `nvidia-smi -L` finds one; on a GPU machine each test runs in exactly one lane.
+GPU_MARKERS := gpu or cuda
+
 test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not ($(GPU_MARKERS))"
+
+# With .venv the tests that need the full TensorRT or CuPy skip, naming what is missing; inside the image
+# built from Dockerfile (--target test) they all run: docs/tensorrt.md has that docker command.
+test-gpu: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)
+	$(PY) -m pytest -q -m "$(GPU_MARKERS)"
 
 benchmark: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)
 	$(PY) -m benchmarks.throughput --images 2000

@@ -42,7 +42,6 @@ from engines.pillow_decoder import PreprocessConfig
 from pipelines import launch_checks, partitions, submission
 from pipelines.engine_registry import engine_names
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, committed_stats, write_stats
-from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
@@ -89,8 +88,6 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--skip_scored", default=None, metavar="ROOT",
                             help="Skip inputs already scored by a committed run under ROOT (same URI, size and "
                                  "modification time); changed files are scored again. Default: score all.")
-        # Test-only (transforms/faults.py): STAGE:PERCENT:DIR[:always|:kill] fails chosen bundles.
-        parser.add_argument("--test_faults", default=None, help=argparse.SUPPRESS)
         parser.add_argument("--model", default=None,
                             help=f"ONNX model for --engine onnxruntime (default: the prepared "
                                  f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
@@ -702,23 +699,22 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
         (prediction row blocks, dead-letter rows) PCollections.
     """
     config = preprocess_config(options)
-    plan, faults = plan or partitions.make_plan(options), partitions.fault_plan(options)
+    plan = plan or partitions.make_plan(options)
     batch = handler.images_per_batch
     found = pipeline | "FindImages" >> ImageRefs(options.input, batch_size=batch)
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces)
-    read = checked["refs"] | "ReadBatches" >> beam.ParDo(with_faults(
+    read = checked["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(config, gpu_decode=decode in ("gpu", "dali_cpu"), threads=options.decode_threads,
                          prefetch=read_prefetch(options, handler),
-                         read_timeout_s=options.read_timeout_s or None),
-        faults, mid="read", end="decode")).with_outputs(DEAD_LETTER, main="batches")
+                         read_timeout_s=options.read_timeout_s or None)).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
-    scored = main | "TopK" >> beam.ParDo(with_faults(TopKBatches(options.top_k, labels, progress_dir), faults,
-                                                     end="inference")).with_outputs(DEAD_LETTER, main="rows")
+    scored = main | "TopK" >> beam.ParDo(TopKBatches(options.top_k, labels, progress_dir)).with_outputs(
+        DEAD_LETTER, main="rows")
     failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters())
     dead = ((found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER], failed_rows)
             | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
-    partitions.write_and_commit(plan, found, checked, scored.rows, dead, options.output_format, faults)
+    partitions.write_and_commit(plan, found, checked, scored.rows, dead, options.output_format)
     return scored.rows, dead
 
 
@@ -778,7 +774,6 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
     if not opts.input or not opts.output:
         raise UsageError("--input and --output are required (see --help)")
     partitions.resolve_dated_flags(opts)
-    partitions.fault_plan(opts)  # the hidden test switch, checked before anything runs
     check_flags(opts)
     launch_checks.check_launch(options, opts, is_local(options))  # versions, worker-readable paths, providers
     check_input(opts.input)

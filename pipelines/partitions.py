@@ -119,17 +119,7 @@ def make_plan(opts, engine: Optional[Dict[str, Any]] = None, settings: Optional[
                       replaces=record["run_id"] if record else None)
 
 
-def fault_plan(opts):
-    """The hidden ``--test_faults`` switch, parsed (None when off)."""
-    from transforms.faults import FaultPlan
-
-    try:
-        return FaultPlan.parse(getattr(opts, "test_faults", None))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None):
+def write_and_commit(plan, found, checked, predictions, dead, output_format: str):
     """Writes predictions, dead letters and the scored-input records into the run's own folder, then
     commits the partition as the pipeline's last step (transforms/commit.py).
 
@@ -140,7 +130,6 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
         predictions: Blocks (lists) of prediction rows.
         dead: Dead-letter rows, one element each.
         output_format: ``--output_format``.
-        faults: The test-only fault plan, or None.
 
     Returns:
         The commit step's output: the ``_SUCCESS`` document.
@@ -148,17 +137,14 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
     import apache_beam as beam
 
     from transforms.commit import CommitPartition
-    from transforms.faults import sink_wrapper
     from transforms.images import DEAD_LETTER
     from transforms.scored import FINGERPRINTS, SCORED_PREFIX, SKIPPED
     from transforms.sinks import WriteRows
 
-    wrap = sink_wrapper(faults)
-    written = [predictions | "WritePredictions" >> WriteRows(plan.run_folder, "predictions", output_format, blocks=True,
-                                                             wrap_sink=wrap),
-               dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl", wrap_sink=wrap),
-               checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True,
-                                                                  wrap_sink=wrap)]
+    written = [predictions | "WritePredictions" >> WriteRows(plan.run_folder, "predictions", output_format,
+                                                             blocks=True),
+               dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl"),
+               checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True)]
     # Counts per batch or block (one number per element), never one element per image (issue 9).
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
                found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
@@ -186,7 +172,7 @@ def concurrent_commit(plan):
     record = parse_record(data)
     if token == plan.base or (record is not None and record["run_id"] == plan.run_id):
         return None
-    return CommitConflict(plan, record if data is not None else None)
+    return CommitConflict(plan, (record or {}) if data is not None else None)
 
 
 def is_partition(output: str) -> bool:

@@ -9,13 +9,16 @@ The properties, checked with the real CLI, the real model and real files:
 (d) paths are compared as canonical paths;
 (e) glob characters in ``--output`` are literal.
 The kill and disk-full points come from ``tests/commit_hooks.py``, a wrapper outside the production
-code that counts the job's filesystem changes under the output folder.
+code that counts the job's filesystem changes under the output folder. The last section runs the
+commit step alone (``CommitPartition`` on Beam's ``TestPipeline``, files staged in ``tmp_path``): its
+record, its clean-up, a retried commit, and what a conflict says about who wrote ``_SUCCESS``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,3 +345,240 @@ def test_skip_scored_check_is_linear_in_the_records_of_one_uri():
     elapsed = time.perf_counter() - start
     assert elapsed < 5.0, f"{elapsed:.1f} s for 40,000 checks against 40,000 records of one URI"
     assert [o.value for o in out if getattr(o, "tag", None) == "skipped"] == [40_000]
+
+
+# --- the commit step alone: CommitPartition on Beam's TestPipeline, real files in tmp_path -----
+
+RUN_ID = "20240531T010203.000000Z-0000aaaa"
+
+
+def _plan(out: Path, run_id: str = RUN_ID, **kwargs):
+    """A plan as the launcher makes it: ``base`` is the version of ``_SUCCESS`` read now."""
+    from transforms.commit import CommitPlan
+
+    kwargs.setdefault("base", storage.version_token(str(out / "_SUCCESS")))
+    return CommitPlan(output=str(out), run_id=run_id, run_date="2024-05-31", input="/photos/",
+                      start_time="2024-05-31T01:02:03+00:00", **kwargs)
+
+
+def _stage(plan, names=("predictions-00000-of-00001.jsonl", "dead_letter-00000-of-00001.jsonl",
+                        "_scored-00000-of-00001.jsonl")):
+    """Writes the run's files into its folder, as the sinks would, and returns their FileResults."""
+    from apache_beam.io import fileio
+
+    folder = Path(plan.run_folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_text(f'{{"file": "{name}"}}\n')
+    return [fileio.FileResult(str(folder / name), 0, 1, None, None, None) for name in names]
+
+
+def _run_commit(plan, written, counts=None, check=None):
+    """Runs CommitPartition over ``written`` (FileResults) and ``counts`` ({name: [numbers]})."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that
+
+    from transforms.commit import COUNTS, CommitPartition
+
+    counts = {**{name: [] for name in COUNTS}, **(counts or {})}
+    with TestPipeline() as p:
+        inputs = {"written": p | "Written" >> beam.Create(written)}
+        for name in COUNTS:
+            inputs[name] = p | f"Count_{name}" >> beam.Create(counts[name], reshuffle=False)
+        committed = inputs | CommitPartition(plan)
+        if check is not None:
+            assert_that(committed, check)
+
+
+def _record_of(run_id: str, input_dir: str = "/other/") -> bytes:
+    import json
+
+    return json.dumps({"run_id": run_id, "start_time": "2024-05-31T00:59:00+00:00", "input": input_dir,
+                       "files": {"predictions": []}}).encode()
+
+
+def test_conflict_with_a_foreign_success_names_the_writer_not_a_deletion(tmp_path):
+    # Another tool wrote _SUCCESS (not a record of this pipeline) after this run was launched.
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out)
+    written = _stage(plan)
+    (out / "_SUCCESS").write_bytes(b"written by another tool\n")
+    with pytest.raises(Exception, match="a writer whose _SUCCESS is not a record of this pipeline") as caught:
+        _run_commit(plan, written)
+    assert "deleted" not in str(caught.value)
+    assert (out / "_SUCCESS").read_bytes() == b"written by another tool\n"
+
+
+def test_conflict_found_by_the_launcher_names_the_foreign_writer_not_a_deletion(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out)
+    (out / "_SUCCESS").write_bytes(b"\x00 not json")
+    conflict = partitions.concurrent_commit(plan)
+    assert conflict is not None
+    assert "a writer whose _SUCCESS is not a record of this pipeline" in str(conflict)
+    assert "deleted" not in str(conflict)
+
+
+class _WriteSuccessMeanwhile:
+    """A ``write_stats`` that, as another writer would between the commit's check and its swap,
+    replaces ``_SUCCESS`` with ``data``."""
+
+    def __init__(self, success: str, data: bytes):
+        self.success, self.data = success, data
+
+    def __call__(self, folder, summary):
+        Path(self.success).write_bytes(self.data)
+
+
+@pytest.mark.parametrize("data,who", [
+    (b"another tool's marker\n", "a writer whose _SUCCESS is not a record of this pipeline"),
+    (_record_of("20240531T005900.000000Z-0000bbbb"), "run 20240531T005900.000000Z-0000bbbb (launched "
+                                                     "2024-05-31T00:59:00+00:00, input /other/)"),
+])
+def test_conflict_at_the_swap_names_who_wrote_success_meanwhile(tmp_path, data, who):
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out, write_stats=_WriteSuccessMeanwhile(str(out / "_SUCCESS"), data))
+    written = _stage(plan)
+    with pytest.raises(Exception, match=re.escape(f"was committed by {who} while this run ({RUN_ID})")):
+        _run_commit(plan, written)
+    assert (out / "_SUCCESS").read_bytes() == data
+
+
+def test_conflict_says_deleted_only_when_success_is_gone(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_SUCCESS").write_bytes(_record_of("20240530T000000.000000Z-0000cccc"))
+    plan = _plan(out)  # launched over that record
+    written = _stage(plan)
+    (out / "_SUCCESS").unlink()
+    with pytest.raises(Exception, match="was committed by someone who deleted its _SUCCESS while this run"):
+        _run_commit(plan, written)
+    assert "deleted its _SUCCESS" in str(partitions.concurrent_commit(plan))
+    assert not (out / "_SUCCESS").exists()
+
+
+def _committed_run(out: Path, run_id: str) -> dict:
+    """A partition committed by ``run_id`` with one predictions file, as that run left it."""
+    import json
+
+    folder = out / f"run-{run_id}"
+    folder.mkdir(parents=True)
+    (folder / "predictions-00000-of-00001.jsonl").write_text('{"uri": "old"}\n')
+    record = {"run_id": run_id, "start_time": "2024-05-30T00:00:00+00:00", "input": "/old/",
+              "files": {"predictions": [f"run-{run_id}/predictions-00000-of-00001.jsonl"]}}
+    (out / "_SUCCESS").write_text(json.dumps(record))
+    return record
+
+
+class _StatsFiles:
+    """A ``write_stats`` that writes stats.json (the summary it is given) and a stand-in stats.png."""
+
+    def __call__(self, folder, summary):
+        import json
+
+        Path(folder, "stats.json").write_text(json.dumps(summary))
+        Path(folder, "stats.png").write_bytes(b"\x89PNG")
+
+
+def test_commit_swaps_in_a_record_of_its_counts_and_files_then_removes_what_it_replaced(tmp_path):
+    from apache_beam.testing.util import equal_to
+
+    out = tmp_path / "out"
+    old = _committed_run(out, "20240530T000000.000000Z-0000dead")
+    later = out / "run-20240601T000000.000000Z-0000beef"  # a run launched after this one: still writing
+    later.mkdir()
+    (out / "NOTES.txt").write_text("the user's own file\n")
+    plan = _plan(out, replaces=old["run_id"], write_stats=_StatsFiles())
+    written = _stage(plan)
+    (Path(plan.run_folder) / ".temp-predictions").mkdir()  # fileio's temporary folder
+
+    def check(records):
+        (record,) = records
+        want = {"run_id": RUN_ID, "input": "/photos/", "inputs": 7, "predictions": 5, "dead_letters": 1,
+                "skipped": 0, "unaccounted": 1, "run_folder": f"run-{RUN_ID}",
+                "replaced": {"run_id": old["run_id"], "files": old["files"]["predictions"]},
+                "files": {"predictions": [f"run-{RUN_ID}/predictions-00000-of-00001.jsonl"],
+                          "dead_letter": [f"run-{RUN_ID}/dead_letter-00000-of-00001.jsonl"],
+                          "scored": [f"run-{RUN_ID}/_scored-00000-of-00001.jsonl"],
+                          "stats": [f"run-{RUN_ID}/stats.json", f"run-{RUN_ID}/stats.png"]}}
+        equal_to([want])([{name: record[name] for name in want}])
+
+    _run_commit(plan, written, {"inputs": [4, 2, 1], "predictions": [3, 2], "dead_letters": [1]}, check)
+    record = parse_record((out / "_SUCCESS").read_bytes())
+    assert record["run_id"] == RUN_ID and record["unaccounted"] == 1
+    assert (Path(plan.run_folder) / "stats.json").exists()
+    # The replaced run and fileio's temporary folder went; a later run's folder and the user's file stay.
+    assert sorted(os.listdir(out)) == sorted(["_SUCCESS", f"run-{RUN_ID}", later.name, "NOTES.txt"])
+    assert sorted(os.listdir(plan.run_folder)) == sorted([*(p.name for p in map(Path, (w.file_name for w in written))),
+                                                          "stats.json", "stats.png"])
+
+
+def test_commit_of_files_that_vanished_fails_and_commits_nothing(tmp_path):
+    out = tmp_path / "out"
+    old = _committed_run(out, "20240530T000000.000000Z-0000dead")
+    before = (out / "_SUCCESS").read_bytes()
+    plan = _plan(out, replaces=old["run_id"])
+    written = _stage(plan)
+    (Path(plan.run_folder) / "dead_letter-00000-of-00001.jsonl").unlink()  # e.g. removed by another run's commit
+    with pytest.raises(Exception, match=r"dead_letter-00000-of-00001.jsonl and 0 other file\(s\) this run wrote are "
+                                        r"gone: .* Nothing was committed"):
+        _run_commit(plan, written)
+    assert (out / "_SUCCESS").read_bytes() == before
+    assert (out / f"run-{old['run_id']}" / "predictions-00000-of-00001.jsonl").exists()
+
+
+def test_a_retried_commit_finds_its_own_record_and_only_cleans_up(tmp_path):
+    import json
+
+    from apache_beam.testing.util import equal_to
+
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(out, base=storage.ABSENT)
+    written = _stage(plan)
+    record = {"run_id": RUN_ID, "input": "/photos/", "predictions": 2,
+              "files": {"predictions": [f"run-{RUN_ID}/predictions-00000-of-00001.jsonl"]},
+              "replaced": {"run_id": "20240530T000000.000000Z-0000dead", "files": []}}
+    (out / "_SUCCESS").write_text(json.dumps(record))  # the first attempt committed, then its worker died
+    (out / "run-20240530T000000.000000Z-0000dead").mkdir()  # what that commit replaced
+    earlier = out / "run-20240531T000000.000000Z-0000cafe"  # another run's folder, sorting earlier
+    earlier.mkdir()
+    before = (out / "_SUCCESS").read_bytes()
+    _run_commit(plan, written, {"inputs": [9], "predictions": [9]}, check=equal_to([record]))
+    assert (out / "_SUCCESS").read_bytes() == before  # not rewritten with the retry's counts
+    # A retry may come minutes later, when another run may be writing: only the replaced run's folder goes.
+    assert sorted(os.listdir(out)) == sorted(["_SUCCESS", f"run-{RUN_ID}", earlier.name])
+
+
+def test_clean_partition_keeps_later_runs_and_foreign_files(tmp_path):
+    from transforms.commit import clean_partition
+
+    out = tmp_path / "out"
+    names = {"run-20240530T000000.000000Z-0000aaaa": "dir", "run-20240531T010203.000000Z-0000aaaa": "dir",
+             "run-20240601T000000.000000Z-0000bbbb": "dir", "run-20240529T000000.000000Z-0000cccc": "dir",
+             "run-20240602T000000.000000Z-0000dddd": "dir",
+             "_staging": "dir", ".temp-predictions": "dir", "predictions-00000-of-00001.jsonl": "file",
+             "stats.json.tmp-0123abcd": "file", "_SUCCESS": "file", "NOTES.txt": "file", "predictions.csv": "file"}
+    out.mkdir()
+    for name, kind in names.items():
+        (out / name).mkdir() if kind == "dir" else (out / name).write_text("x")
+    (out / f"run-{RUN_ID}" / ".temp-dead_letter").mkdir(parents=True, exist_ok=True)
+    (out / f"run-{RUN_ID}" / "stats.png.tmp-89abcdef").write_text("x")
+    (out / f"run-{RUN_ID}" / "predictions-00000-of-00001.jsonl").write_text("x")
+    record = {"run_id": RUN_ID, "replaced": {"run_id": "20240601T000000.000000Z-0000bbbb"}}
+
+    removed, foreign = clean_partition(str(out), record, others=True)
+
+    assert sorted(foreign) == ["NOTES.txt", "predictions.csv"]
+    assert sorted(removed) == sorted([
+        "run-20240530T000000.000000Z-0000aaaa", "run-20240529T000000.000000Z-0000cccc",
+        "run-20240601T000000.000000Z-0000bbbb",  # sorts later, but it is the run this commit replaced
+        "_staging", ".temp-predictions", "predictions-00000-of-00001.jsonl", "stats.json.tmp-0123abcd",
+        f"run-{RUN_ID}/.temp-dead_letter", f"run-{RUN_ID}/stats.png.tmp-89abcdef"])
+    assert sorted(os.listdir(out)) == sorted(["_SUCCESS", f"run-{RUN_ID}", "run-20240602T000000.000000Z-0000dddd",
+                                              "NOTES.txt", "predictions.csv"])  # a later run may still be writing
+    assert os.listdir(out / f"run-{RUN_ID}") == ["predictions-00000-of-00001.jsonl"]

@@ -3,7 +3,8 @@ that leaves the last good partition, --skip_scored, and retried bundles that los
 
 Real photos, the real model and Beam's real runners: the BundleBasedDirectRunner retries a failed
 bundle (up to 4 attempts, as Dataflow does in batch); the FnApiRunner (the DirectRunner's default
-here) does not, so the fault-injection runs use the former.
+here) does not, so the fault-injection runs use the former. Faults come from ``tests/faults.py``, a
+hook these tests install around a run; the production code has no switch for them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import pytest
 
 from engines.base import UsageError
 from pipelines import classify_images, partitions
+from tests import faults
 from tests.conftest import REPO, jpeg_bytes, photo
-from transforms import faults
 
 FAST = ["--batch_size", "4", "--progress_every_s", "0", "--decode_threads", "2"]
 
@@ -197,9 +198,9 @@ def test_failed_run_leaves_the_last_good_partition_untouched(corpus, model_path,
     classify_images.run(["--input", directory, "--output", str(out), *FAST])
     before = _snapshot(out)
     markers = tmp_path / "faults"
-    with pytest.raises(Exception, match="injected decode fault"):
+    with faults.injected(f"decode:100:{markers}:always"), pytest.raises(Exception, match="injected decode fault"):
         classify_images.run(["--input", directory, "--output", str(out), "--runner", "BundleBasedDirectRunner",
-                             *FAST, "--test_faults", f"decode:100:{markers}:always"])
+                             *FAST])
     after = _snapshot(out)
     committed = {k: v for k, v in after.items() if k in before}
     assert committed == before  # byte for byte: no _SUCCESS of its own, no file changed
@@ -215,8 +216,8 @@ def test_killed_run_then_rerun_equals_a_clean_run(corpus, model_path, clean_bund
     classify_images.run(["--input", directory, "--output", str(out), *FAST])
     before = _snapshot(out)
     # The process is SIGKILLed while it writes its staged rows, as a crashed or preempted launcher.
-    argv = [sys.executable, "-m", "pipelines.classify_images", "--input", directory, "--output", str(out),
-            *FAST, "--test_faults", f"write:100:{tmp_path / 'faults'}:kill"]
+    argv = [sys.executable, "-m", "tests.faults", f"write:100:{tmp_path / 'faults'}:kill", "--", "--input", directory,
+            "--output", str(out), *FAST]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     after = _snapshot(out)
@@ -235,8 +236,9 @@ def test_killed_run_then_rerun_equals_a_clean_run(corpus, model_path, clean_bund
 def test_retried_bundles_commit_exactly_the_clean_output(corpus, model_path, clean_bundle_run, tmp_path, stage):
     directory, _, _ = corpus
     out, markers = tmp_path / "out", tmp_path / "faults"
-    classify_images.run(["--input", directory, "--output", str(out), "--runner", "BundleBasedDirectRunner",
-                         *FAST, "--test_faults", f"{stage}:100:{markers}"])
+    with faults.injected(f"{stage}:100:{markers}"):
+        classify_images.run(["--input", directory, "--output", str(out), "--runner", "BundleBasedDirectRunner",
+                             *FAST])
     bundles, failed, attempts = faults.count_attempts(str(markers), stage)
     assert failed >= 1 and failed / bundles >= 0.10 and attempts >= bundles + failed, (bundles, failed, attempts)
     got = _partition(out)
@@ -246,10 +248,18 @@ def test_retried_bundles_commit_exactly_the_clean_output(corpus, model_path, cle
           f"duplicates=0 missing=0")
 
 
-def test_fault_switch_is_checked_at_start(corpus, tmp_path):
-    directory, _, _ = corpus
-    with pytest.raises(UsageError, match=r"--test_faults stage must be one of"):
-        classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--test_faults", "x:10:/tmp"])
+def test_a_bad_fault_spec_is_refused_before_anything_is_patched(tmp_path):
+    from transforms.images import ReadImageBatches
+
+    process = ReadImageBatches.process
+    for spec, message in (("x:10:/tmp", r"fault stage must be one of"), ("read:0:/tmp", r"fault percent must be 1-100"),
+                          ("read:10", r"a fault spec is STAGE:PERCENT:DIR"), ("read:10:/tmp:often", r"a fault spec")):
+        with pytest.raises(ValueError, match=message), faults.injected(spec):
+            pass
+        assert ReadImageBatches.process is process
+    with faults.injected(f"read:100:{tmp_path}"):
+        assert ReadImageBatches.process is not process
+    assert ReadImageBatches.process is process  # undone on exit: later runs in this process are clean
 
 
 # --- new files only --------------------------------------------------------------------------

@@ -1,15 +1,21 @@
 """transforms/scored.py: --skip_scored tolerates damaged bookkeeping under its root, and skips by
-canonical URI."""
+canonical URI; whole CLI runs first, then ``CheckScored`` alone on Beam's ``TestPipeline`` over
+partitions written in ``tmp_path``: what is recorded, what is skipped and which partitions count."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from engines import storage
 from pipelines import classify_images, partitions
 from tests.conftest import jpeg_bytes, photo
+from transforms.scored import FINGERPRINTS, SKIPPED, CheckScored, fingerprint
 
 FAST = ["--batch_size", "2", "--progress_every_s", "0", "--decode_threads", "2"]
 
@@ -56,3 +62,87 @@ def test_only_damaged_records_mean_everything_is_scored_again(model_path, tmp_pa
         Path(path).write_text('{"uri": "truncated')
     stats = classify_images.run(day + ["--output", str(root / "dt=2")])
     assert (stats["predictions"], stats["skipped"]) == (2, 0)
+
+
+# --- CheckScored alone, on Beam's TestPipeline, over files in tmp_path --------------------------
+
+def _files(folder: Path, names) -> dict:
+    """Small real files of distinct sizes; returns {name: canonical path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(bytes([i]) * (10 + i))
+    return {name: storage.canonical(str(folder / name)) for name in names}
+
+
+def _partition(folder: Path, scored, dead=(), **record) -> None:
+    """A committed partition: _SUCCESS lists one _scored file recording the fingerprints of the
+    files ``scored`` names, and one dead-letter file with ``dead`` ((uri, stage) pairs)."""
+    run = folder / "run-1"
+    run.mkdir(parents=True)
+    (run / "_scored-00000-of-00001.jsonl").write_text(
+        "".join(json.dumps({"uri": uri, **fingerprint(uri)}) + "\n" for uri in scored))
+    (run / "dead_letter-00000-of-00001.jsonl").write_text(
+        "".join(json.dumps({"uri": uri, "error": "...", "stage": stage}) + "\n" for uri, stage in dead))
+    (folder / "_SUCCESS").write_text(json.dumps({
+        "run_id": "r1", "unaccounted": 0, **record,
+        "files": {"scored": ["run-1/_scored-00000-of-00001.jsonl"],
+                  "dead_letter": ["run-1/dead_letter-00000-of-00001.jsonl"]}}))
+
+
+def _run_check(batches, want_refs, want_records, want_skipped, skip_root=None, output="/nowhere/out",
+               replaces=None):
+    """Runs CheckScored over ``batches`` (lists of paths) and checks its three outputs: the paths
+    kept for scoring (per batch, sorted), the fingerprint records, and the number skipped."""
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.images import ImageRef
+
+    with TestPipeline() as p:
+        refs = p | beam.Create([[ImageRef(uri) for uri in batch] for batch in batches])
+        out = refs | CheckScored(skip_root, output, replaces)
+        assert_that(out["refs"] | "Uris" >> beam.Map(lambda batch: sorted(ref.uri for ref in batch)),
+                    equal_to(want_refs), label="refs")
+        assert_that(out[FINGERPRINTS] | "Records" >> beam.FlatMap(lambda block: block),
+                    equal_to(want_records), label="records")
+        assert_that(out[SKIPPED] | "Skipped" >> beam.CombineGlobally(sum), equal_to([want_skipped]), label="skipped")
+
+
+def test_without_a_root_everything_is_scored_and_every_existing_file_is_recorded(tmp_path):
+    paths = _files(tmp_path / "in", ["a.jpg", "b.jpg", "c.jpg"])
+    missing = str(tmp_path / "in" / "gone.jpg")
+    spelled = str(tmp_path / "in") + "/./c.jpg"  # recorded under its one canonical spelling
+    records = [{"uri": paths[name], **fingerprint(paths[name])} for name in ("a.jpg", "b.jpg", "c.jpg")]
+    assert records[1]["size"] == 11 and records[1]["mtime"] == round(os.stat(paths["b.jpg"]).st_mtime, 3)
+    _run_check([[paths["a.jpg"], missing], [paths["b.jpg"], spelled]],
+               want_refs=[sorted([paths["a.jpg"], missing]), sorted([paths["b.jpg"], spelled])],
+               want_records=records, want_skipped=0)
+
+
+def test_skip_root_skips_files_a_committed_partition_settled_and_scores_the_rest(tmp_path):
+    paths = _files(tmp_path / "in", ["same.jpg", "changed.jpg", "read_failed.jpg", "corrupt.jpg", "new.jpg"])
+    root = tmp_path / "scored"
+    _partition(root / "dt=1", [paths[n] for n in ("same.jpg", "changed.jpg", "read_failed.jpg", "corrupt.jpg")],
+               dead=[(paths["read_failed.jpg"], "read"), (paths["corrupt.jpg"], "decode")])
+    mtime = os.stat(paths["changed.jpg"]).st_mtime
+    os.utime(paths["changed.jpg"], (mtime + 5, mtime + 5))  # rewritten since: a new fingerprint
+    kept = ["changed.jpg", "new.jpg", "read_failed.jpg"]  # a read failure is tried again; a corrupt file is not
+    _run_check([list(paths.values())], want_refs=[sorted(paths[n] for n in kept)],
+               want_records=[{"uri": paths[n], **fingerprint(paths[n])} for n in kept], want_skipped=2,
+               skip_root=str(root), output=str(root / "dt=2"))
+
+
+@pytest.mark.parametrize("case", ["the partition this run replaces", "the same partition under its run id",
+                                  "a partition that lost track of inputs"])
+def test_partitions_that_do_not_count_as_scored(tmp_path, case):
+    paths = _files(tmp_path / "in", ["a.jpg", "b.jpg"])
+    root = tmp_path / "scored"
+    day = root / "dt=1"
+    _partition(day, list(paths.values()), run_id="r1",
+               unaccounted=1 if case == "a partition that lost track of inputs" else 0)
+    output = str(day) if case == "the partition this run replaces" else str(root / "dt=2")
+    replaces = "r1" if case == "the same partition under its run id" else None
+    _run_check([list(paths.values())], want_refs=[sorted(paths.values())],
+               want_records=[{"uri": p, **fingerprint(p)} for p in paths.values()], want_skipped=0,
+               skip_root=str(root), output=output, replaces=replaces)

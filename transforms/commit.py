@@ -104,7 +104,13 @@ class CommitPlan:
 
 
 class CommitConflict(RuntimeError):
-    """Another run committed the partition after this run was launched; this run committed nothing."""
+    """Another run committed the partition after this run was launched; this run committed nothing.
+
+    Args:
+        plan: This run's plan.
+        other: The ``_SUCCESS`` record found there now; ``{}`` when the file is there but is not a
+            record of this pipeline; None only when it is gone.
+    """
 
     def __init__(self, plan: CommitPlan, other: Optional[Dict[str, Any]]):
         if other and other.get("run_id"):
@@ -157,7 +163,7 @@ class _Commit(beam.DoFn):
             yield record
             return
         if token != plan.base:
-            raise CommitConflict(plan, record if current is not None else None)
+            raise CommitConflict(plan, (record or {}) if current is not None else None)
         staged = sorted(set(files))
         folder = plan.run_folder
         missing = [name for name in staged if not storage.exists(storage.join(folder, name))]
@@ -176,7 +182,7 @@ class _Commit(beam.DoFn):
         try:
             storage.replace_if(plan.success, (json.dumps(summary, indent=2) + "\n").encode("utf-8"), plan.base)
         except storage.VersionMismatch as e:
-            raise CommitConflict(plan, parse_record(e.current) if e.current is not None else None) from None
+            raise CommitConflict(plan, (parse_record(e.current) or {}) if e.current is not None else None) from None
         _LOG.info("committed %s: %d predictions, %d dead letters, %d skipped", plan.output,
                   summary["predictions"], summary["dead_letters"], summary["skipped"])
         self._clean(summary)

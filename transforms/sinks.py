@@ -102,14 +102,11 @@ class WriteRows(beam.PTransform):
         output_format: "jsonl" (default) or "parquet" (prediction rows only).
         shards: Number of files; None lets the runner choose. Default None.
         blocks: Each element is a list of rows (written at once) rather than one row. Default False.
-        wrap_sink: Called on each new sink, returning the sink to use (test-only fault injection,
-            transforms.faults); None uses the sink as is. Default None.
 
     Returns (from expand): fileio's FileResult per file written (the commit step waits on them).
     """
 
-    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False,
-                 wrap_sink=None):
+    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False):
         super().__init__()
         if output_format not in FORMATS:
             raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
@@ -118,13 +115,10 @@ class WriteRows(beam.PTransform):
         self._format = output_format
         self._shards = shards
         self._blocks = blocks
-        self._wrap_sink = wrap_sink
 
     def expand(self, rows):
         blocks = self._blocks
         sink = (lambda _: ParquetSink(blocks=blocks)) if self._format == "parquet" else (lambda _: JsonLinesSink(blocks))
-        if self._wrap_sink is not None:
-            sink = (lambda make, wrap: lambda dest: wrap(make(dest)))(sink, self._wrap_sink)
         return rows | fileio.WriteToFiles(
             path=self._directory,
             file_naming=fileio.default_file_naming(self._prefix, f".{self._format}"),
