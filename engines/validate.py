@@ -118,12 +118,12 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The pipeline's own resize-and-crop (:func:`engines.pillow_decoder.resize_and_crop`) to a
+    """The pipeline's own resize-and-crop (:func:`images.pillow_decoder.resize_and_crop`) to a
     ``size`` x ``size`` model input, the shorter side first resized to 256/224 of it (256 for 224),
     as the pipeline's defaults do."""
     from PIL import Image
 
-    from engines.pillow_decoder import PreprocessConfig, resize_and_crop
+    from images.pillow_decoder import PreprocessConfig, resize_and_crop
 
     return resize_and_crop(Image.fromarray(image), PreprocessConfig(resize=round(size * 256 / 224), crop=size))
 

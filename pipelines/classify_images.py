@@ -37,8 +37,8 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from engines import storage
 from engines.base import EngineError, UsageError
-from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
-from engines.pillow_decoder import PreprocessConfig
+from images.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
+from images.pillow_decoder import PreprocessConfig
 from pipelines import launch_checks, partitions, submission
 from pipelines.engine_registry import engine_names
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, committed_stats, write_stats
@@ -46,7 +46,7 @@ from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
-from transforms.reading import DEFAULT_READ_TIMEOUT_S
+from images.reading import DEFAULT_READ_TIMEOUT_S
 from transforms.commit import CommitConflict
 from transforms.scored import CheckScored
 from transforms.sinks import FORMATS
@@ -218,7 +218,7 @@ def resolve_decode(options: ClassifyOptions, local: bool) -> Tuple[str, str]:
     Raises:
         EngineError: ``--decode gpu`` with an engine on the CPU, or locally without DALI or a GPU.
     """
-    from engines.dali_decoder import gpu_decode_unavailable
+    from images.dali_decoder import gpu_decode_unavailable
 
     mode = options.decode
     if mode in ("cpu", "dali_cpu"):
@@ -252,7 +252,7 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
         (handler, engine description for stats, class names: --labels_file, else the model's
         own metadata or the TensorRT plan's sidecar, else None).
     """
-    from engines.dali_decoder import DaliDecoderOptions
+    from images.dali_decoder import DaliDecoderOptions
 
     explicit_labels = read_labels(options.labels_file) if options.labels_file else None
     recipe = engine_recipe(options)
@@ -742,7 +742,7 @@ def apply_local_defaults(options: PipelineOptions, argv: Sequence[str]) -> Optio
     :data:`PARALLEL_LOCAL_MIN_CORES` or more cores, and when none of the flags it sets was given.
     Safe with every ``--decode``: the two threads share the loaded model, whose engine serves
     concurrent calls and whose DALI decoders (``dali_cpu``) are lent one per call
-    (``engines.dali_decoder.DecoderPool``).
+    (``images.dali_decoder.DecoderPool``).
 
     Returns:
         What was set (for stats.json), or None.

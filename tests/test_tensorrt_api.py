@@ -213,7 +213,7 @@ def code_only(path):
 
 
 def scanned_files():
-    return sorted((REPO / "engines").rglob("*.py"))
+    return sorted(p for folder in ("engines", "images") for p in (REPO / folder).rglob("*.py"))
 
 
 def test_no_api_removed_in_10_or_11_is_used():

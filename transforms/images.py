@@ -31,8 +31,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.reading import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
-from engines.pillow_decoder import PreprocessConfig
+from images.reading import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
+from images.pillow_decoder import PreprocessConfig
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -504,7 +504,7 @@ class ImageBatch:
         pixels: (n, crop, crop, 3) uint8 decoded on the CPU (Pillow), or None.
         encoded: Encoded files for the GPU decoder (``--decode gpu``), one per remaining ref.
         boxes: For each encoded file, the source region resize-and-crop keeps
-            (``engines.pillow_decoder.crop_box`` of its header size), so the GPU crops exactly as Pillow.
+            (``images.pillow_decoder.crop_box`` of its header size), so the GPU crops exactly as Pillow.
     """
 
     refs: Tuple[ImageRef, ...]

@@ -1,7 +1,7 @@
 """Read one image file by the reading rules, then pre-screen or decode it: ``uri -> Decoded``.
 
 Kept free of Beam at import time (Beam's filesystems are imported only for URLs such as
-``gs://``). Decoding itself is :mod:`engines.pillow_decoder`'s. Never raises for a bad file: the
+``gs://``). Decoding itself is :mod:`images.pillow_decoder`'s. Never raises for a bad file: the
 reason is returned for the dead-letter output.
 
 The reading rules live here as plain functions so every reader (the batch reader
@@ -28,8 +28,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from engines.pillow_decoder import BadImageError, PreprocessConfig, crop_box, preprocess_image
-from engines.prescreen import GPU, screen
+from images.pillow_decoder import BadImageError, PreprocessConfig, crop_box, preprocess_image
+from images.prescreen import GPU, screen
 
 #: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
 #: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
@@ -226,7 +226,7 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
                read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Decoded:
     """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not.
 
-    With ``gpu_decode``, an image the header pre-screen (:mod:`engines.prescreen`) finds
+    With ``gpu_decode``, an image the header pre-screen (:mod:`images.prescreen`) finds
     sound and DALI-safe is returned undecoded (``encoded``) for the GPU decoder; every other
     one is decoded here with Pillow, so broken files get the same reasons as on the CPU path.
 
