@@ -95,6 +95,7 @@ WORKDIR /opt/beam-tensorrt-images
 COPY setup.py README.md pytest.ini ./
 COPY engines engines
 COPY images images
+COPY model_tools model_tools
 COPY transforms transforms
 COPY pipelines pipelines
 COPY benchmarks benchmarks

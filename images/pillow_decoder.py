@@ -2,7 +2,7 @@
 
 The CPU decoder, beside the GPU one (:mod:`images.dali_decoder`). Pure functions, no Beam:
 the batch reader (:mod:`images.reading`) calls them, the GPU decoder crops the box
-:func:`crop_box` gives, ``python -m engines.validate`` feeds engines :func:`resize_and_crop`
+:func:`crop_box` gives, ``python -m model_tools.validate`` feeds engines :func:`resize_and_crop`
 pixels, and tests compare them with an independent reference computation.
 
 Steps: refuse empty/non-image/oversized input, JPEG draft mode (DCT-domain

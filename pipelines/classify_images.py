@@ -53,7 +53,7 @@ from transforms.sinks import FORMATS
 
 _LOG = logging.getLogger(__name__)
 
-#: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
+#: Where ``make model`` (python -m model_tools.export_efficientnet) puts the default model.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
 DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
 #: DALI decoders per loaded model. Four bundle threads on one H200 (benchmarks/results/h200-concurrency.json,
@@ -368,7 +368,7 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
         raise EngineError(f"{model} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
                           f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
-                          f"inside (see `python -m engines.export_efficientnet --help`)")
+                          f"inside (see `python -m model_tools.export_efficientnet --help`)")
     fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
     if any(d != config.crop for d in fixed):
         raise UsageError(f"--crop {config.crop} does not fit {model}: its input {name!r} is {list(dims)}; pass "
@@ -565,7 +565,7 @@ def check_batch(options: ClassifyOptions, config: PreprocessConfig, local: bool)
         if dims[0] != 1:
             raise EngineError(f"{model} has a fixed batch dimension of {dims[0]} (input {name!r} is {list(dims)}); "
                               f"the last batch of a run is shorter, so export the model with a dynamic batch "
-                              f"dimension (see `python -m engines.export_efficientnet --help`)")
+                              f"dimension (see `python -m model_tools.export_efficientnet --help`)")
         if (options.batch_size or 1) != 1 or (options.min_batch_size or 1) != 1:
             raise UsageError(f"--batch_size {options.batch_size} does not fit {model}: its input {name!r} is "
                              f"{list(dims)}, a fixed batch of 1; pass --batch_size 1 or export the model with a "

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
-SOURCES = sorted(p for folder in ("engines", "images", "pipelines", "benchmarks", "flex")
+SOURCES = sorted(p for folder in ("engines", "images", "model_tools", "pipelines", "benchmarks", "flex")
                  for p in (REPO / folder).rglob("*")
                  if p.suffix in (".py", ".json", ".md"))
 

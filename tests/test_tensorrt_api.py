@@ -213,7 +213,7 @@ def code_only(path):
 
 
 def scanned_files():
-    return sorted(p for folder in ("engines", "images") for p in (REPO / folder).rglob("*.py"))
+    return sorted(p for folder in ("engines", "images", "model_tools") for p in (REPO / folder).rglob("*.py"))
 
 
 def test_no_api_removed_in_10_or_11_is_used():
@@ -253,7 +253,7 @@ def test_ten_only_names_are_behind_a_version_guard():
 
 
 def test_importing_the_package_imports_no_heavy_module():
-    code = ("import sys, engines.tensorrt, engines.build, engines.validate;"
+    code = ("import sys, engines.tensorrt, model_tools.build, model_tools.validate;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('tensorrt', 'tensorrt_lean', 'cuda', 'cupy', 'onnxruntime', 'apache_beam')))")
     import subprocess
@@ -928,7 +928,7 @@ def test_concurrent_builds_merge_the_timing_cache(fake_build, tmp_path):
 
 
 def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):
-    from engines import build
+    from model_tools import build
 
     fake_build()
     onnx_path = tmp_path / "m.onnx"
@@ -947,7 +947,7 @@ def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):
 
 
 def test_build_command_defaults():
-    from engines import build
+    from model_tools import build
 
     options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p"]))
     assert options.profiles == (Profile(1, 64, 256),) and options.precision == "fp32"
