@@ -927,34 +927,6 @@ def test_concurrent_builds_merge_the_timing_cache(fake_build, tmp_path):
     assert l4_timing.read_bytes() == b"timing:conv-10.11.0.33;old;other-worker"
 
 
-def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):
-    from model_tools import build
-
-    fake_build()
-    onnx_path = tmp_path / "m.onnx"
-    onnx_path.write_bytes(image_classifier())
-    out = tmp_path / "m.plan"
-    assert build.main(["--onnx", str(onnx_path), "--output", str(out), "--fp16", "--profile", "1,4,8",
-                       "--profile", "9,16,32"]) == 0
-    from engines.tensorrt.plan import read_sidecar
-
-    info = read_sidecar(str(out))
-    assert info.profiles == (Profile(1, 4, 8), Profile(9, 16, 32)) and info.precision == "fp16"
-    assert info.onnx_sha256 == __import__("hashlib").sha256(image_classifier()).hexdigest()
-    assert out.read_bytes()[:4] == b"ftrt"
-    assert build.main(["--onnx", str(onnx_path), "--output", str(out), "--profile", "1,4,8", "--max_batch", "9"]) == 2
-    assert "Use either --profile MIN,OPT,MAX" in capsys.readouterr().err
-
-
-def test_build_command_defaults():
-    from model_tools import build
-
-    options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p"]))
-    assert options.profiles == (Profile(1, 64, 256),) and options.precision == "fp32"
-    options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p", "--max_batch", "32"]))
-    assert options.profiles == (Profile(1, 32, 32),)
-
-
 def test_parser_gets_the_local_path_for_external_weights(fake_build, tmp_path):
     fb = fake_build(version="10.11.0.33")
     model = tmp_path / "m.onnx"
