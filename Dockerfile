@@ -94,6 +94,8 @@ RUN command -v python >/dev/null || ln -s "$(command -v python3)" /usr/local/bin
 WORKDIR /opt/beam-tensorrt-images
 COPY setup.py README.md pytest.ini ./
 COPY engines engines
+COPY images images
+COPY model_tools model_tools
 COPY transforms transforms
 COPY pipelines pipelines
 COPY benchmarks benchmarks
@@ -133,7 +135,7 @@ RUN python3 -m pip install \
  && provider="$(python3 -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime_providers_cuda.so"))')" \
  && missing="$(ldd "$provider" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)" \
  && { [ -z "$missing" ] || { echo "onnxruntime-gpu ${ONNXRUNTIME_GPU_VERSION}'s CUDA provider links libraries this image lacks (built for another CUDA major?): $missing" >&2; exit 1; }; } \
- && python3 -c "import apache_beam, sys, tensorrt, nvidia.dali, onnxruntime, engines.tensorrt, engines.dali_decoder, engines.tensorrt.recipe, pipelines.classify_images; \
+ && python3 -c "import apache_beam, sys, tensorrt, nvidia.dali, onnxruntime, engines.tensorrt, images.dali_decoder, engines.tensorrt.recipe, pipelines.classify_images; \
 assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers(); \
 from engines.tensorrt import cuda; cuda.cudart(); \
 assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \

@@ -30,11 +30,11 @@ $(EXPORT_VENV)/.installed: requirements-export.txt
 
 model: $(MODEL)
 
-$(MODEL): $(EXPORT_VENV)/.installed engines/export_efficientnet.py
-	$(EXPORT_PY) -m engines.export_efficientnet --output $@
+$(MODEL): $(EXPORT_VENV)/.installed model_tools/export_efficientnet.py
+	$(EXPORT_PY) -m model_tools.export_efficientnet --output $@
 
-$(MODEL_NCHW): $(EXPORT_VENV)/.installed engines/export_efficientnet.py
-	$(EXPORT_PY) -m engines.export_efficientnet --layout float32_nchw --output $@
+$(MODEL_NCHW): $(EXPORT_VENV)/.installed model_tools/export_efficientnet.py
+	$(EXPORT_PY) -m model_tools.export_efficientnet --layout float32_nchw --output $@
 
 demo: $(VENV)/.installed $(MODEL)
 	$(PY) -m pipelines.demo --output demo_output

@@ -13,8 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["engines", "engines.*", "transforms", "transforms.*", "pipelines",
-                                    "pipelines.*", "benchmarks", "benchmarks.*"]),
+    packages=find_packages(include=["engines", "engines.*", "images", "images.*", "model_tools", "model_tools.*",
+                                    "transforms", "transforms.*", "pipelines", "pipelines.*", "benchmarks",
+                                    "benchmarks.*"]),
     # The worker image's Python and Beam versions, read by the launch check (pipelines/launch_checks.py).
     package_data={"pipelines": ["image_versions.txt"]},
     install_requires=[

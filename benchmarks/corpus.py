@@ -216,7 +216,7 @@ def ensure_corpus(directory: str, images: int, seed: int = 0, processes: Optiona
 
 
 def _preprocess_one(path: str) -> np.ndarray:
-    from engines.pillow_decoder import preprocess_image
+    from images.pillow_decoder import preprocess_image
 
     with open(path, "rb") as f:
         return preprocess_image(f.read())

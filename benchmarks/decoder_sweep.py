@@ -3,7 +3,7 @@
     python -m benchmarks.decoder_sweep [--images 5000] [--batch_size 256]
 
 Prints images/s for each variant (threads, hardware decoder share, crop boxes from the host vs
-computed inside the graph) so the defaults in engines/dali_decoder.py rest on numbers.
+computed inside the graph) so the defaults in images/dali_decoder.py rest on numbers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 
 
 from benchmarks.corpus import ensure_corpus
-from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
 
 def main(argv=None) -> int:

@@ -83,9 +83,9 @@ def _timed(fn, count_per_call: int, min_seconds: float) -> Dict[str, Any]:
 
 def decode_inputs(blobs: List[bytes], batch_size: int):
     """Full batches of encoded files with their crop boxes, as the pipeline's reader makes them."""
-    from engines.dali_decoder import DecodeInput
-    from engines.pillow_decoder import PreprocessConfig, crop_box
-    from engines.prescreen import screen
+    from images.dali_decoder import DecodeInput
+    from images.pillow_decoder import PreprocessConfig, crop_box
+    from images.prescreen import screen
 
     config = PreprocessConfig()
     out = []
@@ -102,7 +102,7 @@ def decode_inputs(blobs: List[bytes], batch_size: int):
 def measure_reader(args, paths: List[str]) -> Dict[str, Any]:
     """The pipeline's batch reader alone (read + pre-screen, GPU route), outside Beam."""
     from transforms.images import ImageRef, ReadImageBatches
-    from engines.pillow_decoder import PreprocessConfig
+    from images.pillow_decoder import PreprocessConfig
 
     reader = ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=-1, prefetch=2)
     reader.setup()
@@ -122,7 +122,7 @@ def measure_reader(args, paths: List[str]) -> Dict[str, Any]:
 
 def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[str, Any]:
     """The engine alone (device and host batches) and the decoder alone."""
-    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
     from engines.onnxruntime_engine import OnnxRuntimeLoader
 
     out: Dict[str, Any] = {}

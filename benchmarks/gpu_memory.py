@@ -45,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--corpus_dir", default="benchmark_output/gpu/corpus")
     parser.add_argument("--extend", default="", help="arena_extend_strategy for the engine step; '' = default.")
     args = parser.parse_args(argv)
-    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
     steps: List[Dict[str, object]] = [{"step": "CUDA context", "used_mib": None}]
     import cupy

@@ -542,7 +542,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parse_args(argv)
         if args.mode_list and not os.path.exists(args.peer_model):
             raise BenchmarkError(
-                f"peer model {args.peer_model} not found; make it with: python -m engines.export_efficientnet "
+                f"peer model {args.peer_model} not found; make it with: python -m model_tools.export_efficientnet "
                 f"--layout float32_nchw --output {args.peer_model}"
                 + ("  (or: make models/efficientnet_lite0_float32_nchw.onnx)"
                    if os.path.abspath(args.peer_model) == DEFAULT_PEER_MODEL else ""))

@@ -1,7 +1,7 @@
 """What the launcher and the TensorRT builder need from an ONNX model, read with onnx alone.
 
 Named inputs and outputs with their element types and dimensions, metadata, and the class
-names an exported model carries (``labels`` metadata, see engines.export_efficientnet).
+names an exported model carries (``labels`` metadata, see model_tools.export_efficientnet).
 No inference library is involved, so a job can check its model before anything runs.
 """
 

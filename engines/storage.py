@@ -1,7 +1,9 @@
-"""Reading and writing model files on local disk or any Beam filesystem (gs://, ...).
+"""Files on local disk or any Beam filesystem (gs://, ...): the project's one file API.
 
-Beam's ``FileSystems`` is used only as a portable file API (it is imported lazily);
-nothing here knows about pipelines.
+Every module that touches a path asks this one whether it is a URL (:func:`is_url`), joins
+path parts with :func:`join` and reads a whole file with :func:`read`, so local paths and URLs
+are told apart, joined and read the same way everywhere. Beam's ``FileSystems`` is used only
+as a portable file API (it is imported lazily); nothing here knows about pipelines.
 """
 
 from __future__ import annotations
@@ -14,13 +16,44 @@ import uuid
 from engines.base import EngineError
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path
+def is_url(path: str) -> bool:
+    """True for ``scheme://...`` paths (gs://, s3://, file://, ...), False for local paths.
+
+    The one test of local against URL: a local path is opened with ``open``, a URL through
+    Beam's ``FileSystems``.
+    """
+    return "://" in path
+
+
+def _on_gcs(path: str) -> bool:
+    # GCS alone gives literal prefix listings and generation-matched writes (list_tree, replace_if).
+    return path.startswith("gs://")
+
+
+def read(path: str) -> bytes:
+    """A whole file's bytes: ``open`` for a local path, Beam's ``FileSystems`` (uncompressed) for a URL.
+
+    Args:
+        path: Local path or URL.
+
+    Raises:
+        OSError: a local file that is missing or cannot be read, as ``open`` raises it.
+        Exception: for URLs, whatever Beam's filesystem raises (``IOError``, ``BeamIOError``, ...).
+            Callers word the message for the file's purpose (:func:`read_bytes` for model files).
+    """
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
 
 
 def exists(path: str) -> bool:
     """True when ``path`` names an existing file."""
-    if _is_local(path):
+    if not is_url(path):
         return os.path.isfile(path)
     from apache_beam.io.filesystems import FileSystems
 
@@ -28,7 +61,7 @@ def exists(path: str) -> bool:
 
 
 def read_bytes(path: str, what: str = "Model file") -> bytes:
-    """Reads a whole file.
+    """:func:`read` with checks and messages that name the file's purpose.
 
     Args:
         path: Local path or URL.
@@ -38,7 +71,7 @@ def read_bytes(path: str, what: str = "Model file") -> bytes:
     Raises:
         EngineError: the file does not exist, is not a regular file, or cannot be read.
     """
-    if _is_local(path):
+    if not is_url(path):
         if os.path.isdir(path):
             raise EngineError(f"{what} {path} is a directory; pass the path of the file itself")
         if not os.path.exists(path):
@@ -47,19 +80,14 @@ def read_bytes(path: str, what: str = "Model file") -> bytes:
         if not os.path.isfile(path):
             raise EngineError(f"{what} {path} is not a regular file (a FIFO, device or socket); pass a file")
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            return read(path)
         except MemoryError:
             raise EngineError(f"{what} {path} is {os.path.getsize(path) / 2**30:.1f} GiB, more than this machine can "
                               f"hold in memory; check that it names the right file") from None
         except OSError as e:
             raise EngineError(f"Cannot read {what} {path}: {e.strerror or e}") from None
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            return f.read()
+        return read(path)
     except MemoryError:
         raise EngineError(f"{what} {path} is more than this machine can hold in memory; check that it names the "
                           f"right file") from None
@@ -78,7 +106,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """
     tmp = None
     try:
-        if _is_local(path):
+        if not is_url(path):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             tmp = f"{path}.tmp-{uuid.uuid4().hex}"  # unique per call: threads and processes may race
             with open(tmp, "wb") as f:
@@ -100,15 +128,16 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def join(base: str, *parts: str) -> str:
-    """Joins path parts for local paths and URLs alike."""
-    if _is_local(base):
+    """Joins path parts for local paths and URLs alike.
+
+    Local paths join as :func:`os.path.join` joins them. For a URL each part is appended with one
+    ``/`` between them (a part's leading slash does not restart at the root); the last part keeps a
+    trailing slash, as :func:`os.path.join` keeps it.
+    """
+    if not is_url(base):
         return os.path.join(base, *parts)
-    return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
-
-
-def is_url(path: str) -> bool:
-    """True for ``scheme://...`` paths (gs://, s3://, ...), False for local paths."""
-    return not _is_local(path)
+    inner = [p.strip("/") for p in parts[:-1]] + [p.lstrip("/") for p in parts[-1:]]
+    return "/".join([base.rstrip("/")] + inner)
 
 
 def canonical(path: str) -> str:
@@ -118,7 +147,7 @@ def canonical(path: str) -> str:
     (``./scored//dt=1`` and a symlinked root name the same folder); URLs get a lower-case scheme
     and no trailing slash. ``gs://b/a//b`` stays as it is: object names may hold ``//``.
     """
-    if _is_local(path):
+    if not is_url(path):
         return os.path.realpath(os.path.abspath(path))
     scheme, rest = path.split("://", 1)
     return f"{scheme.lower()}://{rest.rstrip('/')}"
@@ -132,14 +161,14 @@ def _escape_glob(path: str) -> str:
 def list_tree(directory: str) -> list:
     """Every file under ``directory`` (recursively), its name taken literally: ``*``, ``?`` and
     ``[`` in it are characters, not a glob. Empty when the folder does not exist."""
-    if _is_local(directory):
+    if not is_url(directory):
         found = []
         for root, dirs, files in os.walk(directory):
             found += [os.path.join(root, name) for name in files]
             found += [os.path.join(root, name) for name in dirs if os.path.islink(os.path.join(root, name))]
         return found
     prefix = directory.rstrip("/") + "/"
-    if directory.startswith("gs://"):
+    if _on_gcs(directory):
         from apache_beam.io.gcp.gcsio import GcsIO
 
         return [name for name, _ in GcsIO().list_files(prefix)]  # a literal prefix listing
@@ -153,7 +182,7 @@ def list_tree(directory: str) -> list:
 
 def list_children(directory: str) -> list:
     """Names directly in ``directory`` (files and folders, a folder once), taken literally."""
-    if _is_local(directory):
+    if not is_url(directory):
         try:
             return sorted(os.listdir(directory))
         except (FileNotFoundError, NotADirectoryError):
@@ -164,7 +193,7 @@ def list_children(directory: str) -> list:
 
 def delete_tree(path: str) -> None:
     """Deletes a file, or a folder and everything in it; nothing when it is missing (literal name)."""
-    if _is_local(path):
+    if not is_url(path):
         import shutil
 
         if os.path.isdir(path) and not os.path.islink(path):
@@ -217,7 +246,7 @@ def read_versioned(path: str):
     The token names this exact version: on GCS the object's generation (``gen:N``), elsewhere a
     SHA-256 of the content. :func:`replace_if` writes only over the version it names.
     """
-    if path.startswith("gs://"):
+    if _on_gcs(path):
         from google.api_core import exceptions
 
         bucket, name = _gcs_blob(path)
@@ -230,10 +259,9 @@ def read_versioned(path: str):
             except (exceptions.PreconditionFailed, exceptions.NotFound):
                 continue
         raise EngineError(f"{path} changed five times while being read; is something rewriting it in a loop?")
-    if _is_local(path):
+    if not is_url(path):
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read(path)
         except FileNotFoundError:
             data = None
     else:
@@ -262,7 +290,7 @@ def replace_if(path: str, data: bytes, expected: str, lock_timeout_s: float = 30
         VersionMismatch: the file is at another version (nothing was written).
         EngineError: the lock was not free within ``lock_timeout_s``.
     """
-    if path.startswith("gs://"):
+    if _on_gcs(path):
         from google.api_core import exceptions
 
         bucket, name = _gcs_blob(path)
@@ -275,7 +303,7 @@ def replace_if(path: str, data: bytes, expected: str, lock_timeout_s: float = 30
         except exceptions.PreconditionFailed:
             raise VersionMismatch(path, read_versioned(path)[1]) from None
         return
-    if not _is_local(path):
+    if is_url(path):
         token, current = read_versioned(path)
         if token != expected:
             raise VersionMismatch(path, current)
@@ -328,7 +356,7 @@ def fsync_folder(folder: str) -> None:
 
 def fsync_file(path: str) -> None:
     """Flushes a local file's data to disk (nothing for URLs: an object is durable once written)."""
-    if not _is_local(path):
+    if is_url(path):
         return
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -37,22 +37,22 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from engines import storage
 from engines.base import EngineError, UsageError
-from engines.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
-from engines.pillow_decoder import PreprocessConfig
+from images.dali_decoder import DaliDecoderOptions as DaliDecoderDefaults
+from images.pillow_decoder import PreprocessConfig
 from pipelines import launch_checks, partitions, submission
 from pipelines.engine_registry import engine_names
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, committed_stats, write_stats
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
-from transforms.reading import DEFAULT_READ_TIMEOUT_S
+from images.reading import DEFAULT_READ_TIMEOUT_S
 from transforms.commit import CommitConflict
 from transforms.scored import CheckScored
 from transforms.sinks import FORMATS
 
 _LOG = logging.getLogger(__name__)
 
-#: Where ``make model`` (python -m engines.export_efficientnet) puts the default model.
+#: Where ``make model`` (python -m model_tools.export_efficientnet) puts the default model.
 DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
 DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
 #: DALI decoders per loaded model. Four bundle threads on one H200 (benchmarks/results/h200-concurrency.json,
@@ -215,7 +215,7 @@ def resolve_decode(options: ClassifyOptions, local: bool) -> Tuple[str, str]:
     Raises:
         EngineError: ``--decode gpu`` with an engine on the CPU, or locally without DALI or a GPU.
     """
-    from engines.dali_decoder import gpu_decode_unavailable
+    from images.dali_decoder import gpu_decode_unavailable
 
     mode = options.decode
     if mode in ("cpu", "dali_cpu"):
@@ -249,7 +249,7 @@ def make_handler(options: ClassifyOptions, decode: str = "cpu") -> Tuple[Any, Di
         (handler, engine description for stats, class names: --labels_file, else the model's
         own metadata or the TensorRT plan's sidecar, else None).
     """
-    from engines.dali_decoder import DaliDecoderOptions
+    from images.dali_decoder import DaliDecoderOptions
 
     explicit_labels = read_labels(options.labels_file) if options.labels_file else None
     recipe = engine_recipe(options)
@@ -365,7 +365,7 @@ def check_setup(options: ClassifyOptions) -> PreprocessConfig:
     if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
         raise EngineError(f"{model} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
                           f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
-                          f"inside (see `python -m engines.export_efficientnet --help`)")
+                          f"inside (see `python -m model_tools.export_efficientnet --help`)")
     fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
     if any(d != config.crop for d in fixed):
         raise UsageError(f"--crop {config.crop} does not fit {model}: its input {name!r} is {list(dims)}; pass "
@@ -562,7 +562,7 @@ def check_batch(options: ClassifyOptions, config: PreprocessConfig, local: bool)
         if dims[0] != 1:
             raise EngineError(f"{model} has a fixed batch dimension of {dims[0]} (input {name!r} is {list(dims)}); "
                               f"the last batch of a run is shorter, so export the model with a dynamic batch "
-                              f"dimension (see `python -m engines.export_efficientnet --help`)")
+                              f"dimension (see `python -m model_tools.export_efficientnet --help`)")
         if (options.batch_size or 1) != 1 or (options.min_batch_size or 1) != 1:
             raise UsageError(f"--batch_size {options.batch_size} does not fit {model}: its input {name!r} is "
                              f"{list(dims)}, a fixed batch of 1; pass --batch_size 1 or export the model with a "
@@ -738,7 +738,7 @@ def apply_local_defaults(options: PipelineOptions, argv: Sequence[str]) -> Optio
     :data:`PARALLEL_LOCAL_MIN_CORES` or more cores, and when none of the flags it sets was given.
     Safe with every ``--decode``: the two threads share the loaded model, whose engine serves
     concurrent calls and whose DALI decoders (``dali_cpu``) are lent one per call
-    (``engines.dali_decoder.DecoderPool``).
+    (``images.dali_decoder.DecoderPool``).
 
     Returns:
         What was set (for stats.json), or None.

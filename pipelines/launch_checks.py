@@ -39,6 +39,7 @@ from typing import Any, Dict, List
 
 from apache_beam.options.pipeline_options import StandardOptions
 
+from engines import storage
 from engines.base import EngineError, UsageError, WorkerPath
 
 _LOG = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def check_versions(image: ImageVersions, launcher: ImageVersions, allowed: bool)
 
 
 def _is_local_path(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
+    return not storage.is_url(path) or path.startswith("file://")
 
 
 def _upload(path: str) -> str:

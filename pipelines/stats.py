@@ -188,7 +188,7 @@ def slow_reads_note(older_than_s: float, most: int = 3) -> str:
     Reads run in the launcher's process on local in-process runs (the DirectRunner's default
     here); a multi_processing worker's reads are not seen, though their timeouts still apply.
     """
-    from transforms.reading import IN_FLIGHT
+    from images.reading import IN_FLIGHT
 
     slow = IN_FLIGHT.older_than(older_than_s)
     if not slow:

@@ -14,13 +14,13 @@ pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra ins
 
 
 def _options(**kwargs):
-    from engines.dali_decoder import DaliDecoderOptions
+    from images.dali_decoder import DaliDecoderOptions
 
     return DaliDecoderOptions(**{"device": "cpu", "max_batch": 4, "threads": 1, **kwargs})
 
 
 def test_a_decoder_per_concurrent_caller_up_to_the_cap_and_the_next_caller_waits_for_a_free_one():
-    from engines.dali_decoder import DecoderPool
+    from images.dali_decoder import DecoderPool
 
     pool = DecoderPool(_options(), max_decoders=2)
     assert pool.built == 0  # nothing is built before a caller needs it
@@ -51,7 +51,7 @@ def test_a_decoder_per_concurrent_caller_up_to_the_cap_and_the_next_caller_waits
 
 
 def test_without_a_cap_every_concurrent_caller_gets_its_own_decoder():
-    from engines.dali_decoder import DecoderPool
+    from images.dali_decoder import DecoderPool
 
     pool = DecoderPool(_options())
     try:
@@ -62,7 +62,7 @@ def test_without_a_cap_every_concurrent_caller_gets_its_own_decoder():
 
 
 def test_a_decoder_that_cannot_be_built_fails_each_caller_and_frees_its_place():
-    from engines.dali_decoder import DecoderPool
+    from images.dali_decoder import DecoderPool
 
     # There is no GPU 99 (nor any GPU in CI): the build fails, as on a worker with a broken driver.
     pool = DecoderPool(_options(device="gpu", device_id=99), max_decoders=1)

@@ -89,8 +89,8 @@ class _OnGpu(Engine):
 
 
 def test_the_decoder_sits_on_its_engines_gpu(monkeypatch):
-    from engines import dali_decoder
-    from engines.dali_decoder import DaliDecoderOptions
+    from images import dali_decoder
+    from images.dali_decoder import DaliDecoderOptions
     from transforms.inference import ScorerLoader
 
     built = []
@@ -161,7 +161,7 @@ def test_gpus_are_counted_with_the_cuda_python_12_4_module_layout(monkeypatch):
     """setup.py allows cuda-python >= 12.4; before 12.6 there is no cuda.bindings, and GPU decode said
     "no CUDA device is visible" on a GPU machine while the TensorRT engine (which had the fallback) ran."""
     from engines import devices
-    from engines.dali_decoder import gpu_decode_unavailable
+    from images.dali_decoder import gpu_decode_unavailable
     from engines.tensorrt import cuda as trt_cuda
 
     old = _old_cuda_python(monkeypatch, count=2)

@@ -110,7 +110,7 @@ def test_beam_sdk_harness_matches_and_boots_the_worker():
     assert stages["default"].strip() == "worker"  # `docker build .` gives the worker, not the test stage
 
 
-@pytest.mark.parametrize("package", ["engines", "transforms", "pipelines"])
+@pytest.mark.parametrize("package", ["engines", "images", "model_tools", "transforms", "pipelines"])
 def test_project_packages_are_copied_and_installed(package):
     assert re.search(rf"^COPY {package} {package}$", DOCKERFILE, flags=re.M)
     assert (REPO / package / "__init__.py").exists()

@@ -19,7 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md")])
-SOURCES = sorted(p for folder in ("engines", "pipelines", "benchmarks", "flex") for p in (REPO / folder).rglob("*")
+SOURCES = sorted(p for folder in ("engines", "images", "model_tools", "pipelines", "benchmarks", "flex")
+                 for p in (REPO / folder).rglob("*")
                  if p.suffix in (".py", ".json", ".md"))
 
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 from engines.base import EngineError
 from tests.conftest import jpeg_bytes, photo
-from engines.pillow_decoder import PreprocessConfig, preprocess_image
-from engines.prescreen import CPU, GPU, exif_orientation, screen
+from images.pillow_decoder import PreprocessConfig, preprocess_image
+from images.prescreen import CPU, GPU, exif_orientation, screen
 
 dali = pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
 
@@ -89,8 +89,8 @@ def test_exif_orientation_is_read_and_transposed_sizes_swap():
 
 def decode_input(datas):
     """A DecodeInput with each file's crop box from its header, as the reader makes it."""
-    from engines.dali_decoder import DecodeInput
-    from engines.pillow_decoder import crop_box
+    from images.dali_decoder import DecodeInput
+    from images.pillow_decoder import crop_box
 
     boxes = []
     for data in datas:
@@ -101,7 +101,7 @@ def decode_input(datas):
 
 @pytest.fixture(scope="module")
 def decoder():
-    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
     d = DaliDecoder(DaliDecoderOptions(device="cpu", max_batch=8, threads=2))
     yield d
@@ -113,7 +113,7 @@ def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder, where
     # The crop box comes from the header (on the host, or inside the graph); DALI's own
     # resize_shorter + crop was one pixel off and gave a mean difference of 6.6 on chelsea
     # (451x300), exact boxes give ~0.2 (issue 9).
-    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
     images = {"chelsea": jpeg_bytes(photo("chelsea")), "coffee": jpeg_bytes(photo("coffee")),
               "rotated": _jpeg_with_orientation(6), "portrait": jpeg_bytes(photo("astronaut")[:, 100:400])}
@@ -169,7 +169,7 @@ def test_two_callers_interleaved_on_one_decoder_get_an_error_not_each_others_ima
     """What a decoder shared without a lock did: a second caller took the batch the first had queued
     and scored it as its own. Each batch's ids travel through the graph beside its images, so the
     take sees whose batch it got and refuses it, naming both."""
-    from engines.dali_decoder import DaliDecoder, DaliDecoderOptions
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
     chelsea, coffee, astronaut = (jpeg_bytes(photo(n)) for n in ("chelsea", "coffee", "astronaut"))
     d = DaliDecoder(DaliDecoderOptions(device="cpu", max_batch=8, threads=1, prefetch=2))
@@ -191,7 +191,7 @@ def test_two_callers_interleaved_on_one_decoder_get_an_error_not_each_others_ima
 
 def test_scorer_orders_rows_pixels_first_and_decodes_on_cpu_without_a_decoder(model_path):
     from engines.onnxruntime_engine import OnnxRuntimeLoader
-    from engines.scoring import ImageScorer
+    from images.scoring import ImageScorer
 
     chelsea, coffee = jpeg_bytes(photo("chelsea")), jpeg_bytes(photo("coffee"))
     pixels = preprocess_image(coffee)[None]

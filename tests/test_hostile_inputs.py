@@ -105,7 +105,7 @@ def test_fifo_among_the_inputs_is_a_dead_letter_and_the_job_finishes(model_path,
 
 
 def test_non_regular_files_are_refused_without_opening_them(tmp_path):
-    from transforms.reading import not_a_regular_file
+    from images.reading import not_a_regular_file
 
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
@@ -119,7 +119,7 @@ def test_non_regular_files_are_refused_without_opening_them(tmp_path):
 def test_a_stalled_read_times_out_and_progress_names_it(tmp_path):
     # A FIFO with no writer is a real read that never finishes: read_with_timeout must give up.
     from pipelines.stats import slow_reads_note
-    from transforms.reading import ReadTimeout, read_with_timeout
+    from images.reading import ReadTimeout, read_with_timeout
 
     fifo = str(tmp_path / "stuck.jpg")
     os.mkfifo(fifo)
@@ -146,9 +146,9 @@ def test_a_stalled_read_times_out_and_progress_names_it(tmp_path):
 
 
 def test_a_stalled_read_becomes_a_read_dead_letter(tmp_path, monkeypatch):
-    import transforms.reading as decode
-    from transforms.reading import load_image, not_a_regular_file
-    from engines.pillow_decoder import PreprocessConfig
+    import images.reading as decode
+    from images.reading import load_image, not_a_regular_file
+    from images.pillow_decoder import PreprocessConfig
 
     # A FIFO is refused before any read (not_a_regular_file); here the read itself must time out,
     # as a stuck gs:// object or network mount would (URLs are not stat'ed).
@@ -530,7 +530,7 @@ def test_symlink_loop_is_not_called_a_missing_target(model_path, tmp_path, capsy
 # 11, 14. Messages that misled.
 
 def test_bomb_message_quotes_the_max_pixels_in_force():
-    from engines.pillow_decoder import BadImageError, PreprocessConfig, preprocess_image
+    from images.pillow_decoder import BadImageError, PreprocessConfig, preprocess_image
 
     buf = io.BytesIO()
     Image.new("1", (20_000, 9_000)).save(buf, format="PNG")  # 180 Mpx: over twice Pillow's own limit
@@ -543,7 +543,7 @@ def test_bomb_message_quotes_the_max_pixels_in_force():
 def test_corrupt_avif_is_called_corrupt_not_unsupported():
     from PIL import features
 
-    from engines.pillow_decoder import BadImageError, preprocess_image
+    from images.pillow_decoder import BadImageError, preprocess_image
 
     if not features.check("avif"):
         pytest.skip("this Pillow has no AVIF support")

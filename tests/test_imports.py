@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from tests.conftest import REPO
 
 BLOCK_GPU_MODULES = """
@@ -23,8 +25,8 @@ def _run(code: str) -> subprocess.CompletedProcess:
 def test_pipelines_import_without_tensorrt_cuda_or_torch():
     result = _run("""
         import importlib, pkgutil
-        import pipelines, transforms, engines
-        for package in (pipelines, transforms):
+        import pipelines, transforms, images, engines
+        for package in (pipelines, transforms, images):
             for info in pkgutil.iter_modules(package.__path__):
                 importlib.import_module(f"{package.__name__}.{info.name}")
         import engines.base, engines.onnxruntime_engine, engines.storage
@@ -55,8 +57,6 @@ def test_the_environment_that_runs_jobs_has_no_torch():
     import importlib.util
     from pathlib import Path
 
-    import pytest
-
     if Path(sys.prefix).resolve() != (REPO / ".venv").resolve():
         pytest.skip(f"runs in the repository's .venv (what `make test` uses), not in {sys.prefix}")
     assert importlib.util.find_spec("torch") is None, (
@@ -78,19 +78,60 @@ def _imports(path):
     return found
 
 
-#: What transforms/ may use of engines/ (README, "How it is built"): the interface, the pure image
-#: code, inside the model handler the scorer and the GPU decoder it loads, and the file API the
-#: commit and --skip_scored use.
-TRANSFORMS_MAY_IMPORT = {"engines.base", "engines.pillow_decoder", "engines.prescreen", "engines.scoring",
-                         "engines.dali_decoder", "engines.storage"}
+#: What each package may import of the project (README, "How it is built"): a name allows that module
+#: and everything under it. Layers import only downwards, pipelines -> transforms -> images -> engines;
+#: images/ uses engines/ through the interface, the GPU count and the file API; transforms/ uses images/
+#: and, of engines/, the interface (the model handler) and the file API (the commit, --skip_scored).
+#: engines/ imports nothing above it: no engine loader needs a decoder, the scorer that joins the two
+#: (images/scoring.py) is loaded by the model handler in transforms/. model_tools/ (build, validate,
+#: export) uses engines/ and images/; only tests import it.
+MAY_IMPORT = {
+    "engines": set(),
+    "images": {"engines.base", "engines.devices", "engines.storage"},
+    "transforms": {"images", "engines.base", "engines.storage"},
+    "pipelines": {"transforms", "images", "engines"},
+    "benchmarks": {"pipelines", "transforms", "images", "engines"},
+    "model_tools": {"images", "engines"},
+}
+PROJECT = set(MAY_IMPORT)
 
 
-def test_layers_import_only_downwards():
-    upward = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / "engines").rglob("*.py") for m in _imports(p)
-              if m.split(".")[0] in ("transforms", "pipelines", "benchmarks")}
-    assert not upward, f"engines/ must not import the layers above it: {sorted(upward)}"
-    into_engines = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / "transforms").rglob("*.py") for m in _imports(p)
-                    if m.startswith("engines.") and not any(m == a or m.startswith(a + ".")
-                                                            for a in TRANSFORMS_MAY_IMPORT)}
-    assert not into_engines, f"transforms/ reaches engines/ past the README's picture: {sorted(into_engines)}"
-    assert not {m for p in (REPO / "transforms").rglob("*.py") for m in _imports(p) if m.startswith("pipelines")}
+def _allowed(package, module):
+    top = module.split(".")[0]
+    if top not in PROJECT or top == package:
+        return True
+    if module == top:  # `from engines import storage` names the package itself beside engines.storage
+        return any(a.split(".")[0] == top for a in MAY_IMPORT[package])
+    return any(module == a or module.startswith(a + ".") for a in MAY_IMPORT[package])
+
+
+def _violations(package):
+    return sorted(f"{p.relative_to(REPO)}: {m}" for p in (REPO / package).rglob("*.py") for m in _imports(p)
+                  if not _allowed(package, m))
+
+
+@pytest.mark.parametrize("package", sorted(MAY_IMPORT))
+def test_layers_import_only_downwards(package):
+    assert (REPO / package / "__init__.py").exists()
+    assert not _violations(package), (f"{package}/ imports past the README's picture (may use "
+                                      f"{sorted(MAY_IMPORT[package]) or 'nothing of the project'}): "
+                                      f"{_violations(package)}")
+
+
+def test_the_layer_check_can_fail():
+    assert not _allowed("engines", "images.scoring") and not _allowed("images", "transforms.images")
+    assert not _allowed("transforms", "engines.onnxruntime_engine") and not _allowed("pipelines", "model_tools.build")
+    assert _allowed("transforms", "images.reading.load_image") and _allowed("transforms", "engines")
+
+
+def test_the_image_code_imports_without_beam():
+    """images/ has no Beam in it: Beam's filesystems come in through engines.storage, for URLs only."""
+    result = _run("""
+        import importlib, pkgutil
+        import images
+        for info in pkgutil.iter_modules(images.__path__):
+            importlib.import_module(f"images.{info.name}")
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "apache_beam"))
+        """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import pytest
 from engines.onnxruntime_engine import OnnxRuntimeEngine
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, jpeg_bytes, photo
 from transforms.postprocess import top_k_batch
-from engines.pillow_decoder import preprocess_image
+from images.pillow_decoder import preprocess_image
 
 
 @pytest.fixture(scope="module")

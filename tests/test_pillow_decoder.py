@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import jpeg_bytes, photo
-from engines.pillow_decoder import BadImageError, PreprocessConfig, open_image, preprocess_image
+from images.pillow_decoder import BadImageError, PreprocessConfig, open_image, preprocess_image
 
 EXACT = PreprocessConfig(draft=False)
 

@@ -58,7 +58,7 @@ def test_testpipeline_end_to_end(corpus, model_path):
     with TestPipeline(options=options) as p:
         from transforms.images import DEAD_LETTER, ImageRefs, ReadImageBatches
         from transforms.postprocess import TopKBatches
-        from engines.pillow_decoder import PreprocessConfig
+        from images.pillow_decoder import PreprocessConfig
         from apache_beam.ml.inference.base import RunInference
 
         found = p | ImageRefs(directory, batch_size=4)
@@ -161,8 +161,8 @@ def test_input_and_output_are_required(tmp_path):
 def test_batched_reading_emits_every_input_once(corpus, threads, prefetch, batch, gpu):
     directory, good, broken = corpus
     from transforms.images import DEAD_LETTER, ImageRef, ReadImageBatches, in_batches
-    from engines.pillow_decoder import PreprocessConfig
-    from engines.prescreen import GPU, screen
+    from images.pillow_decoder import PreprocessConfig
+    from images.prescreen import GPU, screen
 
     refs = [ImageRef(p) for p in good] + [ImageRef(os.path.join(directory, b)) for b in broken]
     refs.append(ImageRef(os.path.join(directory, "missing.jpg"), id="m"))

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engines.pillow_decoder import PreprocessConfig, crop_box
-from engines.prescreen import screen
+from images.pillow_decoder import PreprocessConfig, crop_box
+from images.prescreen import screen
 from pipelines.partitions import committed_rows
 from tests.conftest import photo
 
@@ -84,7 +84,7 @@ def calls() -> List[List[tuple]]:
 
 
 def _scorer(model_path, **loader):
-    from engines.dali_decoder import DaliDecoderOptions
+    from images.dali_decoder import DaliDecoderOptions
     from engines.onnxruntime_engine import OnnxRuntimeLoader
     from transforms.inference import ScorerLoader
 

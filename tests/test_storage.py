@@ -52,3 +52,36 @@ except EngineError as e:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert f"--labels_file {huge} is 30.0 GiB, more than this machine can hold in memory" in proc.stdout, proc.stdout
+
+
+def test_join_is_os_path_join_locally_and_one_slash_per_part_for_urls():
+    from engines import storage
+
+    assert storage.join("scored/dt=1", "run-7", "stats.json") == os.path.join("scored/dt=1", "run-7", "stats.json")
+    assert storage.join("gs://b/scored/", "run-7/", "/stats.json") == "gs://b/scored/run-7/stats.json"
+    # A manifest's relative entry, joined to its folder: a trailing slash stays, as os.path.join keeps it.
+    assert storage.join("gs://b/lists/", "photos/a.jpg") == "gs://b/lists/photos/a.jpg"
+    assert storage.join("gs://b/lists", "photos/") == "gs://b/lists/photos/"
+    assert storage.join("gs://b/a//b", "c") == "gs://b/a//b/c"  # object names may hold //
+
+
+def test_is_url_tells_local_paths_from_urls():
+    from engines import storage
+
+    assert [storage.is_url(p) for p in ("gs://b/x.jpg", "s3://b/x", "file:///tmp/x", "/tmp/x", "photos/x.jpg")] == \
+        [True, True, True, False, False]
+
+
+def test_read_returns_the_bytes_and_leaves_the_wording_of_errors_to_the_caller(tmp_path):
+    import pytest
+
+    from engines import storage
+    from engines.base import EngineError
+
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8 not much of a JPEG")
+    assert storage.read(str(tmp_path / "a.jpg")) == b"\xff\xd8 not much of a JPEG"
+    # The image reader turns the filesystem's own error into a dead letter; a model file gets a sentence.
+    with pytest.raises(FileNotFoundError):
+        storage.read(str(tmp_path / "missing.jpg"))
+    with pytest.raises(EngineError, match=r"^--labels_file not found: .*missing.txt\. Pass the path of an existing"):
+        storage.read_bytes(str(tmp_path / "missing.txt"), "--labels_file")

@@ -213,7 +213,7 @@ def code_only(path):
 
 
 def scanned_files():
-    return sorted((REPO / "engines").rglob("*.py"))
+    return sorted(p for folder in ("engines", "images", "model_tools") for p in (REPO / folder).rglob("*.py"))
 
 
 def test_no_api_removed_in_10_or_11_is_used():
@@ -253,7 +253,7 @@ def test_ten_only_names_are_behind_a_version_guard():
 
 
 def test_importing_the_package_imports_no_heavy_module():
-    code = ("import sys, engines.tensorrt, engines.build, engines.validate;"
+    code = ("import sys, engines.tensorrt, model_tools.build, model_tools.validate;"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('tensorrt', 'tensorrt_lean', 'cuda', 'cupy', 'onnxruntime', 'apache_beam')))")
     import subprocess
@@ -925,34 +925,6 @@ def test_concurrent_builds_merge_the_timing_cache(fake_build, tmp_path):
     fb.during_build = lambda: l4_timing.write_bytes(b"timing:old;other-worker")
     builder_mod.build_plan(image_classifier(), BuildOptions(timing_cache=str(timing)))
     assert l4_timing.read_bytes() == b"timing:conv-10.11.0.33;old;other-worker"
-
-
-def test_build_command_writes_plan_and_sidecar(fake_build, tmp_path, capsys):
-    from engines import build
-
-    fake_build()
-    onnx_path = tmp_path / "m.onnx"
-    onnx_path.write_bytes(image_classifier())
-    out = tmp_path / "m.plan"
-    assert build.main(["--onnx", str(onnx_path), "--output", str(out), "--fp16", "--profile", "1,4,8",
-                       "--profile", "9,16,32"]) == 0
-    from engines.tensorrt.plan import read_sidecar
-
-    info = read_sidecar(str(out))
-    assert info.profiles == (Profile(1, 4, 8), Profile(9, 16, 32)) and info.precision == "fp16"
-    assert info.onnx_sha256 == __import__("hashlib").sha256(image_classifier()).hexdigest()
-    assert out.read_bytes()[:4] == b"ftrt"
-    assert build.main(["--onnx", str(onnx_path), "--output", str(out), "--profile", "1,4,8", "--max_batch", "9"]) == 2
-    assert "Use either --profile MIN,OPT,MAX" in capsys.readouterr().err
-
-
-def test_build_command_defaults():
-    from engines import build
-
-    options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p"]))
-    assert options.profiles == (Profile(1, 64, 256),) and options.precision == "fp32"
-    options = build.options_from_args(build.parse_args(["--onnx", "m", "--output", "p", "--max_batch", "32"]))
-    assert options.profiles == (Profile(1, 32, 32),)
 
 
 def test_parser_gets_the_local_path_for_external_weights(fake_build, tmp_path):

@@ -265,7 +265,7 @@ def test_sidecar_errors(tmp_path):
     with pytest.raises(EngineError, match="is not valid JSON"):
         read_sidecar(plan)
     (tmp_path / "model.plan.json").write_text('{"tensorrt_version": "10.1"}')
-    with pytest.raises(EngineError, match=r"not a plan sidecar written by `python -m engines.build`: missing or "
+    with pytest.raises(EngineError, match=r"not a plan sidecar written by `python -m model_tools.build`: missing or "
                                           r"bad field 'gpu'"):
         read_sidecar(plan)
 
@@ -381,5 +381,5 @@ def test_loader_validation_and_pickling(tmp_path):
 def test_loader_missing_plan_file_says_how_to_build_one(tmp_path):
     missing = str(tmp_path / "nope.plan")
     with pytest.raises(EngineError, match=r"Engine file not found: .*nope.plan. Build one with `python -m "
-                                          r"engines.build --onnx MODEL.onnx"):
+                                          r"model_tools.build --onnx MODEL.onnx"):
         TensorRTLoader(engine_path=missing)()

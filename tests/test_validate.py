@@ -31,7 +31,7 @@ def models(tmp_path):
 
 
 def test_compare_reports_numbers_and_agreement(models):
-    from engines.validate import compare, skimage_photos
+    from model_tools.validate import compare, skimage_photos
 
     photos = skimage_photos()
     ref = OnnxRuntimeEngine(models["ref"])
@@ -49,7 +49,7 @@ def test_compare_reports_numbers_and_agreement(models):
 
 
 def test_validate_command_exit_codes(models, capsys, tmp_path):
-    from engines import validate
+    from model_tools import validate
 
     ok = validate.main(["--engine", "onnxruntime", "--onnx_path", models["ref"], "--reference", models["ref"],
                         "--json", str(tmp_path / "report.json")])
@@ -75,7 +75,7 @@ def test_validate_command_exit_codes(models, capsys, tmp_path):
 def test_validate_fp16_model_with_fp16_tolerances(models, capsys):
     if "fp16" not in models:
         pytest.skip("onnxconverter-common is not installed")
-    from engines import validate
+    from model_tools import validate
 
     assert validate.main(["--engine", "onnxruntime", "--onnx_path", models["fp16"], "--reference", models["ref"]]) == 0
     assert ", fp16: max |logits diff|" in capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_validate_fp16_model_with_fp16_tolerances(models, capsys):
 def test_validate_on_real_jpegs(models, tmp_path, capsys):
     from PIL import Image
 
-    from engines import validate
+    from model_tools import validate
 
     paths = []
     for i, name in enumerate(("astronaut", "coffee")):
@@ -97,21 +97,21 @@ def test_validate_on_real_jpegs(models, tmp_path, capsys):
 
 
 def test_validate_without_tensorrt_says_how_to_get_it(no_tensorrt, models, capsys, tmp_path):
-    from engines import validate
+    from model_tools import validate
 
     assert validate.main(["--onnx_path", models["ref"], "--reference", models["ref"]]) == 2
     assert "TensorRT is not importable" in capsys.readouterr().err
 
 
 def test_validate_plan_without_sidecar_honours_fp16_and_says_so(tmp_path, monkeypatch, caplog):
-    from engines import validate
+    from model_tools import validate
     from engines.tensorrt.loader import TensorRTLoader
 
     monkeypatch.setattr(TensorRTLoader, "__call__", lambda self: "engine")  # no TensorRT here
     plan = tmp_path / "bare.plan"
     plan.write_bytes(b"ftrt" + bytes(60))
     base = ["--engine_path", str(plan), "--reference", "ref.onnx"]
-    with caplog.at_level(logging.INFO, logger="engines.validate"):
+    with caplog.at_level(logging.INFO, logger="model_tools.validate"):
         assert validate.make_candidate(validate.parse_args(base + ["--fp16"])) == ("engine", "fp16")
         assert validate.make_candidate(validate.parse_args(base)) == ("engine", "fp32")
     assert [r.getMessage() for r in caplog.records] == [

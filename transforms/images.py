@@ -26,13 +26,14 @@ from typing import Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes, FileSystem
+from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.reading import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
-from engines.pillow_decoder import PreprocessConfig
+from engines import storage
+from images.reading import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
+from images.pillow_decoder import PreprocessConfig
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def is_manifest(path: str) -> bool:
     """
     if not path.lower().endswith(MANIFEST_SUFFIXES) or has_glob(path):
         return False
-    return "://" in path or not os.path.isdir(path)
+    return storage.is_url(path) or not os.path.isdir(path)
 
 
 def normalize_pattern(path: str) -> str:
@@ -77,7 +78,7 @@ def normalize_pattern(path: str) -> str:
     A local directory's own name is escaped, so a folder named ``Holiday [2019]`` is not read
     as a glob character class.
     """
-    if "://" not in path and os.path.isdir(path):
+    if not storage.is_url(path) and os.path.isdir(path):
         return os.path.join(glob.escape(path), "**")
     if path.endswith("/"):
         return path + "**"
@@ -100,8 +101,7 @@ def read_manifest(path: str) -> str:
         ManifestError: it cannot be read, or is too large to hold; the message says how to fix it.
     """
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            raw = f.read()
+        raw = storage.read(path)
     except MemoryError:
         raise ManifestError(f"manifest {path}{_size_note(path)} is larger than this machine can hold in memory; "
                             f"split it into smaller manifests run as separate jobs, or pass the folder of the "
@@ -170,11 +170,9 @@ def _resolve(uri: str, base: str) -> str:
         if parsed.netloc in ("", "localhost"):
             return urllib.parse.unquote(parsed.path)
         return uri
-    if "://" in uri or os.path.isabs(uri) or not base:
+    if storage.is_url(uri) or os.path.isabs(uri) or not base:
         return uri
-    if "://" in base:
-        return base.rstrip("/") + "/" + uri
-    return os.path.join(base, uri)
+    return storage.join(base, uri)
 
 
 def _entry(uri: str, raw_id, name: str, line_no) -> object:
@@ -186,9 +184,10 @@ def _entry(uri: str, raw_id, name: str, line_no) -> object:
     if _SURROGATE.search(uri) or (ref_id is not None and _SURROGATE.search(ref_id)):
         return _bad_line(name, line_no, "holds a JSON escape of a lone surrogate (such as \\ud800), which is not text "
                                         "any output can hold")
-    base = name[:name.rstrip("/").rfind("/") + 1] if "://" in name else os.path.dirname(name)
+    base = name[:name.rstrip("/").rfind("/") + 1] if storage.is_url(name) else os.path.dirname(name)
     resolved = _resolve(uri, base)
-    if resolved != uri and "://" not in resolved and not uri.startswith("file://") and not os.path.lexists(resolved):
+    if (resolved != uri and not storage.is_url(resolved) and not uri.startswith("file://")
+            and not os.path.lexists(resolved)):
         return dead_letter(resolved, f"cannot read file (file not found: {uri!r} from {name}:{line_no}; relative paths "
                                      f"in a manifest resolve against the manifest's folder "
                                      f"{os.path.abspath(base) or '.'}, not the working directory)", "read", ref_id)
@@ -330,7 +329,7 @@ def unlistable_local_files(pattern: str) -> Iterator[tuple]:
     directories it cannot list (``os.walk`` ignores their errors). They are inputs
     all the same, so each becomes a dead letter.
     """
-    if "://" in pattern or not has_glob(pattern):
+    if storage.is_url(pattern) or not has_glob(pattern):
         return  # no glob: a single path is checked at start (it must exist)
     prefix = _literal_prefix(pattern)
     root = prefix if prefix.endswith(os.sep) else os.path.dirname(prefix)
@@ -504,7 +503,7 @@ class ImageBatch:
         pixels: (n, crop, crop, 3) uint8 decoded on the CPU (Pillow), or None.
         encoded: Encoded files for the GPU decoder (``--decode gpu``), one per remaining ref.
         boxes: For each encoded file, the source region resize-and-crop keeps
-            (``engines.pillow_decoder.crop_box`` of its header size), so the GPU crops exactly as Pillow.
+            (``images.pillow_decoder.crop_box`` of its header size), so the GPU crops exactly as Pillow.
     """
 
     refs: Tuple[ImageRef, ...]
@@ -608,7 +607,7 @@ class ReadImageBatches(beam.DoFn):
         contending for the GIL made each 43 KB read take 0.5-2.6 ms on 16 cores against 20 us
         alone (issue 9, benchmarks/NOTES.md).
         """
-        if self._local_pool is not None and all("://" not in ref.uri for ref in refs):
+        if self._local_pool is not None and not any(storage.is_url(ref.uri) for ref in refs):
             return self._local_pool, 1
         return self._pool, self._threads_n
 

@@ -4,7 +4,7 @@ The handler is a small picklable recipe: a :class:`ScorerLoader` (an engine load
 :class:`engines.onnxruntime_engine.OnnxRuntimeLoader`, plus decoder options for GPU decode) and
 batch settings. No engine object exists until ``load_model()`` runs on the worker; RunInference
 then shares the loaded engine across the worker's threads (and, with ``share_across_processes``,
-across its processes), so the loaded scorer serves concurrent calls (``engines.scoring``). Each
+across its processes), so the loaded scorer serves concurrent calls (``images.scoring``). Each
 element is a whole :class:`transforms.images.ImageBatch`; each result a :class:`ScoredBatch` with
 the logits of that batch.
 """
@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler
 
 from engines.base import EngineError, EngineLoader
-from engines.pillow_decoder import PreprocessConfig, preprocess_image
+from images.pillow_decoder import PreprocessConfig, preprocess_image
 from transforms.images import ImageRef
 from transforms.timing import NAMESPACE, LatencyHistogram, device_counter, stage_distribution
 
@@ -55,9 +55,9 @@ class ScorerLoader:
         engine_loader: A picklable callable returning an :class:`Engine`.
         decoder: DALI decoder options, or None when images arrive decoded (``--decode cpu``).
         preprocess: The CPU preprocessing, used only for encoded images that reach a scorer
-            without a decoder (see :class:`engines.scoring.ImageScorer`).
+            without a decoder (see :class:`images.scoring.ImageScorer`).
         max_decoders: Most DALI decoders the loaded scorer builds, one per call running at once
-            (``engines.dali_decoder.DecoderPool``); callers beyond it wait; 0: no cap. Default 1
+            (``images.dali_decoder.DecoderPool``); callers beyond it wait; 0: no cap. Default 1
             (one decoder taken in turns: measured faster than one per caller, ``--max_decoders``).
     """
 
@@ -72,12 +72,12 @@ class ScorerLoader:
                               f"see --max_decoders")
 
     def __call__(self):
-        from engines.scoring import ImageScorer
+        from images.scoring import ImageScorer
 
         engine = self.engine_loader()
         decoders = None
         if self.decoder is not None:
-            from engines.dali_decoder import DecoderPool
+            from images.dali_decoder import DecoderPool
 
             options = self.decoder
             gpu = engine.device_index()

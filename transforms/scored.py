@@ -56,7 +56,7 @@ def fingerprint(uri: str) -> Optional[Dict[str, float]]:
     """``{"size", "mtime"}`` of the file at ``uri``, or None when it cannot be stat'ed (it then
     becomes a read dead letter downstream, and is not recorded as scored)."""
     try:
-        if "://" not in uri:
+        if not storage.is_url(uri):
             st = os.stat(uri)  # follows symlinks, as reading does
             if not stat.S_ISREG(st.st_mode):
                 return None  # a FIFO or device: the reader refuses it with the reason
@@ -99,7 +99,7 @@ class _CheckBatch(beam.DoFn):
         self._prior = None
 
     def _fingerprints(self, refs: Sequence) -> List[Optional[Dict[str, float]]]:
-        if not any("://" in ref.uri for ref in refs):
+        if not any(storage.is_url(ref.uri) for ref in refs):
             return [fingerprint(ref.uri) for ref in refs]
         if self._pool is None:
             import concurrent.futures
@@ -184,10 +184,9 @@ class _ListCommitted(beam.DoFn):
 
 
 def _read_jsonl(path: str):
-    with FileSystems.open(path) as f:
-        for line in f.read().decode("utf-8").splitlines():
-            if line.strip():
-                yield json.loads(line)
+    for line in storage.read(path).decode("utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
 
 
 class _ReadPartition(beam.DoFn):

@@ -15,6 +15,7 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.options.value_provider import StaticValueProvider
 
+from engines import storage
 from transforms.timing import stage_distribution
 
 FORMATS = ("jsonl", "parquet")
@@ -124,4 +125,4 @@ class WriteRows(beam.PTransform):
             file_naming=fileio.default_file_naming(self._prefix, f".{self._format}"),
             sink=sink,
             shards=self._shards,
-            temp_directory=StaticValueProvider(str, self._directory.rstrip("/") + "/.temp-" + self._prefix))
+            temp_directory=StaticValueProvider(str, storage.join(self._directory, ".temp-" + self._prefix)))

@@ -360,7 +360,8 @@ def build_plan(onnx: OnnxSource, options: BuildOptions = BuildOptions(), device:
 
     logger = capturing_logger(trt, log_severity)
     # The fp16-converted copy exists only in memory: nothing to resolve external weights against.
-    local_path = str(onnx) if isinstance(onnx, str) and "://" not in onnx and to_parse is model_bytes else None
+    local = isinstance(onnx, str) and not storage.is_url(onnx) and to_parse is model_bytes
+    local_path = str(onnx) if local else None
     net = parse_onnx(trt, logger, to_parse, local_path)
     config = configure(trt, logger, net, options)
     plan = build_serialized(trt, logger, net, config, options, dev)

@@ -19,7 +19,7 @@ _LOG = logging.getLogger(__name__)
 class TensorRTLoader:
     """Loads a TensorRT engine on the worker; holds only paths and options until called.
 
-    Give either ``engine_path`` (a plan built by ``python -m engines.build`` for the
+    Give either ``engine_path`` (a plan built by ``python -m model_tools.build`` for the
     worker's GPU type) or ``onnx_path`` (built on the worker; with ``engine_cache`` only
     the first worker per GPU type builds, the others download).
 
@@ -72,7 +72,7 @@ class TensorRTLoader:
 
         if self.engine_path and not storage.exists(self.engine_path):
             raise EngineError(f"Engine file not found: {self.engine_path}. Build one with `python -m "
-                              f"engines.build --onnx MODEL.onnx --output {self.engine_path}` on the target "
+                              f"model_tools.build --onnx MODEL.onnx --output {self.engine_path}` on the target "
                               f"GPU type, or pass onnx_path (and engine_cache) to build on the worker")
         import_tensorrt(lean_ok=True)  # a missing TensorRT is named (with its fix) before any GPU question
         device = self._device_index()

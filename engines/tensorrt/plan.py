@@ -5,10 +5,10 @@ A serialized TensorRT engine ("plan", TensorRT 8.6 and later) starts with the ma
 version 0 bytes 24-27 hold the TensorRT version that built it (major, minor, patch, build).
 That is how trtexec reads it (NVIDIA/TensorRT ``samples/common/sampleEngines.cpp``,
 ``printPlanVersion``: "Blob index to store the plan version may depend on the serialization
-version"), so another serialization version claims no version here. ``python -m engines.build`` writes a JSON sidecar
-``<plan>.json`` beside each plan with what the runtime and the Beam handler need
-(profiles, precision, GPU, ONNX hash, labels); :func:`read_sidecar` reads it on a
-laptop, so batch sizes can be chosen before any worker starts.
+version"), so another serialization version claims no version here. ``python -m model_tools.build``
+writes a JSON sidecar ``<plan>.json`` beside each plan with what the runtime and the Beam handler
+need (profiles, precision, GPU, ONNX hash, labels); :func:`read_sidecar` reads it on a laptop, so
+batch sizes can be chosen before any worker starts.
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ def read_plan_header(plan: bytes) -> Optional[PlanHeader]:
     head = bytes(plan[:28])
     if len(head) < 28:
         raise EngineError(f"Not a TensorRT engine: {len(head)} bytes, and a plan has at least a 28-byte header. "
-                          f"Note: pass a plan written by `python -m engines.build`")
+                          f"Note: pass a plan written by `python -m model_tools.build`")
     if head[:4] != MAGIC:
         if _looks_like_onnx(plan):
             raise EngineError(
                 f"Not a TensorRT engine: expected the magic bytes {MAGIC!r} at offset 0, and these bytes are an "
-                f"ONNX model. Note: pass a plan written by `python -m engines.build`, or pass the model as "
+                f"ONNX model. Note: pass a plan written by `python -m model_tools.build`, or pass the model as "
                 f"--onnx_path to build it on the workers")
         return None
     if serialization_version(head) != KNOWN_SERIALIZATION_VERSION:
@@ -137,7 +137,7 @@ def check_plan_version(header: PlanHeader, runtime_version: Sequence[int], versi
     plan = (header.major, header.minor, header.patch)
     runtime = tuple(int(v) for v in runtime_version[:3])
     fix = (f"Rebuild the plan with this TensorRT ({have}) on this GPU type, e.g. with --engine_cache or "
-           f"`python -m engines.build` inside the image built from Dockerfile")
+           f"`python -m model_tools.build` inside the image built from Dockerfile")
     if version_compatible is False and lean_runtime:
         raise EngineError(f"The plan was built without --version_compatible, and this runtime is the lean runtime "
                           f"(tensorrt_lean {have}), which runs version-compatible plans only. Rebuild the plan with "
@@ -226,7 +226,7 @@ class PlanInfo:
                 labels=tuple(str(x) for x in labels) if labels is not None else None,
                 extra={k: v for k, v in data.items() if k not in known})
         except (KeyError, TypeError, ValueError) as e:
-            raise EngineError(f"{where} is not a plan sidecar written by `python -m engines.build`: "
+            raise EngineError(f"{where} is not a plan sidecar written by `python -m model_tools.build`: "
                               f"missing or bad field {e}") from e
 
 
@@ -250,7 +250,7 @@ def read_sidecar(plan_path: str, required: bool = True) -> Optional[PlanInfo]:
     path = sidecar_path(plan_path)
     if not storage.exists(path):
         if required:
-            raise EngineError(f"No sidecar {path} beside the plan {plan_path}. Note: `python -m engines.build` "
+            raise EngineError(f"No sidecar {path} beside the plan {plan_path}. Note: `python -m model_tools.build` "
                               f"writes it; rebuild the plan with it, or copy the .json next to the plan")
         return None
     try:

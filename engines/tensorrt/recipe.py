@@ -83,7 +83,7 @@ def _warn_ignored_build_flags(options: Any, info) -> None:
         ignored.append(f"--precision {options.precision} (the plan is {info.precision})")
     if ignored:
         _LOG.warning("ignored with --engine_path, which loads a plan as it was built: %s. To change them, rebuild "
-                     "with `python -m engines.build`, or pass --onnx_path to build on the workers", ", ".join(ignored))
+                     "with `python -m model_tools.build`, or pass --onnx_path to build on the workers", ", ".join(ignored))
 
 
 def cli_check(options: Any, local: bool) -> None:
@@ -118,14 +118,14 @@ def cli_recipe(options: Any) -> EngineRecipe:
             and without ``--batch_size`` (its profiles are then unknown before a worker loads it).
     """
     if not (options.engine_path or options.onnx_path):
-        raise UsageError("--engine tensorrt needs --engine_path PLAN (built by `python -m engines.build`) or "
+        raise UsageError("--engine tensorrt needs --engine_path PLAN (built by `python -m model_tools.build`) or "
                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
     loader = _loader(options)
     info = loader.plan_info()
     if options.engine_path and info is None:
         if options.batch_size is None:
             raise UsageError(f"No sidecar {options.engine_path}.json beside the plan, so its profiles are unknown "
-                             f"here; copy the .json written by `python -m engines.build` next to it, or pass "
+                             f"here; copy the .json written by `python -m model_tools.build` next to it, or pass "
                              f"--batch_size")
         profiles: Tuple[Profile, ...] = (Profile(1, int(options.batch_size), int(options.batch_size)),)
         source = "the given --batch_size (no sidecar)"

@@ -257,7 +257,7 @@ class TensorRTEngine(Engine):
         """None: :meth:`infer` takes any batch size.
 
         This engine splits large batches and pads short chunks itself, knowing every
-        profile's range, so a caller (``engines.scoring.ImageScorer``) must not
+        profile's range, so a caller (``images.scoring.ImageScorer``) must not
         pre-split: an even split made without the profiles can land in a profile gap or
         below a profile's min. A plain method, not a property, so that Beam's cross-process
         shared-model proxy forwards it.

@@ -75,7 +75,7 @@ def select_profile(profiles: ProfileRanges, shapes: Mapping[str, Shape]) -> int:
         f"Input tensor: {name} | shape {tuple(shape)} is outside every optimization profile of the engine "
         f"({describe_profiles(profiles, name)}). Note: feed batches within a profile, or rebuild the engine "
         f"with a profile covering batch {tuple(shape)[0] if shape else '?'} "
-        f"(python -m engines.build --profile MIN,OPT,MAX)")
+        f"(python -m model_tools.build --profile MIN,OPT,MAX)")
 
 
 def check_batch_coverage(ranges: Sequence[Tuple[int, int]], labels: Sequence[str]) -> None:

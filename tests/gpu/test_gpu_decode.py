@@ -11,9 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from engines.dali_decoder import DaliDecoder, DaliDecoderOptions, DecodeInput, gpu_decode_unavailable
-from engines.pillow_decoder import PreprocessConfig, crop_box
-from engines.prescreen import screen
+from images.dali_decoder import DaliDecoder, DaliDecoderOptions, DecodeInput, gpu_decode_unavailable
+from images.pillow_decoder import PreprocessConfig, crop_box
+from images.prescreen import screen
 
 
 def decode_input(datas):
@@ -60,8 +60,8 @@ def decoder():
 
 
 def test_gpu_decoder_matches_pillow_on_what_the_prescreen_sends_it(demo, decoder):
-    from engines.pillow_decoder import preprocess_image
-    from engines.prescreen import GPU, screen
+    from images.pillow_decoder import preprocess_image
+    from images.prescreen import GPU, screen
 
     photos, _ = demo
     chosen = [p for p in photos if screen(open(p, "rb").read(), 89478485).route == GPU]

