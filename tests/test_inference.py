@@ -118,7 +118,7 @@ def test_each_batch_comes_back_with_its_own_refs_and_rows_in_order(tmp_path, bat
 
 def test_images_that_cannot_be_decoded_are_failed_and_the_rest_stay_paired(tmp_path):
     # Encoded files reach a scorer without a GPU decoder: the CPU fallback decodes them after the pixel rows.
-    from engines.pillow_decoder import PreprocessConfig
+    from images.pillow_decoder import PreprocessConfig
 
     refs = tuple(ImageRef(f"/photos/{name}") for name in ("p5.jpg", "p15.jpg", "e200.png", "text.jpg", "e100.png"))
     batch = ImageBatch(refs, _pixels([5, 15]), (_png(200), b"just some text, not an image\n", _png(100)))
