@@ -78,44 +78,43 @@ def new_run_id(now: Optional[dt.datetime] = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
 
 
-def resolve_dated_flags(opts) -> dt.date:
-    """Fills ``{date}`` in ``--input`` and ``--output`` from ``--run_date`` (in place).
+def dated_flags(opts) -> Dict[str, str]:
+    """``--input`` and ``--output`` with ``{date}`` filled from ``--run_date``, and the run date itself.
+
+    Nothing is written into ``opts``: ``pipelines.settings.resolve`` builds the job's options with these.
 
     Returns:
-        The run date.
+        Option name -> value: ``run_date`` (``YYYY-MM-DD``), and ``input`` and ``output`` where given.
 
     Raises:
-        EngineError: a bad date or placeholder, naming the flag.
+        UsageError: a bad date or placeholder, naming the flag.
     """
     run_date = parse_run_date(opts.run_date)
+    dated = {"run_date": run_date.isoformat()}
     if opts.input:
-        opts.input = fill_placeholders("--input", opts.input, run_date)
+        dated["input"] = fill_placeholders("--input", opts.input, run_date)
     if opts.output:
-        opts.output = fill_placeholders("--output", opts.output, run_date)
-    opts.run_date = run_date.isoformat()
-    return run_date
+        dated["output"] = fill_placeholders("--output", opts.output, run_date)
+    return dated
 
 
-def make_plan(opts, engine: Optional[Dict[str, Any]] = None, settings: Optional[Dict[str, Any]] = None):
+def make_plan(settings):
     """The commit plan of this run: a new run id, and the version of ``--output``'s ``_SUCCESS`` it
     may replace (read now, at launch: a run that commits over another version fails).
 
     Args:
-        opts: ClassifyOptions with ``{date}`` already filled (:func:`resolve_dated_flags`).
-        engine: Engine description for stats.json. Default: empty.
-        settings: The run's settings for stats.json. Default: empty.
+        settings: The run's ``pipelines.settings.RunSettings`` (its paths, and what stats.json says).
     """
     from engines import storage
     from pipelines.stats import CommittedStatsWriter
     from transforms.commit import CommitPlan, parse_record
 
     start = dt.datetime.now(dt.timezone.utc)
-    base, current = storage.read_versioned(storage.join(opts.output, "_SUCCESS"))
+    base, current = storage.read_versioned(storage.join(settings.output, "_SUCCESS"))
     record = parse_record(current)
-    return CommitPlan(output=opts.output, run_id=new_run_id(start), run_date=opts.run_date or
-                      parse_run_date(None).isoformat(), input=opts.input,
-                      start_time=start.isoformat(timespec="seconds"), skip_root=opts.skip_scored or None,
-                      write_stats=CommittedStatsWriter(engine or {}, settings or {}), base=base,
+    return CommitPlan(output=settings.output, run_id=new_run_id(start), run_date=settings.run_date, input=settings.input,
+                      start_time=start.isoformat(timespec="seconds"), skip_root=settings.skip_scored or None,
+                      write_stats=CommittedStatsWriter(settings.engine_record(), settings.record()), base=base,
                       replaces=record["run_id"] if record else None)
 
 

@@ -105,12 +105,10 @@ def test_the_decoder_sits_on_its_engines_gpu(monkeypatch):
 def test_every_engine_copy_on_a_gpu_takes_the_next_gpu(model_path):
     """One copy per SDK process (Dataflow, multi_processing) or per --model_copies: each must take the
     next GPU, or every process of a two-GPU worker would crowd GPU 0."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines.classify_images import ClassifyOptions, engine_recipe
+    from pipelines.settings import resolve
 
     def recipe(*flags):
-        return engine_recipe(PipelineOptions(["--input", "x", "--output", "y", *flags]).view_as(ClassifyOptions))
+        return resolve(["--input", "x", "--output", "y", *flags], start_checks=False)[0].recipe
 
     assert recipe("--providers", "cuda", "--share_model_across_processes", "--model_copies", "2").loader.device == "auto"
     assert recipe("--providers", "cuda").loader.device == "auto"

@@ -292,12 +292,11 @@ def _most_elements_in_any_pcollection(argv) -> int:
     import apache_beam as beam
     from apache_beam.metrics import monitoring_infos
 
-    options = classify_images.ClassifyOptions(argv)
-    opts = options.view_as(classify_images.ClassifyOptions)
-    partitions.resolve_dated_flags(opts)
-    handler, _, labels = classify_images.make_handler(opts, "cpu")
+    from pipelines.settings import resolve
+
+    settings, options = resolve(list(argv) + ["--decode", "cpu"])
     pipeline = beam.Pipeline(options=options)
-    classify_images.build_pipeline(pipeline, opts, handler, labels)
+    classify_images.build_pipeline(pipeline, settings)
     result = pipeline.run()
     result.wait_until_finish()
     counts = [monitoring_infos.extract_counter_value(info) for info in result.monitoring_infos()
