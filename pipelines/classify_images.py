@@ -28,16 +28,15 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
-from engines import storage
 from engines.base import EngineError, UsageError
-from pipelines import partitions, submission
+from pipelines import partitions, run_record, submission
 from pipelines.settings import RunSettings, resolve
-from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, committed_stats, write_stats
+from pipelines.stats import ProgressPrinter
 from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
@@ -60,49 +59,6 @@ def make_handler(settings: RunSettings) -> ImageBatchHandler:
         settings.output_name, images_per_batch=settings.batch.images, batches_per_call=settings.batch.per_call,
         share_across_processes=settings.share_model_across_processes, model_copies=settings.model_copies,
         metrics_namespace=settings.engine, model_id=str(settings.recipe.info.get("model", "")))
-
-
-def common_failure(dead_letter_files: Sequence[str], stats: Dict[str, Any]) -> Optional[str]:
-    """The setup problem behind a run in which every input failed the same way, or None.
-
-    Read from the written dead-letter rows after the run: when nothing was predicted and every
-    row failed at the same stage for the same reason (file names and numbers aside), the cause
-    is the setup, not the images.
-
-    Returns:
-        "<count> of <inputs> inputs failed at <stage>: <one reason>; <flag to change>", or None.
-    """
-    import json
-    import re
-
-    from apache_beam.io.filesystems import FileSystems
-
-    if stats["predictions"] or not stats["dead_letters"] or stats["unaccounted"]:
-        return None
-    kinds, example = set(), None
-    for path in dead_letter_files:
-        with FileSystems.open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                reason = row["error"].replace(row["uri"], "<file>")
-                kinds.add((row["stage"], re.sub(r"[0-9]+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "''", reason))))
-                example = example or row
-                if len(kinds) > 1:
-                    return None
-    if example is None:
-        return None
-    stage, reason = example["stage"], example["error"]
-    if stage == "inference":
-        flag = ("lower --batch_size" if re.search(r"alloc|memory", reason, re.I)
-                else "check --model (or --engine_path) and --batch_size")
-    elif "pixel limit" in reason:
-        flag = "raise --max_pixels if the files are trusted"
-    else:
-        flag = "check --input"
-    return (f"all {stats['dead_letters']} inputs failed at {stage} for the same reason, a setup problem rather "
-            f"than bad images: {reason} ({flag})")
 
 
 def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
@@ -188,25 +144,14 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
         return submitted
     # The commit step wrote stats.json with the committed counts; add the timing only metrics know.
     committed = partitions.read_committed(settings.output)
-    folder = plan.run_folder
+    metrics = run_record.collect_metrics(result)
     if committed["run_id"] != plan.run_id:
         # This run's commit succeeded (the step raises otherwise), and a run launched after it has
         # already replaced it: report this run's counts from its metrics; its files are gone.
         _LOG.warning("%s was committed by this run (%s) and already replaced by run %s, launched later",
                      settings.output, plan.run_id, committed["run_id"])
-        stats = build_stats(collect_metrics(result), wall, None, engine_info, record)
-        stats.update(run={"run_id": plan.run_id, "replaced_by": committed["run_id"]}, stats_file=None,
-                     setup_problem=None)
-        return stats
-    stats = committed_stats(committed, engine_info, record, collect_metrics(result), wall)
-    stats["setup_problem"] = common_failure(partitions.committed_files(settings.output, "dead_letter", committed),
-                                            stats)
-    stats["stats_file"] = storage.join(folder, "stats.json")
-    try:
-        write_stats(folder, stats)
-    except EngineError as e:  # a full disk, say: the partition is committed with the commit step's stats
-        _LOG.warning("the run is committed, but adding the timing to its stats.json failed (%s); the committed "
-                     "stats.json has the counts", e)
+        return run_record.replaced_run_stats(metrics, wall, engine_info, record, plan.run_id, committed["run_id"])
+    stats = run_record.add_launcher_timing(plan.run_folder, committed, engine_info, record, metrics, wall)
     if stats["unaccounted"]:
         _LOG.error("%d of %d inputs ended as neither a prediction nor a dead letter; please report this with "
                    "stats.json", stats["unaccounted"], stats["inputs"])

@@ -106,7 +106,7 @@ def make_plan(settings):
         settings: The run's ``pipelines.settings.RunSettings`` (its paths, and what stats.json says).
     """
     from engines import storage
-    from pipelines.stats import CommittedStatsWriter
+    from pipelines.run_record import CommittedStatsWriter
     from transforms.commit import CommitPlan, parse_record
 
     start = dt.datetime.now(dt.timezone.utc)

@@ -122,7 +122,7 @@ def test_one_gpu_needs_no_counter(tmp_path, monkeypatch):
 
 def test_stats_count_the_images_each_device_scored():
     from pipelines.classify_images import per_device
-    from pipelines.stats import build_stats
+    from pipelines.run_record import build_stats
     from transforms.timing import device_counter
 
     counters = {"predictions": 7, device_counter(0): 4, device_counter(1): 3}
