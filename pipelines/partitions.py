@@ -32,7 +32,7 @@ def parse_run_date(value: Optional[str], now: Optional[dt.datetime] = None) -> d
         now: The current time, for tests. Default: now, UTC.
 
     Raises:
-        EngineError: naming ``--run_date`` and the form it takes.
+        UsageError: naming ``--run_date`` and the form it takes.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
     text = (value or "today").strip()
@@ -53,7 +53,7 @@ def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
     ``{{`` and ``}}`` stand for literal braces.
 
     Raises:
-        EngineError: an unknown placeholder or an unmatched brace, naming ``flag``.
+        UsageError: an unknown placeholder or an unmatched brace, naming ``flag``.
     """
     try:
         fields = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]

@@ -144,17 +144,16 @@ class ClassifyOptions(PipelineOptions):
                                  "one (0..1). Default: 0.65.")
         parser.add_argument("--dali_threads", type=int, default=-1,
                             help="--decode gpu/dali_cpu: DALI's CPU threads (JPEG parsing and Huffman decoding for "
-                                 "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (on an H100 host: "
-                                 "8 -> 10.0k, 16 -> 15.3k images/s decoded). Default: -1.")
+                                 "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (throughput by "
+                                 "threads: README, \"On a GPU\"). Default: -1.")
         parser.add_argument("--max_decoders", type=int, default=DEFAULT_MAX_DECODERS,
                             help="--decode gpu/dali_cpu: most DALI decoders per loaded model. Bundle threads that "
                                  "share the model (--direct_running_mode multi_threading, Dataflow's harness "
                                  "threads) each borrow a decoder for a whole inference call; 0 builds one per call "
                                  "running at once, N caps them and further calls wait (1: one decoder, taken in "
-                                 "turns). Each decoder holds its own DALI pipeline, about 0.9 GB of GPU memory at "
-                                 "--batch_size 256 (benchmarks/gpu_memory.py, H100), and --dali_threads CPU "
-                                 "threads. Default: 1, measured faster (H200, four bundle threads, steady state: "
-                                 "one decoder 2,944 images/s, one per thread 1,536).")
+                                 "turns). Each decoder holds its own DALI pipeline in GPU memory and --dali_threads "
+                                 "CPU threads. Default: 1, measured faster than one per thread (README, \"On a "
+                                 "GPU\").")
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")

@@ -550,7 +550,11 @@ class ReadImageBatches(beam.DoFn):
 
     Args:
         config: Preprocessing sizes and limits.
-            16). Default -1.
+        gpu_decode: Images the header pre-screen passes are left encoded for the DALI decoder beside
+            the engine (``--decode gpu`` or ``dali_cpu``); the rest are decoded here, as on the CPU
+            path. Default False.
+        threads: Reader threads per DoFn instance; -1 = the worker's cores (at most 16), 0 = read
+            inline in the bundle's thread. Default -1.
         prefetch: Batches in flight per DoFn instance. Default 2.
         read_timeout_s: A read that makes no progress for this long becomes a ``read`` dead
             letter and the rest of its chunk is read by another thread; None = no limit.
