@@ -53,7 +53,7 @@ _LOG = logging.getLogger("benchmarks.throughput")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_MODEL = os.path.join(REPO_ROOT, "models", "efficientnet_lite0_float32_nchw.onnx")
 MODES = ("default", "multi_threading", "multi_processing")
-#: Targets from issue 4, for the notes: (ours / engine-only, ours / peer) by core count.
+#: Targets the notes compare against (benchmarks/NOTES.md): (ours / engine-only, ours / peer) by core count.
 TARGETS = {2: {"ours/engine-only": 0.8, "ours/peer": 1.3}, 16: {"ours/engine-only": 0.8, "ours/peer": 5.0}}
 
 

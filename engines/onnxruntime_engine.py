@@ -251,7 +251,8 @@ class OnnxRuntimeLoader:
 
 #: Batch sizes chosen when --batch_size is not given. On a CPU, fixed batches of 32: Beam's adaptive
 #: sizing settled near 14 at max 32 and cost 13% of throughput on 16 cores (benchmarks/NOTES.md). On a
-#: GPU, 256: the issue-9 figures (10.5k images/s for EfficientNet-Lite0 on an H100) used it.
+#: GPU, 256: the GPU measurements (10.5k images/s for EfficientNet-Lite0 on an H100, benchmarks/NOTES.md)
+#: used it.
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
 _GPU_PROVIDERS = ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider")
@@ -261,7 +262,7 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficie
 #: ONNX Runtime session on half the cores (benchmarks/NOTES.md: +10-15% on 16 cores, no gain on 2).
 PARALLEL_LOCAL_MIN_CORES = 8
 #: ONNX Runtime on CPU took 70-85 x a batch's uint8 input bytes of extra resident memory for
-#: EfficientNet-Lite0 at batches 16-256 (activations; measured with ru_maxrss, issue 12). Models
+#: EfficientNet-Lite0 at batches 16-256 (activations; measured with ru_maxrss). Models
 #: differ; this is used only to refuse batch sizes that cannot fit, not to pick one.
 ACTIVATION_BYTES_PER_INPUT_BYTE = 90
 

@@ -67,7 +67,8 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
 
     Batches, not images, travel through Beam: refs are grouped, each batch is read (and on the
     CPU path decoded) by a thread pool, scored in one RunInference element, and written as one
-    block of rows. Rows go to a staging folder; the last step commits them (issue 11).
+    block of rows. Rows go to the run's own folder; the last step commits them (transforms/commit.py),
+    so a failed run or a rerun never leaves a mix of runs in ``--output``.
 
     Args:
         pipeline: The pipeline to add to.

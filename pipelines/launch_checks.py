@@ -281,8 +281,9 @@ def check_output(output: str, input_path: str) -> None:
     Refused: an existing file (or a path under one), a folder the job cannot write, a folder
     holding prediction or dead-letter files that no committed run of this pipeline wrote (the
     commit would delete or mix with them), and a folder inside a recursively scored ``--input``
-    folder (a rerun would score the outputs). A partition this pipeline committed (issue 11:
-    ``_SUCCESS`` or ``_scored-*`` files) is not refused: a rerun replaces it as a whole.
+    folder (a rerun would score the outputs). A partition this pipeline committed (its
+    ``_SUCCESS`` record or ``_scored-*`` files, transforms/commit.py) is not refused: a rerun
+    replaces it as a whole.
 
     Raises:
         UsageError: naming ``--output`` and the fix.

@@ -1,4 +1,4 @@
-"""Date partitions for scheduled runs: ``--run_date``, ``{date}`` placeholders, run ids (issue 11).
+"""Date partitions for scheduled runs: ``--run_date``, ``{date}`` placeholders, run ids (docs/scheduling.md).
 
 A scheduler passes one parameter, the date; ``--input 'gs://b/photos/dt={date}/**'`` and
 ``--output 'gs://b/scored/dt={date}'`` become that day's folders. Everything here runs in the
@@ -158,7 +158,8 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
                dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl", wrap_sink=wrap),
                checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True,
                                                                   wrap_sink=wrap)]
-    # Counts per batch or block (one number per element), never one element per image (issue 9).
+    # Counts per batch or block (one number per element), never one element per image: Beam's
+    # per-element cost is what the batches keep off the images.
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
                found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
               | "AllInputs" >> beam.Flatten())

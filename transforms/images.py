@@ -454,7 +454,7 @@ class ImageRefs(beam.PTransform):
         path: A glob (``gs://bucket/images/*.jpg``), a directory, or a manifest file.
         batch_size: Emit lists of this many refs instead of single refs, so no later step pays
             Beam's per-element cost per image (a 60,000-line manifest cost ~11 s of one core as
-            single elements on the H100 host; issue 9). Default None: single refs.
+            single elements on the H100 host, benchmarks/NOTES.md). Default None: single refs.
     """
 
     def __init__(self, path: str, batch_size: Optional[int] = None):
@@ -546,7 +546,7 @@ class ReadImageBatches(beam.DoFn):
     is hidden and up to ``prefetch`` batches are being read while this DoFn's thread runs the
     current one through the engine downstream. Every image that cannot be read or decoded is
     a ``dead_letter`` row; the rest of its batch goes on. Handling whole batches keeps Beam's
-    per-element cost off each image (issue 9: Beam alone tops out near 4,300 elements/s).
+    per-element cost off each image (Beam alone tops out near 4,300 elements/s on the H100 host).
 
     Args:
         config: Preprocessing sizes and limits.
@@ -610,7 +610,7 @@ class ReadImageBatches(beam.DoFn):
         pre-screen) and GIL-bound: it goes to a pool of :data:`LOCAL_GPU_READERS` threads, a
         whole batch per task, however many batches are in flight, since many threads
         contending for the GIL made each 43 KB read take 0.5-2.6 ms on 16 cores against 20 us
-        alone (issue 9, benchmarks/NOTES.md).
+        alone (benchmarks/NOTES.md).
         """
         if self._local_pool is not None and all("://" not in ref.uri for ref in refs):
             return self._local_pool, 1
