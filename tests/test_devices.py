@@ -1,4 +1,4 @@
-"""GPU placement without a GPU (issue 14): engine copies spread round-robin over the GPUs, ONNX Runtime told
+"""GPU placement without a GPU: engine copies spread round-robin over the GPUs, ONNX Runtime told
 its device, and the DALI decoder placed on its engine's GPU. The two-GPU run itself needs the GPU machine."""
 
 import numpy as np

@@ -50,7 +50,7 @@ def test_onnxruntime_job_builds_without_gpu_modules(tmp_path):
 
 def test_the_environment_that_runs_jobs_has_no_torch():
     """Beam's RunInference imports torch whenever it is importable (~2 s of every job's start on 2
-    cores, issue 13), so `make` keeps torch in .venv-export, which only exports the model."""
+    cores), so `make` keeps torch in .venv-export, which only exports the model."""
     import importlib.util
     from pathlib import Path
 
