@@ -112,8 +112,9 @@ def make_plan(settings):
     start = dt.datetime.now(dt.timezone.utc)
     base, current = storage.read_versioned(storage.join(settings.output, "_SUCCESS"))
     record = parse_record(current)
-    return CommitPlan(output=settings.output, run_id=new_run_id(start), run_date=settings.run_date, input=settings.input,
-                      start_time=start.isoformat(timespec="seconds"), skip_root=settings.skip_scored or None,
+    return CommitPlan(output=settings.output, run_id=new_run_id(start), run_date=settings.run_date,
+                      input=settings.input, start_time=start.isoformat(timespec="seconds"),
+                      skip_root=settings.skip_scored or None,
                       write_stats=CommittedStatsWriter(settings.engine_record(), settings.record()), base=base,
                       replaces=record["run_id"] if record else None)
 
