@@ -56,7 +56,8 @@ def make_handler(settings: RunSettings) -> ImageBatchHandler:
     return ImageBatchHandler(
         ScorerLoader(settings.recipe.loader, settings.decode.dali, settings.preprocess,
                      max_decoders=settings.decode.max_decoders),
-        settings.output_name, images_per_batch=settings.batch.images, batches_per_call=settings.batch.per_call,
+        settings.output_name, images_per_batch=settings.batch.images_per_batch,
+        batches_per_call=settings.batch.batches_per_call,
         share_across_processes=settings.share_model_across_processes, model_copies=settings.model_copies,
         metrics_namespace=settings.engine, model_id=str(settings.recipe.info.get("model", "")))
 
@@ -82,7 +83,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     """
     plan, faults = plan or partitions.make_plan(settings), partitions.fault_plan(settings)
     handler = make_handler(settings)
-    found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images)
+    found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch)
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(with_faults(
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,

@@ -177,23 +177,25 @@ class ClassifyOptions(PipelineOptions):
 class BatchSettings:
     """How images are grouped, decided once: the reader, the model handler and the decoder read it.
 
+    The fields carry the names their consumers' arguments have.
+
     Attributes:
-        images: Images per batch: what ``ImageRefs`` groups, ``ReadImageBatches`` reads, the engine
-            runs and a DALI decoder is sized for (``--batch_size``, fitted to the model, or the
-            engine's own choice).
-        per_call: Batches per ``RunInference`` call (what Beam calls the handler's
+        images_per_batch: What ``ImageRefs`` groups, ``ReadImageBatches`` reads, the engine runs and
+            a DALI decoder is sized for (``--batch_size``, fitted to the model, or the engine's own
+            choice).
+        batches_per_call: Batches per ``RunInference`` call (what Beam calls the handler's
             ``max_batch_size``): :data:`GPU_DECODE_BATCHES_PER_CALL` with a DALI decoder, else 1.
-        prefetch: Batches each reader reads ahead: ``--prefetch``, else twice ``per_call``.
+        prefetch: Batches each reader reads ahead: ``--prefetch``, else twice ``batches_per_call``.
     """
 
-    images: int
-    per_call: int
+    images_per_batch: int
+    batches_per_call: int
     prefetch: int
 
     def __post_init__(self):
-        if self.images < 1 or self.per_call < 1 or self.prefetch < 1:
-            raise ValueError(f"images, per_call and prefetch must be >= 1, got {self.images}, {self.per_call}, "
-                             f"{self.prefetch}")
+        if self.images_per_batch < 1 or self.batches_per_call < 1 or self.prefetch < 1:
+            raise ValueError(f"images_per_batch, batches_per_call and prefetch must be >= 1, got "
+                             f"{self.images_per_batch}, {self.batches_per_call}, {self.prefetch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,8 +290,8 @@ class RunSettings:
     def record(self) -> Dict[str, Any]:
         """The settings section of stats.json (a new dict each call)."""
         return {
-            "input": self.input, "output": self.output, "batch_size": self.batch.images,
-            "batches_per_call": self.batch.per_call, "top_k": self.top_k,
+            "input": self.input, "output": self.output, "batch_size": self.batch.images_per_batch,
+            "batches_per_call": self.batch.batches_per_call, "top_k": self.top_k,
             "decode": self.decode.mode, "decode_choice": self.decode.why,
             "prefetch_batches": self.batch.prefetch,
             "output_format": self.output_format,

@@ -32,7 +32,7 @@ def test_a_run_resolves_its_options_once_into_frozen_settings(corpus, model_path
     assert len(calls) == 1 and stats["predictions"] == len(good)
     assert stats["settings"]["batch_size"] == 5 and stats["settings"]["batches_per_call"] == 1
     settings, _ = resolve(calls[0], start_checks=False)
-    for frozen, field in ((settings, "batch"), (settings, "input"), (settings.batch, "images"),
+    for frozen, field in ((settings, "batch"), (settings, "input"), (settings.batch, "images_per_batch"),
                           (settings.decode, "mode")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(frozen, field, None)
@@ -68,7 +68,7 @@ def test_no_option_is_written_after_parsing(fixed_batch_model, tmp_path, monkeyp
             "--model", model, "--crop", "16", "--resize", "16", "--progress_every_s", "0"]
     settings, options = resolve(argv)
     assert writes == []
-    assert settings.batch == BatchSettings(images=1, per_call=1, prefetch=2)  # the model's fixed batch
+    assert settings.batch == BatchSettings(images_per_batch=1, batches_per_call=1, prefetch=2)  # the model's fixed batch
     assert settings.output == os.path.realpath(tmp_path / "scored" / "dt=2024-05-31")
     assert settings.local_defaults.startswith("16 cores: --direct_running_mode=multi_threading")
     assert settings.engine_record()["ort_sessions"] == 2 and settings.direct_num_workers == 2
@@ -83,7 +83,7 @@ def test_no_option_is_written_after_parsing(fixed_batch_model, tmp_path, monkeyp
 def test_batch_size_and_decode_reach_the_reader_the_handler_and_the_decoder_from_one_place(model_path):
     settings, _ = resolve(["--input", "x", "--output", "y", "--batch_size", "6", "--decode", "dali_cpu",
                            "--dali_threads", "2"], start_checks=False)
-    assert settings.batch == BatchSettings(images=6, per_call=4, prefetch=8)
+    assert settings.batch == BatchSettings(images_per_batch=6, batches_per_call=4, prefetch=8)
     assert settings.decode.mode == "dali_cpu" and settings.decode.encoded
     assert settings.decode.dali.max_batch == 6 and settings.decode.dali.device == "cpu"
     handler = classify_images.make_handler(settings)
@@ -93,7 +93,7 @@ def test_batch_size_and_decode_reach_the_reader_the_handler_and_the_decoder_from
     assert (record["batch_size"], record["batches_per_call"], record["prefetch_batches"], record["decode"]) == (
         6, 4, 8, "dali_cpu")
     cpu, _ = resolve(["--input", "x", "--output", "y", "--decode", "cpu", "--prefetch", "3"], start_checks=False)
-    assert cpu.batch == BatchSettings(images=32, per_call=1, prefetch=3)
+    assert cpu.batch == BatchSettings(images_per_batch=32, batches_per_call=1, prefetch=3)
     assert cpu.decode == DecodeSettings("cpu", "asked for", None, 1) and not cpu.decode.encoded
 
 

@@ -130,7 +130,7 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     settings, pipeline_options = resolve(argv)  # with the start checks: the ONNX model's input fits --crop 16
     handler = classify_images.make_handler(settings)
     assert settings.engine_record()["engine"] == "tensorrt" and list(settings.labels) == LABELS
-    assert handler.images_per_batch == settings.batch.images == (256 if source == "engine_path" else 16)
+    assert handler.images_per_batch == settings.batch.images_per_batch == (256 if source == "engine_path" else 16)
     pipeline = beam.Pipeline(options=pipeline_options)
     classify_images.build_pipeline(pipeline, settings)
     proto = pipeline.to_runner_api()
