@@ -443,7 +443,7 @@ def _engine_labels(recipe: EngineRecipe) -> Optional[Tuple[str, ...]]:
 
 
 def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,
-             batch: int) -> Optional[DaliDecoderOptions]:
+             images_per_batch: int) -> Optional[DaliDecoderOptions]:
     """The DALI decoder's options for ``mode`` (None with ``cpu``).
 
     Raises:
@@ -452,7 +452,7 @@ def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,
     if mode not in DALI_MODES:
         return None
     try:
-        return DaliDecoderOptions(resize=preprocess.resize, crop=preprocess.crop, max_batch=batch,
+        return DaliDecoderOptions(resize=preprocess.resize, crop=preprocess.crop, max_batch=images_per_batch,
                                   device="gpu" if mode == "gpu" else "cpu", hw_decoder_load=options.hw_decoder_load,
                                   threads=options.dali_threads if options.dali_threads > 0
                                   else min(16, os.cpu_count() or 1))

@@ -30,9 +30,13 @@ FLAG_RANGES = (
 )
 
 
-def add_flags(parser) -> None:
-    """Adds ``--engine tensorrt``'s flags (see ``pipelines/engine_registry.py``)."""
-    group = parser.add_argument_group("--engine tensorrt")
+def add_flags(argparser) -> None:
+    """Adds ``--engine tensorrt``'s flags to an ``argparse`` parser (see ``pipelines/engine_registry.py``).
+
+    Not named ``parser``: in this package that name is TensorRT's ONNX parser
+    (``tests/test_tensorrt_api.py`` checks every TensorRT name the package uses).
+    """
+    group = argparser.add_argument_group("--engine tensorrt")
     group.add_argument("--engine_path", default=None, help="TensorRT: a serialized engine (.plan).")
     group.add_argument("--onnx_path", default=None,
                        help="TensorRT: an ONNX model to build (or fetch from --engine_cache) on the worker.")
