@@ -326,10 +326,6 @@ def check_flags(options: ClassifyOptions) -> None:
     engine_registry.check_flags(options)
 
 
-#: The DirectRunner's flags that make several bundle threads, which :func:`local_defaults` may set.
-_THREAD_FLAGS = ("direct_running_mode", "direct_num_workers")
-
-
 def local_defaults(options: ClassifyOptions, argv: Sequence[str], local: bool) -> Tuple[Dict[str, Any], Optional[str]]:
     """The measured-fastest settings for this machine, for flags the user left out.
 
