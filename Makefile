@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine:  make demo   and   make test
 PYTHON ?= python3
 # .venv runs jobs, the demo, tests and benchmarks; it has no torch, because Beam's RunInference imports
-# torch whenever it is importable (~2 s of every job's start on 2 cores, issue 13).
+# torch whenever it is importable (~2 s of every job's start on 2 cores).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # .venv-export only exports the default model (`make model`): torch and the model packages.

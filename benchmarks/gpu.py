@@ -38,7 +38,7 @@ from pipelines.partitions import committed_rows
 
 _LOG = logging.getLogger("benchmarks.gpu")
 DEFAULT_MODEL = os.path.join(REPO_ROOT, "models", "efficientnet_lite0.onnx")
-TARGET = 0.7  # ours / engine alone on device-resident batches (issue 9)
+TARGET = 0.7  # ours / engine alone on device-resident batches: the GPU path's goal (README)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -1,8 +1,8 @@
 """GPU memory one engine copy and its decoder hold, step by step: ``python -m benchmarks.gpu_memory``.
 
 Every SDK process of a GPU worker loads one engine (ONNX Runtime CUDA) and one DALI decoder, so
-this figure decides how many processes fit on a GPU (eight on one 80 GB H100 ran it out of memory,
-issue 14). Run it alone on a GPU: it reads the device-wide used memory (``cudaMemGetInfo``) after
+this figure decides how many processes fit on a GPU (eight on one 80 GB H100 ran it out of
+memory). Run it alone on a GPU: it reads the device-wide used memory (``cudaMemGetInfo``) after
 each step and prints a table, with ONNX Runtime's CUDA arena at its default growth and at
 ``kSameAsRequested``.
 """

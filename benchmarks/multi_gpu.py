@@ -1,4 +1,4 @@
-"""One GPU vs two, measured side by side in one run (issue 14): the ``gpus`` run of
+"""One GPU vs two, measured side by side in one run: the ``gpus`` run of
 ``python -m benchmarks.throughput --device gpu --runs engine,gpus``.
 
 The same job (``pipelines.classify_images --providers cuda --decode gpu``) runs with the same number

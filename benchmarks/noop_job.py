@@ -15,6 +15,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from engines.base import Engine, EngineRecipe, Feed, Outputs, TensorSpec, array_info
+# The ONNX Runtime engine it stands in for answers the registry's other questions (its flags are
+# added by the registry already, as every engine's are).
+from engines.onnxruntime_engine import DEFAULT_MODEL, cli_check, cli_on_gpu, cli_worker_paths  # noqa: F401
 from pipelines import classify_images, engine_registry
 
 
@@ -38,18 +41,16 @@ class NoopLoader:
         return NoopEngine()
 
 
-def cli_on_gpu(options) -> bool:
-    """As the ONNX Runtime engine it stands in for: on a GPU when --providers names one."""
-    from engines.onnxruntime_engine import cli_on_gpu as onnxruntime_on_gpu
-
-    return onnxruntime_on_gpu(options)
+def cli_model_file(options) -> None:
+    """No model file to check at start: the no-op engine never reads one (``pipelines/engine_registry.py``)."""
+    return None
 
 
-def cli_recipe(options) -> EngineRecipe:
+def cli_recipe(options, batch_size) -> EngineRecipe:
     """The ONNX Runtime recipe's batch size and labels, with the no-op engine as the loader."""
     from engines.onnxruntime_engine import cli_recipe as onnxruntime_recipe
 
-    real = onnxruntime_recipe(options)
+    real = onnxruntime_recipe(options, batch_size)
     return dataclasses.replace(real, loader=NoopLoader(), info={**real.info, "engine": "noop"})
 
 
@@ -61,5 +62,5 @@ def run(argv):
         argv[argv.index("--engine") + 1] = "noop"
     else:
         argv += ["--engine", "noop"]
-    options_model = [] if "--model" in argv else ["--model", classify_images.DEFAULT_MODEL]
+    options_model = [] if "--model" in argv else ["--model", DEFAULT_MODEL]
     return classify_images.run(argv + options_model)

@@ -33,7 +33,7 @@ def runinference_metrics(result) -> dict:
         query = result.metrics().query()
     except Exception as e:  # a runner without metrics support: the timing still counts
         return {"error": f"{type(e).__name__}: {e}"}
-    from pipelines.stats import merge_distributions
+    from pipelines.run_record import merge_distributions
 
     return merge_distributions(query["distributions"], keep=lambda name: name.startswith("inference_"))
 

@@ -53,7 +53,7 @@ _LOG = logging.getLogger("benchmarks.throughput")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PEER_MODEL = os.path.join(REPO_ROOT, "models", "efficientnet_lite0_float32_nchw.onnx")
 MODES = ("default", "multi_threading", "multi_processing")
-#: Targets from issue 4, for the notes: (ours / engine-only, ours / peer) by core count.
+#: Targets the notes compare against (benchmarks/NOTES.md): (ours / engine-only, ours / peer) by core count.
 TARGETS = {2: {"ours/engine-only": 0.8, "ours/peer": 1.3}, 16: {"ours/engine-only": 0.8, "ours/peer": 5.0}}
 
 
@@ -169,18 +169,15 @@ class CpuMonitor:
 # ---------------------------------------------------------------------------------------------- engine-only
 
 
-def engine_options(args) -> Any:
-    """The pipeline's own options for this run, so engine-only loads the engine exactly as ours does."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines.classify_images import ClassifyOptions
+def engine_settings(args) -> Any:
+    """The pipeline's own settings for this run, so engine-only loads the engine exactly as ours does."""
+    from pipelines.settings import resolve
 
     argv = ["--input", "unused", "--output", "unused", "--engine", args.engine,
             "--batch_size", str(args.batch_size)] + (["--model", args.model] if args.model else []) + args.runner_argv
-    options = PipelineOptions(argv).view_as(ClassifyOptions)
-    options.intra_op_threads = 0  # the ceiling: ONNX Runtime's default of one thread per core
-    options.ort_spinning = "on"  # ONNX Runtime's default: fastest for the engine alone
-    return options
+    # The last of a repeated flag wins: the ceiling is ONNX Runtime's defaults, one thread per core
+    # and spinning, fastest for the engine alone.
+    return resolve(argv + ["--intra_op_threads", "0", "--ort_spinning", "on"], start_checks=False)[0]
 
 
 def measure_engine(args, corpus: Corpus) -> Dict[str, Any]:
@@ -192,7 +189,8 @@ def measure_engine(args, corpus: Corpus) -> Dict[str, Any]:
     prep_seconds = time.monotonic() - start
     batches = [np.ascontiguousarray(images[i:i + args.batch_size]) for i in range(0, len(images), args.batch_size)]
     del images
-    handler, engine_info, _ = make_handler(engine_options(args))
+    settings = engine_settings(args)
+    handler, engine_info = make_handler(settings), settings.engine_record()
     engine = handler.load_model().engine  # the pipeline's model is engine + decoder; time the engine alone
     try:
         names = list(engine.input_specs)

@@ -8,6 +8,7 @@ No inference library is involved, so a job can check its model before anything r
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional
 
 from engines.base import EngineError, import_optional
@@ -60,3 +61,24 @@ def summarize_onnx(model_bytes: bytes) -> OnnxSummary:
     labels = parse_labels(meta.get("labels"))
     return OnnxSummary(describe(model.graph.input), describe(model.graph.output), meta,
                        tuple(labels) if labels is not None else None)
+
+
+@functools.lru_cache(maxsize=4)
+def read_summary(path: str, flag: str = "--model") -> OnnxSummary:
+    """:func:`summarize_onnx` of a model file (local or any Beam filesystem), read once per process.
+
+    Args:
+        path: The model file.
+        flag: The flag that named it, for error messages. Default "--model".
+
+    Raises:
+        EngineError: the file is missing or not an ONNX model, naming ``flag`` and the path.
+    """
+    from engines import storage
+
+    data = storage.read_bytes(path, f"{flag} file")
+    try:
+        return summarize_onnx(data)
+    except EngineError as e:
+        raise EngineError(f"{flag} {path}: {e}; pass an .onnx model file (`make model` prepares the default "
+                          f"one)") from None

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -18,6 +20,7 @@ from engines import storage
 from engines.devices import Device, check_device, cuda_device_count, resolve_device
 from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, UsageError, WorkerPath,
                           array_info, check_feed, import_optional, is_device_array)
+from engines.flags import MAX_THREADS, THREADS_WHY, FlagDefaults, FlagRange, ModelFile
 
 _LOG = logging.getLogger(__name__)
 
@@ -248,14 +251,55 @@ class OnnxRuntimeLoader:
 
 #: Batch sizes chosen when --batch_size is not given. On a CPU, fixed batches of 32: Beam's adaptive
 #: sizing settled near 14 at max 32 and cost 13% of throughput on 16 cores (benchmarks/NOTES.md). On a
-#: GPU, 256: the issue-9 figures (10.5k images/s for EfficientNet-Lite0 on an H100) used it.
+#: GPU, 256: the GPU measurements (10.5k images/s for EfficientNet-Lite0 on an H100, benchmarks/NOTES.md)
+#: used it.
 CPU_BATCH_SIZE = 32
 GPU_BATCH_SIZE = 256
 _GPU_PROVIDERS = ("cuda", "tensorrt", "cudaexecutionprovider", "tensorrtexecutionprovider")
+#: Where ``make model`` (python -m model_tools.export_efficientnet) puts the default ``--model``.
+DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.onnx")
+#: Local CPU runs on at least this many cores default to two bundle threads, each with its own
+#: ONNX Runtime session on half the cores (benchmarks/NOTES.md: +10-15% on 16 cores, no gain on 2).
+PARALLEL_LOCAL_MIN_CORES = 8
+#: ONNX Runtime on CPU took 70-85 x a batch's uint8 input bytes of extra resident memory for
+#: EfficientNet-Lite0 at batches 16-256 (activations; measured with ru_maxrss). Models
+#: differ; this is used only to refuse batch sizes that cannot fit, not to pick one.
+ACTIVATION_BYTES_PER_INPUT_BYTE = 90
+
+#: Bounds of this engine's numeric flags, checked at start whatever --engine is (``engines/flags.py``).
+FLAG_RANGES = (
+    FlagRange("--intra_op_threads", "intra_op_threads", 0, MAX_THREADS, THREADS_WHY),
+    FlagRange("--ort_sessions", "ort_sessions", 1, MAX_THREADS, "each session holds its own activations"),
+)
+
+
+def add_flags(parser) -> None:
+    """Adds ``--engine onnxruntime``'s flags (see ``pipelines/engine_registry.py``)."""
+    group = parser.add_argument_group("--engine onnxruntime")
+    group.add_argument("--model", default=None,
+                       help=f"ONNX model for --engine onnxruntime (default: the prepared "
+                            f"EfficientNet-Lite0, {DEFAULT_MODEL}).")
+    group.add_argument("--providers", default="cpu",
+                       help="ONNX Runtime execution providers, comma-separated: cpu, cuda, tensorrt. "
+                            "Default: cpu.")
+    group.add_argument("--intra_op_threads", type=int, default=0,
+                       help="ONNX Runtime threads per batch; 0 = one per core. Default: 0.")
+    group.add_argument("--ort_sessions", type=int, default=1,
+                       help="ONNX Runtime sessions of the model per process, each with its own "
+                            "--intra_op_threads: concurrent batches (several bundle threads, e.g. "
+                            "--direct_running_mode=multi_threading) each get one. Default: 1.")
+    group.add_argument("--ort_spinning", default="off", choices=("on", "off", "run"),
+                       help="ONNX Runtime idle threads spin-wait (on), sleep (off, leaves the cores to "
+                            "decoding), or spin only while a batch runs and stop when it returns (run). "
+                            "Default: off.")
 
 
 def _providers(options) -> Tuple[str, ...]:
     return tuple(p.strip() for p in options.providers.split(",") if p.strip())
+
+
+def _model(options) -> str:
+    return options.model or DEFAULT_MODEL
 
 
 def cli_on_gpu(options) -> bool:
@@ -309,18 +353,119 @@ def cli_worker_paths(options) -> List[WorkerPath]:
                        default="the prepared model", note="models/efficientnet_lite0.onnx, from `make model`")]
 
 
-def cli_recipe(options) -> EngineRecipe:
-    """The ONNX Runtime recipe from ``--model``, ``--providers``, ``--batch_size``, ``--intra_op_threads``,
-    ``--ort_sessions`` and ``--ort_spinning`` (see ``pipelines/engine_registry.py``)."""
+def cli_model_file(options) -> ModelFile:
+    """``--model`` (or its default), which the launcher reads before anything runs (see
+    ``pipelines/engine_registry.py``)."""
+    return ModelFile(_model(options), "--model")
+
+
+def memory_limit_bytes() -> Optional[int]:
+    """The memory this process may use: its cgroup limit (v2 or v1) or the machine's RAM, or None."""
+    limits = []
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            if text.isdigit() and int(text) < 1 << 60:
+                limits.append(int(text))
+        except OSError:
+            continue
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return min(limits) if limits else None
+
+
+def cli_fit_batch(options, batch_size: Optional[int], *, summary, image_bytes: int, prefetch: int,
+                  local: bool) -> Optional[int]:
+    """Fits the batch size to the model's batch dimension and, on a local CPU run, to memory (see
+    ``pipelines/engine_registry.py``).
+
+    A model exported with a fixed batch of 1 gets batches of 1 (logged); any other fixed batch,
+    or a ``--batch_size`` the model does not take, stops the job here instead of failing every
+    batch. A batch whose activations and prefetched images cannot fit in memory would turn every
+    image into a "failed to allocate" dead letter; it is refused with the largest that fits.
+
+    Args:
+        options: The parsed options (read by attribute, never changed).
+        batch_size: ``--batch_size``, or None for this engine's default.
+        summary: The model's ``engines.onnx_summary.OnnxSummary``.
+        image_bytes: Bytes of one preprocessed image (crop x crop x 3).
+        prefetch: Batches each reader holds ahead of the engine.
+        local: The engine runs on this machine, so its memory is the one to fit.
+
+    Returns:
+        The batch size to ask :func:`cli_recipe` for: ``batch_size``, or 1 for a fixed batch of 1.
+
+    Raises:
+        EngineError: a model with a fixed batch dimension other than 1.
+        UsageError: a ``--batch_size`` the model does not take, or one that cannot fit in memory,
+            naming ``--batch_size`` and the fix.
+    """
+    model = _model(options)
+    (name, _, dims), = summary.inputs
+    if dims and dims[0] > 0:
+        if dims[0] != 1:
+            raise EngineError(f"{model} has a fixed batch dimension of {dims[0]} (input {name!r} is {list(dims)}); "
+                              f"the last batch of a run is shorter, so export the model with a dynamic batch "
+                              f"dimension (see `python -m model_tools.export_efficientnet --help`)")
+        if (batch_size or 1) != 1 or (options.min_batch_size or 1) != 1:
+            raise UsageError(f"--batch_size {batch_size} does not fit {model}: its input {name!r} is "
+                             f"{list(dims)}, a fixed batch of 1; pass --batch_size 1 or export the model with a "
+                             f"dynamic batch dimension")
+        batch_size = 1
+        _LOG.info("batch size 1 chosen from the model's fixed batch dimension (%s is %s)", name, list(dims))
+    if not local or options.providers.strip().lower() != "cpu":
+        return batch_size  # the workers' or the GPU's memory is not this machine's
+    limit = memory_limit_bytes()
+    batch = batch_size or CPU_BATCH_SIZE
+    prefetched = prefetch * batch  # --prefetch counts batches
+    sessions = options.ort_sessions  # concurrent batches: each ONNX Runtime session runs one
+    need = (batch * ACTIVATION_BYTES_PER_INPUT_BYTE * sessions + prefetched + batch) * image_bytes
+    if limit and need > 0.8 * limit:
+        fits = int(0.8 * limit / image_bytes / (ACTIVATION_BYTES_PER_INPUT_BYTE * sessions + 3))
+        raise UsageError(f"--batch_size {batch} needs about {need / 2**30:.1f} GiB (activations of "
+                         f"{sessions} concurrent batch(es) and {prefetched} prefetched images), over the "
+                         f"{limit / 2**30:.1f} GiB this job may use; pass --batch_size {max(fits, 1)} or less")
+    return batch_size
+
+
+def cli_local_defaults(options, cores: int) -> Optional[FlagDefaults]:
+    """Two concurrent callers, each with its own session on half the cores, for ONNX Runtime on a CPU
+    of :data:`PARALLEL_LOCAL_MIN_CORES` or more cores (see ``pipelines/engine_registry.py``).
+
+    One caller feeding one session leaves most of a large machine idle between batches; two,
+    each with its own session of half the cores, keep the engine busier.
+
+    Returns:
+        The session flags and two callers, or None (a GPU provider, or a small machine).
+    """
+    if options.providers.strip().lower() != "cpu" or cores < PARALLEL_LOCAL_MIN_CORES:
+        return None
+    return FlagDefaults({"ort_sessions": 2, "intra_op_threads": cores // 2},
+                        f"--ort_sessions 2 --intra_op_threads {cores // 2}", callers=2)
+
+
+def cli_recipe(options, batch_size: Optional[int]) -> EngineRecipe:
+    """The ONNX Runtime recipe from ``--model``, ``--providers``, ``--intra_op_threads``, ``--ort_sessions``
+    and ``--ort_spinning`` (see ``pipelines/engine_registry.py``).
+
+    Args:
+        options: The parsed options (read by attribute, never changed).
+        batch_size: Images per batch (:func:`cli_fit_batch`'s answer), or None for
+            :data:`GPU_BATCH_SIZE` with a GPU provider, else :data:`CPU_BATCH_SIZE`.
+    """
     on_gpu = cli_on_gpu(options)
-    loader = OnnxRuntimeLoader(options.model, _providers(options), options.intra_op_threads,
+    model = _model(options)
+    loader = OnnxRuntimeLoader(model, _providers(options), options.intra_op_threads,
                                allow_spinning=options.ort_spinning in ("on", "run"), sessions=options.ort_sessions,
                                stop_spinning_after_run=options.ort_spinning == "run",
                                # Each engine copy (one per SDK process, or --model_copies N of a
                                # shared model) takes the next GPU: one per GPU (engines.devices).
                                device="auto" if on_gpu else 0)
-    info = {"engine": "onnxruntime", "model": options.model, "providers": list(loader.providers),
+    info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
             "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
             "intra_op_threads": options.intra_op_threads, "device": loader.device}
-    return EngineRecipe(loader, options.batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), info,
-                        labels_model=options.model, labels_flag="--model")
+    return EngineRecipe(loader, batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), info,
+                        labels_model=model, labels_flag="--model")

@@ -66,7 +66,7 @@ class DaliDecoderOptions:
         threads: DALI CPU threads (Huffman decoding, non-JPEG formats). Default 4.
         hw_decoder_load: Share of JPEG work given to the hardware decoder where the GPU has one
             (0..1). Default 0.65 (DALI's); measured on an H100: 0.65 -> 20.2k images/s,
-            1.0 -> 21.7k, CUDA only -> 7.2k (issue 9).
+            1.0 -> 21.7k, CUDA only -> 7.2k.
         prefetch: Batches decoded ahead of the one in use (DALI's prefetch queue). Default 2.
         crop_box: Where each image's crop region comes from: ``"host"`` (the caller passes it
             with the batch, computed from the header the pre-screen read) or ``"graph"``

@@ -1,7 +1,7 @@
 """A cheap header-only check that routes each image to the GPU decoder or to Pillow.
 
 NVIDIA DALI's GPU decoder differs from the CPU path (``images.pillow_decoder``) in ways that
-matter (measured on the demo images, issue 9): it drops alpha instead of compositing on white,
+matter (measured on the demo images): it drops alpha instead of compositing on white,
 fails on palette GIFs, SVG, empty files and text with an error that breaks the whole DALI
 pipeline, and *decodes a decompression bomb and a truncated JPEG without any error*. So only
 images whose headers prove them sound and of a kind DALI decodes like Pillow go to the GPU:

@@ -5,7 +5,8 @@ Beam's filesystems only for URLs such as ``gs://``). Decoding itself is :mod:`im
 Never raises for a bad file: the reason is returned for the dead-letter output.
 
 The reading rules live here as plain functions so every reader (the batch reader
-``transforms.images.ReadImageBatches`` today) applies the same ones (issue 12):
+``transforms.images.ReadImageBatches`` today) applies the same ones, and a hostile file is
+refused the same way whichever reader meets it:
 
 * :func:`not_a_regular_file` refuses a FIFO, device, socket or directory *before* opening it
   (``open()`` on a FIFO blocks until a writer appears: one such file hung a whole job);

@@ -49,7 +49,8 @@ def options_from_args(args: argparse.Namespace) -> BuildOptions:
     """BuildOptions from the flags of :func:`add_build_arguments`.
 
     Raises:
-        EngineError: --profile mixed with --min/opt/max_batch, or invalid values.
+        UsageError: --profile mixed with --min/opt/max_batch.
+        EngineError: invalid values (a malformed --profile, batch sizes out of order).
     """
     single = (args.min_batch, args.opt_batch, args.max_batch)
     if args.profile:

@@ -22,7 +22,7 @@ Usage::
 
 Needs torch and the two model packages (``requirements-export.txt``), which
 ``make model`` installs into a venv of its own (``.venv-export``): the venv that runs
-jobs has no torch, since Beam's RunInference imports torch whenever it can (issue 13).
+jobs has no torch, since Beam's RunInference imports torch whenever it can (~2 s of every job's start).
 """
 
 from __future__ import annotations

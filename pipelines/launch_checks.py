@@ -1,7 +1,13 @@
 """Checks at launch for what would otherwise fail on the workers, long after submission.
 
-Called once from ``pipelines.classify_images.run`` before anything is read, built or staged;
-each failure is a :class:`~engines.base.UsageError` naming the flag and the fix (exit 2).
+Called once from ``pipelines.settings.resolve`` before anything is built or staged; each failure
+names the flag and the fix and stops the command with exit status 2 (a
+:class:`~engines.base.UsageError`, or an :class:`~engines.base.EngineError` for a model this
+pipeline cannot feed).
+
+For every runner, the inputs and outputs themselves: ``--input`` matches something readable
+(:func:`check_input`), the model takes what the preprocessing makes and has ``--output_name``
+(:func:`check_model`), and ``--output`` can take this run's results (:func:`check_output`).
 
 For a remote runner (Dataflow; anything but the DirectRunner and Prism) whose workers do not run on
 this machine (a portable runner's LOOPBACK or PROCESS workers, or an EXTERNAL pool on localhost, do;
@@ -34,6 +40,7 @@ import dataclasses
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -41,6 +48,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from engines import storage
 from engines.base import EngineError, UsageError, WorkerPath
+from engines.flags import ModelFile
 
 _LOG = logging.getLogger(__name__)
 
@@ -177,7 +185,7 @@ def check_launch(options: Any, opts: Any, local: bool) -> None:
 
     Args:
         options: The job's ``PipelineOptions``.
-        opts: Its ``pipelines.classify_images.ClassifyOptions`` view.
+        opts: Its ``pipelines.settings.ClassifyOptions`` view.
         local: The runner runs here (DirectRunner, Prism).
 
     Raises:
@@ -223,3 +231,132 @@ def workers_environment(options: Any) -> str:
         host = (portable.environment_config or "").rsplit(":", 1)[0]
         return "this machine" if host in _LOOPBACK_HOSTS else "elsewhere"
     return "image"
+
+
+def check_input(path: str) -> None:
+    """Fails fast when the input cannot be used: it matches nothing, cannot be listed, or is an
+    unusable manifest (unreadable, not UTF-8, no 'uri' column, no entries) - a broken setup,
+    not a bad record.
+
+    Raises:
+        UsageError: naming ``--input`` and the fix.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from transforms.images import ManifestError, check_manifest, has_glob, is_manifest, normalize_pattern
+
+    if is_manifest(path):
+        try:
+            check_manifest(path)
+        except ManifestError as e:
+            raise UsageError(f"--input {path}: {e}") from None
+        return
+    if "://" not in path and os.path.isdir(path):
+        try:
+            with os.scandir(path):
+                pass
+        except OSError as e:
+            raise UsageError(f"--input {path} is a directory the job cannot list ({e.strerror}); give the job's "
+                             f"user read and execute permission on it") from None
+    pattern = normalize_pattern(path)
+    try:
+        with warnings.catch_warnings():
+            # An escaped '[' ("[[]", a folder named "Holiday [2019]") makes Beam's regex warn.
+            warnings.simplefilter("ignore", FutureWarning)
+            matched = FileSystems.match([pattern], limits=[1])[0].metadata_list
+    except Exception as e:  # Beam raises BeamIOError and friends
+        raise UsageError(f"Cannot list --input {path}: {e}") from e
+    if not matched:
+        hint = (" A folder in a bucket needs a trailing slash (gs://bucket/dir/) or a glob (gs://bucket/dir/*.jpg)."
+                if "://" in path and not path.endswith("/") and not has_glob(path) else "")
+        if path.startswith("~"):
+            hint += " A quoted '~' is not expanded: write the full path ($HOME/...)."
+        raise UsageError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
+
+
+def check_model(model: ModelFile, summary, output_name: str, config) -> None:
+    """Checks, before anything runs, that the preprocessing and the model fit together.
+
+    A mismatch here would otherwise turn every image into a dead letter (a crop the model
+    does not take) or fail the job midway (an output name the model lacks).
+
+    Args:
+        model: The ONNX model the engine's flags name (``pipelines.engine_registry.model_file``).
+        summary: Its ``engines.onnx_summary.OnnxSummary``.
+        output_name: ``--output_name``.
+        config: The preprocessing (an ``images.pillow_decoder.PreprocessConfig``).
+
+    Raises:
+        UsageError: ``--output_name`` is not an output of the model, or ``--crop`` does not fit its
+            input, naming the flag to change.
+        EngineError: the model is not one this pipeline can feed (several inputs, or not uint8
+            [N, crop, crop, 3] images), naming the fix.
+    """
+    outputs = [name for name, _, _ in summary.outputs]
+    if output_name not in outputs:
+        raise UsageError(f"--output_name {output_name!r} is not an output of {model.path}; its outputs are "
+                         f"{outputs}")
+    if len(summary.inputs) != 1:
+        raise EngineError(f"{model.path} has {len(summary.inputs)} inputs {[n for n, _, _ in summary.inputs]}; this "
+                          f"pipeline feeds one batch of images (uint8 [N, crop, crop, 3])")
+    (name, dtype, dims), = summary.inputs
+    if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
+        raise EngineError(f"{model.path} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
+                          f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
+                          f"inside (see `python -m model_tools.export_efficientnet --help`)")
+    fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
+    if any(d != config.crop for d in fixed):
+        raise UsageError(f"--crop {config.crop} does not fit {model.path}: its input {name!r} is {list(dims)}; pass "
+                         f"--crop {fixed[0]} (and --resize >= {fixed[0]})")
+
+
+def check_output(output: str, input_path: str) -> None:
+    """Fails at start when ``--output`` cannot take the results, rather than after scoring.
+
+    Refused: an existing file (or a path under one), a folder the job cannot write, a folder
+    holding prediction or dead-letter files that no committed run of this pipeline wrote (the
+    commit would delete or mix with them), and a folder inside a recursively scored ``--input``
+    folder (a rerun would score the outputs). A partition this pipeline committed (its
+    ``_SUCCESS`` record or ``_scored-*`` files, transforms/commit.py) is not refused: a rerun
+    replaces it as a whole.
+
+    Raises:
+        UsageError: naming ``--output`` and the fix.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    from engines import storage
+    from pipelines import partitions
+    from transforms.images import has_glob
+
+    if "://" not in output:
+        probe = os.path.abspath(output)
+        while not os.path.lexists(probe):
+            probe = os.path.dirname(probe)
+        if os.path.islink(probe) and not os.path.exists(probe):
+            # Not "an existing file": the link is there, what it names is not (an unmounted disk, a moved folder).
+            what = "is" if probe == os.path.abspath(output) else f"is under {probe}, which is"
+            raise UsageError(f"--output {output} {what} a dangling symbolic link to {os.readlink(probe)} (the target "
+                             f"does not exist); remove it or point it at a directory")
+        if not os.path.isdir(probe):
+            what = "is an existing file" if probe == os.path.abspath(output) else f"is under the file {probe}"
+            raise UsageError(f"--output {output} {what}; pass a directory (it is created if missing)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UsageError(f"--output {output}: the job's user cannot write to {probe}; pass a writable "
+                             f"directory")
+        if os.path.isdir(input_path) and not has_glob(input_path):
+            inside = os.path.commonpath([os.path.realpath(input_path), os.path.realpath(output)])
+            if inside == os.path.realpath(input_path):
+                raise UsageError(f"--output {output} is inside --input {input_path}, which is scored recursively: "
+                                 f"a rerun would score the results as images; pass an output directory outside "
+                                 f"it")
+    try:
+        earlier = [m.path for prefix in ("predictions-", "dead_letter-")
+                   for m in FileSystems.match([storage.join(output, prefix + "*")], limits=[1])[0].metadata_list]
+    except Exception:  # a folder that does not exist yet has nothing to list
+        earlier = []
+    if earlier and not partitions.is_partition(output):
+        raise UsageError(f"--output {output} already holds results of an earlier run ({earlier[0]}) that this "
+                         f"pipeline did not commit (no _SUCCESS or _scored files: an older version or another "
+                         f"tool wrote them); a rerun replaces only a partition it committed, and these files would "
+                         f"mix with this run's: pass a new directory or delete them")

@@ -1,4 +1,4 @@
-"""Date partitions for scheduled runs: ``--run_date``, ``{date}`` placeholders, run ids (issue 11).
+"""Date partitions for scheduled runs: ``--run_date``, ``{date}`` placeholders, run ids (docs/scheduling.md).
 
 A scheduler passes one parameter, the date; ``--input 'gs://b/photos/dt={date}/**'`` and
 ``--output 'gs://b/scored/dt={date}'`` become that day's folders. Everything here runs in the
@@ -32,7 +32,7 @@ def parse_run_date(value: Optional[str], now: Optional[dt.datetime] = None) -> d
         now: The current time, for tests. Default: now, UTC.
 
     Raises:
-        EngineError: naming ``--run_date`` and the form it takes.
+        UsageError: naming ``--run_date`` and the form it takes.
     """
     now = now or dt.datetime.now(dt.timezone.utc)
     text = (value or "today").strip()
@@ -53,7 +53,7 @@ def fill_placeholders(flag: str, value: str, run_date: dt.date) -> str:
     ``{{`` and ``}}`` stand for literal braces.
 
     Raises:
-        EngineError: an unknown placeholder or an unmatched brace, naming ``flag``.
+        UsageError: an unknown placeholder or an unmatched brace, naming ``flag``.
     """
     try:
         fields = [name for _, name, spec, conv in string.Formatter().parse(value) if name is not None]
@@ -78,44 +78,44 @@ def new_run_id(now: Optional[dt.datetime] = None) -> str:
     return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
 
 
-def resolve_dated_flags(opts) -> dt.date:
-    """Fills ``{date}`` in ``--input`` and ``--output`` from ``--run_date`` (in place).
+def dated_flags(opts) -> Dict[str, str]:
+    """``--input`` and ``--output`` with ``{date}`` filled from ``--run_date``, and the run date itself.
+
+    Nothing is written into ``opts``: ``pipelines.settings.resolve`` builds the job's options with these.
 
     Returns:
-        The run date.
+        Option name -> value: ``run_date`` (``YYYY-MM-DD``), and ``input`` and ``output`` where given.
 
     Raises:
-        EngineError: a bad date or placeholder, naming the flag.
+        UsageError: a bad date or placeholder, naming the flag.
     """
     run_date = parse_run_date(opts.run_date)
+    dated = {"run_date": run_date.isoformat()}
     if opts.input:
-        opts.input = fill_placeholders("--input", opts.input, run_date)
+        dated["input"] = fill_placeholders("--input", opts.input, run_date)
     if opts.output:
-        opts.output = fill_placeholders("--output", opts.output, run_date)
-    opts.run_date = run_date.isoformat()
-    return run_date
+        dated["output"] = fill_placeholders("--output", opts.output, run_date)
+    return dated
 
 
-def make_plan(opts, engine: Optional[Dict[str, Any]] = None, settings: Optional[Dict[str, Any]] = None):
+def make_plan(settings):
     """The commit plan of this run: a new run id, and the version of ``--output``'s ``_SUCCESS`` it
     may replace (read now, at launch: a run that commits over another version fails).
 
     Args:
-        opts: ClassifyOptions with ``{date}`` already filled (:func:`resolve_dated_flags`).
-        engine: Engine description for stats.json. Default: empty.
-        settings: The run's settings for stats.json. Default: empty.
+        settings: The run's ``pipelines.settings.RunSettings`` (its paths, and what stats.json says).
     """
     from engines import storage
-    from pipelines.stats import CommittedStatsWriter
+    from pipelines.run_record import CommittedStatsWriter
     from transforms.commit import CommitPlan, parse_record
 
     start = dt.datetime.now(dt.timezone.utc)
-    base, current = storage.read_versioned(storage.join(opts.output, "_SUCCESS"))
+    base, current = storage.read_versioned(storage.join(settings.output, "_SUCCESS"))
     record = parse_record(current)
-    return CommitPlan(output=opts.output, run_id=new_run_id(start), run_date=opts.run_date or
-                      parse_run_date(None).isoformat(), input=opts.input,
-                      start_time=start.isoformat(timespec="seconds"), skip_root=opts.skip_scored or None,
-                      write_stats=CommittedStatsWriter(engine or {}, settings or {}), base=base,
+    return CommitPlan(output=settings.output, run_id=new_run_id(start), run_date=settings.run_date,
+                      input=settings.input, start_time=start.isoformat(timespec="seconds"),
+                      skip_root=settings.skip_scored or None,
+                      write_stats=CommittedStatsWriter(settings.engine_record(), settings.record()), base=base,
                       replaces=record["run_id"] if record else None)
 
 
@@ -145,7 +145,8 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
                                                              blocks=True),
                dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl"),
                checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True)]
-    # Counts per batch or block (one number per element), never one element per image (issue 9).
+    # Counts per batch or block (one number per element), never one element per image: Beam's
+    # per-element cost is what the batches keep off the images.
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
                found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
               | "AllInputs" >> beam.Flatten())

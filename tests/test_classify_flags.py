@@ -15,7 +15,7 @@ import time
 import pytest
 
 from pipelines import classify_images
-from pipelines.classify_images import ClassifyOptions
+from pipelines.settings import ClassifyOptions
 
 
 def _numeric_flags():

@@ -1,4 +1,4 @@
-"""GPU placement without a GPU (issue 14): engine copies spread round-robin over the GPUs, ONNX Runtime told
+"""GPU placement without a GPU: engine copies spread round-robin over the GPUs, ONNX Runtime told
 its device, and the DALI decoder placed on its engine's GPU. The two-GPU run itself needs the GPU machine."""
 
 import numpy as np
@@ -105,12 +105,10 @@ def test_the_decoder_sits_on_its_engines_gpu(monkeypatch):
 def test_every_engine_copy_on_a_gpu_takes_the_next_gpu(model_path):
     """One copy per SDK process (Dataflow, multi_processing) or per --model_copies: each must take the
     next GPU, or every process of a two-GPU worker would crowd GPU 0."""
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines.classify_images import ClassifyOptions, engine_recipe
+    from pipelines.settings import resolve
 
     def recipe(*flags):
-        return engine_recipe(PipelineOptions(["--input", "x", "--output", "y", *flags]).view_as(ClassifyOptions))
+        return resolve(["--input", "x", "--output", "y", *flags], start_checks=False)[0].recipe
 
     assert recipe("--providers", "cuda", "--share_model_across_processes", "--model_copies", "2").loader.device == "auto"
     assert recipe("--providers", "cuda").loader.device == "auto"
@@ -124,7 +122,7 @@ def test_one_gpu_needs_no_counter(tmp_path, monkeypatch):
 
 def test_stats_count_the_images_each_device_scored():
     from pipelines.classify_images import per_device
-    from pipelines.stats import build_stats
+    from pipelines.run_record import build_stats
     from transforms.timing import device_counter
 
     counters = {"predictions": 7, device_counter(0): 4, device_counter(1): 3}

@@ -127,7 +127,7 @@ BEAM_BOOT = "/opt/apache/beam/boot"
 
 
 def test_the_worker_starts_through_nvidias_entrypoint_then_beams_boot(tmp_path):
-    """Issue 10, defect 6: run the image's ENTRYPOINT against stand-ins for the two programs.
+    """Run the image's ENTRYPOINT against stand-ins for the two programs.
 
     NVIDIA's script (NGC images) sets up CUDA forward compatibility, then ``exec "$@"``; Beam's
     boot must run after it, in the environment it prepared, with Dataflow's arguments untouched.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines.classify_images import ClassifyOptions
+from pipelines.settings import ClassifyOptions
 
 METADATA = json.loads((Path(__file__).resolve().parent.parent / "flex" / "metadata.json").read_text())
 #: A value the CLI accepts for each parameter, as a scheduler would pass it.

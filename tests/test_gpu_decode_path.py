@@ -1,4 +1,4 @@
-"""The GPU decode path without a GPU (issue 9): the header pre-screen, the real DALI graph on the CPU
+"""The GPU decode path without a GPU: the header pre-screen, the real DALI graph on the CPU
 (``--decode dali_cpu``, the same graph ``--decode gpu`` runs with the mixed backend), batch fallback,
 the scorer, and the contract inputs = predictions + dead letters on the mixed good/broken corpus.
 """
@@ -112,7 +112,7 @@ def decoder():
 def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder, where):
     # The crop box comes from the header (on the host, or inside the graph); DALI's own
     # resize_shorter + crop was one pixel off and gave a mean difference of 6.6 on chelsea
-    # (451x300), exact boxes give ~0.2 (issue 9).
+    # (451x300), exact boxes give ~0.2.
     from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
     images = {"chelsea": jpeg_bytes(photo("chelsea")), "coffee": jpeg_bytes(photo("coffee")),

@@ -1,4 +1,4 @@
-"""Issue 12: hostile but realistic inputs. Nothing hangs, nothing is silently dropped, setup
+"""Hostile but realistic inputs. Nothing hangs, nothing is silently dropped, setup
 mistakes stop at start with one line naming the flag.
 
 Every run that happens checks the contract (inputs = predictions + dead letters, unaccounted 0).
@@ -28,7 +28,7 @@ from pipelines.partitions import committed_files, committed_rows, committed_stat
 from tests.conftest import jpeg_bytes, photo
 
 REPO = Path(__file__).resolve().parent.parent
-#: No case may take longer than this (issue 12's "done means").
+#: No case may take longer than this: a hang is a failure, not a slow test.
 CASE_LIMIT_S = 60
 
 
@@ -574,7 +574,7 @@ def test_model_and_labels_files_are_named_by_their_flag(model_path, tmp_path, ca
     assert code == 2 and f"--labels_file {latin} is not UTF-8 text" in err
 
 
-# More hostile-user cases found while working on issue 12.
+# More hostile-user cases.
 
 @pytest.mark.parametrize("flags,message", [
     (["--decode_threads", "-5"], "--decode_threads must be >= -1, got -5"),
@@ -614,8 +614,8 @@ def test_output_holding_results_this_pipeline_did_not_commit_is_refused(model_pa
 
 
 def test_output_holding_a_committed_partition_is_replaced_without_mixing(model_path, tmp_path, capsys, two_photos):
-    # Issue 12 refused any output holding results, because their shards mixed with the next run's;
-    # issue 11 replaces a partition this pipeline committed as a whole, so a rerun with another
+    # An output holding results was once refused outright, because their shards mixed with the next
+    # run's; a partition this pipeline committed is now replaced as a whole, so a rerun with another
     # format (or shard count) leaves only its own files, and stats agree with them.
     images = tmp_path / "in"
     _write(images, two_photos)

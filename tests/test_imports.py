@@ -39,13 +39,12 @@ def test_pipelines_import_without_tensorrt_cuda_or_torch():
 def test_onnxruntime_job_builds_without_gpu_modules(tmp_path):
     result = _run(f"""
         import apache_beam as beam
-        from pipelines.classify_images import ClassifyOptions, build_pipeline, make_handler
-        from apache_beam.options.pipeline_options import PipelineOptions
-        options = PipelineOptions(["--input", "{tmp_path}/*.jpg", "--output", "{tmp_path}/out"])
-        handler, info, _ = make_handler(options.view_as(ClassifyOptions))
+        from pipelines.classify_images import build_pipeline
+        from pipelines.settings import resolve
+        settings, options = resolve(["--input", "{tmp_path}/*.jpg", "--output", "{tmp_path}/out"], start_checks=False)
         p = beam.Pipeline(options=options)
-        build_pipeline(p, options.view_as(ClassifyOptions), handler, None)
-        print("built", info["engine"], len(p.transforms_stack))
+        build_pipeline(p, settings)
+        print("built", settings.engine_record()["engine"], len(p.transforms_stack))
         """)
     assert result.returncode == 0, result.stderr
     assert "built onnxruntime" in result.stdout
@@ -53,7 +52,7 @@ def test_onnxruntime_job_builds_without_gpu_modules(tmp_path):
 
 def test_the_environment_that_runs_jobs_has_no_torch():
     """Beam's RunInference imports torch whenever it is importable (~2 s of every job's start on 2
-    cores, issue 13), so `make` keeps torch in .venv-export, which only exports the model."""
+    cores), so `make` keeps torch in .venv-export, which only exports the model."""
     import importlib.util
     from pathlib import Path
 

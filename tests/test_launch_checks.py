@@ -16,7 +16,7 @@ import apache_beam
 import pytest
 
 from engines.base import UsageError
-from pipelines import classify_images, launch_checks
+from pipelines import classify_images, launch_checks, settings
 from pipelines.launch_checks import ImageVersions
 
 #: Beam's options for a Dataflow submission; every path is in a bucket, so only the check under test can refuse.
@@ -79,12 +79,12 @@ def _options(*flags):
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions([*DATAFLOW, "--allow_version_mismatch", *flags])
-    return options, options.view_as(classify_images.ClassifyOptions)
+    return options, options.view_as(settings.ClassifyOptions)
 
 
 def _check(*flags):
     options, opts = _options(*flags)
-    launch_checks.check_launch(options, opts, classify_images.is_local(options))
+    launch_checks.check_launch(options, opts, settings.is_local(options))
 
 
 GS = {"--input": "gs://some-bucket/photos/*.jpg", "--output": "gs://some-bucket/scored",
@@ -160,7 +160,7 @@ def test_local_runners_read_local_paths():
     from apache_beam.options.pipeline_options import PipelineOptions
 
     options = PipelineOptions(["--runner", "DirectRunner", "--input", "/data/x", "--output", "/data/y"])
-    launch_checks.check_launch(options, options.view_as(classify_images.ClassifyOptions), True)
+    launch_checks.check_launch(options, options.view_as(settings.ClassifyOptions), True)
 
 
 # -- the engine's own setup (ONNX Runtime providers) ------------------------------------------------

@@ -1,4 +1,4 @@
-"""The two-GPU benchmark's checks (issue 14), on the CPU: its accounting of a real multi-process job
+"""The two-GPU benchmark's checks, on the CPU: its accounting of a real multi-process job
 (every listed image back exactly once), its steady-state rate read from the job's real progress
 lines, and its two-vs-one ratios. The GPU runs themselves need the two-GPU machine."""
 

@@ -68,9 +68,8 @@ def test_several_sessions_serve_concurrent_batches(sum_model):
 @pytest.mark.parametrize("flag,allow,stop", [("off", "0", ""), ("on", "1", ""), ("run", "1", "1")])
 def test_spinning_flag_reaches_the_session_options(sum_model, monkeypatch, flag, allow, stop):
     import onnxruntime as ort
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from pipelines.classify_images import ClassifyOptions, make_handler
+    from pipelines.classify_images import make_handler
+    from pipelines.settings import resolve
 
     seen = []
     real = ort.InferenceSession
@@ -88,9 +87,9 @@ def test_spinning_flag_reaches_the_session_options(sum_model, monkeypatch, flag,
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
     # A tiny model: what is checked is the session options each of the two sessions gets.
-    opts = PipelineOptions(["--ort_spinning", flag, "--ort_sessions", "2", "--model", sum_model]
-                           ).view_as(ClassifyOptions)
-    handler, info, _ = make_handler(opts)
+    settings, _ = resolve(["--input", "x", "--output", "y", "--ort_spinning", flag, "--ort_sessions", "2",
+                           "--model", sum_model], start_checks=False)
+    handler, info = make_handler(settings), settings.engine_record()
     engine = handler.load_model().engine
     assert info["ort_spinning"] == flag and info["ort_sessions"] == 2
     assert seen == [{"session.intra_op.allow_spinning": allow, "session.force_spinning_stop": stop}] * 2

@@ -13,13 +13,13 @@ import re
 import apache_beam as beam
 import numpy as np
 import pytest
-from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from engines.base import EngineError, UsageError
 from pipelines import classify_images
-from pipelines.classify_images import ClassifyOptions, make_handler
+from pipelines.classify_images import make_handler
+from pipelines.settings import ClassifyOptions, resolve
 from pipelines.partitions import committed_files, committed_rows, committed_stats
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP
 from transforms.images import ImageRef, ManifestError, parse_manifest, read_manifest
@@ -51,9 +51,8 @@ def _check_outputs(out_dir, good, broken, fmt="jsonl"):
 
 def test_testpipeline_end_to_end(corpus, model_path):
     directory, good, broken = corpus
-    options = PipelineOptions(["--input", directory, "--output", "unused", "--batch_size", "4"])
-    opts = options.view_as(ClassifyOptions)
-    handler, _, labels = make_handler(opts)
+    settings, options = resolve(["--input", directory, "--output", "unused", "--batch_size", "4"], start_checks=False)
+    handler, labels = make_handler(settings), settings.labels
     assert labels[285] == "Egyptian Mau"  # from the model's own metadata
     with TestPipeline(options=options) as p:
         from transforms.images import DEAD_LETTER, ImageRefs, ReadImageBatches
@@ -227,8 +226,8 @@ def test_failed_batch_becomes_short_dead_letters_through_beams_exception_handlin
     from transforms.images import ImageBatch
     from transforms.postprocess import FailedBatchToDeadLetters
 
-    options = PipelineOptions(["--input", "unused", "--output", "unused", "--batch_size", "2"])
-    handler, _, _ = make_handler(options.view_as(ClassifyOptions))
+    handler = make_handler(resolve(["--input", "unused", "--output", "unused", "--batch_size", "2"],
+                                   start_checks=False)[0])
     wrong = [ImageBatch((ImageRef("/x/0.jpg", id="0"), ImageRef("/x/1.jpg", id="1")),
                         np.zeros((2, 200, 200, 3), np.uint8)),
              ImageBatch((ImageRef("/x/2.jpg", id="2"),), np.zeros((1, 200, 200, 3), np.uint8))]
@@ -289,7 +288,7 @@ def test_float_nchw_model_is_refused_at_start(corpus, tmp_path):
 def test_many_core_local_defaults_two_bundle_threads_two_sessions_lose_nothing(corpus, model_path, tmp_path,
                                                                                  monkeypatch):
     # What a 16-core machine gets by default: multi_threading x2, two ONNX Runtime sessions.
-    monkeypatch.setattr(classify_images.os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
     directory, good, broken = corpus
     out = tmp_path / "mt"
     stats = classify_images.run(["--input", directory, "--output", str(out), "--batch_size", "4"])
@@ -302,19 +301,24 @@ def test_many_core_local_defaults_two_bundle_threads_two_sessions_lose_nothing(c
 
 
 def test_local_defaults_step_aside_for_explicit_flags_and_other_runners(monkeypatch):
-    monkeypatch.setattr(classify_images.os, "cpu_count", lambda: 16)
+    from pipelines.settings import is_local, local_defaults
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
 
     def applied(*flags):
-        options = PipelineOptions(["--input", "x", "--output", "y", *flags])
-        return classify_images.apply_local_defaults(options, list(flags)), options
+        options = ClassifyOptions(["--input", "x", "--output", "y", *flags])
+        chosen = local_defaults(options, list(flags), is_local(options))
+        assert options.ort_sessions == 1  # nothing is written into the parsed options
+        return chosen
 
-    done, options = applied()
-    assert done and options.view_as(ClassifyOptions).ort_sessions == 2
+    values, note = applied()
+    assert values == {"ort_sessions": 2, "intra_op_threads": 8, "direct_running_mode": "multi_threading",
+                      "direct_num_workers": 2}
+    assert note == ("16 cores: --direct_running_mode=multi_threading --direct_num_workers=2 --ort_sessions 2 "
+                    "--intra_op_threads 8 (pass any of them to choose yourself)")
     for flags in (["--direct_running_mode=in_memory"], ["--direct_num_workers", "1"], ["--intra_op_threads=4"],
                   ["--ort_sessions=1"], ["--providers", "cuda"], ["--runner", "DataflowRunner"],
                   ["--engine", "tensorrt"]):
-        done, options = applied(*flags)
-        assert done is None, flags
-        assert options.view_as(ClassifyOptions).ort_sessions == 1, flags
-    monkeypatch.setattr(classify_images.os, "cpu_count", lambda: 4)
-    assert applied()[0] is None  # small machines: one bundle thread measured as fast
+        assert applied(*flags) == ({}, None), flags
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert applied() == ({}, None)  # small machines: one bundle thread measured as fast

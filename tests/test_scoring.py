@@ -184,13 +184,13 @@ def test_max_decoders_caps_the_decoders_built_and_the_callers_beyond_it_wait(cal
 
 
 def test_max_decoders_reaches_the_recipe_and_a_negative_one_is_refused(tmp_path, model_path):
-    from apache_beam.options.pipeline_options import PipelineOptions
-
     from engines.base import UsageError
-    from pipelines.classify_images import ClassifyOptions, make_handler, run
+    from pipelines.classify_images import make_handler, run
+    from pipelines.settings import resolve
 
-    opts = PipelineOptions(["--input", "x", "--output", "y", "--max_decoders", "2"]).view_as(ClassifyOptions)
-    assert make_handler(opts, "dali_cpu")[0].loader.max_decoders == 2
+    settings, _ = resolve(["--input", "x", "--output", "y", "--max_decoders", "2", "--decode", "dali_cpu"],
+                          start_checks=False)
+    assert make_handler(settings).loader.max_decoders == 2
     with pytest.raises(UsageError, match="--max_decoders must be >= 0"):
         run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max_decoders", "-1"])
 

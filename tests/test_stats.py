@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from pipelines.stats import ProgressPrinter, build_stats, render_chart
+from pipelines.run_record import build_stats
+from pipelines.stats import ProgressPrinter, render_chart
 from transforms.timing import Progress, bucket_upper_seconds, latency_bucket, percentile_from_buckets
 
 

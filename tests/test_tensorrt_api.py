@@ -358,7 +358,7 @@ def test_engine_specs_profiles_and_buffers(monkeypatch, fake_gpu):
 
 @pytest.mark.parametrize("contexts", [1, 2, 3])
 def test_every_context_runs_on_one_engine_and_selects_the_covering_profile(monkeypatch, fake_gpu, contexts):
-    """Issue 10, defect 1: the plan holds each profile once and contexts share it (TensorRT 9+);
+    """The plan holds each profile once and contexts share it (TensorRT 9+);
     the plan is deserialized once, whatever the number of contexts."""
     engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=contexts)
     with engine:
@@ -684,7 +684,7 @@ def _plan_info(**kw):
 
 
 def test_profile_switch_and_shape_inference_failures_carry_tensorrts_log(monkeypatch, fake_gpu):
-    """Issue 10, defect 4: the bindings raise RuntimeError (never return False) when these fail."""
+    """The bindings raise RuntimeError (never return False) when these fail."""
     engine, trt = make_engine(monkeypatch, fake_gpu, num_contexts=1)
     with engine:
         fake_engine = trt.state.engines[0]
@@ -704,7 +704,7 @@ def test_profile_switch_and_shape_inference_failures_carry_tensorrts_log(monkeyp
 
 
 def test_gpu_checks_follow_how_the_plan_was_built(monkeypatch, fake_gpu, caplog):
-    """Issue 10, defect 5: same_compute_capability needs an equal compute capability, ampere_plus 8.0+."""
+    """``same_compute_capability`` needs an equal compute capability, ampere_plus 8.0+."""
     h100 = dict(gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
     with pytest.raises(EngineError, match=r"built on NVIDIA H100 80GB HBM3 \(compute 9.0\) with "
                                           r"--hardware_compatibility same_compute_capability, which plans run only on "
@@ -723,7 +723,7 @@ def test_gpu_checks_follow_how_the_plan_was_built(monkeypatch, fake_gpu, caplog)
 
 
 def test_the_lean_runtime_refuses_plans_that_are_not_version_compatible(monkeypatch, fake_gpu):
-    """Issue 10, defect 5: tensorrt_lean runs version-compatible plans only."""
+    """``tensorrt_lean`` runs version-compatible plans only."""
     with pytest.raises(EngineError, match=r"built without --version_compatible, and this runtime is the lean "
                                           r"runtime \(tensorrt_lean 10.11.0.33\), which runs version-compatible "
                                           r"plans only"):
@@ -738,7 +738,7 @@ def test_the_lean_runtime_refuses_plans_that_are_not_version_compatible(monkeypa
 
 
 def test_plans_without_their_lean_runtime_load_only_in_the_version_that_built_them(monkeypatch, fake_gpu):
-    """Issue 10, defect 3: Runtime.load_runtime's docstring: an EXCLUDE_LEAN_RUNTIME plan needs a lean
+    """Runtime.load_runtime's docstring: an EXCLUDE_LEAN_RUNTIME plan needs a lean
     runtime of the same version; this project loads none, so another version is refused up front."""
     info = _plan_info(tensorrt_version="10.8.0.43", version_compatible=True, exclude_lean_runtime=True)
     with pytest.raises(EngineError, match=r"built --version_compatible --exclude_lean_runtime by TensorRT 10.8.0.43, "
@@ -753,7 +753,7 @@ def test_plans_without_their_lean_runtime_load_only_in_the_version_that_built_th
 
 
 def test_a_plan_without_the_magic_goes_to_tensorrt_with_a_warning(monkeypatch, fake_gpu, caplog):
-    """Issue 10, defect 7: the header layout is not promised for every plan; only ONNX bytes are refused."""
+    """The header layout is not promised for every plan; only ONNX bytes are refused."""
     with caplog.at_level(logging.WARNING):
         engine, trt = make_engine(monkeypatch, fake_gpu, plan=b"ptrt" + bytes(60), name="odd.plan")
     engine.close()
@@ -762,7 +762,7 @@ def test_a_plan_without_the_magic_goes_to_tensorrt_with_a_warning(monkeypatch, f
 
 
 def test_device_inputs_never_pass_through_the_host(monkeypatch, fake_gpu):
-    """Issue 9 item 4: device arrays are copied device-to-device into the slot's buffers (padded and
+    """Device arrays are copied device-to-device into the slot's buffers (padded and
     split on the device), and only the requested outputs come back to the host."""
     engine, trt = make_engine(monkeypatch, fake_gpu, profiles=((4, 8, 16),), num_contexts=2)
     executed = trt.state.engines[0].executed
@@ -827,7 +827,7 @@ def test_build_10x_fp16_sets_the_flag_and_profiles(fake_build, tmp_path):
                            hardware_compatibility="ampere_plus")
     built = builder_mod.build_plan(image_classifier(), options)
     assert fb.flags == ["FP16", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME"]
-    # Each profile once (issue 10, defect 1): any number of contexts shares them at run time.
+    # Each profile once: any number of contexts shares them at run time.
     assert fb.profiles == [{"images": ((1, 16, 16, 3), (8, 16, 16, 3), (32, 16, 16, 3))},
                            {"images": ((33, 16, 16, 3), (64, 16, 16, 3), (128, 16, 16, 3))}]
     assert fb.config.pool == {"WORKSPACE": 2 << 30} and fb.config.builder_optimization_level == 4
@@ -889,7 +889,7 @@ def test_build_multi_input_model(fake_build):
 
 
 def test_hardware_level_is_looked_up_only_when_asked_for(fake_build):
-    """Issue 10, defect 2: SAME_COMPUTE_CAPABILITY first exists in 10.9; 10.0-10.8 must still build
+    """SAME_COMPUTE_CAPABILITY first exists in 10.9; 10.0-10.8 must still build
     ampere_plus plans, and asking for the missing level is a clear error."""
     fb = fake_build(version="10.8.0.43")
     builder_mod.build_plan(image_classifier(), BuildOptions(hardware_compatibility="ampere_plus"))
@@ -904,7 +904,7 @@ def test_hardware_level_is_looked_up_only_when_asked_for(fake_build):
 
 
 def test_a_corrupt_timing_cache_is_replaced_with_a_warning(fake_build, tmp_path, caplog):
-    """Issue 10, defect 7: create_timing_cache gives None for a corrupt or foreign cache."""
+    """``create_timing_cache`` gives None for a corrupt or foreign cache."""
     fake_build()
     timing, l4_timing = tmp_path / "timing.cache", tmp_path / L4_TIMING
     l4_timing.write_bytes(b"\x00garbage from another TensorRT")

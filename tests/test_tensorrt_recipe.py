@@ -13,7 +13,7 @@ from engines.base import EngineError, UsageError
 from engines.tensorrt.options import Profile
 from engines.tensorrt.plan import PlanInfo, write_sidecar
 from engines.tensorrt.recipe import choose_batch_sizes, cli_on_gpu, cli_recipe
-from pipelines.classify_images import ClassifyOptions
+from pipelines.settings import ClassifyOptions
 from tests.tensorrt_models import LABELS, image_classifier
 
 
@@ -32,9 +32,14 @@ def options(*flags):
     return PipelineOptions(["--input", "x", "--output", "y", "--engine", "tensorrt", *flags]).view_as(ClassifyOptions)
 
 
+def recipe_of(opts):
+    """The recipe for the flags as given (``--batch_size`` as typed, as ``pipelines.settings.resolve`` passes it)."""
+    return cli_recipe(opts, opts.batch_size)
+
+
 def test_a_plan_gets_the_largest_profile_max_and_its_sidecar_labels(no_tensorrt, plan_path):
     opts = options("--engine_path", plan_path)
-    recipe = cli_recipe(opts)
+    recipe = recipe_of(opts)
     assert recipe.batch_size == 256 and cli_on_gpu(opts) and recipe.labels == LABELS
     assert recipe.info["precision"] == "fp16" and recipe.info["built_on"] == "NVIDIA L4 (compute 8.9)"
     assert recipe.info["profiles"] == [{"min": 1, "opt": 8, "max": 16}, {"min": 17, "opt": 128, "max": 256}]
@@ -43,29 +48,29 @@ def test_a_plan_gets_the_largest_profile_max_and_its_sidecar_labels(no_tensorrt,
 
 
 def test_explicit_batch_size_and_copies_per_gpu(no_tensorrt, plan_path):
-    recipe = cli_recipe(options("--engine_path", plan_path, "--batch_size", "512", "--share_model_across_processes",
+    recipe = recipe_of(options("--engine_path", plan_path, "--batch_size", "512", "--share_model_across_processes",
                                 "--model_copies", "2"))
     assert recipe.batch_size == 512 and recipe.loader.device == "auto"
     assert "batches above 256 are split" in recipe.info["batch_choice"]
 
 
 def test_onnx_path_builds_the_profile_from_the_flags(no_tensorrt):
-    recipe = cli_recipe(options("--onnx_path", "gs://b/m.onnx", "--engine_cache", "gs://b/plans", "--precision",
+    recipe = recipe_of(options("--onnx_path", "gs://b/m.onnx", "--engine_cache", "gs://b/plans", "--precision",
                                 "fp16", "--batch_size", "48"))
     assert recipe.batch_size == 48 and recipe.labels is None and recipe.labels_model == "gs://b/m.onnx"
     assert recipe.loader.build_options.profiles == (Profile(1, 48, 48),)
     assert recipe.loader.build_options.precision == "fp16" and recipe.loader.engine_cache == "gs://b/plans"
-    recipe = cli_recipe(options("--onnx_path", "m.onnx", "--trt_profile", "4,32,64"))
+    recipe = recipe_of(options("--onnx_path", "m.onnx", "--trt_profile", "4,32,64"))
     assert recipe.batch_size == 64 and recipe.loader.build_options.profiles == (Profile(4, 32, 64),)
 
 
 def test_a_plan_without_sidecar_needs_batch_size(no_tensorrt, tmp_path):
     plan = str(tmp_path / "bare.plan")
     with pytest.raises(UsageError, match=r"No sidecar .*bare.plan.json beside the plan.*or pass --batch_size"):
-        cli_recipe(options("--engine_path", plan))
-    assert cli_recipe(options("--engine_path", plan, "--batch_size", "64")).batch_size == 64
+        recipe_of(options("--engine_path", plan))
+    assert recipe_of(options("--engine_path", plan, "--batch_size", "64")).batch_size == 64
     with pytest.raises(UsageError, match="needs --engine_path PLAN .* or --onnx_path"):
-        cli_recipe(options())
+        recipe_of(options())
 
 
 def test_choose_batch_sizes_refuses_what_no_profile_takes():
@@ -79,14 +84,14 @@ def test_choose_batch_sizes_refuses_what_no_profile_takes():
 
 def test_loading_without_tensorrt_fails_with_the_fix(no_tensorrt, plan_path):
     with pytest.raises(ImportError, match=r"TensorRT is not importable .*Use the image built from Dockerfile"):
-        cli_recipe(options("--engine_path", plan_path)).loader()
+        recipe_of(options("--engine_path", plan_path)).loader()
 
 
 def test_build_flags_with_a_built_plan_are_reported_as_ignored(no_tensorrt, plan_path, caplog):
     def warned(*flags):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="engines.tensorrt.recipe"):
-            cli_recipe(options("--engine_path", plan_path, *flags))
+            recipe_of(options("--engine_path", plan_path, *flags))
         return " ".join(r.getMessage() for r in caplog.records)
 
     assert warned() == ""  # the default --precision fp16 matches the fp16 plan
@@ -98,8 +103,8 @@ def test_build_flags_with_a_built_plan_are_reported_as_ignored(no_tensorrt, plan
 def test_num_contexts_is_the_runtimes_choice_not_the_plans(no_tensorrt):
     """Contexts share the plan's profiles (TensorRT 10.x/11.x): any number of contexts runs one plan,
     and changing --num_contexts neither rebuilds the plan nor changes its engine-cache key."""
-    one = cli_recipe(options("--onnx_path", "m.onnx", "--num_contexts", "1")).loader
-    four = cli_recipe(options("--onnx_path", "m.onnx", "--num_contexts", "4")).loader
+    one = recipe_of(options("--onnx_path", "m.onnx", "--num_contexts", "1")).loader
+    four = recipe_of(options("--onnx_path", "m.onnx", "--num_contexts", "4")).loader
     assert four.num_contexts == 4
     assert one.build_options.cache_key() == four.build_options.cache_key()
 
@@ -111,6 +116,7 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     from apache_beam.internal import pickler
 
     from pipelines import classify_images
+    from pipelines.settings import resolve
 
     images = tmp_path / "images"
     images.mkdir()
@@ -119,21 +125,19 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     onnx_path.write_bytes(image_classifier())
     model_flags = (["--engine_path", plan_path] if source == "engine_path" else
                    ["--onnx_path", str(onnx_path), "--engine_cache", str(tmp_path / "cache"), "--trt_profile", "1,8,16"])
-    pipeline_options = PipelineOptions(["--input", str(images), "--output", str(tmp_path / "out"), "--engine",
-                                        "tensorrt", "--crop", "16", "--resize", "16", *model_flags])
-    opts = pipeline_options.view_as(ClassifyOptions)
-    classify_images.check_input(opts.input)
-    classify_images.check_setup(opts)  # the ONNX model's input fits --crop 16
-    handler, info, labels = classify_images.make_handler(opts)
-    assert info["engine"] == "tensorrt" and labels == LABELS
-    assert handler.images_per_batch == (256 if source == "engine_path" else 16)
+    argv = ["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt", "--crop", "16",
+            "--resize", "16", *model_flags]
+    settings, pipeline_options = resolve(argv)  # with the start checks: the ONNX model's input fits --crop 16
+    handler = classify_images.make_handler(settings)
+    assert settings.engine_record()["engine"] == "tensorrt" and list(settings.labels) == LABELS
+    assert handler.images_per_batch == settings.batch.images_per_batch == (256 if source == "engine_path" else 16)
     pipeline = beam.Pipeline(options=pipeline_options)
-    classify_images.build_pipeline(pipeline, opts, handler, labels)
+    classify_images.build_pipeline(pipeline, settings)
     proto = pipeline.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
     assert {"FindImages", "ReadBatches", "RunInference", "TopK"} <= {n.split("/")[0] for n in names}
     restored = pickler.loads(pickler.dumps(handler))  # what a worker unpickles
     assert restored.loader == handler.loader and restored.images_per_batch == handler.images_per_batch
     with pytest.raises(UsageError, match=r"--crop 224 does not fit .*\[.*16, 16, 3\]; pass --crop 16"):
-        classify_images.check_setup(PipelineOptions(["--engine", "tensorrt", "--onnx_path", str(onnx_path)])
-                                    .view_as(ClassifyOptions))
+        resolve(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt", "--onnx_path",
+                 str(onnx_path)])

@@ -55,7 +55,7 @@ def test_build_options_validation():
         BuildOptions(profiles=())
     with pytest.raises(EngineError, match="workspace_gib must be > 0"):
         BuildOptions(workspace_gib=0)
-    # Sidecars and caches written before issue 10 carry "contexts": still readable.
+    # Sidecars and caches of key schema 1 carry "contexts": still readable.
     assert BuildOptions.from_json(dict(BuildOptions().to_json(), contexts=2)) == BuildOptions()
     options = BuildOptions(profiles=["1,8,32", (33, 64, 128), {"min": 129, "opt": 200, "max": 256}])
     assert options.profiles == (Profile(1, 8, 32), Profile(33, 64, 128), Profile(129, 200, 256))
@@ -74,7 +74,7 @@ def test_cache_key_is_stable_and_ignores_the_timing_cache():
             "print(BuildOptions(profiles=['1,64,256'], precision='fp16').cache_key())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    # Changed on purpose for issue 10 (schema 2: profiles stored once, no "contexts"), so plans
+    # Changed on purpose for schema 2 (profiles stored once, no "contexts"), so plans
     # with per-context profile copies are rebuilt rather than reused.
     assert out.stdout.strip() == a.cache_key() == "3ca73d4e235fb1c3"
 
@@ -202,7 +202,7 @@ def test_check_plan_version():
 
 
 def test_version_rules_compare_the_whole_version():
-    """Issue 10, defect 3: a version-compatible plan from a newer patch release is newer too, and a plan
+    """A version-compatible plan from a newer patch release is newer too, and a plan
     built --exclude_lean_runtime loads only in the exact version that built it."""
     with pytest.raises(EngineError, match=r"built --version_compatible by TensorRT 10.11.1.2, newer than this "
                                           r"runtime \(TensorRT 10.11.0.33\)"):

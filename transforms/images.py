@@ -453,7 +453,7 @@ class ImageRefs(beam.PTransform):
         path: A glob (``gs://bucket/images/*.jpg``), a directory, or a manifest file.
         batch_size: Emit lists of this many refs instead of single refs, so no later step pays
             Beam's per-element cost per image (a 60,000-line manifest cost ~11 s of one core as
-            single elements on the H100 host; issue 9). Default None: single refs.
+            single elements on the H100 host, benchmarks/NOTES.md). Default None: single refs.
     """
 
     def __init__(self, path: str, batch_size: Optional[int] = None):
@@ -545,11 +545,15 @@ class ReadImageBatches(beam.DoFn):
     is hidden and up to ``prefetch`` batches are being read while this DoFn's thread runs the
     current one through the engine downstream. Every image that cannot be read or decoded is
     a ``dead_letter`` row; the rest of its batch goes on. Handling whole batches keeps Beam's
-    per-element cost off each image (issue 9: Beam alone tops out near 4,300 elements/s).
+    per-element cost off each image (Beam alone tops out near 4,300 elements/s on the H100 host).
 
     Args:
         config: Preprocessing sizes and limits.
-            16). Default -1.
+        gpu_decode: Images the header pre-screen passes are left encoded for the DALI decoder beside
+            the engine (``--decode gpu`` or ``dali_cpu``); the rest are decoded here, as on the CPU
+            path. Default False.
+        threads: Reader threads per DoFn instance; -1 = the worker's cores (at most 16), 0 = read
+            inline in the bundle's thread. Default -1.
         prefetch: Batches in flight per DoFn instance. Default 2.
         read_timeout_s: A read that makes no progress for this long becomes a ``read`` dead
             letter and the rest of its chunk is read by another thread; None = no limit.
@@ -605,7 +609,7 @@ class ReadImageBatches(beam.DoFn):
         pre-screen) and GIL-bound: it goes to a pool of :data:`LOCAL_GPU_READERS` threads, a
         whole batch per task, however many batches are in flight, since many threads
         contending for the GIL made each 43 KB read take 0.5-2.6 ms on 16 cores against 20 us
-        alone (issue 9, benchmarks/NOTES.md).
+        alone (benchmarks/NOTES.md).
         """
         if self._local_pool is not None and not any(storage.is_url(ref.uri) for ref in refs):
             return self._local_pool, 1

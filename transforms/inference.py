@@ -105,7 +105,7 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
         loader: A :class:`ScorerLoader`.
         output_name: The engine output holding the logits (only it is copied back).
         images_per_batch: Images per element, as the reading step forms them (the one batch-size
-            decision: the engine's batch, see ``pipelines.classify_images``). Default 32.
+            decision: the engine's batch, ``pipelines.settings.BatchSettings.images``). Default 32.
         batches_per_call: Elements per ``run_inference`` call. Default 1.
         share_across_processes: Share one scorer across a worker's processes (Beam's multi-process
             shared model) instead of one per process. Default False.

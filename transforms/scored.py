@@ -1,4 +1,4 @@
-"""What a run scored, and ``--skip_scored``: skip inputs a committed run already scored (issue 11).
+"""What a run scored, and ``--skip_scored``: skip inputs a committed run already scored (docs/scheduling.md).
 
 Every input that exists gets a fingerprint when its batch is checked, before it is read: its size
 and modification time (on GCS, the object's ``updated`` time, which every new generation changes).
@@ -8,7 +8,8 @@ on its bytes: a prediction, or a dead letter from decoding (a corrupt or unsuppo
 until it changes). Inputs with a ``read``, ``inference`` or ``manifest`` dead letter in the same
 partition do not count, so the next run tries them again; that rule is applied when a later run
 reads the records (:class:`_ReadPartition`), because deciding it while writing would need a join
-of every input with its outcome, one Beam element per image (issue 9 took those out).
+of every input with its outcome, one Beam element per image, whose per-element cost the pipeline's
+batches exist to avoid (benchmarks/NOTES.md).
 
 With ``--skip_scored ROOT``, inputs whose URI and fingerprint a committed partition under ROOT
 scored (one with ``_SUCCESS``, nothing unaccounted; the partition this run replaces does not

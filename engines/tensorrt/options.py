@@ -18,7 +18,8 @@ PRECISIONS = ("fp32", "fp16")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 
 #: Bump when the meaning of a build option changes, so old cached plans are not reused.
-#: 2: profiles are stored once, not once per execution context (issue 10); ``contexts`` is gone.
+#: 2: profiles are stored once, not once per execution context (contexts share them at run time);
+#: ``contexts`` is gone.
 _KEY_SCHEMA = 2
 
 
@@ -168,7 +169,7 @@ class BuildOptions:
 
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "BuildOptions":
-        # Unknown keys are ignored: sidecars written before issue 10 still carry "contexts".
+        # Unknown keys are ignored: sidecars of key schema 1 still carry "contexts".
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

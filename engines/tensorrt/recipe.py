@@ -1,7 +1,7 @@
-"""``--engine tensorrt`` for the job: the loader, batch size, description and labels from the flags.
+"""``--engine tensorrt`` for the job: its flags, and the loader, batch size, description and labels from them.
 
-What ``pipelines/engine_registry.py`` asks of an engine module (``cli_on_gpu``, ``cli_recipe``).
-Nothing TensorRT or CUDA is imported: the batch size comes from the plan's sidecar
+What ``pipelines/engine_registry.py`` asks of an engine module (``add_flags``, ``FLAG_RANGES``,
+``cli_recipe``, ...). Nothing TensorRT or CUDA is imported: the batch size comes from the plan's sidecar
 (``--engine_path``) or the build options (``--onnx_path``), so a laptop builds and submits the
 job. The engine itself splits batches above the largest profile and pads chunks below the
 smallest profile min (``engines.tensorrt.runtime``), so the pipeline only picks one size.
@@ -13,10 +13,89 @@ import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from engines.base import EngineError, EngineRecipe, UsageError, WorkerPath
+from engines.flags import BATCH_WHY, MAX_BATCH, MAX_COPIES, FlagRange, ModelFile, show
 from engines.tensorrt.loader import TensorRTLoader
-from engines.tensorrt.options import BuildOptions, Profile
+from engines.tensorrt.options import PRECISIONS, BuildOptions, Profile
 
 _LOG = logging.getLogger(__name__)
+
+#: Largest --workspace_gib: more than any GPU's memory (an H200 has 141 GB).
+MAX_WORKSPACE_GIB = 1024
+
+#: Bounds of this engine's numeric flags, checked at start whatever --engine is (``engines/flags.py``);
+#: --workspace_gib and --trt_profile have their own checks (:func:`check_flags`).
+FLAG_RANGES = (
+    FlagRange("--min_batch_size", "min_batch_size", 1, MAX_BATCH, BATCH_WHY),
+    FlagRange("--num_contexts", "num_contexts", 1, MAX_COPIES, "each context holds its own activation memory"),
+)
+
+
+def add_flags(argparser) -> None:
+    """Adds ``--engine tensorrt``'s flags to an ``argparse`` parser (see ``pipelines/engine_registry.py``).
+
+    Not named ``parser``: in this package that name is TensorRT's ONNX parser
+    (``tests/test_tensorrt_api.py`` checks every TensorRT name the package uses).
+    """
+    group = argparser.add_argument_group("--engine tensorrt")
+    group.add_argument("--engine_path", default=None, help="TensorRT: a serialized engine (.plan).")
+    group.add_argument("--onnx_path", default=None,
+                       help="TensorRT: an ONNX model to build (or fetch from --engine_cache) on the worker.")
+    group.add_argument("--engine_cache", default=None,
+                       help="TensorRT: directory (local or gs://) of plans keyed by GPU, TensorRT "
+                            "version and build options.")
+    group.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                       help="TensorRT build precision with --onnx_path. Default: fp16.")
+    group.add_argument("--trt_profile", dest="trt_profiles", action="append", default=None,
+                       metavar="MIN,OPT,MAX",
+                       help="TensorRT optimisation profile for the batch dimension with --onnx_path "
+                            "(repeatable). Default: 1,B,B with B = --batch_size or 64.")
+    group.add_argument("--num_contexts", type=int, default=2,
+                       help="TensorRT execution contexts per engine: copies in, compute and copies out "
+                            "of consecutive batches overlap. Default: 2.")
+    group.add_argument("--cuda_graphs", action="store_true",
+                       help="TensorRT: capture and replay a CUDA graph per batch shape.")
+    group.add_argument("--workspace_gib", type=float, default=None,
+                       help="TensorRT builder workspace limit in GiB. Default: TensorRT's.")
+    group.add_argument("--timing_cache", default=None,
+                       help="TensorRT builder timing cache to reuse and update (local or gs://): one file per "
+                            "GPU type and TensorRT version, PATH.<gpu>-sm<cc>-trt<version>, so caches of "
+                            "different GPUs never merge.")
+    group.add_argument("--min_batch_size", type=int, default=None,
+                       help="TensorRT: the batch size the profile is tuned for (default: the profile opt); "
+                            "batches are always --batch_size images, only a bundle's last is shorter.")
+
+
+def _check_profiles(profiles: Optional[Sequence[str]]) -> None:
+    """--trt_profile values: three batch sizes MIN,OPT,MAX, each 1..MAX_BATCH.
+
+    Raises:
+        UsageError: naming the flag, the value and the accepted form.
+    """
+    for text in profiles or ():
+        parts = [part.strip() for part in str(text).split(",")]
+        if len(parts) != 3 or not all(part.isdigit() and 1 <= int(part) <= MAX_BATCH for part in parts):
+            raise UsageError(f"--trt_profile {text} is not three batch sizes MIN,OPT,MAX such as 1,64,256 (accepted: "
+                             f"whole numbers 1 to {MAX_BATCH}; a batch of {MAX_BATCH} images already holds 147 GiB of "
+                             f"pixels)")
+
+
+def check_flags(options: Any) -> None:
+    """The checks of this engine's flags that are not ranges (:data:`FLAG_RANGES`), run at start
+    whatever --engine is.
+
+    Raises:
+        UsageError: naming the flag, the value and the accepted values.
+    """
+    workspace = options.workspace_gib
+    if workspace is not None and not 0 < workspace <= MAX_WORKSPACE_GIB:
+        # Not a FlagRange: 0 is refused too (TensorRT needs some workspace; leave the flag out for its default).
+        raise UsageError(f"--workspace_gib must be > 0 and <= {MAX_WORKSPACE_GIB}, got {show(workspace)} (accepted: "
+                         f"above 0 to {MAX_WORKSPACE_GIB} GiB, more than any GPU's memory; leave it out for "
+                         f"TensorRT's default)")
+    _check_profiles(options.trt_profiles)
+    if options.batch_size and options.min_batch_size and options.min_batch_size > options.batch_size:
+        raise UsageError(f"--min_batch_size {options.min_batch_size} is larger than --batch_size "
+                         f"{options.batch_size}; lower it or raise --batch_size")
 
 
 def choose_batch_sizes(profiles: Sequence[Profile], min_batch_size: Optional[int] = None,
@@ -58,12 +137,18 @@ def cli_on_gpu(options: Any) -> bool:
     return True
 
 
-def _loader(options: Any) -> TensorRTLoader:
+def cli_model_file(options: Any) -> Optional[ModelFile]:
+    """``--onnx_path``, which the launcher reads before anything runs; None for a built plan, whose
+    shapes are checked where a worker loads it (see ``pipelines/engine_registry.py``)."""
+    return ModelFile(options.onnx_path, "--onnx_path") if options.onnx_path else None
+
+
+def _loader(options: Any, batch_size: Optional[int]) -> TensorRTLoader:
     build_options = BuildOptions()
     if options.onnx_path:
         profiles = tuple(Profile.parse(p) for p in (options.trt_profiles or ()))
         if not profiles:
-            size = int(options.batch_size or 64)
+            size = int(batch_size or 64)
             profiles = (Profile(1, size, size),)
         build_options = BuildOptions(profiles=profiles, precision=options.precision or "fp32",
                                      workspace_gib=options.workspace_gib, timing_cache=options.timing_cache)
@@ -108,31 +193,36 @@ def cli_worker_paths(options: Any) -> List[WorkerPath]:
     return paths
 
 
-def cli_recipe(options: Any) -> EngineRecipe:
+def cli_recipe(options: Any, batch_size: Optional[int]) -> EngineRecipe:
     """The TensorRT recipe from ``--engine_path`` or ``--onnx_path`` and the build flags
-    (``pipelines.classify_images.ClassifyOptions``, read by attribute); the batch size comes from
-    the plan's profiles unless ``--batch_size`` is given (see ``pipelines/engine_registry.py``).
+    (``pipelines.settings.ClassifyOptions``, read by attribute); the batch size comes from the
+    plan's profiles unless one is given (see ``pipelines/engine_registry.py``).
+
+    Args:
+        options: The parsed options (read by attribute, never changed).
+        batch_size: ``--batch_size``, or None for the largest profile's max.
 
     Raises:
-        EngineError: neither ``--engine_path`` nor ``--onnx_path``, or a plan without its sidecar
+        UsageError: neither ``--engine_path`` nor ``--onnx_path``, or a plan without its sidecar
             and without ``--batch_size`` (its profiles are then unknown before a worker loads it).
+        EngineError: batch sizes no profile can take (:func:`choose_batch_sizes`).
     """
     if not (options.engine_path or options.onnx_path):
         raise UsageError("--engine tensorrt needs --engine_path PLAN (built by `python -m model_tools.build`) or "
                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
-    loader = _loader(options)
+    loader = _loader(options, batch_size)
     info = loader.plan_info()
     if options.engine_path and info is None:
-        if options.batch_size is None:
+        if batch_size is None:
             raise UsageError(f"No sidecar {options.engine_path}.json beside the plan, so its profiles are unknown "
                              f"here; copy the .json written by `python -m model_tools.build` next to it, or pass "
                              f"--batch_size")
-        profiles: Tuple[Profile, ...] = (Profile(1, int(options.batch_size), int(options.batch_size)),)
+        profiles: Tuple[Profile, ...] = (Profile(1, int(batch_size), int(batch_size)),)
         source = "the given --batch_size (no sidecar)"
     else:
         profiles = info.profiles if info else loader.build_options.profiles
         source = f"{options.engine_path}.json" if info else "the build options"
-    lo, hi, line = choose_batch_sizes(profiles, options.min_batch_size, options.batch_size, source)
+    lo, hi, line = choose_batch_sizes(profiles, options.min_batch_size, batch_size, source)
     _LOG.info("%s", line)
     if options.engine_path:
         _warn_ignored_build_flags(options, info)

@@ -157,7 +157,7 @@ def test_engine_with_standin_splits_and_chooses_profiles(standin_cls, monkeypatc
 
 
 def test_engine_reads_device_inputs_without_a_host_round_trip(standin_cls, monkeypatch):
-    """Issue 9 item 4 on real CUDA: CuPy arrays in, device-to-device copies only (padding and splitting on
+    """On real CUDA: CuPy arrays in, device-to-device copies only (padding and splitting on
     the device), and only the requested outputs copied to the host."""
     import collections
 

@@ -1,4 +1,4 @@
-"""GPU decode and device-resident inputs, for real on a GPU (issue 9).
+"""GPU decode and device-resident inputs, for real on a GPU.
 
 NVIDIA DALI's mixed backend decodes on the GPU, and ONNX Runtime's CUDA provider reads the
 decoded batch where it is (IOBinding). Needs a CUDA GPU, nvidia-dali and onnxruntime-gpu.

@@ -76,7 +76,7 @@ def test_dynamic_batches_match_onnxruntime(fp32_engine, classifier):
 
 
 def test_device_inputs_match_host_inputs(fp32_engine):
-    """Issue 9 item 4: CuPy arrays are read on the device (copied device-to-device), padded and split there."""
+    """CuPy arrays are read on the device (copied device-to-device), padded and split there."""
     cupy = pytest.importorskip("cupy", reason="CuPy is in the Dockerfile's test stage, not the worker image")
     for n in (1, 9, 33, 70):
         x = images(n, seed=200 + n)

@@ -1,4 +1,4 @@
-"""Engine copies and their decoders on two GPUs, for real (issue 14). Needs two CUDA GPUs, NVIDIA
+"""Engine copies and their decoders on two GPUs, for real. Needs two CUDA GPUs, NVIDIA
 DALI, onnxruntime-gpu and CuPy; skipped otherwise.
 
     python -m pytest -m cuda tests/gpu/test_two_gpus.py -v

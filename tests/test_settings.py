@@ -1,0 +1,129 @@
+"""``pipelines/settings.py``: the command line is parsed, checked and resolved once, into frozen settings
+that the reader, the model handler and the sinks read; no option is rewritten after parsing; each engine
+adds its own flags through the registry, and the job module names no engine."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+
+import pytest
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+from pipelines import classify_images, engine_registry
+from pipelines.settings import BatchSettings, ClassifyOptions, DecodeSettings, resolve
+from tests.conftest import REPO, jpeg_bytes, photo
+from tests.tensorrt_models import image_classifier
+
+
+def test_a_run_resolves_its_options_once_into_frozen_settings(corpus, model_path, tmp_path, monkeypatch):
+    calls = []
+
+    def counted(argv, **kwargs):
+        calls.append(list(argv))
+        return resolve(argv, **kwargs)
+
+    monkeypatch.setattr(classify_images, "resolve", counted)
+    directory, good, _ = corpus
+    stats = classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--batch_size", "5",
+                                 "--progress_every_s", "0"])
+    assert len(calls) == 1 and stats["predictions"] == len(good)
+    assert stats["settings"]["batch_size"] == 5 and stats["settings"]["batches_per_call"] == 1
+    settings, _ = resolve(calls[0], start_checks=False)
+    for frozen, field in ((settings, "batch"), (settings, "input"), (settings.batch, "images_per_batch"),
+                          (settings.decode, "mode")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(frozen, field, None)
+
+
+@pytest.fixture
+def fixed_batch_model(tmp_path):
+    """A classifier of 16x16 images whose batch dimension is fixed at 1, and a folder with one photo."""
+    path = tmp_path / "fixed.onnx"
+    path.write_bytes(image_classifier(size=16, batch=1))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "chelsea.jpg").write_bytes(jpeg_bytes(photo("chelsea")))
+    return str(path), str(photos)
+
+
+def test_no_option_is_written_after_parsing(fixed_batch_model, tmp_path, monkeypatch):
+    """The dated paths, a fixed-batch model's batch of 1 and the many-core local defaults all used to be
+    written into the parsed options; now they are resolved into the settings and the job's options are
+    built once with them."""
+    model, photos = fixed_batch_model
+    writes = []
+    real = PipelineOptions.__setattr__
+
+    def spy(self, name, value):
+        if not name.startswith("_"):
+            writes.append(name)
+        real(self, name, value)
+
+    monkeypatch.setattr(PipelineOptions, "__setattr__", spy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    argv = ["--input", photos, "--output", str(tmp_path / "scored" / "dt={date}"), "--run_date", "2024-05-31",
+            "--model", model, "--crop", "16", "--resize", "16", "--progress_every_s", "0"]
+    settings, options = resolve(argv)
+    assert writes == []
+    assert settings.batch == BatchSettings(images_per_batch=1, batches_per_call=1, prefetch=2)  # the model's fixed batch
+    assert settings.output == os.path.realpath(tmp_path / "scored" / "dt=2024-05-31")
+    assert settings.local_defaults.startswith("16 cores: --direct_running_mode=multi_threading")
+    assert settings.engine_record()["ort_sessions"] == 2 and settings.direct_num_workers == 2
+    # The job's options carry the dated paths and the local defaults; --batch_size stays as typed.
+    assert options.output == str(tmp_path / "scored" / "dt=2024-05-31") and options.batch_size is None
+    assert options.view_as(DirectOptions).direct_running_mode == "multi_threading"
+    # The options as typed, parsed again, are what they were.
+    typed = ClassifyOptions(argv)
+    assert typed.output.endswith("dt={date}") and typed.ort_sessions == 1
+
+
+def test_batch_size_and_decode_reach_the_reader_the_handler_and_the_decoder_from_one_place(model_path):
+    settings, _ = resolve(["--input", "x", "--output", "y", "--batch_size", "6", "--decode", "dali_cpu",
+                           "--dali_threads", "2"], start_checks=False)
+    assert settings.batch == BatchSettings(images_per_batch=6, batches_per_call=4, prefetch=8)
+    assert settings.decode.mode == "dali_cpu" and settings.decode.encoded
+    assert settings.decode.dali.max_batch == 6 and settings.decode.dali.device == "cpu"
+    handler = classify_images.make_handler(settings)
+    assert handler.images_per_batch == 6 and handler.batch_elements_kwargs()["max_batch_size"] == 4
+    assert handler.loader.decoder == settings.decode.dali
+    record = settings.record()
+    assert (record["batch_size"], record["batches_per_call"], record["prefetch_batches"], record["decode"]) == (
+        6, 4, 8, "dali_cpu")
+    cpu, _ = resolve(["--input", "x", "--output", "y", "--decode", "cpu", "--prefetch", "3"], start_checks=False)
+    assert cpu.batch == BatchSettings(images_per_batch=32, batches_per_call=1, prefetch=3)
+    assert cpu.decode == DecodeSettings("cpu", "asked for", None, 1) and not cpu.decode.encoded
+
+
+def _flags_added(add):
+    parser = argparse.ArgumentParser()
+    add(parser)
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+@pytest.mark.parametrize("name,flags", [
+    ("onnxruntime", {"--model", "--providers", "--intra_op_threads", "--ort_sessions", "--ort_spinning"}),
+    ("tensorrt", {"--engine_path", "--onnx_path", "--engine_cache", "--precision", "--trt_profile", "--num_contexts",
+                  "--cuda_graphs", "--workspace_gib", "--timing_cache", "--min_batch_size"}),
+])
+def test_each_engine_module_adds_its_own_flags_and_ranges(name, flags, monkeypatch):
+    module = engine_registry._module(name)
+    assert _flags_added(module.add_flags) - {"-h", "--help"} == flags
+    assert {rule.flag for rule in module.FLAG_RANGES} <= flags  # each engine checks only its own flags
+    # Without the engine in the registry, the command line does not know its flags.
+    monkeypatch.setattr(engine_registry, "ENGINES", {n: m for n, m in engine_registry.ENGINES.items() if n != name})
+    assert not flags & _flags_added(ClassifyOptions._add_argparse_args)
+
+
+def test_the_job_module_names_no_engine():
+    source = (REPO / "pipelines" / "classify_images.py").read_text()
+    assert "onnxruntime" not in source.lower() and "tensorrt" not in source.lower()
+    for path in ("classify_images.py", "settings.py"):
+        tree = ast.parse((REPO / "pipelines" / path).read_text())
+        compared = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Compare)
+                    and any(isinstance(side, ast.Attribute) and side.attr == "engine"
+                            for side in [node.left, *node.comparators])]
+        assert not compared, f"{path} branches on --engine: {compared}"
+
