@@ -223,10 +223,10 @@ def test_a_worker_pool_on_another_host_cannot_read_local_paths_but_keeps_its_own
     monkeypatch.setattr(launch_checks, "image_versions", lambda: other)
     pool = ["--runner", "PortableRunner", "--environment_type", "EXTERNAL", "--environment_config", "pool.internal:5"]
     options = PipelineOptions([*DATAFLOW, *pool, *_flags()])
-    launch_checks.check_launch(options, options.view_as(classify_images.ClassifyOptions), False)
+    launch_checks.check_launch(options, options.view_as(settings.ClassifyOptions), False)
     with pytest.raises(UsageError, match="apache-beam 0.1.0"):  # the same launch to Dataflow is held to the image
         options = PipelineOptions([*DATAFLOW, *_flags()])
-        launch_checks.check_launch(options, options.view_as(classify_images.ClassifyOptions), False)
+        launch_checks.check_launch(options, options.view_as(settings.ClassifyOptions), False)
     options, opts = _options(*pool, *_flags(model="/tmp/m.onnx"))
     with pytest.raises(UsageError, match="--model"):
         launch_checks.check_launch(options, opts, False)
