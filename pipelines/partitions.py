@@ -129,7 +129,7 @@ def fault_plan(opts):
         raise UsageError(str(e)) from None
 
 
-def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None):
+def write_and_commit(plan, found, checked, predictions, dead, output_format: str, faults=None, bigquery=None):
     """Writes predictions, dead letters and the scored-input records into the run's own folder, then
     commits the partition as the pipeline's last step (transforms/commit.py).
 
@@ -141,6 +141,8 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
         dead: Dead-letter rows, one element each.
         output_format: ``--output_format``.
         faults: The test-only fault plan, or None.
+        bigquery: A checked ``transforms.bigquery.BigQueryTarget`` to load the predictions into as
+            well, before the commit, which records it under ``bigquery``; None: files only.
 
     Returns:
         The commit step's output: the ``_SUCCESS`` document.
@@ -163,10 +165,15 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
                found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
               | "AllInputs" >> beam.Flatten())
-    return ({"written": written | "AllWritten" >> beam.Flatten(), "inputs": inputs,
-             "predictions": predictions | "RowsPerBlock" >> beam.Map(len),
-             "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
-             "skipped": checked[SKIPPED]} | "CommitPartition" >> CommitPartition(plan))
+    commit = {"written": written | "AllWritten" >> beam.Flatten(), "inputs": inputs,
+              "predictions": predictions | "RowsPerBlock" >> beam.Map(len),
+              "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
+              "skipped": checked[SKIPPED]}
+    if bigquery is not None:
+        from transforms.bigquery import WritePredictionsToBigQuery
+
+        commit["sinks"] = predictions | "WriteBigQuery" >> WritePredictionsToBigQuery(bigquery, plan.run_id)
+    return commit | "CommitPartition" >> CommitPartition(plan)
 
 
 def concurrent_commit(plan):

@@ -220,6 +220,8 @@ def committed_stats(summary: Dict[str, Any], engine: Dict[str, Any], settings: D
         wall_seconds = (end - start).total_seconds()
     stats = build_stats(metrics, wall_seconds, summary["inputs"], engine, settings)
     stats["run"] = {k: summary.get(k) for k in ("run_id", "run_date", "start_time", "end_time", "skip_scored")}
+    if summary.get("bigquery"):
+        stats["bigquery"] = summary["bigquery"]  # the table, partition, rows and load jobs (transforms/bigquery.py)
     stats["timing"] = "from Beam metrics (the launcher waited)" if metrics["distributions"] else (
         "counts only: per-stage timing is in the runner's metrics (the commit step cannot read them)")
     return stats
