@@ -42,6 +42,7 @@ from engines.pillow_decoder import PreprocessConfig
 from pipelines import launch_checks, partitions, submission
 from pipelines.engine_registry import engine_names
 from pipelines.stats import ProgressPrinter, build_stats, collect_metrics, committed_stats, write_stats
+from transforms import bigquery
 from transforms.faults import with_faults
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
@@ -189,6 +190,7 @@ class ClassifyOptions(PipelineOptions):
                             help="Remote runners: launch even though this environment's Python or Apache Beam "
                                  "differs from the worker image's (pipelines/image_versions.txt), e.g. for another "
                                  "--sdk_container_image built for this environment.")
+        bigquery.add_flags(parser)
 
 
 def engine_recipe(options: ClassifyOptions):
@@ -688,7 +690,7 @@ def read_prefetch(options: ClassifyOptions, handler) -> int:
 
 
 def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, labels,
-                   progress_dir: Optional[str] = None, decode: str = "cpu", plan=None):
+                   progress_dir: Optional[str] = None, decode: str = "cpu", plan=None, bigquery_target=None):
     """Adds the scoring transforms to ``pipeline``, ending with the commit of ``--output``.
 
     Batches, not images, travel through Beam: refs are grouped, each batch is read (and on the
@@ -697,6 +699,7 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
 
     Args:
         plan: The run's ``transforms.commit.CommitPlan``. Default: a new run into ``--output``.
+        bigquery_target: ``--output_table``, resolved and checked (transforms/bigquery.py). Default: none.
 
     Returns:
         (prediction row blocks, dead-letter rows) PCollections.
@@ -718,7 +721,8 @@ def build_pipeline(pipeline: beam.Pipeline, options: ClassifyOptions, handler, l
     dead = ((found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER], failed_rows)
             | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
-    partitions.write_and_commit(plan, found, checked, scored.rows, dead, options.output_format, faults)
+    partitions.write_and_commit(plan, found, checked, scored.rows, dead, options.output_format, faults,
+                                bigquery=bigquery_target)
     return scored.rows, dead
 
 
@@ -799,6 +803,11 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
     _LOG.info("decoding on %s (%s)", {"gpu": "the GPU (NVIDIA DALI)", "cpu": "the CPU (Pillow)",
                                      "dali_cpu": "the CPU (NVIDIA DALI)"}[decode], why)
     handler, engine_info, labels = make_handler(opts, decode)
+    table = bigquery.resolve_target(opts.output_table, opts.run_date, options, engine_info["engine"],
+                                    str(engine_info.get("model") or DEFAULT_MODEL))
+    if table:
+        _LOG.info("BigQuery table %s (%s): this run replaces its partition %s", table.spec,
+                  bigquery.check_table(table, options), table.partition)
     progress_dir = tempfile.mkdtemp(prefix="classify-progress-") if local and opts.progress_every_s > 0 else None
     settings = {
         "input": opts.input, "output": opts.output, "batch_size": handler.images_per_batch,
@@ -813,6 +822,7 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
         "local_defaults": local_defaults,
         "labels": "from model metadata" if labels and not opts.labels_file else (opts.labels_file or None),
         "run_date": opts.run_date, "skip_scored": opts.skip_scored,
+        "output_table": table.spec if table else None,
     }
     plan = partitions.make_plan(opts, engine_info, settings)
     _LOG.info("scoring %s -> %s with %s", opts.input, opts.output, engine_info)
@@ -821,7 +831,7 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, opts, handler, labels, progress_dir, decode, plan)
+        build_pipeline(pipeline, opts, handler, labels, progress_dir, decode, plan, table)
         printer = ProgressPrinter(progress_dir, opts.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
             try:
