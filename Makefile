@@ -9,6 +9,9 @@ EXPORT_VENV ?= .venv-export
 EXPORT_PY := $(EXPORT_VENV)/bin/python
 # Pinned so pip reuses a local wheel where one exists.
 TORCH ?= torch==2.13.0
+# .venv-bq runs the tests' BigQuery emulator (tests/bq_emulator.py, requirements-bq.txt): Python >= 3.11.
+BQ_VENV ?= .venv-bq
+BQ_PYTHON ?= $(PYTHON)
 MODEL := models/efficientnet_lite0.onnx
 MODEL_NCHW := models/efficientnet_lite0_float32_nchw.onnx
 
@@ -28,6 +31,13 @@ $(EXPORT_VENV)/.installed: requirements-export.txt
 	$(EXPORT_PY) -m pip install -q "$(TORCH)" -r requirements-export.txt
 	touch $@
 
+$(BQ_VENV)/.installed: requirements-bq.txt tests/bq_emulator.py
+	$(BQ_PYTHON) -m venv $(BQ_VENV)
+	$(BQ_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BQ_VENV)/bin/python -m pip install -q -r requirements-bq.txt
+	$(BQ_VENV)/bin/python -m tests.bq_emulator place-extensions
+	touch $@
+
 model: $(MODEL)
 
 $(MODEL): $(EXPORT_VENV)/.installed model_tools/export_efficientnet.py
@@ -43,7 +53,7 @@ demo: $(VENV)/.installed $(MODEL)
 # .ci/run adds where `nvidia-smi -L` finds one; on a GPU machine each test runs in exactly one lane.
 GPU_MARKERS := gpu or cuda
 
-test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)
+test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW) $(BQ_VENV)/.installed
 	$(PY) -m pytest -q -m "not ($(GPU_MARKERS))"
 
 # With .venv the tests that need the full TensorRT or CuPy skip, naming what is missing; inside the image
@@ -55,7 +65,7 @@ benchmark: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)
 	$(PY) -m benchmarks.throughput --images 2000
 
 clean:
-	rm -rf $(VENV) $(EXPORT_VENV) models demo_output demo_images benchmark_output
+	rm -rf $(VENV) $(EXPORT_VENV) $(BQ_VENV) models demo_output demo_images benchmark_output
 
 # Prints the Flex Template build command (docs/scheduling.md); run what it prints, or `make flex-template | sh`.
 # IMAGE is the image built from Dockerfile and pushed; TEMPLATE the gs:// path of the template spec.

@@ -94,7 +94,8 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     dead = ((found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER], failed_rows)
             | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
-    partitions.write_and_commit(plan, found, checked, scored.rows, dead, settings.output_format)
+    partitions.write_and_commit(plan, found, checked, scored.rows, dead, settings.output_format,
+                                bigquery=settings.bigquery)
     return scored.rows, dead
 
 

@@ -119,7 +119,7 @@ def make_plan(settings):
                       replaces=record["run_id"] if record else None)
 
 
-def write_and_commit(plan, found, checked, predictions, dead, output_format: str):
+def write_and_commit(plan, found, checked, predictions, dead, output_format: str, bigquery=None):
     """Writes predictions, dead letters and the scored-input records into the run's own folder, then
     commits the partition as the pipeline's last step (transforms/commit.py).
 
@@ -130,6 +130,8 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
         predictions: Blocks (lists) of prediction rows.
         dead: Dead-letter rows, one element each.
         output_format: ``--output_format``.
+        bigquery: A checked ``transforms.bigquery.BigQueryTarget`` to load the predictions into as
+            well, before the commit, which records it under ``bigquery``; None: files only.
 
     Returns:
         The commit step's output: the ``_SUCCESS`` document.
@@ -150,10 +152,15 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
                found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
               | "AllInputs" >> beam.Flatten())
-    return ({"written": written | "AllWritten" >> beam.Flatten(), "inputs": inputs,
-             "predictions": predictions | "RowsPerBlock" >> beam.Map(len),
-             "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
-             "skipped": checked[SKIPPED]} | "CommitPartition" >> CommitPartition(plan))
+    commit = {"written": written | "AllWritten" >> beam.Flatten(), "inputs": inputs,
+              "predictions": predictions | "RowsPerBlock" >> beam.Map(len),
+              "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
+              "skipped": checked[SKIPPED]}
+    if bigquery is not None:
+        from transforms.bigquery import WritePredictionsToBigQuery
+
+        commit["sinks"] = predictions | "WriteBigQuery" >> WritePredictionsToBigQuery(bigquery, plan.run_id)
+    return commit | "CommitPartition" >> CommitPartition(plan)
 
 
 def concurrent_commit(plan):

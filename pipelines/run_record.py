@@ -165,6 +165,8 @@ def committed_stats(summary: Dict[str, Any], engine: Dict[str, Any], settings: D
     stats = build_stats({"counters": counters, "distributions": {}, "buckets": {}},
                         (end - start).total_seconds(), summary["inputs"], engine, settings)
     stats["run"] = {k: summary.get(k) for k in ("run_id", "run_date", "start_time", "end_time", "skip_scored")}
+    if summary.get("bigquery"):
+        stats["bigquery"] = summary["bigquery"]  # the table, partition, rows and load jobs (transforms/bigquery.py)
     stats["timing"] = TIMING_COUNTS_ONLY
     return stats
 

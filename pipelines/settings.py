@@ -33,6 +33,7 @@ from engines.flags import BATCH_WHY, MAX_BATCH, MAX_COPIES, MAX_THREADS, THREADS
 from images.pillow_decoder import PreprocessConfig
 from pipelines import engine_registry, launch_checks, partitions
 from images.reading import DEFAULT_READ_TIMEOUT_S
+from transforms import bigquery
 from transforms.sinks import FORMATS
 
 _LOG = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class ClassifyOptions(PipelineOptions):
                             help="Remote runners: launch even though this environment's Python or Apache Beam "
                                  "differs from the worker image's (pipelines/image_versions.txt), e.g. for another "
                                  "--sdk_container_image built for this environment.")
+        bigquery.add_flags(parser)
         engine_registry.add_flags(parser)
 
 
@@ -248,6 +250,8 @@ class RunSettings:
         direct_running_mode: The DirectRunner's running mode (local defaults applied).
         direct_num_workers: The DirectRunner's workers (local defaults applied).
         progress_every_s: ``--progress_every_s``.
+        bigquery: ``--output_table``, resolved and checked (``transforms.bigquery.BigQueryTarget``), or
+            None: files only.
     """
 
     input: str
@@ -274,6 +278,7 @@ class RunSettings:
     direct_running_mode: str
     direct_num_workers: int
     progress_every_s: float
+    bigquery: Optional[bigquery.BigQueryTarget] = None
 
     def engine_record(self) -> Dict[str, Any]:
         """The engine's description for stats.json and the logs (a new dict each call)."""
@@ -297,6 +302,7 @@ class RunSettings:
             "local_defaults": self.local_defaults,
             "labels": "from model metadata" if self.labels and not self.labels_file else (self.labels_file or None),
             "run_date": self.run_date, "skip_scored": self.skip_scored,
+            "output_table": self.bigquery.spec if self.bigquery else None,
         }
 
 
@@ -512,6 +518,11 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
     recipe = engine_registry.recipe(options, batch_size)
     dali = _decoder(mode, options, preprocess, recipe.batch_size)
     per_call = GPU_DECODE_BATCHES_PER_CALL if dali else 1
+    table = bigquery.resolve_target(options.output_table, options.run_date, options, options.engine,
+                                    str(recipe.info.get("model") or ""))
+    if table and start_checks:  # credentials, dataset, table and its schema, before anything runs
+        _LOG.info("BigQuery table %s (%s): this run replaces its partition %s", table.spec,
+                  bigquery.check_table(table, options), table.partition)
     direct = options.view_as(DirectOptions)
     settings = RunSettings(
         input=options.input,
@@ -532,5 +543,5 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         local=local, local_defaults=defaults_note,
         runner=str(options.view_as(StandardOptions).runner or "DirectRunner"),
         direct_running_mode=direct.direct_running_mode, direct_num_workers=direct.direct_num_workers,
-        progress_every_s=options.progress_every_s)
+        progress_every_s=options.progress_every_s, bigquery=table)
     return settings, options

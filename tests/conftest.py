@@ -146,3 +146,16 @@ def no_tensorrt(monkeypatch):
     from engines.tensorrt import cuda
 
     monkeypatch.setattr(cuda, "_cudart", None)
+
+
+@pytest.fixture(scope="session")
+def bigquery_server(tmp_path_factory):
+    """bqemulator and the Cloud Storage emulator its loads read from, for the session (tests/bigquery_server.py)."""
+    from tests import bigquery_server as server
+
+    if not server.BQ_PYTHON.exists():
+        pytest.skip(f"{server.BQ_PYTHON} is missing: run `make .venv-bq/.installed` (make test does)")
+    running = server.start(tmp_path_factory.mktemp("bigquery"))
+    yield running
+    for proc in running.processes:
+        server.stop(proc)

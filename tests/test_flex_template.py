@@ -25,7 +25,7 @@ EXAMPLES = {"input": "gs://b/photos/dt={date}/**", "output": "gs://b/scored/dt={
             "num_contexts": "2", "batch_size": "64", "min_batch_size": "16", "top_k": "5", "output_name": "logits",
             "labels_file": "gs://b/labels.txt", "resize": "256", "crop": "224", "decode_threads": "-1",
             "prefetch": "8", "model_copies": "1", "dali_threads": "-1", "hw_decoder_load": "0.65",
-            "read_timeout_s": "30.5"}
+            "read_timeout_s": "30.5", "output_table": "my-project:scoring.predictions"}
 
 
 def _actions():

@@ -151,7 +151,7 @@ class _Commit(beam.DoFn):
     def __init__(self, plan: CommitPlan):
         self._plan = plan
 
-    def process(self, _, files, counts):
+    def process(self, _, files, counts, sinks=()):
         plan = self._plan
         token, current = storage.read_versioned(plan.success)
         record = parse_record(current)
@@ -174,6 +174,7 @@ class _Commit(beam.DoFn):
         for name in staged:  # kill -9 keeps written pages; a power loss needs them on disk first
             storage.fsync_file(storage.join(folder, name))
         summary = self._summary(staged, counts, record)
+        summary.update(sinks)  # what other sinks wrote, e.g. the BigQuery partition (transforms/bigquery.py)
         if plan.write_stats is not None:
             plan.write_stats(folder, summary)
             summary["files"]["stats"] = [f"{run_folder_name(plan.run_id)}/{n}" for n in ("stats.json", "stats.png")]
@@ -279,8 +280,9 @@ class CommitPartition(beam.PTransform):
 
     Input: a dict with the write results (``written``: FileResults from ``WriteRows`` into the
     plan's run folder) and, for each name in :data:`COUNTS`, a PCollection of numbers that add up
-    to that count (one per batch or block: no element per image). Output: the ``_SUCCESS``
-    document (one element).
+    to that count (one per batch or block: no element per image); optionally ``sinks``, ``(name,
+    entry)`` pairs from other sinks, each emitted once that sink's data is durable, which the
+    record carries under ``name``. Output: the ``_SUCCESS`` document (one element).
     """
 
     def __init__(self, plan: CommitPlan):
@@ -292,6 +294,7 @@ class CommitPartition(beam.PTransform):
                    | f"Name_{name}" >> beam.Map(lambda n, name=name: (name, n)) for name in COUNTS]
         counts = counted | "AllCounts" >> beam.Flatten()
         files = pcolls["written"] | "FileNames" >> beam.Map(_file_name)
+        sinks = {"sinks": beam.pvalue.AsDict(pcolls["sinks"])} if "sinks" in pcolls else {}
         return (pcolls["written"].pipeline | "CommitTrigger" >> beam.Create([None])
                 | "Commit" >> beam.ParDo(_Commit(self._plan), files=beam.pvalue.AsList(files),
-                                         counts=beam.pvalue.AsDict(counts)))
+                                         counts=beam.pvalue.AsDict(counts), **sinks))
