@@ -14,7 +14,8 @@ differs from it, with onnx alone (no torch), so every variant is the real pretra
   graph reshapes with the batch only, so any size runs (its "same" padding was fixed for 224 at
   export, which changes nothing these tests compare: wrapped and original run the same graph).
 
-Each keeps the ``labels`` metadata.
+Each keeps the ``labels`` metadata. :func:`crops` gives the demo's photos as the pipeline's uint8
+batch and :func:`run` runs a model on it with the project's ONNX Runtime engine.
 """
 
 from __future__ import annotations
@@ -23,17 +24,44 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from engines.onnxruntime_engine import OnnxRuntimeEngine
+from engines.pillow_decoder import PreprocessConfig, resize_and_crop
+from pipelines.demo import PHOTOS
+from tests.conftest import photo
 
 REPO = Path(__file__).resolve().parent.parent
 FLOAT_MODEL = REPO / "models" / "efficientnet_lite0_float32_nchw.onnx"
+#: The demo's photos, one of each source, in a fixed order: astronaut, camera, chelsea, coffee, rocket.
+SOURCES = sorted({source for _, source, _ in PHOTOS})
+
+
+def crops(height: int, width: int) -> np.ndarray:
+    """The demo photos as one uint8 RGB batch (N, height, width, 3), shorter side resized first."""
+    out = []
+    for name in SOURCES:
+        image = Image.fromarray(photo(name)).convert("RGB")
+        if height == width:  # the pipeline's own resize-and-crop
+            out.append(resize_and_crop(image, PreprocessConfig(resize=round(height * 256 / 224), crop=height)))
+        else:
+            out.append(np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)))
+    return np.stack(out)
+
+
+def run(model: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:
+    """ONNX Runtime on the model's one input; its first output."""
+    engine = OnnxRuntimeEngine(model.SerializeToString())
+    with engine:
+        outputs = engine.infer({engine.input_names()[0]: batch})
+    return next(iter(outputs.values()))
 
 
 def load_float_model() -> onnx.ModelProto:
     """The shipped float32 NCHW export; a clear failure when ``make test`` has not made it."""
     if not FLOAT_MODEL.exists():
-        import pytest
-
         pytest.fail(f"{FLOAT_MODEL} is missing: run `make test` (it exports it with the model)")
     return onnx.load(str(FLOAT_MODEL))
 

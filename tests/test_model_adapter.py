@@ -10,42 +10,17 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from PIL import Image
 
 from engines.base import EngineError, UsageError
 from engines.model_adapter import (IMAGENET_FLAGS, IMAGENET_MEAN, IMAGENET_STD, INPUT_ADAPTER_KEY, InputSpec,
                                    Preprocessing, apply_activation, describe_input, final_activation, preprocess,
                                    record_activation, resolve_activation, wrap)
-from engines.onnxruntime_engine import OnnxRuntimeEngine
-from engines.pillow_decoder import PreprocessConfig, resize_and_crop
-from pipelines.demo import PHOTOS
 from tests import model_variants
-from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP, photo
+from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP
+from tests.model_variants import SOURCES, crops, run
 
 IMAGENET = Preprocessing(IMAGENET_MEAN, IMAGENET_STD)
 IMAGENET_BGR = Preprocessing(IMAGENET_MEAN, IMAGENET_STD, "bgr")
-#: The demo's photos, one of each source, in a fixed order: astronaut, camera, chelsea, coffee, rocket.
-SOURCES = sorted({source for _, source, _ in PHOTOS})
-
-
-def crops(height: int, width: int) -> np.ndarray:
-    """The demo photos as one uint8 RGB batch (N, height, width, 3), shorter side resized first."""
-    out = []
-    for name in SOURCES:
-        image = Image.fromarray(photo(name)).convert("RGB")
-        if height == width:  # the pipeline's own resize-and-crop
-            out.append(resize_and_crop(image, PreprocessConfig(resize=round(height * 256 / 224), crop=height)))
-        else:
-            out.append(np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)))
-    return np.stack(out)
-
-
-def run(model: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:
-    """ONNX Runtime on the model's one input; its first output."""
-    engine = OnnxRuntimeEngine(model.SerializeToString())
-    with engine:
-        outputs = engine.infer({engine.input_names()[0]: batch})
-    return next(iter(outputs.values()))
 
 
 @pytest.fixture(scope="module")
@@ -185,11 +160,13 @@ def test_sigmoid_head_scores_each_class_alone(float_model, batch, reference_logi
 def test_auto_activation_reads_the_graph_then_says_what_it_chose(float_model, caplog):
     with caplog.at_level(logging.INFO, logger="engines.model_adapter"):
         assert resolve_activation(float_model, "logits", source="model.onnx") == "softmax"
-    assert "activation softmax for output 'logits' of model.onnx: its graph ends in no Softmax or Sigmoid" in caplog.text
+    assert ("activation softmax for output 'logits' of model.onnx: its graph ends in no Softmax or Sigmoid"
+            in caplog.text)
     assert resolve_activation(float_model, "logits", "none") == "none"
     with pytest.raises(UsageError, match=r"--activation must be one of \['auto', 'softmax', 'sigmoid', 'none'\]"):
         resolve_activation(float_model, "logits", "relu")
-    with pytest.raises(EngineError, match=r"Output tensor: probs \| not an output of the model \(outputs: \['logits'\]"):
+    with pytest.raises(EngineError, match=r"Output tensor: probs \| not an output of the model "
+                                          r"\(outputs: \['logits'\]"):
         final_activation(float_model, "probs")
 
 
