@@ -230,20 +230,32 @@ def describe_input(model, source: str = "the model") -> InputSpec:
     if tensor.elem_type not in dtypes:
         raise EngineError(f"Input tensor: {value.name} of {source} | Received unexpected dtype: {type_name}. "
                           f"Note: Expected type: FLOAT, FLOAT16 or UINT8 (an image batch)")
-    dims = [_dim(d) for d in tensor.shape.dim]
+    return image_input(value.name, dtypes[tensor.elem_type], [_dim(d) for d in tensor.shape.dim], source)
+
+
+def image_input(name: str, dtype, dims: Sequence[Optional[int]], source: str = "the model") -> InputSpec:
+    """The :class:`InputSpec` of an image input of known dtype and dimensions (None or -1: dynamic).
+
+    What :func:`describe_input` does once it has the input, for an engine's input spec
+    (``engines.base.TensorSpec``) as well as for an ONNX graph's.
+
+    Raises:
+        EngineError: ``dims`` is not a 4-d shape with one 3-channel axis.
+    """
+    dims = [None if d is None or d < 0 else int(d) for d in dims]
     shown = tuple("?" if d is None else d for d in dims)
     if len(dims) != 4:
-        raise EngineError(f"Input tensor: {value.name} of {source} | shape {shown} is not an image batch. "
+        raise EngineError(f"Input tensor: {name} of {source} | shape {shown} is not an image batch. "
                           f"Note: Expected (N, 3, H, W) or (N, H, W, 3)")
     if dims[1] == 3 and dims[3] != 3:
         layout, (height, width) = "NCHW", dims[2:]
     elif dims[3] == 3 and dims[1] != 3:
         layout, (height, width) = "NHWC", dims[1:3]
     else:
-        raise EngineError(f"Input tensor: {value.name} of {source} | shape {shown} has no 3-channel axis the "
+        raise EngineError(f"Input tensor: {name} of {source} | shape {shown} has no 3-channel axis the "
                           f"layout can be told from. Note: Expected (N, 3, H, W) or (N, H, W, 3); the pipeline "
                           f"delivers RGB images (export grayscale or 4-channel models with a 3-channel input)")
-    return InputSpec(value.name, layout, dtypes[tensor.elem_type], height, width, 3, dims[0])
+    return InputSpec(name, layout, dtype, height, width, 3, dims[0])
 
 
 def recorded_preprocessing(model) -> Optional[Preprocessing]:
