@@ -308,15 +308,7 @@ def wrap(model, preprocessing: Preprocessing = Preprocessing(), source: str = "t
         raise UsageError(f"{source} was prepared with {recorded.flags() or 'no flags'} (its {INPUT_ADAPTER_KEY} "
                          f"metadata), and {preprocessing.flags()} was passed: pass the same flags, none, or "
                          f"prepare the original model again")
-    if spec.dtype == np.uint8 and preprocessing.normalises:
-        raise UsageError(f"{source} takes uint8 images ({spec.describe()}) and normalises them itself; drop "
-                         f"--mean and --std (they are for models that take float input)")
-    if spec.dtype != np.uint8 and not preprocessing.normalises:
-        raise UsageError(f"{source} takes {spec.dtype} input ({spec.describe()}), normalised outside the model: "
-                         f"pass the mean and std it was trained with, on the 0-1 scale, e.g. {IMAGENET_FLAGS} "
-                         f"for ImageNet-trained torchvision/timm models (their model card or "
-                         f"timm.data.resolve_data_config() tells; add --channel_order bgr for models trained "
-                         f"on BGR images)")
+    check_flags(spec, preprocessing, source)
     if spec.is_pipeline_contract and preprocessing.channel_order == "rgb":
         return model
 
@@ -383,6 +375,24 @@ def wrap(model, preprocessing: Preprocessing = Preprocessing(), source: str = "t
     return wrapped
 
 
+def check_flags(spec: InputSpec, preprocessing: Preprocessing, source: str = "the model") -> None:
+    """Checks that the flags fit the model's input: a mean and std for float input, none for uint8.
+
+    Raises:
+        UsageError: a float input without ``--mean``/``--std`` (the message prints the flags to
+            add), or ``--mean``/``--std`` for a uint8 input.
+    """
+    if spec.dtype == np.uint8 and preprocessing.normalises:
+        raise UsageError(f"{source} takes uint8 images ({spec.describe()}) and normalises them itself; drop "
+                         f"--mean and --std (they are for models that take float input)")
+    if spec.dtype != np.uint8 and not preprocessing.normalises:
+        raise UsageError(f"{source} takes {spec.dtype} input ({spec.describe()}), normalised outside the model: "
+                         f"pass the mean and std it was trained with, on the 0-1 scale, e.g. {IMAGENET_FLAGS} "
+                         f"for ImageNet-trained torchvision/timm models (their model card or "
+                         f"timm.data.resolve_data_config() tells; add --channel_order bgr for models trained "
+                         f"on BGR images)")
+
+
 def _dim_of(d):
     if d.HasField("dim_value") and d.dim_value > 0:
         return int(d.dim_value)
@@ -407,7 +417,8 @@ def _unique(name: str, taken: set) -> str:
     return f"{name}_{i}"
 
 
-def preprocess(images: np.ndarray, spec: InputSpec, preprocessing: Preprocessing) -> np.ndarray:
+def preprocess(images: np.ndarray, spec: InputSpec, preprocessing: Preprocessing,
+               source: str = "the model") -> np.ndarray:
     """The reference conversion in numpy: uint8 RGB ``(N, H, W, 3)`` -> the model's own input.
 
     What a torchvision user's code does (``ToTensor``, ``Normalize``, stacking, a channel swap
@@ -418,16 +429,19 @@ def preprocess(images: np.ndarray, spec: InputSpec, preprocessing: Preprocessing
         images: uint8 RGB batch ``(N, H, W, 3)``.
         spec: The model's input (:func:`describe_input`).
         preprocessing: The flags.
+        source: The model's file, for messages. Default "the model".
 
     Returns:
         A C-contiguous array in the model's layout and dtype.
 
     Raises:
         EngineError: ``images`` is not a uint8 ``(N, H, W, 3)`` batch.
+        UsageError: the flags do not fit the model's input (:func:`check_flags`).
     """
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise EngineError(f"preprocess takes a uint8 (N, H, W, 3) RGB batch, got {images.dtype} {images.shape}")
+    check_flags(spec, preprocessing, source)
     x = images
     if spec.dtype != np.uint8:
         x = x.astype(np.float32)

@@ -213,6 +213,15 @@ def test_float_model_without_mean_and_std_is_refused_naming_the_flags(float_mode
         wrap(model_variants.float16(float_model), Preprocessing(channel_order="bgr"))
 
 
+def test_numpy_reference_checks_the_same_flags(float_model, model_path, batch):
+    with pytest.raises(UsageError, match=r"the reference takes float32 input .* e.g. --mean 0.485,0.456,0.406"):
+        preprocess(batch, describe_input(float_model), Preprocessing(), "the reference")
+    with pytest.raises(UsageError, match="normalises them itself; drop --mean and --std"):
+        preprocess(batch, describe_input(onnx.load(model_path)), IMAGENET)
+    with pytest.raises(EngineError, match=r"preprocess takes a uint8 \(N, H, W, 3\) RGB batch, got float32"):
+        preprocess(batch.astype(np.float32), describe_input(float_model), IMAGENET)
+
+
 def test_uint8_nhwc_model_passes_through_unchanged(model_path):
     shipped = onnx.load(model_path)
     before = shipped.SerializeToString()
