@@ -191,6 +191,60 @@ def _onnx():
     return import_optional("onnx", ONNX_HINT)
 
 
+def load_model(path: str, what: str = "Model file"):
+    """Reads an ONNX model (local or gs://) with the weights an exporter wrote beside it, as one ``ModelProto``.
+
+    ``torch.onnx.export`` in torch 2.9 and later keeps weights in ``<model>.onnx.data`` beside the
+    model unless told ``external_data=False``; those files are read from the model's folder
+    (any Beam filesystem), so the result is whole and serialises to one file of bytes.
+
+    Args:
+        path: The ``.onnx`` file.
+        what: The file's purpose for messages, best naming its flag. Default "Model file".
+
+    Raises:
+        EngineError: the file or a weights file it names cannot be read, or it is not ONNX.
+    """
+    onnx = _onnx()
+    from engines import storage
+
+    data = storage.read_bytes(path, what)
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as e:  # protobuf raises DecodeError and friends
+        raise EngineError(f"{what} {path} is not an ONNX model ({len(data)} bytes): {e}") from e
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    files: Dict[str, bytes] = {}
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if location not in files:
+            files[location] = storage.read_bytes(storage.join(folder, location),
+                                                 f"{what}'s weights file (written beside {path} by its exporter)")
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else len(files[location]) - offset
+        tensor.raw_data = files[location][offset:offset + length]
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+    return model
+
+
+def _tensors(graph):
+    """Every tensor a graph holds: initializers and constants, in subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
 def _graph_inputs(model):
     initializers = {i.name for i in model.graph.initializer}
     return [v for v in model.graph.input if v.name not in initializers]

@@ -27,7 +27,7 @@ from typing import List, Optional
 from engines import storage
 from engines.base import EngineError, UsageError, import_optional
 from engines.model_adapter import (ACTIVATIONS, CHANNEL_ORDERS, IMAGENET_FLAGS, Preprocessing, describe_input,
-                                   record_activation, resolve_activation, wrap)
+                                   load_model, record_activation, resolve_activation, wrap)
 from engines.onnx_summary import ONNX_HINT
 
 #: protobuf cannot serialise a message of 2 GiB or more; bigger models keep weights in a side file.
@@ -53,23 +53,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="The output the pipeline ranks. Default: 'logits' if the model has it, else its "
                              "first output.")
     return parser.parse_args(argv)
-
-
-def load(path: str):
-    """Reads an ONNX model, with the side file of weights a model over 2 GiB keeps beside it (local paths).
-
-    Raises:
-        EngineError: the file cannot be read or is not an ONNX model.
-    """
-    onnx = import_optional("onnx", ONNX_HINT)
-    data = storage.read_bytes(path)
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as e:  # protobuf raises DecodeError and friends
-        raise EngineError(f"{path} is not an ONNX model ({len(data)} bytes): {e}") from e
-    if not storage.is_url(path) and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        onnx.external_data_helper.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
-    return model
 
 
 def save(model, path: str) -> None:
@@ -108,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         preprocessing = Preprocessing.from_flags(args.mean, args.std, args.channel_order)
-        model = load(args.model)
+        model = load_model(args.model)
         source = os.path.basename(args.model)
         original = describe_input(model, source)
         prepared = wrap(model, preprocessing, source)

@@ -66,7 +66,8 @@ def load_float_model() -> onnx.ModelProto:
     return onnx.load(str(FLOAT_MODEL))
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy (variants and savers never touch the model they are given)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
@@ -86,7 +87,7 @@ def bgr(model: onnx.ModelProto) -> onnx.ModelProto:
     The padding before it is channel-independent, so BGR pixels in give exactly the RGB model's
     outputs.
     """
-    out = _copy(model)
+    out = copy(model)
     weight = _initializer(out, _first_conv(out).input[1])
     array = numpy_helper.to_array(weight)
     if array.shape[1] != 3:
@@ -97,7 +98,7 @@ def bgr(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def nhwc(model: onnx.ModelProto) -> onnx.ModelProto:
     """The same network taking float32 NHWC input: a Transpose to NCHW in front of it."""
-    out = _copy(model)
+    out = copy(model)
     graph = out.graph
     old = graph.input[0]
     inner = f"{old.name}_nchw"
@@ -121,7 +122,7 @@ def float16(model: onnx.ModelProto) -> onnx.ModelProto:
     alone (onnxconverter-common is not a test dependency): its ops (Conv, Clip, Add, Pad,
     GlobalAveragePool, Gemm) all take float16.
     """
-    out = _copy(model)
+    out = copy(model)
     graph = out.graph
     for i, init in enumerate(graph.initializer):
         if init.data_type == TensorProto.FLOAT:
@@ -141,7 +142,7 @@ def float16(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _append_activation(model: onnx.ModelProto, op: str, output: str, **attrs) -> onnx.ModelProto:
-    out = _copy(model)
+    out = copy(model)
     graph = out.graph
     (old,) = graph.output
     raw = f"{old.name}_raw"
@@ -170,7 +171,7 @@ def sigmoid_ended(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def resized(model: onnx.ModelProto, height: int, width: int) -> onnx.ModelProto:
     """The same network with a fixed ``height`` x ``width`` input instead of 224 x 224."""
-    out = _copy(model)
+    out = copy(model)
     dims = out.graph.input[0].type.tensor_type.shape.dim
     dims[2].dim_value, dims[3].dim_value = height, width
     return out

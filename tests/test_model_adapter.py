@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 from engines.base import EngineError, UsageError
 from engines.model_adapter import (IMAGENET_FLAGS, IMAGENET_MEAN, IMAGENET_STD, INPUT_ADAPTER_KEY, InputSpec,
-                                   Preprocessing, apply_activation, describe_input, final_activation, preprocess,
-                                   record_activation, resolve_activation, wrap)
+                                   Preprocessing, apply_activation, describe_input, final_activation, load_model,
+                                   preprocess, record_activation, resolve_activation, wrap)
 from tests import model_variants
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP
 from tests.model_variants import SOURCES, crops, run
@@ -298,3 +298,20 @@ def test_apply_activation_is_stable_for_large_logits():
     np.testing.assert_allclose(apply_activation(logits, "sigmoid"), [[1.0, 0.5, 0.0]])
     with pytest.raises(UsageError, match="apply_activation takes softmax, sigmoid or none, got 'auto'"):
         apply_activation(logits, "auto")
+
+
+def test_load_model_reads_the_weights_an_exporter_wrote_beside_it(float_model, tmp_path):
+    # torch.onnx.export (torch >= 2.9) writes model.onnx plus model.onnx.data, even for small models.
+    path = tmp_path / "model.onnx"
+    # save_model moves the weights out of the proto it is given: save a copy.
+    onnx.save_model(model_variants.copy(float_model), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    loaded = load_model(str(path))
+    assert loaded.graph == float_model.graph
+    (tmp_path / "model.onnx.data").unlink()
+    with pytest.raises(EngineError, match=r"Model file's weights file \(written beside .*model.onnx by its "
+                                          r"exporter\) not found: .*model.onnx.data"):
+        load_model(str(path))
+    (tmp_path / "text.onnx").write_text("not a model")
+    with pytest.raises(EngineError, match=r"--model .*text.onnx is not an ONNX model \(11 bytes\)"):
+        load_model(str(tmp_path / "text.onnx"), "--model")
