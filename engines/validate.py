@@ -322,6 +322,15 @@ def _preprocessing(args: argparse.Namespace) -> Optional[Preprocessing]:
     return Preprocessing.from_flags(args.mean, args.std, args.channel_order)
 
 
+def _reference(path: str) -> Engine:
+    """The reference on ONNX Runtime (CPU), with the weights torch's exporter writes beside a model
+    (``model.onnx.data``): a user's own export is usually one."""
+    from engines.model_adapter import load_model
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(load_model(path, "--reference").SerializeToString(), name=path)
+
+
 def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
     """The engine under test and its precision, from the flags."""
     from engines.build import options_from_args
@@ -333,14 +342,10 @@ def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
             raise UsageError("--engine onnxruntime runs --onnx_path (not --engine_path)")
         preprocessing = _preprocessing(args)
         if preprocessing is not None:  # the original or the prepared model: wrapped as a job wraps it
-            import onnx
-
-            from engines import storage
-            from engines.model_adapter import wrap
+            from engines.model_adapter import load_model, wrap
             from engines.onnxruntime_engine import OnnxRuntimeEngine
 
-            model = onnx.load_model_from_string(storage.read_bytes(args.onnx_path))
-            wrapped = wrap(model, preprocessing, os.path.basename(args.onnx_path))
+            wrapped = wrap(load_model(args.onnx_path, "--onnx_path"), preprocessing, os.path.basename(args.onnx_path))
             return (OnnxRuntimeEngine(wrapped.SerializeToString(), name=args.onnx_path),
                     _onnx_precision(args.onnx_path))
         return OnnxRuntimeLoader(args.onnx_path)(), _onnx_precision(args.onnx_path)
@@ -368,8 +373,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        from engines.onnxruntime_engine import OnnxRuntimeLoader
-
         images = load_images(args.images) if args.images else skimage_photos()
         candidate, precision = make_candidate(args)
         if args.precision != "auto":
@@ -378,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         tol = Tolerances(logits=base.logits if args.atol_logits is None else args.atol_logits,
                          probs=base.probs if args.atol_probs is None else args.atol_probs,
                          min_top1=base.min_top1 if args.min_top1 is None else args.min_top1)
-        with candidate, OnnxRuntimeLoader(args.reference)() as reference:
+        with candidate, _reference(args.reference) as reference:
             report = compare(candidate, reference, images, precision, tol, args.output_name, args.batch_size,
                              _preprocessing(args))
     except (UsageError, EngineError, ImportError) as e:

@@ -167,3 +167,28 @@ def test_own_model_candidate_must_take_uint8_images():
                                           r"float32\[N, 3, 224, 224\]. Write the candidate with python -m "
                                           r"model_tools.prepare_model --mean 0.485,0.456,0.406"):
         compare(original, original, skimage_photos()[:1], preprocessing=Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_reference_exported_with_its_weights_beside_it(tmp_path, capsys):
+    """torch.onnx.export (torch >= 2.9) writes model.onnx and model.onnx.data: both sides read the weights."""
+    from engines import validate
+    from tests.model_variants import copy, load_float_model
+
+    export = tmp_path / "model.onnx"
+    onnx.save_model(copy(load_float_model()), str(export), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    assert validate.main(["--engine", "onnxruntime", "--onnx_path", str(export), "--reference", str(export),
+                          *IMAGENET_ARGS, "--images", *_photo_files(tmp_path)]) == 0
+    assert "2 images, output 'logits', fp32: max |logits diff| 0 " in capsys.readouterr().out
+
+
+def _photo_files(folder):
+    from PIL import Image
+
+    from tests.conftest import photo
+
+    paths = []
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photo(name)).save(folder / f"{name}.jpg", quality=90)
+        paths.append(str(folder / f"{name}.jpg"))
+    return paths
