@@ -11,6 +11,8 @@ EXPORT_PY := $(EXPORT_VENV)/bin/python
 TORCH ?= torch==2.13.0
 MODEL := models/efficientnet_lite0.onnx
 MODEL_NCHW := models/efficientnet_lite0_float32_nchw.onnx
+# The same network exported as docs/own-model.md shows users (torch's default exporter), for the tests.
+MODEL_TORCH_EXPORT := models/efficientnet_lite0_torch_export.onnx
 
 .PHONY: venv model demo test test-all benchmark clean flex-template
 
@@ -36,10 +38,13 @@ $(MODEL): $(EXPORT_VENV)/.installed engines/export_efficientnet.py
 $(MODEL_NCHW): $(EXPORT_VENV)/.installed engines/export_efficientnet.py
 	$(EXPORT_PY) -m engines.export_efficientnet --layout float32_nchw --output $@
 
+$(MODEL_TORCH_EXPORT): $(EXPORT_VENV)/.installed engines/export_efficientnet.py tests/torch_export.py
+	$(EXPORT_PY) -m tests.torch_export --output $@
+
 demo: $(VENV)/.installed $(MODEL)
 	$(PY) -m pipelines.demo --output demo_output
 
-test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)
+test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW) $(MODEL_TORCH_EXPORT)
 	$(PY) -m pytest -q
 
 benchmark: $(VENV)/.installed $(MODEL) $(MODEL_NCHW)

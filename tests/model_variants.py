@@ -35,6 +35,8 @@ from tests.conftest import photo
 
 REPO = Path(__file__).resolve().parent.parent
 FLOAT_MODEL = REPO / "models" / "efficientnet_lite0_float32_nchw.onnx"
+#: ``make test`` writes it (with ``.data`` beside it) in .venv-export: python -m tests.torch_export.
+TORCH_EXPORT = REPO / "models" / "efficientnet_lite0_torch_export.onnx"
 #: The demo's photos, one of each source, in a fixed order: astronaut, camera, chelsea, coffee, rocket.
 SOURCES = sorted({source for _, source, _ in PHOTOS})
 
@@ -64,6 +66,15 @@ def load_float_model() -> onnx.ModelProto:
     if not FLOAT_MODEL.exists():
         pytest.fail(f"{FLOAT_MODEL} is missing: run `make test` (it exports it with the model)")
     return onnx.load(str(FLOAT_MODEL))
+
+
+def load_torch_export() -> onnx.ModelProto:
+    """The network exported as users write it (tests/torch_export.py), weights read from beside it."""
+    if not TORCH_EXPORT.exists():
+        pytest.fail(f"{TORCH_EXPORT} is missing: run `make test` (it exports it in .venv-export)")
+    from engines.model_adapter import load_model
+
+    return load_model(str(TORCH_EXPORT))
 
 
 def copy(model: onnx.ModelProto) -> onnx.ModelProto:

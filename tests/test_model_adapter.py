@@ -63,6 +63,18 @@ def test_wrapped_float_export_agrees_with_the_shipped_uint8_model(float_model, m
     assert top1["chelsea"] in CAT_CLASSES and top1["coffee"] in ESPRESSO_OR_CUP
 
 
+def test_torch_export_as_users_write_it(model_path, batch):
+    """torch's default exporter: opset 18+, its own op choices, weights in a file beside the model."""
+    export = model_variants.load_torch_export()
+    assert describe_input(export) == InputSpec("input", "NCHW", np.float32, 224, 224, 3, None)
+    wrapped = wrap(export, IMAGENET, "efficientnet_lite0_torch_export.onnx")
+    onnx.checker.check_model(wrapped)
+    got, shipped = run(wrapped, batch), run(onnx.load(model_path), batch)
+    np.testing.assert_allclose(got, shipped, atol=1e-3, rtol=0)
+    assert got.argmax(1).tolist() == shipped.argmax(1).tolist()
+    assert resolve_activation(wrapped, "output") == "softmax"
+
+
 def test_wrapped_model_matches_the_original_fed_numpy_preprocessing(float_model, batch, reference_logits):
     wrapped = wrap(float_model, IMAGENET)
     np.testing.assert_allclose(run(wrapped, batch), reference_logits, atol=1e-3, rtol=0)
