@@ -2,7 +2,7 @@
 
 The pipeline moves only uint8 RGB images ``(N, H, W, 3)`` (README, "Only uint8 travels"); the
 project's own export takes them as they are and normalises inside its graph. Models exported
-the way torchvision and timm users write it take float32 (or float16) NCHW input normalised
+the way torchvision and timm users write them take float32 (or float16) NCHW input normalised
 with a mean and std outside the model. :func:`wrap` prepends that conversion to the model's own
 graph, so ONNX Runtime and TensorRT fuse it into the first layers, the GPU path stays
 device-resident, and every engine sees the same preprocessing::
@@ -18,7 +18,7 @@ follow the model rather than assume 224 x 224. :func:`resolve_activation` decide
 are read: softmax, sigmoid or none, where ``auto`` reads the end of the graph, so a model that
 already ends in Softmax is not softmaxed twice. The activation is applied by post-processing
 (:func:`apply_activation`), not appended to the graph: the engine's outputs stay the model's own
-(a raw output or an embedding is one flag away), and a validation compares outputs with the
+(raw scores and embeddings stay usable), and a validation compares outputs with the
 original model's. ``python -m model_tools.prepare_model`` writes the wrapped model with the chosen
 activation in its metadata, for offline TensorRT builds.
 
@@ -39,7 +39,6 @@ from engines.onnx_summary import ONNX_HINT
 
 _LOG = logging.getLogger(__name__)
 
-LAYOUTS = ("NCHW", "NHWC")
 CHANNEL_ORDERS = ("rgb", "bgr")
 #: What ``--activation`` takes; :func:`resolve_activation` turns ``auto`` into one of the others.
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
