@@ -14,6 +14,8 @@ BQ_VENV ?= .venv-bq
 BQ_PYTHON ?= $(PYTHON)
 MODEL := models/efficientnet_lite0.onnx
 MODEL_NCHW := models/efficientnet_lite0_float32_nchw.onnx
+# The same network exported as docs/own-model.md shows users (torch's default exporter), for the tests.
+MODEL_TORCH_EXPORT := models/efficientnet_lite0_torch_export.onnx
 
 .PHONY: venv model demo test test-gpu test-all benchmark clean flex-template
 
@@ -46,6 +48,9 @@ $(MODEL): $(EXPORT_VENV)/.installed model_tools/export_efficientnet.py
 $(MODEL_NCHW): $(EXPORT_VENV)/.installed model_tools/export_efficientnet.py
 	$(EXPORT_PY) -m model_tools.export_efficientnet --layout float32_nchw --output $@
 
+$(MODEL_TORCH_EXPORT): $(EXPORT_VENV)/.installed model_tools/export_efficientnet.py tests/torch_export.py
+	$(EXPORT_PY) -m tests.torch_export --output $@
+
 demo: $(VENV)/.installed $(MODEL)
 	$(PY) -m pipelines.demo --output demo_output
 
@@ -53,7 +58,7 @@ demo: $(VENV)/.installed $(MODEL)
 # .ci/run adds where `nvidia-smi -L` finds one; on a GPU machine each test runs in exactly one lane.
 GPU_MARKERS := gpu or cuda
 
-test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW) $(BQ_VENV)/.installed
+test: $(VENV)/.installed $(MODEL) $(MODEL_NCHW) $(BQ_VENV)/.installed $(MODEL_TORCH_EXPORT)
 	$(PY) -m pytest -q -m "not ($(GPU_MARKERS))"
 
 # With .venv the tests that need the full TensorRT or CuPy skip, naming what is missing; inside the image

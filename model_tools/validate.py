@@ -3,10 +3,16 @@
     python -m model_tools.validate --engine_path model.plan --reference model.onnx [--images a.jpg ...]
     python -m model_tools.validate --onnx_path model.onnx [--engine_cache DIR] [--fp16 ...] --reference model.onnx
     python -m model_tools.validate --engine onnxruntime --onnx_path model_fp16.onnx --reference model.onnx
+    python -m model_tools.validate --engine_path prepared.plan --reference own_model.onnx --mean R,G,B --std R,G,B
 
 Runs the candidate engine and ONNX Runtime (CPU, fp32) on the same images (default:
 the photos shipped with scikit-image), preprocessed to the model's input size as
-uint8 (shorter side resized, centre crop), and reports the largest absolute
+uint8 (shorter side resized, centre crop). With ``--mean``/``--std`` (and ``--channel_order``)
+the reference is a user's own float model (docs/own-model.md): it is fed those pixels
+converted in numpy as its users' code does (``engines.model_adapter.preprocess``), while the
+candidate takes the uint8 batch: a model written by ``model_tools.prepare_model``, a plan built
+from it, or, with ``--engine onnxruntime``, the original wrapped in memory as a job wraps it.
+It reports the largest absolute
 difference of the logits and of the softmax probabilities, and top-1 agreement.
 Exits 1 when a tolerance is exceeded (defaults per precision) or when the top-1
 class differs on an image where the reference is confident (its top-2 probability
@@ -21,11 +27,12 @@ import json
 import logging
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engines.base import Engine, EngineError, TensorSpec, UsageError
+from engines.model_adapter import Preprocessing, image_input, preprocess
 
 _LOG = logging.getLogger(__name__)
 
@@ -174,9 +181,28 @@ def pick_output(specs: Dict[str, TensorSpec], name: Optional[str]) -> str:
     raise EngineError(f"No float output to compare among {[s.describe() for s in specs.values()]}; pass --output_name")
 
 
+def _prepared_inputs(candidate: Engine, reference: Engine,
+                     preprocessing: Preprocessing) -> Tuple[TensorSpec, TensorSpec, Callable]:
+    """The candidate's uint8 NHWC input, the reference's own input, and the numpy conversion between them.
+
+    Raises:
+        EngineError: the candidate does not take uint8 NHWC images of the reference's size.
+    """
+    (ref_spec,), (cand_spec,) = reference.input_specs.values(), candidate.input_specs.values()
+    ref_input = image_input(ref_spec.name, ref_spec.dtype, ref_spec.shape, "the reference")
+    cand_input = image_input(cand_spec.name, cand_spec.dtype, cand_spec.shape, "the candidate")
+    if not cand_input.is_pipeline_contract or (cand_input.height, cand_input.width) != (ref_input.height,
+                                                                                       ref_input.width):
+        raise EngineError(f"With --mean/--std the candidate takes the pipeline's uint8 images of the reference's "
+                          f"size, uint8 NHWC ({ref_input.height}, {ref_input.width}); it takes "
+                          f"{cand_spec.describe()}. Write the candidate with python -m model_tools.prepare_model "
+                          f"{preprocessing.flags()} (and build the plan from that file)")
+    return cand_spec, ref_spec, lambda pixels: preprocess(pixels, ref_input, preprocessing, "the reference")
+
+
 def compare(candidate: Engine, reference: Engine, images: Sequence[Tuple[str, np.ndarray]],
             precision: str = "fp32", tolerances: Optional[Tolerances] = None, output_name: Optional[str] = None,
-            batch_size: int = 8) -> ValidationReport:
+            batch_size: int = 8, preprocessing: Optional[Preprocessing] = None) -> ValidationReport:
     """Runs both engines on the same images and compares one output.
 
     Args:
@@ -187,6 +213,10 @@ def compare(candidate: Engine, reference: Engine, images: Sequence[Tuple[str, np
         tolerances: Overrides the defaults for ``precision``. Default None.
         output_name: Output to compare. Default: "logits", else the first float output.
         batch_size: Images per ``infer`` call. Default 8.
+        preprocessing: The flags of a user's own float model: the reference gets the uint8 batch
+            converted in numpy (``engines.model_adapter.preprocess``), the candidate (the model
+            with that conversion in its graph) the uint8 batch. Default None: both get the same
+            input.
 
     Raises:
         EngineError: the engines' inputs differ, or there are no images.
@@ -198,7 +228,10 @@ def compare(candidate: Engine, reference: Engine, images: Sequence[Tuple[str, np
     tol = tolerances or DEFAULT_TOLERANCES[precision]
     in_name = next(iter(reference.input_specs))
     ref_spec, cand_spec = reference.input_specs[in_name], candidate.input_specs.get(in_name)
-    if len(reference.input_specs) != 1 or cand_spec is None or cand_spec.shape[1:] != ref_spec.shape[1:]:
+    convert = None
+    if len(reference.input_specs) == 1 and len(candidate.input_specs) == 1 and preprocessing is not None:
+        cand_spec, ref_spec, convert = _prepared_inputs(candidate, reference, preprocessing)
+    elif len(reference.input_specs) != 1 or cand_spec is None or cand_spec.shape[1:] != ref_spec.shape[1:]:
         raise EngineError(f"The engines' inputs differ: candidate {[s.describe() for s in candidate.input_specs.values()]}"
                           f", reference {[s.describe() for s in reference.input_specs.values()]}")
     out = pick_output(reference.output_specs, output_name)
@@ -206,8 +239,10 @@ def compare(candidate: Engine, reference: Engine, images: Sequence[Tuple[str, np
     got, want = [], []
     for start in range(0, len(images), batch_size):
         pixels = [image for _, image in images[start:start + batch_size]]
-        got.append(candidate.infer({in_name: batch_for(cand_spec, pixels)})[out])
-        want.append(reference.infer({in_name: batch_for(ref_spec, pixels)})[out])
+        batch = batch_for(cand_spec, pixels)
+        got.append(candidate.infer({cand_spec.name: batch})[out])
+        ref_batch = convert(batch) if convert else batch_for(ref_spec, pixels)
+        want.append(reference.infer({ref_spec.name: ref_batch})[out])
     got_logits = np.concatenate(got).astype(np.float64)
     want_logits = np.concatenate(want).astype(np.float64)
     got_p, want_p = softmax(got_logits), softmax(want_logits)
@@ -259,6 +294,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8, help="Images per batch (default 8).")
     parser.add_argument("--num_contexts", type=int, default=2, help="TensorRT execution contexts (default 2).")
     parser.add_argument("--json", default=None, help="Also write the report as JSON here.")
+    parser.add_argument("--mean", default=None,
+                        help="With --std: the reference is a user's float model normalised with this per-colour "
+                             "mean R,G,B (0-1 scale), fed the images converted in numpy; the candidate takes "
+                             "uint8 (docs/own-model.md).")
+    parser.add_argument("--std", default=None, help="Per-colour standard deviation R,G,B, with --mean.")
+    parser.add_argument("--channel_order", default="rgb", choices=("rgb", "bgr"),
+                        help="With --mean/--std: the channel order the reference model takes. Default rgb.")
     add_build_arguments(parser)
     return parser.parse_args(argv)
 
@@ -273,6 +315,22 @@ def _onnx_precision(path: str) -> str:
     return "fp16" if fp16 else "fp32"
 
 
+def _preprocessing(args: argparse.Namespace) -> Optional[Preprocessing]:
+    """The own-model flags, or None when neither --mean nor --std was given (and the order is RGB)."""
+    if args.mean is None and args.std is None and args.channel_order == "rgb":
+        return None
+    return Preprocessing.from_flags(args.mean, args.std, args.channel_order)
+
+
+def _reference(path: str) -> Engine:
+    """The reference on ONNX Runtime (CPU), with the weights torch's exporter writes beside a model
+    (``model.onnx.data``): a user's own export is usually one."""
+    from engines.model_adapter import load_model
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(load_model(path, "--reference").SerializeToString(), name=path)
+
+
 def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
     """The engine under test and its precision, from the flags."""
     from model_tools.build import options_from_args
@@ -282,6 +340,14 @@ def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
 
         if not args.onnx_path or args.engine_path:
             raise UsageError("--engine onnxruntime runs --onnx_path (not --engine_path)")
+        preprocessing = _preprocessing(args)
+        if preprocessing is not None:  # the original or the prepared model: wrapped as a job wraps it
+            from engines.model_adapter import load_model, wrap
+            from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+            wrapped = wrap(load_model(args.onnx_path, "--onnx_path"), preprocessing, os.path.basename(args.onnx_path))
+            return (OnnxRuntimeEngine(wrapped.SerializeToString(), name=args.onnx_path),
+                    _onnx_precision(args.onnx_path))
         return OnnxRuntimeLoader(args.onnx_path)(), _onnx_precision(args.onnx_path)
     from engines.tensorrt.loader import TensorRTLoader
 
@@ -307,8 +373,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        from engines.onnxruntime_engine import OnnxRuntimeLoader
-
         images = load_images(args.images) if args.images else skimage_photos()
         candidate, precision = make_candidate(args)
         if args.precision != "auto":
@@ -317,8 +381,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         tol = Tolerances(logits=base.logits if args.atol_logits is None else args.atol_logits,
                          probs=base.probs if args.atol_probs is None else args.atol_probs,
                          min_top1=base.min_top1 if args.min_top1 is None else args.min_top1)
-        with candidate, OnnxRuntimeLoader(args.reference)() as reference:
-            report = compare(candidate, reference, images, precision, tol, args.output_name, args.batch_size)
+        with candidate, _reference(args.reference) as reference:
+            report = compare(candidate, reference, images, precision, tol, args.output_name, args.batch_size,
+                             _preprocessing(args))
     except (UsageError, EngineError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

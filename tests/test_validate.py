@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import onnx
 import pytest
 
 from engines.base import EngineError
@@ -121,3 +122,73 @@ def test_validate_plan_without_sidecar_honours_fp16_and_says_so(tmp_path, monkey
     write_sidecar(str(plan), PlanInfo(tensorrt_version="10.11.0.33", gpu_name="NVIDIA L4", compute_capability="8.9",
                                       profiles=(Profile(1, 8, 16),), precision="fp16", onnx_sha256="0" * 64))
     assert validate.make_candidate(validate.parse_args(base)) == ("engine", "fp16")
+
+
+# A user's own float model (docs/own-model.md): the reference is fed the photos converted in numpy.
+IMAGENET_ARGS = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
+
+
+def test_prepared_model_against_the_original_float_model(tmp_path, capsys):
+    from engines import validate
+    from model_tools import prepare_model
+    from tests.model_variants import FLOAT_MODEL, float16, load_float_model
+
+    prepared = str(tmp_path / "prepared.onnx")
+    assert prepare_model.main([str(FLOAT_MODEL), prepared, *IMAGENET_ARGS]) == 0
+    capsys.readouterr()
+    base = ["--engine", "onnxruntime", "--reference", str(FLOAT_MODEL), *IMAGENET_ARGS]
+    assert validate.main(base + ["--onnx_path", prepared]) == 0
+    assert "11 images, output 'logits', fp32: max |logits diff| 0 (tol 0.05)" in capsys.readouterr().out
+    # The original, wrapped in memory as a job wraps it, is the same model.
+    assert validate.main(base + ["--onnx_path", str(FLOAT_MODEL)]) == 0
+    # A float16 copy passes with float16 tolerances, not with a tight one.
+    half = tmp_path / "half.onnx"
+    onnx.save_model(float16(load_float_model()), str(half))
+    assert validate.main(base + ["--onnx_path", str(half)]) == 0
+    assert ", fp16: max |logits diff|" in capsys.readouterr().out
+    assert validate.main(base + ["--onnx_path", str(half), "--atol_logits", "0.001"]) == 1
+    assert "FAILED: max |logits diff|" in capsys.readouterr().err
+    # Flags other than those the model was prepared with are refused before anything runs.
+    assert validate.main(base[:4] + ["--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--onnx_path", prepared]) == 2
+    assert "prepared.onnx was prepared with --mean 0.485,0.456,0.406" in capsys.readouterr().err
+    assert validate.main(["--engine", "onnxruntime", "--reference", str(FLOAT_MODEL), "--onnx_path", prepared,
+                          "--std", "0.229,0.224,0.225"]) == 2
+    assert "--std was given without --mean" in capsys.readouterr().err
+
+
+def test_own_model_candidate_must_take_uint8_images():
+    from engines.model_adapter import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+    from model_tools.validate import compare, skimage_photos
+    from tests.model_variants import FLOAT_MODEL
+
+    original = OnnxRuntimeEngine(str(FLOAT_MODEL))
+    with pytest.raises(EngineError, match=r"With --mean/--std the candidate takes the pipeline's uint8 images of the "
+                                          r"reference's size, uint8 NHWC \(224, 224\); it takes images: "
+                                          r"float32\[N, 3, 224, 224\]. Write the candidate with python -m "
+                                          r"model_tools.prepare_model --mean 0.485,0.456,0.406"):
+        compare(original, original, skimage_photos()[:1], preprocessing=Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+
+
+def test_reference_exported_with_its_weights_beside_it(tmp_path, capsys):
+    """torch.onnx.export (torch >= 2.9) writes model.onnx and model.onnx.data: both sides read the weights."""
+    from engines import validate
+    from tests.model_variants import copy, load_float_model
+
+    export = tmp_path / "model.onnx"
+    onnx.save_model(copy(load_float_model()), str(export), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=1024)
+    assert validate.main(["--engine", "onnxruntime", "--onnx_path", str(export), "--reference", str(export),
+                          *IMAGENET_ARGS, "--images", *_photo_files(tmp_path)]) == 0
+    assert "2 images, output 'logits', fp32: max |logits diff| 0 " in capsys.readouterr().out
+
+
+def _photo_files(folder):
+    from PIL import Image
+
+    from tests.conftest import photo
+
+    paths = []
+    for name in ("chelsea", "coffee"):
+        Image.fromarray(photo(name)).save(folder / f"{name}.jpg", quality=90)
+        paths.append(str(folder / f"{name}.jpg"))
+    return paths
