@@ -129,7 +129,7 @@ IMAGENET_ARGS = ["--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"]
 
 
 def test_prepared_model_against_the_original_float_model(tmp_path, capsys):
-    from engines import validate
+    from model_tools import validate
     from model_tools import prepare_model
     from tests.model_variants import FLOAT_MODEL, float16, load_float_model
 
@@ -171,7 +171,7 @@ def test_own_model_candidate_must_take_uint8_images():
 
 def test_reference_exported_with_its_weights_beside_it(tmp_path, capsys):
     """torch.onnx.export (torch >= 2.9) writes model.onnx and model.onnx.data: both sides read the weights."""
-    from engines import validate
+    from model_tools import validate
     from tests.model_variants import copy, load_float_model
 
     export = tmp_path / "model.onnx"
