@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tests.processes import stop_process
+
 REPO = Path(__file__).resolve().parent.parent
 BQ_PYTHON = REPO / ".venv-bq" / "bin" / "python"
 PROJECT = "my-project"
@@ -57,19 +59,9 @@ def _start(argv, env, cwd: Path, url: str, log: Path, what: str) -> subprocess.P
         if _answers(url):
             return proc
         time.sleep(0.1)
-    stop(proc)
+    stop_process(proc)
     raise RuntimeError(f"{what} did not answer at {url} within {STARTUP_TIMEOUT_S} s; its output:\n"
                        f"{log.read_text(errors='replace')[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @dataclasses.dataclass
@@ -115,7 +107,7 @@ def start(workdir: Path) -> BigQueryServer:
                     REPO, f"{endpoint}/bigquery/v2/projects/{PROJECT}/datasets", workdir / "bq-emulator.log",
                     "bqemulator")
     except BaseException:
-        stop(gcs)
+        stop_process(gcs)
         raise
     # What `gcloud auth application-default login` writes for a workforce identity federation user: the one
     # kind of Application Default Credentials whose token URL google-auth reads from the file.

@@ -152,10 +152,11 @@ def no_tensorrt(monkeypatch):
 def bigquery_server(tmp_path_factory):
     """bqemulator and the Cloud Storage emulator its loads read from, for the session (tests/bigquery_server.py)."""
     from tests import bigquery_server as server
+    from tests.processes import stop_process
 
     if not server.BQ_PYTHON.exists():
         pytest.skip(f"{server.BQ_PYTHON} is missing: run `make .venv-bq/.installed` (make test does)")
     running = server.start(tmp_path_factory.mktemp("bigquery"))
     yield running
     for proc in running.processes:
-        server.stop(proc)
+        stop_process(proc)

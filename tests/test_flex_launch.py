@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop_process
+
 pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (pip install -e '.[test]')")
 pytest.importorskip("google.cloud.storage", reason="needs google-cloud-storage (apache-beam[gcp])")
 
@@ -120,12 +122,7 @@ def namespace(tmp_path):
     try:
         yield run
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import stop_process
+
 pytest.importorskip("gcp_storage_emulator", reason="needs gcp-storage-emulator (pip install -e '.[test]')")
 pytest.importorskip("google.cloud.storage", reason="needs google-cloud-storage (apache-beam[gcp])")
 pytest.importorskip("skimage", reason="needs scikit-image for the test photos (pip install -e '.[test]')")
@@ -82,20 +84,10 @@ def _start_emulator(workdir: Path):
                         return proc, url
             except (urllib.error.URLError, OSError, ValueError):
                 time.sleep(0.05)
-        _stop(proc)
+        stop_process(proc)
         last_error = log_path.read_text(errors="replace")[-2000:]
     raise RuntimeError(f"gcp-storage-emulator did not answer on 127.0.0.1 within {STARTUP_TIMEOUT_S} s "
                        f"(3 tries); its last output:\n{last_error}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +117,7 @@ def gcs(tmp_path_factory):
             probe.delete()
             yield bucket
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _jpeg(name: str) -> bytes:
