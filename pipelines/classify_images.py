@@ -39,8 +39,8 @@ from pipelines.settings import RunSettings, resolve
 from pipelines.stats import ProgressPrinter
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
-from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
 from transforms.commit import CommitConflict
+from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
 from transforms.scored import CheckScored
 
 _LOG = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,
-                         prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s)).with_outputs(DEAD_LETTER, main="batches")
+                         prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s)
+    ).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "TopK" >> beam.ParDo(TopKBatches(settings.top_k, settings.labels, progress_dir)).with_outputs(
         DEAD_LETTER, main="rows")

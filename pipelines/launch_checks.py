@@ -251,7 +251,7 @@ def check_input(path: str) -> None:
         except ManifestError as e:
             raise UsageError(f"--input {path}: {e}") from None
         return
-    if "://" not in path and os.path.isdir(path):
+    if not storage.is_url(path) and os.path.isdir(path):
         try:
             with os.scandir(path):
                 pass
@@ -268,7 +268,7 @@ def check_input(path: str) -> None:
         raise UsageError(f"Cannot list --input {path}: {e}") from e
     if not matched:
         hint = (" A folder in a bucket needs a trailing slash (gs://bucket/dir/) or a glob (gs://bucket/dir/*.jpg)."
-                if "://" in path and not path.endswith("/") and not has_glob(path) else "")
+                if storage.is_url(path) and not path.endswith("/") and not has_glob(path) else "")
         if path.startswith("~"):
             hint += " A quoted '~' is not expanded: write the full path ($HOME/...)."
         raise UsageError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
@@ -325,11 +325,10 @@ def check_output(output: str, input_path: str) -> None:
     """
     from apache_beam.io.filesystems import FileSystems
 
-    from engines import storage
     from pipelines import partitions
     from transforms.images import has_glob
 
-    if "://" not in output:
+    if not storage.is_url(output):
         probe = os.path.abspath(output)
         while not os.path.lexists(probe):
             probe = os.path.dirname(probe)

@@ -28,11 +28,11 @@ from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions,
 
 from engines import storage
 from engines.base import EngineError, EngineRecipe, UsageError
-from images.dali_decoder import DaliDecoderOptions
 from engines.flags import BATCH_WHY, MAX_BATCH, MAX_COPIES, MAX_THREADS, THREADS_WHY, FlagRange, check_ranges
+from images.dali_decoder import DaliDecoderOptions
 from images.pillow_decoder import PreprocessConfig
-from pipelines import engine_registry, launch_checks, partitions
 from images.reading import DEFAULT_READ_TIMEOUT_S
+from pipelines import engine_registry, launch_checks, partitions
 from transforms import bigquery
 from transforms.sinks import FORMATS
 
