@@ -17,9 +17,9 @@ torchvision and timm print them), so the channel swap comes after normalising.
 follow the model rather than assume 224 x 224. :func:`resolve_activation` decides how scores
 are read: softmax, sigmoid or none, where ``auto`` reads the end of the graph, so a model that
 already ends in Softmax is not softmaxed twice. The activation is applied by post-processing
-(:func:`apply_activation`), not appended to the graph: the engine's outputs stay the model's own
-(raw scores and embeddings stay usable), and a validation compares outputs with the
-original model's. ``python -m model_tools.prepare_model`` writes the wrapped model with the chosen
+(``engines.activations.apply_activation``), not appended to the graph: the engine's outputs stay
+the model's own (raw scores and embeddings stay usable), and a validation compares outputs with
+the original model's. ``python -m model_tools.prepare_model`` writes the wrapped model with the chosen
 activation in its metadata, for offline TensorRT builds.
 
 Everything here works on ``onnx.ModelProto`` with onnx and numpy alone; no inference library.
@@ -34,14 +34,13 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from engines.activations import ACTIVATIONS
 from engines.base import EngineError, UsageError, import_optional
 from engines.onnx_summary import ONNX_HINT
 
 _LOG = logging.getLogger(__name__)
 
 CHANNEL_ORDERS = ("rgb", "bgr")
-#: What ``--activation`` takes; :func:`resolve_activation` turns ``auto`` into one of the others.
-ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
 #: The flags for models trained on ImageNet with torchvision's or timm's defaults (0-1 scale).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -602,26 +601,3 @@ def record_activation(model, output_name: str, activation: str) -> None:
             return
     entry = model.metadata_props.add()
     entry.key, entry.value = OUTPUT_ACTIVATION_KEY, json.dumps(recorded)
-
-
-def apply_activation(scores: np.ndarray, activation: str) -> np.ndarray:
-    """Applies a resolved activation to a ``(N, classes)`` batch of outputs, in float32.
-
-    Args:
-        scores: The model's outputs, one row per image.
-        activation: "softmax" (over each row), "sigmoid" (each value alone) or "none".
-
-    Raises:
-        UsageError: ``activation`` is "auto" (resolve it first) or unknown.
-    """
-    x = np.asarray(scores, dtype=np.float32)
-    if activation == "none":
-        return x
-    if activation == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
-    if activation == "sigmoid":
-        # exp of a non-positive number only: no overflow for large logits of either sign.
-        e = np.exp(-np.abs(x))
-        return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
-    raise UsageError(f"apply_activation takes softmax, sigmoid or none, got {activation!r}")

@@ -11,10 +11,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from engines.activations import apply_activation
 from engines.base import EngineError, UsageError
 from engines.model_adapter import (IMAGENET_FLAGS, IMAGENET_MEAN, IMAGENET_STD, INPUT_ADAPTER_KEY, InputSpec,
-                                   Preprocessing, apply_activation, describe_input, final_activation, load_model,
-                                   preprocess, record_activation, resolve_activation, wrap)
+                                   Preprocessing, describe_input, final_activation, load_model, preprocess,
+                                   record_activation, resolve_activation, wrap)
 from tests import model_variants
 from tests.conftest import CAT_CLASSES, ESPRESSO_OR_CUP
 from tests.model_variants import SOURCES, crops, run
@@ -302,14 +303,6 @@ def test_fixed_batch_and_dynamic_size_are_kept():
     dims = wrapped.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value or d.dim_param for d in dims] == [1, "height", "width", 3]
     onnx.checker.check_model(wrapped)
-
-
-def test_apply_activation_is_stable_for_large_logits():
-    logits = np.array([[1000.0, 0.0, -1000.0]], np.float32)
-    np.testing.assert_allclose(apply_activation(logits, "softmax"), [[1.0, 0.0, 0.0]])
-    np.testing.assert_allclose(apply_activation(logits, "sigmoid"), [[1.0, 0.5, 0.0]])
-    with pytest.raises(UsageError, match="apply_activation takes softmax, sigmoid or none, got 'auto'"):
-        apply_activation(logits, "auto")
 
 
 def test_load_model_reads_the_weights_an_exporter_wrote_beside_it(float_model, tmp_path):
