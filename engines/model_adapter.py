@@ -203,10 +203,23 @@ def load_model(path: str, what: str = "Model file"):
     Raises:
         EngineError: the file or a weights file it names cannot be read, or it is not ONNX.
     """
+    return load_model_with_digest(path, what)[0]
+
+
+def load_model_with_digest(path: str, what: str = "Model file"):
+    """:func:`load_model`, and the sha256 (hex) of the bytes read: the model file, then each weights
+    file it names in the order first named, so a change to the weights changes the digest too.
+
+    Raises:
+        EngineError: as :func:`load_model`.
+    """
+    import hashlib
+
     onnx = _onnx()
     from engines import storage
 
     data = storage.read_bytes(path, what)
+    digest = hashlib.sha256(data)
     try:
         model = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf raises DecodeError and friends
@@ -221,12 +234,24 @@ def load_model(path: str, what: str = "Model file"):
         if location not in files:
             files[location] = storage.read_bytes(storage.join(folder, location),
                                                  f"{what}'s weights file (written beside {path} by its exporter)")
+            digest.update(files[location])
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else len(files[location]) - offset
         tensor.raw_data = files[location][offset:offset + length]
         del tensor.external_data[:]
         tensor.ClearField("data_location")
-    return model
+    return model, digest.hexdigest()
+
+
+def adapted_model_bytes(path: str, preprocessing: "Preprocessing", what: str = "Model file") -> bytes:
+    """The model at ``path`` with its weights and, where it needs one, the input conversion of :func:`wrap`,
+    serialised: what an engine loads on a worker.
+
+    Raises:
+        EngineError: as :func:`load_model` and :func:`wrap`.
+        UsageError: flags that do not fit the model (:func:`wrap`).
+    """
+    return wrap(load_model(path, what), preprocessing, path).SerializeToString()
 
 
 def _tensors(graph):
@@ -312,12 +337,7 @@ def image_input(name: str, dtype, dims: Sequence[Optional[int]], source: str = "
 
 def recorded_preprocessing(model) -> Optional[Preprocessing]:
     """The preprocessing :func:`wrap` prepended to this model (its ``input_adapter`` metadata), or None."""
-    meta = {p.key: p.value for p in model.metadata_props}
-    if INPUT_ADAPTER_KEY not in meta:
-        return None
-    data = json.loads(meta[INPUT_ADAPTER_KEY])
-    return Preprocessing(tuple(data["mean"]) if data.get("mean") else None,
-                         tuple(data["std"]) if data.get("std") else None, data.get("channel_order", "rgb"))
+    return recorded_preprocessing_of({p.key: p.value for p in model.metadata_props})
 
 
 def wrap(model, preprocessing: Preprocessing = Preprocessing(), source: str = "the model"):
@@ -352,17 +372,9 @@ def wrap(model, preprocessing: Preprocessing = Preprocessing(), source: str = "t
         EngineError: the model's input is not an image input (:func:`describe_input`).
     """
     onnx = _onnx()
-    spec = describe_input(model, source)
-    recorded = recorded_preprocessing(model)
-    if recorded is not None:
-        if preprocessing in (recorded, Preprocessing()):
-            return model
-        raise UsageError(f"{source} was prepared with {recorded.flags() or 'no flags'} (its {INPUT_ADAPTER_KEY} "
-                         f"metadata), and {preprocessing.flags()} was passed: pass the same flags, none, or "
-                         f"prepare the original model again")
-    check_flags(spec, preprocessing, source)
-    if spec.is_pipeline_contract and preprocessing.channel_order == "rgb":
+    if not needs_wrap(model, preprocessing, source):
         return model
+    spec = describe_input(model, source)
 
     helper = onnx.helper
     wrapped = onnx.ModelProto()
@@ -425,6 +437,29 @@ def wrap(model, preprocessing: Preprocessing = Preprocessing(), source: str = "t
     _LOG.info("%s: prepended uint8 NHWC RGB -> %s conversion (%s)", source, spec.describe(),
               preprocessing.flags() or "cast and layout only")
     return wrapped
+
+
+def needs_wrap(model, preprocessing: Preprocessing = Preprocessing(), source: str = "the model") -> bool:
+    """Whether :func:`wrap` would prepend a conversion to this model, with the checks it makes first.
+
+    False for a model that takes the pipeline's uint8 NHWC RGB batches as they are, and for one
+    wrapped before with the same preprocessing (or given none).
+
+    Raises:
+        UsageError: a float model without ``--mean``/``--std``, ``--mean``/``--std`` for a uint8
+            model, or flags that differ from those a wrapped model was prepared with.
+        EngineError: the model's input is not an image input (:func:`describe_input`).
+    """
+    spec = describe_input(model, source)
+    recorded = recorded_preprocessing(model)
+    if recorded is not None:
+        if preprocessing in (recorded, Preprocessing()):
+            return False
+        raise UsageError(f"{source} was prepared with {recorded.flags() or 'no flags'} (its {INPUT_ADAPTER_KEY} "
+                         f"metadata), and {preprocessing.flags()} was passed: pass the same flags, none, or "
+                         f"prepare the original model again")
+    check_flags(spec, preprocessing, source)
+    return not (spec.is_pipeline_contract and preprocessing.channel_order == "rgb")
 
 
 def check_flags(spec: InputSpec, preprocessing: Preprocessing, source: str = "the model") -> None:
@@ -601,3 +636,69 @@ def record_activation(model, output_name: str, activation: str) -> None:
             return
     entry = model.metadata_props.add()
     entry.key, entry.value = OUTPUT_ACTIVATION_KEY, json.dumps(recorded)
+
+
+def activation_reason(model, output_name: str) -> str:
+    """Why ``auto`` chose what it chose for ``output_name`` (for the log and stats.json)."""
+    if output_name in recorded_activations(model):
+        return f"recorded in the model's {OUTPUT_ACTIVATION_KEY} metadata"
+    ends_in = final_activation(model, output_name)
+    if ends_in:
+        return f"the graph ends in {ends_in.capitalize()}"
+    return "the graph ends in no Softmax or Sigmoid: softmax"
+
+
+def outputs_of(model) -> Tuple[Tuple[str, str, Tuple[int, ...]], ...]:
+    """``(name, ONNX element type name, dims)`` of each graph output; a dynamic dimension is -1."""
+    onnx = _onnx()
+    found = []
+    for value in model.graph.output:
+        tensor = value.type.tensor_type
+        dims = tuple(_dim(d) or -1 for d in tensor.shape.dim)
+        found.append((value.name, onnx.TensorProto.DataType.Name(tensor.elem_type), dims))
+    return tuple(found)
+
+
+def output_activations(model) -> Tuple[Dict[str, str], Dict[str, str]]:
+    """For each output: what ``--activation auto`` resolves to, and the activation its graph ends in
+    (only outputs that end in one): what a TensorRT plan's sidecar records for the job."""
+    auto, ends = {}, {}
+    for value in model.graph.output:
+        auto[value.name] = resolve_activation(model, value.name)
+        ending = final_activation(model, value.name)
+        if ending:
+            ends[value.name] = ending
+    return auto, ends
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltModel:
+    """What an engine artefact built from an ONNX model (a TensorRT plan's sidecar) says of that model.
+
+    Attributes:
+        path: The artefact's file.
+        inputs: ``(name, ONNX element type name, dims)`` of its inputs.
+        outputs: Likewise for outputs.
+        preprocessing: The conversion prepended to the model it was built from
+            (``input_adapter`` metadata), or None.
+        activations: Output name -> what ``--activation auto`` resolves to.
+        final_activations: Output name -> the activation the graph ends in (outputs that end in one).
+        sha256: The artefact's sha256 (hex), or None.
+    """
+
+    path: str
+    inputs: tuple = ()
+    outputs: tuple = ()
+    preprocessing: Optional[Preprocessing] = None
+    activations: Dict[str, str] = dataclasses.field(default_factory=dict)
+    final_activations: Dict[str, str] = dataclasses.field(default_factory=dict)
+    sha256: Optional[str] = None
+
+
+def recorded_preprocessing_of(metadata: Dict[str, str]) -> Optional[Preprocessing]:
+    """:func:`recorded_preprocessing` from a metadata dict (as a plan's sidecar keeps it)."""
+    if INPUT_ADAPTER_KEY not in metadata:
+        return None
+    data = json.loads(metadata[INPUT_ADAPTER_KEY])
+    return Preprocessing(tuple(data["mean"]) if data.get("mean") else None,
+                         tuple(data["std"]) if data.get("std") else None, data.get("channel_order", "rgb"))

@@ -21,6 +21,7 @@ from engines.devices import Device, check_device, cuda_device_count, resolve_dev
 from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, UsageError, WorkerPath,
                           array_info, check_feed, import_optional, is_device_array)
 from engines.flags import MAX_THREADS, THREADS_WHY, FlagDefaults, FlagRange, ModelFile
+from engines.model_adapter import Preprocessing, adapted_model_bytes
 
 _LOG = logging.getLogger(__name__)
 
@@ -216,6 +217,10 @@ class OnnxRuntimeLoader:
         stop_spinning_after_run: See :class:`OnnxRuntimeEngine`. Default False.
         device: GPU index for the CUDA/TensorRT providers, or "auto": consecutive engine copies on
             consecutive GPUs (``engines.devices``; ``--model_copies`` N on N GPUs). Default 0.
+        preprocessing: The model's ``--mean``/``--std``/``--channel_order``
+            (``engines.model_adapter.Preprocessing``): the model is read with the weights beside it
+            and, where its input is not the pipeline's uint8 NHWC RGB, loaded with the conversion
+            prepended (``engines.model_adapter.wrap``). Default None: the file is loaded as it is.
     """
 
     model_path: str
@@ -225,6 +230,7 @@ class OnnxRuntimeLoader:
     sessions: int = 1
     stop_spinning_after_run: bool = False
     device: Device = 0
+    preprocessing: Optional[Preprocessing] = None
 
     def __post_init__(self):
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -242,7 +248,11 @@ class OnnxRuntimeLoader:
         return resolve_device(self.device, cuda_device_count())
 
     def __call__(self) -> OnnxRuntimeEngine:
-        return OnnxRuntimeEngine(storage.read_bytes(self.model_path), self.providers,
+        if self.preprocessing is None:
+            model = storage.read_bytes(self.model_path)
+        else:
+            model = adapted_model_bytes(self.model_path, self.preprocessing, "--model file")
+        return OnnxRuntimeEngine(model, self.providers,
                                  self.intra_op_threads, name=self.model_path, allow_spinning=self.allow_spinning,
                                  sessions=self.sessions, stop_spinning_after_run=self.stop_spinning_after_run,
                                  device_id=self._device_id())
@@ -447,7 +457,7 @@ def cli_local_defaults(options, cores: int) -> Optional[FlagDefaults]:
                         f"--ort_sessions 2 --intra_op_threads {cores // 2}", callers=2)
 
 
-def cli_recipe(options, batch_size: Optional[int]) -> EngineRecipe:
+def cli_recipe(options, batch_size: Optional[int], preprocessing: Optional[Preprocessing] = None) -> EngineRecipe:
     """The ONNX Runtime recipe from ``--model``, ``--providers``, ``--intra_op_threads``, ``--ort_sessions``
     and ``--ort_spinning`` (see ``pipelines/engine_registry.py``).
 
@@ -455,6 +465,8 @@ def cli_recipe(options, batch_size: Optional[int]) -> EngineRecipe:
         options: The parsed options (read by attribute, never changed).
         batch_size: Images per batch (:func:`cli_fit_batch`'s answer), or None for
             :data:`GPU_BATCH_SIZE` with a GPU provider, else :data:`CPU_BATCH_SIZE`.
+        preprocessing: The conversion to prepend to the model where it loads, or None to load
+            it as it is (``OnnxRuntimeLoader.preprocessing``).
     """
     on_gpu = cli_on_gpu(options)
     model = _model(options)
@@ -463,7 +475,7 @@ def cli_recipe(options, batch_size: Optional[int]) -> EngineRecipe:
                                stop_spinning_after_run=options.ort_spinning == "run",
                                # Each engine copy (one per SDK process, or --model_copies N of a
                                # shared model) takes the next GPU: one per GPU (engines.devices).
-                               device="auto" if on_gpu else 0)
+                               device="auto" if on_gpu else 0, preprocessing=preprocessing)
     info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
             "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
             "intra_op_threads": options.intra_op_threads, "device": loader.device}

@@ -5,7 +5,8 @@
         [--output_format jsonl|parquet] [any Beam pipeline option: --runner, --direct_num_workers, ...]
 
 Outputs in ``--output/run-RUN_ID/``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
-``{"uri", "top_k": [{"class_id", "label", "score"}, ...]}``; ``dead_letter-*.jsonl``
+``{"uri", "model", "top_k": [{"class_id", "label", "score"}, ...]}`` (or the model's raw outputs,
+``--output_mode raw``); ``dead_letter-*.jsonl``
 with ``{"uri", "error", "stage"}`` for every input that could not be scored;
 ``stats.json`` and ``stats.png`` with throughput and per-stage timing; ``_scored-*.jsonl`` (what
 was scored, for ``--skip_scored``). ``--output/_SUCCESS``, swapped in last by the commit step,
@@ -40,7 +41,7 @@ from pipelines.stats import ProgressPrinter
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, ScorerLoader
 from transforms.commit import CommitConflict
-from transforms.postprocess import FailedBatchToDeadLetters, TopKBatches
+from transforms.postprocess import FailedBatchToDeadLetters, PredictionRows
 from transforms.scored import CheckScored
 
 _LOG = logging.getLogger(__name__)
@@ -55,10 +56,10 @@ def make_handler(settings: RunSettings) -> ImageBatchHandler:
     return ImageBatchHandler(
         ScorerLoader(settings.recipe.loader, settings.decode.dali, settings.preprocess,
                      max_decoders=settings.decode.max_decoders),
-        settings.output_name, images_per_batch=settings.batch.images_per_batch,
+        settings.rows.output_names, images_per_batch=settings.batch.images_per_batch,
         batches_per_call=settings.batch.batches_per_call,
         share_across_processes=settings.share_model_across_processes, model_copies=settings.model_copies,
-        metrics_namespace=settings.engine, model_id=str(settings.recipe.info.get("model", "")))
+        metrics_namespace=settings.engine, model_id=settings.model.identity)
 
 
 def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
@@ -89,14 +90,14 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
                          prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s)
     ).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
-    scored = main | "TopK" >> beam.ParDo(TopKBatches(settings.top_k, settings.labels, progress_dir)).with_outputs(
+    scored = main | "Rows" >> beam.ParDo(PredictionRows(settings.rows, settings.labels, progress_dir)).with_outputs(
         DEAD_LETTER, main="rows")
     failed_rows = failed.failed_inferences | "FailedBatches" >> beam.ParDo(FailedBatchToDeadLetters())
     dead = ((found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER], failed_rows)
             | "AllDeadLetters" >> beam.Flatten()
             | "CountDeadLetters" >> beam.ParDo(CountDeadLetters(progress_dir)))
     partitions.write_and_commit(plan, found, checked, scored.rows, dead, settings.output_format,
-                                bigquery=settings.bigquery)
+                                bigquery=settings.bigquery, rows=settings.rows)
     return scored.rows, dead
 
 

@@ -11,9 +11,11 @@ the parsed options, ``pipelines.settings.ClassifyOptions``, read by attribute an
   on the GPU and fed device-resident);
 - ``cli_model_file(options) -> engines.flags.ModelFile or None``: the ONNX model its flags name,
   which the launcher reads before anything runs (inputs, outputs, labels);
-- ``cli_recipe(options, batch_size) -> engines.base.EngineRecipe``: the picklable loader (typed: a
-  frozen dataclass such as ``OnnxRuntimeLoader``), the batch size it wants (``batch_size``, or its
-  own default when None), its description for stats.json, and where its class names come from;
+- ``cli_recipe(options, batch_size, preprocessing) -> engines.base.EngineRecipe``: the picklable loader
+  (typed: a frozen dataclass such as ``OnnxRuntimeLoader``) that prepends ``preprocessing`` (an
+  ``engines.model_adapter.Preprocessing``, or None) to the model it loads or builds, the batch size
+  it wants (``batch_size``, or its own default when None), its description for stats.json, and
+  where its class names come from;
 - ``cli_worker_paths(options) -> list of engines.base.WorkerPath``: the files its flags name that
   the workers open, so that a launch to a remote runner can refuse one on the launching machine's
   disk (``pipelines/launch_checks.py``);
@@ -25,7 +27,10 @@ And optionally:
 - ``cli_fit_batch(options, batch_size, *, summary, image_bytes, prefetch, local)``: the batch size
   its model and this machine can take (default: ``batch_size`` as given);
 - ``cli_local_defaults(options, cores) -> engines.flags.FlagDefaults or None``: what it runs
-  fastest with on this machine, for flags the user left out (default: None).
+  fastest with on this machine, for flags the user left out (default: None);
+- ``cli_built_model(options) -> engines.model_adapter.BuiltModel or None``: what an artefact built
+  from a model (a TensorRT plan's sidecar) says of that model, when no ONNX model is named
+  (default: None).
 
 Every module's flags are added when options are parsed, so every module is imported then; none of
 them imports its engine's library (TensorRT, CUDA, onnxruntime) before it loads a model, so naming
@@ -122,18 +127,26 @@ def local_defaults(options: Any, cores: int) -> Optional[FlagDefaults]:
     return chosen(options, cores) if chosen is not None else None
 
 
-def recipe(options: Any, batch_size: Optional[int]) -> EngineRecipe:
+def built_model(options: Any):
+    """What ``--engine``'s built artefact says of its model (``engines.model_adapter.BuiltModel``), or None."""
+    describe = getattr(_module(options.engine), "cli_built_model", None)
+    return describe(options) if describe is not None else None
+
+
+def recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> EngineRecipe:
     """The engine recipe for ``--engine`` (nothing is loaded).
 
     Args:
         options: The parsed options.
         batch_size: Images per batch (:func:`fit_batch`'s answer), or None for the engine's default.
+        preprocessing: The conversion the loader prepends to the model (``engines.model_adapter.Preprocessing``),
+            or None: the model is loaded as it is.
 
     Raises:
         UsageError: an unknown engine, or flags the engine cannot use (naming the flag).
         EngineError: an engine artefact that cannot be used (e.g. profiles no batch fits).
     """
-    return _module(options.engine).cli_recipe(options, batch_size)
+    return _module(options.engine).cli_recipe(options, batch_size, preprocessing)
 
 
 def worker_paths(options: Any) -> List[WorkerPath]:

@@ -6,8 +6,8 @@ names the flag and the fix and stops the command with exit status 2 (a
 pipeline cannot feed).
 
 For every runner, the inputs and outputs themselves: ``--input`` matches something readable
-(:func:`check_input`), the model takes what the preprocessing makes and has ``--output_name``
-(:func:`check_model`), and ``--output`` can take this run's results (:func:`check_output`).
+(:func:`check_input`) and ``--output`` can take this run's results (:func:`check_output`); the model
+is read and checked against the preprocessing and output flags by ``pipelines.model_settings``.
 
 For a remote runner (Dataflow; anything but the DirectRunner and Prism) whose workers do not run on
 this machine (a portable runner's LOOPBACK or PROCESS workers, or an EXTERNAL pool on localhost, do;
@@ -48,7 +48,6 @@ from apache_beam.options.pipeline_options import StandardOptions
 
 from engines import storage
 from engines.base import EngineError, UsageError, WorkerPath
-from engines.flags import ModelFile
 
 _LOG = logging.getLogger(__name__)
 
@@ -272,42 +271,6 @@ def check_input(path: str) -> None:
         if path.startswith("~"):
             hint += " A quoted '~' is not expanded: write the full path ($HOME/...)."
         raise UsageError(f"--input {path} matches no files; check the path or glob (quote it in the shell).{hint}")
-
-
-def check_model(model: ModelFile, summary, output_name: str, config) -> None:
-    """Checks, before anything runs, that the preprocessing and the model fit together.
-
-    A mismatch here would otherwise turn every image into a dead letter (a crop the model
-    does not take) or fail the job midway (an output name the model lacks).
-
-    Args:
-        model: The ONNX model the engine's flags name (``pipelines.engine_registry.model_file``).
-        summary: Its ``engines.onnx_summary.OnnxSummary``.
-        output_name: ``--output_name``.
-        config: The preprocessing (an ``images.pillow_decoder.PreprocessConfig``).
-
-    Raises:
-        UsageError: ``--output_name`` is not an output of the model, or ``--crop`` does not fit its
-            input, naming the flag to change.
-        EngineError: the model is not one this pipeline can feed (several inputs, or not uint8
-            [N, crop, crop, 3] images), naming the fix.
-    """
-    outputs = [name for name, _, _ in summary.outputs]
-    if output_name not in outputs:
-        raise UsageError(f"--output_name {output_name!r} is not an output of {model.path}; its outputs are "
-                         f"{outputs}")
-    if len(summary.inputs) != 1:
-        raise EngineError(f"{model.path} has {len(summary.inputs)} inputs {[n for n, _, _ in summary.inputs]}; this "
-                          f"pipeline feeds one batch of images (uint8 [N, crop, crop, 3])")
-    (name, dtype, dims), = summary.inputs
-    if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
-        raise EngineError(f"{model.path} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
-                          f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
-                          f"inside (see `python -m model_tools.export_efficientnet --help`)")
-    fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
-    if any(d != config.crop for d in fixed):
-        raise UsageError(f"--crop {config.crop} does not fit {model.path}: its input {name!r} is {list(dims)}; pass "
-                         f"--crop {fixed[0]} (and --resize >= {fixed[0]})")
 
 
 def check_output(output: str, input_path: str) -> None:

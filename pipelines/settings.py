@@ -32,9 +32,11 @@ from engines.flags import BATCH_WHY, MAX_BATCH, MAX_COPIES, MAX_THREADS, THREADS
 from images.dali_decoder import DaliDecoderOptions
 from images.pillow_decoder import PreprocessConfig
 from images.reading import DEFAULT_READ_TIMEOUT_S
-from pipelines import engine_registry, launch_checks, partitions
+from pipelines import engine_registry, launch_checks, model_settings, partitions
+from pipelines.model_settings import ModelSettings
 from transforms import bigquery
-from transforms.sinks import FORMATS
+from transforms.postprocess import RowLayout
+from transforms.sinks import FORMATS, prediction_schema
 
 _LOG = logging.getLogger(__name__)
 
@@ -57,9 +59,6 @@ MAX_SECONDS = 86_400
 #: Most batches read ahead per DoFn (--prefetch): they wait in memory, and 1024 batches of 32 images are
 #: already 4.6 GiB of pixels per DoFn; 2 to 8 keep the engine fed.
 MAX_PREFETCH = 1024
-#: Largest --resize or --crop: a resized image with a 16384-pixel shorter side holds over 768 MiB of pixels,
-#: and no classifier takes inputs near that size.
-MAX_SIDE = 16_384
 #: Largest --max_pixels: an image of 2**32 pixels decodes to 12 GiB of RGB in one thread.
 MAX_PIXELS = 1 << 32
 #: Most classes per image: the largest public label sets have about 22,000 (ImageNet-21k), and every
@@ -67,7 +66,6 @@ MAX_PIXELS = 1 << 32
 MAX_TOP_K = 100_000
 
 _SECONDS_WHY = "a day: beyond it a stall is a stuck read or a typo"
-_SIDE_WHY = "no classifier takes inputs near this size"
 #: Bounds of the pipeline's own numeric flags; each engine lists its own (``engines/flags.py``). Every
 #: numeric flag has a lower and an upper bound: inf, nan or a huge value is a typo that would otherwise fail
 #: on a worker (a timeout past threading's limit overflows) or exhaust memory there.
@@ -80,8 +78,6 @@ FLAG_RANGES = (
     FlagRange("--read_timeout_s", "read_timeout_s", 0, MAX_SECONDS, _SECONDS_WHY),
     FlagRange("--progress_every_s", "progress_every_s", 0, MAX_SECONDS, _SECONDS_WHY),
     FlagRange("--model_copies", "model_copies", 1, MAX_COPIES, "one copy per GPU"),
-    FlagRange("--resize", "resize", 1, MAX_SIDE, _SIDE_WHY),
-    FlagRange("--crop", "crop", 1, MAX_SIDE, _SIDE_WHY),
     FlagRange("--max_pixels", "max_pixels", 1, MAX_PIXELS, "such an image decodes to 12 GiB in one thread"),
     FlagRange("--hw_decoder_load", "hw_decoder_load", 0, 1, "a share of the JPEG work"),
     FlagRange("--max_decoders", "max_decoders", 0, MAX_THREADS, "each decoder holds GPU memory and CPU threads"),
@@ -124,12 +120,15 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--top_k", type=int, default=5, help="Classes per image. Default: 5.")
         parser.add_argument("--output_format", default="jsonl", choices=FORMATS,
                             help="Predictions format. Default: jsonl.")
-        parser.add_argument("--output_name", default="logits", help="Engine output holding the logits.")
         parser.add_argument("--labels_file", default=None,
                             help="Class names, one per line or a JSON list (default: the model's 'labels' "
                                  "metadata, if any).")
-        parser.add_argument("--resize", type=int, default=256, help="Shorter side before the crop. Default 256.")
-        parser.add_argument("--crop", type=int, default=224, help="Centre-crop size. Default 224.")
+        parser.add_argument("--resize", type=int, default=None,
+                            help="Shorter side before the centre crop. Default: the crop's longer side x 256/224 "
+                                 "(256 for 224).")
+        parser.add_argument("--crop", default=None, metavar="SIZE",
+                            help="Centre crop, the model's input: 224 (square) or 240x320 (height x width). "
+                                 "Default: the model's input size, else 224.")
         parser.add_argument("--max_pixels", type=int, default=PreprocessConfig.max_pixels,
                             help="Refuse larger images (decompression bombs). Default: 89478485.")
         parser.add_argument("--decode", default="auto", choices=DECODE_MODES,
@@ -168,6 +167,7 @@ class ClassifyOptions(PipelineOptions):
                             help="Remote runners: launch even though this environment's Python or Apache Beam "
                                  "differs from the worker image's (pipelines/image_versions.txt), e.g. for another "
                                  "--sdk_container_image built for this environment.")
+        model_settings.add_flags(parser)
         bigquery.add_flags(parser)
         engine_registry.add_flags(parser)
 
@@ -241,7 +241,9 @@ class RunSettings:
         read_timeout_s: ``--read_timeout_s``, None for no limit.
         top_k: ``--top_k``.
         output_format: ``--output_format``.
-        output_name: ``--output_name``.
+        model: The model: its input and preprocessing, how its outputs become rows, its identity
+            (``pipelines.model_settings.ModelSettings``).
+        rows: What each prediction row holds (``transforms.postprocess.RowLayout``).
         share_model_across_processes: ``--share_model_across_processes``.
         model_copies: ``--model_copies``.
         local: The runner runs here (DirectRunner, Prism).
@@ -269,7 +271,8 @@ class RunSettings:
     read_timeout_s: Optional[float]
     top_k: int
     output_format: str
-    output_name: str
+    model: ModelSettings
+    rows: RowLayout
     share_model_across_processes: bool
     model_copies: int
     local: bool
@@ -303,6 +306,7 @@ class RunSettings:
             "labels": "from model metadata" if self.labels and not self.labels_file else (self.labels_file or None),
             "run_date": self.run_date, "skip_scored": self.skip_scored,
             "output_table": self.bigquery.spec if self.bigquery else None,
+            "model": self.model.record(),
         }
 
 
@@ -322,6 +326,9 @@ def check_flags(options: ClassifyOptions) -> None:
         UsageError: naming the flag, the value and the accepted range.
     """
     check_ranges(options, FLAG_RANGES)
+    check_ranges(options, model_settings.FLAG_RANGES)
+    if options.crop is not None:
+        model_settings.parse_crop(options.crop)
     if options.model_copies > 1 and not options.share_model_across_processes:
         raise UsageError("--model_copies > 1 needs --share_model_across_processes (one copy per GPU)")
     engine_registry.check_flags(options)
@@ -394,15 +401,21 @@ def resolve_decode(options: ClassifyOptions, local: bool) -> Tuple[str, str]:
         "auto: the engine runs on the workers' GPUs (the worker image carries DALI)"
 
 
-def preprocess_config(options: ClassifyOptions) -> PreprocessConfig:
-    """The preprocessing the flags ask for.
+def preprocess_config(options: ClassifyOptions, model: Optional[ModelSettings] = None) -> PreprocessConfig:
+    """The preprocessing the flags ask for: the crop and the resize follow the model's input unless given.
+
+    Args:
+        options: The parsed options.
+        model: The model's settings (its input size), or None: the flags and the defaults alone.
 
     Raises:
         UsageError: sizes that cannot work together, naming the flags.
     """
+    (height, width), resize, why = model_settings.crop_and_resize(options, model.input_size() if model else None)
+    _LOG.info("preprocessing: %s", why)
     try:
-        return PreprocessConfig(resize=options.resize, crop=options.crop, max_pixels=options.max_pixels,
-                                draft=not options.no_jpeg_draft)
+        return PreprocessConfig(resize=resize, crop=height, max_pixels=options.max_pixels,
+                                draft=not options.no_jpeg_draft, **({"crop_width": width} if width != height else {}))
     except ValueError as e:
         raise UsageError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
 
@@ -493,20 +506,24 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
     if start_checks:
         launch_checks.check_launch(options, options, local)  # versions, worker-readable paths, providers
         launch_checks.check_input(options.input)
-    preprocess = preprocess_config(options)
-    model = engine_registry.model_file(options)
+    model_file = engine_registry.model_file(options)
+    # The model's input, outputs and identity: what the crop, the loader and the rows follow.
+    model = model_settings.resolve_model(options, model_file,
+                                         engine_registry.built_model(options) if model_file is None else None,
+                                         read=start_checks)
+    _LOG.info("model %s: %s", model.identity, model.record())
+    preprocess = preprocess_config(options, model)
     summary = None
-    if start_checks and model is not None:
+    if start_checks and model_file is not None:
         from engines.onnx_summary import read_summary
 
-        summary = read_summary(model.path, model.flag)
-        launch_checks.check_model(model, summary, options.output_name, preprocess)
+        summary = read_summary(model_file.path, model_file.flag)
     if defaults_note:
         _LOG.info("local defaults for %s", defaults_note)
     batch_size = options.batch_size
     if summary is not None:
         batch_size = engine_registry.fit_batch(options, batch_size, summary=summary,
-                                               image_bytes=preprocess.crop * preprocess.crop * 3,
+                                               image_bytes=preprocess.crop * (getattr(preprocess, "crop_width", None) or preprocess.crop) * 3,
                                                prefetch=options.prefetch or 2, local=local)
     if start_checks:
         launch_checks.check_output(options.output, options.input)
@@ -515,14 +532,18 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
                                      "dali_cpu": "the CPU (NVIDIA DALI)"}[mode], why)
     labels_file = options.labels_file or None
     explicit = tuple(read_labels(labels_file)) if labels_file else None  # a bad file fails before the engine
-    recipe = engine_registry.recipe(options, batch_size)
+    # Every ONNX model goes through the adapter where it loads (weights files read beside it, the
+    # conversion prepended where its input needs one); a plan runs as it was built.
+    recipe = engine_registry.recipe(options, batch_size, model.preprocessing if model_file is not None else None)
     dali = _decoder(mode, options, preprocess, recipe.batch_size)
     per_call = GPU_DECODE_BATCHES_PER_CALL if dali else 1
     table = bigquery.resolve_target(options.output_table, options.run_date, options, options.engine,
-                                    str(recipe.info.get("model") or ""))
+                                    model.identity)
+    rows = RowLayout.of(model, options.top_k)
     if table and start_checks:  # credentials, dataset, table and its schema, before anything runs
         _LOG.info("BigQuery table %s (%s): this run replaces its partition %s", table.spec,
-                  bigquery.check_table(table, options), table.partition)
+                  bigquery.check_table(table, options, bigquery.table_schema(prediction_schema(rows))),
+                  table.partition)
     direct = options.view_as(DirectOptions)
     settings = RunSettings(
         input=options.input,
@@ -538,7 +559,7 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         batch=BatchSettings(recipe.batch_size, per_call, options.prefetch or 2 * per_call),
         decode=DecodeSettings(mode, why, dali, options.max_decoders),
         read_threads=options.decode_threads, read_timeout_s=options.read_timeout_s or None,
-        top_k=options.top_k, output_format=options.output_format, output_name=options.output_name,
+        top_k=options.top_k, output_format=options.output_format, model=model, rows=rows,
         share_model_across_processes=bool(options.share_model_across_processes), model_copies=options.model_copies,
         local=local, local_defaults=defaults_note,
         runner=str(options.view_as(StandardOptions).runner or "DirectRunner"),

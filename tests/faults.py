@@ -40,7 +40,7 @@ from typing import Iterator, List, Optional, Tuple
 #: decode: in the same DoFn after the bundle's last batch and dead letter were emitted;
 #: inference: after the row blocks of a bundle of scored batches were emitted (RunInference itself
 #: turns every Exception in its process() into dead letters by design, so a bundle-level failure
-#: is raised in the step fused right after it, TopKBatches: on Dataflow that reruns the inference
+#: is raised in the step fused right after it, PredictionRows: on Dataflow that reruns the inference
 #: bundle);
 #: write: in the sinks after a whole temporary file was written, leaving it orphaned.
 STAGES = ("read", "decode", "inference", "write")
@@ -210,9 +210,9 @@ def _patches(plan: FaultPlan) -> List[_Patch]:
         return _failing_dofn(ReadImageBatches, plan, mid="read" if plan.stage == "read" else None,
                              end="decode" if plan.stage == "decode" else None)
     if plan.stage == "inference":
-        from transforms.postprocess import TopKBatches
+        from transforms.postprocess import PredictionRows
 
-        return _failing_dofn(TopKBatches, plan, mid=None, end="inference")
+        return _failing_dofn(PredictionRows, plan, mid=None, end="inference")
     from transforms.sinks import JsonLinesSink, ParquetSink
 
     return _failing_sink(JsonLinesSink, plan) + _failing_sink(ParquetSink, plan)

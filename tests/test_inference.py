@@ -87,7 +87,7 @@ def _png(value: int) -> bytes:
 
 def _rows(scored: ScoredBatch):
     """(uri, the grey value its logits row says) per scored image, and the failed uris with reasons."""
-    return ([(ref.uri, round(float(row[0]))) for ref, row in zip(scored.scored_refs(), scored.logits)],
+    return ([(ref.uri, round(float(row[0]))) for ref, row in zip(scored.scored_refs(), scored.outputs["logits"])],
             {scored.refs[i].uri: reason for i, reason in scored.failed.items()})
 
 
@@ -102,7 +102,7 @@ def _one_message(pattern: str):
 def _handler(tmp_path, **kwargs) -> ImageBatchHandler:
     loader = ScorerLoader(FakeLoader(str(tmp_path / "loads.log"), kwargs.pop("extra_rows", 0)),
                           preprocess=kwargs.pop("preprocess", None))
-    return ImageBatchHandler(loader, "logits", images_per_batch=4, **kwargs)
+    return ImageBatchHandler(loader, ("logits",), images_per_batch=4, **kwargs)
 
 
 @pytest.mark.parametrize("batches_per_call", [1, 2])

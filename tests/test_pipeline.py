@@ -56,14 +56,14 @@ def test_testpipeline_end_to_end(corpus, model_path):
     assert labels[285] == "Egyptian Mau"  # from the model's own metadata
     with TestPipeline(options=options) as p:
         from transforms.images import DEAD_LETTER, ImageRefs, ReadImageBatches
-        from transforms.postprocess import TopKBatches
+        from transforms.postprocess import PredictionRows
         from images.pillow_decoder import PreprocessConfig
         from apache_beam.ml.inference.base import RunInference
 
         found = p | ImageRefs(directory, batch_size=4)
         decoded = found["refs"] | beam.ParDo(ReadImageBatches(PreprocessConfig())).with_outputs(
             DEAD_LETTER, main="batches")
-        scored = decoded.batches | RunInference(handler) | beam.ParDo(TopKBatches(5, labels)).with_outputs(
+        scored = decoded.batches | RunInference(handler) | beam.ParDo(PredictionRows(settings.rows, labels)).with_outputs(
             DEAD_LETTER, main="blocks")
         rows = scored.blocks | beam.FlatMap(lambda block: block)
         assert_that(rows | "Names" >> beam.Map(lambda r: os.path.basename(r["uri"])),
@@ -263,8 +263,13 @@ def test_describe_failure_handles_exceptions_and_beams_tuples():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--crop", "300"], r"bad preprocessing flags: need 0 < crop <= resize"),
-    (["--crop", "200"], r"--crop 200 does not fit .*\[.*224, 224, 3\]; pass --crop 224"),
+    (["--resize", "100"], r"bad preprocessing flags: .*resize"),
+    (["--crop", "200"], r"--crop 200 does not fit the model: it takes 224 x 224 images \(height x width\); pass --crop 224"),
+    (["--crop", "2x"], r"--crop takes a size such as 224 \(square\) or 240x320 \(height x width\), got '2x'"),
+    (["--output_mode", "raw", "--threshold", "0.5"], r"--threshold picks classes with --output_mode topk"),
+    (["--output_name", "logits", "--output_name", "x"], r"--output_mode topk ranks one output"),
+    (["--activation", "sigmoid", "--output_mode", "raw"], r"--output_mode raw writes the outputs as the model gives"),
+    (["--threshold", "2"], r"--threshold must be <= 1, got 2"),
     (["--output_name", "probs"], r"--output_name 'probs' is not an output of .*\['logits'\]"),
     (["--max_pixels", "0"], r"--max_pixels must be >= 1, got 0 \(accepted: 1 to "),
 ])
@@ -274,15 +279,6 @@ def test_setup_mistakes_fail_at_start_naming_the_flag(corpus, model_path, tmp_pa
         classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), *flags])
     assert classify_images.main(["--input", directory, "--output", str(tmp_path / "o"), *flags]) == 2
     assert not (tmp_path / "o").exists()  # nothing ran
-
-
-def test_float_nchw_model_is_refused_at_start(corpus, tmp_path):
-    nchw = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models", "efficientnet_lite0_float32_nchw.onnx")
-    if not os.path.exists(nchw):
-        pytest.fail(f"{nchw} is missing: run `make test` (it prepares it)")
-    directory, _, _ = corpus
-    with pytest.raises(EngineError, match=r"input 'images' is FLOAT .*export the model with its preprocessing"):
-        classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--model", nchw])
 
 
 def test_many_core_local_defaults_two_bundle_threads_two_sessions_lose_nothing(corpus, model_path, tmp_path,

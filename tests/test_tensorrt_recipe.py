@@ -135,9 +135,12 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     classify_images.build_pipeline(pipeline, settings)
     proto = pipeline.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
-    assert {"FindImages", "ReadBatches", "RunInference", "TopK"} <= {n.split("/")[0] for n in names}
+    assert {"FindImages", "ReadBatches", "RunInference", "Rows"} <= {n.split("/")[0] for n in names}
     restored = pickler.loads(pickler.dumps(handler))  # what a worker unpickles
     assert restored.loader == handler.loader and restored.images_per_batch == handler.images_per_batch
-    with pytest.raises(UsageError, match=r"--crop 224 does not fit .*\[.*16, 16, 3\]; pass --crop 16"):
+    with pytest.raises(UsageError, match=r"--crop 224 does not fit the model: it takes 16 x 16 images .*; pass --crop 16"):
         resolve(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt", "--onnx_path",
-                 str(onnx_path)])
+                 str(onnx_path), "--crop", "224"])
+    followed, _ = resolve(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt",
+                           "--onnx_path", str(onnx_path)])
+    assert (followed.preprocess.crop, followed.preprocess.resize) == (16, 19)  # the model's size; 16 x 256/224

@@ -146,9 +146,9 @@ def _bigquery_field(field) -> Dict[str, Any]:
     import pyarrow as pa
 
     kind, mode = field.type, "NULLABLE" if field.nullable else "REQUIRED"
-    if pa.types.is_list(kind):
+    if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
         kind, mode = kind.value_type, "REPEATED"
-        if pa.types.is_list(kind):
+        if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
             raise TypeError(f"column {field.name}: BigQuery has no list of lists")
     if pa.types.is_struct(kind):
         return {"name": field.name, "type": "RECORD", "mode": mode,
@@ -176,7 +176,9 @@ def table_schema(row_schema=None) -> Dict[str, Any]:
     from transforms.sinks import prediction_schema
 
     row_schema = row_schema if row_schema is not None else prediction_schema()
-    return {"fields": [_bigquery_field(field) for field in row_schema] + [dict(c) for c in RUN_COLUMNS]}
+    run = {c["name"] for c in RUN_COLUMNS}  # the rows' own "model" is the run's: one column
+    return {"fields": [_bigquery_field(field) for field in row_schema if field.name not in run]
+            + [dict(c) for c in RUN_COLUMNS]}
 
 
 _TYPE_ALIASES = {"INT64": "INTEGER", "FLOAT64": "FLOAT", "BOOL": "BOOLEAN", "STRUCT": "RECORD"}

@@ -82,6 +82,8 @@ class CommitPlan:
             (:func:`engines.storage.read_versioned`); the commit happens only over that version.
             Default: absent (no partition yet).
         replaces: Run id in that ``_SUCCESS``, or None (none, or not a record of this pipeline).
+        model: What the record says of the model that made the rows (identity, file, sha256, how
+            outputs became rows), or None.
     """
 
     output: str
@@ -93,6 +95,7 @@ class CommitPlan:
     write_stats: Optional[Callable[[str, Dict[str, Any]], None]] = None
     base: str = storage.ABSENT
     replaces: Optional[str] = None
+    model: Optional[Dict[str, Any]] = None
 
     @property
     def run_folder(self) -> str:
@@ -203,6 +206,7 @@ class _Commit(beam.DoFn):
             "start_time": plan.start_time,
             "end_time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "run_folder": run_folder_name(plan.run_id),
+            "model": plan.model,
             "files": by_kind,
             # What this commit replaced: a retried commit (or the next one) can still remove it.
             "replaced": {"run_id": replaced["run_id"], "files": listed_files(replaced)} if replaced else None,

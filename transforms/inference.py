@@ -6,7 +6,7 @@ batch settings. No engine object exists until ``load_model()`` runs on the worke
 then shares the loaded engine across the worker's threads (and, with ``share_across_processes``,
 across its processes), so the loaded scorer serves concurrent calls (``images.scoring``). Each
 element is a whole :class:`transforms.images.ImageBatch`; each result a :class:`ScoredBatch` with
-the logits of that batch.
+the outputs of that batch the job asked for.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ class ScoredBatch:
 
     Attributes:
         refs: The batch's refs, in its row order.
-        logits: One row per scored image: the refs not in ``failed``, in order.
+        outputs: Output name -> one row per scored image: the refs not in ``failed``, in order.
         failed: Row index -> reason, for images the GPU decoder could not decode.
     """
 
     refs: Tuple[ImageRef, ...]
-    logits: np.ndarray
+    outputs: Dict[str, np.ndarray]
     failed: Dict[int, str]
 
     def scored_refs(self) -> List[ImageRef]:
@@ -95,6 +95,14 @@ class ScorerLoader:
         return ImageScorer(engine, decoders, fallback)
 
 
+def model_kind(model: Any) -> str:
+    """The engine's kind ("onnxruntime", "tensorrt") for messages; "" for a proxy that does not say."""
+    try:
+        return str(model.engine.kind)
+    except Exception:  # a shared model's proxy exposes methods only
+        return "model's"
+
+
 class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
     """Scores :class:`transforms.images.ImageBatch` elements: each element is already a batch.
 
@@ -103,7 +111,8 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
 
     Args:
         loader: A :class:`ScorerLoader`.
-        output_name: The engine output holding the logits (only it is copied back).
+        output_names: The engine outputs the rows are made of (only they are copied back).
+            Default ("logits",).
         images_per_batch: Images per element, as the reading step forms them (the one batch-size
             decision: the engine's batch, ``pipelines.settings.BatchSettings.images``). Default 32.
         batches_per_call: Elements per ``run_inference`` call. Default 1.
@@ -115,7 +124,7 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
         model_id: A label for the model. Default "" (the engine loader's repr).
     """
 
-    def __init__(self, loader: ScorerLoader, output_name: str = "logits", *, images_per_batch: int = 32,
+    def __init__(self, loader: ScorerLoader, output_names: Sequence[str] = ("logits",), *, images_per_batch: int = 32,
                  batches_per_call: int = 1,
                  share_across_processes: bool = False, model_copies: int = 1, metrics_namespace: str = "engine",
                  model_id: str = ""):
@@ -126,7 +135,9 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
         if model_copies > 1 and not share_across_processes:
             raise EngineError("model_copies > 1 needs share_across_processes=True (one copy per GPU)")
         self._loader = loader
-        self._output_name = output_name
+        if isinstance(output_names, str) or not output_names:
+            raise EngineError(f"output_names must be a non-empty sequence of output names, got {output_names!r}")
+        self._output_names = tuple(output_names)
         self.images_per_batch = images_per_batch
         self._batches_per_call = batches_per_call
         self._share_across_processes = share_across_processes
@@ -154,17 +165,23 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
         start = time.perf_counter()
         # One method call on the model: with share_across_processes it is a proxy in another process.
         results = model.score([(element.pixels, element.encoded, element.boxes) for element in batch],
-                              [self._output_name])
+                              list(self._output_names))
         elapsed = time.perf_counter() - start
         out = []
         for element, result in zip(batch, results):
             scored = len(element) - len(result.failed)
-            logits = result.outputs.get(self._output_name)
-            if logits is None:
-                logits = np.zeros((0, 0), np.float32)
-            if logits.shape[0] != scored:
-                raise EngineError(f"Output tensor: {self._output_name} | batch dimension {logits.shape[0]} does not "
-                                  f"match the {scored} images scored")
+            outputs = {}
+            for name in self._output_names:
+                value = result.outputs.get(name)
+                if value is None:
+                    if scored:
+                        raise EngineError(f"Output tensor: {name} | the {model_kind(model)} engine returned no such "
+                                          f"output (it returned {sorted(result.outputs)})")
+                    value = np.zeros((0, 0), np.float32)
+                if value.shape[0] != scored:
+                    raise EngineError(f"Output tensor: {name} | batch dimension {value.shape[0]} does not "
+                                      f"match the {scored} images scored")
+                outputs[name] = value
             if result.decode_s:
                 stage_distribution("decode").update(int(result.decode_s * 1e6))
             stage_distribution("inference").update(int(result.infer_s * 1e6))
@@ -173,7 +190,7 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
                 Metrics.distribution(NAMESPACE, "batch_size").update(size)
             # Which engine copy scored the images: stats.json's images_per_device.
             Metrics.counter(NAMESPACE, device_counter(result.device)).inc(scored)
-            out.append(ScoredBatch(element.refs, logits, dict(result.failed)))
+            out.append(ScoredBatch(element.refs, outputs, dict(result.failed)))
         self._histogram.record(elapsed / len(batch))
         return out
 

@@ -1,70 +1,177 @@
-"""Post-processing: logits -> top-k classes with softmax scores and labels; failed batches -> dead letters."""
+"""Post-processing: model outputs -> prediction rows (:class:`RowLayout` says which); failed batches -> dead letters.
+
+Rows are ``{"uri", ["id"], "model", ...}`` and then, by mode: ``top_k`` (the best k classes of the
+ranked output after its activation), ``classes`` (every class at or above ``--threshold``), or one
+field per output named after it holding the image's values as a list of floats (``--output_mode raw``).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from engines.activations import apply_activation
 from transforms.images import DEAD_LETTER, ImageRef, dead_letter
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
 
 
-def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None):
-    """Softmax over each row of a (n, classes) batch and its k best classes, best first (vectorized).
+#: Row modes: the best k classes, every class at or above a threshold, or whole outputs.
+ROW_MODES = ("topk", "threshold", "raw")
+#: Fields every prediction row may hold besides its outputs: no manifest column or raw output may take these names.
+ROW_FIELDS = ("uri", "id", "model", "top_k", "classes", "error", "stage")
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """What each prediction row holds, decided once from the run's settings; the rows and the sinks'
+    schema (``transforms.sinks.prediction_schema``) both follow it.
+
+    Attributes:
+        mode: "topk" (the best ``k`` classes, in ``top_k``), "threshold" (every class scoring at or
+            above ``threshold``, best first, in ``classes``) or "raw" (each output's values, in a
+            field named after it).
+        outputs: ``(name, dtype, values per image or None)`` of the outputs read; the ranked one for
+            "topk" and "threshold".
+        k: Classes per row with "topk". Default 5.
+        activation: What turns the ranked output into scores: "softmax", "sigmoid" or "none"
+            (``engines.activations``). Default "softmax".
+        threshold: The least score kept with "threshold". Default None.
+        model: The model's identity, written in every row's ``model`` field. Default "".
+    """
+
+    mode: str = "topk"
+    outputs: Tuple[Tuple[str, str, Optional[int]], ...] = (("logits", "float32", None),)
+    k: int = 5
+    activation: str = "softmax"
+    threshold: Optional[float] = None
+    model: str = ""
+
+    def __post_init__(self):
+        if self.mode not in ROW_MODES:
+            raise ValueError(f"mode must be one of {ROW_MODES}, got {self.mode!r}")
+        if self.k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.k}")
+        if not self.outputs or (self.mode != "raw" and len(self.outputs) != 1):
+            raise ValueError(f"mode {self.mode} reads {'one output' if self.mode != 'raw' else 'outputs'}, "
+                             f"got {self.outputs}")
+        if (self.mode == "threshold") != (self.threshold is not None):
+            raise ValueError("a threshold goes with mode 'threshold' and only with it")
+
+    @classmethod
+    def of(cls, model, top_k: int) -> "RowLayout":
+        """The layout for a run's ``pipelines.model_settings.ModelSettings`` and ``--top_k``."""
+        mode = "raw" if model.output_mode == "raw" else ("threshold" if model.threshold is not None else "topk")
+        return cls(mode, tuple((o.name, o.dtype, o.size) for o in model.outputs), top_k, model.activation,
+                   model.threshold, model.identity)
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return tuple(name for name, _, _ in self.outputs)
+
+    def describe(self) -> Dict[str, object]:
+        return {"mode": self.mode, "outputs": list(self.output_names), "top_k": self.k if self.mode == "topk" else None,
+                "activation": self.activation, "threshold": self.threshold, "model": self.model}
+
+
+def _classes(ids, scores, names):
+    return [{"class_id": int(c), "label": names[c] if names and c < len(names) else f"class_{int(c)}",
+             "score": float(p)} for c, p in zip(ids, scores)]
+
+
+def _scores(outputs: np.ndarray, activation: str) -> np.ndarray:
+    outputs = np.asarray(outputs)
+    if outputs.ndim != 2:
+        outputs = outputs.reshape(len(outputs), -1)
+    return apply_activation(outputs, activation)
+
+
+def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None, activation: str = "softmax"):
+    """The activation over each row of a (n, classes) batch and its k best classes, best first (vectorized).
 
     Args:
-        logits: Scores, one row per image.
+        logits: The model's output, one row per image.
         k: How many classes to keep (capped at the number of classes).
         labels: Class names by id, or None.
+        activation: "softmax" (default), "sigmoid" or "none" (``engines.activations.apply_activation``).
 
     Returns:
         One ``[{"class_id", "label", "score"}, ...]`` list per row, best first; ``label`` is
         ``"class_<id>"`` when no labels are known.
     """
-    logits = np.asarray(logits, dtype=np.float32)
-    if logits.ndim != 2:
-        logits = logits.reshape(len(logits), -1)
-    n, classes = logits.shape
+    probs = _scores(logits, activation)
+    n, classes = probs.shape
     if n == 0:
         return []
     k = min(k, classes)
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs = shifted / shifted.sum(axis=1, keepdims=True)
     best = np.argpartition(-probs, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(probs, best, axis=1), axis=1, kind="stable")
     best = np.take_along_axis(best, order, axis=1)
     scores = np.round(np.take_along_axis(probs, best, axis=1).astype(np.float64), 6)
     names = labels if labels else None
-    return [[{"class_id": int(c), "label": names[c] if names and c < len(names) else f"class_{int(c)}",
-              "score": float(p)} for c, p in zip(row_ids, row_scores)]
-            for row_ids, row_scores in zip(best.tolist(), scores.tolist())]
+    return [_classes(row_ids, row_scores, names) for row_ids, row_scores in zip(best.tolist(), scores.tolist())]
 
 
-class TopKBatches(beam.DoFn):
-    """``ScoredBatch`` -> one block (list) of prediction rows ``{"uri", ["id"], "top_k"}``, and a
-    ``dead_letter`` row for each image the GPU decoder could not decode.
+def above_threshold_batch(logits: np.ndarray, threshold: float, labels: Optional[Sequence[str]] = None,
+                          activation: str = "sigmoid"):
+    """Every class whose score (after the activation) is at or above ``threshold``, best first, per row.
+
+    Multi-label models give each class an independent score; a row may list none, one or many.
+
+    Returns:
+        One ``[{"class_id", "label", "score"}, ...]`` list per row (possibly empty), best first.
+    """
+    probs = _scores(logits, activation)
+    names = labels if labels else None
+    rows = []
+    for row in probs:
+        ids = np.flatnonzero(row >= np.float32(threshold))
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        rows.append(_classes(ids.tolist(), np.round(row[ids].astype(np.float64), 6).tolist(), names))
+    return rows
+
+
+def raw_values(output: np.ndarray) -> list:
+    """One list of floats per image: the output's values for that image, flattened (float16 and float64 as floats)."""
+    output = np.asarray(output)
+    return output.reshape(len(output), -1).tolist()
+
+
+class PredictionRows(beam.DoFn):
+    """``ScoredBatch`` -> one block (list) of prediction rows as ``layout`` says, and a ``dead_letter``
+    row for each image the GPU decoder could not decode.
 
     Blocks keep Beam's per-element cost off each image; the sink writes a block at once.
 
     Args:
-        k: Classes kept per image.
+        layout: What each row holds (:class:`RowLayout`).
         labels: Class names by id, or None.
         progress_dir: Local directory for live progress counts, or None.
     """
 
-    def __init__(self, k: int, labels: Optional[Sequence[str]], progress_dir: Optional[str] = None):
-        if k < 1:
-            raise ValueError(f"top_k must be >= 1, got {k}")
-        self._k = k
+    def __init__(self, layout: RowLayout, labels: Optional[Sequence[str]], progress_dir: Optional[str] = None):
+        self._layout = layout
         self._labels = list(labels) if labels else None
         self._progress_dir = progress_dir
+
+    def _values(self, outputs: Dict[str, np.ndarray]):
+        """Per image, the fields after ``uri``/``id``/``model``."""
+        layout = self._layout
+        if layout.mode == "raw":
+            columns = [raw_values(outputs[name]) for name in layout.output_names]
+            return [dict(zip(layout.output_names, values)) for values in zip(*columns)]
+        ranked = outputs[layout.output_names[0]]
+        if layout.mode == "threshold":
+            return [{"classes": c} for c in above_threshold_batch(ranked, layout.threshold, self._labels,
+                                                                   layout.activation)]
+        return [{"top_k": c} for c in top_k_batch(ranked, layout.k, self._labels, layout.activation)]
 
     def setup(self):
         self._us = stage_distribution("postprocess")
@@ -79,11 +186,12 @@ class TopKBatches(beam.DoFn):
         refs = scored.scored_refs()
         if refs:
             rows = []
-            for ref, classes in zip(refs, top_k_batch(scored.logits, self._k, self._labels)):
+            for ref, values in zip(refs, self._values(scored.outputs)):
                 row = {"uri": ref.uri}
                 if ref.id is not None:
                     row["id"] = ref.id
-                row["top_k"] = classes
+                row["model"] = self._layout.model
+                row.update(values)
                 rows.append(row)
             self._count.inc(len(rows))
             self._progress.add("predictions", len(rows))
@@ -139,4 +247,5 @@ class FailedBatchToDeadLetters(beam.DoFn):
                 yield dead_letter(ref.uri, reason, "inference", ref.id).value
 
 
-__all__ = ["top_k_batch", "TopKBatches", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]
+__all__ = ["top_k_batch", "above_threshold_batch", "raw_values", "RowLayout", "PredictionRows", "FailedBatchToDeadLetters",
+           "describe_failure", "DEAD_LETTER"]

@@ -43,28 +43,52 @@ class JsonLinesSink(fileio.FileSink):
         self._us.update(int((time.perf_counter() - start) * 1e6))
 
 
-def prediction_schema():
-    """The Parquet schema of prediction rows: uri, id (nullable), top_k list of structs."""
+def prediction_schema(rows=None):
+    """The Parquet schema of prediction rows, as ``rows`` (a ``transforms.postprocess.RowLayout``) lays them out.
+
+    ``uri``, ``id`` (nullable), ``model``, then: ``top_k`` or ``classes`` (lists of
+    ``{class_id, label, score}``), or with raw outputs one column per output: a fixed-size list of
+    its values per image (float32, or float16 as the model gives it), a list where the size is not
+    known before the run.
+
+    Args:
+        rows: The layout. Default: top-k rows (``RowLayout()``).
+    """
     import pyarrow as pa
 
-    return pa.schema([
-        ("uri", pa.string()),
-        ("id", pa.string()),
-        ("top_k", pa.list_(pa.struct([("class_id", pa.int32()), ("label", pa.string()), ("score", pa.float32())]))),
-    ])
+    from transforms.postprocess import RowLayout
+
+    rows = rows or RowLayout()
+    fields = [("uri", pa.string()), ("id", pa.string()), ("model", pa.string())]
+    if rows.mode == "raw":
+        types = {"float16": pa.float16(), "float64": pa.float64()}
+        for name, dtype, size in rows.outputs:
+            value = types.get(dtype, pa.float32())
+            fields.append((name, pa.list_(value, size) if size else pa.list_(value)))
+    else:
+        fields.append(("classes" if rows.mode == "threshold" else "top_k", pa.list_(
+            pa.struct([("class_id", pa.int32()), ("label", pa.string()), ("score", pa.float32())]))))
+    return pa.schema(fields)
 
 
 class ParquetSink(fileio.FileSink):
-    """Prediction rows as Parquet, buffered into row groups of ``row_group_size`` rows."""
+    """Prediction rows as Parquet, buffered into row groups of ``row_group_size`` rows.
 
-    def __init__(self, row_group_size: int = 8192, blocks: bool = False):
+    Args:
+        row_group_size: Rows per row group. Default 8192.
+        blocks: Each element is a list of rows. Default False.
+        rows: What each row holds (``transforms.postprocess.RowLayout``). Default: top-k rows.
+    """
+
+    def __init__(self, row_group_size: int = 8192, blocks: bool = False, rows=None):
         self._row_group_size = row_group_size
         self._blocks = blocks
+        self._rows_layout = rows
 
     def open(self, fh):
         import pyarrow.parquet as pq
 
-        self._schema = prediction_schema()
+        self._schema = prediction_schema(self._rows_layout)
         self._writer = pq.ParquetWriter(fh, self._schema)
         self._rows = []
         self._us = stage_distribution("write")
@@ -103,11 +127,14 @@ class WriteRows(beam.PTransform):
         output_format: "jsonl" (default) or "parquet" (prediction rows only).
         shards: Number of files; None lets the runner choose. Default None.
         blocks: Each element is a list of rows (written at once) rather than one row. Default False.
+        rows: What each prediction row holds (``transforms.postprocess.RowLayout``), for the Parquet
+            schema. Default: top-k rows.
 
     Returns (from expand): fileio's FileResult per file written (the commit step waits on them).
     """
 
-    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False):
+    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False,
+                 rows=None):
         super().__init__()
         if output_format not in FORMATS:
             raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
@@ -116,10 +143,11 @@ class WriteRows(beam.PTransform):
         self._format = output_format
         self._shards = shards
         self._blocks = blocks
+        self._rows = rows
 
     def expand(self, rows):
-        blocks = self._blocks
-        sink = (lambda _: ParquetSink(blocks=blocks)) if self._format == "parquet" else (lambda _: JsonLinesSink(blocks))
+        blocks, layout = self._blocks, self._rows
+        sink = (lambda _: ParquetSink(blocks=blocks, rows=layout)) if self._format == "parquet" else (lambda _: JsonLinesSink(blocks))
         return rows | fileio.WriteToFiles(
             path=self._directory,
             file_naming=fileio.default_file_naming(self._prefix, f".{self._format}"),

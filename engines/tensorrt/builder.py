@@ -302,6 +302,16 @@ def build_serialized(trt, logger, net: Network, config, options: BuildOptions, d
     return plan
 
 
+def _activations(model_bytes: bytes):
+    """What ``--activation auto`` resolves to for each output, and the activations the graph ends in, for
+    the sidecar: a job running the plan has no graph to read them from (``engines.model_adapter``)."""
+    import onnx
+
+    from engines.model_adapter import output_activations
+
+    return output_activations(onnx.load_model_from_string(model_bytes))
+
+
 def describe_plan(plan: bytes, model_bytes: bytes, summary: OnnxSummary, options: BuildOptions,
                   trt_version: str, dev: cuda.DeviceInfo, fp16_via: Optional[str]) -> PlanInfo:
     """The sidecar information of a freshly built plan."""
@@ -316,6 +326,7 @@ def describe_plan(plan: bytes, model_bytes: bytes, summary: OnnxSummary, options
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "fp16_via": fp16_via,
     }
+    extra["activations"], extra["final_activations"] = _activations(model_bytes)
     return PlanInfo(tensorrt_version=trt_version, gpu_name=dev.name, compute_capability=dev.compute_capability,
                     profiles=options.profiles, precision=options.precision, onnx_sha256=sha256_hex(model_bytes),
                     version_compatible=options.version_compatible, exclude_lean_runtime=options.exclude_lean_runtime,

@@ -9,6 +9,7 @@ from typing import Optional
 from engines import storage
 from engines.base import EngineError
 from engines.devices import Device, check_device, resolve_device
+from engines.model_adapter import Preprocessing, adapted_model_bytes
 from engines.tensorrt.options import BuildOptions
 from engines.tensorrt.plan import PlanInfo, read_sidecar
 
@@ -33,6 +34,12 @@ class TensorRTLoader:
         cuda_graphs: Replay CUDA graphs per batch shape. Default False.
         device: GPU index, or "auto" to spread copies round-robin over the machine's GPUs.
             Default 0.
+        preprocessing: With ``onnx_path``: the model's ``--mean``/``--std``/``--channel_order``
+            (``engines.model_adapter.Preprocessing``); the model is built with the conversion to
+            its input prepended where it needs one (``engines.model_adapter.wrap``), so the plan
+            takes uint8 NHWC RGB and the cache keys it by the wrapped model's bytes. Default None:
+            the file is built as it is. A plan (``engine_path``) is used as it was built:
+            prepare the model before ``python -m model_tools.build``.
     """
 
     engine_path: Optional[str] = None
@@ -42,6 +49,7 @@ class TensorRTLoader:
     num_contexts: int = 2
     cuda_graphs: bool = False
     device: Device = 0
+    preprocessing: Optional[Preprocessing] = None
 
     def __post_init__(self):
         if bool(self.engine_path) == bool(self.onnx_path):
@@ -81,7 +89,8 @@ class TensorRTLoader:
             info = self.plan_info()
             name = self.engine_path
         else:
-            onnx_bytes = storage.read_bytes(self.onnx_path)
+            onnx_bytes = (storage.read_bytes(self.onnx_path) if self.preprocessing is None else
+                          adapted_model_bytes(self.onnx_path, self.preprocessing, "--onnx_path file"))
             if self.engine_cache:
                 from engines.tensorrt.cache import EngineCache
 

@@ -9,13 +9,16 @@ smallest profile min (``engines.tensorrt.runtime``), so the pipeline only picks 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from engines.base import EngineError, EngineRecipe, UsageError, WorkerPath
 from engines.flags import BATCH_WHY, MAX_BATCH, MAX_COPIES, FlagRange, ModelFile, show
 from engines.tensorrt.loader import TensorRTLoader
+from engines.model_adapter import OUTPUT_ACTIVATION_KEY
 from engines.tensorrt.options import PRECISIONS, BuildOptions, Profile
+from engines.tensorrt.plan import read_sidecar
 
 _LOG = logging.getLogger(__name__)
 
@@ -137,13 +140,36 @@ def cli_on_gpu(options: Any) -> bool:
     return True
 
 
+def cli_built_model(options: Any):
+    """What ``--engine_path``'s sidecar says of the model the plan was built from
+    (``engines.model_adapter.BuiltModel``; see ``pipelines/engine_registry.py``), or None with
+    ``--onnx_path``, whose model the launcher reads itself."""
+    from engines.model_adapter import BuiltModel, recorded_preprocessing_of
+
+    if not options.engine_path:
+        return None
+    info = read_sidecar(options.engine_path, required=False)
+    if info is None:
+        return BuiltModel(options.engine_path)
+    extra = info.extra
+
+    def tensors(key):
+        return tuple((t["name"], t["onnx_type"], tuple(t["dims"])) for t in extra.get(key) or ())
+
+    metadata = extra.get("onnx_metadata") or {}
+    recorded = json.loads(metadata[OUTPUT_ACTIVATION_KEY]) if OUTPUT_ACTIVATION_KEY in metadata else {}
+    return BuiltModel(options.engine_path, tensors("inputs"), tensors("outputs"),
+                      recorded_preprocessing_of(metadata), {**recorded, **(extra.get("activations") or {})},
+                      dict(extra.get("final_activations") or {}), extra.get("plan_sha256"))
+
+
 def cli_model_file(options: Any) -> Optional[ModelFile]:
     """``--onnx_path``, which the launcher reads before anything runs; None for a built plan, whose
     shapes are checked where a worker loads it (see ``pipelines/engine_registry.py``)."""
     return ModelFile(options.onnx_path, "--onnx_path") if options.onnx_path else None
 
 
-def _loader(options: Any, batch_size: Optional[int]) -> TensorRTLoader:
+def _loader(options: Any, batch_size: Optional[int], preprocessing=None) -> TensorRTLoader:
     build_options = BuildOptions()
     if options.onnx_path:
         profiles = tuple(Profile.parse(p) for p in (options.trt_profiles or ()))
@@ -155,7 +181,8 @@ def _loader(options: Any, batch_size: Optional[int]) -> TensorRTLoader:
     return TensorRTLoader(engine_path=options.engine_path, onnx_path=options.onnx_path,
                           engine_cache=options.engine_cache, build_options=build_options,
                           num_contexts=int(options.num_contexts or 2), cuda_graphs=bool(options.cuda_graphs),
-                          device="auto")  # each copy or process on the next GPU
+                          device="auto",  # each copy or process on the next GPU
+                          preprocessing=preprocessing if options.onnx_path else None)
 
 
 def _warn_ignored_build_flags(options: Any, info) -> None:
@@ -193,7 +220,7 @@ def cli_worker_paths(options: Any) -> List[WorkerPath]:
     return paths
 
 
-def cli_recipe(options: Any, batch_size: Optional[int]) -> EngineRecipe:
+def cli_recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> EngineRecipe:
     """The TensorRT recipe from ``--engine_path`` or ``--onnx_path`` and the build flags
     (``pipelines.settings.ClassifyOptions``, read by attribute); the batch size comes from the
     plan's profiles unless one is given (see ``pipelines/engine_registry.py``).
@@ -201,6 +228,8 @@ def cli_recipe(options: Any, batch_size: Optional[int]) -> EngineRecipe:
     Args:
         options: The parsed options (read by attribute, never changed).
         batch_size: ``--batch_size``, or None for the largest profile's max.
+        preprocessing: With ``--onnx_path``: the conversion to prepend to the model before it is
+            built (``engines.model_adapter.Preprocessing``), or None to build it as it is.
 
     Raises:
         UsageError: neither ``--engine_path`` nor ``--onnx_path``, or a plan without its sidecar
@@ -210,7 +239,7 @@ def cli_recipe(options: Any, batch_size: Optional[int]) -> EngineRecipe:
     if not (options.engine_path or options.onnx_path):
         raise UsageError("--engine tensorrt needs --engine_path PLAN (built by `python -m model_tools.build`) or "
                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
-    loader = _loader(options, batch_size)
+    loader = _loader(options, batch_size, preprocessing)
     info = loader.plan_info()
     if options.engine_path and info is None:
         if batch_size is None:
