@@ -152,3 +152,15 @@ def test_refused_credentials_name_the_login_again(server, monkeypatch, tmp_path)
     with pytest.raises(UsageError, match=r"credentials found here do not work .*run `gcloud auth "
                                          r"application-default login` again"):
         check_table(_target(), server[2])
+
+
+def test_raw_outputs_become_repeated_floats_and_the_rows_model_is_the_runs_column():
+    from transforms.postprocess import RowLayout
+    from transforms.sinks import prediction_schema
+
+    layout = RowLayout("raw", (("embedding", "float16", 768),), model="vit@sha256:1")
+    fields = table_schema(prediction_schema(layout))["fields"]
+    assert [f["name"] for f in fields] == ["uri", "id", "embedding", "engine", "model", "run_id", "run_date"]
+    assert fields[2] == {"name": "embedding", "type": "FLOAT", "mode": "REPEATED"}
+    threshold = table_schema(prediction_schema(RowLayout("threshold", threshold=0.5)))["fields"]
+    assert [f["name"] for f in threshold][:3] == ["uri", "id", "classes"]

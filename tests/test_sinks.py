@@ -127,3 +127,22 @@ def test_the_sinks_record_the_write_stage_for_stats(tmp_path):
 def test_an_unknown_format_is_refused_when_the_pipeline_is_built(tmp_path):
     with pytest.raises(ValueError, match=rf"output_format must be one of {re.escape(str(FORMATS))}, got 'csv'"):
         WriteRows(str(tmp_path), "predictions", "csv")
+
+
+def test_parquet_raw_outputs_are_fixed_size_lists_in_the_models_float_type(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.postprocess import RowLayout
+
+    layout = RowLayout("raw", (("embedding", "float16", 3), ("logits", "float32", None)), model="m.onnx@sha256:ab")
+    rows = [{"uri": "/a.jpg", "model": "m.onnx@sha256:ab", "embedding": [0.5, 1.0, 2.0], "logits": [1.0, 2.0]},
+            {"uri": "/b.jpg", "id": "b", "model": "m.onnx@sha256:ab", "embedding": [4.0, 8.0, 16.0], "logits": [3.0]}]
+    with TestPipeline() as p:
+        p | beam.Create([rows]) | WriteRows(str(tmp_path), "predictions", "parquet", shards=1, blocks=True, rows=layout)
+    table = pq.read_table(tmp_path / "predictions-00000-of-00001.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 3)
+    assert table.schema.field("logits").type == pa.list_(pa.float32())  # size unknown before the run
+    got = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    assert [r["embedding"] for r in got] == [[0.5, 1.0, 2.0], [4.0, 8.0, 16.0]]
+    assert [r["id"] for r in got] == [None, "b"] and {r["model"] for r in got} == {"m.onnx@sha256:ab"}

@@ -144,3 +144,36 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     followed, _ = resolve(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt",
                            "--onnx_path", str(onnx_path)])
     assert (followed.preprocess.crop, followed.preprocess.resize) == (16, 19)  # the model's size; 16 x 256/224
+
+
+def test_a_plans_sidecar_tells_the_job_its_input_outputs_conversion_and_activations(no_tensorrt, tmp_path):
+    """A plan has no graph to read: the build records what the job needs of the model it was built from."""
+    import json
+
+    from engines.model_adapter import INPUT_ADAPTER_KEY, Preprocessing, wrap
+    from engines.tensorrt.builder import _activations
+    from engines.tensorrt.recipe import cli_built_model
+    from tests import model_variants
+
+    prepared = wrap(model_variants.softmax_ended(model_variants.load_float_model()),
+                    Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    activations, ends = _activations(prepared.SerializeToString())
+    assert (activations, ends) == ({"probs": "none"}, {"probs": "softmax"})
+    path = tmp_path / "m.plan"
+    path.write_bytes(b"ftrt" + bytes(60))
+    meta = {p.key: p.value for p in prepared.metadata_props}
+    write_sidecar(str(path), PlanInfo(
+        tensorrt_version="10.11.0.33", gpu_name="NVIDIA L4", compute_capability="8.9", profiles=(Profile(1, 8, 16),),
+        precision="fp16", onnx_sha256="0" * 64,
+        extra={"inputs": [{"name": "images", "onnx_type": "UINT8", "dims": [-1, 224, 224, 3]}],
+               "outputs": [{"name": "probs", "onnx_type": "FLOAT", "dims": [-1, 1000]}], "onnx_metadata": meta,
+               "activations": activations, "final_activations": ends, "plan_sha256": "c" * 64}))
+    built = cli_built_model(options("--engine_path", str(path)))
+    assert built.inputs == (("images", "UINT8", (-1, 224, 224, 3)),) and built.outputs[0][0] == "probs"
+    assert built.preprocessing == Preprocessing((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert json.loads(meta[INPUT_ADAPTER_KEY])["channel_order"] == "rgb"
+    assert (built.activations, built.final_activations, built.sha256) == ({"probs": "none"}, {"probs": "softmax"},
+                                                                          "c" * 64)
+    assert cli_built_model(options("--onnx_path", "m.onnx")) is None
+    (tmp_path / "bare.plan").write_bytes(b"ftrt" + bytes(60))
+    assert cli_built_model(options("--engine_path", str(tmp_path / "bare.plan"))).outputs == ()

@@ -1,0 +1,89 @@
+"""transforms/postprocess.py: outputs -> prediction rows in each layout, with a fake scored batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+import apache_beam as beam
+from engines.activations import apply_activation
+from transforms.images import DEAD_LETTER, ImageRef
+from transforms.inference import ScoredBatch
+from transforms.postprocess import PredictionRows, RowLayout, above_threshold_batch, raw_values, top_k_batch
+
+LOGITS = np.array([[2.0, 0.5, -1.0, 3.0], [-4.0, 4.0, 0.0, 1.0]], np.float32)
+LABELS = ["ant", "bee", "cat", "dog"]
+
+
+def test_top_k_applies_the_activation_it_is_given():
+    softmax = top_k_batch(LOGITS, 2, LABELS)
+    assert [[c["label"] for c in row] for row in softmax] == [["dog", "ant"], ["bee", "dog"]]
+    np.testing.assert_allclose([c["score"] for c in softmax[0]], apply_activation(LOGITS, "softmax")[0, [3, 0]],
+                               atol=1e-6)
+    probs = apply_activation(LOGITS, "softmax")
+    # Already probabilities ("none"): the scores are the model's own, not softmaxed again.
+    assert [c["score"] for c in top_k_batch(probs, 1, activation="none")[0]] == [round(float(probs[0, 3]), 6)]
+    sigmoid = top_k_batch(LOGITS, 4, activation="sigmoid")[1]
+    np.testing.assert_allclose([c["score"] for c in sigmoid], [0.982014, 0.731059, 0.5, 0.017986], atol=1e-6)
+    assert sigmoid[0]["label"] == "class_1"
+
+
+def test_a_threshold_keeps_every_class_at_or_above_it_best_first():
+    rows = above_threshold_batch(LOGITS, 0.5, LABELS, "sigmoid")
+    assert [[c["label"] for c in row] for row in rows] == [["dog", "ant", "bee"], ["bee", "dog", "cat"]]
+    assert above_threshold_batch(LOGITS, 0.99, LABELS, "sigmoid") == [[], []]
+
+
+def test_raw_values_are_one_flat_list_per_image():
+    assert raw_values(np.arange(12, dtype=np.float16).reshape(2, 2, 3)) == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+
+
+def test_a_layout_holds_one_ranked_output_and_a_threshold_only_in_threshold_mode():
+    with pytest.raises(ValueError, match="reads one output"):
+        RowLayout("topk", (("a", "float32", 4), ("b", "float32", 4)))
+    with pytest.raises(ValueError, match="threshold goes with mode 'threshold'"):
+        RowLayout("topk", threshold=0.5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        RowLayout("logits")
+
+
+def _rows(layout, scored):
+    with TestPipeline() as p:
+        out = p | beam.Create([scored]) | beam.ParDo(PredictionRows(layout, LABELS)).with_outputs(
+            DEAD_LETTER, main="rows")
+        assert_that(out.rows, equal_to([scored_rows(layout, scored)]), label="Rows")
+        assert_that(out[DEAD_LETTER], equal_to([{"uri": "/p/b.jpg", "error": "corrupt", "stage": "decode",
+                                                 "id": "2"}]), label="Dead")
+
+
+def scored_rows(layout, scored):
+    refs = scored.scored_refs()
+    if layout.mode == "raw":
+        return [{"uri": r.uri, "model": "m@1", "emb": v} for r, v in zip(refs, raw_values(scored.outputs["emb"]))]
+    field = "classes" if layout.mode == "threshold" else "top_k"
+    values = (above_threshold_batch(scored.outputs["logits"], layout.threshold, LABELS, layout.activation)
+              if layout.mode == "threshold" else top_k_batch(scored.outputs["logits"], layout.k, LABELS,
+                                                             layout.activation))
+    rows = []
+    for ref, value in zip(refs, values):
+        row = {"uri": ref.uri, **({"id": ref.id} if ref.id else {}), "model": "m@1", field: value}
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("layout", [
+    RowLayout("topk", (("logits", "float32", 4),), k=2, model="m@1"),
+    RowLayout("threshold", (("logits", "float32", 4),), activation="sigmoid", threshold=0.5, model="m@1"),
+])
+def test_each_scored_image_gets_its_own_row_and_the_failed_one_a_dead_letter(layout):
+    refs = (ImageRef("/p/a.jpg", "1"), ImageRef("/p/b.jpg", "2"), ImageRef("/p/c.jpg"))
+    _rows(layout, ScoredBatch(refs, {"logits": LOGITS}, {1: "corrupt"}))
+
+
+def test_raw_rows_carry_each_output_named_after_it():
+    layout = RowLayout("raw", (("emb", "float16", 3),), model="m@1")
+    refs = (ImageRef("/p/a.jpg"), ImageRef("/p/b.jpg", "2"), ImageRef("/p/c.jpg"))
+    emb = np.array([[0.5, 1.0, 2.0], [4.0, 8.0, 16.0]], np.float16)
+    _rows(layout, ScoredBatch(refs, {"emb": emb}, {1: "corrupt"}))
