@@ -7,6 +7,8 @@
   as the command (the script ends with ``exec "$@"``).
 - The GPU driver option is one rule, stated once in docs/tensorrt.md ("GPU workers and the driver")
   and used the same way everywhere else: ``install-nvidia-driver:latest``.
+- The README's "Use your own model" commands run as written (the ``make`` steps, which CI's ``make test``
+  has already made, are checked to exist; the demo photos and ``/tmp/own`` go to a test folder).
 """
 
 from __future__ import annotations
@@ -60,3 +62,40 @@ def test_one_driver_rule_used_everywhere():
             text = re.sub(r"^### GPU workers and the driver$.*?(?=^#)", "", text, flags=re.M | re.S)
         for use in re.findall(r"install-nvidia-driver[\w:.-]*", text):
             assert use == rule, f"{path.relative_to(REPO)} says {use}; the rule is {rule} (docs/tensorrt.md)"
+
+
+def _section_commands(heading: str):
+    """The README's first bash block under ``heading``, as lines with continuations joined."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading):]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line for line in re.sub(r"\\\n\s*", " ", block).splitlines() if line.strip()]
+
+
+def test_the_use_your_own_model_commands_run_as_written(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from pipelines.demo import write_broken, write_photos
+
+    images = tmp_path / "demo_images"
+    images.mkdir()
+    write_photos(str(images))
+    write_broken(str(images))
+    script = []
+    for line in _section_commands("## Use your own model"):
+        if line.startswith("make "):
+            target = line.split("#")[0].split()[1]
+            made = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
+            assert made.returncode == 0, f"README: `make {target}` is not a target: {made.stderr}"
+            continue
+        if line.startswith("source "):
+            continue
+        script.append(line.replace("demo_images", str(images)).replace("/tmp/own", str(tmp_path / "own")))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "-e", "-c", "\n".join(script)], cwd=REPO, capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(re.findall(r"scored 11 images, 5 dead letters", result.stdout)) == 2, result.stdout
+    assert "top-1 agreement 100.0%" in result.stdout and result.stdout.rstrip().endswith("OK"), result.stdout
