@@ -287,10 +287,10 @@ def check_model(model: ModelFile, summary, output_name: str, config) -> None:
         config: The preprocessing (an ``images.pillow_decoder.PreprocessConfig``).
 
     Raises:
-        UsageError: ``--output_name`` is not an output of the model, or ``--crop`` does not fit its
-            input, naming the flag to change.
+        UsageError: ``--output_name`` is not an output of the model, or the crop (``--crop``: height,
+            and width) does not fit its input's fixed height or width, naming each side and the flag.
         EngineError: the model is not one this pipeline can feed (several inputs, or not uint8
-            [N, crop, crop, 3] images), naming the fix.
+            [N, height, width, 3] images), naming the fix.
     """
     outputs = [name for name, _, _ in summary.outputs]
     if output_name not in outputs:
@@ -298,16 +298,22 @@ def check_model(model: ModelFile, summary, output_name: str, config) -> None:
                          f"{outputs}")
     if len(summary.inputs) != 1:
         raise EngineError(f"{model.path} has {len(summary.inputs)} inputs {[n for n, _, _ in summary.inputs]}; this "
-                          f"pipeline feeds one batch of images (uint8 [N, crop, crop, 3])")
+                          f"pipeline feeds one batch of images (uint8 [N, height, width, 3])")
     (name, dtype, dims), = summary.inputs
+    height, width = config.crop_size
     if dtype != "UINT8" or len(dims) != 4 or dims[3] != 3:
         raise EngineError(f"{model.path} input {name!r} is {dtype} {list(dims)}; this pipeline feeds uint8 "
-                          f"[N, {config.crop}, {config.crop}, 3] images: export the model with its preprocessing "
+                          f"[N, {height}, {width}, 3] images: export the model with its preprocessing "
                           f"inside (see `python -m model_tools.export_efficientnet --help`)")
-    fixed = [d for d in dims[1:3] if d > 0]  # -1: a dynamic dimension, any crop fits
-    if any(d != config.crop for d in fixed):
-        raise UsageError(f"--crop {config.crop} does not fit {model.path}: its input {name!r} is {list(dims)}; pass "
-                         f"--crop {fixed[0]} (and --resize >= {fixed[0]})")
+    # Each side against its own: -1 is a dynamic dimension, which any crop fits.
+    sides = (("height", height, dims[1]), ("width", width, dims[2]))
+    wrong = [f"{side} {crop} is not {fixed}" for side, crop, fixed in sides if 0 < fixed != crop]
+    if wrong:
+        want_h, want_w = (fixed if fixed > 0 else crop for _, crop, fixed in sides)
+        crop_flag = f"--crop {height}" if height == width else f"--crop {height} x {width} (height x width)"
+        fix = f"--crop {want_h}" if want_h == want_w else f"--crop for {want_h} high x {want_w} wide"
+        raise UsageError(f"{crop_flag} does not fit {model.path} ({', '.join(wrong)}): its input {name!r} is "
+                         f"{list(dims)}; pass {fix} (and --resize >= {max(want_h, want_w)})")
 
 
 def check_output(output: str, input_path: str) -> None:

@@ -230,3 +230,64 @@ def test_a_worker_pool_on_another_host_cannot_read_local_paths_but_keeps_its_own
     options, opts = _options(*pool, *_flags(model="/tmp/m.onnx"))
     with pytest.raises(UsageError, match="--model"):
         launch_checks.check_launch(options, opts, False)
+
+
+# -- the model's input against the crop ---------------------------------------------------------------
+
+def _image_model(path, height: int, width: int) -> str:
+    """A real ONNX classifier head on uint8 [N, height, width, 3] images (-1: dynamic), output logits."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    dims = ["N", height if height > 0 else "H", width if width > 0 else "W", 3]
+    images = helper.make_tensor_value_info("images", TensorProto.UINT8, dims)
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [2], [1, 2])
+    nodes = [helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["pixels", "axes"], ["logits"], keepdims=0)]
+    model = helper.make_model(helper.make_graph(nodes, "head", [images], [logits], initializer=[axes]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+    return str(path)
+
+
+def _check_model(path: str, config) -> None:
+    from engines.flags import ModelFile
+    from engines.onnx_summary import read_summary
+
+    launch_checks.check_model(ModelFile(path, "--model"), read_summary(path), "logits", config)
+
+
+def test_a_crop_of_the_models_height_and_width_fits_it(tmp_path):
+    from images.pillow_decoder import PreprocessConfig
+
+    wide = _image_model(tmp_path / "wide.onnx", 240, 320)
+    _check_model(wide, PreprocessConfig(resize=320, crop=240, crop_width=320))
+    _check_model(_image_model(tmp_path / "any_width.onnx", 240, -1), PreprocessConfig(resize=320, crop=240,
+                                                                                      crop_width=320))
+    _check_model(_image_model(tmp_path / "any.onnx", -1, -1), PreprocessConfig(resize=320, crop=320, crop_width=240))
+    _check_model(_image_model(tmp_path / "square.onnx", 224, 224), PreprocessConfig())
+
+
+def test_a_crop_the_model_does_not_take_names_each_side_and_the_flag(tmp_path):
+    from images.pillow_decoder import PreprocessConfig
+
+    wide = _image_model(tmp_path / "wide.onnx", 240, 320)
+    # Height and width swapped: each side compared with its own, not the crop's height with both.
+    with pytest.raises(UsageError, match=r"--crop 320 x 240 \(height x width\) does not fit .*wide.onnx \(height "
+                                         r"320 is not 240, width 240 is not 320\): its input 'images' is "
+                                         r"\[-1, 240, 320, 3\]; pass --crop for 240 high x 320 wide \(and --resize "
+                                         r">= 320\)"):
+        _check_model(wide, PreprocessConfig(resize=320, crop=320, crop_width=240))
+    with pytest.raises(UsageError, match=r"--crop 240 does not fit .*\(width 240 is not 320\): .*pass --crop for 240 "
+                                         r"high x 320 wide \(and --resize >= 320\)"):
+        _check_model(wide, PreprocessConfig(resize=256, crop=240))
+    with pytest.raises(UsageError, match=r"--crop 240 x 320 \(height x width\) does not fit .*\(width 320 is not 224"
+                                         r"\).*pass --crop for 240 high x 224 wide"):
+        _check_model(_image_model(tmp_path / "tall.onnx", -1, 224), PreprocessConfig(resize=320, crop=240,
+                                                                                     crop_width=320))
+    with pytest.raises(UsageError, match=r"--crop 200 does not fit .*\[-1, 224, 224, 3\]; pass --crop 224 "
+                                         r"\(and --resize >= 224\)"):
+        _check_model(_image_model(tmp_path / "square.onnx", 224, 224), PreprocessConfig(crop=200))
