@@ -147,7 +147,7 @@ def test_a_non_square_crop_sizes_the_decoder_and_the_memory_a_batch_needs(tmp_pa
     photos.mkdir()
     (photos / "chelsea.jpg").write_bytes(jpeg_bytes(photo("chelsea")))
     wide = PreprocessConfig(resize=320, crop=240, crop_width=320)
-    monkeypatch.setattr(settings_module, "preprocess_config", lambda options: wide)
+    monkeypatch.setattr(settings_module, "preprocess_config", lambda options, *model: wide)
     asked = []
     real_fit = engine_registry.fit_batch
 
