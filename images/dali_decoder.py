@@ -1,4 +1,4 @@
-"""Batch image decoding with NVIDIA DALI: encoded JPEG/PNG bytes -> uint8 (N, crop, crop, 3).
+"""Batch image decoding with NVIDIA DALI: encoded JPEG/PNG bytes -> uint8 (N, height, width, 3).
 
 On a GPU (``device="gpu"``) DALI's mixed backend decodes with the hardware JPEG decoder where
 the GPU has one (A100, H100, L4; ``hw_decoder_load`` sets its share) and nvJPEG on the SMs
@@ -8,7 +8,7 @@ the same graph on the CPU (``device_id=None``), for CI and for debugging decode 
 a laptop.
 
 The graph reproduces ``images.pillow_decoder`` exactly as defined there: the shorter side
-scaled to ``resize``, the centre ``crop`` x ``crop`` of that, taken as one antialiased linear
+scaled to ``resize``, the centre ``crop_size`` (height x width) of that, taken as one antialiased linear
 resize of the matching source region, EXIF orientation applied. By default the caller passes each
 image's region (``crop_box`` of the header size the pre-screen read, the CPU path's own function);
 ``crop_box="graph"`` computes it inside the graph from ``peek_image_shape`` instead (no caller
@@ -39,7 +39,7 @@ import itertools
 import logging
 import threading
 import time
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,8 +58,9 @@ class DaliDecoderOptions:
     """What the DALI graph does and where.
 
     Attributes:
-        resize: Shorter side before the centre crop. Default 256.
-        crop: Side of the square crop (the model input). Default 224.
+        resize: Shorter side before the centre crop; at least the crop's height and width. Default 256.
+        crop: Height of the centre crop (the model input's rows), and its width too unless
+            ``crop_width`` is given. Default 224.
         max_batch: Most images per batch. Default 256.
         device: ``"gpu"`` (mixed backend, output on the GPU) or ``"cpu"``. Default "gpu".
         device_id: CUDA device for ``"gpu"``. Default 0.
@@ -72,6 +73,9 @@ class DaliDecoderOptions:
             with the batch, computed from the header the pre-screen read) or ``"graph"``
             (computed inside the graph from ``peek_image_shape``: no caller input, but ~15
             per-sample CPU operators). Default "host".
+        crop_width: Width of the centre crop (the model input's columns). Default None: ``crop``,
+            a square. As ``images.pillow_decoder.PreprocessConfig``, whose crop boxes the
+            ``"host"`` mode is given.
     """
 
     resize: int = 256
@@ -83,10 +87,16 @@ class DaliDecoderOptions:
     hw_decoder_load: float = 0.65
     prefetch: int = 2
     crop_box: str = "host"
+    crop_width: Optional[int] = None
 
     def __post_init__(self):
-        if self.crop <= 0 or self.resize < self.crop:
-            raise EngineError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+        if self.crop_width is None:
+            if self.crop <= 0 or self.resize < self.crop:
+                raise EngineError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+        elif min(self.crop, self.crop_width) <= 0 or self.resize < max(self.crop, self.crop_width):
+            raise EngineError(f"need 0 < crop <= resize and 0 < crop_width <= resize (the centre crop must fit the "
+                              f"shorter side of landscape and portrait images alike), got crop={self.crop} "
+                              f"crop_width={self.crop_width} resize={self.resize}")
         if self.device not in DEVICES:
             raise EngineError(f"DALI device must be one of {DEVICES}, got {self.device!r}")
         if self.max_batch < 1 or self.threads < 1 or self.prefetch < 1:
@@ -96,6 +106,11 @@ class DaliDecoderOptions:
             raise EngineError(f"crop_box must be 'host' or 'graph', got {self.crop_box!r}")
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise EngineError(f"hw_decoder_load must be within 0..1, got {self.hw_decoder_load}")
+
+    @property
+    def crop_size(self) -> Tuple[int, int]:
+        """The centre crop as (height, width): each decoded image's shape but its 3 channels."""
+        return self.crop, self.crop if self.crop_width is None else self.crop_width
 
 
 class DecodeInput(NamedTuple):
@@ -116,7 +131,7 @@ class DecodedBatch(NamedTuple):
     """One decoded batch.
 
     Attributes:
-        images: (n, crop, crop, 3) uint8 for the images that decoded, in input order: a DALI
+        images: (n, height, width, 3) uint8 (``crop_size``) for the images that decoded, in input order: a DALI
             GPU tensor (``__cuda_array_interface__``) valid until the next batch is taken, or a
             numpy array.
         index: Input positions of those images (``images[j]`` is input ``index[j]``), read from
@@ -215,6 +230,7 @@ class DaliDecoder:
 
         o = self.options
         gpu = o.device == "gpu"
+        crop_h, crop_w = o.crop_size
 
         @pipeline_def(batch_size=o.max_batch, num_threads=o.threads, device_id=o.device_id if gpu else None,
                       prefetch_queue_depth=o.prefetch, exec_async=True, exec_pipelined=True)
@@ -238,16 +254,17 @@ class DaliDecoder:
                 height, width = shape[0], shape[1]
                 scale = o.resize / dmath.min(height, width)
                 resized_w, resized_h = dmath.floor(width * scale + 0.5), dmath.floor(height * scale + 0.5)
-                left, top = dmath.floor((resized_w - o.crop) / 2), dmath.floor((resized_h - o.crop) / 2)
+                left, top = dmath.floor((resized_w - crop_w) / 2), dmath.floor((resized_h - crop_h) / 2)
                 sx, sy = width / resized_w, height / resized_h
                 start = fn.stack(top * sy, left * sx)
-                end = fn.stack((top + o.crop) * sy, (left + o.crop) * sx)
+                end = fn.stack((top + crop_h) * sy, (left + crop_w) * sx)
             if gpu:
                 image = fn.decoders.image(encoded, device="mixed", output_type=types.RGB,
                                           hw_decoder_load=o.hw_decoder_load)
             else:
                 image = fn.decoders.image(encoded, device="cpu", output_type=types.RGB)
-            return fn.resize(image, size=(o.crop, o.crop), roi_start=start, roi_end=end, roi_relative=False,
+            # DALI's size, like its ROI, is (y, x): (height, width).
+            return fn.resize(image, size=(crop_h, crop_w), roi_start=start, roi_end=end, roi_relative=False,
                              antialias=True, interp_type=types.INTERP_LINEAR, dtype=types.UINT8), ids
 
         return graph()
@@ -271,8 +288,8 @@ class DaliDecoder:
             raise EngineError(f"cannot build the DALI {self.options.device} decoder ({_first_line(e)}); "
                               f"{'check the GPU and driver, or pass --decode cpu' if self.options.device == 'gpu' else DALI_HINT}") from e
         self._pipe = pipe
-        _LOG.info("DALI %s decoder ready in %.2f s (batch %d, resize %d, crop %d%s)", self.options.device,
-                  time.perf_counter() - start, self.options.max_batch, self.options.resize, self.options.crop,
+        _LOG.info("DALI %s decoder ready in %.2f s (batch %d, resize %d, crop %dx%d%s)", self.options.device,
+                  time.perf_counter() - start, self.options.max_batch, self.options.resize, *self.options.crop_size,
                   f", hw_decoder_load {self.options.hw_decoder_load}" if self.options.device == "gpu" else "")
 
     def _source_item(self, batch: "DecodeInput", number: int):
@@ -348,8 +365,7 @@ class DaliDecoder:
             self._pipe.release_outputs()
             index.append(i)
         self._rebuild_if_broken()
-        crop = self.options.crop
-        stacked = np.concatenate(images) if images else np.zeros((0, crop, crop, 3), np.uint8)
+        stacked = np.concatenate(images) if images else np.zeros((0, *self.options.crop_size, 3), np.uint8)
         return DecodedBatch(stacked, index, failed, 0.0)
 
     def _broken(self, error: BaseException) -> None:

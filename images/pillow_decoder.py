@@ -1,4 +1,4 @@
-"""Decode one image with Pillow and resize-and-crop it: bytes -> uint8 RGB (crop, crop, 3).
+"""Decode one image with Pillow and resize-and-crop it: bytes -> uint8 RGB (height, width, 3).
 
 The CPU decoder, beside the GPU one (:mod:`images.dali_decoder`). Pure functions, no Beam:
 the batch reader (:mod:`images.reading`) calls them, the GPU decoder crops the box
@@ -8,8 +8,8 @@ pixels, and tests compare them with an independent reference computation.
 Steps: refuse empty/non-image/oversized input, JPEG draft mode (DCT-domain
 downscaling while the shorter side stays >= ``resize``), EXIF orientation,
 mode conversion to RGB (alpha composited on white, 16-bit scaled to 8-bit),
-resize the shorter side to ``resize`` and centre-crop ``crop`` (done as one
-Pillow resize of just the cropped region).
+resize the shorter side to ``resize`` and centre-crop ``crop_size`` (height x width, square
+unless ``crop_width`` is given; done as one Pillow resize of just the cropped region).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import io
 import math
 import re
 import warnings
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -40,8 +41,12 @@ class PreprocessConfig:
     """How images are turned into model inputs.
 
     Attributes:
-        resize: Length the shorter side is resized to. Default 256.
-        crop: Side of the square centre crop (the model input). Default 224.
+        resize: Length the shorter side is resized to; at least the crop's height and width, so
+            the centre crop fits the shorter side of a landscape and of a portrait image. Default 256.
+        crop: Height of the centre crop (the model input's rows), and its width too unless
+            ``crop_width`` is given. Default 224.
+        crop_width: Width of the centre crop (the model input's columns), e.g. 320 with
+            ``crop=240`` for a 240 x 320 model. Default None: ``crop``, a square.
         max_pixels: Images with more pixels are refused as possible
             decompression bombs. Default 89,478,485 (Pillow's own limit).
         draft: Let the JPEG decoder downscale by 1/2, 1/4 or 1/8 while the
@@ -55,14 +60,25 @@ class PreprocessConfig:
     max_pixels: int = 89_478_485
     draft: bool = True
     resample: str = "bilinear"
+    crop_width: Optional[int] = None
 
     def __post_init__(self):
-        if self.crop <= 0 or self.resize < self.crop:
-            raise ValueError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+        if self.crop_width is None:
+            if self.crop <= 0 or self.resize < self.crop:
+                raise ValueError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
+        elif min(self.crop, self.crop_width) <= 0 or self.resize < max(self.crop, self.crop_width):
+            raise ValueError(f"need 0 < crop <= resize and 0 < crop_width <= resize (the centre crop must fit the "
+                             f"shorter side of landscape and portrait images alike), got crop={self.crop} "
+                             f"crop_width={self.crop_width} resize={self.resize}")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         if self.resample not in _RESAMPLE:
             raise ValueError(f"resample must be one of {sorted(_RESAMPLE)}, got {self.resample!r}")
+
+    @property
+    def crop_size(self) -> Tuple[int, int]:
+        """The centre crop as (height, width): the shape of every output array but its 3 channels."""
+        return self.crop, self.crop if self.crop_width is None else self.crop_width
 
 
 #: ISO media brands of AVIF, which Pillow decodes (when built with libavif): a file with one of
@@ -191,39 +207,41 @@ def crop_box(width: int, height: int, config: PreprocessConfig):
     Returns:
         (left, top, right, bottom) as floats in source coordinates.
     """
+    crop_h, crop_w = config.crop_size
     scale = config.resize / min(width, height)
     resized_w, resized_h = round(width * scale), round(height * scale)
-    left = (resized_w - config.crop) // 2
-    top = (resized_h - config.crop) // 2
+    left = (resized_w - crop_w) // 2
+    top = (resized_h - crop_h) // 2
     sx, sy = width / resized_w, height / resized_h
-    return (left * sx, top * sy, (left + config.crop) * sx, (top + config.crop) * sy)
+    return (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
 
 
 def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """Resizes the shorter side to ``config.resize`` and centre-crops ``config.crop``, in one Pillow
-    resize of just the :func:`crop_box` region.
+    """Resizes the shorter side to ``config.resize`` and centre-crops ``config.crop_size``, in one
+    Pillow resize of just the :func:`crop_box` region.
 
     Args:
         image: An RGB Pillow image.
         config: Sizes and the resampling filter.
 
     Returns:
-        A C-contiguous uint8 array (crop, crop, 3).
+        A C-contiguous uint8 array (height, width, 3) of ``config.crop_size``.
     """
     width, height = image.size
-    out = image.resize((config.crop, config.crop), _RESAMPLE[config.resample], box=crop_box(width, height, config))
+    crop_h, crop_w = config.crop_size
+    out = image.resize((crop_w, crop_h), _RESAMPLE[config.resample], box=crop_box(width, height, config))
     return np.asarray(out, dtype=np.uint8)
 
 
 def preprocess_image(data: bytes, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
-    """Decodes image bytes into a uint8 RGB array of shape (crop, crop, 3).
+    """Decodes image bytes into a uint8 RGB array of shape (height, width, 3), ``config.crop_size``.
 
     Args:
         data: The encoded file.
         config: Sizes and limits. Default ``PreprocessConfig()``.
 
     Returns:
-        A C-contiguous uint8 array (crop, crop, 3).
+        A C-contiguous uint8 array (height, width, 3).
 
     Raises:
         BadImageError: the reason names the problem (empty, not an image,

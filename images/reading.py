@@ -214,7 +214,8 @@ def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOU
 
 def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
                read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Decoded:
-    """Reads and preprocesses one image into a uint8 (crop, crop, 3) array, or says why not.
+    """Reads and preprocesses one image into a uint8 (height, width, 3) array (``config.crop_size``),
+    or says why not.
 
     With ``gpu_decode``, an image the header pre-screen (:mod:`images.prescreen`) finds
     sound and DALI-safe is returned undecoded (``encoded``) for the GPU decoder; every other

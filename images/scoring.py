@@ -60,7 +60,7 @@ class ImageScorer:
         engine: The loaded engine (one image input).
         decoders: A :class:`images.dali_decoder.DecoderPool`, or None when every image arrives
             decoded. Default None.
-        fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (crop, crop, 3)),
+        fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (height, width, 3)),
             used when encoded images arrive and there is no decoder (an ``auto`` choice that
             differed between the reading and the scoring worker). Default None: an error.
 
@@ -176,8 +176,9 @@ class ImageScorer:
                 images.append(self._fallback(bytes(data)))
             except Exception as e:  # the fallback raises BadImageError with the reason
                 failed[i] = str(e)
-        crop = images[0].shape[0] if images else 0
-        return (np.stack(images) if images else np.zeros((0, crop, crop, 3), np.uint8)), failed
+        if not images:  # no rows, so nothing reaches the engine: the crop's size is not needed
+            return np.zeros((0, 0, 0, 3), np.uint8), failed
+        return np.stack(images), failed
 
     def describe(self) -> Dict[str, object]:
         info = dict(self.engine.describe())

@@ -124,15 +124,17 @@ def load_images(paths: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
     return images
 
 
-def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+def resize_center_crop(image: np.ndarray, height: int, width: Optional[int] = None) -> np.ndarray:
     """The pipeline's own resize-and-crop (:func:`images.pillow_decoder.resize_and_crop`) to a
-    ``size`` x ``size`` model input, the shorter side first resized to 256/224 of it (256 for 224),
-    as the pipeline's defaults do."""
+    ``height`` x ``width`` model input (``width`` default: ``height``, a square), the shorter side
+    first resized to 256/224 of the crop's longer side (256 for 224), as the pipeline's defaults do."""
     from PIL import Image
 
     from images.pillow_decoder import PreprocessConfig, resize_and_crop
 
-    return resize_and_crop(Image.fromarray(image), PreprocessConfig(resize=round(size * 256 / 224), crop=size))
+    width = height if width is None else width
+    config = PreprocessConfig(resize=round(max(height, width) * 256 / 224), crop=height, crop_width=width)
+    return resize_and_crop(Image.fromarray(image), config)
 
 
 def batch_for(spec: TensorSpec, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -147,10 +149,10 @@ def batch_for(spec: TensorSpec, images: Sequence[np.ndarray]) -> np.ndarray:
                           f"(N,3,H,W); validate needs an image classifier")
     nchw = shape[3] != 3
     height, width = (shape[2], shape[3]) if nchw else (shape[1], shape[2])
-    if height != width or height < 1:
-        raise EngineError(f"Input tensor: {spec.name} | {spec.describe()} is not a square image of fixed size; "
-                          f"validate crops square images as the pipeline does (--crop)")
-    batch = np.stack([resize_center_crop(image, height) for image in images])
+    if height < 1 or width < 1:
+        raise EngineError(f"Input tensor: {spec.name} | {spec.describe()} is not an image of fixed height and "
+                          f"width; validate crops images of the model's size as the pipeline does (--crop)")
+    batch = np.stack([resize_center_crop(image, height, width) for image in images])
     if nchw:
         batch = batch.transpose(0, 3, 1, 2)
     if spec.dtype.kind == "f":  # raw 0..255 values; the model is expected to normalise

@@ -161,11 +161,9 @@ class ModelSettings:
         name = os.path.basename(self.file.rstrip("/")) or self.file
         return f"{name}@sha256:{self.sha256[:12]}" if self.sha256 else name
 
-    def input_size(self) -> Optional[Tuple[int, int]]:
-        """The model's input (height, width) when both are fixed, else None."""
-        if self.input is None or self.input.height is None or self.input.width is None:
-            return None
-        return self.input.height, self.input.width
+    def input_size(self) -> Optional[Tuple[Optional[int], Optional[int]]]:
+        """The model's input (height, width), None for a dynamic side; None when the input is not known."""
+        return None if self.input is None else (self.input.height, self.input.width)
 
     def record(self) -> Dict[str, Any]:
         """The model section of stats.json and ``_SUCCESS`` (a new dict each call)."""
@@ -189,25 +187,39 @@ def preprocessing(options) -> Preprocessing:
     return Preprocessing.from_flags(options.mean, options.std, options.channel_order)
 
 
-def crop_and_resize(options, input_size: Optional[Tuple[int, int]]) -> Tuple[Tuple[int, int], int, str]:
+def crop_and_resize(options, input_size: Optional[Tuple[Optional[int], Optional[int]]]) -> Tuple[
+        Tuple[int, int], int, str]:
     """The crop (height, width) and the resize (shorter side): the flags, else the model's input size.
+
+    Args:
+        options: The parsed options (``--crop``, ``--resize``).
+        input_size: The model's input (height, width), None for a side it leaves dynamic; or None
+            when the model's input is not known.
 
     Returns:
         (crop, resize, one line saying where they came from).
 
     Raises:
-        UsageError: a ``--crop`` the model's fixed input does not take, naming the flag to pass.
+        UsageError: a ``--crop`` whose height or width the model's input does not take, naming the
+            side and the flag to pass.
     """
+    height, width = input_size or (None, None)
     crop = parse_crop(options.crop) if options.crop is not None else None
-    if crop is not None and input_size is not None and crop != input_size:
-        height, width = input_size
-        shown = f"{height}" if height == width else f"{height}x{width}"
-        raise UsageError(f"--crop {options.crop} does not fit the model: it takes {height} x {width} images "
-                         f"(height x width); pass --crop {shown}, or leave --crop out to follow the model")
-    if crop is None:
-        crop, where = (input_size, "the model's input") if input_size else ((DEFAULT_CROP, DEFAULT_CROP), "the default")
-    else:
+    if crop is not None:
+        wrong = [f"{side} {got} is not {want}" for side, got, want in (("height", crop[0], height),
+                                                                      ("width", crop[1], width))
+                 if want is not None and got != want]
+        if wrong:
+            fits = f"{height or crop[0]}" if (height or crop[0]) == (width or crop[1]) else \
+                f"{height or crop[0]}x{width or crop[1]}"
+            raise UsageError(f"--crop {options.crop} does not fit the model: it takes "
+                             f"{height or 'any'} x {width or 'any'} images (height x width; {', '.join(wrong)}); "
+                             f"pass --crop {fits}, or leave --crop out to follow the model")
         where = "--crop"
+    elif height or width:
+        crop, where = (height or width, width or height), "the model's input"
+    else:
+        crop, where = (DEFAULT_CROP, DEFAULT_CROP), "the default"
     resize = options.resize if options.resize is not None else math.ceil(max(crop) * RESIZE_RATIO)
     why = f"crop {crop[0]}x{crop[1]} from {where}, resize {resize} " + \
           ("from --resize" if options.resize is not None else f"({RESIZE_RATIO:.4g} x the crop's longer side)")

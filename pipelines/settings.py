@@ -415,7 +415,7 @@ def preprocess_config(options: ClassifyOptions, model: Optional[ModelSettings] =
     _LOG.info("preprocessing: %s", why)
     try:
         return PreprocessConfig(resize=resize, crop=height, max_pixels=options.max_pixels,
-                                draft=not options.no_jpeg_draft, **({"crop_width": width} if width != height else {}))
+                                draft=not options.no_jpeg_draft, crop_width=width if width != height else None)
     except ValueError as e:
         raise UsageError(f"bad preprocessing flags: {e} (see --resize, --crop, --max_pixels)") from None
 
@@ -462,7 +462,8 @@ def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,
     if mode not in DALI_MODES:
         return None
     try:
-        return DaliDecoderOptions(resize=preprocess.resize, crop=preprocess.crop, max_batch=images_per_batch,
+        return DaliDecoderOptions(resize=preprocess.resize, crop=preprocess.crop, crop_width=preprocess.crop_width,
+                                  max_batch=images_per_batch,
                                   device="gpu" if mode == "gpu" else "cpu", hw_decoder_load=options.hw_decoder_load,
                                   threads=options.dali_threads if options.dali_threads > 0
                                   else min(16, os.cpu_count() or 1))
@@ -523,7 +524,7 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
     batch_size = options.batch_size
     if summary is not None:
         batch_size = engine_registry.fit_batch(options, batch_size, summary=summary,
-                                               image_bytes=preprocess.crop * (getattr(preprocess, "crop_width", None) or preprocess.crop) * 3,
+                                               image_bytes=preprocess.crop_size[0] * preprocess.crop_size[1] * 3,
                                                prefetch=options.prefetch or 2, local=local)
     if start_checks:
         launch_checks.check_output(options.output, options.input)

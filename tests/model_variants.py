@@ -42,15 +42,10 @@ SOURCES = sorted({source for _, source, _ in PHOTOS})
 
 
 def crops(height: int, width: int) -> np.ndarray:
-    """The demo photos as one uint8 RGB batch (N, height, width, 3), shorter side resized first."""
-    out = []
-    for name in SOURCES:
-        image = Image.fromarray(photo(name)).convert("RGB")
-        if height == width:  # the pipeline's own resize-and-crop
-            out.append(resize_and_crop(image, PreprocessConfig(resize=round(height * 256 / 224), crop=height)))
-        else:
-            out.append(np.asarray(image.resize((width, height), Image.Resampling.BILINEAR)))
-    return np.stack(out)
+    """The demo photos as one uint8 RGB batch (N, height, width, 3): the pipeline's own resize-and-crop,
+    the shorter side first resized to 256/224 of the crop's longer side (256 for 224)."""
+    config = PreprocessConfig(resize=round(max(height, width) * 256 / 224), crop=height, crop_width=width)
+    return np.stack([resize_and_crop(Image.fromarray(photo(name)).convert("RGB"), config) for name in SOURCES])
 
 
 def run(model: onnx.ModelProto, batch: np.ndarray) -> np.ndarray:

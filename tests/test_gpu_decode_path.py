@@ -87,15 +87,15 @@ def test_exif_orientation_is_read_and_transposed_sizes_swap():
         assert (result.width, result.height) == ((400, 600) if orientation >= 5 else (600, 400))
 
 
-def decode_input(datas):
-    """A DecodeInput with each file's crop box from its header, as the reader makes it."""
+def decode_input(datas, config=PreprocessConfig()):
+    """A DecodeInput with each file's crop box (for ``config``) from its header, as the reader makes it."""
     from images.dali_decoder import DecodeInput
     from images.pillow_decoder import crop_box
 
     boxes = []
     for data in datas:
         s = screen(bytes(data), LIMIT)
-        boxes.append(crop_box(s.width, s.height, PreprocessConfig()) if s.width else (0.0, 0.0, 16.0, 16.0))
+        boxes.append(crop_box(s.width, s.height, config) if s.width else (0.0, 0.0, 16.0, 16.0))
     return DecodeInput([np.frombuffer(bytes(d), np.uint8) for d in datas], boxes)
 
 
@@ -124,6 +124,46 @@ def test_dali_graph_matches_the_cpu_definition_of_resize_and_crop(decoder, where
     for (name, data), image in zip(images.items(), batch.images):
         diff = np.abs(image.astype(int) - preprocess_image(data).astype(int)).mean()
         assert diff < 1.0, (name, diff)
+
+
+@pytest.mark.parametrize("shape", [(240, 320), (320, 240)], ids=["wide", "tall"])
+@pytest.mark.parametrize("where", ["host", "graph"])
+def test_dali_graph_crops_height_by_width_as_pillow_does(where, shape):
+    # A model taking 240 x 320 (height x width), or 320 x 240: both axes of the crop box and of the
+    # output follow the options, for a landscape photo, a portrait one and an EXIF-rotated one.
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
+
+    height, width = shape
+    config = PreprocessConfig(resize=320, crop=height, crop_width=width)
+    options = DaliDecoderOptions(resize=320, crop=height, crop_width=width, device="cpu", max_batch=8, threads=2,
+                                 crop_box=where)
+    assert options.crop_size == shape
+    images = {"landscape": jpeg_bytes(photo("chelsea")), "portrait": jpeg_bytes(photo("astronaut")[:, 100:400]),
+              "rotated": _jpeg_with_orientation(6)}
+    d = DaliDecoder(options)
+    try:
+        batch = next(d.decode([decode_input(list(images.values()), config)]))
+        assert batch.failed == {} and batch.images.shape == (3, height, width, 3) and batch.images.dtype == np.uint8
+        for (name, data), image in zip(images.items(), batch.images):
+            diff = np.abs(image.astype(int) - preprocess_image(data, config).astype(int)).mean()
+            assert diff < 1.0, (name, diff)  # as for the square crop above
+        # A batch with no decodable image still has the crop's shape, with no rows.
+        (empty,) = d.decode([decode_input([b"\xff\xd8\xff this is no JPEG"], config)])
+        assert empty.images.shape == (0, height, width, 3) and list(empty.failed) == [0]
+    finally:
+        d.close()
+
+
+def test_dali_options_check_the_crop_fits_the_resize():
+    from images.dali_decoder import DaliDecoderOptions
+
+    assert DaliDecoderOptions().crop_size == (224, 224)
+    with pytest.raises(EngineError, match=r"got crop=240 crop_width=320 resize=256"):
+        DaliDecoderOptions(resize=256, crop=240, crop_width=320)
+    with pytest.raises(EngineError, match=r"crop_width=0"):
+        DaliDecoderOptions(crop_width=0)
+    with pytest.raises(EngineError, match=r"need 0 < crop <= resize, got crop=300 resize=256"):
+        DaliDecoderOptions(crop=300)
 
 
 def test_running_out_of_gpu_memory_fails_the_batch_with_the_fix_instead_of_retrying_each_image(decoder, monkeypatch):

@@ -56,6 +56,21 @@ def test_crop_and_resize_follow_the_model_unless_given():
         model_settings.crop_and_resize(_options("--crop", "224"), (240, 320))
 
 
+def test_each_side_of_the_crop_is_checked_against_the_models_own():
+    def crop(flag, size):
+        return model_settings.crop_and_resize(_options(*(["--crop", flag] if flag else [])), size)[0]
+
+    assert crop("240x320", (240, None)) == (240, 320) and crop(None, (240, None)) == (240, 240)
+    assert crop("320x240", (None, None)) == (320, 240) and crop(None, (None, 160)) == (160, 160)
+    # Height and width swapped: each side compared with its own.
+    with pytest.raises(UsageError, match=r"it takes 240 x 320 images \(height x width; height 320 is not 240, width "
+                                         r"240 is not 320\); pass --crop 240x320"):
+        crop("320x240", (240, 320))
+    with pytest.raises(UsageError, match=r"it takes any x 224 images \(height x width; width 320 is not 224\); pass "
+                                         r"--crop 240x224"):
+        crop("240x320", (None, 224))
+
+
 def _float_file(tmp_path, model=None, name="model.onnx"):
     path = tmp_path / name
     onnx.save(model if model is not None else model_variants.load_float_model(), str(path))
@@ -272,3 +287,13 @@ def test_dali_cpu_and_cpu_decoding_give_the_same_rows_for_a_float_model(photos, 
     for name in SOURCES:
         np.testing.assert_allclose(runs["dali_cpu"][name]["top_k"][0]["score"], runs["cpu"][name]["top_k"][0]["score"],
                                    atol=0.05)
+
+
+def test_a_240_x_320_input_is_cropped_to_its_shape_by_pillow_and_dali_alike(photos, tmp_path):
+    path = _float_file(tmp_path, model_variants.resized(model_variants.load_float_model(), 240, 320))
+    runs = {mode: _job(photos, tmp_path / mode, "--model", path, *IMAGENET_FLAGS, "--decode", mode)
+            for mode in ("cpu", "dali_cpu")}
+    stats, rows = runs["cpu"]
+    assert stats["settings"]["model"]["input"] == "images: float32 NCHW (N, 3, 240, 320)"
+    assert _top1(rows)["coffee"] == ESPRESSO and CAT_CLASSES & {_top1(rows)["chelsea"]}
+    assert _top1(runs["dali_cpu"][1]) == _top1(rows)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import jpeg_bytes, photo
-from images.pillow_decoder import BadImageError, PreprocessConfig, open_image, preprocess_image
+from images.pillow_decoder import BadImageError, PreprocessConfig, crop_box, open_image, preprocess_image
 
 EXACT = PreprocessConfig(draft=False)
 
@@ -34,15 +34,17 @@ def _triangle_weights(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
-def reference(rgb: np.ndarray, resize: int = 256, crop: int = 224) -> np.ndarray:
-    """Resize the shorter side to `resize`, centre-crop `crop`: numpy only, float64 throughout."""
+def reference(rgb: np.ndarray, resize: int = 256, crop: int = 224, crop_width: int = None) -> np.ndarray:
+    """Resize the shorter side to `resize`, centre-crop `crop` rows by `crop_width` columns (default
+    `crop`): numpy only, float64 throughout."""
+    crop_width = crop if crop_width is None else crop_width
     h, w = rgb.shape[:2]
     scale = resize / min(w, h)
     new_w, new_h = round(w * scale), round(h * scale)
     out = np.einsum("yh,hwc->ywc", _triangle_weights(h, new_h), rgb.astype(np.float64))
     out = np.einsum("xw,ywc->yxc", _triangle_weights(w, new_w), out)
-    top, left = (new_h - crop) // 2, (new_w - crop) // 2
-    return np.clip(np.rint(out[top:top + crop, left:left + crop]), 0, 255).astype(np.uint8)
+    top, left = (new_h - crop) // 2, (new_w - crop_width) // 2
+    return np.clip(np.rint(out[top:top + crop, left:left + crop_width]), 0, 255).astype(np.uint8)
 
 
 def _png(image: Image.Image) -> bytes:
@@ -68,6 +70,44 @@ def test_portrait_and_non_default_sizes():
     config = PreprocessConfig(resize=160, crop=128, draft=False)
     got = preprocess_image(_png(Image.fromarray(rgb)), config)
     np.testing.assert_allclose(got.astype(int), reference(rgb, 160, 128).astype(int), atol=2)
+
+
+PHOTOS = {"landscape": lambda: photo("chelsea"),  # 451 wide x 300 high
+          "portrait": lambda: np.ascontiguousarray(photo("astronaut")[:, 100:400])}  # 300 wide x 512 high
+
+
+@pytest.mark.parametrize("shape", [(240, 320), (320, 240)], ids=["wide", "tall"])
+@pytest.mark.parametrize("source", sorted(PHOTOS))
+def test_non_square_crop_matches_independent_reference(source, shape):
+    # A model taking 240 x 320 (height x width): JPEGs as users store them, decoded here once to
+    # give the reference its pixels, so the comparison is of resize-and-crop alone.
+    height, width = shape
+    data = jpeg_bytes(PHOTOS[source]())
+    config = PreprocessConfig(resize=320, crop=height, crop_width=width, draft=False)
+    assert config.crop_size == (height, width)
+    got = preprocess_image(data, config)
+    assert got.shape == (height, width, 3) and got.dtype == np.uint8 and got.flags.c_contiguous
+    want = reference(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), 320, height, width)
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.max() <= 2, diff.max()  # as for square crops: Pillow's 8-bit intermediate
+    assert diff.mean() < 0.5, diff.mean()
+
+
+def test_square_crop_is_the_default_and_an_equal_width_changes_nothing():
+    assert PreprocessConfig().crop_size == (224, 224)
+    assert PreprocessConfig(crop=128, resize=160).crop_size == (128, 128)
+    data = jpeg_bytes(photo("coffee"))
+    square, explicit = PreprocessConfig(), PreprocessConfig(crop_width=224)
+    np.testing.assert_array_equal(preprocess_image(data, square), preprocess_image(data, explicit))
+    assert crop_box(600, 400, square) == crop_box(600, 400, explicit)
+
+
+def test_crop_box_is_centred_on_both_axes_of_a_non_square_crop():
+    # 451 x 300 resized to 481 x 320 (shorter side 320): the 320-wide, 240-high crop keeps
+    # columns 80..400 and rows 40..280 of it, in source pixels.
+    left, top, right, bottom = crop_box(451, 300, PreprocessConfig(resize=320, crop=240, crop_width=320))
+    sx, sy = 451 / 481, 300 / 320
+    np.testing.assert_allclose((left, top, right, bottom), (80 * sx, 40 * sy, 400 * sx, 280 * sy))
 
 
 def test_jpeg_draft_mode_is_close_to_full_decode():
@@ -186,5 +226,15 @@ def test_max_pixels_above_pillows_own_limit_is_honoured(monkeypatch):
 def test_config_is_validated():
     with pytest.raises(ValueError, match="crop <= resize"):
         PreprocessConfig(resize=200, crop=224)
+    # The centre crop must fit the resized image's shorter side whichever way round the image is.
+    with pytest.raises(ValueError, match=r"crop_width <= resize .*got crop=240 crop_width=320 resize=256"):
+        PreprocessConfig(resize=256, crop=240, crop_width=320)
+    with pytest.raises(ValueError, match=r"got crop=320 crop_width=240 resize=256"):
+        PreprocessConfig(resize=256, crop=320, crop_width=240)
+    with pytest.raises(ValueError, match=r"crop_width=0"):
+        PreprocessConfig(crop_width=0)
+    with pytest.raises(ValueError, match=r"crop=0"):
+        PreprocessConfig(crop=0, crop_width=224)
+    assert PreprocessConfig(resize=320, crop=240, crop_width=320).crop_size == (240, 320)
     with pytest.raises(ValueError, match="resample"):
         PreprocessConfig(resample="cubic-ish")

@@ -264,7 +264,8 @@ def test_describe_failure_handles_exceptions_and_beams_tuples():
 
 @pytest.mark.parametrize("flags,message", [
     (["--resize", "100"], r"bad preprocessing flags: .*resize"),
-    (["--crop", "200"], r"--crop 200 does not fit the model: it takes 224 x 224 images \(height x width\); pass --crop 224"),
+    (["--crop", "200"], r"--crop 200 does not fit the model: it takes 224 x 224 images \(height x width; height 200 is not "
+                          r"224, width 200 is not 224\); pass --crop 224"),
     (["--crop", "2x"], r"--crop takes a size such as 224 \(square\) or 240x320 \(height x width\), got '2x'"),
     (["--output_mode", "raw", "--threshold", "0.5"], r"--threshold picks classes with --output_mode topk"),
     (["--output_name", "logits", "--output_name", "x"], r"--output_mode topk ranks one output"),

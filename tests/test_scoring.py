@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from images.pillow_decoder import PreprocessConfig, crop_box
+from images.pillow_decoder import PreprocessConfig, crop_box, preprocess_image
 from images.prescreen import screen
 from pipelines.partitions import committed_rows
-from tests.conftest import photo
+from tests.conftest import CAT_CLASSES, jpeg_bytes, photo
 
 dali = pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
 
@@ -55,9 +55,8 @@ def distinct_jpegs(count: int, seed: int = 0) -> List[bytes]:
     return out
 
 
-def _item(files: List[bytes]):
+def _item(files: List[bytes], config: PreprocessConfig = PreprocessConfig()):
     """One batch as the reader hands it to the scorer: encoded files and each one's crop box."""
-    config = PreprocessConfig()
     boxes = []
     for data in files:
         s = screen(data, config.max_pixels)
@@ -193,6 +192,42 @@ def test_max_decoders_reaches_the_recipe_and_a_negative_one_is_refused(tmp_path,
     assert make_handler(settings).loader.max_decoders == 2
     with pytest.raises(UsageError, match="--max_decoders must be >= 0"):
         run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max_decoders", "-1"])
+
+
+@pytest.mark.parametrize("decode", ["dali_cpu", "cpu"])
+def test_a_240_by_320_model_is_fed_240_by_320_crops_by_either_decoder(tmp_path, decode):
+    """A user's model taking 240 x 320 (height x width), fed by the DALI graph or, without a decoder,
+    by the Pillow fallback: the rows are those of Pillow's crops fed to the engine directly, and a
+    batch holding only a broken file gives no rows and its reason."""
+    from engines.model_adapter import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, wrap
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from images.dali_decoder import DaliDecoderOptions
+    from tests import model_variants
+    from transforms.inference import ScorerLoader
+
+    model = wrap(model_variants.resized(model_variants.load_float_model(), 240, 320),
+                 Preprocessing(IMAGENET_MEAN, IMAGENET_STD))
+    path = tmp_path / "wide.onnx"
+    path.write_bytes(model.SerializeToString())
+    config = PreprocessConfig(resize=320, crop=240, crop_width=320)
+    decoder = (DaliDecoderOptions(resize=320, crop=240, crop_width=320, device="cpu", max_batch=8, threads=1)
+               if decode == "dali_cpu" else None)
+    files = [jpeg_bytes(photo(name)) for name in ("chelsea", "coffee", "rocket")]
+    files.append(jpeg_bytes(photo("astronaut")[:, 100:400]))  # portrait
+    scorer = ScorerLoader(OnnxRuntimeLoader(str(path)), decoder, config)()
+    try:
+        photos, broken = scorer.score([_item(files + [BROKEN], config), _item([BROKEN], config)], ["logits"])
+        pixels = np.stack([preprocess_image(data, config) for data in files])
+        assert pixels.shape == (4, 240, 320, 3)
+        direct = scorer.engine.infer({scorer.engine.input_names()[0]: pixels}, ["logits"])["logits"]
+    finally:
+        scorer.close()
+    assert list(photos.failed) == [4] and list(broken.failed) == [0] and broken.outputs == {}
+    got = photos.outputs["logits"]
+    assert got.shape == (4, 1000) and got.argmax(1).tolist() == direct.argmax(1).tolist()
+    if decode == "cpu":  # the same pixels; DALI's differ by under one level on average (test_gpu_decode_path)
+        np.testing.assert_allclose(got, direct, atol=1e-4, rtol=0)
+    assert direct.argmax(1)[0] in CAT_CLASSES
 
 
 def _rows(output: str) -> Tuple[Dict[str, Tuple[int, float]], List[dict]]:

@@ -127,3 +127,37 @@ def test_the_job_module_names_no_engine():
                             for side in [node.left, *node.comparators])]
         assert not compared, f"{path} branches on --engine: {compared}"
 
+
+
+def test_a_non_square_crop_sizes_the_decoder_and_the_memory_a_batch_needs(tmp_path, monkeypatch):
+    """A 240 x 320 (height x width) preprocessing, put in place of the flags' here: the model check
+    passes for a 240 x 320 model, the DALI decoder crops 240 x 320, and the batch that must fit in
+    memory is counted in 240 x 320 x 3 byte images."""
+    import onnx
+
+    from images.pillow_decoder import PreprocessConfig
+    from pipelines import settings as settings_module
+
+    model = onnx.load_from_string(image_classifier(size=16))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_value, dims[2].dim_value = 240, 320
+    path = tmp_path / "wide.onnx"
+    path.write_bytes(model.SerializeToString())
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "chelsea.jpg").write_bytes(jpeg_bytes(photo("chelsea")))
+    wide = PreprocessConfig(resize=320, crop=240, crop_width=320)
+    monkeypatch.setattr(settings_module, "preprocess_config", lambda options, *model: wide)
+    asked = []
+    real_fit = engine_registry.fit_batch
+
+    def fit(options, batch_size, **kwargs):
+        asked.append(kwargs["image_bytes"])
+        return real_fit(options, batch_size, **kwargs)
+
+    monkeypatch.setattr(engine_registry, "fit_batch", fit)
+    settings, _ = resolve(["--input", str(photos), "--output", str(tmp_path / "out"), "--model", str(path),
+                           "--decode", "dali_cpu", "--progress_every_s", "0"])
+    assert settings.preprocess.crop_size == (240, 320)
+    assert settings.decode.dali.crop_size == (240, 320) and settings.decode.dali.resize == 320
+    assert asked == [240 * 320 * 3]

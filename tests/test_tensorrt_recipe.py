@@ -138,7 +138,8 @@ def test_classify_images_job_with_engine_tensorrt_builds_and_serializes(no_tenso
     assert {"FindImages", "ReadBatches", "RunInference", "Rows"} <= {n.split("/")[0] for n in names}
     restored = pickler.loads(pickler.dumps(handler))  # what a worker unpickles
     assert restored.loader == handler.loader and restored.images_per_batch == handler.images_per_batch
-    with pytest.raises(UsageError, match=r"--crop 224 does not fit the model: it takes 16 x 16 images .*; pass --crop 16"):
+    with pytest.raises(UsageError, match=r"--crop 224 does not fit the model: it takes 16 x 16 images .*; pass "
+                                         r"--crop 16"):
         resolve(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt", "--onnx_path",
                  str(onnx_path), "--crop", "224"])
     followed, _ = resolve(["--input", str(images), "--output", str(tmp_path / "out"), "--engine", "tensorrt",

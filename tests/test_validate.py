@@ -192,3 +192,26 @@ def _photo_files(folder):
         Image.fromarray(photo(name)).save(folder / f"{name}.jpg", quality=90)
         paths.append(str(folder / f"{name}.jpg"))
     return paths
+
+
+def test_a_non_square_model_is_validated_on_the_pipelines_own_height_by_width_crops():
+    """A 240 x 320 (height x width) model: validate crops as the pipeline does for that model, the
+    shorter side first resized to 256/224 of the longer crop side, instead of refusing it."""
+    import numpy as np
+    from PIL import Image
+
+    from images.pillow_decoder import PreprocessConfig, resize_and_crop
+    from model_tools.validate import batch_for, compare, skimage_photos
+
+    model = onnx.load_from_string(image_classifier())
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[1].dim_value, dims[2].dim_value = 240, 320
+    wide = OnnxRuntimeEngine(model.SerializeToString())
+    photos = skimage_photos()[:3]
+    batch = batch_for(wide.input_specs["images"], [image for _, image in photos])
+    config = PreprocessConfig(resize=366, crop=240, crop_width=320)  # 366 = round(320 * 256 / 224)
+    want = np.stack([resize_and_crop(Image.fromarray(image), config) for _, image in photos])
+    assert batch.shape == (3, 240, 320, 3)
+    np.testing.assert_array_equal(batch, want)
+    report = compare(wide, OnnxRuntimeEngine(model.SerializeToString()), photos)
+    assert report.ok and report.images == 3 and report.top1_agreement == 1.0

@@ -500,7 +500,7 @@ class ImageBatch:
 
     Attributes:
         refs: One per image, in row order: first the ``pixels`` rows, then the ``encoded`` ones.
-        pixels: (n, crop, crop, 3) uint8 decoded on the CPU (Pillow), or None.
+        pixels: (n, height, width, 3) uint8 decoded on the CPU (Pillow), or None.
         encoded: Encoded files for the GPU decoder (``--decode gpu``), one per remaining ref.
         boxes: For each encoded file, the source region resize-and-crop keeps
             (``images.pillow_decoder.crop_box`` of its header size), so the GPU crops exactly as Pillow.

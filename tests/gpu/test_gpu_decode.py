@@ -156,3 +156,27 @@ def test_decode_gpu_with_a_float_model_gives_the_rows_of_decode_cpu(demo, tmp_pa
     agree = sum(gpu_rows[u] == cpu_rows[u] for u in photos) / len(photos)
     print(f"float model, --decode gpu vs cpu: top-1 agreement {agree:.0%} over {len(photos)} photos")
     assert agree >= 0.9, agree
+
+
+def test_the_gpu_decoder_crops_height_x_width_as_pillow_does(demo):
+    """The mixed backend (nvJPEG) crops a 240 x 320 box as Pillow does, on what the pre-screen sends it."""
+    from images.pillow_decoder import preprocess_image
+    from images.prescreen import GPU
+
+    config = PreprocessConfig(resize=366, crop=240, crop_width=320)
+    photos, _ = demo
+    datas = [open(p, "rb").read() for p in photos]
+    datas = [d for d in datas if screen(d, config.max_pixels).route == GPU]
+    assert len(datas) >= 5
+    boxes = [crop_box(s.width, s.height, config) for s in (screen(d, config.max_pixels) for d in datas)]
+    gpu = DaliDecoder(DaliDecoderOptions(resize=366, crop=240, crop_width=320, max_batch=16, device="gpu"))
+    try:
+        stream = gpu.decode([DecodeInput([np.frombuffer(d, np.uint8) for d in datas], boxes)])
+        batch = next(stream)
+        images = np.array(batch.images.as_cpu())
+        list(stream)
+    finally:
+        gpu.close()
+    assert images.shape == (len(datas), 240, 320, 3)
+    for data, got in zip(datas, images):
+        assert np.abs(got.astype(int) - preprocess_image(data, config).astype(int)).mean() < 2.0
