@@ -127,3 +127,24 @@ def test_the_sinks_record_the_write_stage_for_stats(tmp_path):
 def test_an_unknown_format_is_refused_when_the_pipeline_is_built(tmp_path):
     with pytest.raises(ValueError, match=rf"output_format must be one of {re.escape(str(FORMATS))}, got 'csv'"):
         WriteRows(str(tmp_path), "predictions", "csv")
+
+
+def test_parquet_predictions_carry_the_kept_manifest_columns_as_nullable_strings(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.sinks import prediction_schema
+
+    assert prediction_schema(("sku", "label_gt")).names == ["uri", "id", "sku", "label_gt", "top_k"]
+    rows = [{"uri": "/photos/chelsea.jpg", "id": "7", "sku": "A-1", "label_gt": "cat",
+             "top_k": [{"class_id": 285, "label": "Egyptian Mau", "score": 0.375}]},
+            {"uri": "/photos/日本.jpg", "sku": None, "label_gt": "", "top_k": []}]
+    with TestPipeline() as p:
+        p | beam.Create([rows]) | WriteRows(str(tmp_path), "predictions", "parquet", shards=1, blocks=True,
+                                            columns=("sku", "label_gt"))
+    table = pq.read_table(tmp_path / "predictions-00000-of-00001.parquet")
+    assert table.schema.names == ["uri", "id", "sku", "label_gt", "top_k"]
+    assert all(table.schema.field(name).type == pa.string() and table.schema.field(name).nullable
+               for name in ("sku", "label_gt"))
+    got = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    assert [(r["id"], r["sku"], r["label_gt"]) for r in got] == [("7", "A-1", "cat"), (None, None, "")]

@@ -10,7 +10,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.images import DEAD_LETTER, ImageRef, dead_letter
+from transforms.images import DEAD_LETTER, ImageRef, ref_dead_letter, ref_fields
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
 
 
 class TopKBatches(beam.DoFn):
-    """``ScoredBatch`` -> one block (list) of prediction rows ``{"uri", ["id"], "top_k"}``, and a
+    """``ScoredBatch`` -> one block (list) of prediction rows ``{"uri", ["id"], [columns], "top_k"}``, and a
     ``dead_letter`` row for each image the GPU decoder could not decode.
 
     Blocks keep Beam's per-element cost off each image; the sink writes a block at once.
@@ -75,16 +75,12 @@ class TopKBatches(beam.DoFn):
         start = time.perf_counter()
         for index, reason in sorted(scored.failed.items()):
             ref = scored.refs[index]
-            yield dead_letter(ref.uri, reason, "decode", ref.id)
+            yield ref_dead_letter(ref, reason, "decode")
         refs = scored.scored_refs()
         if refs:
             rows = []
             for ref, classes in zip(refs, top_k_batch(scored.logits, self._k, self._labels)):
-                row = {"uri": ref.uri}
-                if ref.id is not None:
-                    row["id"] = ref.id
-                row["top_k"] = classes
-                rows.append(row)
+                rows.append({**ref_fields(ref), "top_k": classes})
             self._count.inc(len(rows))
             self._progress.add("predictions", len(rows))
             self._us.update(int((time.perf_counter() - start) * 1e6))
@@ -136,7 +132,7 @@ class FailedBatchToDeadLetters(beam.DoFn):
             refs = element.refs if hasattr(element, "refs") else [element[0]]  # an ImageBatch, or (key, example)
             for key in refs:
                 ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
-                yield dead_letter(ref.uri, reason, "inference", ref.id).value
+                yield ref_dead_letter(ref, reason, "inference").value
 
 
 __all__ = ["top_k_batch", "TopKBatches", "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -43,28 +44,36 @@ class JsonLinesSink(fileio.FileSink):
         self._us.update(int((time.perf_counter() - start) * 1e6))
 
 
-def prediction_schema():
-    """The Parquet schema of prediction rows: uri, id (nullable), top_k list of structs."""
+def prediction_schema(columns: Sequence[str] = ()):
+    """The Parquet schema of prediction rows: uri, id (nullable), one nullable string per kept manifest
+    column (``columns``, in order), top_k list of structs.
+
+    Args:
+        columns: The manifest columns the rows carry (``RunSettings.keep_columns``). Default: none.
+    """
     import pyarrow as pa
 
     return pa.schema([
         ("uri", pa.string()),
         ("id", pa.string()),
+        *((name, pa.string()) for name in columns),
         ("top_k", pa.list_(pa.struct([("class_id", pa.int32()), ("label", pa.string()), ("score", pa.float32())]))),
     ])
 
 
 class ParquetSink(fileio.FileSink):
-    """Prediction rows as Parquet, buffered into row groups of ``row_group_size`` rows."""
+    """Prediction rows as Parquet (:func:`prediction_schema` with ``columns``), buffered into row groups
+    of ``row_group_size`` rows."""
 
-    def __init__(self, row_group_size: int = 8192, blocks: bool = False):
+    def __init__(self, row_group_size: int = 8192, blocks: bool = False, columns: Sequence[str] = ()):
         self._row_group_size = row_group_size
         self._blocks = blocks
+        self._columns = tuple(columns)
 
     def open(self, fh):
         import pyarrow.parquet as pq
 
-        self._schema = prediction_schema()
+        self._schema = prediction_schema(self._columns)
         self._writer = pq.ParquetWriter(fh, self._schema)
         self._rows = []
         self._us = stage_distribution("write")
@@ -103,11 +112,14 @@ class WriteRows(beam.PTransform):
         output_format: "jsonl" (default) or "parquet" (prediction rows only).
         shards: Number of files; None lets the runner choose. Default None.
         blocks: Each element is a list of rows (written at once) rather than one row. Default False.
+        columns: The manifest columns prediction rows carry, for the Parquet schema (JSON Lines writes
+            whatever a row holds). Default: none.
 
     Returns (from expand): fileio's FileResult per file written (the commit step waits on them).
     """
 
-    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False):
+    def __init__(self, directory: str, prefix: str, output_format: str = "jsonl", shards=None, blocks: bool = False,
+                 columns: Sequence[str] = ()):
         super().__init__()
         if output_format not in FORMATS:
             raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
@@ -116,10 +128,12 @@ class WriteRows(beam.PTransform):
         self._format = output_format
         self._shards = shards
         self._blocks = blocks
+        self._columns = tuple(columns)
 
     def expand(self, rows):
-        blocks = self._blocks
-        sink = (lambda _: ParquetSink(blocks=blocks)) if self._format == "parquet" else (lambda _: JsonLinesSink(blocks))
+        blocks, columns = self._blocks, self._columns
+        sink = ((lambda _: ParquetSink(blocks=blocks, columns=columns)) if self._format == "parquet"
+                else (lambda _: JsonLinesSink(blocks)))
         return rows | fileio.WriteToFiles(
             path=self._directory,
             file_naming=fileio.default_file_naming(self._prefix, f".{self._format}"),
