@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -71,7 +71,9 @@ class TopKBatches(beam.DoFn):
         self._count = Metrics.counter(NAMESPACE, "predictions")
         self._progress = Progress(self._progress_dir)
 
-    def process(self, scored):
+    # The main output's type, stated: Beam's inference reads a list built by append() as List[Union[]],
+    # which the typed BigQuery step (transforms/bigquery.py to_table_rows) refuses when the job is built.
+    def process(self, scored) -> Iterator[List[Dict[str, Any]]]:
         start = time.perf_counter()
         for index, reason in sorted(scored.failed.items()):
             ref = scored.refs[index]
