@@ -119,7 +119,7 @@ def make_plan(settings):
                       replaces=record["run_id"] if record else None)
 
 
-def write_and_commit(plan, found, checked, predictions, dead, output_format: str, bigquery=None):
+def write_and_commit(plan, found, checked, predictions, dead, output_format: str, bigquery=None, columns=()):
     """Writes predictions, dead letters and the scored-input records into the run's own folder, then
     commits the partition as the pipeline's last step (transforms/commit.py).
 
@@ -132,6 +132,8 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
         output_format: ``--output_format``.
         bigquery: A checked ``transforms.bigquery.BigQueryTarget`` to load the predictions into as
             well, before the commit, which records it under ``bigquery``; None: files only.
+        columns: The manifest columns the prediction rows carry (``RunSettings.keep_columns``), for the
+            Parquet and BigQuery schemas. Default: none.
 
     Returns:
         The commit step's output: the ``_SUCCESS`` document.
@@ -144,7 +146,7 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
     from transforms.sinks import WriteRows
 
     written = [predictions | "WritePredictions" >> WriteRows(plan.run_folder, "predictions", output_format,
-                                                             blocks=True),
+                                                             blocks=True, columns=columns),
                dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl"),
                checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True)]
     # Counts per batch or block (one number per element), never one element per image: Beam's
@@ -157,9 +159,11 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
               "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
               "skipped": checked[SKIPPED]}
     if bigquery is not None:
-        from transforms.bigquery import WritePredictionsToBigQuery
+        from transforms.bigquery import WritePredictionsToBigQuery, table_schema
+        from transforms.sinks import prediction_schema
 
-        commit["sinks"] = predictions | "WriteBigQuery" >> WritePredictionsToBigQuery(bigquery, plan.run_id)
+        commit["sinks"] = predictions | "WriteBigQuery" >> WritePredictionsToBigQuery(
+            bigquery, plan.run_id, table_schema(prediction_schema(columns)))
     return commit | "CommitPartition" >> CommitPartition(plan)
 
 
