@@ -5,9 +5,9 @@
         [--output_format jsonl|parquet] [any Beam pipeline option: --runner, --direct_num_workers, ...]
 
 Outputs in ``--output/run-RUN_ID/``: ``predictions-*.jsonl`` (or ``.parquet``), one row per image
-``{"uri", "model", "top_k": [{"class_id", "label", "score"}, ...]}`` (or the model's raw outputs,
-``--output_mode raw``); ``dead_letter-*.jsonl``
-with ``{"uri", "error", "stage"}`` for every input that could not be scored;
+``{"uri", "model", "top_k": [{"class_id", "label", "score"}, ...]}`` (a manifest's ``id`` and kept
+columns after ``uri``; the model's raw outputs with ``--output_mode raw``); ``dead_letter-*.jsonl`` with
+``{"uri", "error", "stage"}`` (and the same ``id`` and columns) for every input that could not be scored;
 ``stats.json`` and ``stats.png`` with throughput and per-stage timing; ``_scored-*.jsonl`` (what
 was scored, for ``--skip_scored``). ``--output/_SUCCESS``, swapped in last by the commit step,
 names the committed run and lists its files: read those (transforms/commit.py).
@@ -83,7 +83,8 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     """
     plan = plan or partitions.make_plan(settings)
     handler = make_handler(settings)
-    found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch)
+    found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch,
+                                                 keep_columns=settings.keep_columns)
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,

@@ -35,6 +35,7 @@ from images.reading import DEFAULT_READ_TIMEOUT_S
 from pipelines import engine_registry, launch_checks, model_settings, partitions
 from pipelines.model_settings import ModelSettings
 from transforms import bigquery
+from transforms.images import ManifestError, resolve_keep_columns, split_keep_columns
 from transforms.postprocess import RowLayout
 from transforms.sinks import FORMATS, prediction_schema
 
@@ -102,6 +103,11 @@ class ClassifyOptions(PipelineOptions):
                             help="Images: a glob (local or gs://...), a directory, or a manifest file "
                                  "(.txt one URI per line; .csv/.jsonl with a 'uri' column and optional 'id'). "
                                  "{date} is replaced by --run_date.")
+        parser.add_argument("--keep_columns", default=None, metavar="NAME,NAME",
+                            help="Columns of a .csv/.jsonl --input manifest to copy into every prediction and "
+                                 "dead-letter row, after uri and id (values as text; null where an entry has "
+                                 "none). Default: all of the manifest's columns other than uri and id; \"\" for "
+                                 "none.")
         parser.add_argument("--output", default=None,
                             help="Output directory (local or gs://...), replaced as a whole by each run "
                                  "(committed with a _SUCCESS file). {date} is replaced by --run_date.")
@@ -254,6 +260,8 @@ class RunSettings:
         progress_every_s: ``--progress_every_s``.
         bigquery: ``--output_table``, resolved and checked (``transforms.bigquery.BigQueryTarget``), or
             None: files only.
+        keep_columns: The manifest columns every row carries (``--keep_columns``, resolved against the
+            manifest by :func:`kept_columns`); () for none.
     """
 
     input: str
@@ -282,6 +290,7 @@ class RunSettings:
     direct_num_workers: int
     progress_every_s: float
     bigquery: Optional[bigquery.BigQueryTarget] = None
+    keep_columns: Tuple[str, ...] = ()
 
     def engine_record(self) -> Dict[str, Any]:
         """The engine's description for stats.json and the logs (a new dict each call)."""
@@ -307,6 +316,7 @@ class RunSettings:
             "run_date": self.run_date, "skip_scored": self.skip_scored,
             "output_table": self.bigquery.spec if self.bigquery else None,
             "model": self.model.record(),
+            "keep_columns": list(self.keep_columns),
         }
 
 
@@ -471,6 +481,26 @@ def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,
         raise UsageError(f"bad decode flags: {e} (see --hw_decoder_load, --dali_threads, --batch_size)") from None
 
 
+def kept_columns(options: ClassifyOptions, start_checks: bool, outputs: Sequence[str] = ()) -> Tuple[str, ...]:
+    """The manifest columns the run's rows carry (``--keep_columns``), decided once.
+
+    With the start checks, resolved against the manifest (``transforms.images.resolve_keep_columns``:
+    default all its columns other than uri and id); a column named like a field of the rows (``outputs``,
+    the raw outputs' fields, and the BigQuery run columns when ``--output_table`` is set, included) is
+    refused. Without them the manifest is not read: the names the flag gives, or none.
+
+    Raises:
+        UsageError: the flag or the manifest's columns cannot work, saying what to change.
+    """
+    try:
+        if not start_checks:
+            return split_keep_columns(options.keep_columns) or ()
+        reserved = tuple(column["name"] for column in bigquery.RUN_COLUMNS) if options.output_table else ()
+        return resolve_keep_columns(options.input, options.keep_columns, reserved + tuple(outputs))
+    except ManifestError as e:
+        raise UsageError(str(e)) from None
+
+
 def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSettings, ClassifyOptions]:
     """Parses, checks and resolves the command line, once.
 
@@ -513,6 +543,7 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
                                          engine_registry.built_model(options) if model_file is None else None,
                                          read=start_checks)
     _LOG.info("model %s: %s", model.identity, model.record())
+    keep_columns = kept_columns(options, start_checks, model.output_names if model.output_mode == "raw" else ())
     preprocess = preprocess_config(options, model)
     summary = None
     if start_checks and model_file is not None:
@@ -540,11 +571,11 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
     per_call = GPU_DECODE_BATCHES_PER_CALL if dali else 1
     table = bigquery.resolve_target(options.output_table, options.run_date, options, options.engine,
                                     model.identity)
-    rows = RowLayout.of(model, options.top_k)
+    rows = RowLayout.of(model, options.top_k, keep_columns)
     if table and start_checks:  # credentials, dataset, table and its schema, before anything runs
+        schema = bigquery.table_schema(prediction_schema(rows))  # the rows write_and_commit loads
         _LOG.info("BigQuery table %s (%s): this run replaces its partition %s", table.spec,
-                  bigquery.check_table(table, options, bigquery.table_schema(prediction_schema(rows))),
-                  table.partition)
+                  bigquery.check_table(table, options, schema), table.partition)
     direct = options.view_as(DirectOptions)
     settings = RunSettings(
         input=options.input,
@@ -565,5 +596,6 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         local=local, local_defaults=defaults_note,
         runner=str(options.view_as(StandardOptions).runner or "DirectRunner"),
         direct_running_mode=direct.direct_running_mode, direct_num_workers=direct.direct_num_workers,
-        progress_every_s=options.progress_every_s, bigquery=table)
+        progress_every_s=options.progress_every_s, bigquery=table,
+        keep_columns=keep_columns)
     return settings, options

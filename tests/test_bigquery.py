@@ -50,6 +50,19 @@ def test_a_column_the_rows_gain_reaches_the_schema():
         table_schema(pa.schema([("grid", pa.list_(pa.list_(pa.float32())))]))
 
 
+def test_kept_manifest_columns_become_nullable_strings_of_the_table_and_its_rows():
+    from transforms.postprocess import RowLayout
+    from transforms.sinks import prediction_schema
+
+    fields = table_schema(prediction_schema(RowLayout(columns=("sku", "label_gt"))))["fields"]
+    assert fields == ROWS_SCHEMA[:2] + [{"name": "sku", "type": "STRING", "mode": "NULLABLE"},
+                                        {"name": "label_gt", "type": "STRING", "mode": "NULLABLE"}] + ROWS_SCHEMA[2:]
+    run = {"engine": "onnxruntime", "model": "m.onnx", "run_id": "r1", "run_date": "2024-05-30"}
+    block = [{"uri": "/x/1.jpg", "sku": "A-1", "label_gt": None, "top_k": []}]
+    assert list(bigquery.to_table_rows(block, run)) == [
+        {"uri": "/x/1.jpg", "sku": "A-1", "label_gt": None, "top_k": [], "id": None, **run}]
+
+
 def test_the_target_names_the_day_it_replaces():
     target = _target()
     assert (target.spec, target.partition) == ("my-project:checks.predictions", "predictions$20240530")

@@ -97,7 +97,10 @@ def test_the_readme_command_loads_the_rows_of_its_run(bigquery_server, demo, fir
     assert len(entry["jobs"]) == 1 and "LOAD_STEP" in entry["jobs"][0], entry
     assert stats["bigquery"] == entry and stats["settings"]["output_table"] == table
     loaded = _table_rows(bigquery_server, table, "2024-05-30")
-    run = {"engine": "onnxruntime", "model": str(MODEL), "run_id": record["run_id"]}
+    # The rows' "model" (the model's file name and sha256 prefix) is the table's run column of that name.
+    assert {row["model"] for row in rows} == {record["model"]["identity"]} and \
+        record["model"]["identity"].startswith("efficientnet_lite0.onnx@sha256:")
+    run = {"engine": "onnxruntime", "model": record["model"]["identity"], "run_id": record["run_id"]}
     assert [{k: v for k, v in row.items() if k != "run_date"} for row in loaded] == \
         sorted(({**row, "id": row.get("id"), **run} for row in rows), key=lambda r: r["uri"])
     assert {str(row["run_date"]) for row in loaded} == {"2024-05-30"}

@@ -27,7 +27,7 @@ EXAMPLES = {"input": "gs://b/photos/dt={date}/**", "output": "gs://b/scored/dt={
             "prefetch": "8", "model_copies": "1", "dali_threads": "-1", "hw_decoder_load": "0.65",
             "read_timeout_s": "30.5", "output_table": "my-project:scoring.predictions",
             "mean": "0.485,0.456,0.406", "std": "0.229,0.224,0.225", "threshold": "0.5",
-            "model_version": "resnet50-v2@2026-12-01"}
+            "model_version": "resnet50-v2@2026-12-01", "keep_columns": "sku,label_gt"}
 
 
 def _actions():

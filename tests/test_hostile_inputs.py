@@ -233,14 +233,38 @@ def test_csv_manifest_without_uri_column_stops_at_start(tmp_path, capsys, two_ph
     assert not (tmp_path / "o").exists()
 
 
-def test_csv_header_names_are_matched_after_stripping_spaces(model_path, tmp_path, two_photos):
+def test_csv_header_names_are_stripped_and_the_manifests_columns_reach_every_row(model_path, tmp_path, two_photos):
     paths = _write(tmp_path / "in", two_photos)
+    (tmp_path / "in" / "corrupt.jpg").write_bytes(two_photos["chelsea.jpg"][:2000])
     manifest = tmp_path / "list.csv"
-    manifest.write_text("id, uri\n" + "".join(f"a{i}, {p}\n" for i, p in enumerate(paths)))
+    manifest.write_text("id, uri , sku ,label_gt\n"
+                        + "".join(f"a{i}, {p},S-{i}, cat{i} \n" for i, p in enumerate(paths))
+                        + "a2,in/corrupt.jpg,S-2,cat\n"
+                        + "a3,in/gone.jpg,S-3\n"  # a short row: no label_gt
+                        + "a4,/photos/\x00.jpg,S-4,cat\n")
     out = tmp_path / "o"
     assert classify_images.main(["--input", str(manifest), "--output", str(out)]) == 0
-    predictions, _, _ = _contract(out, 2)
-    assert sorted(r["id"] for r in predictions) == ["a0", "a1"]
+    predictions, dead, stats = _contract(out, 5)
+    # The values as the csv module reads them (not stripped: a column's spaces may be the user's data).
+    assert sorted((r["id"], r["sku"], r["label_gt"]) for r in predictions) == [("a0", "S-0", " cat0 "),
+                                                                             ("a1", "S-1", " cat1 ")]
+    assert all(list(r) == ["uri", "id", "sku", "label_gt", "model", "top_k"] for r in predictions), predictions
+    by_stage = {r["stage"]: r for r in dead}
+    assert {stage: (r.get("id"), r["sku"], r["label_gt"]) for stage, r in by_stage.items()} == {
+        "decode": ("a2", "S-2", "cat"), "read": ("a3", "S-3", None), "manifest": (None, None, None)}
+    assert list(by_stage["decode"]) == ["uri", "id", "sku", "label_gt", "error", "stage"]
+    assert stats["settings"]["keep_columns"] == ["sku", "label_gt"]
+
+
+def test_keep_columns_naming_a_column_the_manifest_lacks_stops_at_start(tmp_path, capsys, two_photos):
+    paths = _write(tmp_path / "in", two_photos)
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text("".join(json.dumps({"uri": p, "sku": i}) + "\n" for i, p in enumerate(paths)))
+    code, err = _main(capsys, "--input", str(manifest), "--output", str(tmp_path / "o"), "--keep_columns", "sku,shard")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--keep_columns sku,shard: manifest {manifest} has no column 'shard'; its columns (besides uri and id): " \
+           f"sku" in err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("name,text", [("empty.txt", ""), ("comments.txt", "# nothing yet\n\n# todo\n"),
@@ -563,7 +587,7 @@ def test_model_and_labels_files_are_named_by_their_flag(model_path, tmp_path, ca
     text.write_text("this is not a model at all\n")
     common = ["--input", image, "--output", str(tmp_path / "o")]
     code, err = _main(capsys, *common, "--model", str(text))
-    assert code == 2 and f"--model {text}: Not an ONNX model" in err
+    assert code == 2 and f"--model file {text} is not an ONNX model" in err
     code, err = _main(capsys, *common, "--model", str(tmp_path))
     assert code == 2 and f"--model file {tmp_path} is a directory" in err
     code, err = _main(capsys, *common, "--labels_file", str(tmp_path / "nope.txt"))

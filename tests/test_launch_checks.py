@@ -133,7 +133,7 @@ def test_a_local_path_reaches_main_as_one_line_and_exit_2(capsys):
 
 
 def test_labels_are_read_at_launch_so_a_local_labels_file_is_fine(tmp_path):
-    # read_labels runs in the launcher and the names travel inside the pipeline (TopKBatches), so
+    # read_labels runs in the launcher and the names travel inside the pipeline (PredictionRows), so
     # the workers never open --labels_file.
     labels = tmp_path / "labels.txt"
     labels.write_text("cat\ndog\n")

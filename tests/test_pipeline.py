@@ -76,6 +76,63 @@ def test_testpipeline_end_to_end(corpus, model_path):
                     equal_to(list(broken)), label="AllBrokenDeadLettered")
 
 
+def test_manifest_columns_reach_every_prediction_and_dead_letter_row(corpus, model_path, tmp_path):
+    directory, good, _ = corpus
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("\n".join([
+        "uri,id,sku,shard",
+        f"{good[0]},a,S-0,1",
+        f"{good[1]},b,S-1",  # a short row: its shard is None
+        f"{os.path.join(directory, 'truncated.jpg')},c,S-2,2",
+        "gone.jpg,d,S-3,3",  # relative to the manifest's folder, and missing
+        "/x/\x00.jpg,e,S-4,4",  # a bad line: no columns can be trusted
+    ]) + "\n")
+    settings, options = resolve(["--input", str(manifest), "--output", "unused", "--batch_size", "2",
+                                 "--keep_columns", "sku,shard"], start_checks=False)
+    assert settings.keep_columns == ("sku", "shard") and settings.record()["keep_columns"] == ["sku", "shard"]
+    with TestPipeline(options=options) as p:
+        from apache_beam.ml.inference.base import RunInference
+
+        from transforms.images import DEAD_LETTER, ImageRefs, ReadImageBatches
+        from transforms.postprocess import PredictionRows
+
+        found = p | ImageRefs(settings.input, batch_size=2, keep_columns=settings.keep_columns)
+        read = found["refs"] | beam.ParDo(ReadImageBatches(settings.preprocess)).with_outputs(
+            DEAD_LETTER, main="batches")
+        scored = (read.batches | RunInference(make_handler(settings))
+                  | beam.ParDo(PredictionRows(settings.rows, settings.labels)).with_outputs(DEAD_LETTER, main="blocks"))
+        rows = scored.blocks | beam.FlatMap(lambda block: block)
+        assert_that(rows | "Rows" >> beam.Map(lambda r: (os.path.basename(r["uri"]), list(r)[:-1], r["id"], r["sku"],
+                                                         r["shard"], len(r["top_k"]))),
+                    equal_to([("chelsea.jpg", ["uri", "id", "sku", "shard", "model"], "a", "S-0", "1", 5),
+                              ("coffee.jpg", ["uri", "id", "sku", "shard", "model"], "b", "S-1", None, 5)]),
+                    label="Scored")
+        dead = (found[DEAD_LETTER], read[DEAD_LETTER], scored[DEAD_LETTER]) | beam.Flatten()
+        assert_that(dead | "Dead" >> beam.Map(lambda r: (os.path.basename(r["uri"]), list(r), r["stage"],
+                                                         r.get("id"), r["sku"], r["shard"])),
+                    equal_to([("truncated.jpg", ["uri", "id", "sku", "shard", "error", "stage"], "decode", "c",
+                               "S-2", "2"),
+                              ("gone.jpg", ["uri", "id", "sku", "shard", "error", "stage"], "read", "d", "S-3", "3"),
+                              ("list.csv:6", ["uri", "sku", "shard", "error", "stage"], "manifest", None, None,
+                               None)]), label="DeadLetters")
+
+
+def test_gpu_decode_failures_carry_the_columns_like_the_predictions_of_their_batch():
+    from transforms.images import DEAD_LETTER
+    from transforms.inference import ScoredBatch
+    from transforms.postprocess import PredictionRows, RowLayout
+
+    refs = (ImageRef("/x/0.jpg", "0", (("sku", "S-0"),)), ImageRef("/x/1.jpg", None, (("sku", None),)))
+    topk = PredictionRows(RowLayout(k=2, model="m@1", columns=("sku",)), None)
+    topk.setup()
+    out = list(topk.process(ScoredBatch(refs, {"logits": np.array([[0.0, 1.0, 2.0]], np.float32)},
+                                        {1: "corrupt JPEG"})))
+    (dead,) = [o.value for o in out if getattr(o, "tag", None) == DEAD_LETTER]
+    (block,) = [o for o in out if isinstance(o, list)]
+    assert dead == {"uri": "/x/1.jpg", "sku": None, "error": "corrupt JPEG", "stage": "decode"}
+    assert [(list(r), r["sku"]) for r in block] == [(["uri", "id", "sku", "model", "top_k"], "S-0")]
+
+
 def test_cli_run_writes_the_output_contract(corpus, model_path, tmp_path):
     directory, good, broken = corpus
     out = tmp_path / "out"
@@ -228,17 +285,20 @@ def test_failed_batch_becomes_short_dead_letters_through_beams_exception_handlin
 
     handler = make_handler(resolve(["--input", "unused", "--output", "unused", "--batch_size", "2"],
                                    start_checks=False)[0])
-    wrong = [ImageBatch((ImageRef("/x/0.jpg", id="0"), ImageRef("/x/1.jpg", id="1")),
+    wrong = [ImageBatch((ImageRef("/x/0.jpg", id="0", columns=(("sku", "S-0"),)),
+                         ImageRef("/x/1.jpg", id="1", columns=(("sku", "S-1"),))),
                         np.zeros((2, 200, 200, 3), np.uint8)),
-             ImageBatch((ImageRef("/x/2.jpg", id="2"),), np.zeros((1, 200, 200, 3), np.uint8))]
+              ImageBatch((ImageRef("/x/2.jpg", id="2", columns=(("sku", None),)),),
+                        np.zeros((1, 200, 200, 3), np.uint8))]
     with TestPipeline() as p:
         _, failed = (p | beam.Create(wrong)
                      | RunInference(handler).with_exception_handling())
         rows = failed.failed_inferences | beam.ParDo(FailedBatchToDeadLetters())
 
         def check(rows):
-            assert sorted((r["uri"], r["id"], r["stage"]) for r in rows) == [
-                (f"/x/{i}.jpg", str(i), "inference") for i in range(3)]
+            assert sorted((r["uri"], r["id"], r["sku"], r["stage"]) for r in rows) == [
+                ("/x/0.jpg", "0", "S-0", "inference"), ("/x/1.jpg", "1", "S-1", "inference"),
+                ("/x/2.jpg", "2", None, "inference")]
             for r in rows:
                 assert r["error"].startswith("inference failed for the batch holding this image ("), r
                 assert "Traceback" not in r["error"] and len(r["error"]) < 700, r

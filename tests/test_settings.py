@@ -13,6 +13,7 @@ import pytest
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
 from pipelines import classify_images, engine_registry
+from engines.base import UsageError
 from pipelines.settings import BatchSettings, ClassifyOptions, DecodeSettings, resolve
 from tests.conftest import REPO, jpeg_bytes, photo
 from tests.tensorrt_models import image_classifier
@@ -161,3 +162,32 @@ def test_a_non_square_crop_sizes_the_decoder_and_the_memory_a_batch_needs(tmp_pa
     assert settings.preprocess.crop_size == (240, 320)
     assert settings.decode.dali.crop_size == (240, 320) and settings.decode.dali.resize == 320
     assert asked == [240 * 320 * 3]
+
+
+def test_keep_columns_is_resolved_once_from_the_manifest_into_the_settings(model_path, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "chelsea.jpg").write_bytes(jpeg_bytes(photo("chelsea")))
+    manifest = tmp_path / "list.csv"
+    manifest.write_text(f"uri,id,sku,run_date\n{photos / 'chelsea.jpg'},1,A-1,2024-05-30\n")
+    argv = ["--input", str(manifest), "--output", str(tmp_path / "o")]
+
+    def kept(*flags, start_checks=True):
+        settings, _ = resolve(argv + list(flags), start_checks=start_checks)
+        assert settings.record()["keep_columns"] == list(settings.keep_columns)
+        return settings.keep_columns
+
+    assert kept() == ("sku", "run_date")  # default: all of the manifest's columns besides uri and id
+    assert kept("--keep_columns", "run_date") == ("run_date",)
+    assert kept("--keep_columns", "") == ()
+    with pytest.raises(UsageError, match=r"--keep_columns sku,nope: manifest .*list\.csv has no column 'nope'; its "
+                                         r"columns \(besides uri and id\): sku, run_date"):
+        kept("--keep_columns", "sku,nope")
+    # Without the start checks the manifest is not read: the flag as given, or none.
+    assert kept("--keep_columns", " sku, nope", start_checks=False) == ("sku", "nope")
+    assert kept(start_checks=False) == ()
+    # A BigQuery row carries run_date: the manifest's column of that name would collide with it.
+    with pytest.raises(UsageError, match=r"its column 'run_date' has the name of a field the job writes \(.*run_date"
+                                         r"\); rename it in the manifest, or leave it out with --keep_columns "
+                                         r"\(e\.g\. --keep_columns sku\)"):
+        kept("--output_table", "my-project:scoring.predictions", "--temp_location", "gs://my-bucket/tmp")

@@ -146,3 +146,26 @@ def test_parquet_raw_outputs_are_fixed_size_lists_in_the_models_float_type(tmp_p
     got = sorted(table.to_pylist(), key=lambda r: r["uri"])
     assert [r["embedding"] for r in got] == [[0.5, 1.0, 2.0], [4.0, 8.0, 16.0]]
     assert [r["id"] for r in got] == [None, "b"] and {r["model"] for r in got} == {"m.onnx@sha256:ab"}
+
+
+def test_parquet_predictions_carry_the_kept_manifest_columns_as_nullable_strings(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transforms.postprocess import RowLayout
+    from transforms.sinks import prediction_schema
+
+    layout = RowLayout(columns=("sku", "label_gt"))
+    assert prediction_schema(layout).names == ["uri", "id", "sku", "label_gt", "model", "top_k"]
+    rows = [{"uri": "/photos/chelsea.jpg", "id": "7", "sku": "A-1", "label_gt": "cat",
+             "top_k": [{"class_id": 285, "label": "Egyptian Mau", "score": 0.375}]},
+            {"uri": "/photos/日本.jpg", "sku": None, "label_gt": "", "top_k": []}]
+    with TestPipeline() as p:
+        p | beam.Create([rows]) | WriteRows(str(tmp_path), "predictions", "parquet", shards=1, blocks=True,
+                                            rows=layout)
+    table = pq.read_table(tmp_path / "predictions-00000-of-00001.parquet")
+    assert table.schema.names == ["uri", "id", "sku", "label_gt", "model", "top_k"]
+    assert all(table.schema.field(name).type == pa.string() and table.schema.field(name).nullable
+               for name in ("sku", "label_gt"))
+    got = sorted(table.to_pylist(), key=lambda r: r["uri"])
+    assert [(r["id"], r["sku"], r["label_gt"]) for r in got] == [("7", "A-1", "cat"), (None, None, "")]

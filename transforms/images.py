@@ -5,7 +5,12 @@
 pipeline asks for them; ``ReadImageBatches`` reads
 each batch into one ``ImageBatch`` (decoded uint8 crops on the CPU path, encoded
 bytes for the GPU decoder) and sends every failure to the ``dead_letter`` output
-as ``{"uri", "error", "stage"}``. Batches, not images, travel through Beam.
+as ``{"uri", ["id"], [columns], "error", "stage"}``. Batches, not images, travel through Beam.
+
+A manifest's own columns (``sku``, ``label_gt``, ...) travel on each ``ImageRef`` and are written in
+every row of that input, prediction or dead letter (:func:`ref_fields`), so users can join the
+results back to their records; which columns a run keeps is decided once, at start
+(:func:`resolve_keep_columns`, ``--keep_columns``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import re
 import threading
 import urllib.parse
 import warnings
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -40,21 +45,54 @@ _LOG = logging.getLogger(__name__)
 
 DEAD_LETTER = "dead_letter"
 MANIFEST_SUFFIXES = (".txt", ".csv", ".jsonl", ".ndjson")
+#: Manifests that can hold columns of their own (a .txt manifest is one URI per line).
+COLUMN_SUFFIXES = (".csv", ".jsonl", ".ndjson")
+#: Fields the job writes in its rows (predictions: ``top_k`` or ``classes``, and the model; dead letters): a
+#: manifest column of one of these names would overwrite it, so it is refused (:func:`resolve_keep_columns`);
+#: the names of raw outputs are refused too (``pipelines/settings.py`` passes them as ``reserved``).
+RESERVED_COLUMNS = ("uri", "id", "top_k", "classes", "error", "stage", "model")
+
+#: A manifest's own columns on one input: ``(name, value)`` per kept column, in the kept order; a value
+#: is text, or None where the entry has none (a short CSV row, a missing JSON key or null).
+Columns = Tuple[Tuple[str, Optional[str]], ...]
 
 
 class ImageRef(NamedTuple):
-    """One input: its URI and the caller's optional id (from a manifest)."""
+    """One input: its URI, the caller's optional id, and the manifest's columns kept for its rows.
+
+    Attributes:
+        uri: The path or URI read.
+        id: The manifest's ``id``, as text, or None.
+        columns: The manifest's kept columns (:data:`Columns`), or None when the run keeps none. A tuple
+            of pairs, not a dict, so a ref stays hashable and compares and pickles as a value.
+    """
 
     uri: str
     id: Optional[str] = None
+    columns: Optional[Columns] = None
 
 
-def dead_letter(uri: str, error: str, stage: str, id: Optional[str] = None) -> beam.pvalue.TaggedOutput:
-    """A dead-letter row on the ``dead_letter`` output."""
-    row = {"uri": uri, "error": error, "stage": stage}
-    if id is not None:
-        row["id"] = id
-    return beam.pvalue.TaggedOutput(DEAD_LETTER, row)
+def ref_fields(ref: ImageRef) -> Dict[str, Optional[str]]:
+    """The fields every row about ``ref`` starts with: ``uri``, ``id`` (only when it has one), then the
+    kept manifest columns in their order. Each row builder (predictions, dead letters) starts from this,
+    so a field added to a ref reaches every row the same way."""
+    row: Dict[str, Optional[str]] = {"uri": ref.uri}
+    if ref.id is not None:
+        row["id"] = ref.id
+    row.update(ref.columns or ())
+    return row
+
+
+def ref_dead_letter(ref: ImageRef, error: str, stage: str) -> beam.pvalue.TaggedOutput:
+    """The dead-letter row of one input, ``{"uri", ["id"], [columns], "error", "stage"}``, on the
+    ``dead_letter`` output."""
+    return beam.pvalue.TaggedOutput(DEAD_LETTER, {**ref_fields(ref), "error": error, "stage": stage})
+
+
+def dead_letter(uri: str, error: str, stage: str, id: Optional[str] = None,
+                columns: Optional[Columns] = None) -> beam.pvalue.TaggedOutput:
+    """A dead-letter row on the ``dead_letter`` output (see :func:`ref_dead_letter`)."""
+    return ref_dead_letter(ImageRef(uri, id, columns), error, stage)
 
 
 def has_glob(path: str) -> bool:
@@ -153,9 +191,25 @@ def _line_problem(name: str, text: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _bad_line(name: str, line_no, problem: str, fix: str = _FIX_LINE) -> beam.pvalue.TaggedOutput:
-    """The ``manifest`` dead letter of one manifest line (or a CSV record starting there)."""
-    return dead_letter(f"{name}:{line_no}", f"manifest {name} line {line_no}: {problem}; {fix}", "manifest")
+def _bad_line(name: str, line_no, problem: str, fix: str = _FIX_LINE, *,
+              keep: Sequence[str] = ()) -> beam.pvalue.TaggedOutput:
+    """The ``manifest`` dead letter of one manifest line (or a CSV record starting there).
+
+    It carries every kept column as None: no value of a line that cannot be read can be trusted, and
+    so every row of a run has the same keys.
+    """
+    return dead_letter(f"{name}:{line_no}", f"manifest {name} line {line_no}: {problem}; {fix}", "manifest",
+                       columns=_columns(keep, {}))
+
+
+def _json_text(value) -> Optional[str]:
+    """A manifest value as row text: a string as it is, null as None, anything else as its JSON."""
+    return None if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _columns(keep: Sequence[str], row: dict) -> Optional[Columns]:
+    """The kept columns of one entry (``row``: its fields by name), or None when the run keeps none."""
+    return tuple((name, _json_text(row.get(name))) for name in keep) or None
 
 
 def _resolve(uri: str, base: str) -> str:
@@ -175,28 +229,36 @@ def _resolve(uri: str, base: str) -> str:
     return storage.join(base, uri)
 
 
-def _entry(uri: str, raw_id, name: str, line_no) -> object:
-    """An ``ImageRef`` for one manifest entry, or a dead letter: a relative path that is missing, or a
-    ``uri`` or ``id`` no input can have."""
-    ref_id = None if raw_id is None else raw_id if isinstance(raw_id, str) else json.dumps(raw_id, ensure_ascii=False)
+def _entry(uri: str, raw_id, name: str, line_no, keep: Sequence[str] = (), row: Optional[dict] = None) -> object:
+    """An ``ImageRef`` for one manifest entry (``row``: its fields, from which the ``keep`` columns are
+    taken), or a dead letter: a relative path that is missing, or a ``uri``, ``id`` or column value no
+    input can have."""
+    ref_id = _json_text(raw_id)
+    columns = _columns(keep, row or {})
     if "\x00" in uri:  # a JSON escape (\u0000); raw NUL bytes are caught on the line
-        return _bad_line(name, line_no, _NUL_PROBLEM)
-    if _SURROGATE.search(uri) or (ref_id is not None and _SURROGATE.search(ref_id)):
+        return _bad_line(name, line_no, _NUL_PROBLEM, keep=keep)
+    if any(text is not None and _SURROGATE.search(text)
+           for text in (uri, ref_id, *(value for _, value in columns or ()))):
         return _bad_line(name, line_no, "holds a JSON escape of a lone surrogate (such as \\ud800), which is not text "
-                                        "any output can hold")
+                                        "any output can hold", keep=keep)
     base = name[:name.rstrip("/").rfind("/") + 1] if storage.is_url(name) else os.path.dirname(name)
     resolved = _resolve(uri, base)
     if (resolved != uri and not storage.is_url(resolved) and not uri.startswith("file://")
             and not os.path.lexists(resolved)):
         return dead_letter(resolved, f"cannot read file (file not found: {uri!r} from {name}:{line_no}; relative paths "
                                      f"in a manifest resolve against the manifest's folder "
-                                     f"{os.path.abspath(base) or '.'}, not the working directory)", "read", ref_id)
-    return ImageRef(resolved, ref_id)
+                                     f"{os.path.abspath(base) or '.'}, not the working directory)", "read", ref_id,
+                           columns)
+    return ImageRef(resolved, ref_id, columns)
 
 
-def _csv_entries(name: str, text: str) -> Iterator[object]:
-    """The entries of a CSV manifest (see :func:`parse_manifest`), one record at a time, so a line the
-    csv module cannot read is that line's dead letter."""
+def _csv_header(name: str, text: str):
+    """(the csv reader, positioned after the header; the header's names, stripped) of a CSV manifest,
+    or (reader, None) for an empty one.
+
+    Raises:
+        ManifestError: the header cannot be read as CSV, or has no ``uri`` column.
+    """
     rows = csv.reader(io.StringIO(text, newline=""))  # newline="": line numbers as an editor counts them
     try:
         header = next(rows, None)
@@ -204,12 +266,21 @@ def _csv_entries(name: str, text: str) -> Iterator[object]:
         raise ManifestError(f"CSV manifest {name}: its header line cannot be read as CSV ({e}); make the first line "
                             f"'uri' or 'uri,id'") from None
     if header is None:
-        return  # no header: an empty manifest (the caller decides what that means)
+        return rows, None  # no header: an empty manifest (the caller decides what that means)
     fields = [field.strip() for field in header]
     if "uri" not in fields:
         shown = ",".join(fields).encode("utf-8", "backslashreplace").decode("utf-8")  # may hold escaped bytes
         raise ManifestError(f"CSV manifest {name} has no 'uri' column (its header: {shown!r}); make the first line "
                             f"'uri' or 'uri,id'")
+    return rows, fields
+
+
+def _csv_entries(name: str, text: str, keep: Sequence[str] = ()) -> Iterator[object]:
+    """The entries of a CSV manifest (see :func:`parse_manifest`), one record at a time, so a line the
+    csv module cannot read is that line's dead letter."""
+    rows, fields = _csv_header(name, text)
+    if fields is None:
+        return
     while True:
         start = rows.line_num + 1
         try:
@@ -217,27 +288,53 @@ def _csv_entries(name: str, text: str) -> Iterator[object]:
         except StopIteration:
             return
         except csv.Error as e:  # e.g. a field over csv.field_size_limit(); the reader goes on at the next line
-            yield _bad_line(name, start, f"cannot be read as CSV ({e})")
+            yield _bad_line(name, start, f"cannot be read as CSV ({e})", keep=keep)
             continue
         if not record:
             continue  # a blank line
         problem = _line_problem(name, "".join(record))
         if problem:
-            yield _bad_line(name, start, *problem)
+            yield _bad_line(name, start, *problem, keep=keep)
             continue
-        row = dict(zip(fields, record))
+        row = dict(zip(fields, record))  # a short record lacks its last columns: they are None
         raw_uri = row.get("uri") or ""
         uri = raw_uri.strip()
         if not uri:
-            yield _bad_line(name, start, "the 'uri' field is empty")
+            yield _bad_line(name, start, "the 'uri' field is empty", keep=keep)
         elif "\n" in raw_uri or "\r" in raw_uri:
             yield _bad_line(name, start, f"the 'uri' field runs on to line {rows.line_num} (a double quote without "
-                                         f"its closing quote?)")
+                                         f"its closing quote?)", keep=keep)
         else:
-            yield _entry(uri, (row.get("id") or "").strip() or None, name, start)
+            yield _entry(uri, (row.get("id") or "").strip() or None, name, start, keep, row)
 
 
-def parse_manifest(name: str, text: str) -> Iterator[object]:
+def _jsonl_objects(name: str, text: str) -> Iterator[Tuple[int, Optional[dict], Optional[Tuple[str, str]]]]:
+    """``(line number, object, None)`` per entry of a JSON Lines manifest, and ``(line number, None,
+    (problem, fix))`` per non-blank line that cannot be one."""
+    for line_no, line in enumerate(_LINE_BREAK.split(text), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        problem = _line_problem(name, line)
+        if problem:
+            yield line_no, None, problem
+            continue
+        try:
+            row = json.loads(line)
+        except RecursionError:
+            yield line_no, None, ("is JSON nested too deeply to read", _FIX_LINE)
+            continue
+        except ValueError as e:
+            yield line_no, None, (f"is not valid JSON ({e})", _FIX_LINE)
+            continue
+        uri = row.get("uri") if isinstance(row, dict) else None
+        if not isinstance(uri, str) or not uri.strip():
+            yield line_no, None, ("has no string 'uri' field (each line is a JSON object with one)", _FIX_LINE)
+            continue
+        yield line_no, row, None
+
+
+def parse_manifest(name: str, text: str, keep: Optional[Sequence[str]] = None) -> Iterator[object]:
     """Yields ``ImageRef`` per manifest entry, or a ``manifest`` dead-letter row for an unusable entry.
 
     Formats, by suffix: ``.txt`` one URI per line (blank lines and ``#`` comments
@@ -250,38 +347,173 @@ def parse_manifest(name: str, text: str) -> Iterator[object]:
     module cannot read, no ``uri``) is that line's dead letter, ``{"uri": "<manifest>:<line>"}``, with
     a reason naming the manifest, the line and the fix; every other line is still an input.
 
+    Args:
+        name: The manifest's path (its suffix says the format; relative entries resolve against its folder).
+        text: Its text (:func:`read_manifest`).
+        keep: The manifest's own columns to carry on each ref (``ImageRef.columns``), in this order:
+            a CSV field exactly as the csv module reads it (not stripped, unlike ``uri`` and ``id``: its
+            spaces may be data), a JSON string as it is, any other JSON value as its JSON text; a column
+            an entry lacks (a short CSV row, a missing JSON key, null) is None. A bad line's dead letter
+            carries every kept column as None. Default None: no columns (``ImageRef.columns`` is None).
+
     Raises:
         ManifestError: a CSV header without a ``uri`` column (no entry can be read).
     """
+    keep = tuple(keep or ())
     lower = name.lower()
     if lower.endswith(".csv"):
-        yield from _csv_entries(name, text)
+        yield from _csv_entries(name, text, keep)
         return
-    jsonl = lower.endswith((".jsonl", ".ndjson"))
+    if lower.endswith((".jsonl", ".ndjson")):
+        for line_no, row, problem in _jsonl_objects(name, text):
+            if problem:
+                yield _bad_line(name, line_no, *problem, keep=keep)
+            else:
+                yield _entry(row["uri"].strip(), row.get("id"), name, line_no, keep, row)
+        return
     for line_no, line in enumerate(_LINE_BREAK.split(text), start=1):
         line = line.strip()
-        if not line or (line.startswith("#") and not jsonl):
+        if not line or line.startswith("#"):
             continue
         problem = _line_problem(name, line)
         if problem:
-            yield _bad_line(name, line_no, *problem)
+            yield _bad_line(name, line_no, *problem, keep=keep)
             continue
-        if not jsonl:
-            yield _entry(line, None, name, line_no)
-            continue
-        try:
-            row = json.loads(line)
-        except RecursionError:
-            yield _bad_line(name, line_no, "is JSON nested too deeply to read")
-            continue
-        except ValueError as e:
-            yield _bad_line(name, line_no, f"is not valid JSON ({e})")
-            continue
-        uri = row.get("uri") if isinstance(row, dict) else None
-        if not isinstance(uri, str) or not uri.strip():
-            yield _bad_line(name, line_no, "has no string 'uri' field (each line is a JSON object with one)")
-            continue
-        yield _entry(uri.strip(), row.get("id"), name, line_no)
+        yield _entry(line, None, name, line_no, keep)
+
+
+def _holds_columns(path: str) -> bool:
+    """``path`` is a manifest that can hold columns of its own (.csv, .jsonl)."""
+    return is_manifest(path) and path.lower().endswith(COLUMN_SUFFIXES)
+
+
+def _column_names(path: str, text: str) -> list:
+    """Every column name of a CSV or JSON Lines manifest, ``uri`` and ``id`` included, as found: a CSV
+    header's names stripped, in header order (empty and repeated ones too); a JSON Lines manifest's
+    keys in first-seen order over its entries (lines that are not one are skipped)."""
+    if path.lower().endswith(".csv"):
+        return _csv_header(path, text)[1] or []
+    return list(dict.fromkeys(key for _, row, _ in _jsonl_objects(path, text) if row for key in row))
+
+
+def manifest_columns(path: str, text: Optional[str] = None) -> Tuple[str, ...]:
+    """The columns a manifest has besides ``uri`` and ``id``, in order.
+
+    CSV: the header's names, stripped as matching ``uri`` and ``id`` strips them, in header order (an
+    empty or repeated name is listed as it is; :func:`resolve_keep_columns` refuses keeping one).
+    JSON Lines: the keys of its entries in first-seen order over all lines; lines that are not an entry
+    (not JSON, no ``uri``) are skipped. A ``.txt`` manifest and any input that is not a manifest: none.
+
+    Args:
+        path: ``--input``.
+        text: The manifest's text, when the caller has read it. Default: read it (:func:`read_manifest`).
+
+    Raises:
+        ManifestError: the manifest cannot be read, or is a CSV without a ``uri`` column.
+    """
+    if not _holds_columns(path):
+        return ()
+    text = read_manifest(path) if text is None else text
+    return tuple(name for name in _column_names(path, text) if name not in ("uri", "id"))
+
+
+def split_keep_columns(value: Optional[str]) -> Optional[Tuple[str, ...]]:
+    """``--keep_columns`` as names: None when the flag is not given (keep all), () for ``""`` (keep none),
+    else the comma-separated names, stripped.
+
+    Raises:
+        ManifestError: an empty name (``a,,b``, a trailing comma) or a name given twice.
+    """
+    if value is None:
+        return None
+    if not value.strip():
+        return ()
+    names = tuple(name.strip() for name in value.split(","))
+    if not all(names):
+        raise ManifestError(f"--keep_columns {value!r} holds an empty name; list the columns to keep separated by "
+                            f"commas (e.g. --keep_columns sku,shard), or pass --keep_columns '' to keep none")
+    seen = set()
+    for name in names:
+        if name.lower() in seen:
+            raise ManifestError(f"--keep_columns names {name!r} twice (column names are compared ignoring case, as "
+                                f"BigQuery does); name each column once")
+        seen.add(name.lower())
+    return names
+
+
+def _leave_out_hint(found: Sequence[str], reserved: Sequence[str]) -> str:
+    """"(e.g. --keep_columns a,b)": the manifest's columns that can be kept as they are."""
+    folded = [name.lower() for name in found]
+    usable = [name for name in found if name and name.lower() not in reserved and folded.count(name.lower()) == 1]
+    return f"(e.g. --keep_columns {','.join(usable)})" if usable else "(--keep_columns '' keeps none)"
+
+
+def resolve_keep_columns(path: str, flag_value: Optional[str], reserved: Sequence[str] = ()) -> Tuple[str, ...]:
+    """The manifest columns a run carries into its rows, from ``--keep_columns``; decided once, at start.
+
+    Args:
+        path: ``--input``.
+        flag_value: ``--keep_columns``: None (not given) keeps all of :func:`manifest_columns`, ``""`` none,
+            ``"a,b"`` exactly those, in that order.
+        reserved: Field names the caller's rows gain besides :data:`RESERVED_COLUMNS` (the BigQuery run
+            columns, output tensor names), refused as column names the same way. Default: none.
+
+    Returns:
+        The kept names, in order; () for an input that is not a CSV or JSON Lines manifest.
+
+    Raises:
+        ManifestError: ``--keep_columns`` naming a column the manifest lacks (the message lists those it
+            has), given for an input that is not a .csv or .jsonl manifest, or holding an empty or repeated
+            name; or a column that would be kept whose name is empty, repeated (ignoring case, as BigQuery
+            compares names) or that of a field the job writes (:data:`RESERVED_COLUMNS`, ``reserved``). Each
+            message says how to fix the manifest or what to pass to ``--keep_columns``.
+    """
+    requested = split_keep_columns(flag_value)
+    if not _holds_columns(path):
+        if requested:
+            what = "a .txt manifest (one URI per line)" if is_manifest(path) else "not a manifest"
+            raise ManifestError(f"--keep_columns {flag_value} needs a .csv or .jsonl manifest as --input (the "
+                                f"manifest's columns are what it keeps); --input {path} is {what}: leave "
+                                f"--keep_columns out")
+        return ()
+    if requested == ():
+        return ()
+    fields = _column_names(path, read_manifest(path))
+    found = [name for name in fields if name not in ("uri", "id")]
+    blocked = tuple(RESERVED_COLUMNS) + tuple(reserved)
+    folded_blocked = {name.lower() for name in blocked}
+    hint = _leave_out_hint(found, folded_blocked)
+    if requested is not None:
+        for name in requested:
+            if name in ("uri", "id"):
+                raise ManifestError(f"--keep_columns names {name!r}, which every row carries already; leave it out "
+                                    f"{hint}")
+        missing = [name for name in requested if name not in found]
+        if missing:
+            raise ManifestError(f"--keep_columns {flag_value}: manifest {path} has no column "
+                                f"{', '.join(map(repr, missing))}; its columns (besides uri and id): "
+                                f"{', '.join(found) or 'none'}")
+    keep = requested if requested is not None else tuple(found)
+    if "" in keep:
+        where = (f"column {fields.index('') + 1} of its header has no name" if path.lower().endswith(".csv")
+                 else 'its lines have a key with an empty name ("")')
+        raise ManifestError(f"manifest {path}: {where}; name it in the manifest, or leave it out with --keep_columns "
+                            f"{hint}")
+    for name in keep:
+        if name.lower() in folded_blocked:
+            raise ManifestError(f"manifest {path}: its column {name!r} has the name of a field the job writes "
+                                f"({', '.join(blocked)}); rename it in the manifest, or leave it out with "
+                                f"--keep_columns {hint}")
+    for name in keep:
+        if found.count(name) > 1:
+            raise ManifestError(f"manifest {path} names the column {name!r} twice; rename one in the manifest, or "
+                                f"leave them out with --keep_columns {hint}")
+        twins = [other for other in keep if other != name and other.lower() == name.lower()]
+        if twins:
+            raise ManifestError(f"manifest {path} has the columns {name!r} and {twins[0]!r}, one name when case is "
+                                f"ignored (as BigQuery does); rename one in the manifest, or leave them out with "
+                                f"--keep_columns {hint}")
+    return keep
 
 
 def check_manifest(path: str) -> None:
@@ -402,11 +634,16 @@ class _Match(beam.DoFn):
 
 
 class _ReadManifest(beam.DoFn):
+    """Manifest path -> ``ImageRef`` per entry (carrying the ``keep`` columns), dead letters for bad lines."""
+
+    def __init__(self, keep: Tuple[str, ...] = ()):
+        self._keep = keep
+
     def setup(self):
         self._inputs = Metrics.counter(NAMESPACE, "inputs")
 
     def process(self, path: str):
-        for entry in parse_manifest(path, read_manifest(path)):
+        for entry in parse_manifest(path, read_manifest(path), self._keep):
             self._inputs.inc()  # every entry, usable or not, is an input that must end somewhere
             yield entry
 
@@ -454,18 +691,26 @@ class ImageRefs(beam.PTransform):
         batch_size: Emit lists of this many refs instead of single refs, so no later step pays
             Beam's per-element cost per image (a 60,000-line manifest cost ~11 s of one core as
             single elements on the H100 host, benchmarks/NOTES.md). Default None: single refs.
+        keep_columns: The manifest's columns each ref carries into its rows (:func:`resolve_keep_columns`,
+            ``RunSettings.keep_columns``). Default (): none.
+
+    Raises:
+        ValueError: ``keep_columns`` for an input that is not a manifest (a bug: the flags were checked).
     """
 
-    def __init__(self, path: str, batch_size: Optional[int] = None):
+    def __init__(self, path: str, batch_size: Optional[int] = None, keep_columns: Sequence[str] = ()):
         super().__init__()
+        if keep_columns and not is_manifest(path):
+            raise ValueError(f"keep_columns {list(keep_columns)} needs a manifest as input, got {path}")
         self._path = path
         self._batch_size = batch_size
+        self._keep = tuple(keep_columns)
 
     def expand(self, pbegin):
         if is_manifest(self._path):
+            read = _Batched(_ReadManifest(self._keep), self._batch_size)
             parsed = (pbegin | "Manifest" >> beam.Create([self._path])
-                      | "ParseManifest" >> beam.ParDo(_Batched(_ReadManifest(), self._batch_size)).with_outputs(
-                          DEAD_LETTER, main="refs"))
+                      | "ParseManifest" >> beam.ParDo(read).with_outputs(DEAD_LETTER, main="refs"))
             refs, bad = parsed.refs, parsed[DEAD_LETTER]
         else:
             matched = (pbegin | "Pattern" >> beam.Create([normalize_pattern(self._path)])
@@ -628,7 +873,7 @@ class ReadImageBatches(beam.DoFn):
                 if result.encoded is None:
                     decode_us += int(result.decode_s * 1e6)
             if result.error is not None:
-                out = dead_letter(ref.uri, result.error, result.stage, ref.id)
+                out = ref_dead_letter(ref, result.error, result.stage)
                 yield beam.pvalue.TaggedOutput(out.tag, windowed(out.value))
             elif result.encoded is not None:
                 encoded.append((ref, result.encoded, result.box))

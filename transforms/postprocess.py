@@ -1,6 +1,6 @@
 """Post-processing: model outputs -> prediction rows (:class:`RowLayout` says which); failed batches -> dead letters.
 
-Rows are ``{"uri", ["id"], "model", ...}`` and then, by mode: ``top_k`` (the best k classes of the
+Rows are ``{"uri", ["id"], [manifest columns], "model", ...}`` and then, by mode: ``top_k`` (the best k classes of the
 ranked output after its activation), ``classes`` (every class at or above ``--threshold``), or one
 field per output named after it holding the image's values as a list of floats (``--output_mode raw``).
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
 from engines.activations import apply_activation
-from transforms.images import DEAD_LETTER, ImageRef, dead_letter
+from transforms.images import DEAD_LETTER, RESERVED_COLUMNS, ImageRef, ref_dead_letter, ref_fields
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -25,8 +25,9 @@ _LOG = logging.getLogger(__name__)
 
 #: Row modes: the best k classes, every class at or above a threshold, or whole outputs.
 ROW_MODES = ("topk", "threshold", "raw")
-#: Fields every prediction row may hold besides its outputs: no manifest column or raw output may take these names.
-ROW_FIELDS = ("uri", "id", "model", "top_k", "classes", "error", "stage")
+#: Fields every prediction or dead-letter row may hold besides its manifest columns and raw outputs: neither
+#: may take these names (``transforms.images.RESERVED_COLUMNS``).
+ROW_FIELDS = RESERVED_COLUMNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,8 @@ class RowLayout:
             (``engines.activations``). Default "softmax".
         threshold: The least score kept with "threshold". Default None.
         model: The model's identity, written in every row's ``model`` field. Default "".
+        columns: The manifest columns every row carries after ``uri`` and ``id`` (``--keep_columns``).
+            Default none.
     """
 
     mode: str = "topk"
@@ -53,6 +56,7 @@ class RowLayout:
     activation: str = "softmax"
     threshold: Optional[float] = None
     model: str = ""
+    columns: Tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.mode not in ROW_MODES:
@@ -66,11 +70,11 @@ class RowLayout:
             raise ValueError("a threshold goes with mode 'threshold' and only with it")
 
     @classmethod
-    def of(cls, model, top_k: int) -> "RowLayout":
-        """The layout for a run's ``pipelines.model_settings.ModelSettings`` and ``--top_k``."""
+    def of(cls, model, top_k: int, columns: Sequence[str] = ()) -> "RowLayout":
+        """The layout for a run's ``pipelines.model_settings.ModelSettings``, ``--top_k`` and kept columns."""
         mode = "raw" if model.output_mode == "raw" else ("threshold" if model.threshold is not None else "topk")
         return cls(mode, tuple((o.name, o.dtype, o.size) for o in model.outputs), top_k, model.activation,
-                   model.threshold, model.identity)
+                   model.threshold, model.identity, tuple(columns))
 
     @property
     def output_names(self) -> Tuple[str, ...]:
@@ -178,21 +182,18 @@ class PredictionRows(beam.DoFn):
         self._count = Metrics.counter(NAMESPACE, "predictions")
         self._progress = Progress(self._progress_dir)
 
-    def process(self, scored):
+    # The main output's type, stated: Beam's inference reads a list built by append() as List[Union[]],
+    # which the typed BigQuery step (transforms/bigquery.py to_table_rows) refuses when the job is built.
+    def process(self, scored) -> Iterator[List[Dict[str, Any]]]:
         start = time.perf_counter()
         for index, reason in sorted(scored.failed.items()):
             ref = scored.refs[index]
-            yield dead_letter(ref.uri, reason, "decode", ref.id)
+            yield ref_dead_letter(ref, reason, "decode")
         refs = scored.scored_refs()
         if refs:
             rows = []
             for ref, values in zip(refs, self._values(scored.outputs)):
-                row = {"uri": ref.uri}
-                if ref.id is not None:
-                    row["id"] = ref.id
-                row["model"] = self._layout.model
-                row.update(values)
-                rows.append(row)
+                rows.append({**ref_fields(ref), "model": self._layout.model, **values})
             self._count.inc(len(rows))
             self._progress.add("predictions", len(rows))
             self._us.update(int((time.perf_counter() - start) * 1e6))
@@ -244,7 +245,7 @@ class FailedBatchToDeadLetters(beam.DoFn):
             refs = element.refs if hasattr(element, "refs") else [element[0]]  # an ImageBatch, or (key, example)
             for key in refs:
                 ref = key if isinstance(key, ImageRef) else ImageRef(str(key))
-                yield dead_letter(ref.uri, reason, "inference", ref.id).value
+                yield ref_dead_letter(ref, reason, "inference").value
 
 
 __all__ = ["top_k_batch", "above_threshold_batch", "raw_values", "RowLayout", "PredictionRows", "FailedBatchToDeadLetters",

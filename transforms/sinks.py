@@ -46,7 +46,8 @@ class JsonLinesSink(fileio.FileSink):
 def prediction_schema(rows=None):
     """The Parquet schema of prediction rows, as ``rows`` (a ``transforms.postprocess.RowLayout``) lays them out.
 
-    ``uri``, ``id`` (nullable), ``model``, then: ``top_k`` or ``classes`` (lists of
+    ``uri``, ``id`` (nullable), one nullable string per kept manifest column (``rows.columns``, in
+    order), ``model``, then: ``top_k`` or ``classes`` (lists of
     ``{class_id, label, score}``), or with raw outputs one column per output: a fixed-size list of
     its values per image (float32, or float16 as the model gives it), a list where the size is not
     known before the run.
@@ -59,7 +60,8 @@ def prediction_schema(rows=None):
     from transforms.postprocess import RowLayout
 
     rows = rows or RowLayout()
-    fields = [("uri", pa.string()), ("id", pa.string()), ("model", pa.string())]
+    fields = [("uri", pa.string()), ("id", pa.string()), *((name, pa.string()) for name in rows.columns),
+              ("model", pa.string())]
     if rows.mode == "raw":
         types = {"float16": pa.float16(), "float64": pa.float64()}
         for name, dtype, size in rows.outputs:

@@ -1,0 +1,179 @@
+"""transforms/images.py: a manifest's own columns (``sku``, ``shard``, ``label_gt``, ...) travel with each
+input, so that every prediction and dead-letter row can be joined back to the user's records.
+
+The rows themselves are checked through the pipeline in tests/test_pipeline.py (TestPipeline and the CLI);
+here: which columns a manifest has, which a run keeps (``--keep_columns``), and their values.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from transforms.images import (RESERVED_COLUMNS, ImageRef, ManifestError, dead_letter, manifest_columns,
+                               parse_manifest, ref_dead_letter, ref_fields, resolve_keep_columns)
+
+
+def _entries(name, text, keep):
+    """The manifest's entries: refs as they are, dead letters as their rows."""
+    return [entry if isinstance(entry, ImageRef) else entry.value for entry in parse_manifest(name, text, keep)]
+
+
+def test_csv_columns_are_kept_in_the_keep_order_exactly_as_the_csv_module_reads_them():
+    text = "uri, id , sku ,label_gt,shard\n/x/1.jpg,7, A-1 ,cat,\n/x/2.jpg,8\n"
+    assert _entries("m.csv", text, ("sku", "label_gt", "shard")) == [
+        ImageRef("/x/1.jpg", "7", (("sku", " A-1 "), ("label_gt", "cat"), ("shard", ""))),
+        ImageRef("/x/2.jpg", "8", (("sku", None), ("label_gt", None), ("shard", None)))]  # a short row
+    assert _entries("m.csv", text, ("shard", "sku")) == [
+        ImageRef("/x/1.jpg", "7", (("shard", ""), ("sku", " A-1 "))), ImageRef("/x/2.jpg", "8", (("shard", None),
+                                                                                                ("sku", None)))]
+    # Without a keep list (callers from before columns existed) or with an empty one, refs carry none.
+    assert _entries("m.csv", text, None) == _entries("m.csv", text, ()) == [ImageRef("/x/1.jpg", "7"),
+                                                                           ImageRef("/x/2.jpg", "8")]
+    assert ImageRef("/x/1.jpg", "7").columns is None
+
+
+def test_jsonl_columns_strings_as_they_are_other_values_as_json_missing_and_null_as_none():
+    lines = ['{"uri": "/x/1.jpg", "sku": "A\\u00e9", "n": 3, "ok": true, "meta": {"\\u00e9": [1, 2.5]}, '
+             '"none": null}',
+             '{"uri": "/x/2.jpg", "id": 4}']
+    keep = ("sku", "n", "ok", "meta", "none")
+    assert _entries("m.jsonl", "\n".join(lines), keep) == [
+        ImageRef("/x/1.jpg", None, (("sku", "Aé"), ("n", "3"), ("ok", "true"), ("meta", '{"é": [1, 2.5]}'),
+                                    ("none", None))),
+        ImageRef("/x/2.jpg", "4", tuple((name, None) for name in keep))]
+
+
+@pytest.mark.parametrize("name,text,line", [
+    ("m.csv", "uri,sku\n/x/1.jpg,a\n/x/\x00.jpg,b\n", 3),
+    ("m.jsonl", '{"uri": "/x/1.jpg", "sku": "a"}\n{not json\n', 2),
+    ("m.jsonl", '{"uri": "/x/1.jpg", "sku": "a"}\n{"uri": "/x/2.jpg", "sku": "\\ud800"}\n', 2),
+])
+def test_a_bad_line_carries_every_kept_column_as_none_so_every_row_has_the_same_keys(name, text, line):
+    good, bad = _entries(name, text, ("sku", "shard"))
+    assert good == ImageRef("/x/1.jpg", None, (("sku", "a"), ("shard", None)))
+    assert list(bad) == ["uri", "sku", "shard", "error", "stage"]
+    assert (bad["uri"], bad["sku"], bad["shard"], bad["stage"]) == (f"{name}:{line}", None, None, "manifest")
+
+
+def test_a_missing_relative_file_is_a_read_dead_letter_with_its_columns(tmp_path):
+    manifest = tmp_path / "m.csv"
+    (row,) = _entries(str(manifest), "uri,id,sku\ngone.jpg,9,A-1\n", ("sku",))
+    assert (row["uri"], row["id"], row["sku"], row["stage"]) == (str(tmp_path / "gone.jpg"), "9", "A-1", "read")
+    assert list(row) == ["uri", "id", "sku", "error", "stage"]
+
+
+def test_rows_are_built_from_the_ref_uri_id_then_its_columns():
+    ref = ImageRef("/x/1.jpg", "7", (("b", "1"), ("a", None)))
+    assert list(ref_fields(ref).items()) == [("uri", "/x/1.jpg"), ("id", "7"), ("b", "1"), ("a", None)]
+    assert ref_fields(ImageRef("/x/1.jpg")) == {"uri": "/x/1.jpg"}  # no id: no key, as before columns
+    assert ref_dead_letter(ref, "empty file", "decode").value == {
+        "uri": "/x/1.jpg", "id": "7", "b": "1", "a": None, "error": "empty file", "stage": "decode"}
+    assert dead_letter("/x/2.jpg", "gone", "read").value == {"uri": "/x/2.jpg", "error": "gone", "stage": "read"}
+
+
+def test_a_ref_with_columns_is_hashable_picklable_and_survives_beams_coder():
+    from apache_beam import coders
+
+    ref = ImageRef("gs://b/1.jpg", "7", (("sku", "A-1"), ("shard", None)))
+    assert hash(ref) == hash(ImageRef("gs://b/1.jpg", "7", (("sku", "A-1"), ("shard", None))))
+    assert pickle.loads(pickle.dumps(ref)) == ref
+    coder = coders.registry.get_coder(ImageRef)
+    assert coder.decode(coder.encode(ref)) == ref
+    batch = [ref, ImageRef("gs://b/2.jpg")]  # refs travel in lists, one element per batch
+    assert coders.FastPrimitivesCoder().decode(coders.FastPrimitivesCoder().encode(batch)) == batch
+
+
+def test_manifest_columns_in_order_other_than_uri_and_id(tmp_path):
+    assert manifest_columns("m.csv", "sku, uri ,label_gt,id , shard\n/x/1.jpg,a,b,c,d\n") == (
+        "sku", "label_gt", "shard")  # names stripped, as matching 'uri' and 'id' does
+    lines = ['{"uri": "/x/1.jpg", "b": 1, "a": 2}', "{not json", '{"id": 3, "skipped": 1}', "[1]",
+             '{"uri": "/x/2.jpg", "id": 2, "c": null, "a": 5}']
+    assert manifest_columns("m.jsonl", "\n".join(lines)) == ("b", "a", "c")  # first seen over all good lines
+    assert manifest_columns("m.txt", "/x/1.jpg\n") == ()
+    (tmp_path / "m.csv").write_text("uri,sku\n/x/1.jpg,a\n")
+    assert manifest_columns(str(tmp_path / "m.csv")) == ("sku",)  # read from the file when no text is given
+    assert manifest_columns(str(tmp_path)) == manifest_columns(str(tmp_path / "*.jpg")) == ()  # not manifests
+
+
+def test_keep_columns_default_all_empty_none_or_exactly_those_named(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,id,sku,shard,label_gt\n/x/1.jpg,1,a,b,c\n")
+    path = str(manifest)
+    assert resolve_keep_columns(path, None) == ("sku", "shard", "label_gt")
+    assert resolve_keep_columns(path, "") == ()
+    assert resolve_keep_columns(path, "label_gt, sku") == ("label_gt", "sku")
+
+
+def test_keep_columns_naming_a_column_the_manifest_lacks_lists_those_it_has(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"uri": "/x/1.jpg", "sku": "a", "shard": 1}\n')
+    with pytest.raises(ManifestError, match=r"--keep_columns sku,nope,gone: manifest .*m\.jsonl has no column 'nope', "
+                                            r"'gone'; its columns \(besides uri and id\): sku, shard"):
+        resolve_keep_columns(str(manifest), "sku,nope,gone")
+
+
+@pytest.mark.parametrize("name", ["photos/*.jpg", "photos/", "list.txt"])
+def test_keep_columns_needs_a_csv_or_jsonl_manifest(tmp_path, name):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "list.txt").write_text("/x/1.jpg\n")
+    path = str(tmp_path / name)
+    assert resolve_keep_columns(path, None) == resolve_keep_columns(path, "") == ()
+    with pytest.raises(ManifestError, match=r"--keep_columns sku needs a \.csv or \.jsonl manifest as --input"):
+        resolve_keep_columns(path, "sku")
+
+
+def test_a_column_named_like_a_field_the_job_writes_is_refused_with_the_fix(tmp_path):
+    assert {"uri", "id", "top_k", "classes", "error", "stage", "model"} == set(RESERVED_COLUMNS)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,sku,Stage,shard\n/x/1.jpg,a,b,c\n")
+    path = str(manifest)
+    message = (r"manifest .*m\.csv: its column 'Stage' has the name of a field the job writes \(.*stage.*\); "
+               r"rename it in the manifest, or leave it out with --keep_columns \(e\.g\. --keep_columns sku,shard\)")
+    with pytest.raises(ManifestError, match=message):
+        resolve_keep_columns(path, None)  # by default every column is kept, so it would be written
+    with pytest.raises(ManifestError, match=message):
+        resolve_keep_columns(path, "Stage")
+    assert resolve_keep_columns(path, "sku,shard") == ("sku", "shard")
+    # Callers add the fields their rows gain (the BigQuery run columns, output tensors).
+    with pytest.raises(ManifestError, match=r"its column 'shard' has the name of a field the job writes"):
+        resolve_keep_columns(path, "sku,shard", reserved=("shard",))
+
+
+@pytest.mark.parametrize("header,message", [
+    ("uri,sku,,shard", r"column 3 of its header has no name; name it in the manifest, or leave it out with "
+                       r"--keep_columns \(e\.g\. --keep_columns sku,shard\)"),
+    ("uri,sku,shard,SKU", r"has the columns 'sku' and 'SKU', one name when case is ignored \(as BigQuery "
+                          r"does\); rename one in the manifest, or leave them out with --keep_columns "
+                          r"\(e\.g\. --keep_columns shard\)"),
+    ("uri,sku,shard,sku", r"names the column 'sku' twice; rename one in the manifest, or leave them out with "
+                          r"--keep_columns \(e\.g\. --keep_columns shard\)"),
+])
+def test_a_column_without_a_name_or_named_twice_is_refused_unless_left_out(tmp_path, header, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"{header}\n/x/1.jpg,a,b,c\n")
+    with pytest.raises(ManifestError, match=message):
+        resolve_keep_columns(str(manifest), None)
+    assert resolve_keep_columns(str(manifest), "shard") == ("shard",)
+
+
+@pytest.mark.parametrize("flag,message", [("sku,,shard", r"--keep_columns 'sku,,shard' holds an empty name"),
+                                          ("sku,shard,sku", r"--keep_columns names 'sku' twice")])
+def test_a_keep_columns_value_with_an_empty_or_repeated_name_is_refused(tmp_path, flag, message):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,sku,shard\n/x/1.jpg,a,b\n")
+    with pytest.raises(ManifestError, match=message):
+        resolve_keep_columns(str(manifest), flag)
+
+
+def test_an_empty_json_key_or_keeping_uri_or_id_is_refused(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"uri": "/x/1.jpg", "": 1, "sku": "a"}\n')
+    with pytest.raises(ManifestError, match=r'its lines have a key with an empty name \(""\); name it in the manifest, '
+                                            r"or leave it out with --keep_columns \(e\.g\. --keep_columns sku\)"):
+        resolve_keep_columns(str(manifest), None)
+    with pytest.raises(ManifestError, match=r"--keep_columns names 'id', which every row carries already; leave it "
+                                            r"out"):
+        resolve_keep_columns(str(manifest), "sku,id")
+    assert resolve_keep_columns(str(manifest), "sku") == ("sku",)
