@@ -36,8 +36,10 @@ setup(
         # CUDA provider. `gpu` is CUDA 13 (driver r580+), `gpu-cuda12` CUDA 12. onnxruntime-gpu on PyPI
         # is built for CUDA 12 up to 1.26 and for CUDA 13 from 1.27 (docs/tensorrt.md). Either replaces
         # the CPU onnxruntime: uninstall that first (both install the module onnxruntime).
-        "gpu": ["nvidia-dali-cuda130>=2.4", "onnxruntime-gpu>=1.27", "cuda-python>=13"],
-        "gpu-cuda12": ["nvidia-dali-cuda120>=2.4", "onnxruntime-gpu>=1.20,<1.27", "cuda-python>=12.4,<13"],
+        # onnxconverter-common: --precision fp16 converts the model where it loads.
+        "gpu": ["nvidia-dali-cuda130>=2.4", "onnxruntime-gpu>=1.27", "cuda-python>=13", "onnxconverter-common>=1.14"],
+        "gpu-cuda12": ["nvidia-dali-cuda120>=2.4", "onnxruntime-gpu>=1.20,<1.27", "cuda-python>=12.4,<13",
+                       "onnxconverter-common>=1.14"],
         "demo": ["scikit-image>=0.22"],
         "test": [
             "pytest>=7",

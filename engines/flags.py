@@ -26,6 +26,9 @@ MAX_THREADS = 1024
 #: holds its own activation memory (2 or 3 already overlap copies and compute).
 MAX_COPIES = 64
 
+#: What ``--precision`` takes, whatever the engine.
+PRECISIONS = ("fp32", "fp16")
+
 #: Why the bounds above end where they do, as the error messages say it.
 BATCH_WHY = "a batch this large holds more pixels than any GPU or worker"
 THREADS_WHY = "each thread reserves a stack; the cores bound the work long before"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -702,3 +703,49 @@ def recorded_preprocessing_of(metadata: Dict[str, str]) -> Optional[Preprocessin
     data = json.loads(metadata[INPUT_ADAPTER_KEY])
     return Preprocessing(tuple(data["mean"]) if data.get("mean") else None,
                          tuple(data["std"]) if data.get("std") else None, data.get("channel_order", "rgb"))
+
+
+_FP16_HINT = ("--precision fp16 converts the ONNX model with onnxconverter-common: pip install onnxconverter-common "
+              "(it is in the image built from Dockerfile).")
+
+
+def convert_to_fp16(model_bytes: bytes) -> bytes:
+    """Converts float32 weights and compute to float16, keeping the model's input/output types.
+
+    Used for ``--precision fp16`` by ONNX Runtime, and by TensorRT 11.x, whose strongly typed
+    networks take their precision from the ONNX model (docs/tensorrt.md, "TensorRT facts"). The
+    pipeline's uint8 input stays uint8 (its Cast goes straight to float16) and the outputs stay
+    float32 (onnxconverter-common's ``keep_io_types``).
+
+    Raises:
+        ImportError: onnxconverter-common is missing, naming the package.
+    """
+    onnx = import_optional("onnx", ONNX_HINT)
+    float16 = import_optional("onnxconverter_common.float16", _FP16_HINT)
+    model = onnx.load_model_from_string(model_bytes)
+    float_casts = {node.output[0] for node in model.graph.node
+                   if node.op_type == "Cast" and _cast_to(node) == onnx.TensorProto.FLOAT}
+    with warnings.catch_warnings(record=True) as caught:  # one warning per clamped weight: summarise
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(model, keep_io_types=True)
+    if caught:
+        _LOG.info("fp16 conversion: %d float32 values were clamped to the float16 range (%s)", len(caught),
+                  caught[0].message)
+    # The converter retypes the outputs of the model's own Cast(to=float) nodes (e.g. the
+    # uint8 -> float cast at the input) to float16 but leaves their `to` attribute, which
+    # makes the graph inconsistent (ONNX Runtime refuses it; a strongly typed TensorRT
+    # network would mix types). Casts it inserted itself, and casts to graph outputs, stay.
+    outputs = {o.name for o in converted.graph.output}
+    for node in converted.graph.node:
+        if node.op_type == "Cast" and node.output[0] in float_casts and node.output[0] not in outputs:
+            for attr in node.attribute:
+                if attr.name == "to":
+                    attr.i = onnx.TensorProto.FLOAT16
+    return converted.SerializeToString()
+
+
+def _cast_to(node) -> int:
+    for attr in node.attribute:
+        if attr.name == "to":
+            return attr.i
+    return -1

@@ -20,8 +20,8 @@ from engines import storage
 from engines.devices import Device, check_device, cuda_device_count, resolve_device
 from engines.base import (Engine, EngineError, EngineRecipe, Feed, Outputs, TensorSpec, UsageError, WorkerPath,
                           array_info, check_feed, import_optional, is_device_array)
-from engines.flags import MAX_THREADS, THREADS_WHY, FlagDefaults, FlagRange, ModelFile
-from engines.model_adapter import Preprocessing, adapted_model_bytes
+from engines.flags import MAX_THREADS, PRECISIONS, THREADS_WHY, FlagDefaults, FlagRange, ModelFile
+from engines.model_adapter import Preprocessing, adapted_model_bytes, convert_to_fp16
 
 _LOG = logging.getLogger(__name__)
 
@@ -221,6 +221,9 @@ class OnnxRuntimeLoader:
             (``engines.model_adapter.Preprocessing``): the model is read with the weights beside it
             and, where its input is not the pipeline's uint8 NHWC RGB, loaded with the conversion
             prepended (``engines.model_adapter.wrap``). Default None: the file is loaded as it is.
+        precision: "fp32" (default), or "fp16": the model's weights and compute converted to float16
+            where it loads (``engines.model_adapter.convert_to_fp16``), its uint8 input and float32
+            outputs kept.
     """
 
     model_path: str
@@ -231,9 +234,12 @@ class OnnxRuntimeLoader:
     stop_spinning_after_run: bool = False
     device: Device = 0
     preprocessing: Optional[Preprocessing] = None
+    precision: str = "fp32"
 
     def __post_init__(self):
         object.__setattr__(self, "providers", tuple(self.providers))
+        if self.precision not in PRECISIONS:
+            raise EngineError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.providers:
             raise EngineError("providers must name at least one execution provider, e.g. ('cpu',)")
         if self.intra_op_threads < 0:
@@ -252,6 +258,8 @@ class OnnxRuntimeLoader:
             model = storage.read_bytes(self.model_path)
         else:
             model = adapted_model_bytes(self.model_path, self.preprocessing, "--model file")
+        if self.precision == "fp16":
+            model = convert_to_fp16(model)
         return OnnxRuntimeEngine(model, self.providers,
                                  self.intra_op_threads, name=self.model_path, allow_spinning=self.allow_spinning,
                                  sessions=self.sessions, stop_spinning_after_run=self.stop_spinning_after_run,
@@ -276,6 +284,9 @@ PARALLEL_LOCAL_MIN_CORES = 8
 #: differ; this is used only to refuse batch sizes that cannot fit, not to pick one.
 ACTIVATION_BYTES_PER_INPUT_BYTE = 90
 
+#: ``--precision`` when not given (the flag is every engine's: ``pipelines/engine_registry.py``): the
+#: model as exported. fp16 is a choice to validate first (``model_tools.validate --precision fp16``).
+DEFAULT_PRECISION = "fp32"
 #: Bounds of this engine's numeric flags, checked at start whatever --engine is (``engines/flags.py``).
 FLAG_RANGES = (
     FlagRange("--intra_op_threads", "intra_op_threads", 0, MAX_THREADS, THREADS_WHY),
@@ -345,6 +356,9 @@ def cli_check(options, local: bool) -> None:
         wanted.append(name)
     if not local:
         return
+    if options.precision == "fp16":
+        import_optional("onnxconverter_common", "--precision fp16 converts the model with onnxconverter-common: pip "
+                                                "install onnxconverter-common, or pass --precision fp32")
     ort = import_optional("onnxruntime", "Install the project: pip install -e . (it depends on onnxruntime).")
     available = ort.get_available_providers()
     missing = [name for name in wanted if name not in available]
@@ -475,8 +489,10 @@ def cli_recipe(options, batch_size: Optional[int], preprocessing: Optional[Prepr
                                stop_spinning_after_run=options.ort_spinning == "run",
                                # Each engine copy (one per SDK process, or --model_copies N of a
                                # shared model) takes the next GPU: one per GPU (engines.devices).
-                               device="auto" if on_gpu else 0, preprocessing=preprocessing)
+                               device="auto" if on_gpu else 0, preprocessing=preprocessing,
+                               precision=options.precision or DEFAULT_PRECISION)
     info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
+            "precision": loader.precision,
             "ort_spinning": options.ort_spinning, "ort_sessions": options.ort_sessions,
             "intra_op_threads": options.intra_op_threads, "device": loader.device}
     return EngineRecipe(loader, batch_size or (GPU_BATCH_SIZE if on_gpu else CPU_BATCH_SIZE), info,

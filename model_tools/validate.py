@@ -342,15 +342,13 @@ def make_candidate(args: argparse.Namespace) -> Tuple[Engine, str]:
 
         if not args.onnx_path or args.engine_path:
             raise UsageError("--engine onnxruntime runs --onnx_path (not --engine_path)")
-        preprocessing = _preprocessing(args)
-        if preprocessing is not None:  # the original or the prepared model: wrapped as a job wraps it
-            from engines.model_adapter import load_model, wrap
-            from engines.onnxruntime_engine import OnnxRuntimeEngine
-
-            wrapped = wrap(load_model(args.onnx_path, "--onnx_path"), preprocessing, os.path.basename(args.onnx_path))
-            return (OnnxRuntimeEngine(wrapped.SerializeToString(), name=args.onnx_path),
-                    _onnx_precision(args.onnx_path))
-        return OnnxRuntimeLoader(args.onnx_path)(), _onnx_precision(args.onnx_path)
+        # The original or the prepared model, wrapped (--mean/--std) and converted (--precision fp16 of a
+        # float32 model) as a job's loader does it.
+        exported = _onnx_precision(args.onnx_path)
+        convert = args.precision == "fp16" and exported == "fp32"
+        loader = OnnxRuntimeLoader(args.onnx_path, preprocessing=_preprocessing(args),
+                                   precision="fp16" if convert else "fp32")
+        return loader(), args.precision if args.precision != "auto" else exported
     from engines.tensorrt.loader import TensorRTLoader
 
     if args.engine_path:

@@ -44,7 +44,7 @@ import importlib
 from typing import Any, List, Optional
 
 from engines.base import EngineRecipe, UsageError, WorkerPath
-from engines.flags import FlagDefaults, ModelFile, check_ranges
+from engines.flags import PRECISIONS, FlagDefaults, ModelFile, check_ranges
 
 #: Engine name -> module serving it (the functions listed in this module's docstring).
 ENGINES = {
@@ -69,6 +69,11 @@ def add_flags(parser) -> None:
     """Adds ``--engine`` and every engine's own flags to ``parser``."""
     parser.add_argument("--engine", default=DEFAULT_ENGINE, choices=engine_names(),
                         help=f"Inference engine (pipelines/engine_registry.py). Default: {DEFAULT_ENGINE}.")
+    # Every engine's: each reads it with its own default (TensorRT fp16, ONNX Runtime fp32).
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="Compute precision: fp16 (weights and compute in float16; uint8 in and float32 out "
+                             "stay) or fp32. Default: fp16 for tensorrt plans built with --onnx_path (a plan keeps "
+                             "its own), fp32 for onnxruntime.")
     for name in ENGINES:
         adder = getattr(_module(name), "add_flags", None)
         if adder is not None:

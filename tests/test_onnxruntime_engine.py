@@ -94,3 +94,30 @@ def test_spinning_flag_reaches_the_session_options(sum_model, monkeypatch, flag,
     assert info["ort_spinning"] == flag and info["ort_sessions"] == 2
     assert seen == [{"session.intra_op.allow_spinning": allow, "session.force_spinning_stop": stop}] * 2
     assert engine.infer({"x": np.ones((1, 4, 4, 3), np.uint8)})["total"].tolist() == [48.0]
+
+
+def test_fp16_converts_the_model_where_it_loads_and_keeps_uint8_in_and_float32_out(model_path):
+    from engines.activations import apply_activation
+    from tests.model_variants import crops
+
+    batch = crops(224, 224)
+    with OnnxRuntimeLoader(model_path)() as fp32, OnnxRuntimeLoader(model_path, precision="fp16")() as fp16:
+        assert fp16.input_specs["images"].dtype == np.uint8
+        want, got = fp32.infer({"images": batch})["logits"], fp16.infer({"images": batch})["logits"]
+    assert got.dtype == np.float32 and (want.argmax(1) == got.argmax(1)).all()
+    assert 0 < np.abs(want - got).max() < 0.1
+    assert np.abs(apply_activation(want, "softmax") - apply_activation(got, "softmax")).max() < 0.01
+    with pytest.raises(EngineError, match="precision must be one of"):
+        OnnxRuntimeLoader(model_path, precision="int4")
+
+
+def test_the_precision_flag_reaches_the_loader_and_stats(model_path):
+    from pipelines.settings import resolve
+
+    settings, _ = resolve(["--input", "x", "--output", "y", "--precision", "fp16"], start_checks=False)
+    assert settings.recipe.loader.precision == "fp16" and settings.engine_record()["precision"] == "fp16"
+    settings, _ = resolve(["--input", "x", "--output", "y"], start_checks=False)
+    assert settings.recipe.loader.precision == "fp32"
+    trt, _ = resolve(["--input", "x", "--output", "y", "--engine", "tensorrt", "--onnx_path", model_path,
+                      "--batch_size", "8"], start_checks=False)
+    assert trt.recipe.loader.build_options.precision == "fp16"  # TensorRT's own default

@@ -106,7 +106,7 @@ def _flags_added(add):
 
 @pytest.mark.parametrize("name,flags", [
     ("onnxruntime", {"--model", "--providers", "--intra_op_threads", "--ort_sessions", "--ort_spinning"}),
-    ("tensorrt", {"--engine_path", "--onnx_path", "--engine_cache", "--precision", "--trt_profile", "--num_contexts",
+    ("tensorrt", {"--engine_path", "--onnx_path", "--engine_cache", "--trt_profile", "--num_contexts",
                   "--cuda_graphs", "--workspace_gib", "--timing_cache", "--min_batch_size"}),
 ])
 def test_each_engine_module_adds_its_own_flags_and_ranges(name, flags, monkeypatch):
@@ -116,6 +116,13 @@ def test_each_engine_module_adds_its_own_flags_and_ranges(name, flags, monkeypat
     # Without the engine in the registry, the command line does not know its flags.
     monkeypatch.setattr(engine_registry, "ENGINES", {n: m for n, m in engine_registry.ENGINES.items() if n != name})
     assert not flags & _flags_added(ClassifyOptions._add_argparse_args)
+
+
+def test_precision_is_every_engines_flag_each_with_its_own_default():
+    assert "--precision" in _flags_added(engine_registry.add_flags)
+    for name in engine_registry.ENGINES:
+        assert "--precision" not in _flags_added(engine_registry._module(name).add_flags)
+        assert engine_registry._module(name).DEFAULT_PRECISION in ("fp32", "fp16")
 
 
 def test_the_job_module_names_no_engine():

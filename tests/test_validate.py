@@ -215,3 +215,16 @@ def test_a_non_square_model_is_validated_on_the_pipelines_own_height_by_width_cr
     np.testing.assert_array_equal(batch, want)
     report = compare(wide, OnnxRuntimeEngine(model.SerializeToString()), photos)
     assert report.ok and report.images == 3 and report.top1_agreement == 1.0
+
+
+def test_onnx_runtime_at_fp16_is_checked_as_a_job_converts_it(tmp_path, capsys):
+    """``--precision fp16`` with ``--engine onnxruntime`` converts a float32 model where it loads, as a job's
+    ``--precision fp16`` does, and holds it to the fp16 tolerances against the float32 original."""
+    from model_tools import validate
+    from tests.model_variants import FLOAT_MODEL
+
+    base = ["--engine", "onnxruntime", "--reference", str(FLOAT_MODEL), *IMAGENET_ARGS, "--onnx_path", str(FLOAT_MODEL)]
+    assert validate.main(base + ["--precision", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "11 images, output 'logits', fp16: max |logits diff|" in out and "top-1 agreement 100.0%" in out
+    assert "max |logits diff| 0 (" not in out  # it did run in float16

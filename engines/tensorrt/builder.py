@@ -18,24 +18,21 @@ import dataclasses
 import datetime
 import hashlib
 import logging
-import warnings
 from typing import Any, Dict, List, Optional, Union
 
 from engines import storage
 from engines.tensorrt.locks import machine_lock
-from engines.base import EngineError, import_optional
+from engines.base import EngineError
 from engines.tensorrt import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, version_tuple
+from engines.model_adapter import convert_to_fp16
 from engines.tensorrt.options import BuildOptions
-from engines.onnx_summary import ONNX_HINT, OnnxSummary, summarize_onnx
+from engines.onnx_summary import OnnxSummary, summarize_onnx
 from engines.tensorrt.plan import PlanInfo
 
 _LOG = logging.getLogger(__name__)
 
 OnnxSource = Union[bytes, str]
-
-_FP16_HINT = ("fp16 builds on TensorRT 11.x convert the ONNX model first: pip install onnxconverter-common "
-              "(it is in the image built from Dockerfile).")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -73,43 +70,6 @@ def check_batch_dims(summary: OnnxSummary) -> None:
             f"No input of the ONNX model has a dynamic batch dimension (inputs: "
             f"{[(n, list(d)) for n, _, d in summary.inputs]}). Note: re-export it with a dynamic axis 0 "
             f"(torch.onnx.export(..., dynamic_axes={{'input': {{0: 'batch'}}}}))")
-
-
-def convert_to_fp16(model_bytes: bytes) -> bytes:
-    """Converts float32 weights and compute to float16, keeping the model's input/output types.
-
-    Used on TensorRT 11.x, whose strongly typed networks take their precision from the
-    ONNX model (docs/tensorrt.md, "TensorRT facts").
-    """
-    onnx = import_optional("onnx", ONNX_HINT)
-    float16 = import_optional("onnxconverter_common.float16", _FP16_HINT)
-    model = onnx.load_model_from_string(model_bytes)
-    float_casts = {node.output[0] for node in model.graph.node
-                   if node.op_type == "Cast" and _cast_to(node) == onnx.TensorProto.FLOAT}
-    with warnings.catch_warnings(record=True) as caught:  # one warning per clamped weight: summarise
-        warnings.simplefilter("always")
-        converted = float16.convert_float_to_float16(model, keep_io_types=True)
-    if caught:
-        _LOG.info("fp16 conversion: %d float32 values were clamped to the float16 range (%s)", len(caught),
-                  caught[0].message)
-    # The converter retypes the outputs of the model's own Cast(to=float) nodes (e.g. the
-    # uint8 -> float cast at the input) to float16 but leaves their `to` attribute, which
-    # makes the graph inconsistent (ONNX Runtime refuses it; a strongly typed TensorRT
-    # network would mix types). Casts it inserted itself, and casts to graph outputs, stay.
-    outputs = {o.name for o in converted.graph.output}
-    for node in converted.graph.node:
-        if node.op_type == "Cast" and node.output[0] in float_casts and node.output[0] not in outputs:
-            for attr in node.attribute:
-                if attr.name == "to":
-                    attr.i = onnx.TensorProto.FLOAT16
-    return converted.SerializeToString()
-
-
-def _cast_to(node) -> int:
-    for attr in node.attribute:
-        if attr.name == "to":
-            return attr.i
-    return -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,9 +12,11 @@ import json
 from typing import Any, Dict, Optional, Tuple
 
 from engines.base import EngineError
+from engines.flags import PRECISIONS  # one list for every engine's --precision
 from engines.tensorrt.shapes import check_batch_coverage
 
-PRECISIONS = ("fp32", "fp16")
+__all__ = ["PRECISIONS", "HARDWARE_COMPATIBILITY", "BuildOptions", "Profile"]
+
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 
 #: Bump when the meaning of a build option changes, so old cached plans are not reused.

@@ -17,11 +17,14 @@ from engines.base import EngineError, EngineRecipe, UsageError, WorkerPath
 from engines.flags import BATCH_WHY, MAX_BATCH, MAX_COPIES, FlagRange, ModelFile, show
 from engines.tensorrt.loader import TensorRTLoader
 from engines.model_adapter import OUTPUT_ACTIVATION_KEY
-from engines.tensorrt.options import PRECISIONS, BuildOptions, Profile
+from engines.tensorrt.options import BuildOptions, Profile
 from engines.tensorrt.plan import read_sidecar
 
 _LOG = logging.getLogger(__name__)
 
+#: ``--precision`` when not given (the flag is every engine's: ``pipelines/engine_registry.py``): plans
+#: built on the workers are fp16, where TensorRT's speed is.
+DEFAULT_PRECISION = "fp16"
 #: Largest --workspace_gib: more than any GPU's memory (an H200 has 141 GB).
 MAX_WORKSPACE_GIB = 1024
 
@@ -46,8 +49,6 @@ def add_flags(argparser) -> None:
     group.add_argument("--engine_cache", default=None,
                        help="TensorRT: directory (local or gs://) of plans keyed by GPU, TensorRT "
                             "version and build options.")
-    group.add_argument("--precision", default="fp16", choices=PRECISIONS,
-                       help="TensorRT build precision with --onnx_path. Default: fp16.")
     group.add_argument("--trt_profile", dest="trt_profiles", action="append", default=None,
                        metavar="MIN,OPT,MAX",
                        help="TensorRT optimisation profile for the batch dimension with --onnx_path "
@@ -176,7 +177,7 @@ def _loader(options: Any, batch_size: Optional[int], preprocessing=None) -> Tens
         if not profiles:
             size = int(batch_size or 64)
             profiles = (Profile(1, size, size),)
-        build_options = BuildOptions(profiles=profiles, precision=options.precision or "fp32",
+        build_options = BuildOptions(profiles=profiles, precision=options.precision or DEFAULT_PRECISION,
                                      workspace_gib=options.workspace_gib, timing_cache=options.timing_cache)
     return TensorRTLoader(engine_path=options.engine_path, onnx_path=options.onnx_path,
                           engine_cache=options.engine_cache, build_options=build_options,
