@@ -64,6 +64,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gpus_repeat", type=int, default=40,
                         help="gpus: times the manifest lists the corpus for the multi-process runs. Default: 40.")
     parser.add_argument("--pipeline_args", default="", help="Extra classify_images flags for every pipeline run.")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                        help="ONNX Runtime precision of the pipeline runs (--precision); the engine alone is measured "
+                             "at fp32 and, with fp16 here, at fp16 too, so each ratio has its own ceiling. Default: "
+                             "fp32.")
     parser.add_argument("--timeout_s", type=float, default=1200.0)
     return parser.parse_args(argv)
 
@@ -138,20 +142,28 @@ def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[st
         result["batch"] = bs
         out["decoder"] = result
     if "engine" in runs:
-        engine = OnnxRuntimeLoader(args.model, ("cuda",))()
-        name = engine.input_names()[0]
         stream = decoder.decode([arrays[0]])
         batch = next(stream)  # a real decoded batch, resident on the GPU while we hold it
         host = np.array(batch.images.as_cpu()) if hasattr(batch.images, "as_cpu") else np.asarray(batch.images)
         out["decoder_threads"] = decoder.options.threads
-        out["engine_device"] = _timed(lambda: engine.infer({name: batch.images}, ["logits"]), bs, args.min_seconds)
-        out["engine_host"] = _timed(lambda: engine.infer({name: host}, ["logits"]), bs, args.min_seconds)
-        device_logits = engine.infer({name: batch.images}, ["logits"])["logits"]
-        host_logits = engine.infer({name: host}, ["logits"])["logits"]
-        out["device_vs_host_max_abs_diff"] = float(np.abs(device_logits - host_logits).max())
+        logits = {}
+        for precision in ("fp32", "fp16") if args.precision == "fp16" else ("fp32",):
+            suffix = "" if precision == "fp32" else "_fp16"
+            engine = OnnxRuntimeLoader(args.model, ("cuda",), precision=precision)()
+            name = engine.input_names()[0]
+            out[f"engine_device{suffix}"] = _timed(lambda: engine.infer({name: batch.images}, ["logits"]), bs,
+                                                   args.min_seconds)
+            out[f"engine_host{suffix}"] = _timed(lambda: engine.infer({name: host}, ["logits"]), bs, args.min_seconds)
+            device_logits = engine.infer({name: batch.images}, ["logits"])["logits"]
+            host_logits = engine.infer({name: host}, ["logits"])["logits"]
+            out[f"device_vs_host_max_abs_diff{suffix}"] = float(np.abs(device_logits - host_logits).max())
+            logits[precision] = device_logits
+            engine.close()
+        if "fp16" in logits:
+            out["fp16_vs_fp32"] = {"max_abs_logits_diff": float(np.abs(logits["fp16"] - logits["fp32"]).max()),
+                                   "top1_agreement": float((logits["fp16"].argmax(1) == logits["fp32"].argmax(1)).mean())}
         for _ in stream:
             pass
-        engine.close()
         if len(gpu_indices()) >= 2:
             out["engine_host_two_gpus"] = engine_on_two_gpus(args, host)
     decoder.close()
@@ -189,7 +201,7 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     shutil.rmtree(out_dir, ignore_errors=True)
     argv = ["--input", manifest, "--output", out_dir, "--model", args.model, "--providers", "cuda",
             "--batch_size", str(args.batch_size), "--hw_decoder_load", str(args.hw_decoder_load),
-            "--progress_every_s", "0"] + extra + args.pipeline_args.split()
+            "--progress_every_s", "0", "--precision", args.precision] + extra + args.pipeline_args.split()
     _LOG.info("%s: %s %s", name, module, " ".join(argv))
     child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
     rows = committed_rows(out_dir, "predictions", missing_ok=True)
@@ -228,6 +240,7 @@ def table(summary: Dict[str, Any]) -> str:
 
     add("engine alone, uint8 batches on the GPU", (r.get("engine_device") or {}).get("images_per_second"))
     add("engine alone, host numpy batches", (r.get("engine_host") or {}).get("images_per_second"))
+    add("engine alone fp16, uint8 batches on the GPU", (r.get("engine_device_fp16") or {}).get("images_per_second"))
     add("engine alone on two GPUs at once, host numpy batches",
         (r.get("engine_host_two_gpus") or {}).get("images_per_second"))
     add("DALI decoder alone (decode+resize+crop on the GPU)", (r.get("decoder") or {}).get("images_per_second"))
@@ -295,7 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "gpus" in runs:
         results["gpus"] = run_gpus(args, lambda name, path, extra, env: _pipeline(args, name, path, extra, env=env),
                                    corpus.paths)
-    ceiling = (results.get("engine_device") or {}).get("images_per_second")
+    # Ours against the engine alone at the precision ours ran at.
+    ceiling = (results.get("engine_device_fp16" if args.precision == "fp16" else "engine_device") or {}).get(
+        "images_per_second")
     ratios = {}
     ours = results.get("ours_gpu") or {}
     if ceiling:

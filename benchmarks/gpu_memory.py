@@ -44,6 +44,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--images", type=int, default=1024, help="Corpus JPEGs decoded. Default: 1024.")
     parser.add_argument("--corpus_dir", default="benchmark_output/gpu/corpus")
     parser.add_argument("--extend", default="", help="arena_extend_strategy for the engine step; '' = default.")
+    parser.add_argument("--precision", default=None, choices=("fp32", "fp16"),
+                        help="Load the model as the job does (engines.onnxruntime_engine.OnnxRuntimeLoader: its "
+                             "arena settings, --precision); default: a bare session with --extend.")
+    parser.add_argument("--conv_workspace", default="max", choices=("max", "minimal"),
+                        help="With --precision: cuDNN convolution workspace, ONNX Runtime's default (max) or "
+                             "cudnn_conv_use_max_workspace=0 (minimal). Default: max.")
     args = parser.parse_args(argv)
     from images.dali_decoder import DaliDecoder, DaliDecoderOptions
 
@@ -52,12 +58,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     cupy.zeros(1)  # a context, as any process that uses the GPU has
     steps[0]["used_mib"] = used_mib()
-    session = _session(args.model, args.extend or None)
-    steps.append({"step": f"ONNX Runtime session (arena {args.extend or 'default'})", "used_mib": used_mib()})
-    name = session.get_inputs()[0].name
+    if args.precision:
+        from engines import onnxruntime_engine
+
+        if args.conv_workspace == "minimal":
+            plain = onnxruntime_engine._gpu_options
+            onnxruntime_engine._gpu_options = lambda provider, device: {
+                **plain(provider, device), **({"cudnn_conv_use_max_workspace": "0"}
+                                              if provider == "CUDAExecutionProvider" else {})}
+        engine = onnxruntime_engine.OnnxRuntimeLoader(args.model, ("cuda",), precision=args.precision)()
+        steps.append({"step": f"the job's engine ({args.precision}, conv workspace {args.conv_workspace})",
+                      "used_mib": used_mib()})
+        name = engine.input_names()[0]
+
+        def run(batch):
+            engine.infer({name: batch}, ["logits"])
+    else:
+        session = _session(args.model, args.extend or None)
+        steps.append({"step": f"ONNX Runtime session (arena {args.extend or 'default'})", "used_mib": used_mib()})
+        name = session.get_inputs()[0].name
+
+        def run(batch):
+            session.run(["logits"], {name: batch})
     batch = np.zeros((args.batch_size, 224, 224, 3), np.uint8)
     for _ in range(3):
-        session.run(["logits"], {name: batch})
+        run(batch)
     steps.append({"step": f"after 3 inferences at batch {args.batch_size}", "used_mib": used_mib()})
     corpus = ensure_corpus(args.corpus_dir, args.images)
     blobs = [open(p, "rb").read() for p in corpus.paths]
