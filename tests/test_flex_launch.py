@@ -57,7 +57,7 @@ import json, sys, time, urllib.request
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 url, bucket_name, command, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-deadline = time.monotonic() + 90  # the emulator starts in seconds, but in over 30 on a busy 2-core CI machine
+deadline = time.monotonic() + 30
 while True:
     try:
         urllib.request.urlopen(f"{url}/storage/v1/b/{bucket_name}", timeout=1).read()
@@ -119,6 +119,12 @@ def namespace(tmp_path):
     def run(argv, **kw):
         return subprocess.run(["nsenter", f"--net=/proc/{proc.pid}/ns/net", *argv], **kw)
 
+    # Until `unshare` has made its namespace, /proc/PID/ns/net is still this process's own: entering it then
+    # would run the client on the host's network, where nothing listens (a race a busy machine loses).
+    deadline = time.monotonic() + 60
+    while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "emulator.log").read_text()
+        time.sleep(0.05)
     try:
         yield run
     finally:
