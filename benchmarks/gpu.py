@@ -64,6 +64,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--gpus_repeat", type=int, default=40,
                         help="gpus: times the manifest lists the corpus for the multi-process runs. Default: 40.")
     parser.add_argument("--pipeline_args", default="", help="Extra classify_images flags for every pipeline run.")
+    parser.add_argument("--hide", default="torch",
+                        help="Packages hidden from the pipeline runs (comma-separated; '' for none): those this machine "
+                             "has and the worker image (Dockerfile) does not. Beam's RunInference imports torch when "
+                             "it can (3.4 s of a job's start on the H100 host, benchmarks/NOTES.md), which no Dataflow "
+                             "worker of this project pays. Default: torch.")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
                         help="ONNX Runtime precision of the pipeline runs (--precision); the engine alone is measured "
                              "at fp32 and, with fp16 here, at fp16 too, so each ratio has its own ceiling. Default: "
@@ -195,6 +200,20 @@ def engine_on_two_gpus(args, host: np.ndarray) -> Dict[str, Any]:
             "per_gpu": [r["images_per_second"] for r in results]}
 
 
+def hidden_packages(output: str, names: Sequence[str]) -> Optional[str]:
+    """A folder of stand-ins that raise ImportError for ``names``, to put first on a child's PYTHONPATH so
+    it starts as in the worker image, which lacks them; None when there is nothing to hide."""
+    if not names:
+        return None
+    folder = os.path.join(output, "hidden_packages")
+    for name in names:
+        os.makedirs(os.path.join(folder, name.strip()), exist_ok=True)
+        with open(os.path.join(folder, name.strip(), "__init__.py"), "w") as f:
+            f.write(f"raise ImportError({name.strip()!r} + ' is hidden by benchmarks.gpu --hide: the worker image '\n"
+                    f"                  'does not have it')\n")
+    return folder
+
+
 def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "pipelines.classify_images",
               env: Optional[Dict[str, str]] = None):
     out_dir = os.path.join(args.output, name)
@@ -203,6 +222,10 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
             "--batch_size", str(args.batch_size), "--hw_decoder_load", str(args.hw_decoder_load),
             "--progress_every_s", "0", "--precision", args.precision] + extra + args.pipeline_args.split()
     _LOG.info("%s: %s %s", name, module, " ".join(argv))
+    hidden = hidden_packages(args.output, [p for p in args.hide.split(",") if p.strip()])
+    if hidden:
+        env = {**(env or {}), "PYTHONPATH": hidden + os.pathsep + REPO_ROOT + (
+            os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
     child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
     rows = committed_rows(out_dir, "predictions", missing_ok=True)
     dead = committed_rows(out_dir, "dead_letter", missing_ok=True)
