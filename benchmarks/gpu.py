@@ -65,8 +65,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="gpus: times the manifest lists the corpus for the multi-process runs. Default: 40.")
     parser.add_argument("--pipeline_args", default="", help="Extra classify_images flags for every pipeline run.")
     parser.add_argument("--hide", default="torch",
-                        help="Packages hidden from the pipeline runs (comma-separated; '' for none): those this machine "
-                             "has and the worker image (Dockerfile) does not. Beam's RunInference imports torch when "
+                        help="Packages hidden from the pipeline runs (comma-separated; '' for none): those this "
+                             "machine has and the worker image (Dockerfile) does not. Beam's RunInference imports torch when "
                              "it can (3.4 s of a job's start on the H100 host, benchmarks/NOTES.md), which no Dataflow "
                              "worker of this project pays. Default: torch.")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
@@ -165,8 +165,9 @@ def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[st
             logits[precision] = device_logits
             engine.close()
         if "fp16" in logits:
+            same_top1 = logits["fp16"].argmax(1) == logits["fp32"].argmax(1)
             out["fp16_vs_fp32"] = {"max_abs_logits_diff": float(np.abs(logits["fp16"] - logits["fp32"]).max()),
-                                   "top1_agreement": float((logits["fp16"].argmax(1) == logits["fp32"].argmax(1)).mean())}
+                                   "top1_agreement": float(same_top1.mean())}
         for _ in stream:
             pass
         if len(gpu_indices()) >= 2:

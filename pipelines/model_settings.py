@@ -61,7 +61,8 @@ def parse_crop(text: str) -> Tuple[int, int]:
     try:
         sides = [int(part) for part in parts]
     except ValueError:
-        raise UsageError(f"--crop takes a size such as 224 (square) or 240x320 (height x width), got {text!r}") from None
+        raise UsageError(f"--crop takes a size such as 224 (square) or 240x320 (height x width), "
+                         f"got {text!r}") from None
     if len(sides) not in (1, 2):
         raise UsageError(f"--crop takes a size such as 224 (square) or 240x320 (height x width), got {text!r}")
     for side in sides:

@@ -126,7 +126,8 @@ def test_a_plan_takes_its_input_and_activation_from_what_its_sidecar_recorded():
     with pytest.raises(UsageError, match=r"build it from a prepared model \(python -m model_tools.prepare_model"):
         model_settings.resolve_model(_options(), None, float_plan)
     prepared = BuiltModel("m.plan", uint8, outputs, preprocessing=Preprocessing(IMAGENET.mean, IMAGENET.std))
-    assert model_settings.resolve_model(_options(*IMAGENET_FLAGS), None, prepared).preprocessing == prepared.preprocessing
+    resolved = model_settings.resolve_model(_options(*IMAGENET_FLAGS), None, prepared)
+    assert resolved.preprocessing == prepared.preprocessing
 
 
 # --- jobs on real models --------------------------------------------------------------------------

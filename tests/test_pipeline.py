@@ -63,8 +63,8 @@ def test_testpipeline_end_to_end(corpus, model_path):
         found = p | ImageRefs(directory, batch_size=4)
         decoded = found["refs"] | beam.ParDo(ReadImageBatches(PreprocessConfig())).with_outputs(
             DEAD_LETTER, main="batches")
-        scored = decoded.batches | RunInference(handler) | beam.ParDo(PredictionRows(settings.rows, labels)).with_outputs(
-            DEAD_LETTER, main="blocks")
+        scored = decoded.batches | RunInference(handler) | beam.ParDo(
+            PredictionRows(settings.rows, labels)).with_outputs(DEAD_LETTER, main="blocks")
         rows = scored.blocks | beam.FlatMap(lambda block: block)
         assert_that(rows | "Names" >> beam.Map(lambda r: os.path.basename(r["uri"])),
                     equal_to([os.path.basename(g) for g in good]), label="AllGoodScored")

@@ -248,5 +248,5 @@ class FailedBatchToDeadLetters(beam.DoFn):
                 yield ref_dead_letter(ref, reason, "inference").value
 
 
-__all__ = ["top_k_batch", "above_threshold_batch", "raw_values", "RowLayout", "PredictionRows", "FailedBatchToDeadLetters",
-           "describe_failure", "DEAD_LETTER"]
+__all__ = ["top_k_batch", "above_threshold_batch", "raw_values", "RowLayout", "PredictionRows",
+           "FailedBatchToDeadLetters", "describe_failure", "DEAD_LETTER"]

@@ -149,7 +149,8 @@ class WriteRows(beam.PTransform):
 
     def expand(self, rows):
         blocks, layout = self._blocks, self._rows
-        sink = (lambda _: ParquetSink(blocks=blocks, rows=layout)) if self._format == "parquet" else (lambda _: JsonLinesSink(blocks))
+        sink = ((lambda _: ParquetSink(blocks=blocks, rows=layout)) if self._format == "parquet"
+                else (lambda _: JsonLinesSink(blocks)))
         return rows | fileio.WriteToFiles(
             path=self._directory,
             file_naming=fileio.default_file_naming(self._prefix, f".{self._format}"),
