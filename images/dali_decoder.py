@@ -44,6 +44,7 @@ from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequenc
 import numpy as np
 
 from engines.base import EngineError, array_info, import_optional
+from images.pillow_decoder import crop_problem
 from engines.devices import cuda_device_count
 
 _LOG = logging.getLogger(__name__)
@@ -90,13 +91,9 @@ class DaliDecoderOptions:
     crop_width: Optional[int] = None
 
     def __post_init__(self):
-        if self.crop_width is None:
-            if self.crop <= 0 or self.resize < self.crop:
-                raise EngineError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
-        elif min(self.crop, self.crop_width) <= 0 or self.resize < max(self.crop, self.crop_width):
-            raise EngineError(f"need 0 < crop <= resize and 0 < crop_width <= resize (the centre crop must fit the "
-                              f"shorter side of landscape and portrait images alike), got crop={self.crop} "
-                              f"crop_width={self.crop_width} resize={self.resize}")
+        problem = crop_problem(self.resize, self.crop, self.crop_width)
+        if problem:
+            raise EngineError(problem)
         if self.device not in DEVICES:
             raise EngineError(f"DALI device must be one of {DEVICES}, got {self.device!r}")
         if self.max_batch < 1 or self.threads < 1 or self.prefetch < 1:

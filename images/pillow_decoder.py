@@ -36,6 +36,19 @@ class BadImageError(ValueError):
     """An input that cannot become a model input; the message names the problem and the fix."""
 
 
+def crop_problem(resize: int, crop: int, crop_width: Optional[int] = None) -> Optional[str]:
+    """What is wrong with a resize and a (height, optional width) centre crop, or None: the crop must fit
+    the resized shorter side of landscape and portrait images alike. Shared by the CPU and GPU decoders'
+    options, each raising its own error with it."""
+    if crop_width is None:
+        if crop <= 0 or resize < crop:
+            return f"need 0 < crop <= resize, got crop={crop} resize={resize}"
+    elif min(crop, crop_width) <= 0 or resize < max(crop, crop_width):
+        return (f"need 0 < crop <= resize and 0 < crop_width <= resize (the centre crop must fit the shorter side "
+                f"of landscape and portrait images alike), got crop={crop} crop_width={crop_width} resize={resize}")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
     """How images are turned into model inputs.
@@ -63,13 +76,9 @@ class PreprocessConfig:
     crop_width: Optional[int] = None
 
     def __post_init__(self):
-        if self.crop_width is None:
-            if self.crop <= 0 or self.resize < self.crop:
-                raise ValueError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
-        elif min(self.crop, self.crop_width) <= 0 or self.resize < max(self.crop, self.crop_width):
-            raise ValueError(f"need 0 < crop <= resize and 0 < crop_width <= resize (the centre crop must fit the "
-                             f"shorter side of landscape and portrait images alike), got crop={self.crop} "
-                             f"crop_width={self.crop_width} resize={self.resize}")
+        problem = crop_problem(self.resize, self.crop, self.crop_width)
+        if problem:
+            raise ValueError(problem)
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         if self.resample not in _RESAMPLE:

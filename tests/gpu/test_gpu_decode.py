@@ -111,7 +111,9 @@ def _rows(directory):
     return rows, dead
 
 
-def test_decode_gpu_gives_the_same_dead_letters_and_top1_as_decode_cpu(demo, tmp_path, model_path):
+def _gpu_and_cpu_agree(demo, tmp_path, *flags):
+    """Runs the demo inputs with --decode gpu and --decode cpu (ONNX Runtime CUDA): the same dead letters,
+    every photo scored, and top-1 agreement (returned) of at least 90%."""
     from pipelines.classify_images import run
 
     photos, broken = demo
@@ -120,42 +122,33 @@ def test_decode_gpu_gives_the_same_dead_letters_and_top1_as_decode_cpu(demo, tmp
     outputs = {}
     for mode in ("gpu", "cpu"):
         stats = run(["--input", str(manifest), "--output", str(tmp_path / mode), "--providers", "cuda",
-                     "--decode", mode, "--batch_size", "8", "--progress_every_s", "0"])
+                     "--decode", mode, "--batch_size", "8", "--progress_every_s", "0", *flags])
         assert stats["inputs"] == len(photos) + len(broken) == stats["predictions"] + stats["dead_letters"]
         assert stats["unaccounted"] == 0
-        outputs[mode] = _rows(str(tmp_path / mode))
-    (gpu_rows, gpu_dead), (cpu_rows, cpu_dead) = outputs["gpu"], outputs["cpu"]
+        outputs[mode] = stats, _rows(str(tmp_path / mode))
+    (_, (gpu_rows, gpu_dead)), (_, (cpu_rows, cpu_dead)) = outputs["gpu"], outputs["cpu"]
     assert gpu_dead == cpu_dead
     assert set(gpu_rows) == set(cpu_rows) == set(photos)
     agree = sum(gpu_rows[u] == cpu_rows[u] for u in photos) / len(photos)
     assert agree >= 0.9, agree
+    return agree, outputs["gpu"][0]
+
+
+def test_decode_gpu_gives_the_same_dead_letters_and_top1_as_decode_cpu(demo, tmp_path, model_path):
+    _gpu_and_cpu_agree(demo, tmp_path)
 
 
 def test_decode_gpu_with_a_float_model_gives_the_rows_of_decode_cpu(demo, tmp_path):
     """A float32 NCHW export with --mean/--std: the conversion prepended at load runs on the GPU beside DALI's
     crops, device-resident, and the rows are those the CPU path (Pillow, conversion on the CPU) gives."""
-    from pipelines.classify_images import run
     from tests.model_variants import FLOAT_MODEL
 
     if not FLOAT_MODEL.exists():
         pytest.fail(f"{FLOAT_MODEL} is missing: run `make test-gpu` (it exports it)")
-    photos, broken = demo
-    manifest = tmp_path / "inputs.txt"
-    manifest.write_text("\n".join(photos + broken) + "\n")
-    outputs = {}
-    for mode in ("gpu", "cpu"):
-        stats = run(["--input", str(manifest), "--output", str(tmp_path / mode), "--providers", "cuda",
-                     "--model", str(FLOAT_MODEL), "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
-                     "--decode", mode, "--batch_size", "8", "--progress_every_s", "0"])
-        assert stats["inputs"] == len(photos) + len(broken) == stats["predictions"] + stats["dead_letters"]
-        assert stats["unaccounted"] == 0 and stats["settings"]["model"]["preprocessing"]["in_graph"]
-        outputs[mode] = _rows(str(tmp_path / mode))
-    (gpu_rows, gpu_dead), (cpu_rows, cpu_dead) = outputs["gpu"], outputs["cpu"]
-    assert gpu_dead == cpu_dead
-    assert set(gpu_rows) == set(cpu_rows) == set(photos)
-    agree = sum(gpu_rows[u] == cpu_rows[u] for u in photos) / len(photos)
-    print(f"float model, --decode gpu vs cpu: top-1 agreement {agree:.0%} over {len(photos)} photos")
-    assert agree >= 0.9, agree
+    agree, stats = _gpu_and_cpu_agree(demo, tmp_path, "--model", str(FLOAT_MODEL), "--mean", "0.485,0.456,0.406",
+                                      "--std", "0.229,0.224,0.225")
+    assert stats["settings"]["model"]["preprocessing"]["in_graph"]
+    print(f"float model, --decode gpu vs cpu: top-1 agreement {agree:.0%} over the demo photos")
 
 
 def test_the_gpu_decoder_crops_height_x_width_as_pillow_does(demo):
