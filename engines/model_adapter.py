@@ -232,12 +232,20 @@ def load_model_with_digest(path: str, what: str = "Model file"):
             continue
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
+        parts = location.replace("\\", "/").split("/")
+        if not location or location.startswith("/") or ".." in parts or ":" in parts[0]:
+            raise EngineError(f"{what} {path} names its weights file {location!r}, which is not a file beside it; "
+                              f"an exporter writes a plain file name (model.onnx.data): export the model again")
         if location not in files:
             files[location] = storage.read_bytes(storage.join(folder, location),
                                                  f"{what}'s weights file (written beside {path} by its exporter)")
             digest.update(files[location])
         offset = int(info.get("offset", 0))
         length = int(info["length"]) if "length" in info else len(files[location]) - offset
+        if offset < 0 or length < 0 or offset + length > len(files[location]):
+            raise EngineError(f"{what} {path}: tensor {tensor.name!r} lies at bytes {offset}..{offset + length} of "
+                              f"{location}, which holds {len(files[location])}: the weights file is truncated or "
+                              f"belongs to another export; copy the pair again")
         tensor.raw_data = files[location][offset:offset + length]
         del tensor.external_data[:]
         tensor.ClearField("data_location")
@@ -721,8 +729,12 @@ def convert_to_fp16(model_bytes: bytes) -> bytes:
         ImportError: onnxconverter-common is missing, naming the package.
     """
     onnx = import_optional("onnx", ONNX_HINT)
-    float16 = import_optional("onnxconverter_common.float16", _FP16_HINT)
     model = onnx.load_model_from_string(model_bytes)
+    weights = {t.data_type for t in model.graph.initializer}  # not the adapter's float32 mean and std
+    if onnx.TensorProto.FLOAT16 in weights and onnx.TensorProto.FLOAT not in weights:
+        _LOG.info("the model's weights are float16 already: no conversion")
+        return model_bytes  # onnxconverter-common refuses a model it converted before
+    float16 = import_optional("onnxconverter_common.float16", _FP16_HINT)
     float_casts = {node.output[0] for node in model.graph.node
                    if node.op_type == "Cast" and _cast_to(node) == onnx.TensorProto.FLOAT}
     with warnings.catch_warnings(record=True) as caught:  # one warning per clamped weight: summarise

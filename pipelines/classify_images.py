@@ -85,7 +85,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     handler = make_handler(settings)
     found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch,
                                                  keep_columns=settings.keep_columns)
-    checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces)
+    checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces, plan.model)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,
                          prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s)

@@ -92,8 +92,8 @@ def add_flags(parser) -> None:
                           "writes every output.")
     out.add_argument("--activation", default="auto", choices=ACTIVATIONS,
                      help="How the ranked output becomes scores: softmax (single-label logits), sigmoid (multi-label "
-                          "logits), none (scores already), auto (none when the graph ends in Softmax or Sigmoid or "
-                          "prepare_model recorded a choice, else softmax). Default: auto.")
+                          "logits), none (scores already), auto (the choice prepare_model recorded in the model, else "
+                          "none when the graph ends in Softmax or Sigmoid, else softmax). Default: auto.")
     out.add_argument("--threshold", type=float, default=None, metavar="T",
                      help="--output_mode topk: write every class scoring at or above T (0..1; multi-label models "
                           "with --activation sigmoid) instead of the best --top_k. Default: off.")
@@ -136,6 +136,8 @@ class ModelSettings:
         sha256: Its content's sha256 (hex; an ONNX model's weights files included), or None when
             it was not read.
         version: ``--model_version``, or None.
+        prepared: The model carries the conversion already (``prepare_model``'s ``input_adapter``
+            metadata; ``preprocessing`` is then the one it records).
     """
 
     preprocessing: Preprocessing
@@ -149,6 +151,7 @@ class ModelSettings:
     file: str
     sha256: Optional[str]
     version: Optional[str] = None
+    prepared: bool = False
 
     @property
     def output_names(self) -> Tuple[str, ...]:
@@ -171,7 +174,8 @@ class ModelSettings:
         return {
             "identity": self.identity, "file": self.file, "sha256": self.sha256, "version": self.version,
             "input": self.input.describe() if self.input else None,
-            "preprocessing": {**self.preprocessing.to_json(), "in_graph": self.wrapped},
+            "preprocessing": {**self.preprocessing.to_json(), "in_graph": self.wrapped or self.prepared,
+                              "added_at_load": self.wrapped},
             "output_mode": self.output_mode,
             "outputs": [dataclasses.asdict(o) for o in self.outputs],
             "activation": self.activation, "activation_choice": self.activation_why,
@@ -221,6 +225,9 @@ def crop_and_resize(options, input_size: Optional[Tuple[Optional[int], Optional[
         crop, where = (height or width, width or height), "the model's input"
     else:
         crop, where = (DEFAULT_CROP, DEFAULT_CROP), "the default"
+        if input_size is not None:
+            _LOG.warning("the model's input size is dynamic: cropping %dx%d; pass --crop HxW for the size it was "
+                         "trained at", *crop)
     resize = options.resize if options.resize is not None else math.ceil(max(crop) * RESIZE_RATIO)
     why = f"crop {crop[0]}x{crop[1]} from {where}, resize {resize} " + \
           ("from --resize" if options.resize is not None else f"({RESIZE_RATIO:.4g} x the crop's longer side)")
@@ -248,10 +255,21 @@ def check_output_flags(options) -> None:
 def _output_specs(outputs: Sequence[Tuple[str, str, Sequence[int]]]) -> Dict[str, OutputSpec]:
     specs = {}
     for name, onnx_type, dims in outputs:
-        rest = [int(d) for d in list(dims)[1:]]
-        size = math.prod(rest) if rest and all(d > 0 for d in rest) else (1 if not rest else None)
+        dims = list(dims)
+        rest = [int(d) for d in dims[1:]]
+        if not dims:  # no shape declared: its size is known only when it runs
+            size = None
+        else:  # (N,): one value per image
+            size = math.prod(rest) if all(d > 0 for d in rest) else None
         specs[name] = OutputSpec(name, RAW_TYPES.get(onnx_type, onnx_type.lower()), size)
     return specs
+
+
+def _reserved_fields(options) -> Tuple[str, ...]:
+    """Field names a raw output may not take: the rows' own, and the BigQuery run columns with ``--output_table``."""
+    from transforms.bigquery import RUN_COLUMNS
+
+    return ROW_FIELDS + (tuple(c["name"] for c in RUN_COLUMNS) if getattr(options, "output_table", None) else ())
 
 
 def _choose_outputs(options, specs: Dict[str, OutputSpec], source: str) -> Tuple[OutputSpec, ...]:
@@ -266,10 +284,12 @@ def _choose_outputs(options, specs: Dict[str, OutputSpec], source: str) -> Tuple
         if not chosen:
             raise UsageError(f"--output_mode raw: the outputs of {source} are not known here; name them with "
                              f"--output_name")
+        reserved = _reserved_fields(options)
         for name in chosen:
-            if name in ROW_FIELDS:
+            if name.lower() in {r.lower() for r in reserved}:  # BigQuery's column names ignore case
                 raise UsageError(f"--output_mode raw writes output {name!r} in a field of that name, which rows use "
-                                 f"for something else ({', '.join(ROW_FIELDS)}): rename the output when exporting")
+                                 f"for something else ({', '.join(reserved)}; case does not matter): rename the output "
+                                 f"when exporting")
             spec = specs.get(name)
             if spec is not None and spec.dtype and spec.dtype not in RAW_TYPES.values():
                 raise UsageError(f"--output_mode raw writes float outputs; {name!r} of {source} is {spec.dtype}: "
@@ -283,7 +303,31 @@ def _choose_outputs(options, specs: Dict[str, OutputSpec], source: str) -> Tuple
         name = known[0]
         _LOG.info("ranking output %r of %s (it has no %r output; pass --output_name to choose)", name, source,
                   DEFAULT_OUTPUT_NAME)
-    return (specs.get(name, OutputSpec(name)),)
+    spec = specs.get(name, OutputSpec(name))
+    if spec.dtype and spec.dtype not in RAW_TYPES.values():
+        raise UsageError(f"--output_mode topk ranks scores; output {name!r} of {source} is {spec.dtype}: name a float "
+                         f"output with --output_name (outputs: {known})")
+    return (spec,)
+
+
+def _check_scores(options, output: OutputSpec, activation: str, ends_in: Optional[str], source: str) -> None:
+    """Refuses ranking that cannot give meaningful scores.
+
+    Raises:
+        UsageError: softmax over one value per image (always 1.0), or ``--threshold`` on values that are
+            not probabilities (``--activation none`` on an output that ends in no Softmax or Sigmoid).
+    """
+    if activation == "softmax" and output.size == 1:
+        raise UsageError(f"output {output.name!r} of {source} holds one value per image, and softmax over one value "
+                         f"is always 1.0: pass --activation sigmoid (a binary score from a logit) or none (a score "
+                         f"already), or --output_mode raw")
+    if options.threshold is not None and activation == "none" and ends_in is None:
+        raise UsageError(f"--threshold {options.threshold:g} compares probabilities, and output {output.name!r} of "
+                         f"{source} ends in no Softmax or Sigmoid while --activation none adds none: pass --activation "
+                         f"sigmoid (multi-label logits) or softmax")
+    if options.threshold is not None and activation == "softmax":
+        _LOG.warning("--threshold %g with softmax: the scores of one image sum to 1, so few classes reach it; a "
+                     "multi-label model takes --activation sigmoid", options.threshold)
 
 
 def resolve_model(options, model: Optional[ModelFile], built: Optional[Any] = None, *,
@@ -324,11 +368,18 @@ def resolve_model(options, model: Optional[ModelFile], built: Optional[Any] = No
             if options.output_mode == "raw":
                 activation, why = "none", "raw outputs"
             else:
-                activation = model_adapter.resolve_activation(proto, outputs[0].name, options.activation, model.path)
+                name = outputs[0].name
+                activation = model_adapter.resolve_activation(proto, name, options.activation, model.path)
                 why = "asked for" if options.activation != "auto" else "auto: " + \
-                    model_adapter.activation_reason(proto, outputs[0].name)
-            return ModelSettings(given, spec, wrapped, options.output_mode, outputs, activation, why,
-                                 options.threshold, model.path, digest, version)
+                    model_adapter.activation_reason(proto, name)
+                # A choice prepare_model recorded is the model owner's word on what the output holds.
+                ends_in = model_adapter.final_activation(proto, name) or \
+                    model_adapter.recorded_activations(proto).get(name)
+                _check_scores(options, outputs[0], activation, ends_in, model.path)
+            recorded = model_adapter.recorded_preprocessing(proto)
+            return ModelSettings(recorded if recorded is not None and given == Preprocessing() else given, spec,
+                                 wrapped, options.output_mode, outputs, activation, why, options.threshold, model.path,
+                                 digest, version, prepared=recorded is not None)
         return _from_flags(options, given, model.path, version)
     if built is not None:
         return _from_built(options, given, built, version)
@@ -336,8 +387,7 @@ def resolve_model(options, model: Optional[ModelFile], built: Optional[Any] = No
 
 
 def _from_flags(options, given: Preprocessing, path: str, version: Optional[str]) -> ModelSettings:
-    outputs = _choose_outputs(options, {}, path or "the model") if options.output_names or \
-        options.output_mode == "topk" else ()
+    outputs = _choose_outputs(options, {}, path or "the model")
     activation = "none" if options.output_mode == "raw" else \
         ("softmax" if options.activation == "auto" else options.activation)
     return ModelSettings(given, None, given != Preprocessing(), options.output_mode, outputs, activation,
@@ -385,5 +435,9 @@ def _from_built(options, given: Preprocessing, built, version: Optional[str]) ->
         activation, why = "softmax", "auto: the plan's sidecar records none (built before it did): softmax"
         _LOG.warning("%s: its sidecar does not say how output %r becomes scores; applying softmax (pass "
                      "--activation to choose, or rebuild the plan to record it)", source, outputs[0].name)
-    return ModelSettings(given, spec, False, options.output_mode, outputs, activation, why, options.threshold,
-                         source, built.sha256, version)
+    if options.output_mode != "raw":
+        name = outputs[0].name
+        _check_scores(options, outputs[0], activation, built.final_activations.get(name) or built.activations.get(name),
+                      source)
+    return ModelSettings(built.preprocessing or given, spec, False, options.output_mode, outputs, activation, why,
+                         options.threshold, source, built.sha256, version, prepared=built.preprocessing is not None)

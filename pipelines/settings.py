@@ -303,7 +303,8 @@ class RunSettings:
         """The settings section of stats.json (a new dict each call)."""
         return {
             "input": self.input, "output": self.output, "batch_size": self.batch.images_per_batch,
-            "batches_per_call": self.batch.batches_per_call, "top_k": self.top_k,
+            "batches_per_call": self.batch.batches_per_call,
+            "top_k": self.top_k if self.rows.mode == "topk" else None,  # --threshold and raw rows rank no k
             "decode": self.decode.mode, "decode_choice": self.decode.why,
             "prefetch_batches": self.batch.prefetch,
             "output_format": self.output_format,

@@ -320,3 +320,23 @@ def test_load_model_reads_the_weights_an_exporter_wrote_beside_it(float_model, t
     (tmp_path / "text.onnx").write_text("not a model")
     with pytest.raises(EngineError, match=r"--model .*text.onnx is not an ONNX model \(11 bytes\)"):
         load_model(str(tmp_path / "text.onnx"), "--model")
+
+
+def test_weights_files_must_lie_beside_the_model_and_hold_every_tensor(tmp_path):
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    model = model_variants.load_float_model()
+    convert_model_to_external_data(model, location="weights.data", size_threshold=0)
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    assert load_model(str(tmp_path / "m.onnx")).graph.initializer[0].raw_data  # whole, from beside it
+    data = (tmp_path / "weights.data").read_bytes()
+    (tmp_path / "weights.data").write_bytes(data[: len(data) // 2])
+    with pytest.raises(EngineError, match=r"the weights file is truncated or belongs to another export"):
+        load_model(str(tmp_path / "m.onnx"))
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../elsewhere/weights.data"
+    (tmp_path / "up.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(EngineError, match=r"names its weights file '../elsewhere/weights.data', which is not a file"):
+        load_model(str(tmp_path / "up.onnx"))

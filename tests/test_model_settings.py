@@ -298,3 +298,57 @@ def test_a_240_x_320_input_is_cropped_to_its_shape_by_pillow_and_dali_alike(phot
     assert stats["settings"]["model"]["input"] == "images: float32 NCHW (N, 3, 240, 320)"
     assert _top1(rows)["coffee"] == ESPRESSO and CAT_CLASSES & {_top1(rows)["chelsea"]}
     assert _top1(runs["dali_cpu"][1]) == _top1(rows)
+
+
+def test_skip_scored_counts_only_partitions_the_same_model_and_rows_made(photos, tmp_path):
+    """A partition another model (or another output mode) made holds other results: its inputs are scored again."""
+    root = tmp_path / "scored"
+    _job(photos, root / "dt=1")
+    stats = run(["--input", photos, "--output", str(root / "dt=2"), "--skip_scored", str(root), "--batch_size", "4",
+                 "--progress_every_s", "0"])
+    assert stats["skipped"] == len(SOURCES) and stats["predictions"] == 0  # the same model and rows: skipped
+    raw = run(["--input", photos, "--output", str(root / "dt=3"), "--skip_scored", str(root), "--batch_size", "4",
+               "--progress_every_s", "0", "--output_mode", "raw"])
+    assert raw["skipped"] == 0 and raw["predictions"] == len(SOURCES)
+    versioned = run(["--input", photos, "--output", str(root / "dt=4"), "--skip_scored", str(root), "--batch_size",
+                     "4", "--progress_every_s", "0", "--model_version", "v2"])
+    assert versioned["skipped"] == 0 and versioned["predictions"] == len(SOURCES)
+
+
+def test_outputs_that_cannot_rank_or_write_are_refused_at_start(tmp_path):
+    from engines.flags import ModelFile
+    from onnx import TensorProto, helper
+
+    model = model_variants.load_float_model()
+    graph = model.graph
+    graph.node.append(helper.make_node("ReduceMax", ["logits"], ["best"], keepdims=0, axes=[1]) if
+                      model.opset_import[0].version < 18 else
+                      helper.make_node("ReduceMax", ["logits", "best_axes"], ["best"], keepdims=0))
+    if model.opset_import[0].version >= 18:
+        graph.initializer.append(helper.make_tensor("best_axes", TensorProto.INT64, [1], [1]))
+    graph.output.append(helper.make_tensor_value_info("best", TensorProto.FLOAT, ["N"]))
+    graph.output.append(helper.make_tensor_value_info("logits_any", TensorProto.FLOAT, None))
+    graph.node.append(helper.make_node("Identity", ["logits"], ["logits_any"]))
+    path = ModelFile(_float_file(tmp_path, model, "two_heads.onnx"), "--model")
+    with pytest.raises(UsageError, match=r"one value per image, and softmax over one value is always 1.0"):
+        model_settings.resolve_model(_options(*IMAGENET_FLAGS, "--output_name", "best"), path)
+    assert model_settings.resolve_model(_options(*IMAGENET_FLAGS, "--output_name", "best", "--activation",
+                                                 "sigmoid"), path).activation == "sigmoid"
+    raw = model_settings.resolve_model(_options(*IMAGENET_FLAGS, "--output_mode", "raw"), path)
+    assert {o.name: o.size for o in raw.outputs} == {"logits": 1000, "best": 1, "logits_any": None}
+    with pytest.raises(UsageError, match=r"--threshold 0.5 compares probabilities"):
+        model_settings.resolve_model(_options(*IMAGENET_FLAGS, "--threshold", "0.5", "--activation", "none"), path)
+    with pytest.raises(UsageError, match=r"output 'Model' in a field of that name"):
+        clash = model_variants.copy(model)
+        clash.graph.output[0].name = "Model"
+        for node in clash.graph.node:
+            node.output[:] = ["Model" if o == "logits" else o for o in node.output]
+            node.input[:] = ["Model" if i == "logits" else i for i in node.input]
+        model_settings.resolve_model(_options(*IMAGENET_FLAGS, "--output_mode", "raw"),
+                                     ModelFile(_float_file(tmp_path, clash, "clash.onnx"), "--model"))
+
+
+def test_fp16_of_a_float16_model_loads_it_as_it_is(photos, shipped, tmp_path):
+    path = _float_file(tmp_path, model_variants.float16(model_variants.load_float_model()))
+    _, rows = _job(photos, tmp_path / "out", "--model", path, *IMAGENET_FLAGS, "--precision", "fp16")
+    assert _top1(rows) == _top1(shipped)

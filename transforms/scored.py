@@ -48,6 +48,23 @@ SETTLED_DEAD_LETTER_STAGES = ("decode",)
 #: of milliseconds; a batch of 256 in series would take seconds).
 REMOTE_STAT_THREADS = 16
 
+#: What a committed partition's ``model`` record must share with this run's for its inputs to count as
+#: scored: the same model (file name and sha256, or ``--model_version``) making the same rows (output mode,
+#: outputs, activation, threshold) from the same input conversion. Another model's rows, or classes where
+#: this run writes embeddings, are not this run's results.
+SCORING_KEYS = ("identity", "output_mode", "activation", "threshold")
+
+
+def scoring_of(model: Optional[Dict]) -> Optional[str]:
+    """What made a partition's rows, from its ``_SUCCESS`` ``model`` record, as one comparable string;
+    None for a record without one (written before records named their model)."""
+    if not model:
+        return None
+    pre = model.get("preprocessing") or {}
+    return json.dumps([[model.get(k) for k in SCORING_KEYS], [o.get("name") for o in model.get("outputs") or ()],
+                       [pre.get("mean"), pre.get("std"), pre.get("channel_order")]])
+
+
 #: ``(size in bytes, modification time in whole milliseconds)``: hashable, so a URI's earlier
 #: fingerprints are a set and each check costs O(1), however often a URI was recorded.
 Fingerprint = Tuple[int, int]
@@ -147,17 +164,20 @@ class _ListCommitted(beam.DoFn):
     """ROOT -> ``(partition, _SUCCESS record)`` for every committed partition under it.
 
     Skipped: the partition this run replaces (by canonical path, or by the run id it holds now),
-    partitions that lost track of inputs, and ``_SUCCESS`` files that are not a readable record of
-    this pipeline (truncated, empty, another tool's), each with a warning naming the file.
+    partitions that lost track of inputs, partitions another model or row layout made (:func:`scoring_of`
+    differs), and ``_SUCCESS`` files that are not a readable record of this pipeline (truncated, empty,
+    another tool's), each with a warning naming the file.
 
     Args:
         exclude: This run's ``--output`` (canonical).
         replaces: The run id committed there when this run was launched, or None.
+        scoring: This run's :func:`scoring_of`, or None to count partitions whatever made them.
     """
 
-    def __init__(self, exclude: str, replaces: Optional[str] = None):
+    def __init__(self, exclude: str, replaces: Optional[str] = None, scoring: Optional[str] = None):
         self._exclude = storage.canonical(exclude)
         self._replaces = replaces
+        self._scoring = scoring
 
     def process(self, root: str):
         from transforms.commit import parse_record
@@ -181,6 +201,12 @@ class _ListCommitted(beam.DoFn):
                 continue
             if record["run_id"] == self._replaces or record.get("unaccounted", 0):
                 continue  # the same partition under another spelling, or a run that lost track of inputs
+            if self._scoring is not None and scoring_of(record.get("model")) != self._scoring:
+                made = (record.get("model") or {}).get("identity")
+                _LOG.warning("--skip_scored: not skipping the inputs of %s: %s made its rows, not this run's model "
+                             "and output settings; they are scored again", partition,
+                             made or "a run that did not record its model")
+                continue
             yield partition, record
 
 
@@ -233,17 +259,21 @@ class CheckScored(beam.PTransform):
         output: This run's partition, never counted as scored (a rerun replaces it).
         replaces: The run id committed in ``output`` at launch; a partition holding it is the
             same folder under another name and is not counted either. Default None.
+        model: This run's model record (``_SUCCESS``'s ``model``): only partitions the same model and
+            row settings made count (:func:`scoring_of`). Default None: any partition counts.
     """
 
-    def __init__(self, skip_root: Optional[str], output: str, replaces: Optional[str] = None):
+    def __init__(self, skip_root: Optional[str], output: str, replaces: Optional[str] = None,
+                 model: Optional[Dict] = None):
         super().__init__()
         self._root, self._output, self._replaces = skip_root, output, replaces
+        self._scoring = scoring_of(model) if model else None
 
     def expand(self, batches):
         side = {}
         if self._root:
             prior = (batches.pipeline | "ScoredRoot" >> beam.Create([self._root])
-                     | "ListCommitted" >> beam.ParDo(_ListCommitted(self._output, self._replaces))
+                     | "ListCommitted" >> beam.ParDo(_ListCommitted(self._output, self._replaces, self._scoring))
                      | "SpreadPartitions" >> beam.Reshuffle()
                      | "ReadScored" >> beam.ParDo(_ReadPartition()))
             side = {"prior": beam.pvalue.AsList(prior)}
