@@ -87,8 +87,9 @@ def test_spinning_flag_reaches_the_session_options(sum_model, monkeypatch, flag,
 
     monkeypatch.setattr(ort, "InferenceSession", spy)
     # A tiny model: what is checked is the session options each of the two sessions gets.
+    # (Its one output holds one value per image: --activation none, since softmax over one value is refused.)
     settings, _ = resolve(["--input", "x", "--output", "y", "--ort_spinning", flag, "--ort_sessions", "2",
-                           "--model", sum_model], start_checks=False)
+                           "--model", sum_model, "--activation", "none"], start_checks=False)
     handler, info = make_handler(settings), settings.engine_record()
     engine = handler.load_model().engine
     assert info["ort_spinning"] == flag and info["ort_sessions"] == 2
