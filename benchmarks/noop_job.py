@@ -46,11 +46,11 @@ def cli_model_file(options) -> None:
     return None
 
 
-def cli_recipe(options, batch_size, preprocessing=None) -> EngineRecipe:
+def cli_recipe(options, batch_size, preprocessing=None, sha256=None) -> EngineRecipe:
     """The ONNX Runtime recipe's batch size and labels, with the no-op engine as the loader."""
     from engines.onnxruntime_engine import cli_recipe as onnxruntime_recipe
 
-    real = onnxruntime_recipe(options, batch_size, preprocessing)
+    real = onnxruntime_recipe(options, batch_size, preprocessing, sha256)
     return dataclasses.replace(real, loader=NoopLoader(), info={**real.info, "engine": "noop"})
 
 

@@ -252,15 +252,29 @@ def load_model_with_digest(path: str, what: str = "Model file"):
     return model, digest.hexdigest()
 
 
-def adapted_model_bytes(path: str, preprocessing: "Preprocessing", what: str = "Model file") -> bytes:
+def adapted_model_bytes(path: str, preprocessing: "Preprocessing", what: str = "Model file",
+                        expect_sha256: Optional[str] = None) -> bytes:
     """The model at ``path`` with its weights and, where it needs one, the input conversion of :func:`wrap`,
     serialised: what an engine loads on a worker.
 
+    Args:
+        path: The model file.
+        preprocessing: The flags.
+        what: The file's purpose for messages. Default "Model file".
+        expect_sha256: The digest (:func:`load_model_with_digest`) the launcher read, which every row
+            names; another means the file changed since the job was launched. Default None: not checked.
+
     Raises:
-        EngineError: as :func:`load_model` and :func:`wrap`.
+        EngineError: as :func:`load_model` and :func:`wrap`, or a model that is not the one the job
+            was launched with.
         UsageError: flags that do not fit the model (:func:`wrap`).
     """
-    return wrap(load_model(path, what), preprocessing, path).SerializeToString()
+    model, digest = load_model_with_digest(path, what)
+    if expect_sha256 and digest != expect_sha256:
+        raise EngineError(f"{what} {path} changed after the job was launched (sha256 {digest[:12]}..., the launcher "
+                          f"read {expect_sha256[:12]}...): its rows would name another model. Replace model files "
+                          f"only between runs (or give each version its own path), and rerun")
+    return wrap(model, preprocessing, path).SerializeToString()
 
 
 def _tensors(graph):

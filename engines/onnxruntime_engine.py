@@ -224,6 +224,8 @@ class OnnxRuntimeLoader:
         precision: "fp32" (default), or "fp16": the model's weights and compute converted to float16
             where it loads (``engines.model_adapter.convert_to_fp16``), its uint8 input and float32
             outputs kept.
+        sha256: With ``preprocessing``: the model's digest at launch, checked where it loads
+            (``engines.model_adapter.adapted_model_bytes``). Default None.
     """
 
     model_path: str
@@ -235,6 +237,7 @@ class OnnxRuntimeLoader:
     device: Device = 0
     preprocessing: Optional[Preprocessing] = None
     precision: str = "fp32"
+    sha256: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "providers", tuple(self.providers))
@@ -257,7 +260,7 @@ class OnnxRuntimeLoader:
         if self.preprocessing is None:
             model = storage.read_bytes(self.model_path)
         else:
-            model = adapted_model_bytes(self.model_path, self.preprocessing, "--model file")
+            model = adapted_model_bytes(self.model_path, self.preprocessing, "--model file", self.sha256)
         if self.precision == "fp16":
             model = convert_to_fp16(model)
         return OnnxRuntimeEngine(model, self.providers,
@@ -471,7 +474,8 @@ def cli_local_defaults(options, cores: int) -> Optional[FlagDefaults]:
                         f"--ort_sessions 2 --intra_op_threads {cores // 2}", callers=2)
 
 
-def cli_recipe(options, batch_size: Optional[int], preprocessing: Optional[Preprocessing] = None) -> EngineRecipe:
+def cli_recipe(options, batch_size: Optional[int], preprocessing: Optional[Preprocessing] = None,
+               sha256: Optional[str] = None) -> EngineRecipe:
     """The ONNX Runtime recipe from ``--model``, ``--providers``, ``--intra_op_threads``, ``--ort_sessions``
     and ``--ort_spinning`` (see ``pipelines/engine_registry.py``).
 
@@ -481,6 +485,7 @@ def cli_recipe(options, batch_size: Optional[int], preprocessing: Optional[Prepr
             :data:`GPU_BATCH_SIZE` with a GPU provider, else :data:`CPU_BATCH_SIZE`.
         preprocessing: The conversion to prepend to the model where it loads, or None to load
             it as it is (``OnnxRuntimeLoader.preprocessing``).
+        sha256: The model's digest at launch, checked where it loads, or None.
     """
     on_gpu = cli_on_gpu(options)
     model = _model(options)
@@ -489,7 +494,7 @@ def cli_recipe(options, batch_size: Optional[int], preprocessing: Optional[Prepr
                                stop_spinning_after_run=options.ort_spinning == "run",
                                # Each engine copy (one per SDK process, or --model_copies N of a
                                # shared model) takes the next GPU: one per GPU (engines.devices).
-                               device="auto" if on_gpu else 0, preprocessing=preprocessing,
+                               device="auto" if on_gpu else 0, preprocessing=preprocessing, sha256=sha256,
                                precision=options.precision or DEFAULT_PRECISION)
     info = {"engine": "onnxruntime", "model": model, "providers": list(loader.providers),
             "precision": loader.precision,

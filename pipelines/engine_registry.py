@@ -11,9 +11,10 @@ the parsed options, ``pipelines.settings.ClassifyOptions``, read by attribute an
   on the GPU and fed device-resident);
 - ``cli_model_file(options) -> engines.flags.ModelFile or None``: the ONNX model its flags name,
   which the launcher reads before anything runs (inputs, outputs, labels);
-- ``cli_recipe(options, batch_size, preprocessing) -> engines.base.EngineRecipe``: the picklable loader
-  (typed: a frozen dataclass such as ``OnnxRuntimeLoader``) that prepends ``preprocessing`` (an
-  ``engines.model_adapter.Preprocessing``, or None) to the model it loads or builds, the batch size
+- ``cli_recipe(options, batch_size, preprocessing, sha256) -> engines.base.EngineRecipe``: the picklable
+  loader (typed: a frozen dataclass such as ``OnnxRuntimeLoader``) that prepends ``preprocessing`` (an
+  ``engines.model_adapter.Preprocessing``, or None) to the model it loads or builds, after checking
+  its digest against ``sha256`` (the launcher's, which rows name; None: not checked), the batch size
   it wants (``batch_size``, or its own default when None), its description for stats.json, and
   where its class names come from;
 - ``cli_worker_paths(options) -> list of engines.base.WorkerPath``: the files its flags name that
@@ -138,7 +139,7 @@ def built_model(options: Any):
     return describe(options) if describe is not None else None
 
 
-def recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> EngineRecipe:
+def recipe(options: Any, batch_size: Optional[int], preprocessing=None, sha256: Optional[str] = None) -> EngineRecipe:
     """The engine recipe for ``--engine`` (nothing is loaded).
 
     Args:
@@ -146,12 +147,13 @@ def recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> Engin
         batch_size: Images per batch (:func:`fit_batch`'s answer), or None for the engine's default.
         preprocessing: The conversion the loader prepends to the model (``engines.model_adapter.Preprocessing``),
             or None: the model is loaded as it is.
+        sha256: The model's digest at launch, which the loader checks where it loads the model, or None.
 
     Raises:
         UsageError: an unknown engine, or flags the engine cannot use (naming the flag).
         EngineError: an engine artefact that cannot be used (e.g. profiles no batch fits).
     """
-    return _module(options.engine).cli_recipe(options, batch_size, preprocessing)
+    return _module(options.engine).cli_recipe(options, batch_size, preprocessing, sha256)
 
 
 def worker_paths(options: Any) -> List[WorkerPath]:

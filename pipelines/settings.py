@@ -567,7 +567,8 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
     explicit = tuple(read_labels(labels_file)) if labels_file else None  # a bad file fails before the engine
     # Every ONNX model goes through the adapter where it loads (weights files read beside it, the
     # conversion prepended where its input needs one); a plan runs as it was built.
-    recipe = engine_registry.recipe(options, batch_size, model.preprocessing if model_file is not None else None)
+    recipe = engine_registry.recipe(options, batch_size, model.preprocessing if model_file is not None else None,
+                                    model.sha256 if model_file is not None else None)
     dali = _decoder(mode, options, preprocess, recipe.batch_size)
     per_call = GPU_DECODE_BATCHES_PER_CALL if dali else 1
     table = bigquery.resolve_target(options.output_table, options.run_date, options, options.engine,

@@ -352,3 +352,18 @@ def test_fp16_of_a_float16_model_loads_it_as_it_is(photos, shipped, tmp_path):
     path = _float_file(tmp_path, model_variants.float16(model_variants.load_float_model()))
     _, rows = _job(photos, tmp_path / "out", "--model", path, *IMAGENET_FLAGS, "--precision", "fp16")
     assert _top1(rows) == _top1(shipped)
+
+
+def test_a_model_replaced_after_launch_is_refused_where_it_loads(tmp_path):
+    """Rows name the model the launcher read (its sha256): a worker that finds another file there stops."""
+    from engines.base import EngineError
+    from pipelines.settings import resolve
+
+    path = _float_file(tmp_path, name="model.onnx")
+    settings, _ = resolve(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--model", path,
+                           *IMAGENET_FLAGS], start_checks=False)
+    assert settings.recipe.loader.sha256 == settings.model.sha256
+    settings.recipe.loader().close()  # the same file loads
+    _float_file(tmp_path, model_variants.softmax_ended(model_variants.load_float_model()), "model.onnx")
+    with pytest.raises(EngineError, match=r"model.onnx changed after the job was launched"):
+        settings.recipe.loader()

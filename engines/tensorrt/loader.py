@@ -40,6 +40,8 @@ class TensorRTLoader:
             takes uint8 NHWC RGB and the cache keys it by the wrapped model's bytes. Default None:
             the file is built as it is. A plan (``engine_path``) is used as it was built:
             prepare the model before ``python -m model_tools.build``.
+        sha256: With ``onnx_path`` and ``preprocessing``: the model's digest at launch, checked where
+            it loads (``engines.model_adapter.adapted_model_bytes``). Default None.
     """
 
     engine_path: Optional[str] = None
@@ -50,6 +52,7 @@ class TensorRTLoader:
     cuda_graphs: bool = False
     device: Device = 0
     preprocessing: Optional[Preprocessing] = None
+    sha256: Optional[str] = None
 
     def __post_init__(self):
         if bool(self.engine_path) == bool(self.onnx_path):
@@ -90,7 +93,7 @@ class TensorRTLoader:
             name = self.engine_path
         else:
             onnx_bytes = (storage.read_bytes(self.onnx_path) if self.preprocessing is None else
-                          adapted_model_bytes(self.onnx_path, self.preprocessing, "--onnx_path file"))
+                          adapted_model_bytes(self.onnx_path, self.preprocessing, "--onnx_path file", self.sha256))
             if self.engine_cache:
                 from engines.tensorrt.cache import EngineCache
 

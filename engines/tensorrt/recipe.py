@@ -170,7 +170,7 @@ def cli_model_file(options: Any) -> Optional[ModelFile]:
     return ModelFile(options.onnx_path, "--onnx_path") if options.onnx_path else None
 
 
-def _loader(options: Any, batch_size: Optional[int], preprocessing=None) -> TensorRTLoader:
+def _loader(options: Any, batch_size: Optional[int], preprocessing=None, sha256=None) -> TensorRTLoader:
     build_options = BuildOptions()
     if options.onnx_path:
         profiles = tuple(Profile.parse(p) for p in (options.trt_profiles or ()))
@@ -183,7 +183,8 @@ def _loader(options: Any, batch_size: Optional[int], preprocessing=None) -> Tens
                           engine_cache=options.engine_cache, build_options=build_options,
                           num_contexts=int(options.num_contexts or 2), cuda_graphs=bool(options.cuda_graphs),
                           device="auto",  # each copy or process on the next GPU
-                          preprocessing=preprocessing if options.onnx_path else None)
+                          preprocessing=preprocessing if options.onnx_path else None,
+                          sha256=sha256 if options.onnx_path else None)
 
 
 def _warn_ignored_build_flags(options: Any, info) -> None:
@@ -221,7 +222,7 @@ def cli_worker_paths(options: Any) -> List[WorkerPath]:
     return paths
 
 
-def cli_recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> EngineRecipe:
+def cli_recipe(options: Any, batch_size: Optional[int], preprocessing=None, sha256=None) -> EngineRecipe:
     """The TensorRT recipe from ``--engine_path`` or ``--onnx_path`` and the build flags
     (``pipelines.settings.ClassifyOptions``, read by attribute); the batch size comes from the
     plan's profiles unless one is given (see ``pipelines/engine_registry.py``).
@@ -231,6 +232,7 @@ def cli_recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> E
         batch_size: ``--batch_size``, or None for the largest profile's max.
         preprocessing: With ``--onnx_path``: the conversion to prepend to the model before it is
             built (``engines.model_adapter.Preprocessing``), or None to build it as it is.
+        sha256: With ``--onnx_path``: the model's digest at launch, checked where it loads, or None.
 
     Raises:
         UsageError: neither ``--engine_path`` nor ``--onnx_path``, or a plan without its sidecar
@@ -240,7 +242,7 @@ def cli_recipe(options: Any, batch_size: Optional[int], preprocessing=None) -> E
     if not (options.engine_path or options.onnx_path):
         raise UsageError("--engine tensorrt needs --engine_path PLAN (built by `python -m model_tools.build`) or "
                          "--onnx_path MODEL.onnx (built on the workers, cached in --engine_cache)")
-    loader = _loader(options, batch_size, preprocessing)
+    loader = _loader(options, batch_size, preprocessing, sha256)
     info = loader.plan_info()
     if options.engine_path and info is None:
         if batch_size is None:
