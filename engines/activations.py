@@ -14,8 +14,6 @@ from engines.base import UsageError
 
 #: What ``--activation`` takes; ``auto`` is resolved into one of the others before anything runs.
 ACTIVATIONS = ("auto", "softmax", "sigmoid", "none")
-#: The activations a resolved choice can be.
-RESOLVED = ("softmax", "sigmoid", "none")
 
 
 def apply_activation(scores: np.ndarray, activation: str) -> np.ndarray:

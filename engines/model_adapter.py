@@ -671,17 +671,6 @@ def activation_reason(model, output_name: str) -> str:
     return "the graph ends in no Softmax or Sigmoid: softmax"
 
 
-def outputs_of(model) -> Tuple[Tuple[str, str, Tuple[int, ...]], ...]:
-    """``(name, ONNX element type name, dims)`` of each graph output; a dynamic dimension is -1."""
-    onnx = _onnx()
-    found = []
-    for value in model.graph.output:
-        tensor = value.type.tensor_type
-        dims = tuple(_dim(d) or -1 for d in tensor.shape.dim)
-        found.append((value.name, onnx.TensorProto.DataType.Name(tensor.elem_type), dims))
-    return tuple(found)
-
-
 def output_activations(model) -> Tuple[Dict[str, str], Dict[str, str]]:
     """For each output: what ``--activation auto`` resolves to, and the activation its graph ends in
     (only outputs that end in one): what a TensorRT plan's sidecar records for the job."""

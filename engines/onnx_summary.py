@@ -45,6 +45,12 @@ def summarize_onnx(model_bytes: bytes) -> OnnxSummary:
         model = onnx.load_model_from_string(model_bytes)
     except Exception as e:  # protobuf raises DecodeError and friends
         raise EngineError(f"Not an ONNX model ({len(model_bytes)} bytes): {e}") from e
+    return summarize_model(model)
+
+
+def summarize_model(model) -> OnnxSummary:
+    """:func:`summarize_onnx` of a model already read (an ``onnx.ModelProto``)."""
+    onnx = import_optional("onnx", ONNX_HINT)
     initializers = {i.name for i in model.graph.initializer}
 
     def describe(values):

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 from engines.activations import ACTIVATIONS
 from engines.base import EngineError, UsageError
@@ -330,8 +330,46 @@ def _check_scores(options, output: OutputSpec, activation: str, ends_in: Optiona
                      "multi-label model takes --activation sigmoid", options.threshold)
 
 
+class LoadedModel(NamedTuple):
+    """An ONNX model read once at start, with what the launcher needs of it.
+
+    Attributes:
+        proto: The ``onnx.ModelProto``, its weights files read in.
+        sha256: Its digest (``engines.model_adapter.load_model_with_digest``).
+        summary: Its inputs, outputs and metadata (``engines.onnx_summary.OnnxSummary``).
+    """
+
+    proto: Any
+    sha256: str
+    summary: Any
+
+
+def read_model(model: Optional[ModelFile], read: bool = True) -> Optional[LoadedModel]:
+    """Reads the model the engine's flags name, once: its file and weights files, digest and summary.
+
+    Args:
+        model: The ONNX model (``pipelines.engine_registry.model_file``), or None.
+        read: A model that cannot be read is an error (start checks). False: None instead.
+
+    Raises:
+        EngineError: the model cannot be read or is not ONNX (with ``read``).
+    """
+    from engines import model_adapter
+    from engines.onnx_summary import summarize_model
+
+    if model is None:
+        return None
+    try:
+        proto, digest = model_adapter.load_model_with_digest(model.path, f"{model.flag} file")
+    except EngineError:
+        if read:
+            raise
+        return None
+    return LoadedModel(proto, digest, summarize_model(proto))
+
+
 def resolve_model(options, model: Optional[ModelFile], built: Optional[Any] = None, *,
-                  read: bool = True) -> ModelSettings:
+                  read: bool = True, loaded: Optional[LoadedModel] = None) -> ModelSettings:
     """Reads the model the engine will load and resolves everything the job needs to know about it.
 
     Args:
@@ -342,6 +380,7 @@ def resolve_model(options, model: Optional[ModelFile], built: Optional[Any] = No
         read: Read the model file (start checks). False: only when it can be read, and a model
             that cannot be read is described from the flags alone (tools and tests that build a
             job from its flags).
+        loaded: ``model`` as :func:`read_model` read it already, or None to read it here.
 
     Raises:
         UsageError: flags that do not fit the model (a float model without ``--mean``/``--std``,
@@ -354,17 +393,12 @@ def resolve_model(options, model: Optional[ModelFile], built: Optional[Any] = No
     given = preprocessing(options)
     version = options.model_version or None
     if model is not None:
-        try:
-            proto, digest = model_adapter.load_model_with_digest(model.path, f"{model.flag} file")
-        except EngineError:
-            if read:
-                raise
-            proto = None
-        if proto is not None:
+        loaded = loaded or read_model(model, read)
+        if loaded is not None:
+            proto, digest = loaded.proto, loaded.sha256
             spec = model_adapter.describe_input(proto, model.path)
             wrapped = model_adapter.needs_wrap(proto, given, model.path)
-            summary = model_adapter.outputs_of(proto)
-            outputs = _choose_outputs(options, _output_specs(summary), model.path)
+            outputs = _choose_outputs(options, _output_specs(loaded.summary.outputs), model.path)
             if options.output_mode == "raw":
                 activation, why = "none", "raw outputs"
             else:

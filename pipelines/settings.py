@@ -451,14 +451,20 @@ def read_labels(path: str) -> List[str]:
     return labels
 
 
-def _engine_labels(recipe: EngineRecipe) -> Optional[Tuple[str, ...]]:
-    """The names the engine artefact carries (a plan's sidecar), else its ONNX model's metadata, else None."""
+def _engine_labels(recipe: EngineRecipe, summaries: Dict[str, Any]) -> Optional[Tuple[str, ...]]:
+    """The names the engine artefact carries (a plan's sidecar), else its ONNX model's metadata, else None.
+
+    Args:
+        recipe: The engine's recipe.
+        summaries: Model path -> ``engines.onnx_summary.OnnxSummary`` of models read already.
+    """
     from engines.onnx_summary import read_summary
 
     if recipe.labels:
         return tuple(recipe.labels)
     if recipe.labels_model:
-        labels = read_summary(recipe.labels_model, recipe.labels_flag).labels
+        summary = summaries.get(recipe.labels_model) or read_summary(recipe.labels_model, recipe.labels_flag)
+        labels = summary.labels
         return tuple(labels) if labels is not None else None
     return None
 
@@ -539,18 +545,15 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         launch_checks.check_launch(options, options, local)  # versions, worker-readable paths, providers
         launch_checks.check_input(options.input)
     model_file = engine_registry.model_file(options)
+    loaded = model_settings.read_model(model_file, read=start_checks)  # the one read of the model at launch
     # The model's input, outputs and identity: what the crop, the loader and the rows follow.
     model = model_settings.resolve_model(options, model_file,
                                          engine_registry.built_model(options) if model_file is None else None,
-                                         read=start_checks)
+                                         read=start_checks, loaded=loaded)
     _LOG.info("model %s: %s", model.identity, model.record())
     keep_columns = kept_columns(options, start_checks, model.output_names if model.output_mode == "raw" else ())
     preprocess = preprocess_config(options, model)
-    summary = None
-    if start_checks and model_file is not None:
-        from engines.onnx_summary import read_summary
-
-        summary = read_summary(model_file.path, model_file.flag)
+    summary = loaded.summary if start_checks and loaded is not None else None
     if defaults_note:
         _LOG.info("local defaults for %s", defaults_note)
     batch_size = options.batch_size
@@ -588,7 +591,8 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         run_date=options.run_date,
         skip_scored=storage.canonical(options.skip_scored) if options.skip_scored else None,
         engine=options.engine, recipe=recipe,
-        labels=explicit or _engine_labels(recipe), labels_file=labels_file,
+        labels=explicit or _engine_labels(recipe, {model_file.path: loaded.summary} if loaded else {}),
+        labels_file=labels_file,
         preprocess=preprocess,
         batch=BatchSettings(recipe.batch_size, per_call, options.prefetch or 2 * per_call),
         decode=DecodeSettings(mode, why, dali, options.max_decoders),
