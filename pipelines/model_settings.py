@@ -25,7 +25,7 @@ from engines.activations import ACTIVATIONS
 from engines.base import EngineError, UsageError
 from engines.flags import FlagRange, ModelFile, check_range
 from engines.model_adapter import CHANNEL_ORDERS, IMAGENET_FLAGS, InputSpec, Preprocessing
-from transforms.postprocess import ROW_FIELDS
+from transforms.images import RESERVED_COLUMNS
 
 _LOG = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def _reserved_fields(options) -> Tuple[str, ...]:
     """Field names a raw output may not take: the rows' own, and the BigQuery run columns with ``--output_table``."""
     from transforms.bigquery import RUN_COLUMNS
 
-    return ROW_FIELDS + (tuple(c["name"] for c in RUN_COLUMNS) if getattr(options, "output_table", None) else ())
+    return RESERVED_COLUMNS + (tuple(c["name"] for c in RUN_COLUMNS) if getattr(options, "output_table", None) else ())
 
 
 def _choose_outputs(options, specs: Dict[str, OutputSpec], source: str) -> Tuple[OutputSpec, ...]:

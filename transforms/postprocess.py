@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from engines.activations import apply_activation
-from transforms.images import DEAD_LETTER, RESERVED_COLUMNS, ImageRef, ref_dead_letter, ref_fields
+from transforms.images import DEAD_LETTER, ImageRef, ref_dead_letter, ref_fields
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -25,9 +25,6 @@ _LOG = logging.getLogger(__name__)
 
 #: Row modes: the best k classes, every class at or above a threshold, or whole outputs.
 ROW_MODES = ("topk", "threshold", "raw")
-#: Fields every prediction or dead-letter row may hold besides its manifest columns and raw outputs: neither
-#: may take these names (``transforms.images.RESERVED_COLUMNS``).
-ROW_FIELDS = RESERVED_COLUMNS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,10 +76,6 @@ class RowLayout:
     @property
     def output_names(self) -> Tuple[str, ...]:
         return tuple(name for name, _, _ in self.outputs)
-
-    def describe(self) -> Dict[str, object]:
-        return {"mode": self.mode, "outputs": list(self.output_names), "top_k": self.k if self.mode == "topk" else None,
-                "activation": self.activation, "threshold": self.threshold, "model": self.model}
 
 
 def _classes(ids, scores, names):
