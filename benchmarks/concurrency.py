@@ -4,9 +4,9 @@
 The same job (``--providers cuda --decode gpu``) in the shapes production uses, side by side:
 
 - ``threads1``: one bundle thread, one process: the reference rows;
-- ``threads4``: four bundle threads sharing one model in one process (``multi_threading``), each
-  concurrent caller with a decoder of its own (``--max_decoders 0``, the default);
-- ``threads4_lock``: the same with one decoder that callers take in turn (``--max_decoders 1``);
+- ``threads4``: four bundle threads sharing one model in one process (``multi_threading``), their
+  batches decoded by one DALI decoder on a thread of its own (``images.decoder_service``, the default);
+- ``threads4_2dec``: the same with two such decoders (``--max_decoders 2``);
 - ``processes4``: four SDK processes, an engine and a decoder each (``multi_processing``);
 - ``shared4``: four SDK processes sending every batch to one engine per machine through Beam's
   shared-object proxy (``--share_model_across_processes``, the documented Dataflow shape).
@@ -30,8 +30,8 @@ from pipelines.partitions import committed_rows
 CONFIGURATIONS = (
     ("threads1", []),
     ("threads4", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"]),
-    ("threads4_lock", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",
-                       "--max_decoders", "1"]),
+    ("threads4_2dec", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",
+                       "--max_decoders", "2"]),
     ("processes4", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4"]),
     ("shared4", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4",
                  "--share_model_across_processes"]),

@@ -18,8 +18,8 @@ Decoding runs ahead: up to ``prefetch`` batches are decoded while the caller use
 one (DALI's scheduled API). A batch DALI fails on breaks the pipeline object; the decoder
 then rebuilds it and decodes that batch image by image, so only the bad images fail.
 
-A decoder serves one caller at a time; callers that share a model (Beam's bundle threads) each
-borrow one of their own from a :class:`DecoderPool` for a whole call. Identity travels with the
+A decoder serves one stream at a time; callers that share a model (Beam's bundle threads) hand their
+batches to a :class:`images.decoder_service.DecoderService`, whose thread alone uses the decoder. Identity travels with the
 pixels: each batch fed gets a number of its own, and every image an id (that number, its
 position) that the graph returns beside the decoded image. When a batch is taken the ids must be
 those of the batch the caller queued, one per image, or the take raises an :class:`EngineError`
@@ -32,12 +32,10 @@ of the environment (the ``gpu`` extra, or the image built from the Dockerfile).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import io
 import itertools
 import logging
-import threading
 import time
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -189,8 +187,8 @@ class DaliDecoder:
     """A built DALI pipeline that decodes batches of encoded images, prefetching ahead.
 
     Not thread-safe: its input queue and its DALI pipeline belong to one caller at a time, for the
-    whole of a :meth:`decode` stream. Callers that share a model borrow decoders from a
-    :class:`DecoderPool`, one each. Two streams mixed on one decoder raise :class:`EngineError` at
+    whole of a :meth:`decode` stream. Callers that share a model submit their batches to a
+    :class:`images.decoder_service.DecoderService`, the one thread that uses its decoder. Two streams mixed on one decoder raise :class:`EngineError` at
     the first batch one of them takes from the other (the ids checked at each take), never hand one
     caller another's images.
 
@@ -342,8 +340,8 @@ class DaliDecoder:
         raise EngineError(f"the DALI {self.options.device} decoder returned the images of {got} "
                           f"({_plural(ids.shape[0])}{rows_note}) where batch {number} ({_plural(count)}) "
                           f"was expected: two callers used one decoder at once, or the decoder lost a batch. "
-                          f"Nothing of either batch was scored; each caller must borrow its own decoder "
-                          f"(DecoderPool)")
+                          f"Nothing of either batch was scored; callers must submit their batches to the decoder's "
+                          f"one thread (images.decoder_service.DecoderService)")
 
     def _one_by_one(self, batch: "DecodeInput") -> DecodedBatch:
         """After a failed batch: rebuild, then decode each image alone so only the bad ones fail."""
@@ -480,129 +478,6 @@ class DaliDecoder:
         self._pipe = None
         self._inputs.clear()
         self._alive.clear()
-
-
-class DecoderPool:
-    """Lends DALI decoders to the callers of one shared model, one each, for a whole call.
-
-    Beam's RunInference shares one loaded model between a worker's bundle threads (the DirectRunner's
-    ``multi_threading`` mode, Dataflow's harness threads, the threads on which Beam's multi-process
-    shared model serves its callers), so several threads score at once, and a :class:`DaliDecoder`
-    serves one stream at a time: its input queue and its pipeline's outputs would interleave between
-    callers (measured on an H200 before this pool existed: 58% of 5,000 rows carried another image's
-    top-1). Decoders are built when first needed, one per caller running at the same time, up to
-    ``max_decoders``; a caller beyond the cap waits for one to come back (``max_decoders=1``: one
-    decoder taken in turns, a lock around decode-and-infer). Each decoder holds its own DALI
-    pipeline, about 0.9 GB of GPU memory at batch 256 (``benchmarks/gpu_memory.py`` on an H100),
-    and its own ``threads`` CPU threads.
-
-    Shared state: the list of decoders and which are free, guarded by one lock (any thread may
-    borrow and give back). Per caller: a borrowed decoder, used by that caller alone until it is
-    given back.
-
-    Args:
-        options: What every decoder is built with (its ``device_id`` already the engine's GPU).
-        max_decoders: Most decoders built; callers beyond it wait. Default 0: no cap, one per
-            caller running at once.
-
-    Raises:
-        EngineError: ``max_decoders`` below 0.
-    """
-
-    def __init__(self, options: DaliDecoderOptions, max_decoders: int = 0):
-        if max_decoders < 0:
-            raise EngineError(f"max_decoders must be >= 0 (0: one per concurrent caller), got {max_decoders}; "
-                              f"see --max_decoders")
-        self.options = options
-        self.max_decoders = max_decoders
-        self._changed = threading.Condition()
-        self._built: List = []
-        self._free: List = []
-        self._building = 0  # builds under way: they count against the cap
-        self._closed = False
-
-    @property
-    def built(self) -> int:
-        """Decoders built so far (at most ``max_decoders`` when it is set)."""
-        with self._changed:
-            return len(self._built)
-
-    def build_first(self) -> None:
-        """Builds one decoder now, so that a broken setup (no DALI, a GPU it cannot use) fails when the
-        model loads rather than at the first batch.
-
-        Raises:
-            ImportError, EngineError: as :class:`DaliDecoder`.
-        """
-        with self.borrow():
-            pass
-
-    @contextlib.contextmanager
-    def borrow(self) -> Iterator[DaliDecoder]:
-        """A decoder of the caller's own for the ``with`` block: a free one, a new one while under the
-        cap, else the next one given back.
-
-        Raises:
-            EngineError: the pool is closed, or a new decoder cannot be built (its place is freed
-                for the next caller).
-        """
-        decoder = self._take()
-        try:
-            yield decoder
-        finally:
-            self._give_back(decoder)
-
-    def _take(self) -> DaliDecoder:
-        with self._changed:
-            while True:
-                if self._closed:
-                    raise EngineError("the decoder pool is closed: the scorer was closed while scoring")
-                if self._free:
-                    return self._free.pop()
-                if not self.max_decoders or len(self._built) + self._building < self.max_decoders:
-                    self._building += 1
-                    break
-                self._changed.wait()
-        # Built outside the lock: building takes a second or more, and other callers may give theirs back.
-        try:
-            decoder = self._build()
-        except BaseException:
-            with self._changed:
-                self._building -= 1
-                self._changed.notify()
-            raise
-        with self._changed:
-            self._building -= 1
-            closed = self._closed
-            if not closed:
-                self._built.append(decoder)
-            count = len(self._built)
-        if closed:
-            decoder.close()
-            raise EngineError("the decoder pool is closed: the scorer was closed while scoring")
-        _LOG.info("DALI %s decoder %d built for calls running at once (%s)", self.options.device, count,
-                  f"at most {self.max_decoders}" if self.max_decoders else "no cap")
-        return decoder
-
-    def _build(self) -> DaliDecoder:
-        return DaliDecoder(self.options)
-
-    def _give_back(self, decoder: DaliDecoder) -> None:
-        with self._changed:
-            if not self._closed:
-                self._free.append(decoder)
-                self._changed.notify()
-                return
-        decoder.close()  # the pool closed while it was out
-
-    def close(self) -> None:
-        """Closes every decoder: the free ones now, the borrowed ones when they come back."""
-        with self._changed:
-            self._closed = True
-            free, self._free = self._free, []
-            self._changed.notify_all()
-        for decoder in free:
-            decoder.close()
 
 
 def gpu_decode_unavailable() -> Optional[str]:

@@ -1,23 +1,26 @@
 """Score batches of images with an engine and, optionally, a GPU decoder that feeds it directly.
 
 :class:`ImageScorer` is what the image pipeline's model handler loads: one engine and (for
-``--decode gpu`` or ``dali_cpu``) a pool of DALI decoders on the same GPU, one per call running
-at once (``images.dali_decoder.DecoderPool``). A batch arrives as CPU-decoded pixels and/or
-encoded files; encoded files are decoded in batches up to ``prefetch`` ahead, so the GPU decodes
-the next batch while the engine runs the current one, and the engine reads the decoded batch
-where it is (``__cuda_array_interface__``): no host round trip of pixels. Only the requested
-output (the logits) is copied back. No Beam here.
+``--decode gpu`` or ``dali_cpu``) DALI decoders on the same GPU, each on a thread of its own serving
+every caller's batches (``images.decoder_service.Decoders``). A batch arrives as CPU-decoded pixels
+and/or encoded files; encoded files are submitted up to ``prefetch`` batches ahead, so the GPU
+decodes the next batch (this caller's or another's) while the engine runs the current one, and the
+engine reads the decoded batch where it is (``__cuda_array_interface__``, a buffer the call owns until
+its engine call returns): no host round trip of pixels. Only the requested outputs (the logits) are
+copied back. No Beam here.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engines.base import Engine, EngineError, array_info
+from images.decoder_service import release
+from images.pillow_decoder import PreprocessConfig, crop_box
 
 #: One batch to score: (pixels decoded on the CPU or None, encoded files for the decoder, and each
 #: file's crop region ``(left, top, right, bottom)`` for the decoder, or None).
@@ -50,15 +53,15 @@ class ImageScorer:
     """An engine plus an optional pool of decoders, scoring whole batches.
 
     Several threads may call :meth:`score` at once, as Beam's RunInference does with the model it
-    shares between a worker's bundle threads. Per caller: the decoder a call borrows from
-    ``decoders`` for all of its decoding and inference, and everything a call builds. Shared: the
-    engine, which serves concurrent calls itself (``engines.base.Engine``: ONNX Runtime's session
-    pool, TensorRT's slot pool), and the pool, which is locked. Nothing else changes after
-    construction.
+    shares between a worker's bundle threads. Per caller: its decoded batches (a buffer each, released
+    once the engine has read it) and everything a call builds. Shared: the engine, which serves
+    concurrent calls itself (``engines.base.Engine``: ONNX Runtime's session pool, TensorRT's slot
+    pool), and the decoders, whose request queues are thread-safe and whose DALI pipelines only their
+    own threads touch. Nothing else changes after construction.
 
     Args:
         engine: The loaded engine (one image input).
-        decoders: A :class:`images.dali_decoder.DecoderPool`, or None when every image arrives
+        decoders: :class:`images.decoder_service.Decoders`, or None when every image arrives
             decoded. Default None.
         fallback_decode: Decodes one encoded file on the CPU (bytes -> uint8 (height, width, 3)),
             used when encoded images arrive and there is no decoder (an ``auto`` choice that
@@ -105,8 +108,8 @@ class ImageScorer:
     def score(self, items: Sequence[Item], outputs: Optional[Sequence[str]] = None) -> List[Scored]:
         """Scores each item; encoded images are decoded ahead while the engine runs.
 
-        Safe to call from several threads at once: a call with encoded images borrows a decoder
-        of its own for the whole call (waiting for one when ``max_decoders`` are out).
+        Safe to call from several threads at once: each call's batches go to a decoder's queue and
+        come back to this call alone, in a buffer it releases after its engine call.
 
         Args:
             items: Batches to score.
@@ -127,9 +130,8 @@ class ImageScorer:
         if encoded and self.decoders is None and self._fallback is None:
             raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
                               "GPU worker, or --decode cpu")
-        borrowed = self.decoders.borrow() if encoded and self.decoders is not None else contextlib.nullcontext()
-        with borrowed as decoder:
-            return self._score(items, outputs, decoder.decode(encoded) if decoder is not None else None)
+        decoded = self.decoders.decode(encoded) if encoded and self.decoders is not None else None
+        return self._score(items, outputs, decoded)
 
     def _score(self, items: Sequence[Item], outputs: Optional[Sequence[str]], decoded) -> List[Scored]:
         results = []
@@ -148,26 +150,58 @@ class ImageScorer:
                 if files:
                     start = time.perf_counter()
                     if decoded is not None:
-                        batch = next(decoded)  # valid until the next one is taken
-                        _check_decoded(batch, len(files))
+                        batch = next(decoded)  # this call's own buffer until released below
+                        images = batch.images
+                        try:
+                            _check_decoded(batch, len(files))
+                        except BaseException:
+                            release(images)
+                            raise
                         failed.update({first + i: reason for i, reason in batch.failed.items()})
-                        images, count = batch.images, len(batch.index)
+                        count = len(batch.index)
                     else:
                         images, failed_here = self._decode_on_cpu(files)
                         failed.update({first + i: reason for i, reason in failed_here.items()})
                         count = len(images)
                     decode_s += time.perf_counter() - start
-                    if count:
-                        start = time.perf_counter()
-                        parts += self._infer(images, outputs, calls)
-                        infer_s += time.perf_counter() - start
+                    try:
+                        if count:
+                            start = time.perf_counter()
+                            parts += self._infer(images, outputs, calls)
+                            infer_s += time.perf_counter() - start
+                    finally:
+                        release(images)  # the engine has read it: the buffer decodes another batch
                 merged = {name: np.concatenate([p[name] for p in parts]) if len(parts) > 1 else parts[0][name]
                           for name in (parts[0] if parts else {})}
                 results.append(Scored(merged, failed, decode_s, infer_s, calls, device))
         finally:
             if decoded is not None:
-                decoded.close()  # the decoder takes back what this call left queued or held
+                decoded.close()  # batches this call queued and did not take are released as they arrive
         return results
+
+    def warm_up(self, images: int, preprocess: Optional[PreprocessConfig] = None) -> None:
+        """Scores one batch of ``images`` synthetic photos, through the decoder when there is one, so that
+        engine and decoder allocate their working memory now (``engines.gpu_memory`` measures it) and the
+        first real batch does not wait for the engine's first-run set-up (ONNX Runtime's convolution search).
+
+        Args:
+            images: The batch: the job's engine batch (at most the decoder's ``max_batch``).
+            preprocess: The job's preprocessing (the crop box of each photo). Default: ``PreprocessConfig()``.
+
+        Raises:
+            EngineError: the decoder failed on the warm-up photos, or the engine returned no rows for them.
+        """
+        config = preprocess or PreprocessConfig()
+        if self.decoders is not None:
+            images = min(images, self.decoders.options.max_batch)
+            data, box = _warm_up_photo(config)
+            item = (None, [data] * images, [box] * images)
+        else:
+            item = (np.zeros((images, *config.crop_size, 3), np.uint8), (), None)
+        result = self.score([item])[0]
+        if result.failed or any(np.ndim(v) and v.shape[0] != images for v in result.outputs.values()):
+            raise EngineError(f"the warm-up batch of {images} synthetic photos did not score: "
+                              f"{sorted(set(result.failed.values()))[:1] or 'no rows'}")
 
     def _decode_on_cpu(self, files: Sequence[bytes]):
         images, failed = [], {}
@@ -186,7 +220,7 @@ class ImageScorer:
             o = self.decoders.options
             info["decoder"] = {"library": "nvidia-dali", "device": o.device, "max_batch": o.max_batch,
                                "hw_decoder_load": o.hw_decoder_load, "prefetch": o.prefetch,
-                               "max_decoders": self.decoders.max_decoders or "one per concurrent call"}
+                               "decoders": len(self.decoders.services)}
         return info
 
     def close(self) -> None:
@@ -194,6 +228,23 @@ class ImageScorer:
         if self.decoders is not None:
             self.decoders.close()
         self.engine.close()
+
+
+@functools.lru_cache(maxsize=4)
+def _warm_up_photo(config: PreprocessConfig) -> Tuple[bytes, Tuple[float, float, float, float]]:
+    """A 640 x 480 JPEG with detail in it (a gradient and noise: Huffman decoding has work to do), and its
+    crop box."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640]
+    pixels = np.stack([x * 255 // 639, y * 255 // 479, (x + y) * 255 // 1118], axis=-1)
+    pixels = np.clip(pixels + rng.integers(-40, 41, pixels.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue(), tuple(crop_box(640, 480, config))
 
 
 def _check_decoded(batch, files: int) -> None:

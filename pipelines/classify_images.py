@@ -55,7 +55,7 @@ def make_handler(settings: RunSettings) -> ImageBatchHandler:
     """
     return ImageBatchHandler(
         ScorerLoader(settings.recipe.loader, settings.decode.dali, settings.preprocess,
-                     max_decoders=settings.decode.max_decoders),
+                     max_decoders=settings.decode.max_decoders, warmup_images=settings.batch.images_per_batch),
         settings.rows.output_names, images_per_batch=settings.batch.images_per_batch,
         batches_per_call=settings.batch.batches_per_call,
         share_across_processes=settings.share_model_across_processes, model_copies=settings.model_copies,

@@ -44,9 +44,9 @@ _LOG = logging.getLogger(__name__)
 DECODE_MODES = ("auto", "gpu", "cpu", "dali_cpu")
 #: Decode modes whose images the pre-screen passes travel encoded to a DALI decoder beside the engine.
 DALI_MODES = ("gpu", "dali_cpu")
-#: DALI decoders per loaded model. Four bundle threads on one H200 (benchmarks/results/h200-concurrency.json,
-#: 5,000 JPEGs x 4, batch 256, steady state): one decoder taken in turns 2,944 images/s, one decoder per
-#: thread 1,536 (four DALI pipelines and their CPU threads contend with the engine), one thread alone 2,458.
+#: DALI decoders per loaded model, each on a thread of its own serving every bundle thread. When callers
+#: borrowed one per call, four DALI pipelines contended with each other and the engine (H200: 1,536 images/s
+#: against 2,944 for one taken in turns, benchmarks/results/h200-concurrency.json); one is the default.
 DEFAULT_MAX_DECODERS = 1
 #: Batches per inference call with a DALI decoder: each call decodes batch k+1 while the engine runs
 #: batch k, so only a call's first batch waits for its decode.
@@ -81,7 +81,7 @@ FLAG_RANGES = (
     FlagRange("--model_copies", "model_copies", 1, MAX_COPIES, "one copy per GPU"),
     FlagRange("--max_pixels", "max_pixels", 1, MAX_PIXELS, "such an image decodes to 12 GiB in one thread"),
     FlagRange("--hw_decoder_load", "hw_decoder_load", 0, 1, "a share of the JPEG work"),
-    FlagRange("--max_decoders", "max_decoders", 0, MAX_THREADS, "each decoder holds GPU memory and CPU threads"),
+    FlagRange("--max_decoders", "max_decoders", 1, MAX_THREADS, "each decoder holds GPU memory and CPU threads"),
 )
 
 
@@ -150,13 +150,11 @@ class ClassifyOptions(PipelineOptions):
                                  "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (throughput by "
                                  "threads: README, \"On a GPU\"). Default: -1.")
         parser.add_argument("--max_decoders", type=int, default=DEFAULT_MAX_DECODERS,
-                            help="--decode gpu/dali_cpu: most DALI decoders per loaded model. Bundle threads that "
-                                 "share the model (--direct_running_mode multi_threading, Dataflow's harness "
-                                 "threads) each borrow a decoder for a whole inference call; 0 builds one per call "
-                                 "running at once, N caps them and further calls wait (1: one decoder, taken in "
-                                 "turns). Each decoder holds its own DALI pipeline in GPU memory and --dali_threads "
-                                 "CPU threads. Default: 1, measured faster than one per thread (README, \"On a "
-                                 "GPU\").")
+                            help="--decode gpu/dali_cpu: DALI decoders per loaded model, each on a thread of its "
+                                 "own decoding the batches of every bundle thread that shares the model "
+                                 "(--direct_running_mode multi_threading, Dataflow's harness threads) while their "
+                                 "engine calls run. Each holds its own DALI pipeline in GPU memory and "
+                                 "--dali_threads CPU threads. Default: 1 (README, \"On a GPU\").")
         parser.add_argument("--decode_threads", type=int, default=-1,
                             help="Threads per DoFn that read (and on the CPU path decode) ahead of inference; "
                                  "-1 = the worker's cores (at most 16), 0 = inline. Default: -1.")
@@ -212,7 +210,7 @@ class DecodeSettings:
             (the DALI graph on the CPU).
         why: Why this mode, for the log and stats.json.
         dali: The DALI decoder's options with ``gpu`` and ``dali_cpu``; None with ``cpu``.
-        max_decoders: Most DALI decoders per loaded model (``--max_decoders``).
+        max_decoders: DALI decoders per loaded model (``--max_decoders``).
     """
 
     mode: str
@@ -353,7 +351,7 @@ def local_defaults(options: ClassifyOptions, argv: Sequence[str], local: bool) -
     the DirectRunner runs that many bundle threads (``multi_threading``). Applied only to local
     runs, and only when none of the flags it would set was given. Safe with every ``--decode``:
     the threads share the loaded model, whose engine serves concurrent calls and whose DALI
-    decoders are lent one per call (``images.dali_decoder.DecoderPool``).
+    decoders serve every caller's batches from a thread of their own (``images.decoder_service``).
 
     Nothing is written into ``options``: :func:`resolve` builds the job's options with the values.
 

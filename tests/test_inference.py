@@ -179,8 +179,8 @@ def test_bad_batch_settings_are_refused_with_the_setting_to_change(tmp_path):
         ImageBatchHandler(loader, images_per_batch=0)
     with pytest.raises(EngineError, match=r"model_copies > 1 needs share_across_processes=True"):
         ImageBatchHandler(loader, model_copies=2)
-    with pytest.raises(EngineError, match=r"max_decoders must be >= 0 .*--max_decoders"):
-        ScorerLoader(FakeLoader(str(tmp_path / "loads.log")), max_decoders=-1)
+    with pytest.raises(EngineError, match=r"max_decoders must be >= 1 .*--max_decoders"):
+        ScorerLoader(FakeLoader(str(tmp_path / "loads.log")), max_decoders=0)
     handler = ImageBatchHandler(loader, images_per_batch=8, batches_per_call=3, share_across_processes=True,
                                 model_copies=2)
     assert dict(handler.batch_elements_kwargs()) == {"min_batch_size": 3, "max_batch_size": 3}

@@ -153,36 +153,69 @@ def _check_same_as_one_thread(results, errors, expected):
         f"other images than one thread did: {failed_differs[:3]}")
 
 
-def test_four_threads_sharing_one_scorer_each_get_their_own_images_predictions(calls, expected, model_path):
+@pytest.mark.parametrize("decoders", [1, 2])
+def test_four_threads_sharing_one_scorer_each_get_their_own_images_predictions(calls, expected, model_path, decoders):
     # The reference itself is sound: the photos differ, the broken file is the only failure.
     assert all(sorted(r.failed) == ([2] if k % ROUNDS == 0 and i == 1 else [])
                for k, want in enumerate(expected) for i, r in enumerate(want))
     assert all(r.outputs["logits"].shape == (IMAGES_PER_ITEM, 1000) for want in expected for r in want)
     tops = np.concatenate([r.outputs["logits"].argmax(1) for want in expected for r in want])
     assert len(set(tops.tolist())) > 8, "the photos are too alike to show a mix-up"
-    scorer = _scorer(model_path, max_decoders=0)  # one decoder per caller: the shape that mixed rows up
+    # Every caller's batches share the decoders' queues: the shape in which rows could be mixed up.
+    scorer = _scorer(model_path, max_decoders=decoders)
     try:
+        assert len(scorer.decoders.services) == decoders
         results, errors = _score_concurrently(scorer, calls)
-        built = scorer.decoders.built
-    finally:
-        scorer.close()
-    _check_same_as_one_thread(results, errors, expected)
-    assert 1 < built <= THREADS  # the calls did overlap, each with a decoder of its own
-
-
-@pytest.mark.parametrize("cap", [1, 2])
-def test_max_decoders_caps_the_decoders_built_and_the_callers_beyond_it_wait(calls, expected, model_path, cap):
-    # Cap 1 is one decoder that the four threads take in turns: a lock around decode-and-infer.
-    scorer = _scorer(model_path, max_decoders=cap)
-    try:
-        results, errors = _score_concurrently(scorer, calls)
-        assert 1 <= scorer.decoders.built <= cap
     finally:
         scorer.close()
     _check_same_as_one_thread(results, errors, expected)
 
 
-def test_max_decoders_reaches_the_recipe_and_a_negative_one_is_refused(tmp_path, model_path):
+def test_a_caller_decodes_while_another_callers_engine_call_runs(calls, model_path):
+    """One decoder (the default) serves a second caller while the first is inside its engine call.
+
+    Before, a call borrowed the decoder for its decode *and* its inference, so with one decoder the
+    callers took turns at both and the GPU never decoded during an engine call."""
+    scorer = _scorer(model_path)
+    engine = scorer.engine
+    inside, leave = threading.Event(), threading.Event()
+    real_infer = engine.infer
+
+    def slow_infer(feed, outputs=None):  # the first caller's engine call holds until the second has decoded
+        if threading.current_thread().name == "first":
+            inside.set()
+            if not leave.wait(HANG_S):
+                raise RuntimeError("the second caller never got its batch decoded")
+        return real_infer(feed, outputs)
+
+    engine.infer = slow_infer
+    results, errors = {}, {}
+
+    def call(name, items):
+        try:
+            results[name] = scorer.score(items, ["logits"])
+        except Exception as e:
+            errors[name] = e
+
+    try:
+        first = threading.Thread(target=call, args=("first", calls[0][:1]), name="first", daemon=True)
+        first.start()
+        assert inside.wait(HANG_S)
+        second = threading.Thread(target=call, args=("second", calls[2][:1]), name="second", daemon=True)
+        second.start()
+        second.join(HANG_S / 3)  # decoded and scored while "first" is still inside its engine call
+        finished_while_first_waited = not second.is_alive()
+        leave.set()
+        first.join(HANG_S)
+        second.join(HANG_S)
+    finally:
+        leave.set()
+        scorer.close()
+    assert finished_while_first_waited, "the second caller waited for the first caller's engine call"
+    assert not errors and [r[0].outputs["logits"].shape for r in results.values()] == [(4, 1000)] * 2
+
+
+def test_max_decoders_reaches_the_recipe_and_below_one_is_refused(tmp_path, model_path):
     from engines.base import UsageError
     from pipelines.classify_images import make_handler, run
     from pipelines.settings import resolve
@@ -190,8 +223,8 @@ def test_max_decoders_reaches_the_recipe_and_a_negative_one_is_refused(tmp_path,
     settings, _ = resolve(["--input", "x", "--output", "y", "--max_decoders", "2", "--decode", "dali_cpu"],
                           start_checks=False)
     assert make_handler(settings).loader.max_decoders == 2
-    with pytest.raises(UsageError, match="--max_decoders must be >= 0"):
-        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max_decoders", "-1"])
+    with pytest.raises(UsageError, match="--max_decoders must be >= 1"):
+        run(["--input", str(tmp_path), "--output", str(tmp_path / "o"), "--max_decoders", "0"])
 
 
 @pytest.mark.parametrize("decode", ["dali_cpu", "cpu"])

@@ -11,6 +11,7 @@ the outputs of that batch the job asked for.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -56,43 +57,64 @@ class ScorerLoader:
         decoder: DALI decoder options, or None when images arrive decoded (``--decode cpu``).
         preprocess: The CPU preprocessing, used only for encoded images that reach a scorer
             without a decoder (see :class:`images.scoring.ImageScorer`).
-        max_decoders: Most DALI decoders the loaded scorer builds, one per call running at once
-            (``images.dali_decoder.DecoderPool``); callers beyond it wait; 0: no cap. Default 1
-            (one decoder taken in turns: measured faster than one per caller, ``--max_decoders``).
+        max_decoders: DALI decoders the loaded scorer builds, each on a thread of its own decoding the
+            batches of every caller (``images.decoder_service.Decoders``, ``--max_decoders``). Default 1.
     """
 
     engine_loader: EngineLoader
     decoder: Optional[Any] = None
     preprocess: Optional[PreprocessConfig] = None
     max_decoders: int = 1
+    warmup_images: int = 0
 
     def __post_init__(self):
-        if self.max_decoders < 0:
-            raise EngineError(f"max_decoders must be >= 0 (0: one per concurrent call), got {self.max_decoders}; "
-                              f"see --max_decoders")
+        if self.max_decoders < 1:
+            raise EngineError(f"max_decoders must be >= 1 (each a DALI decoder on a thread of its own), got "
+                              f"{self.max_decoders}; see --max_decoders")
 
     def __call__(self):
+        from engines import gpu_memory
         from images.scoring import ImageScorer
 
         engine = self.engine_loader()
-        decoders = None
-        if self.decoder is not None:
-            from images.dali_decoder import DecoderPool
-
-            options = self.decoder
-            gpu = engine.device_index()
-            if options.device == "gpu" and gpu is not None and gpu != options.device_id:
-                # The decoder feeds the engine device arrays: it must sit on the engine's GPU
-                # (with --model_copies N, copies spread over the GPUs; engines.devices).
-                options = dataclasses.replace(options, device_id=gpu)
-            try:
-                decoders = DecoderPool(options, self.max_decoders)
-                decoders.build_first()  # a broken setup fails at load, not at the first batch
-            except BaseException:
-                engine.close()
-                raise
         fallback = functools.partial(preprocess_image, config=self.preprocess) if self.preprocess else None
-        return ImageScorer(engine, decoders, fallback)
+        try:
+            ledger = gpu_memory.ledger_for(engine.device_index()) if self.warmup_images else None
+            checked = ledger.loading(gpu_memory.loader_key(self), self._describe(engine)) if ledger \
+                else contextlib.nullcontext()
+            with checked:
+                scorer = ImageScorer(engine, self._decoders(engine), fallback)
+                if ledger is not None:
+                    try:
+                        start = time.perf_counter()
+                        scorer.warm_up(self.warmup_images, self.preprocess)
+                        _LOG.info("warmed up with a batch of %d in %.2f s", self.warmup_images,
+                                  time.perf_counter() - start)
+                    except BaseException:
+                        scorer.close()
+                        raise
+        except BaseException:
+            engine.close()
+            raise
+        return scorer
+
+    def _decoders(self, engine):
+        if self.decoder is None:
+            return None
+        from images.decoder_service import Decoders
+
+        options = self.decoder
+        gpu = engine.device_index()
+        if options.device == "gpu" and gpu is not None and gpu != options.device_id:
+            # The decoder feeds the engine device arrays: it must sit on the engine's GPU
+            # (with --model_copies N, copies spread over the GPUs; engines.devices).
+            options = dataclasses.replace(options, device_id=gpu)
+        return Decoders(options, self.max_decoders)  # built now: a broken setup fails at load
+
+    def _describe(self, engine) -> str:
+        decoder = f" + {self.max_decoders} DALI {self.decoder.device} decoder{'s' * (self.max_decoders > 1)}" \
+            if self.decoder is not None else ""
+        return f"a {engine.kind} engine{decoder} at batch {self.warmup_images}"
 
 
 def model_kind(model: Any) -> str:

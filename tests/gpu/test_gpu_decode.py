@@ -173,3 +173,77 @@ def test_the_gpu_decoder_crops_height_x_width_as_pillow_does(demo):
     assert images.shape == (len(datas), 240, 320, 3)
     for data, got in zip(datas, images):
         assert np.abs(got.astype(int) - preprocess_image(data, config).astype(int)).mean() < 2.0
+
+
+def _to_host(images) -> np.ndarray:
+    from engines.tensorrt.cuda import Stream, copy_d2h_async
+
+    cai = images.__cuda_array_interface__
+    out = np.empty(cai["shape"], np.uint8)
+    stream = Stream()
+    copy_d2h_async(out.ctypes.data, cai["data"][0], out.nbytes, stream)
+    stream.synchronize()
+    stream.destroy()
+    return out
+
+
+def test_the_decoder_service_hands_each_caller_a_copy_of_its_own_on_the_gpu(demo, decoder, model_path):
+    """The service copies each decoded batch out of DALI's output into a buffer the caller owns: the same
+    bytes as the decoder's own output, still there after the decoder has gone on to other batches, read
+    by ONNX Runtime in place, and the buffer reused once released."""
+    from engines.base import EngineError
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from images.decoder_service import DecoderService
+
+    photos, _ = demo
+    jpegs = [open(p, "rb").read() for p in photos if p.endswith(".jpg")]
+    batches = [decode_input(jpegs), decode_input(jpegs[::-1]), decode_input(jpegs[:3])]
+    want = [np.array(b.images.as_cpu()) for b in decoder.decode(batches)]
+    service = DecoderService(DaliDecoderOptions(max_batch=16, device="gpu"))
+    engine = OnnxRuntimeLoader(model_path, ("cuda",))()
+    try:
+        held = list(service.decode(batches, ahead=3))  # all three held at once: three buffers
+        assert service.buffers == 3
+        for got, expected in zip(held, want):
+            assert _to_host(got.images).shape == expected.shape and (_to_host(got.images) == expected).all()
+        logits = engine.infer({"images": held[0].images}, ["logits"])["logits"]
+        np.testing.assert_allclose(logits, engine.infer({"images": want[0]}, ["logits"])["logits"], atol=1e-3)
+        for got in held:
+            got.images.release()
+        with pytest.raises(EngineError, match="used after it was released"):
+            held[0].images.__cuda_array_interface__
+        again = list(service.decode(batches))
+        assert service.buffers == 3  # released buffers were reused
+        assert all((_to_host(g.images) == w).all() for g, w in zip(again, want))
+    finally:
+        engine.close()
+        service.close()
+
+
+def test_a_copy_that_does_not_fit_the_gpus_free_memory_is_refused_at_load(tmp_path, monkeypatch, model_path):
+    """The first copy warms up under the check and records what the GPU's free memory fell by; with less
+    than that left free (a buffer holds the rest), the next identical copy stops at load, naming the fix."""
+    import json
+
+    from engines.base import EngineError
+    from engines.gpu_memory import free_memory, loader_key
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from engines.tensorrt.cuda import DeviceBuffer
+    from transforms.inference import ScorerLoader
+
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))  # a ledger of this test's own
+    loader = ScorerLoader(OnnxRuntimeLoader(model_path, ("cuda",)), DaliDecoderOptions(max_batch=64, device="gpu"),
+                          PreprocessConfig(), warmup_images=64)
+    scorer = loader()
+    hog = None
+    try:
+        took = json.loads((tmp_path / "engines-gpu0-memory.json").read_text())[loader_key(loader)]
+        assert took > 100 << 20, took  # ONNX Runtime's activations at batch 64 and DALI's buffers
+        free, _ = free_memory(0)
+        hog = DeviceBuffer(free - took // 2)
+        with pytest.raises(EngineError, match=r"GPU 0 has .* free .* this copy does not fit; run fewer engine copies"):
+            loader()
+    finally:
+        if hog is not None:
+            hog.free()
+        scorer.close()

@@ -55,12 +55,11 @@ def test_auto_puts_consecutive_copies_on_both_gpus_each_with_its_decoder(photos,
         results = []
         for gpu, scorer in enumerate(scorers):
             assert scorer.decoders.options.device_id == gpu
-            with scorer.decoders.borrow() as decoder:
-                stream = decoder.decode([decode_input(photos)])
-                batch = next(stream)
-                assert _gpu_of(batch.images.__cuda_array_interface__["data"][0]) == gpu  # decoded on its own GPU
-                for _ in stream:
-                    pass
+            stream = scorer.decoders.decode([decode_input(photos)])
+            batch = next(stream)
+            assert _gpu_of(batch.images.__cuda_array_interface__["data"][0]) == gpu  # decoded on its own GPU
+            batch.images.release()
+            stream.close()
             scored = scorer.score([(None, photos, decode_input(photos).boxes)], ["logits"])[0]
             assert scored.device == gpu and not scored.failed
             results.append(scored.outputs["logits"])

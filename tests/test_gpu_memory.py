@@ -1,0 +1,121 @@
+"""The free-GPU-memory check at load (engines/gpu_memory.py): the ledger logic with the GPU's free memory
+given by the test (no GPU here), and the model loader that uses it with a real engine and DALI decoder on
+the CPU. The same check against a real GPU's memory is in tests/gpu/test_gpu_decode.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engines.base import EngineError
+from engines.gpu_memory import GIB, GpuMemoryLedger, loader_key
+
+
+class FakeGpu:
+    """Free memory as the test sets it; a load takes ``takes`` bytes of it."""
+
+    def __init__(self, free: int, total: int = 24 * GIB):
+        self.free, self.total = free, total
+        self.asked = 0
+
+    def __call__(self, device):
+        self.asked += 1
+        return self.free, self.total
+
+
+def _load(ledger, gpu, key="model-a", takes=7 * GIB):
+    with ledger.loading(key, "an onnxruntime engine + 1 DALI gpu decoder at batch 256"):
+        gpu.free -= takes
+
+
+def test_the_first_copy_records_what_it_took_and_a_copy_that_would_not_fit_is_refused(tmp_path):
+    gpu = FakeGpu(22 * GIB)
+    ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
+    _load(ledger, gpu)  # nothing recorded yet: it loads, and takes 7 GiB
+    assert json.loads(open(ledger.path).read()) == {"model-a": 7 * GIB}
+    _load(ledger, gpu)  # 15 GiB free >= 7 + 0.5: it fits
+    assert gpu.free == 8 * GIB
+    _load(ledger, gpu, takes=GIB)  # 8 GiB free: the third copy fits; the ledger keeps the most, 7 GiB
+    with pytest.raises(EngineError) as error:  # the fourth copy on this 24 GiB card (an L4's) stops here
+        _load(GpuMemoryLedger(0, str(tmp_path), free=gpu), gpu)
+    message = str(error.value)
+    assert "GPU 0 has 7.0 GiB free of 24.0 GiB" in message and "took 7.0 GiB" in message
+    assert "--share_model_across_processes" in message and "--precision fp16" in message
+    assert "an onnxruntime engine + 1 DALI gpu decoder at batch 256" in message
+
+
+def test_another_loader_is_not_judged_by_this_ones_figure_and_a_failed_load_records_nothing(tmp_path):
+    gpu = FakeGpu(10 * GIB)
+    ledger = GpuMemoryLedger(1, str(tmp_path), free=gpu)
+    _load(ledger, gpu, key="big", takes=9 * GIB)
+    _load(ledger, gpu, key="small", takes=GIB // 4)  # 1 GiB free: "big"'s 9 GiB says nothing about it
+    with pytest.raises(RuntimeError):
+        with ledger.loading("broken", "x"):
+            raise RuntimeError("the engine failed to load")
+    assert sorted(json.loads(open(ledger.path).read())) == ["big", "small"]
+    assert ledger.path.endswith("engines-gpu1-memory.json")
+
+
+def test_a_torn_ledger_is_started_again(tmp_path):
+    gpu = FakeGpu(10 * GIB)
+    ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
+    open(ledger.path, "w").write("{not json")
+    _load(ledger, gpu, takes=GIB)
+    assert json.loads(open(ledger.path).read()) == {"model-a": GIB}
+
+
+def test_the_key_names_every_field_of_the_loader(model_path):
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from transforms.inference import ScorerLoader
+
+    a = ScorerLoader(OnnxRuntimeLoader(model_path, ("cuda",)), warmup_images=256)
+    assert loader_key(a) == loader_key(ScorerLoader(OnnxRuntimeLoader(model_path, ("cuda",)), warmup_images=256))
+    assert loader_key(a) != loader_key(ScorerLoader(OnnxRuntimeLoader(model_path, ("cuda",)), warmup_images=128))
+    assert loader_key(a) != loader_key(ScorerLoader(OnnxRuntimeLoader(model_path, ("cuda",), precision="fp16"),
+                                                    warmup_images=256))
+
+
+def test_the_model_loader_warms_up_under_the_check_and_stops_a_copy_that_does_not_fit(tmp_path, model_path,
+                                                                                       monkeypatch):
+    """The real engine and DALI decoder on the CPU, loaded as on a GPU whose free memory the test sets."""
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
+    from engines import gpu_memory
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from images.dali_decoder import DaliDecoderOptions
+    from images.pillow_decoder import PreprocessConfig
+    from transforms.inference import ScorerLoader
+
+    gpu = FakeGpu(20 * GIB)
+    ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
+    monkeypatch.setattr(gpu_memory, "ledger_for", lambda device: ledger)
+    loader = ScorerLoader(OnnxRuntimeLoader(model_path), DaliDecoderOptions(device="cpu", max_batch=8, threads=1),
+                          PreprocessConfig(), warmup_images=8)
+    scorer = loader()
+    try:
+        assert gpu.asked == 2 and json.loads(open(ledger.path).read()) == {loader_key(loader): 0}
+        gpu.free = GIB // 4  # below the 0 B recorded + the margin
+        with pytest.raises(EngineError, match=r"GPU 0 has 0.2 GiB free .*DALI cpu decoder at batch 8"):
+            loader()
+    finally:
+        scorer.close()
+
+
+def test_warm_up_scores_one_full_batch_through_the_decoder_or_as_pixels(model_path):
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from images.dali_decoder import DaliDecoderOptions
+    from images.pillow_decoder import PreprocessConfig
+    from transforms.inference import ScorerLoader
+
+    for decoder in (DaliDecoderOptions(device="cpu", max_batch=6, threads=1), None):
+        scorer = ScorerLoader(OnnxRuntimeLoader(model_path), decoder, PreprocessConfig())()
+        seen = []
+        real = scorer.engine.infer
+        scorer.engine.infer = lambda feed, outputs=None: seen.append(next(iter(feed.values())).shape) or \
+            real(feed, outputs)
+        try:
+            scorer.warm_up(6, PreprocessConfig())
+        finally:
+            scorer.close()
+        assert seen == [(6, 224, 224, 3)]
