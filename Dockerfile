@@ -137,7 +137,7 @@ RUN python3 -m pip install \
  && { [ -z "$missing" ] || { echo "onnxruntime-gpu ${ONNXRUNTIME_GPU_VERSION}'s CUDA provider links libraries this image lacks (built for another CUDA major?): $missing" >&2; exit 1; }; } \
  && python3 -c "import apache_beam, sys, tensorrt, nvidia.dali, onnxruntime, engines.tensorrt, images.dali_decoder, engines.tensorrt.recipe, pipelines.classify_images; \
 assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers(); \
-from engines.tensorrt import cuda; cuda.cudart(); \
+from engines import cuda; cuda.cudart(); \
 assert apache_beam.__version__ == '${BEAM_VERSION}', apache_beam.__version__; \
 from pipelines.launch_checks import image_versions; v = image_versions(); \
 assert apache_beam.__version__ == v.beam and '%d.%d' % sys.version_info[:2] == v.python, (v, apache_beam.__version__); \

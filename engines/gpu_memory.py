@@ -54,7 +54,7 @@ def free_memory(device: int) -> Tuple[int, int]:
         ImportError: cuda-python is missing (the message names the fix).
         EngineError: the CUDA call failed.
     """
-    from engines.tensorrt.cuda import check, cudart, set_device
+    from engines.cuda import check, cudart, set_device
 
     set_device(device)
     free, total = check(cudart().cudaMemGetInfo(), "cudaMemGetInfo")

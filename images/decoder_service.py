@@ -62,7 +62,7 @@ class _BufferPool:
 
     def take(self):
         """A free buffer, or a new one (``cudaMalloc`` on the calling thread's current GPU)."""
-        from engines.tensorrt.cuda import DeviceBuffer
+        from engines.cuda import DeviceBuffer
 
         with self._lock:
             if self._closed:
@@ -188,7 +188,10 @@ class DecoderService:
 
         Args:
             batches: Each a :class:`DecodeInput`.
-            ahead: Batches submitted before the one taken is used. Default: the decoder's ``prefetch``.
+            ahead: Batches submitted before the one taken is used. Default: all of them at once, so the
+                decoder's prefetch queue holds this call's next batches while its engine runs the first
+                (submitted one at a time, the decoder's queue was often empty when it looked for the next
+                batch, and it decoded each only once asked for).
 
         Yields:
             One :class:`DecodedBatch` per batch, ``seconds`` the time this caller waited for it. Its
@@ -198,7 +201,8 @@ class DecoderService:
         Raises:
             EngineError: as :meth:`submit`, or what decoding the batch raised (the GPU ran out of memory).
         """
-        ahead = max(1, ahead or self.options.prefetch)
+        batches = list(batches)
+        ahead = max(1, ahead or len(batches))
         pending: "collections.deque" = collections.deque()
         source = iter(batches)
 
@@ -243,7 +247,7 @@ class DecoderService:
     def _serve(self) -> None:
         try:
             if self.options.device == "gpu":
-                from engines.tensorrt.cuda import Stream, set_device
+                from engines.cuda import Stream, set_device
 
                 set_device(self.options.device_id)  # buffers and copies on the decoder's GPU
                 self._stream = Stream()
@@ -309,7 +313,7 @@ class DecoderService:
         images = decoded.images
         if isinstance(images, np.ndarray) or not hasattr(images, "data_ptr"):
             return decoded
-        from engines.tensorrt.cuda import copy_d2d_async
+        from engines.cuda import copy_d2d_async
 
         shape = tuple(int(d) for d in images.shape())
         nbytes = int(np.prod(shape))

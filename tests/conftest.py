@@ -143,7 +143,7 @@ def no_tensorrt(monkeypatch):
     """As on a laptop: importing tensorrt, tensorrt_lean, cuda or cupy fails."""
     for name in ("tensorrt", "tensorrt_lean", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cupy"):
         monkeypatch.setitem(sys.modules, name, None)
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     monkeypatch.setattr(cuda, "_cudart", None)
 

@@ -17,13 +17,13 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from engines.base import EngineError
-from engines.tensorrt import cuda as real_cuda
+from engines import cuda as real_cuda
 
 
 # ---------------------------------------------------------------- CUDA ---------
 
 class FakeCuda:
-    """Replaces the allocation, copy, stream and graph functions of engines.tensorrt.cuda."""
+    """Replaces the allocation, copy, stream and graph functions of engines.cuda."""
 
     def __init__(self, name: str = "NVIDIA L4", cc: Tuple[int, int] = (8, 9), graphs_work: bool = True):
         self.memory: Dict[int, np.ndarray] = {}
@@ -143,9 +143,9 @@ class FakeDeviceArray:
 
 
 class FakeCudart:
-    """The subset of ``cuda.bindings.runtime`` that engines.tensorrt.cuda's classes call, recording frees.
+    """The subset of ``cuda.bindings.runtime`` that engines.cuda's classes call, recording frees.
 
-    Install with ``monkeypatch.setattr(engines.tensorrt.cuda, "_cudart", FakeCudart())``; results are
+    Install with ``monkeypatch.setattr(engines.cuda, "_cudart", FakeCudart())``; results are
     ``(cudaError_t, *values)`` tuples like cuda-python's.
     """
 

@@ -89,12 +89,12 @@ class _OnGpu(Engine):
 
 
 def test_the_decoder_sits_on_its_engines_gpu(monkeypatch):
-    from images import dali_decoder
+    from images import decoder_service
     from images.dali_decoder import DaliDecoderOptions
     from transforms.inference import ScorerLoader
 
     built = []
-    monkeypatch.setattr(dali_decoder, "DaliDecoder", lambda options: built.append(options) or object())
+    monkeypatch.setattr(decoder_service, "DecoderService", lambda options, name: built.append(options) or object())
     for gpu in (1, 0):
         ScorerLoader(lambda gpu=gpu: _OnGpu(gpu), DaliDecoderOptions(device="gpu", device_id=0))()
     assert [o.device_id for o in built] == [1, 0]
@@ -160,7 +160,7 @@ def test_gpus_are_counted_with_the_cuda_python_12_4_module_layout(monkeypatch):
     "no CUDA device is visible" on a GPU machine while the TensorRT engine (which had the fallback) ran."""
     from engines import devices
     from images.dali_decoder import gpu_decode_unavailable
-    from engines.tensorrt import cuda as trt_cuda
+    from engines import cuda as trt_cuda
 
     old = _old_cuda_python(monkeypatch, count=2)
     monkeypatch.setattr(trt_cuda, "_cudart", None)

@@ -303,7 +303,7 @@ def test_load_without_gpu_fails_cleanly_before_the_runtime():
     """Real lean runtime + real cuda-python on this GPU-less machine: a clear error, no segfault."""
     lean = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean-cu13 is not installed")
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-python (cuda-bindings) is not installed")
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     if cuda.cudart().cudaGetDeviceCount()[0] == cuda.cudart().cudaError_t.cudaSuccess:
         pytest.skip("a CUDA GPU is present; this checks the no-GPU path")
@@ -500,7 +500,7 @@ def test_graph_capture_follows_a_synchronized_plain_run(monkeypatch, fake_gpu):
 
 
 def test_graph_capture_failure_is_logged_with_its_reason(monkeypatch, caplog):
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     monkeypatch.setattr(cuda, "_cudart", fakes.FakeCudart())
     stream = cuda.Stream()
@@ -508,7 +508,7 @@ def test_graph_capture_failure_is_logged_with_its_reason(monkeypatch, caplog):
     def enqueue():
         raise EngineError("execute_async_v3 failed: [ERROR] capture not supported")
 
-    with caplog.at_level(logging.WARNING, logger="engines.tensorrt.cuda"):
+    with caplog.at_level(logging.WARNING, logger="engines.cuda"):
         assert cuda.capture_graph(stream, enqueue) is None
         assert cuda.capture_graph(stream, lambda: None) is None
     assert [r.getMessage() for r in caplog.records] == [
@@ -519,7 +519,7 @@ def test_graph_capture_failure_is_logged_with_its_reason(monkeypatch, caplog):
 
 
 def test_cuda_resources_are_freed_when_collected(monkeypatch):
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     rt = fakes.FakeCudart()
     monkeypatch.setattr(cuda, "_cudart", rt)

@@ -2,7 +2,7 @@
 
 Importing this package imports neither TensorRT nor CUDA; they are loaded inside the
 functions that need them (``engines.tensorrt._trt.import_tensorrt``,
-``engines.tensorrt.cuda.cudart``). See docs/tensorrt.md.
+``engines.cuda.cudart``). See docs/tensorrt.md.
 
     plan = EngineFromOnnx("model.onnx", BuildOptions(profiles=(Profile(1, 64, 256),)))()   # build
     with TensorRTEngine(EngineFromBytes(plan)) as engine:                                 # load + run

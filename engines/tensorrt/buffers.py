@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import numpy as np
 
 from engines.base import EngineError, array_info
-from engines.tensorrt import cuda
+from engines import cuda
 
 _LOG = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Union
 from engines import storage
 from engines.tensorrt.locks import machine_lock
 from engines.base import EngineError
-from engines.tensorrt import cuda
+from engines import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, version_tuple
 from engines.model_adapter import convert_to_fp16
 from engines.tensorrt.options import BuildOptions

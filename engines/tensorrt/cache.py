@@ -46,7 +46,7 @@ class BuildTarget:
     @classmethod
     def detect(cls, device: int = 0) -> "BuildTarget":
         """This machine's GPU ``device`` and installed TensorRT (full or lean)."""
-        from engines.tensorrt import cuda
+        from engines import cuda
         from engines.tensorrt._trt import import_tensorrt
 
         trt = import_tensorrt(lean_ok=True)

@@ -14,7 +14,7 @@ import logging
 from typing import Any, Optional
 
 from engines.base import EngineError
-from engines.tensorrt import cuda
+from engines import cuda
 from engines.tensorrt._trt import capturing_logger, import_tensorrt, is_lean, version_tuple
 from engines.tensorrt.plan import (PlanHeader, PlanInfo, check_plan_version, read_plan_header, serialization_version,
                                    unread_header_reason)

@@ -72,7 +72,7 @@ class TensorRTLoader:
         return read_sidecar(self.engine_path, required=False) if self.engine_path else None
 
     def _device_index(self) -> int:
-        from engines.tensorrt import cuda
+        from engines import cuda
 
         return resolve_device(self.device, cuda.device_count())
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 
 from engines.base import Engine, EngineError, Feed, Outputs, TensorSpec, array_info, check_feed
-from engines.tensorrt import cuda
+from engines import cuda
 from engines.tensorrt.buffers import ExecutionSlot, Rows, SlotPool, TensorLayout, nbytes
 from engines.tensorrt.deserialize import EngineFromBytes, LoadedEngine
 from engines.tensorrt.layout import EngineLayout, read_layout

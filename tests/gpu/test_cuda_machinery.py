@@ -64,7 +64,7 @@ def check(out, x):
 
 def is_pinned(ptr: int) -> bool:
     """True when ``ptr`` is page-locked host memory known to CUDA."""
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     rt = cuda.cudart()
     err, attrs = rt.cudaPointerGetAttributes(ptr)
@@ -75,7 +75,7 @@ def is_pinned(ptr: int) -> bool:
 
 
 def test_device_info_and_errors():
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     info = cuda.device_info(0)
     print(f"\nGPU 0: {info.name}, compute {info.compute_capability}, {info.total_memory / 2**30:.0f} GiB")
@@ -85,7 +85,7 @@ def test_device_info_and_errors():
 
 
 def test_pinned_and_device_buffers_are_what_they_claim(standin_cls):
-    from engines.tensorrt import cuda
+    from engines import cuda
 
     rt = cuda.cudart()
     slot = make_slots(standin_cls.StandIn(D), 1, 8)[0]
@@ -163,7 +163,7 @@ def test_engine_reads_device_inputs_without_a_host_round_trip(standin_cls, monke
 
     import cupy
 
-    from engines.tensorrt import cuda, deserialize, runtime
+    from engines import cuda, deserialize, runtime
     from engines.tensorrt.shapes import split_points
     from tests.gpu.cupy_standin import reference
     from tests.tensorrt_fakes import plan_bytes
@@ -236,7 +236,7 @@ def _timed(fn, repeat=3):
 
 def test_copies_and_compute_of_consecutive_batches_overlap(standin_cls):
     """Serial (one batch in flight) vs pipelined (three in flight) on the same slots and work."""
-    from engines.tensorrt import cuda
+    from engines import cuda
     from engines.tensorrt.buffers import SlotPool
 
     d = 1 << 16

@@ -176,7 +176,7 @@ def test_the_gpu_decoder_crops_height_x_width_as_pillow_does(demo):
 
 
 def _to_host(images) -> np.ndarray:
-    from engines.tensorrt.cuda import Stream, copy_d2h_async
+    from engines.cuda import Stream, copy_d2h_async
 
     cai = images.__cuda_array_interface__
     out = np.empty(cai["shape"], np.uint8)
@@ -228,7 +228,7 @@ def test_a_copy_that_does_not_fit_the_gpus_free_memory_is_refused_at_load(tmp_pa
     from engines.base import EngineError
     from engines.gpu_memory import free_memory, loader_key
     from engines.onnxruntime_engine import OnnxRuntimeLoader
-    from engines.tensorrt.cuda import DeviceBuffer
+    from engines.cuda import DeviceBuffer
     from transforms.inference import ScorerLoader
 
     monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path))  # a ledger of this test's own

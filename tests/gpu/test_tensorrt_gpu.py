@@ -21,7 +21,7 @@ def _missing():
     except ImportError as e:
         return f"needs the full TensorRT Python package (the image built from Dockerfile): {e}"
     try:
-        from engines.tensorrt import cuda
+        from engines import cuda
 
         cuda.device_count()
     except (ImportError, EngineError) as e:

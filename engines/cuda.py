@@ -1,7 +1,8 @@
 """Thin, checked wrappers over the CUDA runtime API (cuda-python's ``cuda.bindings.runtime``).
 
-Only what the runner needs: device checks, device and pinned host memory, streams,
-async copies and CUDA graphs. Every call's status is checked and turned into an
+Only what the engines and the GPU decoder need: device checks, free memory, device and pinned
+host memory, streams, async copies and CUDA graphs (the TensorRT runner, ``images.decoder_service``'s
+buffers, ``engines.gpu_memory``). Every call's status is checked and turned into an
 :class:`EngineError` naming the call. cuda-python is imported lazily.
 """
 
