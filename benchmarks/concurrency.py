@@ -23,7 +23,7 @@ import collections
 import os
 from typing import Any, Callable, Dict, Sequence
 
-from benchmarks.multi_gpu import GpuSampler, accounting, steady_rate, write_id_manifest
+from benchmarks.multi_gpu import GpuSampler, accounting, edges, steady_rate, write_id_manifest
 from pipelines.partitions import committed_rows
 
 #: (name, flags) of each configuration, the reference first.
@@ -61,7 +61,7 @@ def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str,
     out: Dict[str, Any] = {"listed": listed, "runs": {}}
     reference = None
     for name, flags in CONFIGURATIONS:
-        extra = ["--decode", "gpu", "--dali_threads", str(threads), "--progress_every_s", "1", *flags]
+        extra = ["--decode", "gpu", "--dali_threads", str(threads), "--progress_every_s", "0.5", *flags]
         with GpuSampler() as sampler:
             entry = pipeline(name, manifest, extra, {})
         log_text = open(entry["log"], errors="replace").read() if entry.get("log") else ""
@@ -70,6 +70,7 @@ def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str,
         if reference is None:
             reference = top1
         entry.update({"flags": flags, "steady": steady_rate(log_text), "gpu_samples": sampler.summary(),
+                      "edges": edges(log_text, entry.get("import_seconds"), entry.get("process_seconds")),
                       "accounting": accounting(folder, listed), "top1_vs_threads1": compare(reference, top1)})
         entry.pop("top1", None)
         out["runs"][name] = entry
@@ -78,7 +79,8 @@ def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str,
 
 def table(result: Dict[str, Any]) -> str:
     lines = ["| configuration | rows with another image's top-1 (vs threads1) | every input once | steady images/s | "
-             "run images/s | GPU memory peak (MiB) | mean GPU utilisation |", "|---|---|---|---|---|---|---|"]
+             "whole process images/s | first image / exit after last (s) | GPU memory peak (MiB) | "
+             "mean GPU utilisation |", "|---|---|---|---|---|---|---|---|"]
     for name, entry in result["runs"].items():
         cmp_ = entry["top1_vs_threads1"]
         acc = entry["accounting"]
@@ -88,5 +90,7 @@ def table(result: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {cmp_['rows_with_another_top1']:,} of {cmp_['rows']:,} | "
                      f"{'yes' if acc['every_input_once'] else 'NO'} | "
                      f"{((entry.get('steady') or {}).get('images_per_second') or 0):,.0f} | "
-                     f"{entry.get('run_images_per_second') or 0:,.0f} | {memory:,.0f} | {util} |")
+                     f"{entry.get('whole_process_images_per_second') or 0:,.0f} | "
+                     f"{(entry.get('edges') or {}).get('first_image_s', '-')} / "
+                     f"{(entry.get('edges') or {}).get('after_last_image_s', '-')} | {memory:,.0f} | {util} |")
     return "\n".join(lines)

@@ -122,6 +122,22 @@ def steady_rate(log_text: str, low: float = 0.1, high: float = 0.9) -> Optional[
             "seconds": round(t1 - t0, 2)}
 
 
+def edges(log_text: str, import_seconds: Optional[float], process_seconds: Optional[float]
+          ) -> Optional[Dict[str, float]]:
+    """Seconds from launch to the first scored image, and from the last one to the process's exit, read
+    from the progress lines (their clock starts with the run, after the imports): each is late by up to
+    one ``--progress_every_s``.
+    """
+    points = [(int(m.group(1)), float(m.group(2))) for m in _PROGRESS.finditer(log_text)]
+    if not points or points[-1][0] == 0 or import_seconds is None or process_seconds is None:
+        return None
+    total = points[-1][0]
+    first = next(t for n, t in points if n > 0)
+    last = next(t for n, t in points if n == total)
+    return {"first_image_s": round(import_seconds + first, 2),
+            "after_last_image_s": round(max(0.0, process_seconds - import_seconds - last), 2)}
+
+
 def write_id_manifest(path: str, paths: Sequence[str], repeat: int) -> int:
     """A ``uri,id`` manifest listing ``paths`` ``repeat`` times, each entry with its own id."""
     with open(path, "w", newline="") as f:

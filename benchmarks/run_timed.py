@@ -47,6 +47,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The runner's choice (Prism tried first, then FnApiRunner) is logged at INFO; keep it for the report.
     logging.getLogger("apache_beam.runners.direct.direct_runner").setLevel(logging.INFO)
+    # The project's own lines (model and decoder loads, the warm-up, the memory check) with their times.
+    for name in ("engines", "images", "transforms"):
+        logging.getLogger(name).setLevel(logging.INFO)
     start = time.monotonic()
     for name in PREIMPORT:
         importlib.import_module(name)
