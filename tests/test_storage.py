@@ -85,3 +85,24 @@ def test_read_returns_the_bytes_and_leaves_the_wording_of_errors_to_the_caller(t
         storage.read(str(tmp_path / "missing.jpg"))
     with pytest.raises(EngineError, match=r"^--labels_file not found: .*missing.txt\. Pass the path of an existing"):
         storage.read_bytes(str(tmp_path / "missing.txt"), "--labels_file")
+
+
+def test_canonical_files_spells_every_file_as_canonical_does(tmp_path, monkeypatch):
+    """The batch form resolves a folder once for its files; every spelling must still be canonical's: a
+    symlinked folder, a file that is itself a link (to another folder), '..', relative names, a file that
+    does not exist, URLs."""
+    from engines import storage
+
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "a.jpg").write_bytes(b"a")
+    (real / "sub" / "b.jpg").write_bytes(b"b")
+    (tmp_path / "linked").symlink_to(real)
+    (real / "link.jpg").symlink_to(real / "sub" / "b.jpg")
+    monkeypatch.chdir(tmp_path)
+    paths = [str(real / "a.jpg"), str(tmp_path / "linked" / "a.jpg"), str(tmp_path / "linked" / "link.jpg"),
+             str(tmp_path / "linked" / "sub" / ".." / "a.jpg"), "linked/sub/b.jpg", "real//a.jpg",
+             str(real / "missing.jpg"), "gs://Bucket/x.jpg/", "GS://b/a//b.jpg", str(tmp_path / "linked") + "/"]
+    assert storage.canonical_files(paths) == [storage.canonical(p) for p in paths]
+    assert storage.canonical_files(paths)[2] == str(real / "sub" / "b.jpg")  # the link's target, not its folder
+    assert storage.canonical_files([]) == []

@@ -99,6 +99,14 @@ def record_uri(uri: str) -> str:
         return uri
 
 
+def record_uris(uris: Sequence[str]) -> List[str]:
+    """:func:`record_uri` of each, a folder resolved once for all its files (``storage.canonical_files``)."""
+    try:
+        return storage.canonical_files(uris)
+    except (OSError, ValueError):  # one bad name: each on its own, that one kept as given
+        return [record_uri(uri) for uri in uris]
+
+
 class _CheckBatch(beam.DoFn):
     """A list of refs -> the list to score (main), one block of fingerprint records
     (``fingerprints``) and the number skipped (``skipped``), each only when not empty.
@@ -139,8 +147,10 @@ class _CheckBatch(beam.DoFn):
         refs = list(refs)
         known = self._merged(prior) if self._skip else {}
         keep, records, skipped = [], [], 0
-        for ref, fp in zip(refs, self._fingerprints(refs)):
-            uri = record_uri(ref.uri) if fp is not None else ref.uri
+        fps = self._fingerprints(refs)
+        uris = iter(record_uris([ref.uri for ref, fp in zip(refs, fps) if fp is not None]))
+        for ref, fp in zip(refs, fps):
+            uri = next(uris) if fp is not None else ref.uri
             if fp is not None and _key(fp) in known.get(uri, ()):
                 skipped += 1
                 continue
