@@ -86,14 +86,25 @@ def test_the_model_loader_warms_up_under_the_check_and_stops_a_copy_that_does_no
     from images.pillow_decoder import PreprocessConfig
     from transforms.inference import ScorerLoader
 
+    import threading
+
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
+
     gpu = FakeGpu(20 * GIB)
     ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
     monkeypatch.setattr(gpu_memory, "ledger_for", lambda device: ledger)
+    runs, real_infer = [], OnnxRuntimeEngine.infer
+    monkeypatch.setattr(OnnxRuntimeEngine, "infer", lambda self, feed, outputs=None: runs.append(
+        (threading.current_thread().name.split("_")[0], next(iter(feed.values())).shape)) or
+        real_infer(self, feed, outputs))
     loader = ScorerLoader(OnnxRuntimeLoader(model_path), DaliDecoderOptions(device="cpu", max_batch=8, threads=1),
                           PreprocessConfig(), warmup_images=8)
     scorer = loader()
     try:
         assert gpu.asked == 2 and json.loads(open(ledger.path).read()) == {loader_key(loader): 0}
+        # The engine's first full batch ran on its own thread while the decoder was built, then one went
+        # through decoder and engine.
+        assert runs == [("warm-up", (8, 224, 224, 3)), (threading.current_thread().name.split("_")[0], (8, 224, 224, 3))]
         gpu.free = GIB // 4  # below the 0 B recorded + the margin
         with pytest.raises(EngineError, match=r"GPU 0 has 0.2 GiB free .*DALI cpu decoder at batch 8"):
             loader()
