@@ -122,20 +122,26 @@ def steady_rate(log_text: str, low: float = 0.1, high: float = 0.9) -> Optional[
             "seconds": round(t1 - t0, 2)}
 
 
+_STAMPED_PROGRESS = re.compile(r"\[\+([0-9.]+) s\] progress: (\d+) images scored")
+
+
 def edges(log_text: str, import_seconds: Optional[float], process_seconds: Optional[float]
           ) -> Optional[Dict[str, float]]:
-    """Seconds from launch to the first scored image, and from the last one to the process's exit, read
-    from the progress lines (their clock starts with the run, after the imports): each is late by up to
-    one ``--progress_every_s``.
+    """Seconds from the process's start to the first scored image, and from the last one to its exit, from the
+    progress lines ``benchmarks.run_timed`` stamps with the process's clock (each late by up to one
+    ``--progress_every_s``). Without stamps, the progress lines' own clock, which starts after the imports and
+    the job's start checks: the first figure is then early and the second late by the checks' time.
     """
-    points = [(int(m.group(1)), float(m.group(2))) for m in _PROGRESS.finditer(log_text)]
-    if not points or points[-1][0] == 0 or import_seconds is None or process_seconds is None:
+    stamped = [(int(n), float(t)) for t, n in _STAMPED_PROGRESS.findall(log_text)]
+    points = stamped or [(int(m.group(1)), float(m.group(2)) + (import_seconds or 0.0))
+                         for m in _PROGRESS.finditer(log_text)]
+    if not points or points[-1][0] == 0 or process_seconds is None or (not stamped and import_seconds is None):
         return None
     total = points[-1][0]
     first = next(t for n, t in points if n > 0)
     last = next(t for n, t in points if n == total)
-    return {"first_image_s": round(import_seconds + first, 2),
-            "after_last_image_s": round(max(0.0, process_seconds - import_seconds - last), 2)}
+    return {"first_image_s": round(first, 2), "after_last_image_s": round(max(0.0, process_seconds - last), 2),
+            "clock": "process" if stamped else "progress lines"}
 
 
 def write_id_manifest(path: str, paths: Sequence[str], repeat: int) -> int:

@@ -38,12 +38,47 @@ def runinference_metrics(result) -> dict:
     return merge_distributions(query["distributions"], keep=lambda name: name.startswith("inference_"))
 
 
+def _process_age() -> float:
+    """Seconds since this process started (the interpreter's own start-up included), from /proc; 0 elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - started_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class _Stamped:
+    """stderr with each line prefixed ``[+T s]``, T the seconds since this process's start: the progress lines
+    then say when the first image was scored and the last, in the process's own clock
+    (``benchmarks.multi_gpu.edges``)."""
+
+    def __init__(self, stream, origin: float):
+        self._stream, self._origin, self._at_line_start = stream, origin, True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self._at_line_start:
+                out.append(f"[+{time.monotonic() - self._origin:.2f} s] ")
+            out.append(piece)
+            self._at_line_start = piece.endswith("\n")
+        self._stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2:
         print("usage: python -m benchmarks.run_timed RESULT.json MODULE [pipeline arguments ...]", file=sys.stderr)
         return 2
     result_path, module_name, pipeline_argv = argv[0], argv[1], argv[2:]
+    sys.stderr = _Stamped(sys.stderr, time.monotonic() - _process_age())
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The runner's choice (Prism tried first, then FnApiRunner) is logged at INFO; keep it for the report.
     logging.getLogger("apache_beam.runners.direct.direct_runner").setLevel(logging.INFO)
