@@ -17,8 +17,15 @@ temp directory, shared by the machine's processes, beside ``engines.devices``'s 
 
 Loads of processes that share a GPU thus run one after another; the configurations the docs recommend
 (one process per GPU, or ``--share_model_across_processes``) load one copy per GPU and wait for nobody.
-The figure leaves out what the engine took before the lock (its CUDA context and weights, ~0.5 GB),
-which :data:`MARGIN` covers. Nothing here imports a GPU library at import time.
+
+What the figure is not: it leaves out what the engine took before the lock (its CUDA context and weights,
+~0.5 GB) and the decoded batches waiting for their callers (at most ``images.decoder_service.MAX_BUFFERS``
+of them, 231 MB at batch 256), which :data:`MARGIN` covers. The warm-up photos are 2 Mpx; the decoder's
+buffers grow with the largest photo it decodes, so batches of much larger photos take more than recorded.
+Processes already scoring on the GPU may allocate or free memory during a load's measurement, which moves
+the figure; the ledger keeps the most a copy took, for :data:`MAX_AGE_S`. GPUs are told apart by their index
+in the process: processes of one machine that see different ``CUDA_VISIBLE_DEVICES`` share a ledger per
+index, not per card. Nothing here imports a GPU library at import time.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ GIB = 1 << 30
 #: Free memory asked for beyond what an identical copy took: its CUDA context and weights, loaded before
 #: the measurement, and the growth of batches with larger images than the warm-up's.
 MARGIN = GIB // 2
+
+#: A figure older than this is not held against a load: drivers, code and models change between days.
+MAX_AGE_S = 86400
 
 #: What to do when a copy does not fit (the error's second half).
 FIX = ("run fewer engine copies per GPU: on Dataflow one per GPU with --share_model_across_processes "
@@ -94,16 +104,28 @@ class GpuMemoryLedger:
             EngineError: the GPU's free memory is below what an identical copy took here, plus MARGIN.
         """
         import fcntl
+        import time
 
-        with open(self.path, "a+") as f:
+        try:
+            f = open(self.path, "a+")
+        except OSError as e:  # another user's ledger, a folder in its place: load, unchecked, and say so
+            _LOG.warning("cannot use the GPU memory ledger %s (%s): loading %s without the free-memory check",
+                         self.path, e, what)
+            yield
+            return
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 f.seek(0)
                 try:
                     ledger = json.loads(f.read() or "{}")
-                except ValueError:  # a torn or foreign file: start again
+                except ValueError:  # a torn file: start again
                     ledger = {}
-                took = ledger.get(key)
+                if not isinstance(ledger, dict):  # JSON, but not a ledger
+                    ledger = {}
+                entry = ledger.get(key)
+                fresh = isinstance(entry, dict) and time.time() - float(entry.get("at", 0)) < MAX_AGE_S
+                took = int(entry["bytes"]) if fresh else None
                 before, total = self._free(self.device)
                 if took is not None and before < took + MARGIN:
                     raise EngineError(
@@ -112,7 +134,8 @@ class GpuMemoryLedger:
                         f"does not fit; {FIX}")
                 yield
                 after, _ = self._free(self.device)
-                ledger[key] = max(took or 0, before - after)  # the most a copy took: its need never shrinks
+                # The most a copy took (within MAX_AGE_S): its need never shrinks.
+                ledger[key] = {"bytes": max(took or 0, before - after), "at": time.time()}
                 f.seek(0)
                 f.truncate()
                 f.write(json.dumps(ledger))

@@ -171,6 +171,8 @@ def canonical_files(paths: Sequence[str]) -> List[str]:
         if is_url(path):
             out.append(canonical(path))
             continue
+        if "\0" in path:
+            raise ValueError(f"embedded null byte in {path!r}")  # as os.path.realpath says
         full = os.path.abspath(path)
         folder, name = os.path.split(full)
         if not name or os.path.islink(full):

@@ -40,52 +40,70 @@ _LOG = logging.getLogger(__name__)
 _STOP = None  # the request that ends a service's thread
 
 
-class _BufferPool:
-    """Device buffers of one size, reused: ``cudaFree`` synchronizes the whole device, so buffers are
-    kept for the next batch rather than freed after each.
+#: Most device buffers a decoder's pool makes: decoded batches waiting for their callers or in their engine
+#: calls. Each is one batch (38.5 MB at 256 x 224 x 224 x 3); when all are out the decoder waits for one to
+#: come back, so a decoder's buffers stay within the GPU memory check's margin (``engines.gpu_memory``).
+MAX_BUFFERS = 6
 
-    Shared state: the free list and the count, guarded by one lock (buffers are taken on the service's
+
+class _BufferPool:
+    """Device buffers of one size, reused (``cudaFree`` synchronizes the whole device), at most ``cap``.
+
+    Shared state: the free list and the count, guarded by one condition (buffers are taken on the service's
     thread and given back on the callers').
     """
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, cap: int = MAX_BUFFERS):
         self.nbytes = nbytes
-        self._lock = threading.Lock()
+        self.cap = cap
+        self._changed = threading.Condition()
         self._free: List = []
         self._all: List = []
         self._closed = False
 
     @property
     def allocated(self) -> int:
-        with self._lock:
+        with self._changed:
             return len(self._all)
 
-    def take(self):
-        """A free buffer, or a new one (``cudaMalloc`` on the calling thread's current GPU)."""
+    def _new(self):
         from engines.cuda import DeviceBuffer
 
-        with self._lock:
-            if self._closed:
-                raise EngineError("the decoder is closed: the scorer was closed while scoring")
-            if self._free:
-                return self._free.pop()
-        buffer = DeviceBuffer(self.nbytes)
-        with self._lock:
+        return DeviceBuffer(self.nbytes)  # on the calling thread's current GPU
+
+    def take(self):
+        """A free buffer, a new one while under the cap, else the next one given back.
+
+        Raises:
+            EngineError: the pool is closed.
+        """
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise EngineError("the decoder is closed: the scorer was closed while scoring")
+                if self._free:
+                    return self._free.pop()
+                if len(self._all) < self.cap:
+                    break
+                self._changed.wait()
+            buffer = self._new()
             self._all.append(buffer)
-        return buffer
+            return buffer
 
     def give_back(self, buffer) -> None:
-        with self._lock:
+        with self._changed:
             if not self._closed:
                 self._free.append(buffer)
+                self._changed.notify()
                 return
         buffer.free()  # the pool closed while the caller held it
 
     def close(self) -> None:
         """Frees the free buffers now; the ones callers hold are freed as they come back."""
-        with self._lock:
+        with self._changed:
             self._closed = True
             free, self._free = self._free, []
+            self._changed.notify_all()
         for buffer in free:
             buffer.free()
 
@@ -140,8 +158,9 @@ class DecoderService:
         self.options = options
         self._decoder = DaliDecoder(options)
         self._requests: "queue.Queue" = queue.Queue()
-        self._closing = threading.Lock()  # guards _closed against a submit racing close()
+        self._closing = threading.Lock()  # guards _closed and _failure against a submit racing them
         self._closed = False
+        self._failure: Optional[BaseException] = None  # why the thread stopped, if it did on its own
         crop_h, crop_w = options.crop_size
         self._pool = _BufferPool(options.max_batch * crop_h * crop_w * 3) if options.device == "gpu" else None
         self._stream = None  # the copy stream, made on the service's thread (on the decoder's GPU)
@@ -178,10 +197,18 @@ class DecoderService:
             raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._closing:
+            if self._failure is not None:
+                raise EngineError(f"the DALI decoder thread stopped: {self._failure!r}") from self._failure
             if self._closed:
                 raise EngineError("the decoder is closed: the scorer was closed while scoring")
             self._requests.put((batch, future))
         return future
+
+    @property
+    def alive(self) -> bool:
+        """Whether the service takes batches (not closed, its thread not stopped by an error)."""
+        with self._closing:
+            return not self._closed and self._failure is None
 
     def decode(self, batches: Sequence[DecodeInput], ahead: Optional[int] = None) -> Iterator[DecodedBatch]:
         """Decodes ``batches`` in order, up to ``ahead`` of the one being used submitted to the service.
@@ -219,7 +246,11 @@ class DecoderService:
                 future = pending.popleft()
                 start = time.perf_counter()
                 decoded = future.result()
-                fill()  # the next batch is queued before this one is used
+                try:
+                    fill()  # the next batch is queued before this one is used
+                except BaseException:
+                    release(decoded.images)  # never handed out: nobody else would release it
+                    raise
                 yield decoded._replace(seconds=time.perf_counter() - start)
         finally:
             for future in pending:  # a stream closed early: its queued batches are released when done
@@ -236,11 +267,14 @@ class DecoderService:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=60)
         if self._thread.is_alive():
-            _LOG.warning("the DALI decoder thread did not stop within 60 s")
-        else:
-            self._decoder.close()
+            _LOG.warning("the DALI decoder thread did not stop within 60 s; its decoder is left to it")
+            return
+        self._decoder.close()
         if self._pool is not None:
             self._pool.close()
+        if self._stream is not None:
+            self._stream.destroy()
+            self._stream = None
 
     # The service's thread.
 
@@ -256,10 +290,10 @@ class DecoderService:
                 if first is _STOP:
                     break
                 self._run_stream(first)
-        except BaseException as e:  # the thread cannot go on: fail every request still waiting
-            _LOG.error("the DALI decoder thread stopped: %s", e)
+        except BaseException as e:  # the thread cannot go on: every request waiting, and later ones, get why
+            _LOG.error("the DALI decoder thread stopped: %r", e)
             with self._closing:
-                self._closed = True
+                self._failure = e
             self._fail_waiting(e)
 
     def _fail_waiting(self, error: BaseException) -> None:
@@ -273,15 +307,16 @@ class DecoderService:
 
     def _run_stream(self, first) -> None:
         """Decodes the requests waiting now, in order, as one decoder stream (prefetching across callers);
-        the stream ends when the queue is empty after a take, and the next request starts another."""
-        fed: List = []  # the requests fed to the decoder, in order
+        the stream ends when the queue is empty after a take, and the next request starts another.
+
+        Every request taken off the queue is answered: with its batch, or with the error that ended the
+        stream (raised again when it is not an ``Exception``, which stops the thread)."""
+        fed: List = [first]  # the requests taken off the queue for this stream, in order
         answered = 0
 
         def source():
-            item = first
+            yield first[0]
             while True:
-                fed.append(item)
-                yield item[0]
                 try:
                     item = self._requests.get_nowait()
                 except queue.Empty:
@@ -289,6 +324,8 @@ class DecoderService:
                 if item is _STOP:
                     self._requests.put(_STOP)  # the outer loop stops after this stream
                     return
+                fed.append(item)
+                yield item[0]
 
         try:
             for decoded in self._decoder.decode(source()):
@@ -296,13 +333,17 @@ class DecoderService:
                 answered += 1
                 try:
                     owned = self._owned(decoded)
-                except BaseException as e:  # a failed copy fails this batch alone
-                    future.set_exception(e if isinstance(e, EngineError) else
-                                         EngineError(f"copying a decoded batch out of DALI failed: {e}"))
+                except Exception as e:  # a failed copy fails this batch alone
+                    error = e if isinstance(e, EngineError) else EngineError(
+                        f"copying a decoded batch out of DALI failed: {e}")
+                    error.__cause__ = None if error is e else e
+                    future.set_exception(error)
                     continue
                 future.set_result(owned)
-        except BaseException as e:  # the decoder raised (out of memory, a batch not its own): every
-            for _, future in fed[answered:]:  # request of this stream not yet answered gets the error
+        except BaseException as e:  # the decoder raised (out of memory, a rebuild that failed, a batch not
+            if fed[answered:]:      # its own): every request of this stream not yet answered gets the error
+                _LOG.warning("the DALI decoder failed %d batch(es): %s", len(fed) - answered, e)
+            for _, future in fed[answered:]:
                 future.set_exception(e)
             if not isinstance(e, Exception):
                 raise
@@ -366,8 +407,10 @@ class Decoders:
             raise
 
     def decode(self, batches: Sequence[DecodeInput], ahead: Optional[int] = None) -> Iterator[DecodedBatch]:
-        """As :meth:`DecoderService.decode`, on the service with the fewest batches waiting."""
-        service = min(self.services, key=lambda s: s.waiting)
+        """As :meth:`DecoderService.decode`, on the working service with the fewest batches waiting (a
+        stopped one's queue is empty: it would draw every call and fail each)."""
+        working = [s for s in self.services if s.alive] or self.services  # none: the first says why
+        service = min(working, key=lambda s: s.waiting)
         return service.decode(batches, ahead)
 
     def close(self) -> None:

@@ -3,8 +3,8 @@
 :class:`ImageScorer` is what the image pipeline's model handler loads: one engine and (for
 ``--decode gpu`` or ``dali_cpu``) DALI decoders on the same GPU, each on a thread of its own serving
 every caller's batches (``images.decoder_service.Decoders``). A batch arrives as CPU-decoded pixels
-and/or encoded files; encoded files are submitted up to ``prefetch`` batches ahead, so the GPU
-decodes the next batch (this caller's or another's) while the engine runs the current one, and the
+and/or encoded files; a call submits all its encoded batches at once, so the GPU decodes the next
+batch (this caller's or another's) while the engine runs the current one, and the
 engine reads the decoded batch where it is (``__cuda_array_interface__``, a buffer the call owns until
 its engine call returns): no host round trip of pixels. Only the requested outputs (the logits) are
 copied back. No Beam here.
@@ -230,21 +230,28 @@ class ImageScorer:
         self.engine.close()
 
 
+#: The warm-up photo's (width, height).
+WARM_UP_SIZE = (1600, 1200)
+
+
 @functools.lru_cache(maxsize=4)
 def _warm_up_photo(config: PreprocessConfig) -> Tuple[bytes, Tuple[float, float, float, float]]:
-    """A 640 x 480 JPEG with detail in it (a gradient and noise: Huffman decoding has work to do), and its
-    crop box."""
+    """A 1600 x 1200 JPEG (2 Mpx, a common web photo) with detail in it (a gradient and noise: Huffman
+    decoding has work to do), and its crop box. The decoder's buffers grow with the largest photo it has
+    decoded, so the GPU memory a warm-up measures is what batches of photos up to this size take."""
     import io
 
     from PIL import Image
 
+    width, height = WARM_UP_SIZE
     rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:480, 0:640]
-    pixels = np.stack([x * 255 // 639, y * 255 // 479, (x + y) * 255 // 1118], axis=-1)
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 255 // (width + height - 2)],
+                      axis=-1)
     pixels = np.clip(pixels + rng.integers(-40, 41, pixels.shape), 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return buf.getvalue(), tuple(crop_box(640, 480, config))
+    return buf.getvalue(), tuple(crop_box(width, height, config))
 
 
 def _check_decoded(batch, files: int) -> None:

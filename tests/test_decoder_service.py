@@ -144,3 +144,106 @@ def test_a_decoder_that_cannot_be_built_fails_at_construction_and_leaves_no_thre
     with pytest.raises(EngineError, match="cannot build the DALI gpu decoder"):
         Decoders(_options(device="gpu", device_id=99), 2)
     assert threading.active_count() == before
+
+
+class _Broken(Exception):
+    pass
+
+
+def test_a_request_taken_when_the_decoder_cannot_rebuild_fails_instead_of_hanging(batches, alone):
+    """An out-of-memory failure drops the DALI pipeline; when the next stream's rebuild fails too, the request
+    that started that stream must get the error (its caller waited forever before), and the next one decodes."""
+    from images.decoder_service import DecoderService
+
+    service = DecoderService(_options())
+    decoder = service._decoder
+    real_build = decoder._build
+    try:
+        decoder._pipe = None  # what DaliDecoder._broken leaves behind
+
+        def build():
+            raise EngineError("cannot build the DALI gpu decoder (CUDA error: out of memory)")
+
+        decoder._build = build
+        with pytest.raises(EngineError, match="out of memory"):
+            service.submit(batches[0]).result(HANG_S / 3)
+        decoder._build = real_build
+        assert _same(service.submit(batches[1]).result(HANG_S), alone[1])
+    finally:
+        service.close()
+
+
+def test_when_the_decoder_thread_dies_its_callers_get_the_cause_and_close_frees_the_decoder(batches):
+    from images.decoder_service import DecoderService
+
+    service = DecoderService(_options())
+
+    def dying(source):  # any BaseException on the thread: a failed cudaSetDevice, an interpreter exit
+        next(iter(source))
+        raise SystemExit("the thread was told to exit")
+        yield
+
+    service._decoder.decode = dying
+    with pytest.raises(SystemExit):
+        service.submit(batches[0]).result(HANG_S / 3)
+    service._thread.join(HANG_S / 3)
+    assert not service._thread.is_alive()
+    with pytest.raises(EngineError, match="the DALI decoder thread stopped.*told to exit"):
+        service.submit(batches[1])
+    service.close()
+    assert service._decoder._pipe is None  # closed, not left for the garbage collector
+
+
+def _counting_service(options, pool_cap=None):
+    """A service whose decoded batches are held in stand-in device buffers (no GPU here), counted."""
+    from images.decoder_service import DecoderService, DeviceImages, _BufferPool
+
+    class Service(DecoderService):
+        def _owned(self, decoded):
+            buffer = self._pool.take()
+            return decoded._replace(images=DeviceImages(self._pool, buffer, np.asarray(decoded.images).shape))
+
+    class Pool(_BufferPool):
+        made = 0
+        given_back = 0
+
+        def _new(self):
+            Pool.made += 1
+            return type("Buffer", (), {"ptr": 1, "free": lambda self: None})()
+
+        def give_back(self, buffer):
+            Pool.given_back += 1
+            super().give_back(buffer)
+
+    service = Service(options)
+    service._pool = Pool(64, **({"cap": pool_cap} if pool_cap else {}))
+    return service, Pool
+
+
+def test_a_stream_that_cannot_queue_its_next_batch_releases_the_one_it_had_decoded(batches):
+    from images.dali_decoder import DecodeInput
+
+    service, pool = _counting_service(_options())
+    too_many = DecodeInput(list(batches[0].encoded) * 2, list(batches[0].boxes) * 2)
+    try:
+        with pytest.raises(EngineError, match="a decode batch holds 1..4 images"):
+            list(service.decode([batches[0], too_many], ahead=1))
+    finally:
+        service.close()
+    assert pool.made == 1 and pool.given_back == 1
+
+
+def test_the_buffers_are_capped_and_the_decoder_waits_for_one_to_come_back(batches, alone):
+    service, pool = _counting_service(_options(), pool_cap=2)
+    try:
+        futures = [service.submit(b) for b in batches[:3]]
+        first, second = futures[0].result(HANG_S), futures[1].result(HANG_S)
+        with pytest.raises(TimeoutError):
+            futures[2].result(2)  # both buffers are held: the third batch waits
+        first.images.release()
+        third = futures[2].result(HANG_S)
+        assert pool.made == 2 and list(third.index) == alone[2][1]
+        second.images.release()
+        third.images.release()
+    finally:
+        service.close()

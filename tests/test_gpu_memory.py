@@ -33,7 +33,7 @@ def test_the_first_copy_records_what_it_took_and_a_copy_that_would_not_fit_is_re
     gpu = FakeGpu(22 * GIB)
     ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
     _load(ledger, gpu)  # nothing recorded yet: it loads, and takes 7 GiB
-    assert json.loads(open(ledger.path).read()) == {"model-a": 7 * GIB}
+    assert json.loads(open(ledger.path).read())["model-a"]["bytes"] == 7 * GIB
     _load(ledger, gpu)  # 15 GiB free >= 7 + 0.5: it fits
     assert gpu.free == 8 * GIB
     _load(ledger, gpu, takes=GIB)  # 8 GiB free: the third copy fits; the ledger keeps the most, 7 GiB
@@ -62,7 +62,7 @@ def test_a_torn_ledger_is_started_again(tmp_path):
     ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
     open(ledger.path, "w").write("{not json")
     _load(ledger, gpu, takes=GIB)
-    assert json.loads(open(ledger.path).read()) == {"model-a": GIB}
+    assert json.loads(open(ledger.path).read())["model-a"]["bytes"] == GIB
 
 
 def test_the_key_names_every_field_of_the_loader(model_path):
@@ -101,7 +101,7 @@ def test_the_model_loader_warms_up_under_the_check_and_stops_a_copy_that_does_no
                           PreprocessConfig(), warmup_images=8)
     scorer = loader()
     try:
-        assert gpu.asked == 2 and json.loads(open(ledger.path).read()) == {loader_key(loader): 0}
+        assert gpu.asked == 2 and json.loads(open(ledger.path).read())[loader_key(loader)]["bytes"] == 0
         # The engine's first full batch ran on its own thread while the decoder was built, then one went
         # through decoder and engine.
         assert runs == [("warm-up", (8, 224, 224, 3)), (threading.current_thread().name.split("_")[0], (8, 224, 224, 3))]
@@ -130,3 +130,69 @@ def test_warm_up_scores_one_full_batch_through_the_decoder_or_as_pixels(model_pa
         finally:
             scorer.close()
         assert seen == [(6, 224, 224, 3)]
+
+
+def _decoder_threads():
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("dali-decoder") and t.is_alive()]
+
+
+def test_a_load_that_fails_after_its_decoders_were_built_leaves_no_decoder_running(tmp_path, model_path, monkeypatch):
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
+    from engines import gpu_memory
+    from engines.onnxruntime_engine import OnnxRuntimeLoader
+    from images.dali_decoder import DaliDecoderOptions
+    from images.pillow_decoder import PreprocessConfig
+    from transforms.inference import ScorerLoader
+
+    options = DaliDecoderOptions(device="cpu", max_batch=2, threads=1)
+    before = _decoder_threads()
+    calls = []
+
+    def free(device):  # the measurement after the load fails (cudaMemGetInfo after a launch failure)
+        calls.append(device)
+        if len(calls) == 2:
+            raise EngineError("cudaMemGetInfo failed: cudaErrorLaunchFailure")
+        return 20 * GIB, 24 * GIB
+
+    monkeypatch.setattr(gpu_memory, "ledger_for", lambda device: GpuMemoryLedger(0, str(tmp_path), free=free))
+    with pytest.raises(EngineError, match="cudaErrorLaunchFailure"):
+        ScorerLoader(OnnxRuntimeLoader(model_path), options, PreprocessConfig(), warmup_images=2)()
+    assert _decoder_threads() == before
+
+    class TwoInputs:  # refused by the scorer after the decoders are built, on the path without a check
+        kind = "fake"
+
+        def input_names(self):
+            return ["a", "b"]
+
+        def device_index(self):
+            return None
+
+        def close(self):
+            pass
+
+    with pytest.raises(EngineError, match="the model has 2"):
+        ScorerLoader(lambda: TwoInputs(), options, PreprocessConfig())()
+    assert _decoder_threads() == before
+
+
+def test_a_ledger_that_cannot_be_used_is_started_again_or_skipped_and_old_figures_expire(tmp_path, monkeypatch):
+    import time
+
+    gpu = FakeGpu(10 * GIB)
+    ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
+    open(ledger.path, "w").write("[1, 2]")  # JSON, but not a ledger
+    _load(ledger, gpu, takes=GIB)
+    assert json.loads(open(ledger.path).read())["model-a"]["bytes"] == GIB
+    # A figure from more than a day ago says nothing about today's code and drivers: it is not held against a load.
+    stale = {"model-a": {"bytes": 30 * GIB, "at": time.time() - 2 * 86400}}
+    open(ledger.path, "w").write(json.dumps(stale))
+    _load(ledger, gpu, takes=GIB)  # 9 GiB free < 30 GiB, but stale
+    assert json.loads(open(ledger.path).read())["model-a"]["bytes"] == GIB
+    # A ledger that cannot be opened (another user's file, a folder in its place): the copy loads unchecked.
+    blocked = GpuMemoryLedger(2, str(tmp_path), free=gpu)
+    (tmp_path / "engines-gpu2-memory.json").mkdir()
+    _load(blocked, gpu, takes=GIB)
+    assert gpu.free == 7 * GIB  # three copies of 1 GiB loaded

@@ -106,3 +106,14 @@ def test_canonical_files_spells_every_file_as_canonical_does(tmp_path, monkeypat
     assert storage.canonical_files(paths) == [storage.canonical(p) for p in paths]
     assert storage.canonical_files(paths)[2] == str(real / "sub" / "b.jpg")  # the link's target, not its folder
     assert storage.canonical_files([]) == []
+
+
+def test_canonical_files_refuses_a_nul_byte_as_canonical_does():
+    import pytest
+
+    from engines import storage
+
+    with pytest.raises(ValueError):
+        storage.canonical("/tmp/a\0b.jpg")
+    with pytest.raises(ValueError):
+        storage.canonical_files(["/tmp/ok.jpg", "/tmp/a\0b.jpg"])

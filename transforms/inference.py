@@ -79,6 +79,7 @@ class ScorerLoader:
 
         engine = self.engine_loader()
         fallback = functools.partial(preprocess_image, config=self.preprocess) if self.preprocess else None
+        decoders = None  # closed with the engine if anything after their build fails
         try:
             ledger = gpu_memory.ledger_for(engine.device_index()) if self.warmup_images else None
             checked = ledger.loading(gpu_memory.loader_key(self), self._describe(engine)) if ledger \
@@ -86,7 +87,8 @@ class ScorerLoader:
             with checked:
                 start = time.perf_counter()
                 if ledger is None:
-                    scorer = ImageScorer(engine, self._decoders(engine), fallback)
+                    decoders = self._decoders(engine)
+                    scorer = ImageScorer(engine, decoders, fallback)
                 else:
                     # The engine's first full batch (ONNX Runtime's convolution search: ~2 s on an H100 host)
                     # runs while the decoder builds (~2 s, mostly Python under the GIL; the engine's run is
@@ -95,24 +97,16 @@ class ScorerLoader:
                         engine_warm = pool.submit(ImageScorer(engine).warm_up, self.warmup_images, self.preprocess)
                         try:
                             decoders = self._decoders(engine)
-                        except BaseException:
-                            concurrent.futures.wait([engine_warm])  # the engine is closed below, not while it runs
-                            raise
-                        try:
-                            engine_warm.result()
-                        except BaseException:
-                            if decoders is not None:
-                                decoders.close()
-                            raise
+                        finally:
+                            concurrent.futures.wait([engine_warm])  # nothing is closed while it runs
+                        engine_warm.result()
                     scorer = ImageScorer(engine, decoders, fallback)
-                    try:
-                        scorer.warm_up(self.warmup_images, self.preprocess)
-                    except BaseException:
-                        scorer.close()
-                        raise
+                    scorer.warm_up(self.warmup_images, self.preprocess)
                     _LOG.info("decoder built and warmed up with a batch of %d in %.2f s", self.warmup_images,
                               time.perf_counter() - start)
         except BaseException:
+            if decoders is not None:
+                decoders.close()
             engine.close()
             raise
         return scorer
