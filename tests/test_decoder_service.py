@@ -247,3 +247,17 @@ def test_the_buffers_are_capped_and_the_decoder_waits_for_one_to_come_back(batch
         third.images.release()
     finally:
         service.close()
+
+
+def test_calls_go_to_a_working_decoder_when_another_has_stopped(batches, alone):
+    from images.decoder_service import Decoders
+
+    decoders = Decoders(_options(), 2)
+    try:
+        stopped = decoders.services[0]
+        stopped._failure = RuntimeError("its thread stopped")  # as _serve records a fatal error
+        assert not stopped.alive and decoders.services[1].alive
+        assert [_same(got, alone[i]) for i, got in enumerate(decoders.decode(batches[:3]))] == [True] * 3
+        stopped._failure = None
+    finally:
+        decoders.close()
