@@ -378,6 +378,21 @@ class DaliDecoder:
             _LOG.warning("rebuilding the DALI decoder after a failed batch (rebuild %d)", self.rebuilds)
             self._build()
 
+    def checked(self, batch) -> "DecodeInput":
+        """``batch`` as a :class:`DecodeInput` (a plain sequence of encoded arrays is accepted with
+        ``crop_box="graph"``), once it is one this decoder can take.
+
+        Raises:
+            EngineError: a batch of no or too many images, or without one crop box per image.
+        """
+        if not isinstance(batch, DecodeInput):
+            batch = DecodeInput(list(batch), None)
+        if not 1 <= len(batch.encoded) <= self.options.max_batch:
+            raise EngineError(f"a decode batch holds 1..{self.options.max_batch} images, got {len(batch.encoded)}")
+        if self.options.crop_box == "host" and (batch.boxes is None or len(batch.boxes) != len(batch.encoded)):
+            raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
+        return batch
+
     def decode(self, batches: Iterable["DecodeInput"]) -> Iterator[DecodedBatch]:
         """Decodes batches in order, up to ``prefetch`` ahead of the one being used.
 
@@ -413,14 +428,7 @@ class DaliDecoder:
             batch = next(source, None)
             if batch is None:
                 return False
-            if not isinstance(batch, DecodeInput):
-                batch = DecodeInput(list(batch), None)
-            if not 1 <= len(batch.encoded) <= self.options.max_batch:
-                raise EngineError(f"a decode batch holds 1..{self.options.max_batch} images, got "
-                                  f"{len(batch.encoded)}")
-            if self.options.crop_box == "host" and (batch.boxes is None or len(batch.boxes) != len(batch.encoded)):
-                raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
-            entry = [batch, None]
+            entry = [self.checked(batch), None]
             pending.append(entry)
             queue(entry)
             return True

@@ -173,10 +173,6 @@ class DecoderService:
         return self._requests.qsize()
 
     @property
-    def rebuilds(self) -> int:
-        return self._decoder.rebuilds
-
-    @property
     def buffers(self) -> int:
         """Device buffers made so far (the most batches held at once by callers or in copy)."""
         return self._pool.allocated if self._pool is not None else 0
@@ -189,12 +185,7 @@ class DecoderService:
             EngineError: a batch of no or too many images, or without crop boxes (checked here, so that a
                 bad request never reaches the stream other callers' batches share); the service is closed.
         """
-        if not isinstance(batch, DecodeInput):
-            batch = DecodeInput(list(batch), None)
-        if not 1 <= len(batch.encoded) <= self.options.max_batch:
-            raise EngineError(f"a decode batch holds 1..{self.options.max_batch} images, got {len(batch.encoded)}")
-        if self.options.crop_box == "host" and (batch.boxes is None or len(batch.boxes) != len(batch.encoded)):
-            raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
+        batch = self._decoder.checked(batch)  # on the caller's thread (reads only the decoder's options)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._closing:
             if self._failure is not None:

@@ -151,20 +151,15 @@ class ImageScorer:
                     start = time.perf_counter()
                     if decoded is not None:
                         batch = next(decoded)  # this call's own buffer until released below
-                        images = batch.images
-                        try:
-                            _check_decoded(batch, len(files))
-                        except BaseException:
-                            release(images)
-                            raise
-                        failed.update({first + i: reason for i, reason in batch.failed.items()})
-                        count = len(batch.index)
+                        images, failed_here, count = batch.images, batch.failed, len(batch.index)
                     else:
                         images, failed_here = self._decode_on_cpu(files)
-                        failed.update({first + i: reason for i, reason in failed_here.items()})
                         count = len(images)
-                    decode_s += time.perf_counter() - start
                     try:
+                        if decoded is not None:
+                            _check_decoded(batch, len(files))
+                        failed.update({first + i: reason for i, reason in failed_here.items()})
+                        decode_s += time.perf_counter() - start
                         if count:
                             start = time.perf_counter()
                             parts += self._infer(images, outputs, calls)
