@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.concurrency import compare, top1_by_uri
 from benchmarks.corpus import ensure_corpus
-from benchmarks.gpu import hidden_packages
+from benchmarks.gpu import child_pythonpath, hidden_packages
 from benchmarks.multi_gpu import accounting, edges, steady_rate, write_id_manifest
 from benchmarks.throughput import REPO_ROOT
 
@@ -54,9 +54,7 @@ def _run(args, tree: str, label: str, flags: List[str], manifest: str, listed: i
     out = os.path.join(args.output, label)
     subprocess.run(["rm", "-rf", out], check=False)
     hidden = hidden_packages(args.output, ["torch"])  # the worker image has no torch
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([hidden, tree] + ([os.environ["PYTHONPATH"]]
-                                                            if os.environ.get("PYTHONPATH") else [])))
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=child_pythonpath(hidden, tree))
     cmd = [sys.executable, "-m", "benchmarks.run_timed", out + ".json", "pipelines.classify_images", "--input",
            manifest, "--output", out, "--model", args.model, "--providers", args.providers, "--batch_size",
            str(args.batch_size), "--decode", args.decode, "--dali_threads", str(args.dali_threads), "--progress_every_s", "0.5", *flags]

@@ -215,6 +215,12 @@ def hidden_packages(output: str, names: Sequence[str]) -> Optional[str]:
     return folder
 
 
+def child_pythonpath(*first: Optional[str]) -> str:
+    """A child job's PYTHONPATH: ``first`` (the hidden packages, the checkout to run) ahead of this process's."""
+    inherited = [os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []
+    return os.pathsep.join([p for p in first if p] + inherited)
+
+
 def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "pipelines.classify_images",
               env: Optional[Dict[str, str]] = None):
     out_dir = os.path.join(args.output, name)
@@ -225,8 +231,7 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     _LOG.info("%s: %s %s", name, module, " ".join(argv))
     hidden = hidden_packages(args.output, [p for p in args.hide.split(",") if p.strip()])
     if hidden:
-        env = {**(env or {}), "PYTHONPATH": hidden + os.pathsep + REPO_ROOT + (
-            os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+        env = {**(env or {}), "PYTHONPATH": child_pythonpath(hidden, REPO_ROOT)}
     child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
     rows = committed_rows(out_dir, "predictions", missing_ok=True)
     dead = committed_rows(out_dir, "dead_letter", missing_ok=True)
