@@ -39,7 +39,7 @@ from pipelines import partitions, run_record, submission
 from pipelines.settings import RunSettings, resolve
 from pipelines.stats import ProgressPrinter
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
-from transforms.inference import ImageBatchHandler, ScorerLoader
+from transforms.inference import ImageBatchHandler, Preload, ScorerLoader
 from transforms.commit import CommitConflict
 from transforms.postprocess import FailedBatchToDeadLetters, PredictionRows
 from transforms.scored import CheckScored
@@ -47,15 +47,24 @@ from transforms.scored import CheckScored
 _LOG = logging.getLogger(__name__)
 
 
-def make_handler(settings: RunSettings) -> ImageBatchHandler:
+def make_loader(settings: RunSettings) -> ScorerLoader:
+    """The recipe of the run's model: engine, decoders, warm-up (nothing is loaded here)."""
+    return ScorerLoader(settings.recipe.loader, settings.decode.dali, settings.preprocess,
+                        max_decoders=settings.decode.max_decoders, warmup_images=settings.batch.images_per_batch)
+
+
+def make_handler(settings: RunSettings, loader: Optional[ScorerLoader] = None) -> ImageBatchHandler:
     """The image pipeline's model handler, from the run's settings (no engine is loaded here).
+
+    Args:
+        settings: The run's settings.
+        loader: The model's recipe (a :class:`transforms.inference.Preload`'s). Default: :func:`make_loader`.
 
     Raises:
         EngineError: batch settings the handler cannot take (a bug: the flags were checked).
     """
     return ImageBatchHandler(
-        ScorerLoader(settings.recipe.loader, settings.decode.dali, settings.preprocess,
-                     max_decoders=settings.decode.max_decoders, warmup_images=settings.batch.images_per_batch),
+        loader or make_loader(settings),
         settings.rows.output_names, images_per_batch=settings.batch.images_per_batch,
         batches_per_call=settings.batch.batches_per_call,
         share_across_processes=settings.share_model_across_processes, model_copies=settings.model_copies,
@@ -63,7 +72,7 @@ def make_handler(settings: RunSettings) -> ImageBatchHandler:
 
 
 def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
-                   progress_dir: Optional[str] = None) -> Any:
+                   progress_dir: Optional[str] = None, handler: Optional[ImageBatchHandler] = None) -> Any:
     """Adds the scoring transforms to ``pipeline``, ending with the commit of ``--output``.
 
     Batches, not images, travel through Beam: refs are grouped, each batch is read (and on the
@@ -77,12 +86,13 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
             handler and the sinks take their parts of it.
         plan: The run's ``transforms.commit.CommitPlan``. Default: a new run into ``--output``.
         progress_dir: Where workers of a local run publish their counts for progress lines, or None.
+        handler: The model handler. Default: :func:`make_handler`.
 
     Returns:
         (prediction row blocks, dead-letter rows) PCollections.
     """
     plan = plan or partitions.make_plan(settings)
-    handler = make_handler(settings)
+    handler = handler or make_handler(settings)
     found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch,
                                                  keep_columns=settings.keep_columns)
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces, plan.model)
@@ -125,10 +135,13 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
                     else None)
     if started is not None:
         started.set()  # the start checks are over: what fails from here on fails a running job
+    # Workers in this process: the model loads now, while the job is built and its inputs listed.
+    preload = Preload(make_loader(settings)) if settings.workers_in_process else None
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, settings, plan, progress_dir)
+        build_pipeline(pipeline, settings, plan, progress_dir,
+                       make_handler(settings, preload.loader) if preload else None)
         printer = ProgressPrinter(progress_dir, settings.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
             try:
@@ -142,6 +155,8 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
                 raise
         wall = time.monotonic() - start
     finally:
+        if preload is not None:
+            preload.close()  # a job that ended before its scoring step loaded the model
         if progress_dir:
             shutil.rmtree(progress_dir, ignore_errors=True)
     if submitted:

@@ -51,6 +51,8 @@ DEFAULT_MAX_DECODERS = 1
 #: Batches per inference call with a DALI decoder: each call decodes batch k+1 while the engine runs
 #: batch k, so only a call's first batch waits for its decode.
 GPU_DECODE_BATCHES_PER_CALL = 4
+#: Runners whose workers run in the launching process (with an in-process ``--direct_running_mode``).
+IN_PROCESS_RUNNERS = ("DirectRunner", "direct", "SwitchingDirectRunner", "FnApiRunner", "BundleBasedDirectRunner")
 LOCAL_RUNNERS = ("DirectRunner", "direct", "PrismRunner", "prism", "BundleBasedDirectRunner",
                  "SwitchingDirectRunner", "FnApiRunner")
 
@@ -289,6 +291,14 @@ class RunSettings:
     progress_every_s: float
     bigquery: Optional[bigquery.BigQueryTarget] = None
     keep_columns: Tuple[str, ...] = ()
+
+    @property
+    def workers_in_process(self) -> bool:
+        """The runner's workers run in this process and load the model here: the DirectRunner's ``in_memory``
+        and ``multi_threading`` modes, with a model of their own (not one shared across processes)."""
+        return (self.runner.split(".")[-1] in IN_PROCESS_RUNNERS
+                and self.direct_running_mode in ("in_memory", "multi_threading")
+                and not self.share_model_across_processes)
 
     def engine_record(self) -> Dict[str, Any]:
         """The engine's description for stats.json and the logs (a new dict each call)."""

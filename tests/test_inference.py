@@ -38,10 +38,16 @@ class FakeEngine(Engine):
 
     kind = "fake"
 
-    def __init__(self, extra_rows: int = 0):
+    def __init__(self, extra_rows: int = 0, log: str = ""):
+        self.log = log
         self._inputs = {"images": TensorSpec("images", np.uint8, (-1, CROP, CROP, 3))}
         self._outputs = {"logits": TensorSpec("logits", np.float32, (-1, 3))}
         self._extra_rows = extra_rows
+
+    def close(self):
+        if self.log:
+            with open(self.log, "a") as f:
+                f.write("closed\n")
 
     def infer(self, feed, outputs=None):
         rows = check_feed(self.input_specs, feed) + self._extra_rows
@@ -52,22 +58,25 @@ class FakeEngine(Engine):
 
 
 class FakeLoader:
-    """A picklable engine loader that appends a line to ``log`` each time it loads an engine."""
+    """A picklable engine loader that appends a line to ``log`` each time it loads an engine (and its engine
+    one when it is closed); ``fail`` makes the load raise that message instead."""
 
-    def __init__(self, log: str, extra_rows: int = 0):
-        self.log, self.extra_rows = log, extra_rows
+    def __init__(self, log: str, extra_rows: int = 0, fail: str = ""):
+        self.log, self.extra_rows, self.fail = log, extra_rows, fail
 
     def __call__(self):
+        if self.fail:
+            raise EngineError(self.fail)
         with open(self.log, "a") as f:
             f.write("loaded\n")
-        return FakeEngine(self.extra_rows)
+        return FakeEngine(self.extra_rows, self.log)
 
     def __repr__(self):
         return "FakeLoader()"
 
 
-def _loads(log: Path) -> int:
-    return len(log.read_text().splitlines()) if log.exists() else 0
+def _loads(log: Path, what: str = "loaded") -> int:
+    return log.read_text().splitlines().count(what) if log.exists() else 0
 
 
 def _pixels(values):
@@ -186,3 +195,55 @@ def test_bad_batch_settings_are_refused_with_the_setting_to_change(tmp_path):
     assert dict(handler.batch_elements_kwargs()) == {"min_batch_size": 3, "max_batch_size": 3}
     assert (handler.images_per_batch, handler.share_model_across_processes(), handler.model_copies()) == (8, True, 2)
     assert _loads(tmp_path / "loads.log") == 0
+
+
+def _load_in_a_fresh_process(loader) -> int:
+    """Calls ``loader`` in a process of its own (a worker of another process); the rows of one batch."""
+    scorer = loader()
+    return len(scorer.score([(_pixels([1, 2]), (), None)])[0].outputs["logits"])
+
+
+def test_a_preloaded_model_is_taken_by_the_job_in_this_process_which_loads_no_other(tmp_path):
+    from transforms.inference import Preload
+
+    log = tmp_path / "loads.log"
+    preload = Preload(ScorerLoader(FakeLoader(str(log))))
+    handler = ImageBatchHandler(pickle.loads(pickle.dumps(preload.loader)), ("logits",), images_per_batch=4)
+    with TestPipeline() as p:  # the DirectRunner's workers run in this process
+        assert_that(p | beam.Create([_batch("a", [7, 8])]) | RunInference(handler) | beam.Map(_rows),
+                    equal_to([([("/photos/a-7.jpg", 7), ("/photos/a-8.jpg", 8)], {})]))
+    assert preload.taken and _loads(log) == 1, "the job loaded a model of its own beside the preloaded one"
+    preload.close()
+    assert _loads(log, "closed") == 0, "the job's model was closed under it"
+    from engines.gpu_memory import loader_key
+
+    assert loader_key(preload.loader) == loader_key(ScorerLoader(FakeLoader(str(log)))), \
+        "the preload's token changed the key the memory check's ledger files the model under"
+
+
+def test_a_worker_in_another_process_loads_its_own_model(tmp_path):
+    import concurrent.futures
+    import multiprocessing
+
+    from transforms.inference import Preload
+
+    log = tmp_path / "loads.log"
+    preload = Preload(ScorerLoader(FakeLoader(str(log))))
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert pool.submit(_load_in_a_fresh_process, preload.loader).result(timeout=120) == 2
+    assert not preload.taken
+    preload.close()
+    assert (_loads(log), _loads(log, "closed")) == (2, 1), "the preloaded model, taken by nobody, was not closed"
+
+
+def test_a_preload_that_failed_gives_its_error_to_the_load_and_a_later_load_tries_again(tmp_path):
+    from transforms.inference import Preload
+
+    loader = ScorerLoader(FakeLoader(str(tmp_path / "loads.log"), fail="the model file is corrupt: fix it"))
+    preload = Preload(loader)
+    with pytest.raises(EngineError, match="the model file is corrupt: fix it"):
+        preload.loader()
+    assert preload.taken
+    with pytest.raises(EngineError, match="the model file is corrupt"):  # a retry loads, and fails on its own
+        preload.loader()
+    preload.close()

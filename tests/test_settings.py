@@ -198,3 +198,31 @@ def test_keep_columns_is_resolved_once_from_the_manifest_into_the_settings(model
                                          r"\); rename it in the manifest, or leave it out with --keep_columns "
                                          r"\(e\.g\. --keep_columns sku\)"):
         kept("--output_table", "my-project:scoring.predictions", "--temp_location", "gs://my-bucket/tmp")
+
+
+@pytest.mark.parametrize("flags, here", [
+    ([], True),
+    (["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"], True),
+    (["--runner", "DirectRunner", "--direct_running_mode", "in_memory"], True),
+    (["--direct_running_mode", "multi_processing", "--direct_num_workers", "4"], False),
+    (["--direct_running_mode", "multi_threading", "--share_model_across_processes"], False),
+    (["--runner", "PrismRunner"], False),
+    (["--runner", "DataflowRunner", "--project", "p", "--region", "r", "--temp_location", "gs://b/t"], False),
+])
+def test_the_model_is_preloaded_only_where_the_workers_run_in_this_process(model_path, flags, here):
+    """A preload in the launcher of workers in other processes would hold a model copy nobody uses."""
+    settings, _ = resolve(["--input", "x", "--output", "y", *flags], start_checks=False)
+    assert settings.workers_in_process is here
+
+
+def test_a_local_job_takes_the_model_it_preloaded_and_loads_no_other(corpus, tmp_path, caplog):
+    directory, good, _ = corpus
+    with caplog.at_level("INFO"):
+        stats = classify_images.run(["--input", directory, "--output", str(tmp_path / "o"), "--batch_size", "4",
+                                     "--progress_every_s", "0", "--direct_running_mode", "multi_threading",
+                                     "--direct_num_workers", "2"])
+    assert stats["predictions"] == len(good)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("preloaded the model" in m for m in messages) == 1
+    assert sum("took the model preloaded" in m for m in messages) == 1
+    assert sum(m.startswith("onnxruntime engine loaded") for m in messages) == 1, "the job loaded a second model"

@@ -16,7 +16,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 import time
+import uuid
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -60,6 +62,11 @@ class ScorerLoader:
             without a decoder (see :class:`images.scoring.ImageScorer`).
         max_decoders: DALI decoders the loaded scorer builds, each on a thread of its own decoding the
             batches of every caller (``images.decoder_service.Decoders``, ``--max_decoders``). Default 1.
+        warmup_images: On a GPU, load under the GPU memory check (``engines.gpu_memory``) and warm up with a
+            batch of this many photos. Default 0: neither.
+        preload: The token of a :class:`Preload` of this model in the launching process, or "": a load in that
+            process takes the preloaded scorer (once) instead of loading another. Not part of the recipe's
+            identity (its repr and equality, which the memory check's ledger keys on).
     """
 
     engine_loader: EngineLoader
@@ -67,6 +74,7 @@ class ScorerLoader:
     preprocess: Optional[PreprocessConfig] = None
     max_decoders: int = 1
     warmup_images: int = 0
+    preload: str = dataclasses.field(default="", compare=False, repr=False)
 
     def __post_init__(self):
         if self.max_decoders < 1:
@@ -74,6 +82,18 @@ class ScorerLoader:
                               f"{self.max_decoders}; see --max_decoders")
 
     def __call__(self):
+        if self.preload:
+            preloaded = _take_preload(self.preload)
+            if preloaded is not None:
+                start = time.perf_counter()
+                scorer = preloaded.result()  # the error its load raised, if it failed
+                _LOG.info("took the model preloaded while the job started (waited %.2f s for it)",
+                          time.perf_counter() - start)
+                return scorer
+        return self.load()
+
+    def load(self):
+        """Loads a scorer now, whatever was preloaded (what :meth:`__call__` does when there is no preload)."""
         from engines import gpu_memory
         from images.scoring import ImageScorer
 
@@ -128,6 +148,72 @@ class ScorerLoader:
         decoder = f" + {self.max_decoders} DALI {self.decoder.device} decoder{'s' * (self.max_decoders > 1)}" \
             if self.decoder is not None else ""
         return f"a {engine.kind} engine{decoder} at batch {self.warmup_images}"
+
+
+#: Preloads of this process by token (:class:`Preload`); guarded by ``_PRELOADS_LOCK``.
+_PRELOADS: Dict[str, "concurrent.futures.Future"] = {}
+_PRELOADS_LOCK = threading.Lock()
+
+
+def _take_preload(token: str) -> Optional["concurrent.futures.Future"]:
+    """The preload with ``token``, removed from the table (only one load takes it), or None."""
+    with _PRELOADS_LOCK:
+        return _PRELOADS.pop(token, None)
+
+
+class Preload:
+    """A job's model, loaded on a thread of its own while the job is built and its inputs are listed.
+
+    When the runner's workers run in the launching process (the DirectRunner's ``in_memory`` and
+    ``multi_threading`` modes), the model would load only once the scoring step starts, after the pipeline
+    is built and every input listed: seconds in which the GPU does nothing. A preload starts the load
+    at once; the first load of :attr:`loader` in this process takes the preloaded scorer, waiting for it
+    if it is still loading, or gets the error its load raised. A worker in another process finds no
+    preload there and loads its own, so the preload is for in-process runners only (the launcher would
+    hold a copy nobody uses).
+
+    Shared state: the process-wide table of preloads (``_PRELOADS``, locked); the loaded scorer belongs to
+    whichever load takes it, or to :meth:`close`.
+
+    Args:
+        loader: The job's :class:`ScorerLoader`.
+    """
+
+    def __init__(self, loader: ScorerLoader):
+        self.token = uuid.uuid4().hex
+        #: The loader to give the job's model handler: it takes this preload.
+        self.loader = dataclasses.replace(loader, preload=self.token)
+        self._future: "concurrent.futures.Future" = concurrent.futures.Future()
+        with _PRELOADS_LOCK:
+            _PRELOADS[self.token] = self._future
+        self._thread = threading.Thread(target=self._load, args=(loader,), name="model-preload", daemon=True)
+        self._thread.start()
+
+    def _load(self, loader: ScorerLoader) -> None:
+        start = time.perf_counter()
+        try:
+            scorer = loader.load()
+        except BaseException as e:  # given to the load that takes the preload, which raises it
+            self._future.set_exception(e)
+            return
+        _LOG.info("preloaded the model in %.2f s while the job started", time.perf_counter() - start)
+        self._future.set_result(scorer)
+
+    @property
+    def taken(self) -> bool:
+        """Whether a load in this process took the preloaded scorer (or its error)."""
+        with _PRELOADS_LOCK:
+            return self.token not in _PRELOADS
+
+    def close(self) -> None:
+        """Closes the preloaded scorer if no load took it (a job that ended before scoring anything), once its
+        load has finished; a scorer a load took belongs to the job. Idempotent."""
+        untaken = _take_preload(self.token)
+        if untaken is None:
+            return
+        self._thread.join()
+        if untaken.exception() is None:
+            untaken.result().close()
 
 
 def model_kind(model: Any) -> str:
@@ -188,7 +274,7 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
     def load_model(self):
         start = time.perf_counter()
         scorer = self._loader()
-        _LOG.info("loaded %s in %.2f s: %s", scorer.engine.kind, time.perf_counter() - start, scorer.describe())
+        _LOG.info("model ready (%s) in %.2f s: %s", scorer.engine.kind, time.perf_counter() - start, scorer.describe())
         return scorer
 
     def run_inference(self, batch: Sequence[Any], model: Any,
