@@ -7,6 +7,7 @@ The same job (``--providers cuda --decode gpu``) in the shapes production uses, 
 - ``threads4``: four bundle threads sharing one model in one process (``multi_threading``), their
   batches decoded by one DALI decoder on a thread of its own (``images.decoder_service``, the default);
 - ``threads4_2dec``: the same with two such decoders (``--max_decoders 2``);
+- ``threads8``, ``threads8_2dec``: eight bundle threads, with one decoder and with two;
 - ``processes4``: four SDK processes, an engine and a decoder each (``multi_processing``);
 - ``shared4``: four SDK processes sending every batch to one engine per machine through Beam's
   shared-object proxy (``--share_model_across_processes``, the documented Dataflow shape).
@@ -31,6 +32,9 @@ CONFIGURATIONS = (
     ("threads1", []),
     ("threads4", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"]),
     ("threads4_2dec", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",
+                       "--max_decoders", "2"]),
+    ("threads8", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "8"]),
+    ("threads8_2dec", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "8",
                        "--max_decoders", "2"]),
     ("processes4", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4"]),
     ("shared4", ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4",

@@ -73,6 +73,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="ONNX Runtime precision of the pipeline runs (--precision); the engine alone is measured "
                              "at fp32 and, with fp16 here, at fp16 too, so each ratio has its own ceiling. Default: "
                              "fp32.")
+    parser.add_argument("--reference_output", default=None,
+                        help="ours_gpu: the output folder of a one-thread run over the same corpus (e.g. the "
+                             "concurrency run's threads1) whose top-1 per image every ours_gpu row is checked "
+                             "against. Without it, each row is checked against its image's majority top-1 in the "
+                             "run itself (the corpus is listed --repeat times).")
     parser.add_argument("--timeout_s", type=float, default=1200.0)
     return parser.parse_args(argv)
 
@@ -259,6 +264,19 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     return entry
 
 
+def check_labels(out_dir: str, reference_dir: Optional[str]) -> Dict[str, Any]:
+    """Rows of a run whose top-1 differs from a one-thread run's for the same image (``reference_dir``),
+    or, without one, from the image's majority top-1 within the run: a batch paired with another batch's
+    images shows here as rows with another image's label, whatever the speed."""
+    from benchmarks.concurrency import compare, top1_by_uri
+
+    top1 = top1_by_uri(out_dir)
+    reference = top1_by_uri(reference_dir) if reference_dir else top1
+    missing = sorted(set(top1) - set(reference))
+    return {"against": reference_dir or "the run's own majority per image", **compare(reference, top1),
+            "images_without_reference": len(missing)}
+
+
 def table(summary: Dict[str, Any]) -> str:
     r = summary["results"]
     lines = ["| what | images/s |", "|---|---|"]
@@ -325,6 +343,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.update(measure_in_process(args, blobs, runs))
     if "ours_gpu" in runs:
         results["ours_gpu"] = _pipeline(args, "ours_gpu", manifest, ["--decode", "gpu"])
+        results["ours_gpu"]["labels"] = check_labels(os.path.join(args.output, "ours_gpu"), args.reference_output)
     if "noop_gpu" in runs:
         results["noop_gpu"] = _pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"], module="benchmarks.noop_job")
     if "ours_cpu" in runs:
@@ -382,6 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(summary["title"])
     print(table(summary))
     print("ratios:", json.dumps(ratios), "top-1 agreement:", json.dumps(top1))
+    if (results.get("ours_gpu") or {}).get("labels"):
+        print("ours_gpu rows with another top-1:", json.dumps(results["ours_gpu"]["labels"]))
     if results.get("concurrency"):
         from benchmarks.concurrency import table as concurrency_table
 
