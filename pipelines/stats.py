@@ -101,22 +101,29 @@ class ProgressPrinter:
         self._start = time.monotonic()
 
     def _loop(self):
-        last_done, last_t = 0, self._start
         while not self._stop.wait(self._every_s):
-            counts = Progress.read(self._directory)
-            done = counts.get("predictions", 0)
-            now = time.monotonic()
-            rate = (done - last_done) / max(now - last_t, 1e-9)
-            print(f"progress: {done} images scored, {counts.get('dead_letters', 0)} dead letters, "
-                  f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall "
-                  f"after {now - self._start:.1f} s"
-                  f"{slow_reads_note(self._slow_read_s)}", file=self._stream, flush=True)
-            last_done, last_t = done, now
+            self._print()
+
+    def _print(self):
+        last_done, last_t = self._last
+        counts = Progress.read(self._directory)
+        done = counts.get("predictions", 0)
+        now = time.monotonic()
+        rate = (done - last_done) / max(now - last_t, 1e-9)
+        print(f"progress: {done} images scored, {counts.get('dead_letters', 0)} dead letters, "
+              f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall "
+              f"after {now - self._start:.1f} s"
+              f"{slow_reads_note(self._slow_read_s)}", file=self._stream, flush=True)
+        self._last = (done, now)
 
     def __enter__(self):
+        self._last = (0, self._start)
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=1)
+        if not self._thread.is_alive():
+            # The final count, also for a run that ended between two lines (read only by this thread now).
+            self._print()

@@ -57,6 +57,16 @@ def test_progress_is_summed_across_processes_and_printed(tmp_path):
     assert lines[0].startswith("progress: 7 images scored, 2 dead letters, ") and "images/s" in lines[0]
 
 
+def test_progress_prints_the_final_count_when_the_run_ends_between_lines(tmp_path):
+    # A run shorter than one interval: the last line still shows every image, so a reader of the log (the
+    # benchmarks' first-image and after-last-image seconds) sees the run finish.
+    stream = io.StringIO()
+    with ProgressPrinter(str(tmp_path), every_s=3600, stream=stream):
+        Progress(str(tmp_path), every_s=0).add("predictions", 24)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("progress: 24 images scored, 0 dead letters, ")
+
+
 def test_progress_flush_publishes_counts_held_back_by_the_interval(tmp_path):
     progress = Progress(str(tmp_path / "run"), every_s=3600)
     (tmp_path / "run").mkdir()
