@@ -35,7 +35,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
 from engines.base import EngineError, UsageError
-from pipelines import partitions, run_record, submission
+from pipelines import beam_workarounds, partitions, run_record, submission
 from pipelines.settings import RunSettings, resolve
 from pipelines.stats import ProgressPrinter
 from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
@@ -135,6 +135,9 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
                     else None)
     if started is not None:
         started.set()  # the start checks are over: what fails from here on fails a running job
+    if settings.local:
+        # The DirectRunner's gRPC data channels otherwise flush on a timer, mid-element (beam_workarounds.py).
+        beam_workarounds.whole_elements_on_the_data_plane()
     # Workers in this process: the model loads now, while the job is built and its inputs listed.
     preload = Preload(make_loader(settings)) if settings.workers_in_process else None
     start = time.monotonic()

@@ -1,0 +1,50 @@
+"""Workarounds for Apache Beam defects that break a local job's output, applied by the job when it runs
+(never at import time), each with the Beam source that forces it and a test that fails without it
+(tests/test_beam_workarounds.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+_LOG = logging.getLogger(__name__)
+
+
+def whole_elements_on_the_data_plane() -> bool:
+    """Turns off the time-based flush of the gRPC data channels of the DirectRunner's SDK workers.
+
+    Why: ``--direct_running_mode multi_threading`` runs its SDK workers in this process and talks to them
+    over gRPC with ``data_buffer_time_limit_ms`` = ``worker_handlers.DATA_BUFFER_TIME_LIMIT_MS`` (1000 ms,
+    ``apache_beam/runners/portability/fn_api_runner/worker_handlers.py``; the runner's own data servicer
+    uses the same constant, in ``multi_processing`` too). Each output stream then gets a thread that flushes
+    its buffer every second (``TimeBasedBufferingClosableOutputStream`` in
+    ``apache_beam/runners/worker/data_plane.py``) without holding the lock its writer would need: a flush in
+    the middle of an element's encoding sends the element in two messages, and the runner decodes each
+    message alone. A 200,000-image job with 8 bundle threads on a GPU failed that way after its rows were
+    scored (``NotImplementedError: Invalid PaneInfoEncoding`` in ``GroupingBuffer.append``), as Beam's own
+    multi-worker gRPC tests did (https://github.com/apache/beam/issues/21104); a write between the flush's
+    ``get()`` and ``_clear()`` would lose bytes instead. With 0 the streams flush by size only, at element
+    boundaries (``maybe_flush``) and when the bundle ends, which is Beam's default for every other SDK
+    harness (``_DEFAULT_TIME_FLUSH_THRESHOLD_MS = 0``); a batch job loses nothing by it. It also spares the
+    one flusher thread per output stream per bundle (about 900 threads in a 20,000-image job).
+
+    Process-wide and idempotent: a module constant read when the runner starts its workers; a job in this
+    process sets it before its pipeline runs.
+
+    Returns:
+        True when this call changed the setting, False when it was off already or this Beam has no such
+        constant (then nothing is changed and the reason is logged).
+    """
+    try:
+        from apache_beam.runners.portability.fn_api_runner import worker_handlers
+    except ImportError as e:  # a Beam without the FnApiRunner: nothing to turn off
+        _LOG.info("no FnApiRunner worker handlers to set (%s)", e)
+        return False
+    if not hasattr(worker_handlers, "DATA_BUFFER_TIME_LIMIT_MS"):
+        _LOG.warning("this Beam's worker_handlers has no DATA_BUFFER_TIME_LIMIT_MS: the time-based flush of the "
+                     "DirectRunner's data channels is left as it is (see pipelines/beam_workarounds.py)")
+        return False
+    if worker_handlers.DATA_BUFFER_TIME_LIMIT_MS == 0:
+        return False
+    worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
+    return True
