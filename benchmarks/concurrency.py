@@ -68,13 +68,43 @@ def compare(reference: Dict[str, list], other: Dict[str, list]) -> Dict[str, Any
     return {"rows": rows, "rows_with_another_top1": differ, "share": round(differ / rows, 5) if rows else None}
 
 
+def differing_rows(reference_dir: str, other_dir: str, limit: int = 8) -> list:
+    """Up to ``limit`` rows of ``other_dir`` whose top-1 differs from the reference's majority for the image,
+    each with its top classes and scores beside the reference's, so a near tie (the same two classes, scores
+    a hair apart) reads apart from another image's prediction (unrelated classes)."""
+    reference = top1_by_uri(reference_dir)
+    majority = {uri: collections.Counter(v).most_common(1)[0][0] for uri, v in reference.items()}
+    ref_rows = {}
+    for row in committed_rows(reference_dir, "predictions", missing_ok=True):
+        if int(row["top_k"][0]["class_id"]) == majority.get(row["uri"]):
+            ref_rows.setdefault(row["uri"], row)
+    found = []
+    for row in committed_rows(other_dir, "predictions", missing_ok=True):
+        if int(row["top_k"][0]["class_id"]) != majority.get(row["uri"]) and len(found) < limit:
+            def top(r):
+                return [(int(c["class_id"]), round(float(c["score"]), 4)) for c in r["top_k"][:3]] if r else None
+            found.append({"uri": row["uri"], "id": row.get("id"), "row": top(row), "reference": top(ref_rows.get(row["uri"]))})
+    return found
+
+
+def selected(names: str = "") -> Sequence:
+    """The configurations named in a comma list (all when empty), threads1 always first: it is the reference."""
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = dict(CONFIGURATIONS)
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(known)}")
+    return [c for c in CONFIGURATIONS if not wanted or c[0] == "threads1" or c[0] in wanted]
+
+
 def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str, Any]:
-    """Runs every configuration; ``pipeline(name, manifest, extra_flags, env)`` runs one job."""
+    """Runs every configuration (or those in ``args.configs``); ``pipeline(name, manifest, extra_flags, env)``
+    runs one job."""
     manifest = os.path.join(args.output, f"inputs_ids_{args.repeat}.csv")
     listed = write_id_manifest(manifest, paths, args.repeat)
     out: Dict[str, Any] = {"listed": listed, "runs": {}}
     reference = None
-    for name, flags in CONFIGURATIONS:
+    for name, flags in selected(getattr(args, "configs", "")):
         extra = ["--decode", "gpu", "--dali_threads", str(dali_threads(flags)), "--progress_every_s", "0.5", *flags]
         with GpuSampler() as sampler:
             entry = pipeline(name, manifest, extra, {})
@@ -85,7 +115,8 @@ def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str,
             reference = top1
         entry.update({"flags": flags, "steady": steady_rate(log_text), "gpu_samples": sampler.summary(),
                       "edges": edges(log_text, entry.get("import_seconds"), entry.get("process_seconds")),
-                      "accounting": accounting(folder, listed), "top1_vs_threads1": compare(reference, top1)})
+                      "accounting": accounting(folder, listed), "top1_vs_threads1": compare(reference, top1),
+                      "differing_rows": differing_rows(os.path.join(args.output, "threads1"), folder)})
         entry.pop("top1", None)
         out["runs"][name] = entry
     return out

@@ -73,6 +73,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="ONNX Runtime precision of the pipeline runs (--precision); the engine alone is measured "
                              "at fp32 and, with fp16 here, at fp16 too, so each ratio has its own ceiling. Default: "
                              "fp32.")
+    parser.add_argument("--configs", default="",
+                        help="concurrency: the configurations to run, a comma list of benchmarks.concurrency's "
+                             "names (threads1, the reference, always runs). Default: all.")
     parser.add_argument("--reference_output", default=None,
                         help="ours_gpu: the output folder of a one-thread run over the same corpus (e.g. the "
                              "concurrency run's threads1) whose top-1 per image every ours_gpu row is checked "

@@ -3,6 +3,9 @@
 import json
 import os
 
+import pytest
+
+from benchmarks.concurrency import differing_rows, selected
 from benchmarks.gpu import check_labels
 from benchmarks.multi_gpu import write_id_manifest
 from pipelines import classify_images
@@ -34,3 +37,15 @@ def test_rows_with_another_images_label_are_counted(corpus, tmp_path):
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     assert check_labels(str(twice), str(once))["rows_with_another_top1"] == 1
     assert check_labels(str(twice), None)["rows_with_another_top1"] == 1
+    # The row is shown beside the reference's, top classes and scores, to tell a near tie from a swap.
+    [shown] = differing_rows(str(once), str(twice))
+    assert shown["uri"] == rows[0]["uri"] and shown["row"][0][0] == other["top_k"][0]["class_id"]
+    assert shown["reference"][0][0] != shown["row"][0][0]
+    assert differing_rows(str(once), str(once)) == []
+
+
+def test_the_concurrency_configurations_named_run_after_the_reference():
+    assert [name for name, _ in selected("threads8")] == ["threads1", "threads8"]
+    assert len(selected("")) == 7
+    with pytest.raises(SystemExit, match="threads9"):
+        selected("threads9")
