@@ -150,13 +150,14 @@ def write_and_commit(plan, found, checked, predictions, dead, output_format: str
                dead | "WriteDeadLetters" >> WriteRows(plan.run_folder, "dead_letter", "jsonl"),
                checked[FINGERPRINTS] | "WriteScored" >> WriteRows(plan.run_folder, SCORED_PREFIX, "jsonl", blocks=True)]
     # Counts per batch or block (one number per element), never one element per image: Beam's
-    # per-element cost is what the batches keep off the images.
+    # per-element cost is what the batches keep off the images. Dead letters are one element each
+    # already and count 1 each; CommitPartition sums every count in one grouping.
     inputs = ((found["refs"] | "InputsPerBatch" >> beam.Map(len),
-               found[DEAD_LETTER] | "UnlistedInputs" >> beam.combiners.Count.Globally())
+               found[DEAD_LETTER] | "UnlistedInputs" >> beam.Map(lambda _: 1))
               | "AllInputs" >> beam.Flatten())
     commit = {"written": written | "AllWritten" >> beam.Flatten(), "inputs": inputs,
               "predictions": predictions | "RowsPerBlock" >> beam.Map(len),
-              "dead_letters": dead | "CountDead" >> beam.combiners.Count.Globally(),
+              "dead_letters": dead | "CountDead" >> beam.Map(lambda _: 1),
               "skipped": checked[SKIPPED]}
     if bigquery is not None:
         from transforms.bigquery import WritePredictionsToBigQuery, table_schema

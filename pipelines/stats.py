@@ -121,9 +121,10 @@ class ProgressPrinter:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         self._stop.set()
         self._thread.join(timeout=1)
-        if not self._thread.is_alive():
-            # The final count, also for a run that ended between two lines (read only by this thread now).
+        if exc_type is None and not self._thread.is_alive():
+            # The final count of a run that ended, also between two lines (read only by this thread now);
+            # a failed run's last words are its error.
             self._print()

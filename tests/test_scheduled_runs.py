@@ -296,9 +296,10 @@ def test_skip_scored_scores_new_and_changed_files_only(model_path, tmp_path):
     assert len(_partition(scored / "dt=2024-05-30")["predictions"]) == 3
 
 
-def _most_elements_in_any_pcollection(argv) -> int:
-    """Runs the CLI's pipeline (build_pipeline, commit included) and returns the largest element
-    count of any of its PCollections, from the runner's element-count monitoring infos."""
+def _most_elements_in_any_pcollection(argv):
+    """Runs the CLI's pipeline (build_pipeline, commit included) and returns the largest element count of
+    any of its PCollections but the commit's flattened counts, and that of the counts, from the runner's
+    element-count monitoring infos."""
     import apache_beam as beam
     from apache_beam.metrics import monitoring_infos
 
@@ -309,10 +310,14 @@ def _most_elements_in_any_pcollection(argv) -> int:
     classify_images.build_pipeline(pipeline, settings)
     result = pipeline.run()
     result.wait_until_finish()
-    counts = [monitoring_infos.extract_counter_value(info) for info in result.monitoring_infos()
+    names = {key: value.unique_name for key, value in pipeline.to_runner_api().components.pcollections.items()}
+    counts = [(names.get(info.labels["PCOLLECTION"], info.labels["PCOLLECTION"]),
+               monitoring_infos.extract_counter_value(info)) for info in result.monitoring_infos()
               if info.urn == monitoring_infos.ELEMENT_COUNT_URN]
     assert counts, "the runner reported no element counts"
-    return max(counts)
+    commit_counts = [n for name, n in counts if "CommitPartition/AllCounts" in name]
+    assert commit_counts, f"no CommitPartition/AllCounts among {sorted(name for name, _ in counts)}"
+    return max(n for name, n in counts if "CommitPartition/AllCounts" not in name), max(commit_counts)
 
 
 def test_skip_check_and_commit_keep_to_batches_not_images(model_path, tmp_path):
@@ -328,14 +333,16 @@ def test_skip_check_and_commit_keep_to_batches_not_images(model_path, tmp_path):
         if i == 23:  # the first day sees 24 images, the second 12 more
             argv = ["--input", str(incoming) + "/", "--output", str(tmp_path / "s" / "{date}"), "--batch_size", "8",
                     "--progress_every_s", "0", "--decode_threads", "2", "--skip_scored", str(tmp_path / "s")]
-            # 3 batches of refs; the commit's 4 named counts are the largest PCollection
-            assert _most_elements_in_any_pcollection(argv + ["--run_date", "2024-05-30"]) <= 4
-    most = _most_elements_in_any_pcollection(argv + ["--run_date", "2024-05-31"])
+            # 3 batches of refs, and the commit's counts: a number per batch for inputs and predictions
+            most, counts = _most_elements_in_any_pcollection(argv + ["--run_date", "2024-05-30"])
+            assert most <= 3 and counts <= 2 * 3 + 1, (most, counts)
+    most, counts = _most_elements_in_any_pcollection(argv + ["--run_date", "2024-05-31"])
     part = _partition(tmp_path / "s" / "2024-05-31")
     assert (part["success"]["inputs"], part["success"]["skipped"], part["success"]["predictions"]) == (36, 24, 12)
     assert len(part["predictions"]) == 12 and len(part["scored"]) == 12
-    # 5 batches of refs (36 / 8); the commit adds one count of listing dead letters to their sizes
-    assert most <= 6, f"a PCollection carried {most} elements for 5 batches of refs: one per image?"
+    # 5 batches of refs (36 / 8); the counts: a number per batch for inputs and skipped, per block scored
+    assert most <= 5, f"a PCollection carried {most} elements for 5 batches of refs: one per image?"
+    assert counts <= 3 * 5, f"the commit's counts carried {counts} numbers for 5 batches: one per image?"
 
 
 def test_summary_line_names_the_skipped_count(model_path, tmp_path, capsys):

@@ -65,6 +65,12 @@ def test_progress_prints_the_final_count_when_the_run_ends_between_lines(tmp_pat
         Progress(str(tmp_path), every_s=0).add("predictions", 24)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1 and lines[0].startswith("progress: 24 images scored, 0 dead letters, ")
+    # A failed run's last words are its error, not a count.
+    stream = io.StringIO()
+    with pytest.raises(RuntimeError):
+        with ProgressPrinter(str(tmp_path), every_s=3600, stream=stream):
+            raise RuntimeError("the job failed")
+    assert stream.getvalue() == ""
 
 
 def test_progress_flush_publishes_counts_held_back_by_the_interval(tmp_path):
