@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.corpus import ensure_corpus
-from benchmarks.multi_gpu import gpu_indices, run_gpus
+from benchmarks.multi_gpu import edges, gpu_indices, run_gpus, steady_rate
 from benchmarks.multi_gpu import table as gpus_table
 from benchmarks.throughput import REPO_ROOT, agreement, run_child
 from pipelines.partitions import committed_rows
@@ -260,6 +260,10 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
             if stats.get("wall_seconds") else None
     if child["returncode"] != 0:
         entry["error_tail"] = child["log_text"][-2000:]
+    # With --progress_every_s in --pipeline_args: seconds to the first image and after the last, and the
+    # rate between (benchmarks.multi_gpu).
+    entry["edges"] = edges(child.get("log_text") or "", timing.get("import_seconds"), child["process_seconds"])
+    entry["steady"] = steady_rate(child.get("log_text") or "")
     entry["inputs"] = images
     entry["top1"] = {}
     for row in rows:
