@@ -24,7 +24,7 @@ from benchmarks.gpu import child_pythonpath, hidden_packages
 from benchmarks.multi_gpu import accounting, edges, steady_rate, write_id_manifest
 from benchmarks.throughput import REPO_ROOT
 
-THREADS = {"threads1": [], "threads4": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"],
+THREADS = {"threads1": ["--direct_num_workers", "1"], "threads4": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"],
            "threads8": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "8"],
            "threads4_2dec": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",
                              "--max_decoders", "2"]}

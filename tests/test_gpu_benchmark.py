@@ -46,6 +46,6 @@ def test_rows_with_another_images_label_are_counted(corpus, tmp_path):
 
 def test_the_concurrency_configurations_named_run_after_the_reference():
     assert [name for name, _ in selected("threads8")] == ["threads1", "threads8"]
-    assert len(selected("")) == 7
+    assert len(selected("")) == 8
     with pytest.raises(SystemExit, match="threads9"):
         selected("threads9")
