@@ -163,7 +163,8 @@ def test_engine_reads_device_inputs_without_a_host_round_trip(standin_cls, monke
 
     import cupy
 
-    from engines import cuda, deserialize, runtime
+    from engines import cuda
+    from engines.tensorrt import deserialize, runtime
     from engines.tensorrt.shapes import split_points
     from tests.gpu.cupy_standin import reference
     from tests.tensorrt_fakes import plan_bytes
