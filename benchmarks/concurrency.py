@@ -4,7 +4,7 @@
 The same job (``--providers cuda --decode gpu``) in the shapes production uses, side by side:
 
 - ``threads1``: one bundle thread, one process: the reference rows;
-- ``defaults``: no flags, what the job chooses on this machine (eight bundle threads on a GPU machine);
+- ``defaults``: no flags, what the job chooses on this machine (one bundle thread on a GPU machine);
 - ``threads4``: four bundle threads sharing one model in one process (``multi_threading``), their
   batches decoded by one DALI decoder on a thread of its own (``images.decoder_service``, the default);
 - ``threads4_2dec``: the same with two such decoders (``--max_decoders 2``);
@@ -30,7 +30,7 @@ from pipelines.partitions import committed_rows
 
 #: (name, flags) of each configuration, the reference first.
 CONFIGURATIONS = (
-    ("threads1", ["--direct_num_workers", "1"]),  # explicit: on a GPU the job's defaults run eight threads
+    ("threads1", ["--direct_num_workers", "1"]),  # explicit: the reference whatever the local defaults become
     ("defaults", []),
     ("threads4", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"]),
     ("threads4_2dec", ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",

@@ -282,10 +282,6 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent.parent / "models" / "efficie
 #: Local CPU runs on at least this many cores default to two bundle threads, each with its own
 #: ONNX Runtime session on half the cores (benchmarks/NOTES.md: +10-15% on 16 cores, no gain on 2).
 PARALLEL_LOCAL_MIN_CORES = 8
-#: Local GPU runs default to this many bundle threads (at most half the cores) sharing the one engine
-#: and the one DALI decoder: on an H100 with 16 cores eight threads held 8,960 images/s in steady state
-#: against 2,633 for one thread and 4,875 for four (benchmarks/NOTES.md, 2026-12-06).
-GPU_LOCAL_CALLERS = 8
 #: ONNX Runtime on CPU took 70-85 x a batch's uint8 input bytes of extra resident memory for
 #: EfficientNet-Lite0 at batches 16-256 (activations; measured with ru_maxrss). Models
 #: differ; this is used only to refuse batch sizes that cannot fit, not to pick one.
@@ -464,20 +460,17 @@ def cli_fit_batch(options, batch_size: Optional[int], *, summary, image_bytes: i
 
 def cli_local_defaults(options, cores: int) -> Optional[FlagDefaults]:
     """Two concurrent callers, each with its own session on half the cores, for ONNX Runtime on a CPU
-    of :data:`PARALLEL_LOCAL_MIN_CORES` or more cores; :data:`GPU_LOCAL_CALLERS` callers sharing one
-    session and one decoder on a GPU (see ``pipelines/engine_registry.py``).
+    of :data:`PARALLEL_LOCAL_MIN_CORES` or more cores (see ``pipelines/engine_registry.py``).
 
     One caller feeding one session leaves most of a large machine idle between batches; two,
-    each with its own session of half the cores, keep the engine busier. On a GPU one caller is
-    serial (decode wait, engine call, rows, one after the other) and leaves the GPU idle most of
-    the time; several overlap them in one process, with one CUDA context and one copy of the model.
+    each with its own session of half the cores, keep the engine busier. On a GPU one bundle thread
+    stays the default: at 200,000 images on an H100 eight threads sharing the engine and decoder made
+    4,489 images/s in steady state against 4,791 for one, and four SDK processes 6,777 at 3.6x the GPU
+    memory (benchmarks/NOTES.md, 2026-12-06).
 
     Returns:
-        The defaults, or None (a CPU of few cores).
+        The session flags and two callers, or None (a GPU provider, or a small machine).
     """
-    if cli_on_gpu(options):
-        return FlagDefaults({}, "sharing one engine and one decoder",
-                            callers=min(GPU_LOCAL_CALLERS, max(2, cores // 2)))
     if options.providers.strip().lower() != "cpu" or cores < PARALLEL_LOCAL_MIN_CORES:
         return None
     return FlagDefaults({"ort_sessions": 2, "intra_op_threads": cores // 2},

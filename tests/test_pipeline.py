@@ -374,12 +374,8 @@ def test_local_defaults_step_aside_for_explicit_flags_and_other_runners(monkeypa
     assert note == ("16 cores: --direct_running_mode=multi_threading --direct_num_workers=2 --ort_sessions 2 "
                     "--intra_op_threads 8 (pass any of them to choose yourself)")
     for flags in (["--direct_running_mode=in_memory"], ["--direct_num_workers", "1"], ["--intra_op_threads=4"],
-                  ["--ort_sessions=1"], ["--runner", "DataflowRunner"], ["--engine", "tensorrt"],
-                  ["--providers", "cuda", "--direct_num_workers", "1"]):
+                  ["--ort_sessions=1"], ["--providers", "cuda"], ["--runner", "DataflowRunner"],
+                  ["--engine", "tensorrt"]):
         assert applied(*flags) == ({}, None), flags
-    # On a GPU: eight bundle threads share the one engine and the one DALI decoder (benchmarks/NOTES.md).
-    values, note = applied("--providers", "cuda")
-    assert values == {"direct_running_mode": "multi_threading", "direct_num_workers": 8}
-    assert note.startswith("16 cores: --direct_running_mode=multi_threading --direct_num_workers=8 ")
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
     assert applied() == ({}, None)  # small machines: one bundle thread measured as fast
