@@ -275,13 +275,14 @@ def check_labels(out_dir: str, reference_dir: Optional[str]) -> Dict[str, Any]:
     """Rows of a run whose top-1 differs from a one-thread run's for the same image (``reference_dir``),
     or, without one, from the image's majority top-1 within the run: a batch paired with another batch's
     images shows here as rows with another image's label, whatever the speed."""
-    from benchmarks.concurrency import compare, top1_by_uri
+    from benchmarks.concurrency import compare, differing_rows, top1_by_uri
 
     top1 = top1_by_uri(out_dir)
     reference = top1_by_uri(reference_dir) if reference_dir else top1
     missing = sorted(set(top1) - set(reference))
     return {"against": reference_dir or "the run's own majority per image", **compare(reference, top1),
-            "images_without_reference": len(missing)}
+            "images_without_reference": len(missing),
+            "examples": differing_rows(reference_dir or out_dir, out_dir, limit=4)}
 
 
 def table(summary: Dict[str, Any]) -> str:

@@ -25,8 +25,8 @@ def test_rows_with_another_images_label_are_counted(corpus, tmp_path):
 
     assert check_labels(str(twice), str(once))["rows_with_another_top1"] == 0
     assert check_labels(str(twice), None) == {"against": "the run's own majority per image", "rows": 2 * len(good),
-                                              "rows_with_another_top1": 0, "share": 0.0,
-                                              "images_without_reference": 0}
+                                              "rows_with_another_top1": 0, "near_ties": 0, "share": 0.0,
+                                              "images_without_reference": 0, "examples": []}
 
     # One row given another image's prediction: counted against the reference and within the run.
     shard = committed_files(str(twice), "predictions")[0]
@@ -42,6 +42,16 @@ def test_rows_with_another_images_label_are_counted(corpus, tmp_path):
     assert shown["uri"] == rows[0]["uri"] and shown["row"][0][0] == other["top_k"][0]["class_id"]
     assert shown["reference"][0][0] != shown["row"][0][0]
     assert differing_rows(str(once), str(once)) == []
+
+    # A tie (the first two classes a hair apart, ranked the other way) is no other image's label.
+    rows = [json.loads(line) for line in open(shard)]
+    tied = rows[2]
+    first, second = tied["top_k"][0], tied["top_k"][1]
+    tied["top_k"][0], tied["top_k"][1] = dict(second, score=first["score"]), dict(first, score=first["score"] - 1e-4)
+    with open(shard, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    result = check_labels(str(twice), str(once))
+    assert (result["rows_with_another_top1"], result["near_ties"]) == (1, 1), result
 
 
 def test_the_concurrency_configurations_named_run_after_the_reference():
