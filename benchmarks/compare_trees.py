@@ -27,7 +27,10 @@ from benchmarks.throughput import REPO_ROOT
 THREADS = {"threads1": ["--direct_num_workers", "1"], "threads4": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"],
            "threads8": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "8"],
            "threads4_2dec": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4",
-                             "--max_decoders", "2"]}
+                             "--max_decoders", "2"],
+           # Four SDK processes, each with its own engine + decoder and a quarter of the 16 cores for DALI.
+           "processes4": ["--direct_running_mode", "multi_processing", "--direct_num_workers", "4",
+                          "--dali_threads", "4"]}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -196,3 +196,91 @@ def test_a_ledger_that_cannot_be_used_is_started_again_or_skipped_and_old_figure
     (tmp_path / "engines-gpu2-memory.json").mkdir()
     _load(blocked, gpu, takes=GIB)
     assert gpu.free == 7 * GIB  # three copies of 1 GiB loaded
+
+
+class SlowLoads:
+    """Copies loading on threads at once against one FakeGpu: each takes its bytes in two halves with a pause
+    between, and the test sees how many were inside their load at the same time."""
+
+    def __init__(self, gpu):
+        import threading
+
+        self.gpu = gpu
+        self.inside = self.most_inside = 0
+        self.lock = threading.Lock()
+
+    def load(self, ledger, key="model-a", takes=7 * GIB, pause=0.3):
+        import time
+
+        with ledger.loading(key, "an onnxruntime engine + 1 DALI gpu decoder at batch 256"):
+            with self.lock:
+                self.inside += 1
+                self.most_inside = max(self.most_inside, self.inside)
+                self.gpu.free -= takes // 2
+            time.sleep(pause)
+            with self.lock:
+                self.gpu.free -= takes - takes // 2
+                self.inside -= 1
+
+
+def _at_once(*calls):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [f.exception() for f in futures]
+
+
+def test_copies_that_fit_by_the_recorded_figure_load_at_once_and_the_rest_wait_then_are_refused(tmp_path):
+    gpu = FakeGpu(23 * GIB)
+    loads = SlowLoads(gpu)
+    ledger = lambda: GpuMemoryLedger(0, str(tmp_path), free=gpu)  # noqa: E731  (each process opens its own)
+    loads.load(ledger(), pause=0)  # the first copy loads alone and records 7 GiB; 16 GiB free after it
+    assert loads.most_inside == 1
+    # Three more copies start together: two fit the figure (7 + 7 + 0.5 <= 16) and load side by side; the third
+    # waits for them, then finds 2 GiB free and is refused as before.
+    errors = _at_once(*[lambda: loads.load(ledger())] * 3)
+    assert loads.most_inside == 2
+    assert sorted(type(e).__name__ for e in errors) == ["EngineError", "NoneType", "NoneType"]
+    assert "GPU 0 has 2.0 GiB free of 24.0 GiB" in str(next(e for e in errors if e))
+    # What copies loading side by side saw the free memory fall by mixes their loads: it is not recorded.
+    assert json.loads(open(ledger().path).read())["model-a"]["bytes"] == 7 * GIB
+    assert not json.loads(open(ledger().path).read())["loading"]["loads"]  # no load is left registered
+
+
+def test_a_copy_without_a_figure_loads_alone_and_a_failed_concurrent_load_frees_its_share(tmp_path):
+    gpu = FakeGpu(40 * GIB, total=80 * GIB)
+    loads = SlowLoads(gpu)
+    ledger = lambda: GpuMemoryLedger(0, str(tmp_path), free=gpu)  # noqa: E731
+    # Two copies with no figure yet: each loads alone, so what it took is its own.
+    assert _at_once(lambda: loads.load(ledger(), takes=4 * GIB), lambda: loads.load(ledger(), takes=4 * GIB)) \
+        == [None, None]
+    assert loads.most_inside == 1
+    assert json.loads(open(ledger().path).read())["model-a"]["bytes"] == 4 * GIB
+
+    def failing():
+        with ledger().loading("model-a", "x"):
+            raise RuntimeError("the engine failed to load")
+
+    # A failed load leaves no share behind: the next copies still load side by side.
+    assert isinstance(_at_once(failing)[0], RuntimeError)
+    assert _at_once(*[lambda: loads.load(ledger(), takes=4 * GIB)] * 3) == [None, None, None]
+    assert loads.most_inside == 3
+
+
+def test_a_load_left_registered_by_a_process_that_died_is_not_waited_for(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    gpu = FakeGpu(30 * GIB)
+    ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
+    _load(ledger, gpu, takes=GIB)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = json.loads(open(ledger.path).read())
+    record["loading"] = {"free_at_start": 29 * GIB, "took": 40 * GIB,
+                         "loads": {"x": {"bytes": 40 * GIB, "pid": int(dead.stdout), "at": time.time()}}}
+    open(ledger.path, "w").write(json.dumps(record))
+    start = time.monotonic()
+    _load(ledger, gpu, takes=GIB)  # a dead process's 40 GiB share would refuse it, or make it wait
+    assert time.monotonic() - start < 5
