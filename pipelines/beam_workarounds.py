@@ -1,11 +1,13 @@
-"""Workarounds for Apache Beam defects that break a local job's output, applied by the job when it runs
-(never at import time), each with the Beam source that forces it and a test that fails without it
-(tests/test_beam_workarounds.py).
+"""Workarounds for Apache Beam defects that break a local job's output or cost its launch seconds, applied by
+the job when it runs (never at import time), each with the Beam source that forces it and a test that fails
+without it (tests/test_beam_workarounds.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 
 _LOG = logging.getLogger(__name__)
 
@@ -47,4 +49,49 @@ def whole_elements_on_the_data_plane() -> bool:
     if worker_handlers.DATA_BUFFER_TIME_LIMIT_MS == 0:
         return False
     worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
+    return True
+
+
+#: The environment variables ``gettext.find`` reads the languages from, in its order.
+_LOCALE_VARIABLES = ("LANGUAGE", "LC_ALL", "LC_MESSAGES", "LANG")
+
+
+def cache_translation_lookups() -> bool:
+    """Answers ``gettext.find`` from a cache, so the files it looks for are looked for once per process.
+
+    Why: Beam builds a new ``argparse`` parser of every registered option each time a pipeline option view is
+    taken (``PipelineOptions.view_as`` -> ``PipelineOptions.__init__`` in
+    ``apache_beam/options/pipeline_options.py``), and ``Pipeline.apply`` takes one for every transform applied.
+    Each parser looks up argparse's message catalogs (``gettext.translation`` -> ``gettext.find``, which checks
+    a file for each language of the environment and has no cache of its own). On the H100 host, where a missing
+    file costs a slow ``stat``, those lookups took 1.9 s of the launching thread of a one-GPU job, before its
+    first image, while the model loaded beside it (a py-spy profile, benchmarks/NOTES.md). The answer depends
+    only on the arguments, the locale variables (part of the key) and which catalogs are installed, which does
+    not change while a job runs.
+
+    Process-wide and idempotent (``gettext.find`` is replaced once; ``functools.lru_cache`` is thread-safe).
+
+    Returns:
+        True when this call installed the cache, False when it was installed already.
+    """
+    import gettext
+
+    if getattr(gettext.find, "_cached_lookups", False):
+        return False
+    uncached = gettext.find
+
+    @functools.lru_cache(maxsize=256)
+    def lookup(domain, localedir, languages, all, environment):
+        found = uncached(domain, localedir, list(languages) if languages is not None else None, all)
+        return tuple(found) if isinstance(found, list) else found
+
+    def find(domain, localedir=None, languages=None, all=False):
+        found = lookup(domain, localedir, tuple(languages) if languages is not None else None, bool(all),
+                       tuple(os.environ.get(name) for name in _LOCALE_VARIABLES))
+        return list(found) if isinstance(found, tuple) else found
+
+    find._cached_lookups = True
+    find._uncached = uncached
+    find.__doc__ = uncached.__doc__
+    gettext.find = find
     return True

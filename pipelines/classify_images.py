@@ -127,6 +127,8 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
             :func:`pipelines.settings.resolve`).
         CommitConflict: another run committed ``--output`` after this one was launched.
     """
+    # Beam builds an argparse parser per option view, each looking up argparse's catalogs (beam_workarounds.py).
+    beam_workarounds.cache_translation_lookups()
     settings, options = resolve(argv if argv is not None else sys.argv[1:])
     plan = partitions.make_plan(settings)
     engine_info, record = settings.engine_record(), settings.record()

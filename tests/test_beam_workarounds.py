@@ -101,3 +101,54 @@ def test_a_job_applies_it_before_its_pipeline_runs(monkeypatch, corpus, tmp_path
                                  "--direct_running_mode", "multi_threading", "--direct_num_workers", "2"])
     assert stats["predictions"] == len(good)
     assert worker_handlers.DATA_BUFFER_TIME_LIMIT_MS == 0
+
+
+def _stats_per_view_as(monkeypatch, views: int = 20) -> float:
+    """How many files gettext looks for while Beam builds ``views`` option views (one argparse parser each)."""
+    import gettext
+
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    looked = []
+    real_exists = os.path.exists
+    monkeypatch.setattr(gettext.os.path, "exists", lambda path: looked.append(path) or real_exists(path))
+    options = PipelineOptions([])
+    for _ in range(views):
+        options.view_as(StandardOptions)
+    monkeypatch.setattr(gettext.os.path, "exists", real_exists)
+    return len(looked) / views
+
+
+def test_beam_looks_up_argparses_translations_for_every_option_view_and_the_cache_does_it_once(monkeypatch):
+    import gettext
+
+    from pipelines.beam_workarounds import cache_translation_lookups
+
+    # The uncached lookup (a job run by an earlier test installed the cache), restored after the test.
+    monkeypatch.setattr(gettext, "find", getattr(gettext.find, "_uncached", gettext.find))
+    monkeypatch.setenv("LANGUAGE", "de_DE.UTF-8")  # a locale whose catalogs this machine lacks: files to look for
+    found_before = gettext.find("argparse", None, None, True)
+    assert _stats_per_view_as(monkeypatch) >= 4  # Beam's view_as builds a parser, and the parser looks them up
+    assert cache_translation_lookups() is True
+    assert cache_translation_lookups() is False  # once per process
+    _stats_per_view_as(monkeypatch, 1)  # the first lookups of this locale fill the cache
+    assert _stats_per_view_as(monkeypatch) == 0
+    assert gettext.find("argparse", None, None, True) == found_before  # the same answers
+    # Another locale in the environment is looked up afresh, not answered from the first one's cache.
+    monkeypatch.setenv("LANGUAGE", "fr_FR.UTF-8")
+    assert _stats_per_view_as(monkeypatch, 1) > 0
+
+
+def test_a_job_caches_translation_lookups_before_it_resolves_its_options(monkeypatch, corpus, tmp_path):
+    import gettext
+
+    from pipelines import beam_workarounds
+
+    monkeypatch.setattr(gettext, "find", getattr(gettext.find, "_uncached", gettext.find))
+    applied = []
+    real = beam_workarounds.cache_translation_lookups
+    monkeypatch.setattr(beam_workarounds, "cache_translation_lookups", lambda: applied.append(1) or real())
+    monkeypatch.setattr(classify_images, "resolve", lambda argv: (_ for _ in ()).throw(RuntimeError("resolved")))
+    with pytest.raises(RuntimeError, match="resolved"):
+        classify_images.run(["--input", str(corpus), "--output", str(tmp_path / "out")])
+    assert applied == [1]
