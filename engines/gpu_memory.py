@@ -15,14 +15,16 @@ temp directory, shared by the machine's processes, beside ``engines.devices``'s 
    Runtime's activations and DALI's buffers are allocated then), and what the GPU's free memory fell by
    is written to the ledger for the next copy (the most any identical copy took).
 
-A copy whose figure is known does not wait for the others: copies that fit the GPU's free memory by their
-figures (less what the loads in progress have still to take) load side by side, and only a copy that would
-not fit waits for them, then is checked again against the memory they left. A copy without a figure (the
-first on a GPU, or the first in a day) loads alone, so that what it records is its own; so does the
-measurement of a copy that loaded beside others, which is not recorded. The configurations the docs
-recommend (one process per GPU, or ``--share_model_across_processes``) load one copy per GPU and wait for
-nobody. The loads in progress are in the ledger by process id; one whose process died, or registered more
-than :data:`LOAD_MAX_S` ago, no longer counts.
+A copy whose figure is known does not wait for the others: while the GPU's free memory, less the whole
+figures of the loads in progress (they may have taken little of them yet, and other processes may allocate
+meanwhile: counting them whole keeps the check as strict as loading one after another), holds it, it loads
+side by side with them; a copy that would not fit waits for them and is then checked again. A copy without a
+figure (the first on a GPU, or the first in a day) loads alone, so that what it records is its own, and
+while it waits no copy starts beside the loads in progress; the measurement of a copy that loaded beside
+others is not recorded. The configurations the docs recommend (one process per GPU, or
+``--share_model_across_processes``) load one copy per GPU and wait for nobody. Loads in progress and
+waiting copies are in the ledger by process id; one whose process died (where its pid can be checked: the
+same pid namespace), or registered more than :data:`LOAD_MAX_S` ago, no longer counts.
 
 What the figure is not: it leaves out what the engine took before the lock (its CUDA context and weights,
 ~0.5 GB) and the decoded batches waiting for their callers (at most ``images.decoder_service.MAX_BUFFERS``
@@ -105,9 +107,10 @@ class GpuMemoryLedger:
         """Around loading and warming up one copy: refuses it when it cannot fit, records what it took.
 
         A copy whose figure is known loads side by side with other copies when the GPU's free memory, less the
-        figures of the loads still in progress, holds it (+ :data:`MARGIN`); otherwise it waits for them to
-        finish and checks again. A copy without a figure waits until no load is in progress and loads alone,
-        so that what it records is its own.
+        whole figures of the loads in progress, holds it (+ :data:`MARGIN`); otherwise it waits for them to
+        finish and is checked again. A copy without a figure waits until no load is in progress and loads
+        alone, so that what it records is its own; while it waits, no other copy starts beside the loads in
+        progress, so it cannot be kept waiting by copies that keep arriving.
 
         Args:
             key: Identifies identical copies (:func:`loader_key`).
@@ -129,103 +132,134 @@ class GpuMemoryLedger:
         token = f"{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
         with f:
             waited = False
-            while True:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
-                    ledger = _read(f)
-                    group = _loads_in_progress(ledger)
-                    others = group["loads"]
-                    entry = ledger.get(key)
-                    fresh = isinstance(entry, dict) and time.time() - float(entry.get("at", 0)) < MAX_AGE_S
-                    took = int(entry["bytes"]) if fresh else None
-                    if took is None and not others:
-                        # No figure: load alone, holding the lock, and record what it took (as every copy once did).
-                        before, _ = self._free(self.device)
-                        yield
-                        self._record(f, _read(f), key, None, before, what)
-                        return
-                    if took is not None:
-                        before, total = self._free(self.device)
-                        if not others:
-                            group = {"free_at_start": before, "took": 0, "loads": {}}
-                        # What the loads in progress have still to take: their figures, less what the free memory
-                        # fell by since the first of them started.
-                        pending = max(0, group["took"] - (group["free_at_start"] - before))
-                        if before - pending >= took + MARGIN:
-                            group["took"] += took
-                            group["loads"][token] = {"bytes": took, "pid": os.getpid(), "at": time.time(),
-                                                     "alone": not others}
+            try:
+                while True:
+                    fcntl.flock(f, fcntl.LOCK_EX)
+                    try:
+                        ledger = _read(f)
+                        group = _in_progress(ledger)
+                        loads, waiting = group["loads"], group["waiting"]
+                        was_waiting = waiting.pop(token, None) is not None
+                        entry = ledger.get(key)
+                        fresh = isinstance(entry, dict) and time.time() - float(entry.get("at", 0)) < MAX_AGE_S
+                        took = int(entry["bytes"]) if fresh else None
+                        if took is None and not loads:
+                            # No figure: load alone, holding the lock, and record what it took.
+                            if was_waiting:
+                                ledger[_LOADING] = group
+                                _write(f, ledger)  # this copy no longer waits
+                            before, _ = self._free(self.device)
+                            yield
+                            self._record(f, key, None, before, what, locked=True)
+                            return
+                        if took is None:
+                            waiting[token] = _registration()  # no copy starts beside the loads while this waits
                             ledger[_LOADING] = group
-                            ledger[_STARTED] = int(ledger.get(_STARTED, 0)) + 1
-                            started = ledger[_STARTED]
                             _write(f, ledger)
-                            if others:
-                                _LOG.info("loading %s beside %d other load(s) on GPU %d (%s free, %s of it still "
-                                          "theirs to take)", what, len(others), self.device, _gib(before),
-                                          _gib(pending))
-                            break
-                        if not others:
-                            raise EngineError(
-                                f"GPU {self.device} has {_gib(before)} free of {_gib(total)}, and {what} took "
-                                f"{_gib(took)} when an identical copy loaded on it (+{_gib(MARGIN)} margin): this "
-                                f"copy does not fit; {FIX}")
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
-                if not waited:
-                    _LOG.info("%s waits for %d load(s) in progress on GPU %d", what, len(others), self.device)
-                    waited = True
-                time.sleep(POLL_S)
+                        elif not waiting:
+                            before, total = self._free(self.device)
+                            # The loads in progress may have taken little of their figures yet: count them whole.
+                            pending = sum(int(load["bytes"]) for load in loads.values())
+                            if before - pending >= took + MARGIN:
+                                loads[token] = {**_registration(), "bytes": took, "alone": not loads}
+                                ledger[_LOADING] = group
+                                ledger[_STARTED] = started = int(ledger.get(_STARTED, 0)) + 1
+                                _write(f, ledger)
+                                if len(loads) > 1:
+                                    _LOG.info("loading %s beside %d other load(s) on GPU %d (%s free, up to %s of "
+                                              "it theirs)", what, len(loads) - 1, self.device, _gib(before),
+                                              _gib(pending))
+                                break
+                            if not loads:
+                                raise EngineError(
+                                    f"GPU {self.device} has {_gib(before)} free of {_gib(total)}, and {what} took "
+                                    f"{_gib(took)} when an identical copy loaded on it (+{_gib(MARGIN)} margin): "
+                                    f"this copy does not fit; {FIX}")
+                    finally:
+                        fcntl.flock(f, fcntl.LOCK_UN)
+                    if not waited:
+                        _LOG.info("%s waits for %d load(s) in progress on GPU %d", what, len(loads) + len(waiting),
+                                  self.device)
+                        waited = True
+                    time.sleep(POLL_S)
+            except BaseException:
+                if waited:
+                    self._end(f, token)  # a copy that stopped waiting (an error, an interrupt) leaves no mark
+                raise
             # Loading beside others (or alone, with nobody joining): the lock is not held meanwhile.
             try:
                 yield
             except BaseException:
-                self._finish(f, token, key, None, what)
+                self._end(f, token)
                 raise
-            self._finish(f, token, key, (started, before), what)
+            alone = self._end(f, token, started)
+            if alone:
+                self._record(f, key, took, before, what, locked=False)
+            else:
+                _LOG.info("%s loaded beside other copies on GPU %d: what the free memory fell by mixes their "
+                          "loads, so the ledger keeps its figure", what, self.device)
 
-    def _finish(self, f, token: str, key: str, measured: Optional[Tuple[int, int]], what: str) -> None:
-        """Ends a registered load: removes its share, and records what it took if it loaded alone throughout
-        (``measured``: the load count when it started and the free memory then; None after a failure)."""
+    def _end(self, f, token: str, started: Optional[int] = None) -> bool:
+        """Removes a load's (or a waiting copy's) registration; True when a load that started as number
+        ``started`` was alone throughout (nobody was loading when it started and nobody started since)."""
         import fcntl
 
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             ledger = _read(f)
-            group = _loads_in_progress(ledger)
+            group = _in_progress(ledger)
             mine = group["loads"].pop(token, None)
-            if mine is not None and measured is None:
-                group["took"] = max(0, group["took"] - int(mine["bytes"]))  # a failed load freed what it took
+            group["waiting"].pop(token, None)
             ledger[_LOADING] = group
-            alone = measured is not None and bool(mine and mine.get("alone")) \
-                and int(ledger.get(_STARTED, 0)) == measured[0]
-            if alone:
-                self._record(f, ledger, key, int(mine["bytes"]), measured[1], what)
-            else:
-                _write(f, ledger)
-                if measured is not None:
-                    _LOG.info("%s loaded beside other copies on GPU %d: what the free memory fell by mixes their "
-                              "loads, so the ledger keeps its figure", what, self.device)
+            _write(f, ledger)
+            return started is not None and bool(mine and mine.get("alone")) \
+                and int(ledger.get(_STARTED, 0)) == started
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _record(self, f, ledger: dict, key: str, took: Optional[int], before: int, what: str) -> None:
-        """Writes what a copy that loaded alone took (the most any identical copy took, within MAX_AGE_S)."""
+    def _record(self, f, key: str, took: Optional[int], before: int, what: str, locked: bool) -> None:
+        """Writes what a copy that loaded alone took: the most any identical copy took (within MAX_AGE_S).
+
+        Args:
+            locked: Whether the caller holds the ledger's lock (else it is taken here).
+        """
+        import fcntl
+
         after, total = self._free(self.device)
-        ledger[key] = {"bytes": max(took or 0, before - after), "at": time.time()}
-        _write(f, ledger)
+        if not locked:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            ledger = _read(f)
+            ledger[key] = {"bytes": max(took or 0, before - after), "at": time.time()}
+            _write(f, ledger)
+        finally:
+            if not locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
         _LOG.info("%s took %s of GPU %d; %s of %s free now", what, _gib(before - after), self.device, _gib(after),
                   _gib(total))
 
 
-#: The ledger's record of the loads in progress: the GPU's free memory when the first of them started, the sum of
-#: their figures, and each load by token: {"bytes", "pid", "at", "alone"}.
+#: The ledger's record of the copies loading side by side and of those waiting to load alone, by token:
+#: {"loads": {token: {"bytes", "pid", "pid_namespace", "at", "alone"}}, "waiting": {token: {...}}}.
 _LOADING = "loading"
 #: The ledger's count of registered loads, so a load can tell whether another started beside it.
 _STARTED = "loads_started"
 #: Seconds between looks at the ledger while a copy waits for loads in progress.
 POLL_S = 0.1
-#: A load registered longer ago than this no longer counts (its process hung or died mid-load).
+#: A registration older than this no longer counts (its process hung, or died where its pid cannot be checked).
 LOAD_MAX_S = 600
+
+
+def _pid_namespace() -> str:
+    """This process's pid namespace ("" where /proc does not say): a pid means this process only in it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _registration() -> dict:
+    return {"pid": os.getpid(), "pid_namespace": _pid_namespace(), "at": time.time()}
 
 
 def _read(f) -> dict:
@@ -244,9 +278,16 @@ def _write(f, ledger: dict) -> None:
     f.flush()
 
 
-def _alive(pid) -> bool:
+def _live(registration) -> bool:
+    """Whether a registration still counts: younger than LOAD_MAX_S and, where its pid can be checked (the same
+    pid namespace: processes in other containers that share the ledger's folder have their own), of a live
+    process (one killed mid-load, by the OOM killer say, leaves its registration behind)."""
+    if not isinstance(registration, dict) or time.time() - float(registration.get("at", 0)) >= LOAD_MAX_S:
+        return False
+    if registration.get("pid_namespace") != _pid_namespace() or not _pid_namespace():
+        return True
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(registration.get("pid")), 0)
     except ProcessLookupError:
         return False
     except (OSError, ValueError, TypeError):  # another user's process (EPERM), or not a pid
@@ -254,18 +295,12 @@ def _alive(pid) -> bool:
     return True
 
 
-def _loads_in_progress(ledger: dict) -> dict:
-    """The ledger's group of loads in progress: ``{"free_at_start", "took", "loads"}``, where ``loads`` keeps only
-    the loads of live processes registered within LOAD_MAX_S (a process killed mid-load, by the OOM killer say,
-    leaves its entry behind: it is dropped here), and the group starts again when none is left."""
+def _in_progress(ledger: dict) -> dict:
+    """The ledger's live registrations: ``{"loads": {...}, "waiting": {...}}``."""
     group = ledger.get(_LOADING)
-    loads = group.get("loads") if isinstance(group, dict) else None
-    now = time.time()
-    live = {token: load for token, load in (loads.items() if isinstance(loads, dict) else ())
-            if isinstance(load, dict) and now - float(load.get("at", 0)) < LOAD_MAX_S and _alive(load.get("pid"))}
-    if not live:
-        return {"free_at_start": 0, "took": 0, "loads": {}}
-    return {"free_at_start": int(group.get("free_at_start", 0)), "took": int(group.get("took", 0)), "loads": live}
+    group = group if isinstance(group, dict) else {}
+    return {part: {token: r for token, r in (group.get(part) or {}).items() if _live(r)}
+            if isinstance(group.get(part), dict) else {} for part in ("loads", "waiting")}
 
 
 def loader_key(loader) -> str:

@@ -232,20 +232,97 @@ def _at_once(*calls):
 
 
 def test_copies_that_fit_by_the_recorded_figure_load_at_once_and_the_rest_wait_then_are_refused(tmp_path):
-    gpu = FakeGpu(23 * GIB)
+    gpu = FakeGpu(39 * GIB, total=40 * GIB)
     loads = SlowLoads(gpu)
     ledger = lambda: GpuMemoryLedger(0, str(tmp_path), free=gpu)  # noqa: E731  (each process opens its own)
-    loads.load(ledger(), pause=0)  # the first copy loads alone and records 7 GiB; 16 GiB free after it
+    loads.load(ledger(), pause=0)  # the first copy loads alone and records 7 GiB; 32 GiB free after it
     assert loads.most_inside == 1
-    # Three more copies start together: two fit the figure (7 + 7 + 0.5 <= 16) and load side by side; the third
-    # waits for them, then finds 2 GiB free and is refused as before.
-    errors = _at_once(*[lambda: loads.load(ledger())] * 3)
-    assert loads.most_inside == 2
-    assert sorted(type(e).__name__ for e in errors) == ["EngineError", "NoneType", "NoneType"]
-    assert "GPU 0 has 2.0 GiB free of 24.0 GiB" in str(next(e for e in errors if e))
+    # Five more copies start together: those that fit beside the loads in progress (counted at their whole
+    # figures) load side by side, the others wait for them; four fit in all, and the fifth, finding 4 GiB
+    # free once the others are done, is refused as before.
+    errors = _at_once(*[lambda: loads.load(ledger())] * 5)
+    assert loads.most_inside >= 2
+    assert sorted(type(e).__name__ for e in errors) == ["EngineError"] + ["NoneType"] * 4
+    assert "GPU 0 has 4.0 GiB free of 40.0 GiB" in str(next(e for e in errors if e))
     # What copies loading side by side saw the free memory fall by mixes their loads: it is not recorded.
     assert json.loads(open(ledger().path).read())["model-a"]["bytes"] == 7 * GIB
-    assert not json.loads(open(ledger().path).read())["loading"]["loads"]  # no load is left registered
+    assert json.loads(open(ledger().path).read())["loading"] == {"loads": {}, "waiting": {}}  # none left
+
+
+def test_memory_taken_by_others_during_a_load_is_not_counted_as_that_loads_progress(tmp_path):
+    """Another process allocates (its engine session, made before its copy registers) while a copy loads: the next
+    copy is judged by the free memory less the loading copy's whole figure, and is refused as one after another
+    would be, not let in to run out of memory."""
+    import threading
+    import time
+
+    gpu = FakeGpu(23 * GIB)
+    ledger = lambda: GpuMemoryLedger(0, str(tmp_path), free=gpu)  # noqa: E731
+    _load(ledger(), gpu)  # 7 GiB recorded, 16 free
+    halfway = threading.Event()
+
+    def slow_copy():
+        with ledger().loading("model-a", "a"):
+            gpu.free -= 7 * GIB // 2
+            halfway.set()
+            time.sleep(0.5)
+            gpu.free -= 7 * GIB - 7 * GIB // 2
+
+    def late_copy():
+        halfway.wait()
+        gpu.free -= 3 * GIB  # someone else's allocation
+        _load(ledger(), gpu)
+
+    errors = _at_once(slow_copy, late_copy)
+    assert errors[0] is None and isinstance(errors[1], EngineError), errors
+    assert gpu.free == 6 * GIB  # the late copy took nothing
+
+
+def test_a_copy_without_a_figure_is_not_kept_waiting_by_copies_that_keep_arriving(tmp_path):
+    import threading
+    import time
+
+    gpu = FakeGpu(79 * GIB, total=80 * GIB)
+    ledger = lambda: GpuMemoryLedger(0, str(tmp_path), free=gpu)  # noqa: E731
+    _load(ledger(), gpu, key="m", takes=GIB)
+    gpu.free += GIB
+    stop = time.monotonic() + 4
+
+    def arriving(offset):
+        time.sleep(offset)
+        while time.monotonic() < stop:
+            with ledger().loading("m", "m"):
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=arriving, args=(offset,)) for offset in (0, 0.1)]
+    for t in threads:
+        t.start()
+    time.sleep(0.15)
+    start = time.monotonic()
+    with ledger().loading("n", "another model, no figure yet"):
+        waited = time.monotonic() - start
+    for t in threads:
+        t.join()
+    assert waited < 2, waited  # it waited for the loads in progress only, not for the window to close
+
+
+def test_a_load_whose_final_measurement_fails_leaves_no_registration(tmp_path):
+    gpu = FakeGpu(20 * GIB)
+    ledger = lambda: GpuMemoryLedger(0, str(tmp_path), free=gpu)  # noqa: E731
+    _load(ledger(), gpu, takes=GIB)
+    failing = {"now": False}
+
+    def free(device):
+        if failing["now"]:
+            failing["now"] = False
+            raise EngineError("cudaMemGetInfo failed")
+        return gpu(device)
+
+    with pytest.raises(EngineError, match="cudaMemGetInfo"):
+        with GpuMemoryLedger(0, str(tmp_path), free=free).loading("model-a", "m"):
+            failing["now"] = True  # the load went well; reading the free memory after it fails
+    assert json.loads(open(ledger().path).read())["loading"]["loads"] == {}
+    _load(ledger(), gpu, key="other", takes=GIB)  # a copy without a figure does not wait for a leftover
 
 
 def test_a_copy_without_a_figure_loads_alone_and_a_failed_concurrent_load_frees_its_share(tmp_path):
@@ -269,6 +346,7 @@ def test_a_copy_without_a_figure_loads_alone_and_a_failed_concurrent_load_frees_
 
 
 def test_a_load_left_registered_by_a_process_that_died_is_not_waited_for(tmp_path):
+    from engines.gpu_memory import _pid_namespace
     import subprocess
     import sys
     import time
@@ -278,8 +356,8 @@ def test_a_load_left_registered_by_a_process_that_died_is_not_waited_for(tmp_pat
     _load(ledger, gpu, takes=GIB)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     record = json.loads(open(ledger.path).read())
-    record["loading"] = {"free_at_start": 29 * GIB, "took": 40 * GIB,
-                         "loads": {"x": {"bytes": 40 * GIB, "pid": int(dead.stdout), "at": time.time()}}}
+    record["loading"] = {"loads": {"x": {"bytes": 40 * GIB, "pid": int(dead.stdout), "pid_namespace": _pid_namespace(),
+                                         "at": time.time()}}}
     open(ledger.path, "w").write(json.dumps(record))
     start = time.monotonic()
     _load(ledger, gpu, takes=GIB)  # a dead process's 40 GiB share would refuse it, or make it wait
