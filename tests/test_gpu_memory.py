@@ -351,6 +351,8 @@ def test_a_load_left_registered_by_a_process_that_died_is_not_waited_for(tmp_pat
     import sys
     import time
 
+    if not _pid_namespace():
+        pytest.skip("no /proc/self/ns/pid here: registrations age out after LOAD_MAX_S instead")
     gpu = FakeGpu(30 * GIB)
     ledger = GpuMemoryLedger(0, str(tmp_path), free=gpu)
     _load(ledger, gpu, takes=GIB)
