@@ -39,6 +39,7 @@ index, not per card. Nothing here imports a GPU library at import time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -250,8 +251,10 @@ POLL_S = 0.1
 LOAD_MAX_S = 600
 
 
+@functools.lru_cache(maxsize=1)
 def _pid_namespace() -> str:
-    """This process's pid namespace ("" where /proc does not say): a pid means this process only in it."""
+    """This process's pid namespace ("" where /proc does not say): a pid means this process only in it.
+    Read once: it does not change while the process runs."""
     try:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
@@ -284,7 +287,8 @@ def _live(registration) -> bool:
     process (one killed mid-load, by the OOM killer say, leaves its registration behind)."""
     if not isinstance(registration, dict) or time.time() - float(registration.get("at", 0)) >= LOAD_MAX_S:
         return False
-    if registration.get("pid_namespace") != _pid_namespace() or not _pid_namespace():
+    ours = _pid_namespace()
+    if not ours or registration.get("pid_namespace") != ours:
         return True
     try:
         os.kill(int(registration.get("pid")), 0)

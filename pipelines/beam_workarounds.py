@@ -26,10 +26,10 @@ def whole_elements_on_the_data_plane() -> bool:
     scored (``NotImplementedError: Invalid PaneInfoEncoding`` in ``GroupingBuffer.append``), as Beam's own
     multi-worker gRPC tests did (https://github.com/apache/beam/issues/21104); in this project's test of it the
     pieces were also decoded as other elements, giving a GroupByKey wrong groups with no error at all, and a
-    write between the flush's ``get()`` and ``_clear()`` would lose bytes instead. With 0 the streams flush by size only, at element
-    boundaries (``maybe_flush``) and when the bundle ends, which is Beam's default for every other SDK
-    harness (``_DEFAULT_TIME_FLUSH_THRESHOLD_MS = 0``); a batch job loses nothing by it. It also spares the
-    one flusher thread per output stream per bundle (about 900 threads in a 20,000-image job).
+    write between the flush's ``get()`` and ``_clear()`` would lose bytes instead. With 0 the streams flush by
+    size only, at element boundaries (``maybe_flush``) and when the bundle ends, which is Beam's default for
+    every other SDK harness (``_DEFAULT_TIME_FLUSH_THRESHOLD_MS = 0``); a batch job loses nothing by it. It also
+    spares the one flusher thread per output stream per bundle (about 900 threads in a 20,000-image job).
 
     Process-wide and idempotent: a module constant read when the runner starts its workers; a job in this
     process sets it before its pipeline runs.
