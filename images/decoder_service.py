@@ -245,7 +245,7 @@ class DecoderService:
                 yield decoded._replace(seconds=time.perf_counter() - start)
         finally:
             for future in pending:  # a stream closed early: its queued batches are released when done
-                future.add_done_callback(_release_result)
+                future.add_done_callback(release_result)
 
     def close(self) -> None:
         """Stops the thread once the batches already submitted are answered; closes the decoder and frees
@@ -365,7 +365,9 @@ class DecoderService:
         return decoded._replace(images=DeviceImages(self._pool, buffer, shape))
 
 
-def _release_result(future: "concurrent.futures.Future") -> None:
+def release_result(future: "concurrent.futures.Future") -> None:
+    """Releases the images of a submitted batch's result once it is done (a done callback for a result
+    nobody will take)."""
     if not future.cancelled() and future.exception() is None:
         release(future.result().images)
 
@@ -403,6 +405,11 @@ class Decoders:
         working = [s for s in self.services if s.alive] or self.services  # none: the first says why
         service = min(working, key=lambda s: s.waiting)
         return service.decode(batches, ahead)
+
+    def submit(self, batch: DecodeInput) -> "concurrent.futures.Future":
+        """As :meth:`DecoderService.submit`, on the working service with the fewest batches waiting."""
+        working = [s for s in self.services if s.alive] or self.services
+        return min(working, key=lambda s: s.waiting).submit(batch)
 
     def close(self) -> None:
         for service in self.services:

@@ -12,14 +12,16 @@ copied back. No Beam here.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import threading
 import time
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from engines.base import Engine, EngineError, array_info
-from images.decoder_service import release
+from images.decoder_service import release, release_result
 from images.pillow_decoder import PreprocessConfig, crop_box
 
 #: One batch to score: (pixels decoded on the CPU or None, encoded files for the decoder, and each
@@ -80,6 +82,9 @@ class ImageScorer:
         self.decoders = decoders
         self._input = names[0]
         self._fallback = fallback_decode
+        self._ahead_lock = threading.Lock()  # guards _ahead and _closed; orders decode and engine queues alike
+        self._ahead: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._closed = False
 
     def _infer(self, images, outputs: Optional[Sequence[str]], calls: List[int]) -> List[Dict[str, np.ndarray]]:
         rows = array_info(images).shape[0]
@@ -132,6 +137,61 @@ class ImageScorer:
                               "GPU worker, or --decode cpu")
         decoded = self.decoders.decode(encoded) if encoded and self.decoders is not None else None
         return self._score(items, outputs, decoded)
+
+    def score_ahead(self, item: Item, outputs: Optional[Sequence[str]] = None) -> "concurrent.futures.Future":
+        """Starts scoring one batch now and returns at once: the future's result is its :class:`Scored`, as
+        ``score([item], outputs)[0]`` would give, or the error scoring raised.
+
+        The batch's encoded files go to a decoder's queue here, on the caller's thread (a reader's), and the
+        engine call runs on this scorer's own ``score-ahead`` thread, batches in the order they were started
+        (the decoder's queue has them in the same order, so the thread always waits for the earliest decode).
+        Safe to call from several threads, and beside :meth:`score` (``transforms.ahead``).
+
+        Raises:
+            EngineError: encoded images and neither a decoder nor a fallback; a batch the decoder refuses; the
+                scorer is closed.
+        """
+        from images.dali_decoder import DecodeInput
+
+        _, files, boxes = item
+        if files and self.decoders is None and self._fallback is None:
+            raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
+                              "GPU worker, or --decode cpu")
+        with self._ahead_lock:
+            if self._closed:
+                raise EngineError("the scorer is closed")
+            if self._ahead is None:
+                self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="score-ahead")
+            pending = None
+            if files and self.decoders is not None:
+                pending = self.decoders.submit(DecodeInput([np.frombuffer(data, np.uint8) for data in files],
+                                                           boxes or None))
+            try:
+                future = self._ahead.submit(self._score_started, item, outputs, pending)
+            except BaseException:
+                if pending is not None:
+                    pending.add_done_callback(release_result)  # nobody will take it
+                raise
+        if pending is not None:
+            # A call the pool dropped unstarted (closed) never takes its decoded batch: release it when it comes.
+            future.add_done_callback(lambda f: f.cancelled() and pending.add_done_callback(release_result))
+        return future
+
+    def _score_started(self, item: Item, outputs: Optional[Sequence[str]], pending) -> Scored:
+        """:meth:`score_ahead`'s work, on the ``score-ahead`` thread: ``pending`` is the item's decode."""
+        taken = []
+
+        def decoded():
+            start = time.perf_counter()
+            batch = pending.result()
+            taken.append(batch)
+            yield batch._replace(seconds=time.perf_counter() - start)
+
+        try:
+            return self._score([item], outputs, decoded() if pending is not None else None)[0]
+        finally:
+            if pending is not None and not taken:  # the engine failed on the item's CPU rows before its decode
+                pending.add_done_callback(release_result)
 
     def _score(self, items: Sequence[Item], outputs: Optional[Sequence[str]], decoded) -> List[Scored]:
         results = []
@@ -219,7 +279,13 @@ class ImageScorer:
         return info
 
     def close(self) -> None:
-        """Closes every decoder of the pool and the engine; call when no thread is scoring."""
+        """Closes every decoder of the pool and the engine; call when no thread is scoring. Batches started
+        ahead and not yet begun are dropped (their futures cancelled); one being scored finishes first."""
+        with self._ahead_lock:
+            self._closed = True
+            ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.shutdown(wait=True, cancel_futures=True)
         if self.decoders is not None:
             self.decoders.close()
         self.engine.close()

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any, Dict, List, Optional
 
 import apache_beam as beam
@@ -53,12 +54,15 @@ def make_loader(settings: RunSettings) -> ScorerLoader:
                         max_decoders=settings.decode.max_decoders, warmup_images=settings.batch.images_per_batch)
 
 
-def make_handler(settings: RunSettings, loader: Optional[ScorerLoader] = None) -> ImageBatchHandler:
+def make_handler(settings: RunSettings, loader: Optional[ScorerLoader] = None,
+                 score_ahead: str = "") -> ImageBatchHandler:
     """The image pipeline's model handler, from the run's settings (no engine is loaded here).
 
     Args:
         settings: The run's settings.
         loader: The model's recipe (a :class:`transforms.inference.Preload`'s). Default: :func:`make_loader`.
+        score_ahead: The token the handler registers its loaded scorer under for the reader
+            (``transforms.ahead``), or "". Default "".
 
     Raises:
         EngineError: batch settings the handler cannot take (a bug: the flags were checked).
@@ -68,11 +72,11 @@ def make_handler(settings: RunSettings, loader: Optional[ScorerLoader] = None) -
         settings.rows.output_names, images_per_batch=settings.batch.images_per_batch,
         batches_per_call=settings.batch.batches_per_call,
         share_across_processes=settings.share_model_across_processes, model_copies=settings.model_copies,
-        metrics_namespace=settings.engine, model_id=settings.model.identity)
+        metrics_namespace=settings.engine, model_id=settings.model.identity, score_ahead=score_ahead)
 
 
 def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
-                   progress_dir: Optional[str] = None, handler: Optional[ImageBatchHandler] = None) -> Any:
+                   progress_dir: Optional[str] = None, loader: Optional[ScorerLoader] = None) -> Any:
     """Adds the scoring transforms to ``pipeline``, ending with the commit of ``--output``.
 
     Batches, not images, travel through Beam: refs are grouped, each batch is read (and on the
@@ -86,19 +90,23 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
             handler and the sinks take their parts of it.
         plan: The run's ``transforms.commit.CommitPlan``. Default: a new run into ``--output``.
         progress_dir: Where workers of a local run publish their counts for progress lines, or None.
-        handler: The model handler. Default: :func:`make_handler`.
+        loader: The model's recipe for :func:`make_handler` (a :class:`transforms.inference.Preload`'s).
+            Default: :func:`make_loader`.
 
     Returns:
         (prediction row blocks, dead-letter rows) PCollections.
     """
     plan = plan or partitions.make_plan(settings)
-    handler = handler or make_handler(settings)
+    # The reader starts each batch on the scorer the handler loads in the same process (transforms.ahead).
+    ahead = uuid.uuid4().hex if settings.batch.score_ahead and not settings.share_model_across_processes else ""
+    handler = make_handler(settings, loader, ahead)
     found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch,
                                                  keep_columns=settings.keep_columns)
     checked = found["refs"] | "CheckScored" >> CheckScored(plan.skip_root, plan.output, plan.replaces, plan.model)
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,
-                         prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s)
+                         prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s,
+                         score_ahead=ahead)
     ).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "Rows" >> beam.ParDo(PredictionRows(settings.rows, settings.labels, progress_dir)).with_outputs(
@@ -145,8 +153,7 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
     start = time.monotonic()
     try:
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, settings, plan, progress_dir,
-                       make_handler(settings, preload.loader) if preload else None)
+        build_pipeline(pipeline, settings, plan, progress_dir, preload.loader if preload else None)
         printer = ProgressPrinter(progress_dir, settings.progress_every_s) if progress_dir else contextlib.nullcontext()
         with printer:
             try:

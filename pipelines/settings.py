@@ -163,6 +163,10 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--prefetch", type=int, default=None,
                             help="Batches read ahead per DoFn while the engine runs the current ones. Default: "
                                  "twice the batches per inference call (8 with GPU decode, else 2).")
+        parser.add_argument("--no_score_ahead", action="store_true",
+                            help="Score each batch only when RunInference reaches it, not as soon as its files are "
+                                 "read (the reader's threads then start it on the worker's loaded model while the "
+                                 "bundle thread makes and writes the rows of earlier batches). Default: ahead.")
         parser.add_argument("--read_timeout_s", type=float, default=DEFAULT_READ_TIMEOUT_S,
                             help="A read of one image that makes no progress this long (a stalled gs:// object, a "
                                  "stuck mount) becomes a dead letter; 0 = no limit. Default: 60.")
@@ -191,11 +195,14 @@ class BatchSettings:
         batches_per_call: Batches per ``RunInference`` call (what Beam calls the handler's
             ``max_batch_size``): :data:`GPU_DECODE_BATCHES_PER_CALL` with a DALI decoder, else 1.
         prefetch: Batches each reader reads ahead: ``--prefetch``, else twice ``batches_per_call``.
+        score_ahead: Whether a batch starts scoring as soon as it is read (``transforms.ahead``), rather
+            than when ``RunInference`` reaches it: not ``--no_score_ahead``.
     """
 
     images_per_batch: int
     batches_per_call: int
     prefetch: int
+    score_ahead: bool = True
 
     def __post_init__(self):
         if self.images_per_batch < 1 or self.batches_per_call < 1 or self.prefetch < 1:
@@ -315,6 +322,7 @@ class RunSettings:
             "top_k": self.top_k if self.rows.mode == "topk" else None,  # --threshold and raw rows rank no k
             "decode": self.decode.mode, "decode_choice": self.decode.why,
             "prefetch_batches": self.batch.prefetch,
+            "score_ahead": self.batch.score_ahead and not self.share_model_across_processes,
             "output_format": self.output_format,
             "runner": self.runner,
             "direct_running_mode": self.direct_running_mode,
@@ -602,7 +610,8 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         labels=explicit or _engine_labels(recipe, {model_file.path: loaded.summary} if loaded else {}),
         labels_file=labels_file,
         preprocess=preprocess,
-        batch=BatchSettings(recipe.batch_size, per_call, options.prefetch or 2 * per_call),
+        batch=BatchSettings(recipe.batch_size, per_call, options.prefetch or 2 * per_call,
+                            score_ahead=not options.no_score_ahead),
         decode=DecodeSettings(mode, why, dali, options.max_decoders),
         read_threads=options.decode_threads, read_timeout_s=options.read_timeout_s or None,
         top_k=options.top_k, output_format=options.output_format, model=model, rows=rows,

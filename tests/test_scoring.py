@@ -7,6 +7,7 @@ graph on the CPU (``--decode dali_cpu``) and the real model, compared with a one
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from typing import Dict, List, Tuple
@@ -215,6 +216,62 @@ def test_a_caller_decodes_while_another_callers_engine_call_runs(calls, model_pa
     assert not errors and [r[0].outputs["logits"].shape for r in results.values()] == [(4, 1000)] * 2
 
 
+def test_batches_started_ahead_by_reader_threads_beside_callers_get_their_own_predictions(calls, expected,
+                                                                                         model_path):
+    """As a job scores ahead (``transforms.ahead``): two reader threads start every batch of their calls on the
+    scorer at once (``score_ahead``), while two bundle threads call :meth:`score` on the same scorer; every
+    batch must get its own images' logits and failures, as one thread gets them."""
+    scorer = _scorer(model_path)
+    started: Dict[int, list] = {}
+    results, errors = {}, {}
+    begin = threading.Barrier(THREADS)
+
+    def reader(t):
+        begin.wait()
+        for k in range(t * ROUNDS, (t + 1) * ROUNDS):
+            started[k] = [scorer.score_ahead(item, ["logits"]) for item in calls[k]]
+
+    def caller(t):
+        begin.wait()
+        for k in range(t * ROUNDS, (t + 1) * ROUNDS):
+            try:
+                results[k] = scorer.score(calls[k], ["logits"])
+            except Exception as e:
+                errors[k] = f"{type(e).__name__}: {e}"
+
+    threads = [threading.Thread(target=reader if t % 2 else caller, args=(t,), daemon=True) for t in range(THREADS)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(HANG_S)
+        assert not any(thread.is_alive() for thread in threads), "a thread still waited after the deadline"
+        for k, futures in started.items():
+            try:
+                results[k] = [f.result(timeout=HANG_S) for f in futures]
+            except Exception as e:
+                errors[k] = f"{type(e).__name__}: {e}"
+    finally:
+        scorer.close()
+    assert sorted(started) == [k for t in range(1, THREADS, 2) for k in range(t * ROUNDS, (t + 1) * ROUNDS)]
+    _check_same_as_one_thread(results, errors, expected)
+
+
+def test_closing_a_scorer_drops_the_batches_started_ahead_that_have_not_begun(calls, model_path):
+    scorer = _scorer(model_path)
+    futures = [scorer.score_ahead(item, ["logits"]) for items in calls for item in items]
+    start = time.monotonic()
+    scorer.close()
+    assert time.monotonic() - start < HANG_S / 3
+    assert all(f.done() for f in futures)
+    finished = [f for f in futures if not f.cancelled()]
+    assert all(f.exception() is None for f in finished)  # the one being scored at close finished first
+    assert len(finished) < len(futures)
+    from engines.base import EngineError
+    with pytest.raises(EngineError, match="closed"):
+        scorer.score_ahead(calls[0][0], ["logits"])
+
+
 def test_max_decoders_reaches_the_recipe_and_below_one_is_refused(tmp_path, model_path):
     from engines.base import UsageError
     from pipelines.classify_images import make_handler, run
@@ -284,15 +341,31 @@ def test_the_cli_with_four_bundle_threads_gives_the_rows_of_one(tmp_path, model_
     photos.mkdir()
     for i, data in enumerate(distinct_jpegs(96, seed=1)):
         (photos / f"photo_{i:03d}.jpg").write_bytes(data)
-    runs = {}
-    for workers in (4, 1):
-        out = str(tmp_path / f"workers{workers}")
+    runs, ahead = {}, {}
+    # The reference scores each batch when RunInference reaches it (--no_score_ahead); the others as the job
+    # does by default, each batch started on the scorer by the reader thread that read it (transforms.ahead).
+    for workers, flags in ((1, ["--no_score_ahead"]), (4, []), (1, [])):
+        out = str(tmp_path / f"workers{workers}{''.join(flags)}")
         assert main(["--input", str(photos), "--output", out, "--decode", "dali_cpu", "--batch_size", "16",
                      "--direct_running_mode", "multi_threading", "--direct_num_workers", str(workers),
-                     "--dali_threads", "1", "--decode_threads", "2", "--progress_every_s", "0"]) == 0
-        runs[workers] = _rows(out)
-    (four, four_dead), (one, one_dead) = runs[4], runs[1]
-    assert four_dead == [] and one_dead == []
-    assert len(one) == 96 and set(four) == set(one)
-    moved = sorted(uri for uri in one if four[uri][0] != one[uri][0] or abs(four[uri][1] - one[uri][1]) > 1e-5)
-    assert not moved, f"{len(moved)} of {len(one)} images got another top-1 or score with four threads: {moved[:5]}"
+                     "--dali_threads", "1", "--decode_threads", "2", "--progress_every_s", "0", *flags]) == 0
+        runs[workers, bool(flags)] = _rows(out)
+        ahead[workers, bool(flags)] = _stats(out)["batches_scored_ahead"]
+    one, one_dead = runs[1, True]
+    assert one_dead == [] and len(one) == 96
+    assert ahead[1, True] == 0 and ahead[4, False] > 0 and ahead[1, False] > 0, ahead
+    for key in ((4, False), (1, False)):
+        rows, dead = runs[key]
+        assert dead == [] and set(rows) == set(one)
+        moved = sorted(uri for uri in one if rows[uri][0] != one[uri][0] or abs(rows[uri][1] - one[uri][1]) > 1e-5)
+        assert not moved, (f"{len(moved)} of {len(one)} images got another top-1 or score with {key[0]} thread(s) "
+                           f"scoring ahead: {moved[:5]}")
+
+
+def _stats(output: str) -> dict:
+    import json
+
+    from transforms.commit import parse_record
+
+    record = parse_record(open(os.path.join(output, "_SUCCESS"), "rb").read())
+    return json.load(open(os.path.join(output, record["run_folder"], "stats.json")))

@@ -39,6 +39,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from engines import storage
 from images.reading import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
 from images.pillow_decoder import PreprocessConfig
+from transforms.ahead import start as start_ahead
 from transforms.timing import NAMESPACE, Progress, stage_distribution
 
 _LOG = logging.getLogger(__name__)
@@ -749,12 +750,21 @@ class ImageBatch:
         encoded: Encoded files for the GPU decoder (``--decode gpu``), one per remaining ref.
         boxes: For each encoded file, the source region resize-and-crop keeps
             (``images.pillow_decoder.crop_box`` of its header size), so the GPU crops exactly as Pillow.
+        scoring: Its scoring, started by the reader as soon as its files were read
+            (:class:`transforms.ahead.Started`), or None. It stays in this process: pickling drops it, and
+            a batch without it is scored by ``RunInference``.
     """
 
     refs: Tuple[ImageRef, ...]
     pixels: Optional[np.ndarray] = None
     encoded: Tuple[bytes, ...] = ()
     boxes: Tuple[Tuple[float, float, float, float], ...] = ()
+    scoring: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["scoring"] = None  # a future and a scorer of this process: elsewhere the batch is scored anew
+        return state
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -770,6 +780,49 @@ class ImageBatch:
 
 #: Threads reading local files for the GPU decoder (GIL-bound Python: more threads only convoy).
 LOCAL_GPU_READERS = 2
+
+
+def batch_of(refs: Sequence[ImageRef], loaded: Sequence[Decoded]) -> Optional[ImageBatch]:
+    """The :class:`ImageBatch` of one read batch's results (one per ref, in order): the CPU-decoded rows
+    first, then the encoded files; None when every image failed (their dead letters say why)."""
+    decoded, encoded = [], []
+    for ref, result in zip(refs, loaded):
+        if result.error is not None:
+            continue
+        if result.encoded is not None:
+            encoded.append((ref, result.encoded, result.box))
+        else:
+            decoded.append((ref, result.array))
+    if not decoded and not encoded:
+        return None
+    pixels = np.stack([array for _, array in decoded]) if decoded else None
+    return ImageBatch(tuple(ref for ref, _ in decoded) + tuple(ref for ref, _, _ in encoded),
+                      pixels, tuple(data for _, data, _ in encoded), tuple(box for _, _, box in encoded))
+
+
+def _same_objects(a: Sequence, b: Sequence) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+class _Ahead:
+    """A batch whose reads are being watched (``ReadImageBatches._start_when_read``).
+
+    Shared state: the count of chunks still being read (locked); ``made`` is set once, by the thread
+    that read the last chunk, to ``(the results, the batch made of them)``, before it sets ``settled``;
+    the bundle thread reads it only after ``settled``.
+    """
+
+    def __init__(self, chunks: int):
+        self._left = chunks
+        self._lock = threading.Lock()
+        self.settled = threading.Event()
+        self.made = None
+
+    def count_down(self) -> bool:
+        """Counts one chunk read; True for the last."""
+        with self._lock:
+            self._left -= 1
+            return self._left == 0
 
 
 class _Chunk:
@@ -803,10 +856,14 @@ class ReadImageBatches(beam.DoFn):
         read_timeout_s: A read that makes no progress for this long becomes a ``read`` dead
             letter and the rest of its chunk is read by another thread; None = no limit.
             Default 60.
+        score_ahead: The token under which the job's model handler registers the scorer it loads
+            (``transforms.ahead``): each batch starts scoring on it as soon as its files are read, on the
+            reader thread that read its last file, instead of when ``RunInference`` reaches it. "" = off.
+            Default "".
     """
 
     def __init__(self, config: PreprocessConfig, gpu_decode: bool = False, threads: int = -1, prefetch: int = 2,
-                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S):
+                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S, score_ahead: str = ""):
         if threads < -1 or prefetch < 1:
             raise ValueError(f"need threads >= -1 and prefetch >= 1, got {threads}, {prefetch}")
         self._config = config
@@ -814,6 +871,7 @@ class ReadImageBatches(beam.DoFn):
         self._threads = threads
         self._prefetch = prefetch
         self._read_timeout_s = read_timeout_s
+        self._score_ahead = score_ahead
 
     def setup(self):
         self._read_us = stage_distribution("read")
@@ -860,12 +918,13 @@ class ReadImageBatches(beam.DoFn):
             return self._local_pool, 1
         return self._pool, self._threads_n
 
-    def _emit(self, refs, loaded, window=None, timestamp=None):
+    def _emit(self, refs, loaded, window=None, timestamp=None, batch: Optional[ImageBatch] = None):
+        """The dead letters and the batch of one read batch; ``batch`` is the one :func:`batch_of` made of
+        these very results when its reads finished (and whose scoring may have started), or None."""
         def windowed(value):
             return value if window is None else WindowedValue(value, timestamp, [window])
 
-        decoded, encoded = [], []
-        read_us = decode_us = nbytes = 0
+        read_us = decode_us = nbytes = decoded = 0
         for ref, result in zip(refs, loaded):
             read_us += int(result.read_s * 1e6)
             if result.stage == "decode":
@@ -875,21 +934,46 @@ class ReadImageBatches(beam.DoFn):
             if result.error is not None:
                 out = ref_dead_letter(ref, result.error, result.stage)
                 yield beam.pvalue.TaggedOutput(out.tag, windowed(out.value))
-            elif result.encoded is not None:
-                encoded.append((ref, result.encoded, result.box))
-            else:
-                decoded.append((ref, result.array))
+            elif result.encoded is None:
+                decoded += 1
         # One metric update per batch, not per image: the stage sums are what stats.json reads.
         self._read_us.update(read_us)
         self._bytes.inc(nbytes)
         if decode_us:
             self._decode_us.update(decode_us)
-        if decoded or encoded:
-            self._decoded.inc(len(decoded))
-            pixels = np.stack([array for _, array in decoded]) if decoded else None
-            yield windowed(ImageBatch(tuple(ref for ref, _ in decoded) + tuple(ref for ref, _, _ in encoded),
-                                      pixels, tuple(data for _, data, _ in encoded),
-                                      tuple(box for _, _, box in encoded)))
+        if decoded:
+            self._decoded.inc(decoded)
+        if batch is None:
+            batch = batch_of(refs, loaded)
+        if batch is not None:
+            yield windowed(batch)
+
+    def _start_when_read(self, refs, chunks, futures) -> "_Ahead":
+        """Once every chunk of a batch is read, makes its :class:`ImageBatch` and starts scoring it
+        (``transforms.ahead``), on the thread that finished the last chunk."""
+        ahead = _Ahead(len(futures))
+
+        def finished(future) -> None:
+            if not ahead.count_down():
+                return
+            try:
+                if any(f.exception() is not None for f in futures) or any(c.abandoned for c in chunks):
+                    return  # _collect gives the reads their outcome; RunInference scores what they make
+                loaded = [result for chunk in chunks for result in chunk.results]
+                if len(loaded) != len(refs):
+                    return
+                batch = batch_of(refs, loaded)
+                if batch is not None:
+                    batch.scoring = start_ahead(self._score_ahead, batch)
+                ahead.made = (loaded, batch)
+            except Exception as e:  # never a reader's failure: the batch is made and scored as before
+                _LOG.debug("could not start a batch's scoring when read: %r", e)
+            finally:
+                ahead.settled.set()
+
+        for future in futures:
+            future.add_done_callback(finished)
+        return ahead
 
     def process(self, refs, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         refs = list(refs)
@@ -900,7 +984,8 @@ class ReadImageBatches(beam.DoFn):
         size = -(-len(refs) // tasks)
         chunks = [_Chunk(refs[i:i + size]) for i in range(0, len(refs), size)]
         futures = [pool.submit(self._load_chunk, chunk) for chunk in chunks]
-        self._pending.append((refs, list(zip(chunks, futures)), window, timestamp))
+        ahead = self._start_when_read(refs, chunks, futures) if self._score_ahead else None
+        self._pending.append((refs, list(zip(chunks, futures)), window, timestamp, ahead))
         # Emit finished batches in order; block only when more than `prefetch` are in flight.
         while self._pending and (len(self._pending) > self._prefetch
                                  or all(f.done() for _, f in self._pending[0][1])):
@@ -936,8 +1021,16 @@ class ReadImageBatches(beam.DoFn):
                 return done + [timed_out] + tail
 
     def _emit_pending(self):
-        done, chunks, w, ts = self._pending.popleft()
-        yield from self._emit(done, [result for chunk, f in chunks for result in self._collect(chunk, f)], w, ts)
+        done, chunks, w, ts, ahead = self._pending.popleft()
+        loaded = [result for chunk, f in chunks for result in self._collect(chunk, f)]
+        if ahead is not None and all(f.done() for _, f in chunks):
+            # A future's result is visible before its done callbacks have run: wait for the last one's.
+            ahead.settled.wait()
+        made = ahead.made if ahead is not None else None
+        # The batch made when its reads finished, only if made of exactly these results (a read that
+        # timed out gives others): its scoring, if started, is then this batch's.
+        batch = made[1] if made is not None and _same_objects(made[0], loaded) else None
+        yield from self._emit(done, loaded, w, ts, batch)
 
     def finish_bundle(self):
         while self._pending:

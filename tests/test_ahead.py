@@ -1,0 +1,198 @@
+"""transforms/ahead.py: a batch starts scoring as soon as the reader has read it, on the scorer the model
+handler loaded in this process, and RunInference takes that result only for that batch, from that model.
+
+The reader is the real ``ReadImageBatches`` on real PNG files, the scorer a real ``ImageScorer`` around the
+fake engine of test_inference.py, whose logits are each image's mean colour: a row tells which image it
+came from. The whole job with the real model is in test_scoring.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import threading
+
+import numpy as np
+import pytest
+
+from images.pillow_decoder import PreprocessConfig
+from images.scoring import ImageScorer
+from tests.test_inference import CROP, FakeEngine, _handler, _pixels, _png
+from transforms import ahead
+from transforms.images import ImageBatch, ImageRef, ReadImageBatches
+
+CONFIG = PreprocessConfig(resize=CROP, crop=CROP)
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """Twelve small PNGs, each one grey value: ``{uri: value}``."""
+    out = {}
+    for i in range(12):
+        value = 10 + 20 * i
+        path = tmp_path / f"grey{value:03d}.png"
+        path.write_bytes(_png(value))
+        out[str(path)] = value
+    return out
+
+
+@pytest.fixture
+def scorer():
+    scorer = ImageScorer(FakeEngine())
+    yield scorer
+    scorer.close()
+
+
+def _read(reader: ReadImageBatches, batches):
+    """Runs the reader's bundle as Beam would, on one thread: its main outputs (no window: plain values)."""
+    reader.setup()
+    reader.start_bundle()
+    out = []
+    try:
+        for refs in batches:
+            out += list(reader.process(refs, window=None, timestamp=None))
+        out += list(reader.finish_bundle())
+    finally:
+        reader.teardown()
+    return [o for o in out if isinstance(o, ImageBatch)]
+
+
+def _grey(rows: np.ndarray):
+    return [int(round(float(r[0]))) for r in rows]
+
+
+def test_the_reader_starts_each_batch_on_the_registered_scorer_with_its_own_images(photos, scorer):
+    token = "test-reader-starts"
+    ahead.register(token, scorer, ["logits"])
+    try:
+        refs = [ImageRef(uri) for uri in photos]
+        batches = _read(ReadImageBatches(CONFIG, threads=2, prefetch=2, score_ahead=token),
+                        [refs[i:i + 4] for i in range(0, len(refs), 4)])
+    finally:
+        ahead.unregister(token)
+    assert [len(b) for b in batches] == [4, 4, 4]
+    for batch in batches:
+        assert isinstance(batch.scoring, ahead.Started) and batch.scoring.scorer is scorer
+        scored = batch.scoring.future.result(timeout=30)
+        assert scored.failed == {}
+        assert _grey(scored.outputs["logits"]) == [photos[ref.uri] for ref in batch.refs]
+
+
+def test_without_a_registered_scorer_or_token_batches_are_read_as_before(photos, scorer):
+    refs = [ImageRef(uri) for uri in photos][:4]
+    for reader in (ReadImageBatches(CONFIG, threads=2, score_ahead="nobody-registered-this"),
+                   ReadImageBatches(CONFIG, threads=2)):
+        (batch,) = _read(reader, [refs])
+        assert batch.scoring is None and [r.uri for r in batch.refs] == [r.uri for r in refs]
+
+
+def test_a_batch_whose_read_stalled_is_emitted_without_a_started_scoring(photos, scorer, tmp_path, monkeypatch):
+    # A stalled read is given up (read_timeout_s) and the rest of its chunk read by another thread: the batch
+    # then holds other results than any the reader threads finished, so nothing started may be taken for it.
+    import images.reading as reading
+
+    fifo = str(tmp_path / "stuck.png")
+    os.mkfifo(fifo)
+    monkeypatch.setattr(reading, "not_a_regular_file", lambda path: None)  # read it, as a stuck mount would
+    token = "test-stalled"
+    ahead.register(token, scorer, ["logits"])
+    good = [ImageRef(uri) for uri in photos][:3]
+    try:
+        # Two chunks, [stuck, good 0] and [good 1, good 2]: the rest of the first goes to the free thread.
+        (batch,) = _read(ReadImageBatches(CONFIG, threads=2, read_timeout_s=0.5, score_ahead=token),
+                         [[ImageRef(fifo), *good]])
+    finally:
+        ahead.unregister(token)
+        os.close(os.open(fifo, os.O_WRONLY))  # the thread left behind reads end of file and finishes
+    assert batch.scoring is None
+    assert [r.uri for r in batch.refs] == [r.uri for r in good]
+
+
+def test_pickling_a_batch_drops_its_started_scoring(scorer):
+    batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
+    batch.scoring = ahead.Started(scorer, scorer.score_ahead((batch.pixels, (), None)))
+    batch.scoring.future.result(timeout=30)
+    copy = pickle.loads(pickle.dumps(batch))
+    assert copy.scoring is None and copy.refs == batch.refs and np.array_equal(copy.pixels, batch.pixels)
+    assert batch.scoring is not None  # the original keeps it
+
+
+def test_a_scorer_nobody_holds_or_a_closed_one_starts_nothing():
+    token = "test-weak"
+    scorer = ImageScorer(FakeEngine())
+    ahead.register(token, scorer, ["logits"])
+    batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
+    try:
+        assert ahead.scorer_for(token) is scorer
+        scorer.close()
+        assert ahead.start(token, batch) is None  # refused: RunInference scores it and says why
+        del scorer
+        gc.collect()
+        assert ahead.scorer_for(token) is None and ahead.start(token, batch) is None
+    finally:
+        ahead.unregister(token)
+
+
+class _CountingEngine(FakeEngine):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def infer(self, feed, outputs=None):
+        with self._lock:
+            self.calls += 1
+        return super().infer(feed, outputs)
+
+
+def test_run_inference_takes_a_started_result_only_from_its_own_model(tmp_path):
+    handler = _handler(tmp_path, score_ahead="test-run-inference")
+    model = ImageScorer(_CountingEngine())
+    other = ImageScorer(FakeEngine())
+    try:
+        mine = ImageBatch((ImageRef("/p/ten.png"), ImageRef("/p/twenty.png")), _pixels([10, 20]))
+        mine.scoring = ahead.Started(model, model.score_ahead((mine.pixels, (), None), ["logits"]))
+        mine.scoring.future.result(timeout=30)
+        # Started on another model (a reloaded one): its result, here another batch's rows, must not be taken.
+        theirs = ImageBatch((ImageRef("/p/thirty.png"),), _pixels([30]))
+        theirs.scoring = ahead.Started(other, other.score_ahead((_pixels([99]), (), None), ["logits"]))
+        plain = ImageBatch((ImageRef("/p/forty.png"),), _pixels([40]))
+        calls_before = model.engine.calls
+        out = handler.run_inference([mine, theirs, plain], model)
+        assert model.engine.calls - calls_before == 2  # theirs and plain, in one score() call: one engine call each
+        assert [[(r.uri, g) for r, g in zip(s.refs, _grey(s.outputs["logits"]))] for s in out] == [
+            [("/p/ten.png", 10), ("/p/twenty.png", 20)], [("/p/thirty.png", 30)], [("/p/forty.png", 40)]]
+    finally:
+        model.close()
+        other.close()
+
+
+def test_run_inference_raises_what_scoring_a_started_batch_raised(tmp_path):
+    from engines.base import EngineError
+
+    handler = _handler(tmp_path)
+    model = ImageScorer(FakeEngine(extra_rows=1))  # a broken engine: one row too many
+    try:
+        batch = ImageBatch((ImageRef("/p/ten.png"),), _pixels([10]))
+        batch.scoring = ahead.Started(model, model.score_ahead((batch.pixels, (), None), ["logits"]))
+        with pytest.raises(EngineError, match="batch dimension 2 does not match the 1 images fed"):
+            handler.run_inference([batch], model)
+    finally:
+        model.close()
+
+
+def test_the_handler_registers_what_it_loads_unless_the_model_is_shared_across_processes(tmp_path):
+    handler = _handler(tmp_path, score_ahead="test-handler-registers")
+    model = handler.load_model()
+    try:
+        assert ahead.scorer_for("test-handler-registers") is model
+    finally:
+        ahead.unregister("test-handler-registers")
+        model.close()
+    shared = _handler(tmp_path, score_ahead="test-handler-shared", share_across_processes=True)
+    model = shared.load_model()  # loaded here directly; under Beam a proxy of another process
+    try:
+        assert ahead.scorer_for("test-handler-shared") is None
+    finally:
+        model.close()
