@@ -230,6 +230,11 @@ class Engine(abc.ABC):
         or None on the CPU. A plain method so Beam's shared-model proxy forwards it."""
         return None
 
+    def concurrent_calls(self) -> int:
+        """How many ``infer`` calls the engine runs at once (ONNX Runtime's sessions, TensorRT's execution
+        contexts); more callers wait for one to be free. Default 1."""
+        return 1
+
     def _output_names(self, outputs: Optional[Sequence[str]]) -> List[str]:
         """The requested output names (all when None), checked against the model's outputs.
 

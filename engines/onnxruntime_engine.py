@@ -149,6 +149,9 @@ class OnnxRuntimeEngine(Engine):
     def device_index(self) -> Optional[int]:
         return self._device_id
 
+    def concurrent_calls(self) -> int:
+        return max(1, len(self._sessions))
+
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         check_feed(self._inputs, feed)
         names = self._output_names(outputs)

@@ -143,8 +143,9 @@ class ImageScorer:
         ``score([item], outputs)[0]`` would give, or the error scoring raised.
 
         The batch's encoded files go to a decoder's queue here, on the caller's thread (a reader's), and the
-        engine call runs on this scorer's own ``score-ahead`` thread, batches in the order they were started
-        (the decoder's queue has them in the same order, so the thread always waits for the earliest decode).
+        engine call runs on one of this scorer's ``score-ahead`` threads (as many as the engine runs calls at
+        once), batches taken in the order they were started (the decoder's queue has them in the same order,
+        so a thread waits only for a decode no later one is ahead of).
         Safe to call from several threads, and beside :meth:`score` (``transforms.ahead``).
 
         Raises:
@@ -161,7 +162,10 @@ class ImageScorer:
             if self._closed:
                 raise EngineError("the scorer is closed")
             if self._ahead is None:
-                self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="score-ahead")
+                # As many engine calls at once as the engine runs (sessions, execution contexts), as concurrent
+                # callers of score() would make; each thread takes the next batch in order.
+                self._ahead = concurrent.futures.ThreadPoolExecutor(max(1, self.engine.concurrent_calls()),
+                                                                    thread_name_prefix="score-ahead")
             pending = None
             if files and self.decoders is not None:
                 pending = self.decoders.submit(DecodeInput([np.frombuffer(data, np.uint8) for data in files],

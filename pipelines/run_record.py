@@ -118,8 +118,10 @@ def metric_fields(metrics: Dict[str, Any], wall_seconds: float, predictions: int
         "images_per_device": {name[len(DEVICE_PREFIX):]: n for name, n in sorted(counters.items())
                               if name.startswith(DEVICE_PREFIX)},
         "batches": counters.get("batches", 0),
-        # Batches whose scoring the reader started as soon as they were read (transforms.ahead); the rest
-        # were scored when RunInference reached them.
+        # Batches whose scoring the reader started as soon as they were read (transforms.ahead), and how
+        # many of those RunInference took; the rest were scored when RunInference reached them. Started
+        # and not taken (a batch that left the process, a failed bundle) is work done twice.
+        "batches_started_ahead": counters.get("batches_started_ahead", 0),
         "batches_scored_ahead": counters.get("batches_scored_ahead", 0),
         "mean_batch_size": round(batches["sum"] / batches["count"], 2) if batches.get("count") else None,
         "batch_latency_seconds": {

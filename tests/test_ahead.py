@@ -11,7 +11,9 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -196,3 +198,127 @@ def test_the_handler_registers_what_it_loads_unless_the_model_is_shared_across_p
         assert ahead.scorer_for("test-handler-shared") is None
     finally:
         model.close()
+
+
+class _SlowEngine(FakeEngine):
+    """The fake engine taking ``delay`` s a call, serving ``calls`` at once, and counting the most that ran at once."""
+
+    def __init__(self, delay: float = 0.3, calls: int = 1):
+        super().__init__()
+        self.delay, self.calls, self.running, self.most = delay, calls, 0, 0
+        self._lock = threading.Lock()
+
+    def concurrent_calls(self) -> int:
+        return self.calls
+
+    def infer(self, feed, outputs=None):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.delay)
+            return super().infer(feed, outputs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("calls", [1, 2])
+def test_batches_started_ahead_run_as_many_engine_calls_at_once_as_the_engine_serves(calls):
+    # Two sessions (the local CPU default on 8+ cores) ran two bundle threads' calls at once before batches were
+    # scored ahead; started ahead they must too, and never more than the engine serves.
+    scorer = ImageScorer(_SlowEngine(calls=calls))
+    try:
+        futures = [scorer.score_ahead((_pixels([10 * i + 1]), (), None), ["logits"]) for i in range(4)]
+        got = [_grey(f.result(timeout=30).outputs["logits"]) for f in futures]
+    finally:
+        scorer.close()
+    assert got == [[1], [11], [21], [31]]
+    assert scorer.engine.most == calls
+
+
+def test_the_latency_recorded_for_a_batch_scored_ahead_is_its_scoring_not_the_wait(tmp_path):
+    handler = _handler(tmp_path)
+    model = ImageScorer(_SlowEngine(delay=0.3))
+    recorded = []
+
+    class Histogram:
+        def record(self, seconds):
+            recorded.append(seconds)
+
+    handler._histogram = Histogram()
+    try:
+        batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
+        batch.scoring = ahead.Started(model, model.score_ahead((batch.pixels, (), None), ["logits"]))
+        batch.scoring.future.result(timeout=30)  # done while the bundle thread wrote earlier rows: no wait
+        handler.run_inference([batch], model)
+    finally:
+        model.close()
+    assert recorded[0] >= 0.25, recorded  # stats.json's batch latency percentiles are made of these
+
+
+def test_batches_started_and_never_taken_turn_scoring_ahead_off_with_a_warning(caplog):
+    # A runner that encodes every batch between reading and RunInference: each started scoring is dropped
+    # untaken (its batch pickled without it) and RunInference scores the copy again. After a few, the process
+    # stops starting them rather than scoring every batch twice.
+    token = "test-untaken"
+    scorer = ImageScorer(_CountingEngine())
+    ahead.register(token, scorer, ["logits"])
+    batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
+    try:
+        started = 0
+        with caplog.at_level(logging.WARNING, logger="transforms.ahead"):
+            for _ in range(3 * ahead.MAX_UNTAKEN):
+                s = ahead.start(token, batch)
+                if s is None:
+                    continue
+                started += 1
+                s.future.result(timeout=30)
+                del s  # dropped untaken, as the batch it belonged to was
+        assert started == ahead.MAX_UNTAKEN
+        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+        assert "never taken by RunInference" in caplog.records[0].message
+        assert "--no_score_ahead" in caplog.records[0].message
+    finally:
+        ahead.unregister(token)
+        scorer.close()
+
+
+def test_started_scorings_that_are_taken_keep_scoring_ahead_on():
+    token = "test-taken"
+    scorer = ImageScorer(FakeEngine())
+    ahead.register(token, scorer, ["logits"])
+    batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
+    try:
+        for i in range(3 * ahead.MAX_UNTAKEN):
+            s = ahead.start(token, batch)
+            assert s is not None, f"scoring ahead went off after {i} batches, every one taken"
+            s.take()
+    finally:
+        ahead.unregister(token)
+        scorer.close()
+
+
+def test_a_started_scoring_the_closed_scorer_dropped_is_scored_by_run_inference(tmp_path):
+    import concurrent.futures
+
+    handler = _handler(tmp_path)
+    model = ImageScorer(FakeEngine())
+    try:
+        batch = ImageBatch((ImageRef("/p/ten.png"),), _pixels([10]))
+        dropped = concurrent.futures.Future()
+        dropped.cancel()
+        batch.scoring = ahead.Started(model, dropped)
+        (out,) = handler.run_inference([batch], model)
+        assert _grey(out.outputs["logits"]) == [10]
+    finally:
+        model.close()
+
+
+def test_a_batch_made_from_another_by_replace_does_not_carry_its_started_scoring(scorer):
+    import dataclasses
+
+    batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
+    batch.scoring = ahead.Started(scorer, scorer.score_ahead((batch.pixels, (), None), ["logits"]))
+    other = dataclasses.replace(batch, pixels=_pixels([99]))
+    assert other.scoring is None

@@ -52,6 +52,7 @@ def test_several_sessions_serve_concurrent_batches(sum_model):
 
     engine = OnnxRuntimeLoader(sum_model, intra_op_threads=1, sessions=2)()
     assert engine.describe()["sessions"] == 2 and len(engine._sessions) == 2
+    assert engine.concurrent_calls() == 2  # what a scorer sizes its score-ahead threads by
     rng = np.random.default_rng(5)
     batches = [rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8) for n in (1, 3, 2, 4, 3, 1)]
     single = OnnxRuntimeEngine(sum_model, intra_op_threads=1)

@@ -350,7 +350,10 @@ def test_the_cli_with_four_bundle_threads_gives_the_rows_of_one(tmp_path, model_
                      "--direct_running_mode", "multi_threading", "--direct_num_workers", str(workers),
                      "--dali_threads", "1", "--decode_threads", "2", "--progress_every_s", "0", *flags]) == 0
         runs[workers, bool(flags)] = _rows(out)
-        ahead[workers, bool(flags)] = _stats(out)["batches_scored_ahead"]
+        stats = _stats(out)
+        ahead[workers, bool(flags)] = stats["batches_scored_ahead"]
+        # In one process every batch started ahead is taken, none scored twice.
+        assert stats["batches_started_ahead"] == stats["batches_scored_ahead"], stats
     one, one_dead = runs[1, True]
     assert one_dead == [] and len(one) == 96
     assert ahead[1, True] == 0 and ahead[4, False] > 0 and ahead[1, False] > 0, ahead

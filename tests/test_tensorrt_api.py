@@ -365,7 +365,7 @@ def test_every_context_runs_on_one_engine_and_selects_the_covering_profile(monke
         assert engine.profiles == [(1, 2, 4), (5, 8, 16)]
         assert trt.state.deserialize_calls == 1 and len(trt.state.engines) == 1
         fake_engine = trt.state.engines[0]
-        assert len(fake_engine.contexts) == contexts == engine.describe()["contexts"]
+        assert len(fake_engine.contexts) == contexts == engine.describe()["contexts"] == engine.concurrent_calls()
         feeds = [feed(n, seed=n) for n in (3, 9, 2, 16, 1, 12, 10, 11)]  # both profiles, on every context
         for f, out in zip(feeds, engine.infer_many(feeds)):
             check(out, f)

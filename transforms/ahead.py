@@ -15,8 +15,14 @@ leaves the process (a runner that encodes it between the two steps) drops its st
 pickled and is scored as before; so does every batch read before the model finished loading, and every
 batch of a model shared across processes (the handler then holds a proxy and registers nothing).
 
-Shared state: the registry (``_SCORERS``, locked). Each started scoring belongs to the batch it was
-started for.
+A started scoring that is never taken (its batch left the process, the model was reloaded, a bundle
+failed) still runs to its end: work done twice. Each one is counted when its batch is dropped, and once
+:data:`MAX_UNTAKEN` of them outnumber the ones taken, the token starts nothing more in this process and
+says so in a warning: a runner that encodes every batch between the two steps gets the work of one
+scoring per batch, not two.
+
+Shared state: the registry (``_SCORERS``, locked; each entry's counts are plain integers updated from any
+thread, approximate by design). Each started scoring belongs to the batch it was started for.
 """
 
 from __future__ import annotations
@@ -28,9 +34,26 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 _LOG = logging.getLogger(__name__)
 
-#: Token -> (the scorer, weakly, and the outputs the job's rows are made of); guarded by ``_LOCK``.
-_SCORERS: Dict[str, Tuple["weakref.ref", Tuple[str, ...]]] = {}
+#: Started scorings dropped untaken, beyond the ones taken, after which a token starts nothing more.
+MAX_UNTAKEN = 16
+
+
+class _Entry:
+    """One registered scorer (weakly), the outputs the job's rows are made of, and how its started
+    scorings ended."""
+
+    def __init__(self, scorer: Any, outputs: Tuple[str, ...]):
+        self.scorer = weakref.ref(scorer)
+        self.outputs = outputs
+        self.taken = 0
+        self.untaken = 0
+        self.off = False
+
+
+#: Token -> its :class:`_Entry`; guarded by ``_LOCK``.
+_SCORERS: Dict[str, _Entry] = {}
 _LOCK = threading.Lock()
+_WARNED: set = set()
 
 
 class Started:
@@ -41,11 +64,28 @@ class Started:
         future: Its :class:`images.scoring.Scored`, or the error scoring raised.
     """
 
-    __slots__ = ("scorer", "future")
+    __slots__ = ("scorer", "future", "_entry", "_taken")
 
-    def __init__(self, scorer: Any, future: Any):
+    def __init__(self, scorer: Any, future: Any, entry: Optional[_Entry] = None):
         self.scorer = scorer
         self.future = future
+        self._entry = entry
+        self._taken = False
+
+    def take(self) -> Any:
+        """The result (:class:`images.scoring.Scored`), waiting for it; raises what scoring raised."""
+        self._taken = True
+        if self._entry is not None:
+            self._entry.taken += 1
+        return self.future.result()
+
+    def __del__(self):
+        entry = getattr(self, "_entry", None)
+        if entry is None or getattr(self, "_taken", True):
+            return
+        entry.untaken += 1
+        if not entry.off and entry.untaken >= MAX_UNTAKEN and entry.untaken > entry.taken:
+            entry.off = True  # no lock here: __del__ may run on a thread that holds _LOCK
 
 
 def register(token: str, scorer: Any, outputs: Sequence[str]) -> None:
@@ -53,7 +93,7 @@ def register(token: str, scorer: Any, outputs: Sequence[str]) -> None:
     registered wins: a reloaded model replaces the one before). Held weakly: a scorer nobody else holds
     any more scores nothing ahead."""
     with _LOCK:
-        _SCORERS[token] = (weakref.ref(scorer), tuple(outputs))
+        _SCORERS[token] = _Entry(scorer, tuple(outputs))
 
 
 def unregister(token: str) -> None:
@@ -67,21 +107,38 @@ def scorer_for(token: str) -> Optional[Any]:
         entry = _SCORERS.get(token)
     if entry is None:
         return None
-    return entry[0]()
+    return entry.scorer()
 
 
 def start(token: str, batch: Any) -> Optional[Started]:
     """Starts scoring ``batch`` (a ``transforms.images.ImageBatch``) on the scorer registered under
-    ``token``; None when there is none in this process, or it refused (closed, a bad batch): the batch is
+    ``token``; None when there is none in this process, when this process's started scorings went
+    mostly untaken (:data:`MAX_UNTAKEN`), or when the scorer refused (closed, a bad batch): the batch is
     then scored by ``RunInference`` as usual, which reports any error with the batch's images."""
     with _LOCK:
         entry = _SCORERS.get(token)
-    scorer = entry[0]() if entry is not None else None
+    scorer = entry.scorer() if entry is not None else None
     if scorer is None:
         return None
-    try:
-        future = scorer.score_ahead((batch.pixels, batch.encoded, batch.boxes), entry[1])
-    except Exception as e:  # RunInference scores it and raises the same error with the batch's refs
-        _LOG.debug("could not start scoring a batch ahead (%r); RunInference scores it", e)
+    if entry.off:
+        _warn_once(token, "untaken", f"{entry.untaken} batches started ahead were never taken by RunInference "
+                                     f"(this runner passes batches between processes, or bundles failed), against "
+                                     f"{entry.taken} taken: this process no longer scores batches ahead, which would "
+                                     f"score them twice; --no_score_ahead says so from the start")
         return None
-    return Started(scorer, future)
+    try:
+        future = scorer.score_ahead((batch.pixels, batch.encoded, batch.boxes), entry.outputs)
+    except Exception as e:  # RunInference scores it and raises the same error with the batch's refs
+        _warn_once(token, "refused", f"could not start a batch's scoring ahead ({e!r}); RunInference scores such "
+                                     f"batches itself and reports their errors")
+        return None
+    return Started(scorer, future, entry)
+
+
+def _warn_once(token: str, what: str, message: str) -> None:
+    key = (token, what)
+    with _LOCK:
+        if key in _WARNED:
+            return
+        _WARNED.add(key)
+    _LOG.warning(message)

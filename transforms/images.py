@@ -759,7 +759,8 @@ class ImageBatch:
     pixels: Optional[np.ndarray] = None
     encoded: Tuple[bytes, ...] = ()
     boxes: Tuple[Tuple[float, float, float, float], ...] = ()
-    scoring: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
+    #: Not an argument: ``dataclasses.replace`` makes a batch of other content, which must not carry it.
+    scoring: Optional[object] = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -877,6 +878,7 @@ class ReadImageBatches(beam.DoFn):
         self._read_us = stage_distribution("read")
         self._decode_us = stage_distribution("decode")
         self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
+        self._started = Metrics.counter(NAMESPACE, "batches_started_ahead")
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
         self._pool = self._local_pool = None
         threads = min(16, os.cpu_count() or 1) if self._threads == -1 else self._threads
@@ -946,6 +948,8 @@ class ReadImageBatches(beam.DoFn):
         if batch is None:
             batch = batch_of(refs, loaded)
         if batch is not None:
+            if batch.scoring is not None:
+                self._started.inc()
             yield windowed(batch)
 
     def _start_when_read(self, refs, chunks, futures) -> "_Ahead":

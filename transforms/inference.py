@@ -293,8 +293,9 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
         start = time.perf_counter()
         # A batch the reader started on this very model (transforms.ahead) is taken; the rest are scored now,
         # in one method call on the model (with share_across_processes a proxy in another process).
+        # A scoring dropped unstarted (the scorer closed under it) is done again here.
         started = [element.scoring if isinstance(element.scoring, ahead.Started) and element.scoring.scorer is model
-                   else None for element in batch]
+                   and not element.scoring.future.cancelled() else None for element in batch]
         results: List[Any] = [None] * len(batch)
         now = [i for i, s in enumerate(started) if s is None]
         if now:
@@ -302,12 +303,16 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
                                      list(self._output_names))
             for i, result in zip(now, scored_now):
                 results[i] = result
+        now_s = time.perf_counter() - start
         for i, s in enumerate(started):
             if s is not None:
-                results[i] = s.future.result()  # what scoring it raised, as the call above would
+                results[i] = s.take()  # what scoring it raised, as the call above would
         if len(now) < len(batch):
             Metrics.counter(NAMESPACE, "batches_scored_ahead").inc(len(batch) - len(now))
-        elapsed = time.perf_counter() - start
+        # The latency of a batch scored ahead is its decode wait and engine time on the scoring thread, not
+        # how long this thread waited for it (nothing, when it was done while earlier rows were written).
+        elapsed = now_s + sum(results[i].decode_s + results[i].infer_s
+                              for i, s in enumerate(started) if s is not None)
         out = []
         for element, result in zip(batch, results):
             scored = len(element) - len(result.failed)

@@ -350,6 +350,9 @@ class TensorRTEngine(Engine):
     def device_index(self) -> Optional[int]:
         return self._loaded.device.index if self._loaded is not None else None
 
+    def concurrent_calls(self) -> int:
+        return self._pool.size if self._pool is not None else 1
+
     def describe(self) -> Dict[str, Any]:
         info = super().describe()
         counts: Dict[str, int] = {}
