@@ -59,7 +59,10 @@ def test_rows_are_written_once_each_as_utf8_json_lines_under_the_names_the_commi
     assert _names(tmp_path) == ["dead_letter-00000-of-00001.jsonl"]
     assert sorted(_jsonl_rows(tmp_path, "dead_letter"), key=lambda r: r["uri"]) == sorted(DEAD, key=lambda r: r["uri"])
     # Non-ASCII paths stay readable in the file (UTF-8), not \u escapes.
-    assert "/photos/ü.jpg".encode("utf-8") in (tmp_path / "dead_letter-00000-of-00001.jsonl").read_bytes()
+    text = (tmp_path / "dead_letter-00000-of-00001.jsonl").read_bytes()
+    assert "/photos/ü.jpg".encode("utf-8") in text
+    # Byte for byte what json.dumps(row, ensure_ascii=False) writes (the sink reuses one encoder).
+    assert sorted(text.decode("utf-8").splitlines()) == sorted(json.dumps(row, ensure_ascii=False) for row in DEAD)
 
 
 def test_blocks_of_rows_are_written_row_by_row(tmp_path):

@@ -21,6 +21,11 @@ from transforms.timing import stage_distribution
 FORMATS = ("jsonl", "parquet")
 
 
+#: ``json.dumps(row, ensure_ascii=False)`` builds an encoder on every call (any non-default argument does):
+#: one encoder with the same settings writes the same text, a quarter faster (2 us of 7.5 a row, 2-core VM).
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 class JsonLinesSink(fileio.FileSink):
     """One JSON object per line, UTF-8. With ``blocks``, each element is a list of rows."""
 
@@ -34,7 +39,8 @@ class JsonLinesSink(fileio.FileSink):
     def write(self, record):
         start = time.perf_counter()
         rows = record if self._blocks else (record,)
-        self._fh.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+        encode = _JSON.encode
+        self._fh.write("".join(encode(row) + "\n" for row in rows).encode("utf-8"))
         self._us.update(int((time.perf_counter() - start) * 1e6))
 
     def flush(self):
