@@ -5,11 +5,17 @@
 Everything but the model runs as in a real job (listing, reading, pre-screen, decoding on the
 GPU or CPU, batching, top-k, writing), so ``ours / no-op`` says how much of the pipeline's time the
 engine costs. Used by ``benchmarks.gpu``; never by a real job.
+
+``NOOP_ENGINE_US_PER_IMAGE=N`` makes each call take N microseconds per image, sleeping without the GIL
+as a GPU engine's call waits for its stream: a stand-in for a GPU engine on a machine without one, to
+see whether the engine's time overlaps the rest of the pipeline's (``--no_score_ahead`` against the default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -26,19 +32,22 @@ class NoopEngine(Engine):
 
     kind = "noop"
 
-    def __init__(self, classes: int = 1000):
+    def __init__(self, classes: int = 1000, seconds_per_image: float = 0.0):
         self._inputs = {"images": TensorSpec("images", np.uint8, (-1, -1, -1, 3))}
         self._outputs = {"logits": TensorSpec("logits", np.float32, (-1, classes))}
+        self._seconds_per_image = seconds_per_image
 
     def infer(self, feed: Feed, outputs: Optional[Sequence[str]] = None) -> Outputs:
         rows = array_info(feed["images"]).shape[0]
+        if self._seconds_per_image:
+            time.sleep(rows * self._seconds_per_image)
         return {"logits": np.zeros((rows, self._outputs["logits"].shape[1]), np.float32)}
 
 
 @dataclasses.dataclass(frozen=True)
 class NoopLoader:
     def __call__(self) -> NoopEngine:
-        return NoopEngine()
+        return NoopEngine(seconds_per_image=float(os.environ.get("NOOP_ENGINE_US_PER_IMAGE", "0")) / 1e6)
 
 
 def cli_model_file(options) -> None:
