@@ -302,11 +302,14 @@ class DecoderService:
 
         Every request taken off the queue is answered: with its batch, or with the error that ended the
         stream (raised again when it is not an ``Exception``, which stops the thread)."""
-        fed: List = [first]  # the requests taken off the queue for this stream, in order
+        # The requests taken off the queue for this stream, in order; each answered one is let go (None), for a
+        # stream can last as long as callers keep the queue full (scoring ahead), and its callers drop theirs.
+        fed: List = [first]
+        del first
         answered = 0
 
         def source():
-            yield first[0]
+            yield fed[0][0]
             while True:
                 try:
                     item = self._requests.get_nowait()
@@ -321,6 +324,7 @@ class DecoderService:
         try:
             for decoded in self._decoder.decode(source()):
                 future = fed[answered][1]
+                fed[answered] = None
                 answered += 1
                 try:
                     owned = self._owned(decoded)
@@ -330,7 +334,10 @@ class DecoderService:
                     error.__cause__ = None if error is e else e
                     future.set_exception(error)
                     continue
+                finally:
+                    del decoded
                 future.set_result(owned)
+                del future, owned
         except BaseException as e:  # the decoder raised (out of memory, a rebuild that failed, a batch not
             if fed[answered:]:      # its own): every request of this stream not yet answered gets the error
                 _LOG.warning("the DALI decoder failed %d batch(es): %s", len(fed) - answered, e)

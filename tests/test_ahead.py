@@ -322,3 +322,41 @@ def test_a_batch_made_from_another_by_replace_does_not_carry_its_started_scoring
     batch.scoring = ahead.Started(scorer, scorer.score_ahead((batch.pixels, (), None), ["logits"]))
     other = dataclasses.replace(batch, pixels=_pixels([99]))
     assert other.scoring is None
+
+
+class _FailsOn99(FakeEngine):
+    """Refuses a batch holding a grey-99 image: one bad batch (an engine error) fails its whole call."""
+
+    def infer(self, feed, outputs=None):
+        from engines.base import EngineError
+
+        if (np.asarray(feed["images"]) == 99).any():
+            raise EngineError("engine failed on this batch")
+        return super().infer(feed, outputs)
+
+
+def test_calls_that_fail_count_their_started_batches_as_taken_and_keep_scoring_ahead_on(tmp_path):
+    # A failed call sends its batches to failed_inferences: the others of the call were scored once and
+    # dead-lettered, not scored twice, so they must not turn scoring ahead off.
+    from engines.base import EngineError
+
+    token = "test-failed-calls"
+    handler = _handler(tmp_path, score_ahead=token, batches_per_call=8)
+    scorer = ImageScorer(_FailsOn99())
+    ahead.register(token, scorer, ["logits"])
+    try:
+        for call in range(3):
+            batches = [ImageBatch((ImageRef(f"/p/{call}-{i}.png"),), _pixels([99 if i == 0 else 10 + i]))
+                       for i in range(8)]
+            for b in batches:
+                b.scoring = ahead.start(token, b)
+                assert b.scoring is not None
+            with pytest.raises(EngineError, match="engine failed on this batch"):
+                handler.run_inference(batches, scorer)
+            del batches, b
+            gc.collect()
+        assert ahead.start(token, ImageBatch((ImageRef("/p/fresh.png"),), _pixels([5]))) is not None, (
+            "three failed calls turned scoring ahead off")
+    finally:
+        ahead.unregister(token)
+        scorer.close()

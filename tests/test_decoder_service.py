@@ -261,3 +261,32 @@ def test_calls_go_to_a_working_decoder_when_another_has_stopped(batches, alone):
         stopped._failure = None
     finally:
         decoders.close()
+
+
+def test_a_batch_its_caller_took_and_dropped_is_freed_while_the_decoder_stream_goes_on(batches):
+    # Scoring ahead keeps the decoder's queue full from the reader threads, so when decoding is the slowest
+    # step one stream spans the whole job: it must not keep every batch it answered (the encoded files and
+    # the decoded images) until it ends, or a 200,000-image job holds them all.
+    import gc
+    import weakref
+
+    from images.decoder_service import DecoderService
+
+    service = DecoderService(_options())
+    futures = []
+    try:
+        futures = [service.submit(batches[i % 4]) for i in range(60)]  # the queue stays full
+        futures[0].result(timeout=HANG_S)
+        taken = futures[1].result(timeout=HANG_S)
+        images = weakref.ref(taken.images)
+        del taken, futures[1]  # taken, scored and dropped by its caller
+        futures[4].result(timeout=HANG_S)  # the stream has moved on
+        gc.collect()
+        still_decoding = not futures[-1].done()
+        alive = images() is not None
+    finally:
+        for f in futures:
+            f.result(timeout=HANG_S)
+        service.close()
+    assert still_decoding, "the stream ended before the check: submit more"
+    assert not alive, "the decoder's stream kept a batch its caller had taken and dropped"

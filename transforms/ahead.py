@@ -72,11 +72,17 @@ class Started:
         self._entry = entry
         self._taken = False
 
+    def claim(self) -> None:
+        """Marks the result as used by ``RunInference`` (once): it counts as taken even if the call then fails,
+        for the batch was scored once and goes to the call's dead letters, not scored again."""
+        if not self._taken:
+            self._taken = True
+            if self._entry is not None:
+                self._entry.taken += 1
+
     def take(self) -> Any:
         """The result (:class:`images.scoring.Scored`), waiting for it; raises what scoring raised."""
-        self._taken = True
-        if self._entry is not None:
-            self._entry.taken += 1
+        self.claim()
         return self.future.result()
 
     def __del__(self):

@@ -1034,6 +1034,8 @@ class ReadImageBatches(beam.DoFn):
         # The batch made when its reads finished, only if made of exactly these results (a read that
         # timed out gives others): its scoring, if started, is then this batch's.
         batch = made[1] if made is not None and _same_objects(made[0], loaded) else None
+        if batch is None and made is not None and made[1] is not None and made[1].scoring is not None:
+            self._started.inc()  # started and not emitted: counted, as work RunInference does again
         yield from self._emit(done, loaded, w, ts, batch)
 
     def finish_bundle(self):

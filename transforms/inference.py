@@ -298,6 +298,12 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
                    and not element.scoring.future.cancelled() else None for element in batch]
         results: List[Any] = [None] * len(batch)
         now = [i for i, s in enumerate(started) if s is None]
+        if len(now) < len(batch):
+            # Used by this call, whether or not it succeeds: a failed call's batches were scored once.
+            for s in started:
+                if s is not None:
+                    s.claim()
+            Metrics.counter(NAMESPACE, "batches_scored_ahead").inc(len(batch) - len(now))
         if now:
             scored_now = model.score([(batch[i].pixels, batch[i].encoded, batch[i].boxes) for i in now],
                                      list(self._output_names))
@@ -307,8 +313,6 @@ class ImageBatchHandler(ModelHandler[Any, ScoredBatch, Any]):
         for i, s in enumerate(started):
             if s is not None:
                 results[i] = s.take()  # what scoring it raised, as the call above would
-        if len(now) < len(batch):
-            Metrics.counter(NAMESPACE, "batches_scored_ahead").inc(len(batch) - len(now))
         # The latency of a batch scored ahead is its decode wait and engine time on the scoring thread, not
         # how long this thread waited for it (nothing, when it was done while earlier rows were written).
         elapsed = now_s + sum(results[i].decode_s + results[i].infer_s
