@@ -406,17 +406,19 @@ class Decoders:
             self.close()
             raise
 
+    def _least_busy(self) -> DecoderService:
+        """The working service with the fewest batches waiting (a stopped one's queue is empty: it would draw
+        every call and fail each); with none working, the first, which says why."""
+        working = [s for s in self.services if s.alive] or self.services
+        return min(working, key=lambda s: s.waiting)
+
     def decode(self, batches: Sequence[DecodeInput], ahead: Optional[int] = None) -> Iterator[DecodedBatch]:
-        """As :meth:`DecoderService.decode`, on the working service with the fewest batches waiting (a
-        stopped one's queue is empty: it would draw every call and fail each)."""
-        working = [s for s in self.services if s.alive] or self.services  # none: the first says why
-        service = min(working, key=lambda s: s.waiting)
-        return service.decode(batches, ahead)
+        """As :meth:`DecoderService.decode`, on the least busy working service."""
+        return self._least_busy().decode(batches, ahead)
 
     def submit(self, batch: DecodeInput) -> "concurrent.futures.Future":
-        """As :meth:`DecoderService.submit`, on the working service with the fewest batches waiting."""
-        working = [s for s in self.services if s.alive] or self.services
-        return min(working, key=lambda s: s.waiting).submit(batch)
+        """As :meth:`DecoderService.submit`, on the least busy working service."""
+        return self._least_busy().submit(batch)
 
     def close(self) -> None:
         for service in self.services:

@@ -128,15 +128,22 @@ class ImageScorer:
                 be paired with their images (a decoded batch or an engine output with another row
                 count than its images, a decoded batch that is not the one fed).
         """
-        from images.dali_decoder import DecodeInput
-
-        encoded = [DecodeInput([np.frombuffer(data, np.uint8) for data in files], boxes or None)
-                   for _, files, boxes in items if files]
-        if encoded and self.decoders is None and self._fallback is None:
-            raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
-                              "GPU worker, or --decode cpu")
+        encoded = [self._decode_input(files, boxes) for _, files, boxes in items if files]
         decoded = self.decoders.decode(encoded) if encoded and self.decoders is not None else None
         return self._score(items, outputs, decoded)
+
+    def _decode_input(self, files: Sequence[bytes], boxes):
+        """One item's encoded files as the decoder takes them.
+
+        Raises:
+            EngineError: there is neither a decoder nor a CPU fallback for them.
+        """
+        from images.dali_decoder import DecodeInput
+
+        if self.decoders is None and self._fallback is None:
+            raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
+                              "GPU worker, or --decode cpu")
+        return DecodeInput([np.frombuffer(data, np.uint8) for data in files], boxes or None)
 
     def score_ahead(self, item: Item, outputs: Optional[Sequence[str]] = None) -> "concurrent.futures.Future":
         """Starts scoring one batch now and returns at once: the future's result is its :class:`Scored`, as
@@ -152,12 +159,8 @@ class ImageScorer:
             EngineError: encoded images and neither a decoder nor a fallback; a batch the decoder refuses; the
                 scorer is closed.
         """
-        from images.dali_decoder import DecodeInput
-
         _, files, boxes = item
-        if files and self.decoders is None and self._fallback is None:
-            raise EngineError("encoded images reached an engine without a decoder; run with --decode gpu on a "
-                              "GPU worker, or --decode cpu")
+        request = self._decode_input(files, boxes) if files else None
         with self._ahead_lock:
             if self._closed:
                 raise EngineError("the scorer is closed")
@@ -166,10 +169,7 @@ class ImageScorer:
                 # callers of score() would make; each thread takes the next batch in order.
                 self._ahead = concurrent.futures.ThreadPoolExecutor(max(1, self.engine.concurrent_calls()),
                                                                     thread_name_prefix="score-ahead")
-            pending = None
-            if files and self.decoders is not None:
-                pending = self.decoders.submit(DecodeInput([np.frombuffer(data, np.uint8) for data in files],
-                                                           boxes or None))
+            pending = self.decoders.submit(request) if request is not None and self.decoders is not None else None
             try:
                 future = self._ahead.submit(self._score_started, item, outputs, pending)
             except BaseException:

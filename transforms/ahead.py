@@ -107,13 +107,16 @@ def unregister(token: str) -> None:
         _SCORERS.pop(token, None)
 
 
-def scorer_for(token: str) -> Optional[Any]:
-    """The scorer registered under ``token`` in this process and still alive, or None."""
+def _lookup(token: str) -> Tuple[Optional[_Entry], Optional[Any]]:
+    """The entry under ``token`` and its scorer if still alive (each None where there is none)."""
     with _LOCK:
         entry = _SCORERS.get(token)
-    if entry is None:
-        return None
-    return entry.scorer()
+    return entry, (entry.scorer() if entry is not None else None)
+
+
+def scorer_for(token: str) -> Optional[Any]:
+    """The scorer registered under ``token`` in this process and still alive, or None."""
+    return _lookup(token)[1]
 
 
 def start(token: str, batch: Any) -> Optional[Started]:
@@ -121,9 +124,7 @@ def start(token: str, batch: Any) -> Optional[Started]:
     ``token``; None when there is none in this process, when this process's started scorings went
     mostly untaken (:data:`MAX_UNTAKEN`), or when the scorer refused (closed, a bad batch): the batch is
     then scored by ``RunInference`` as usual, which reports any error with the batch's images."""
-    with _LOCK:
-        entry = _SCORERS.get(token)
-    scorer = entry.scorer() if entry is not None else None
+    entry, scorer = _lookup(token)
     if scorer is None:
         return None
     if entry.off:
