@@ -98,7 +98,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     """
     plan = plan or partitions.make_plan(settings)
     # The reader starts each batch on the scorer the handler loads in the same process (transforms.ahead).
-    ahead = uuid.uuid4().hex if settings.batch.score_ahead and not settings.share_model_across_processes else ""
+    ahead = uuid.uuid4().hex if settings.batch.score_ahead else ""
     handler = make_handler(settings, loader, ahead)
     found = pipeline | "FindImages" >> ImageRefs(settings.input, batch_size=settings.batch.images_per_batch,
                                                  keep_columns=settings.keep_columns)

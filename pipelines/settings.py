@@ -196,7 +196,8 @@ class BatchSettings:
             ``max_batch_size``): :data:`GPU_DECODE_BATCHES_PER_CALL` with a DALI decoder, else 1.
         prefetch: Batches each reader reads ahead: ``--prefetch``, else twice ``batches_per_call``.
         score_ahead: Whether a batch starts scoring as soon as it is read (``transforms.ahead``), rather
-            than when ``RunInference`` reaches it: not ``--no_score_ahead``.
+            than when ``RunInference`` reaches it: not ``--no_score_ahead``, and not with
+            ``--share_model_across_processes`` (the model is then in another process).
     """
 
     images_per_batch: int
@@ -322,7 +323,7 @@ class RunSettings:
             "top_k": self.top_k if self.rows.mode == "topk" else None,  # --threshold and raw rows rank no k
             "decode": self.decode.mode, "decode_choice": self.decode.why,
             "prefetch_batches": self.batch.prefetch,
-            "score_ahead": self.batch.score_ahead and not self.share_model_across_processes,
+            "score_ahead": self.batch.score_ahead,
             "output_format": self.output_format,
             "runner": self.runner,
             "direct_running_mode": self.direct_running_mode,
@@ -611,7 +612,7 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         labels_file=labels_file,
         preprocess=preprocess,
         batch=BatchSettings(recipe.batch_size, per_call, options.prefetch or 2 * per_call,
-                            score_ahead=not options.no_score_ahead),
+                            score_ahead=not options.no_score_ahead and not options.share_model_across_processes),
         decode=DecodeSettings(mode, why, dali, options.max_decoders),
         read_threads=options.decode_threads, read_timeout_s=options.read_timeout_s or None,
         top_k=options.top_k, output_format=options.output_format, model=model, rows=rows,

@@ -226,3 +226,10 @@ def test_a_local_job_takes_the_model_it_preloaded_and_loads_no_other(corpus, tmp
     assert sum("preloaded the model" in m for m in messages) == 1
     assert sum("took the model preloaded" in m for m in messages) == 1
     assert sum(m.startswith("onnxruntime engine loaded") for m in messages) == 1, "the job loaded a second model"
+
+
+@pytest.mark.parametrize("flags,ahead", [([], True), (["--no_score_ahead"], False),
+                                         (["--share_model_across_processes"], False)])
+def test_scoring_ahead_is_decided_once_off_with_its_flag_or_a_model_in_another_process(flags, ahead):
+    settings, _ = resolve(["--input", "x", "--output", "y", *flags], start_checks=False)
+    assert settings.batch.score_ahead is ahead and settings.record()["score_ahead"] is ahead
