@@ -121,8 +121,6 @@ class GpuMemoryLedger:
             EngineError: the GPU's free memory is below what an identical copy took here, plus MARGIN, with
                 no other load in progress that could be waited for.
         """
-        import fcntl
-
         try:
             f = open(self.path, "a+")
         except OSError as e:  # another user's ledger, a folder in its place: load, unchecked, and say so
@@ -135,8 +133,7 @@ class GpuMemoryLedger:
             waited = False
             try:
                 while True:
-                    fcntl.flock(f, fcntl.LOCK_EX)
-                    try:
+                    with _locked(f):
                         ledger = _read(f)
                         group = _in_progress(ledger)
                         loads, waiting = group["loads"], group["waiting"]
@@ -176,8 +173,6 @@ class GpuMemoryLedger:
                                     f"GPU {self.device} has {_gib(before)} free of {_gib(total)}, and {what} took "
                                     f"{_gib(took)} when an identical copy loaded on it (+{_gib(MARGIN)} margin): "
                                     f"this copy does not fit; {FIX}")
-                    finally:
-                        fcntl.flock(f, fcntl.LOCK_UN)
                     if not waited:
                         _LOG.info("%s waits for %d load(s) in progress on GPU %d", what, len(loads) + len(waiting),
                                   self.device)
@@ -203,20 +198,14 @@ class GpuMemoryLedger:
     def _end(self, f, token: str, started: Optional[int] = None) -> bool:
         """Removes a load's (or a waiting copy's) registration; True when a load that started as number
         ``started`` was alone throughout (nobody was loading when it started and nobody started since)."""
-        import fcntl
-
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+        with _locked(f):
             ledger = _read(f)
             group = _in_progress(ledger)
             mine = group["loads"].pop(token, None)
             group["waiting"].pop(token, None)
             ledger[_LOADING] = group
             _write(f, ledger)
-            return started is not None and bool(mine and mine.get("alone")) \
-                and int(ledger.get(_STARTED, 0)) == started
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        return started is not None and bool(mine and mine.get("alone")) and int(ledger.get(_STARTED, 0)) == started
 
     def _record(self, f, key: str, took: Optional[int], before: int, what: str, locked: bool) -> None:
         """Writes what a copy that loaded alone took: the most any identical copy took (within MAX_AGE_S).
@@ -224,18 +213,11 @@ class GpuMemoryLedger:
         Args:
             locked: Whether the caller holds the ledger's lock (else it is taken here).
         """
-        import fcntl
-
         after, total = self._free(self.device)
-        if not locked:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+        with contextlib.nullcontext() if locked else _locked(f):
             ledger = _read(f)
             ledger[key] = {"bytes": max(took or 0, before - after), "at": time.time()}
             _write(f, ledger)
-        finally:
-            if not locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
         _LOG.info("%s took %s of GPU %d; %s of %s free now", what, _gib(before - after), self.device, _gib(after),
                   _gib(total))
 
@@ -249,6 +231,18 @@ _STARTED = "loads_started"
 POLL_S = 0.1
 #: A registration older than this no longer counts (its process hung, or died where its pid cannot be checked).
 LOAD_MAX_S = 600
+
+
+@contextlib.contextmanager
+def _locked(f) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on the open ledger file ``f``."""
+    import fcntl
+
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @functools.lru_cache(maxsize=1)
