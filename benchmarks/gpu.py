@@ -13,8 +13,12 @@ On a machine with a CUDA GPU, ONNX Runtime with the CUDA provider (onnxruntime-g
    ``engine`` on a two-GPU machine, the engine alone on both GPUs at once (two threads, host batches).
 
 The pipeline runs read a manifest that lists the corpus ``--repeat`` times, so start-up stays a small
-share of the run. Top-1 agreement between ``--decode gpu`` and ``--decode cpu`` is reported. Results:
-``gpu_throughput.json`` and ``gpu_throughput.png`` in ``--output``, and a table on stdout.
+share of the run. Top-1 agreement between ``--decode gpu`` and ``--decode cpu`` is reported. Each pipeline
+run is sampled with nvidia-smi (GPU utilisation and memory, a timeline per second: ``gpu_samples``), and a
+second table shows its steady and whole-process images/s against the engine alone, the seconds to the first
+image and after the last (with ``--progress_every_s`` in ``--pipeline_args``), the GPU's mean utilisation and
+memory peak, and its rows with another top-1 than the reference. Results: ``gpu_throughput.json`` and
+``gpu_throughput.png`` in ``--output``, and the tables on stdout.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from benchmarks.corpus import ensure_corpus
-from benchmarks.multi_gpu import edges, gpu_indices, run_gpus, steady_rate
+from benchmarks.multi_gpu import GpuSampler, edges, gpu_indices, run_gpus, steady_rate
 from benchmarks.multi_gpu import table as gpus_table
 from benchmarks.throughput import REPO_ROOT, agreement, run_child
 from pipelines.partitions import committed_rows
@@ -271,6 +275,78 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     return entry
 
 
+def _sampled_pipeline(args, name: str, manifest: str, extra: List[str], **kwargs) -> Dict[str, Any]:
+    """:func:`_pipeline` with every GPU's utilisation and memory sampled while it runs: ``gpu_samples``, the
+    mean while busy, the peaks and a timeline of one value per second (:class:`GpuSampler`)."""
+    with GpuSampler() as sampler:
+        entry = _pipeline(args, name, manifest, extra, **kwargs)
+    entry["gpu_samples"] = sampler.summary()
+    return entry
+
+
+def ceiling_of(results: Dict[str, Any], precision: str) -> Optional[float]:
+    """The engine alone's images/s at the precision the pipeline runs ran at: what ours is a share of."""
+    return (results.get("engine_device_fp16" if precision == "fp16" else "engine_device") or {}).get(
+        "images_per_second")
+
+
+def ratios_of(results: Dict[str, Any], precision: str) -> Dict[str, float]:
+    """Each pipeline run's figures as shares of the engine alone (:func:`ceiling_of`), steady state included,
+    and ours against the no-op engine's floor."""
+    ceiling = ceiling_of(results, precision)
+    ratios: Dict[str, float] = {}
+    ours = results.get("ours_gpu") or {}
+    if ceiling:
+        for key in ("stats_images_per_second", "run_images_per_second", "whole_process_images_per_second"):
+            if ours.get(key):
+                ratios[f"ours_gpu_{key}_vs_engine_device"] = round(ours[key] / ceiling, 3)
+        if (ours.get("steady") or {}).get("images_per_second"):
+            ratios["ours_gpu_steady_vs_engine_device"] = round(ours["steady"]["images_per_second"] / ceiling, 3)
+        if (results.get("ours_cpu") or {}).get("run_images_per_second"):
+            ratios["ours_cpu_run_vs_engine_device"] = round(results["ours_cpu"]["run_images_per_second"] / ceiling, 3)
+    noop = results.get("noop_gpu") or {}
+    if noop.get("run_images_per_second") and ours.get("run_images_per_second"):
+        ratios["ours_gpu_vs_noop_run"] = round(ours["run_images_per_second"] / noop["run_images_per_second"], 3)
+    return ratios
+
+
+#: The pipeline runs of one benchmark, in the order they are shown, with their labels.
+PIPELINE_RUNS = (("ours_gpu", "ours --decode gpu"), ("noop_gpu", "no-op engine, --decode gpu (floor)"),
+                 ("ours_cpu", "ours --decode cpu"))
+
+
+def runs_table(summary: Dict[str, Any], precision: str = "fp32") -> str:
+    """One line per pipeline run: steady and whole-process images/s with their shares of the engine alone,
+    the launch and exit edges, the GPU's mean utilisation while busy and its memory peak, and the rows whose
+    top-1 differs from the reference's. A figure the run did not give (no progress lines, no nvidia-smi) is -."""
+    r = summary["results"]
+    ceiling = ceiling_of(r, precision)
+    lines = ["| run | steady images/s (x engine) | whole process images/s (x engine) | first image / exit after "
+             "last (s) | GPU busy % (mean while busy) / memory peak MiB | rows with another top-1 |",
+             "|---|---|---|---|---|---|"]
+
+    def rate(value):
+        if not value:
+            return "-"
+        return f"{value:,.0f} ({value / ceiling:.2f})" if ceiling else f"{value:,.0f}"
+
+    for name, label in PIPELINE_RUNS:
+        entry = r.get(name)
+        if not entry:
+            continue
+        edge = entry.get("edges") or {}
+        gpus = (entry.get("gpu_samples") or {}).get("gpus") or {}
+        busy = " + ".join(f"{g['mean_utilisation']:.0f} / {g['max_memory_mib']:,.0f}" for g in gpus.values()) or "-"
+        labels = entry.get("labels") or {}
+        differ = (f"{labels['rows_with_another_top1']} of {labels['rows']} ({labels.get('near_ties', 0)} near ties)"
+                  if "rows_with_another_top1" in labels else "-")
+        lines.append(f"| {label} | {rate((entry.get('steady') or {}).get('images_per_second'))} | "
+                     f"{rate(entry.get('whole_process_images_per_second'))} | "
+                     f"{edge.get('first_image_s', '-')} / {edge.get('after_last_image_s', '-')} | {busy} | "
+                     f"{differ} |")
+    return "\n".join(lines)
+
+
 def check_labels(out_dir: str, reference_dir: Optional[str]) -> Dict[str, Any]:
     """Rows of a run whose top-1 differs from a one-thread run's for the same image (``reference_dir``),
     or, without one, from the image's majority top-1 within the run: a batch paired with another batch's
@@ -300,8 +376,7 @@ def table(summary: Dict[str, Any]) -> str:
         (r.get("engine_host_two_gpus") or {}).get("images_per_second"))
     add("DALI decoder alone (decode+resize+crop on the GPU)", (r.get("decoder") or {}).get("images_per_second"))
     add("batch reader alone (read + header pre-screen, no Beam)", (r.get("reader") or {}).get("images_per_second"))
-    for name, label in (("ours_gpu", "ours --decode gpu"), ("noop_gpu", "no-op engine, --decode gpu (floor)"),
-                        ("ours_cpu", "ours --decode cpu")):
+    for name, label in PIPELINE_RUNS:
         entry = r.get(name)
         if entry:
             lines.append(f"| {label}: stats.json / run / whole process | "
@@ -350,12 +425,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "engine" in runs or "decoder" in runs:
         results.update(measure_in_process(args, blobs, runs))
     if "ours_gpu" in runs:
-        results["ours_gpu"] = _pipeline(args, "ours_gpu", manifest, ["--decode", "gpu"])
+        results["ours_gpu"] = _sampled_pipeline(args, "ours_gpu", manifest, ["--decode", "gpu"])
         results["ours_gpu"]["labels"] = check_labels(os.path.join(args.output, "ours_gpu"), args.reference_output)
     if "noop_gpu" in runs:
-        results["noop_gpu"] = _pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"], module="benchmarks.noop_job")
+        results["noop_gpu"] = _sampled_pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"],
+                                                module="benchmarks.noop_job")
     if "ours_cpu" in runs:
-        results["ours_cpu"] = _pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
+        results["ours_cpu"] = _sampled_pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
     if "concurrency" in runs:
         from benchmarks.concurrency import run_concurrency
 
@@ -365,19 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results["gpus"] = run_gpus(args, lambda name, path, extra, env: _pipeline(args, name, path, extra, env=env),
                                    corpus.paths)
     # Ours against the engine alone at the precision ours ran at.
-    ceiling = (results.get("engine_device_fp16" if args.precision == "fp16" else "engine_device") or {}).get(
-        "images_per_second")
-    ratios = {}
-    ours = results.get("ours_gpu") or {}
-    if ceiling:
-        for key in ("stats_images_per_second", "run_images_per_second", "whole_process_images_per_second"):
-            if ours.get(key):
-                ratios[f"ours_gpu_{key}_vs_engine_device"] = round(ours[key] / ceiling, 3)
-        if (results.get("ours_cpu") or {}).get("run_images_per_second"):
-            ratios["ours_cpu_run_vs_engine_device"] = round(results["ours_cpu"]["run_images_per_second"] / ceiling, 3)
-    noop = results.get("noop_gpu") or {}
-    if noop.get("run_images_per_second") and ours.get("run_images_per_second"):
-        ratios["ours_gpu_vs_noop_run"] = round(ours["run_images_per_second"] / noop["run_images_per_second"], 3)
+    ratios = ratios_of(results, args.precision)
+    ours, noop = results.get("ours_gpu") or {}, results.get("noop_gpu") or {}
     top1 = {}
     if ours.get("top1") and (results.get("ours_cpu") or {}).get("top1"):
         top1["gpu_vs_cpu_decode"] = agreement(ours["top1"], results["ours_cpu"]["top1"])
@@ -393,7 +458,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gpu = "unknown"
     summary = {"title": f"GPU throughput ({gpu}, batch {args.batch_size}, {len(corpus.paths)} JPEGs x {args.repeat})",
                "gpu": gpu, "cores": os.cpu_count(), "images": len(corpus.paths), "repeat": args.repeat,
-               "batch_size": args.batch_size, "hw_decoder_load": args.hw_decoder_load, "results": results,
+               "batch_size": args.batch_size, "precision": args.precision, "hw_decoder_load": args.hw_decoder_load,
+               "results": results,
                "ratios": ratios, "target_ours_vs_engine_device": TARGET, "top1_agreement": top1,
                "seconds": round(time.time() - started, 1)}
     summary["bars"] = [("engine alone (device)", (results.get("engine_device") or {}).get("images_per_second")),
@@ -408,6 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chart(summary, os.path.join(args.output, "gpu_throughput.png"))
     print(summary["title"])
     print(table(summary))
+    print(runs_table(summary, args.precision))
     print("ratios:", json.dumps(ratios), "top-1 agreement:", json.dumps(top1))
     if (results.get("ours_gpu") or {}).get("labels"):
         print("ours_gpu rows with another top-1:", json.dumps(results["ours_gpu"]["labels"]))

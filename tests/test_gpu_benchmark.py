@@ -59,3 +59,27 @@ def test_the_concurrency_configurations_named_run_after_the_reference():
     assert len(selected("")) == 8
     with pytest.raises(SystemExit, match="threads9"):
         selected("threads9")
+
+
+def test_each_pipeline_run_is_shown_against_the_engine_alone_with_its_edges_gpu_and_labels():
+    from benchmarks.gpu import ratios_of, runs_table
+    from benchmarks.multi_gpu import GpuSampler
+
+    sampler = GpuSampler()
+    sampler.samples = [(0.5, 0, 0.0, 500.0), (1.0, 0, 80.0, 9000.0), (1.5, 0, 100.0, 9500.0), (2.0, 0, 0.0, 600.0)]
+    ours = {"steady": {"images_per_second": 8000.0}, "whole_process_images_per_second": 5000.0,
+            "run_images_per_second": 6000.0, "edges": {"first_image_s": 5.5, "after_last_image_s": 1.2},
+            "gpu_samples": sampler.summary(),
+            "labels": {"rows": 200, "rows_with_another_top1": 0, "near_ties": 1}}
+    results = {"engine_device": {"images_per_second": 10000.0}, "engine_device_fp16": {"images_per_second": 20000.0},
+               "ours_gpu": ours, "ours_cpu": {"whole_process_images_per_second": 900.0}}
+    assert ratios_of(results, "fp32")["ours_gpu_steady_vs_engine_device"] == 0.8
+    assert ratios_of(results, "fp32")["ours_gpu_whole_process_images_per_second_vs_engine_device"] == 0.5
+    assert ratios_of(results, "fp16")["ours_gpu_steady_vs_engine_device"] == 0.4  # against the fp16 ceiling
+    lines = runs_table({"results": results}, "fp32").splitlines()
+    assert lines[2] == ("| ours --decode gpu | 8,000 (0.80) | 5,000 (0.50) | 5.5 / 1.2 | 90 / 9,500 | "
+                        "0 of 200 (1 near ties) |")
+    assert lines[3] == "| ours --decode cpu | - | 900 (0.09) | - / - | - | - |"  # what it did not give is -
+    assert len(lines) == 4  # no no-op run here
+    without_engine = runs_table({"results": {"ours_gpu": ours}}).splitlines()[2]
+    assert without_engine.startswith("| ours --decode gpu | 8,000 | 5,000 |")
