@@ -8,6 +8,7 @@ came from. The whole job with the real model is in test_scoring.py.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import pickle
@@ -60,19 +61,26 @@ def _read(reader: ReadImageBatches, batches):
     return [o for o in out if isinstance(o, ImageBatch)]
 
 
+@contextlib.contextmanager
+def _registered(token: str, scorer: ImageScorer):
+    """``scorer`` registered under ``token`` for the block, then unregistered."""
+    ahead.register(token, scorer, ["logits"])
+    try:
+        yield scorer
+    finally:
+        ahead.unregister(token)
+
+
 def _grey(rows: np.ndarray):
     return [int(round(float(r[0]))) for r in rows]
 
 
 def test_the_reader_starts_each_batch_on_the_registered_scorer_with_its_own_images(photos, scorer):
     token = "test-reader-starts"
-    ahead.register(token, scorer, ["logits"])
-    try:
+    with _registered(token, scorer):
         refs = [ImageRef(uri) for uri in photos]
         batches = _read(ReadImageBatches(CONFIG, threads=2, prefetch=2, score_ahead=token),
                         [refs[i:i + 4] for i in range(0, len(refs), 4)])
-    finally:
-        ahead.unregister(token)
     assert [len(b) for b in batches] == [4, 4, 4]
     for batch in batches:
         assert isinstance(batch.scoring, ahead.Started) and batch.scoring.scorer is scorer
@@ -98,14 +106,13 @@ def test_a_batch_whose_read_stalled_is_emitted_without_a_started_scoring(photos,
     os.mkfifo(fifo)
     monkeypatch.setattr(reading, "not_a_regular_file", lambda path: None)  # read it, as a stuck mount would
     token = "test-stalled"
-    ahead.register(token, scorer, ["logits"])
     good = [ImageRef(uri) for uri in photos][:3]
     try:
-        # Two chunks, [stuck, good 0] and [good 1, good 2]: the rest of the first goes to the free thread.
-        (batch,) = _read(ReadImageBatches(CONFIG, threads=2, read_timeout_s=0.5, score_ahead=token),
-                         [[ImageRef(fifo), *good]])
+        with _registered(token, scorer):
+            # Two chunks, [stuck, good 0] and [good 1, good 2]: the rest of the first goes to the free thread.
+            (batch,) = _read(ReadImageBatches(CONFIG, threads=2, read_timeout_s=0.5, score_ahead=token),
+                             [[ImageRef(fifo), *good]])
     finally:
-        ahead.unregister(token)
         os.close(os.open(fifo, os.O_WRONLY))  # the thread left behind reads end of file and finishes
     assert batch.scoring is None
     assert [r.uri for r in batch.refs] == [r.uri for r in good]
@@ -262,10 +269,8 @@ def test_batches_started_and_never_taken_turn_scoring_ahead_off_with_a_warning(c
     # untaken (its batch pickled without it) and RunInference scores the copy again. After a few, the process
     # stops starting them rather than scoring every batch twice.
     token = "test-untaken"
-    scorer = ImageScorer(_CountingEngine())
-    ahead.register(token, scorer, ["logits"])
     batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
-    try:
+    with _registered(token, ImageScorer(_CountingEngine())) as scorer, contextlib.closing(scorer):
         started = 0
         with caplog.at_level(logging.WARNING, logger="transforms.ahead"):
             for _ in range(3 * ahead.MAX_UNTAKEN):
@@ -279,24 +284,16 @@ def test_batches_started_and_never_taken_turn_scoring_ahead_off_with_a_warning(c
         assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
         assert "never taken by RunInference" in caplog.records[0].message
         assert "--no_score_ahead" in caplog.records[0].message
-    finally:
-        ahead.unregister(token)
-        scorer.close()
 
 
 def test_started_scorings_that_are_taken_keep_scoring_ahead_on():
     token = "test-taken"
-    scorer = ImageScorer(FakeEngine())
-    ahead.register(token, scorer, ["logits"])
     batch = ImageBatch((ImageRef("/p/a.png"),), _pixels([7]))
-    try:
+    with _registered(token, ImageScorer(FakeEngine())) as scorer, contextlib.closing(scorer):
         for i in range(3 * ahead.MAX_UNTAKEN):
             s = ahead.start(token, batch)
             assert s is not None, f"scoring ahead went off after {i} batches, every one taken"
             s.take()
-    finally:
-        ahead.unregister(token)
-        scorer.close()
 
 
 def test_a_started_scoring_the_closed_scorer_dropped_is_scored_by_run_inference(tmp_path):
@@ -342,9 +339,7 @@ def test_calls_that_fail_count_their_started_batches_as_taken_and_keep_scoring_a
 
     token = "test-failed-calls"
     handler = _handler(tmp_path, score_ahead=token, batches_per_call=8)
-    scorer = ImageScorer(_FailsOn99())
-    ahead.register(token, scorer, ["logits"])
-    try:
+    with _registered(token, ImageScorer(_FailsOn99())) as scorer, contextlib.closing(scorer):
         for call in range(3):
             batches = [ImageBatch((ImageRef(f"/p/{call}-{i}.png"),), _pixels([99 if i == 0 else 10 + i]))
                        for i in range(8)]
@@ -357,6 +352,3 @@ def test_calls_that_fail_count_their_started_batches_as_taken_and_keep_scoring_a
             gc.collect()
         assert ahead.start(token, ImageBatch((ImageRef("/p/fresh.png"),), _pixels([5]))) is not None, (
             "three failed calls turned scoring ahead off")
-    finally:
-        ahead.unregister(token)
-        scorer.close()
