@@ -25,7 +25,7 @@ import collections
 import os
 from typing import Any, Callable, Dict, Sequence
 
-from benchmarks.multi_gpu import GpuSampler, accounting, edges, steady_rate, write_id_manifest
+from benchmarks.multi_gpu import accounting, write_id_manifest
 from pipelines.partitions import committed_rows
 
 #: (name, flags) of each configuration, the reference first.
@@ -121,23 +121,19 @@ def selected(names: str = "") -> Sequence:
 
 def run_concurrency(args, pipeline: Callable, paths: Sequence[str]) -> Dict[str, Any]:
     """Runs every configuration (or those in ``args.configs``); ``pipeline(name, manifest, extra_flags, env)``
-    runs one job."""
+    runs one job and gives its entry with ``steady``, ``edges`` and ``gpu_samples`` (``benchmarks.gpu``)."""
     manifest = os.path.join(args.output, f"inputs_ids_{args.repeat}.csv")
     listed = write_id_manifest(manifest, paths, args.repeat)
     out: Dict[str, Any] = {"listed": listed, "runs": {}}
     reference = None
     for name, flags in selected(getattr(args, "configs", "")):
         extra = ["--decode", "gpu", "--dali_threads", str(dali_threads(flags)), "--progress_every_s", "0.5", *flags]
-        with GpuSampler() as sampler:
-            entry = pipeline(name, manifest, extra, {})
-        log_text = open(entry["log"], errors="replace").read() if entry.get("log") else ""
+        entry = pipeline(name, manifest, extra, {})  # with its steady rate, edges and GPU samples
         folder = os.path.join(args.output, name)
         top1 = top1_by_uri(folder)
         if reference is None:
             reference = top1
-        entry.update({"flags": flags, "steady": steady_rate(log_text), "gpu_samples": sampler.summary(),
-                      "edges": edges(log_text, entry.get("import_seconds"), entry.get("process_seconds")),
-                      "accounting": accounting(folder, listed), "top1_vs_threads1": compare(reference, top1),
+        entry.update({"flags": flags, "accounting": accounting(folder, listed), "top1_vs_threads1": compare(reference, top1),
                       "differing_rows": differing_rows(os.path.join(args.output, "threads1"), folder)})
         entry.pop("top1", None)
         out["runs"][name] = entry

@@ -244,7 +244,8 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     hidden = hidden_packages(args.output, [p for p in args.hide.split(",") if p.strip()])
     if hidden:
         env = {**(env or {}), "PYTHONPATH": child_pythonpath(hidden, REPO_ROOT)}
-    child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
+    with GpuSampler() as sampler:
+        child = run_child(name, module, argv, args.output, args.timeout_s, env_extra=env)
     rows = committed_rows(out_dir, "predictions", missing_ok=True)
     dead = committed_rows(out_dir, "dead_letter", missing_ok=True)
     timing = child.get("timing") or {}
@@ -268,19 +269,12 @@ def _pipeline(args, name: str, manifest: str, extra: List[str], module: str = "p
     # rate between (benchmarks.multi_gpu).
     entry["edges"] = edges(child.get("log_text") or "", timing.get("import_seconds"), child["process_seconds"])
     entry["steady"] = steady_rate(child.get("log_text") or "")
+    # Every GPU's utilisation and memory while it ran: the mean while busy, the peaks, one value per second.
+    entry["gpu_samples"] = sampler.summary()
     entry["inputs"] = images
     entry["top1"] = {}
     for row in rows:
         entry["top1"].setdefault(row["uri"], int(row["top_k"][0]["class_id"]))
-    return entry
-
-
-def _sampled_pipeline(args, name: str, manifest: str, extra: List[str], **kwargs) -> Dict[str, Any]:
-    """:func:`_pipeline` with every GPU's utilisation and memory sampled while it runs: ``gpu_samples``, the
-    mean while busy, the peaks and a timeline of one value per second (:class:`GpuSampler`)."""
-    with GpuSampler() as sampler:
-        entry = _pipeline(args, name, manifest, extra, **kwargs)
-    entry["gpu_samples"] = sampler.summary()
     return entry
 
 
@@ -425,13 +419,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "engine" in runs or "decoder" in runs:
         results.update(measure_in_process(args, blobs, runs))
     if "ours_gpu" in runs:
-        results["ours_gpu"] = _sampled_pipeline(args, "ours_gpu", manifest, ["--decode", "gpu"])
+        results["ours_gpu"] = _pipeline(args, "ours_gpu", manifest, ["--decode", "gpu"])
         results["ours_gpu"]["labels"] = check_labels(os.path.join(args.output, "ours_gpu"), args.reference_output)
     if "noop_gpu" in runs:
-        results["noop_gpu"] = _sampled_pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"],
+        results["noop_gpu"] = _pipeline(args, "noop_gpu", manifest, ["--decode", "gpu"],
                                                 module="benchmarks.noop_job")
     if "ours_cpu" in runs:
-        results["ours_cpu"] = _sampled_pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
+        results["ours_cpu"] = _pipeline(args, "ours_cpu", once, ["--decode", "cpu"])
     if "concurrency" in runs:
         from benchmarks.concurrency import run_concurrency
 

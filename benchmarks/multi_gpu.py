@@ -176,7 +176,8 @@ def configurations(processes: Sequence[int], gpus: List[str]) -> List[Tuple[int,
 
 
 def run_gpus(args, pipeline, paths: Sequence[str]) -> Dict[str, Any]:
-    """Runs every configuration; ``pipeline(name, manifest, extra_flags, env)`` runs one job.
+    """Runs every configuration; ``pipeline(name, manifest, extra_flags, env)`` runs one job and gives its
+    entry with ``steady`` and ``gpu_samples`` (``benchmarks.gpu``).
 
     Returns the runs and the two-vs-one ratios.
     """
@@ -194,11 +195,8 @@ def run_gpus(args, pipeline, paths: Sequence[str]) -> Dict[str, Any]:
         if procs > 1:
             extra += ["--direct_running_mode", "multi_processing", "--direct_num_workers", str(procs)]
         env = {"CUDA_VISIBLE_DEVICES": ",".join(gpus[:n_gpus])} if gpus else {}
-        with GpuSampler() as sampler:
-            entry = pipeline(name, manifest, extra, env)
-        log_text = open(entry["log"], errors="replace").read() if entry.get("log") else ""
+        entry = pipeline(name, manifest, extra, env)  # with its steady rate and GPU samples
         entry.update({"gpus": n_gpus, "processes": procs, "dali_threads": threads, "env": env,
-                      "steady": steady_rate(log_text), "gpu_samples": sampler.summary(),
                       "accounting": accounting(os.path.join(args.output, name), listed)})
         if os.path.exists(os.path.join(args.output, name, "_SUCCESS")):
             stats = committed_stats(os.path.join(args.output, name))
