@@ -117,18 +117,25 @@ def not_a_regular_file(path: str) -> Optional[str]:
     Only ``os.stat`` runs (following symlinks); nothing is opened, so a FIFO or a device
     cannot block the caller. URLs (``gs://...``) are not checked here (None).
     """
+    return regular_file_size(path)[0]
+
+
+def regular_file_size(path: str) -> Tuple[Optional[str], Optional[int]]:
+    """``(None, size in bytes)`` for a local regular file, ``(why it cannot be read as an image file, None)``
+    for anything else, ``(None, None)`` for a URL: :func:`not_a_regular_file` and the size from one ``os.stat``."""
     if storage.is_url(path):
-        return None
+        return None, None
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError as e:
-        return f"cannot read file ({describe_stat_error(path, e)})"
+        return f"cannot read file ({describe_stat_error(path, e)})", None
+    mode = st.st_mode
     if stat.S_ISREG(mode):
-        return None
+        return None, st.st_size
     what = next((name for test, name in _KINDS if test(mode)), "not a file")
     fix = ("list the image files, or pass the directory itself as --input to score it recursively"
            if stat.S_ISDIR(mode) else "only regular files are read; remove it from the input or list real files")
-    return f"not a regular file: {path} is {what}; {fix}"
+    return f"not a regular file: {path} is {what}; {fix}", None
 
 
 class InFlightReads:
@@ -172,7 +179,7 @@ def read_timeout_reason(timeout_s: float) -> str:
 
 
 def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S,
-                      in_flight: Optional[InFlightReads] = IN_FLIGHT) -> bytes:
+                      in_flight: Optional[InFlightReads] = IN_FLIGHT, size_hint: Optional[int] = None) -> bytes:
     """:func:`engines.storage.read` with a time limit.
 
     The read runs in a daemon thread. Python cannot interrupt a thread blocked in a system call,
@@ -184,6 +191,7 @@ def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOU
         timeout_s: Seconds before giving up; None or 0 reads inline without a limit.
             Default :data:`DEFAULT_READ_TIMEOUT_S`.
         in_flight: Registry the read is listed in while it runs, or None. Default :data:`IN_FLIGHT`.
+        size_hint: A local file's size from the caller's ``stat``, or None (:func:`engines.storage.read`).
 
     Raises:
         ReadTimeout: the read took longer than ``timeout_s``.
@@ -192,13 +200,13 @@ def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOU
     tracking = in_flight.track(uri) if in_flight is not None else contextlib.nullcontext()
     with tracking:
         if not timeout_s:
-            return storage.read(uri)
+            return storage.read(uri, size_hint)
         box: Dict[str, object] = {}
         done = threading.Event()
 
         def target():
             try:
-                box["data"] = storage.read(uri)
+                box["data"] = storage.read(uri, size_hint)
             except BaseException as e:  # handed to the caller's thread
                 box["error"] = e
             finally:
@@ -230,15 +238,13 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
             :data:`DEFAULT_READ_TIMEOUT_S`.
     """
     start = time.perf_counter()
-    refused = not_a_regular_file(uri)
-    if refused is None and not storage.is_url(uri):
-        size = _size_of(uri)
-        if size is not None and size > max_file_bytes(config.max_pixels):
-            refused = too_large_reason(size, config.max_pixels)
+    refused, size = regular_file_size(uri)
+    if size is not None and size > max_file_bytes(config.max_pixels):
+        refused = too_large_reason(size, config.max_pixels)
     if refused is not None:
         return Decoded(None, refused, "read", time.perf_counter() - start, 0.0, 0)
     try:
-        data = read_with_timeout(uri, read_timeout_s)
+        data = read_with_timeout(uri, read_timeout_s, size_hint=size)
     except ReadTimeout as e:
         return Decoded(None, f"cannot read file ({e})", "read", time.perf_counter() - start, 0.0, 0)
     except MemoryError:

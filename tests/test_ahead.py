@@ -104,7 +104,7 @@ def test_a_batch_whose_read_stalled_is_emitted_without_a_started_scoring(photos,
 
     fifo = str(tmp_path / "stuck.png")
     os.mkfifo(fifo)
-    monkeypatch.setattr(reading, "not_a_regular_file", lambda path: None)  # read it, as a stuck mount would
+    monkeypatch.setattr(reading, "regular_file_size", lambda path: (None, None))  # read it, as a stuck mount would
     token = "test-stalled"
     good = [ImageRef(uri) for uri in photos][:3]
     try:

@@ -154,7 +154,7 @@ def test_a_stalled_read_becomes_a_read_dead_letter(tmp_path, monkeypatch):
     # as a stuck gs:// object or network mount would (URLs are not stat'ed).
     fifo = str(tmp_path / "stuck.jpg")
     os.mkfifo(fifo)
-    monkeypatch.setattr(decode, "not_a_regular_file", lambda path: None)
+    monkeypatch.setattr(decode, "regular_file_size", lambda path: (None, None))
     try:
         loaded = load_image(fifo, PreprocessConfig(), read_timeout_s=0.5)
     finally:

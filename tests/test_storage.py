@@ -87,6 +87,48 @@ def test_read_returns_the_bytes_and_leaves_the_wording_of_errors_to_the_caller(t
         storage.read_bytes(str(tmp_path / "missing.txt"), "--labels_file")
 
 
+def test_a_local_read_returns_the_whole_file_whatever_size_the_caller_saw(tmp_path):
+    # The size from the caller's stat is a hint: a file that grew or shrank since is still read whole.
+    import pytest
+
+    from engines import storage
+
+    data = bytes(range(256)) * 1000
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    for hint in (None, len(data), 0, 10, len(data) - 1, len(data) * 3):
+        assert storage.read_local(str(path), hint) == data, hint
+        assert storage.read(str(path), hint) == data, hint
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert storage.read_local(str(tmp_path / "empty.jpg"), 100) == b""
+    with pytest.raises(IsADirectoryError):
+        storage.read_local(str(tmp_path), None)
+    with pytest.raises(FileNotFoundError):
+        storage.read_local(str(tmp_path / "missing.jpg"), 3)
+
+
+def test_reading_an_image_stats_it_once_and_leaves_no_file_open(tmp_path, monkeypatch):
+    # Every system call a reader thread makes gives up the GIL and waits to win it back beside the bundle
+    # thread: the regular-file check and the size limit share one stat, and the read makes no other.
+    import os
+
+    from PIL import Image
+
+    from images.pillow_decoder import PreprocessConfig
+    from images.reading import load_image
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(path)
+    stats = []
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: stats.append(p) or real_stat(p, *a, **k))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    loaded = load_image(str(path), PreprocessConfig(), gpu_decode=True, read_timeout_s=None)
+    assert loaded.error is None and loaded.encoded == path.read_bytes()
+    assert stats == [str(path)]
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_canonical_files_spells_every_file_as_canonical_does(tmp_path, monkeypatch):
     """The batch form resolves a folder once for its files; every spelling must still be canonical's: a
     symlinked folder, a file that is itself a link (to another folder), '..', relative names, a file that
