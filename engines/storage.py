@@ -52,6 +52,12 @@ def read(path: str, size_hint: Optional[int] = None) -> bytes:
         return f.read()
 
 
+#: Files larger than this are read as Python reads them (into one buffer): Linux returns at most ~2 GiB from
+#: one read(), and a file read in parts and joined would hold two copies at once. Their few system calls more
+#: do not matter beside the read itself.
+ONE_READ_MAX_BYTES = 1 << 30
+
+
 def read_local(path: str, size_hint: Optional[int] = None) -> bytes:
     """A local file's bytes in four system calls (open, read, read to its end, close) where Python's
     ``open(path, "rb").read()`` makes nine.
@@ -66,22 +72,33 @@ def read_local(path: str, size_hint: Optional[int] = None) -> bytes:
         size_hint: The file's size from the caller's ``stat``; None = ``fstat`` it here.
 
     Raises:
-        OSError: as ``open`` and ``read`` raise it (``FileNotFoundError``, ``IsADirectoryError``, ...).
+        OSError: as ``open`` and ``read`` raise it (``FileNotFoundError``, ``IsADirectoryError``, ...), naming
+            the file.
     """
-    fd = os.open(path, os.O_RDONLY)  # not inheritable (PEP 446), as open() makes it
+    if size_hint is not None and size_hint > ONE_READ_MAX_BYTES:
+        with open(path, "rb") as f:
+            return f.read()
+    # Not inheritable (PEP 446), and binary where the platform has text mode, as open() makes it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:
         size = os.fstat(fd).st_size if size_hint is None else size_hint
+        if size > ONE_READ_MAX_BYTES:
+            with open(fd, "rb", closefd=False) as f:
+                return f.read()
         first = os.read(fd, size + 1)  # one more than the size: a file read whole comes back short
         if not first:
             return first
-        parts, got = [first], len(first)
-        while True:  # the file is longer than its size said (it grew), or one read could not hold it (2 GiB)
-            more = os.read(fd, max(size + 1 - got, 1 << 20))
+        parts = [first]
+        while True:  # the file is longer than its size said: it grew since
+            more = os.read(fd, 1 << 20)
             if not more:
                 break
             parts.append(more)
-            got += len(more)
         return first if len(parts) == 1 else b"".join(parts)
+    except OSError as e:
+        if e.filename is None:  # os.read names no file (a directory opens, and fails to read)
+            e.filename = path
+        raise
     finally:
         os.close(fd)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -101,10 +102,28 @@ def test_a_local_read_returns_the_whole_file_whatever_size_the_caller_saw(tmp_pa
         assert storage.read(str(path), hint) == data, hint
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert storage.read_local(str(tmp_path / "empty.jpg"), 100) == b""
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(IsADirectoryError, match=re.escape(str(tmp_path))):  # the message names the file
         storage.read_local(str(tmp_path), None)
     with pytest.raises(FileNotFoundError):
         storage.read_local(str(tmp_path / "missing.jpg"), 3)
+
+
+def test_a_file_larger_than_one_read_is_read_into_one_buffer(tmp_path, monkeypatch):
+    # Linux returns at most ~2 GiB a read(): reading such a file in parts and joining them would hold two
+    # copies at once (an ONNX model's external data is that large), so it is read as Python reads it.
+    import os
+
+    from engines import storage
+
+    data = os.urandom(5000)
+    (tmp_path / "model.onnx.data").write_bytes(data)
+    monkeypatch.setattr(storage, "ONE_READ_MAX_BYTES", 4096)
+    reads = []
+    real_read = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: reads.append(n) or real_read(fd, n))
+    assert storage.read_local(str(tmp_path / "model.onnx.data"), len(data)) == data
+    assert storage.read_local(str(tmp_path / "model.onnx.data"), None) == data
+    assert reads == []
 
 
 def test_reading_an_image_stats_it_once_and_leaves_no_file_open(tmp_path, monkeypatch):
