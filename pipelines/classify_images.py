@@ -148,6 +148,8 @@ def run(argv: Optional[List[str]] = None, started: Optional[threading.Event] = N
     if settings.local:
         # The DirectRunner's gRPC data channels otherwise flush on a timer, mid-element (beam_workarounds.py).
         beam_workarounds.whole_elements_on_the_data_plane()
+        # Its SDK worker processes otherwise stop one after another when it ends (beam_workarounds.py).
+        beam_workarounds.stop_workers_together()
     # Workers in this process: the model loads now, while the job is built and its inputs listed.
     preload = Preload(make_loader(settings)) if settings.workers_in_process else None
     start = time.monotonic()

@@ -159,3 +159,70 @@ def test_a_job_caches_translation_lookups_before_it_resolves_its_options(monkeyp
     with pytest.raises(RuntimeError, match="resolved"):
         classify_images.run(["--input", str(corpus), "--output", str(tmp_path / "out")])
     assert applied == [1]
+
+
+def _record_slow_exit(folder: str) -> None:
+    start = time.time()
+    time.sleep(1.0)  # a worker's exit that takes a while, as one holding a CUDA context and a DALI pipeline does
+    with open(os.path.join(folder, f"{os.getpid()}.txt"), "w") as f:
+        f.write(f"{start} {time.time()}")
+
+
+class _SlowExit(beam.DoFn):
+    """Makes each SDK worker process that runs it take 1 s to exit, and write when its exit began and ended."""
+
+    def __init__(self, folder: str):
+        self._folder = folder
+
+    def setup(self):
+        import atexit
+
+        atexit.register(_record_slow_exit, self._folder)
+
+    def process(self, element):
+        yield element
+
+
+def _worker_exits(folder) -> list:
+    """``[(began, ended)]`` of the exits of a two-process local pipeline's SDK workers, in order of beginning."""
+    options = PipelineOptions(["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    with beam.Pipeline(options=options) as p:
+        _ = p | beam.Create(range(40)) | beam.Reshuffle() | beam.ParDo(_SlowExit(str(folder)))
+    exits = sorted(tuple(map(float, path.read_text().split())) for path in folder.iterdir())
+    assert len(exits) == 2, exits  # both workers ran the step: each exit was recorded
+    return exits
+
+
+def _uncloses(monkeypatch):
+    """Beam's own ``close_all`` for this test (a job run by an earlier test installed the workaround)."""
+    manager = worker_handlers.WorkerHandlerManager
+    monkeypatch.setattr(manager, "close_all", getattr(manager.close_all, "_beams", manager.close_all))
+
+
+def test_beam_stops_its_sdk_worker_processes_one_after_another(monkeypatch, tmp_path):
+    # The cost itself, with Beam's close_all (worker_handlers.WorkerHandlerManager): each worker is told to
+    # stop and waited for before the next is told, so a job's exit waits for the sum of its workers' exits.
+    # If this stops failing, Beam stops them together and the workaround can go.
+    _uncloses(monkeypatch)
+    (first_began, first_ended), (second_began, _) = _worker_exits(tmp_path)
+    assert second_began >= first_ended
+
+
+def test_with_the_workaround_sdk_worker_processes_stop_together(monkeypatch, tmp_path):
+    from pipelines.beam_workarounds import stop_workers_together
+
+    _uncloses(monkeypatch)
+    assert stop_workers_together() is True
+    assert stop_workers_together() is False  # idempotent
+    (first_began, first_ended), (second_began, second_ended) = _worker_exits(tmp_path)
+    assert second_began < first_ended  # the second began its exit while the first was still exiting
+
+
+def test_a_local_job_stops_its_workers_together(monkeypatch, corpus, tmp_path):
+    _uncloses(monkeypatch)
+    directory, good, _ = corpus
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("\n".join(sorted(good)) + "\n")
+    stats = classify_images.run(["--input", str(listing), "--output", str(tmp_path / "out"), "--batch_size", "4"])
+    assert stats["predictions"] == len(good)
+    assert getattr(worker_handlers.WorkerHandlerManager.close_all, "_beams", None) is not None
