@@ -223,6 +223,7 @@ def test_a_local_job_stops_its_workers_together(monkeypatch, corpus, tmp_path):
     directory, good, _ = corpus
     listing = tmp_path / "inputs.txt"
     listing.write_text("\n".join(sorted(good)) + "\n")
-    stats = classify_images.run(["--input", str(listing), "--output", str(tmp_path / "out"), "--batch_size", "4"])
-    assert stats["predictions"] == len(good)
+    stats = classify_images.run(["--input", str(listing), "--output", str(tmp_path / "out"), "--batch_size", "4",
+                                 "--direct_running_mode", "multi_processing", "--direct_num_workers", "2"])
+    assert stats["predictions"] == len(good) and stats["unaccounted"] == 0
     assert getattr(worker_handlers.WorkerHandlerManager.close_all, "_beams", None) is not None
