@@ -75,9 +75,6 @@ def read_local(path: str, size_hint: Optional[int] = None) -> bytes:
         OSError: as ``open`` and ``read`` raise it (``FileNotFoundError``, ``IsADirectoryError``, ...), naming
             the file.
     """
-    if size_hint is not None and size_hint > ONE_READ_MAX_BYTES:
-        with open(path, "rb") as f:
-            return f.read()
     # Not inheritable (PEP 446), and binary where the platform has text mode, as open() makes it.
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     try:

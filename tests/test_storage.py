@@ -111,8 +111,6 @@ def test_a_local_read_returns_the_whole_file_whatever_size_the_caller_saw(tmp_pa
 def test_a_file_larger_than_one_read_is_read_into_one_buffer(tmp_path, monkeypatch):
     # Linux returns at most ~2 GiB a read(): reading such a file in parts and joining them would hold two
     # copies at once (an ONNX model's external data is that large), so it is read as Python reads it.
-    import os
-
     from engines import storage
 
     data = os.urandom(5000)
@@ -129,8 +127,6 @@ def test_a_file_larger_than_one_read_is_read_into_one_buffer(tmp_path, monkeypat
 def test_reading_an_image_stats_it_once_and_leaves_no_file_open(tmp_path, monkeypatch):
     # Every system call a reader thread makes gives up the GIL and waits to win it back beside the bundle
     # thread: the regular-file check and the size limit share one stat, and the read makes no other.
-    import os
-
     from PIL import Image
 
     from images.pillow_decoder import PreprocessConfig
