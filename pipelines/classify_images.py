@@ -106,7 +106,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
     read = checked["refs"] | "ReadBatches" >> beam.ParDo(
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,
                          prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s,
-                         score_ahead=ahead, switch_interval_s=settings.switch_interval_s)
+                         score_ahead=ahead)
     ).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "Rows" >> beam.ParDo(PredictionRows(settings.rows, settings.labels, progress_dir)).with_outputs(

@@ -84,8 +84,6 @@ FLAG_RANGES = (
     FlagRange("--max_pixels", "max_pixels", 1, MAX_PIXELS, "such an image decodes to 12 GiB in one thread"),
     FlagRange("--hw_decoder_load", "hw_decoder_load", 0, 1, "a share of the JPEG work"),
     FlagRange("--max_decoders", "max_decoders", 1, MAX_THREADS, "each decoder holds GPU memory and CPU threads"),
-    FlagRange("--switch_interval_ms", "switch_interval_ms", 0.01, 1000, "a thread holding the GIL a second at a "
-              "time stalls every other"),
 )
 
 
@@ -172,12 +170,6 @@ class ClassifyOptions(PipelineOptions):
         parser.add_argument("--read_timeout_s", type=float, default=DEFAULT_READ_TIMEOUT_S,
                             help="A read of one image that makes no progress this long (a stalled gs:// object, a "
                                  "stuck mount) becomes a dead letter; 0 = no limit. Default: 60.")
-        parser.add_argument("--switch_interval_ms", type=float, default=None,
-                            help="The workers' thread switch interval (Python's sys.setswitchinterval), in ms: how "
-                                 "long a thread running Python keeps the GIL while another waits for it. A reader "
-                                 "thread lets go of the GIL for each system call of each file and waits up to this "
-                                 "long to get it back beside the bundle thread. Process-wide on each worker. "
-                                 "Default: Python's own (5).")
         parser.add_argument("--no_jpeg_draft", action="store_true", help="Decode JPEGs at full size.")
         parser.add_argument("--progress_every_s", type=float, default=5.0,
                             help="Local runs: seconds between progress lines (0 = off). Default 5.")
@@ -261,7 +253,6 @@ class RunSettings:
         decode: Where images are decoded (:class:`DecodeSettings`).
         read_threads: ``--decode_threads``: reader threads per DoFn, -1 = the worker's cores.
         read_timeout_s: ``--read_timeout_s``, None for no limit.
-        switch_interval_s: ``--switch_interval_ms`` in seconds, set on each worker; None: Python's own.
         top_k: ``--top_k``.
         output_format: ``--output_format``.
         model: The model: its input and preprocessing, how its outputs become rows, its identity
@@ -308,7 +299,6 @@ class RunSettings:
     progress_every_s: float
     bigquery: Optional[bigquery.BigQueryTarget] = None
     keep_columns: Tuple[str, ...] = ()
-    switch_interval_s: Optional[float] = None
 
     @property
     def workers_in_process(self) -> bool:
@@ -339,7 +329,6 @@ class RunSettings:
             "direct_running_mode": self.direct_running_mode,
             "direct_num_workers": self.direct_num_workers,
             "decode_threads": self.read_threads,
-            "switch_interval_ms": round(self.switch_interval_s * 1e3, 3) if self.switch_interval_s else None,
             "local_defaults": self.local_defaults,
             "labels": "from model metadata" if self.labels and not self.labels_file else (self.labels_file or None),
             "run_date": self.run_date, "skip_scored": self.skip_scored,
@@ -632,6 +621,5 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
         runner=str(options.view_as(StandardOptions).runner or "DirectRunner"),
         direct_running_mode=direct.direct_running_mode, direct_num_workers=direct.direct_num_workers,
         progress_every_s=options.progress_every_s, bigquery=table,
-        keep_columns=keep_columns,
-        switch_interval_s=options.switch_interval_ms / 1e3 if options.switch_interval_ms else None)
+        keep_columns=keep_columns)
     return settings, options

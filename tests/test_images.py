@@ -177,21 +177,3 @@ def test_an_empty_json_key_or_keeping_uri_or_id_is_refused(tmp_path):
                                             r"out"):
         resolve_keep_columns(str(manifest), "sku,id")
     assert resolve_keep_columns(str(manifest), "sku") == ("sku",)
-
-
-def test_the_reader_sets_its_workers_switch_interval_when_set_up_and_leaves_it_otherwise():
-    import sys
-
-    from images.pillow_decoder import PreprocessConfig
-    from transforms.images import ReadImageBatches
-
-    before = sys.getswitchinterval()
-    try:
-        untouched = ReadImageBatches(PreprocessConfig(), threads=0)
-        untouched.setup()
-        assert sys.getswitchinterval() == before
-        reader = ReadImageBatches(PreprocessConfig(), threads=0, switch_interval_s=0.0005)
-        pickle.loads(pickle.dumps(reader)).setup()  # as a worker gets it
-        assert sys.getswitchinterval() == pytest.approx(0.0005)
-    finally:
-        sys.setswitchinterval(before)

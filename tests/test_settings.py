@@ -233,27 +233,3 @@ def test_a_local_job_takes_the_model_it_preloaded_and_loads_no_other(corpus, tmp
 def test_scoring_ahead_is_decided_once_off_with_its_flag_or_a_model_in_another_process(flags, ahead):
     settings, _ = resolve(["--input", "x", "--output", "y", *flags], start_checks=False)
     assert settings.batch.score_ahead is ahead and settings.record()["score_ahead"] is ahead
-
-
-def test_the_switch_interval_is_resolved_once_and_reaches_the_reader(model_path):
-    settings, _ = resolve(["--input", "x", "--output", "y", "--switch_interval_ms", "0.5"], start_checks=False)
-    assert settings.switch_interval_s == pytest.approx(0.0005)
-    assert settings.record()["switch_interval_ms"] == 0.5
-    import apache_beam as beam
-    from transforms.images import ReadImageBatches
-
-    pipeline = beam.Pipeline()
-    classify_images.build_pipeline(pipeline, settings, classify_images.partitions.make_plan(settings), None)
-    found = []
-
-    def visit(node):
-        fn = getattr(node.transform, "fn", None)
-        if isinstance(fn, ReadImageBatches):
-            found.append(fn._switch_interval_s)
-        for part in node.parts:
-            visit(part)
-
-    visit(pipeline._root_transform())
-    assert found == [pytest.approx(0.0005)], found
-    default, _ = resolve(["--input", "x", "--output", "y"], start_checks=False)
-    assert default.switch_interval_s is None and default.record()["switch_interval_ms"] is None

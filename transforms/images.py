@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import urllib.parse
 import warnings
@@ -862,14 +861,10 @@ class ReadImageBatches(beam.DoFn):
             (``transforms.ahead``): each batch starts scoring on it as soon as its files are read, on the
             reader thread that read its last file, instead of when ``RunInference`` reaches it. "" = off.
             Default "".
-        switch_interval_s: Set as the worker process's thread switch interval (``sys.setswitchinterval``) when
-            the DoFn is set up: how long a thread running Python keeps the GIL while a reader that made a system
-            call waits for it. None: the process's own. Default None.
     """
 
     def __init__(self, config: PreprocessConfig, gpu_decode: bool = False, threads: int = -1, prefetch: int = 2,
-                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S, score_ahead: str = "",
-                 switch_interval_s: Optional[float] = None):
+                 read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S, score_ahead: str = ""):
         if threads < -1 or prefetch < 1:
             raise ValueError(f"need threads >= -1 and prefetch >= 1, got {threads}, {prefetch}")
         self._config = config
@@ -878,13 +873,8 @@ class ReadImageBatches(beam.DoFn):
         self._prefetch = prefetch
         self._read_timeout_s = read_timeout_s
         self._score_ahead = score_ahead
-        self._switch_interval_s = switch_interval_s
 
     def setup(self):
-        if self._switch_interval_s is not None and sys.getswitchinterval() != self._switch_interval_s:
-            # Process-wide: every thread of this worker switches as often (the bundle thread's Python included).
-            sys.setswitchinterval(self._switch_interval_s)
-            _LOG.info("thread switch interval set to %.2f ms (--switch_interval_ms)", self._switch_interval_s * 1e3)
         self._read_us = stage_distribution("read")
         self._decode_us = stage_distribution("decode")
         self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
