@@ -299,7 +299,14 @@ class DaliDecoder:
             return (list(batch.encoded), ids)
         if batch.boxes is None or len(batch.boxes) != n:
             raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image")
-        boxes = np.asarray(batch.boxes, np.float32).reshape(n, 4)  # (left, top, right, bottom) per image
+        try:
+            boxes = np.asarray(batch.boxes, np.float32)  # (left, top, right, bottom) per image
+        except (TypeError, ValueError):  # ragged or not numbers
+            boxes = np.empty((0,))
+        if boxes.shape != (n, 4):
+            raise EngineError(f"the DALI decoder (crop_box='host') needs one crop box per image, 4 numbers each "
+                              f"(left, top, right, bottom); got {len(batch.boxes)} boxes for {n} images, not all "
+                              f"4 numbers")
         starts = np.ascontiguousarray(boxes[:, [1, 0]])  # DALI wants (y, x)
         ends = np.ascontiguousarray(boxes[:, [3, 2]])
         return (list(batch.encoded), starts, ends, ids)

@@ -41,3 +41,20 @@ def test_the_decoders_inputs_hold_one_row_per_image_as_the_per_sample_lists_did(
         assert decoded.failed == {} and decoded.images.shape[0] == 3
     finally:
         decoder.close()
+
+
+def test_crop_boxes_of_another_shape_than_four_numbers_an_image_are_refused_not_reshaped():
+    import numpy as np
+
+    from engines.base import EngineError
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions, DecodeInput
+
+    decoder = DaliDecoder(DaliDecoderOptions(device="cpu", max_batch=4, threads=1))
+    try:
+        files = [np.frombuffer(jpeg_bytes(photo("coffee")), np.uint8)] * 2
+        for boxes in ([((1.0, 2.0), (3.0, 4.0))] * 2, np.zeros((2, 1, 4)), [(1.0, 2.0, 3.0)] * 2,
+                      [(1.0, 2.0, 3.0, 4.0), (1.0, 2.0, 3.0)], [("a", 1, 2, 3)] * 2):
+            with pytest.raises(EngineError, match="one crop box"):
+                decoder._source_item(DecodeInput(files, boxes), 0)
+    finally:
+        decoder.close()
