@@ -12,7 +12,7 @@ set by how many calls it makes, not by their microseconds. Side by side in one r
   then :func:`engines.storage.read_local` with its size (open, two reads, close): 5 calls.
 
 Prints seconds per file for each and the ratio ``open_read / ours``. With ``--switch_interval_ms``, ``ours`` is
-also timed with that switch interval (the job's ``--switch_interval_ms``), interleaved with the others, and the
+also timed with that switch interval (``sys.setswitchinterval``), interleaved with the others, and the
 busy threads' progress (their loop iterations per second) is given beside each, so what a shorter interval
 takes from the threads running Python shows next to what it gives the reader.
 """
@@ -50,7 +50,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--busy", type=int, default=2, help="threads running Python beside the reads")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--switch_interval_ms", type=float, default=None,
-                        help="also time ours with this thread switch interval (the job's --switch_interval_ms)")
+                        help="also time ours with this thread switch interval (sys.setswitchinterval)")
     args = parser.parse_args(argv)
     files = sorted(os.path.join(args.input, name) for name in os.listdir(args.input))[:args.files]
     for path in files:  # both read the same bytes, and the page cache holds them before timing
