@@ -1,4 +1,4 @@
-"""How long the DALI decoder's feed of one batch takes in Python, as the decoder feeds it and fed as arrays.
+"""How long the DALI decoder's feed of one batch takes in Python, the way it was fed before and now.
 
     python -m benchmarks.dali_feed --input DIR [--images 256] [--busy 0] [--rounds 5] [--repeat 50]
 
@@ -6,14 +6,13 @@ The decoder thread hands DALI each batch's inputs through ``fn.external_source``
 every entry of a list input one by one, and takes an array input whole. Side by side in one run, interleaved, each
 followed by DALI's own preparation of every output (``nvidia.dali.external_source._prep_data_for_feed_input``):
 
-* ``per_sample``: :meth:`images.dali_decoder.DaliDecoder._source_item`, what the decoder feeds: four lists of
-  one entry per image (the encoded files, each image's crop start and end, its id);
-* ``arrays``: :func:`arrays`, a candidate: the encoded files as a list and the rest as one array each (rows =
-  images). Not in the decoder yet: it has not run on a GPU's mixed backend (benchmarks/NOTES.md).
+* ``per_sample``: the inputs as they were made before, four lists of one entry per image (the encoded files,
+  each image's crop start and end, its id);
+* ``ours``: :meth:`images.dali_decoder.DaliDecoder._source_item`, the encoded files as a list and the rest as one
+  array each.
 
-Prints milliseconds per batch for each and the ratio ``per_sample / arrays``, alone and beside ``--busy`` threads
-running Python (the decoder thread shares the GIL with the job's other threads). Both are checked to hold the same
-samples first.
+Prints milliseconds per batch for each and the ratio ``per_sample / ours``, alone and beside ``--busy`` threads
+running Python (the decoder thread shares the GIL with the job's other threads).
 """
 
 from __future__ import annotations
@@ -27,27 +26,11 @@ import types
 import numpy as np
 
 
-def arrays(batch, number: int):
-    """The decoder's inputs with the crop starts, ends and ids as one array each, whose rows are the images.
-
-    Raises:
-        EngineError: boxes missing, one per image lacking, or not 4 numbers each.
-    """
-    from engines.base import EngineError
-
-    n = len(batch.encoded)
-    ids = np.empty((n, 2), np.int64)
-    ids[:, 0] = number
-    ids[:, 1] = np.arange(n)
-    try:
-        boxes = None if batch.boxes is None else np.asarray(batch.boxes, np.float32)  # (left, top, right, bottom)
-    except (TypeError, ValueError):  # ragged or not numbers
-        boxes = None
-    if boxes is None or boxes.shape != (n, 4):
-        raise EngineError("the DALI decoder (crop_box='host') needs one crop box per image, 4 numbers each "
-                          "(left, top, right, bottom)")
-    starts = np.ascontiguousarray(boxes[:, [1, 0]])  # DALI wants (y, x)
-    ends = np.ascontiguousarray(boxes[:, [3, 2]])
+def per_sample(batch, number: int):
+    """The inputs as the decoder made them before: one list entry per image for every output."""
+    ids = [np.array((number, i), np.int64) for i in range(len(batch.encoded))]
+    starts = [np.array((top, left), np.float32) for left, top, _, _ in batch.boxes]
+    ends = [np.array((bottom, right), np.float32) for _, _, right, bottom in batch.boxes]
     return (list(batch.encoded), starts, ends, ids)
 
 
@@ -71,12 +54,12 @@ def main(argv=None) -> dict:
     batch = DecodeInput(encoded, boxes)
     decoder = types.SimpleNamespace(options=DaliDecoderOptions(device="cpu", max_batch=max(1, len(encoded))))
 
-    def per_sample(batch, number):
+    def ours(batch, number):
         return DaliDecoder._source_item(decoder, batch, number)
 
-    ways = {"per_sample": per_sample, "arrays": arrays}
+    ways = {"per_sample": per_sample, "ours": ours}
     made = {name: way(batch, 3) for name, way in ways.items()}
-    for a, b in zip(made["per_sample"], made["arrays"]):  # the same samples, in the same order
+    for a, b in zip(made["per_sample"], made["ours"]):  # the same samples, in the same order
         if len(a) != len(b) or any(not np.array_equal(x, y) for x, y in zip(a, b)):
             raise SystemExit("the two feeds differ")
     stop = threading.Event()
@@ -102,10 +85,10 @@ def main(argv=None) -> dict:
         for thread in threads:
             thread.join()
     best = {name: min(values) for name, values in times.items()}
-    ratio = best["per_sample"] / best["arrays"]
+    ratio = best["per_sample"] / best["ours"]
     print(f"{len(encoded)} images a batch, beside {args.busy} busy threads, best of {args.rounds}: per_sample "
-          f"{best['per_sample'] * 1e3:.2f} ms/batch, arrays {best['arrays'] * 1e3:.2f} ms/batch, ratio {ratio:.2f}x")
-    return {"seconds_per_batch": times, "ratio_per_sample_vs_arrays": ratio, "images": len(encoded),
+          f"{best['per_sample'] * 1e3:.2f} ms/batch, ours {best['ours'] * 1e3:.2f} ms/batch, ratio {ratio:.2f}x")
+    return {"seconds_per_batch": times, "ratio_per_sample_vs_ours": ratio, "images": len(encoded),
             "busy": args.busy}
 
 
