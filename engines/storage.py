@@ -202,7 +202,7 @@ def canonical(path: str) -> str:
     return f"{scheme.lower()}://{rest.rstrip('/')}"
 
 
-def canonical_files(paths: Sequence[str]) -> List[str]:
+def canonical_files(paths: Sequence[str], links: Optional[Sequence[Optional[bool]]] = None) -> List[str]:
     """:func:`canonical` of each path, for many files at once: a local file's folder is resolved once per
     call, not once per file.
 
@@ -210,12 +210,17 @@ def canonical_files(paths: Sequence[str]) -> List[str]:
     one folder) that was 10% of a bundle thread's time with four threads on a 16-core GPU host (py-spy,
     benchmarks/NOTES.md). A file that is itself a symbolic link is resolved whole, as :func:`canonical` does.
 
+    Args:
+        paths: Files, local or URLs.
+        links: Per path, whether its absolute spelling (``os.path.abspath``) is a symbolic link, where the
+            caller already knows it from an ``lstat``; None (for all, or for one path): checked here.
+
     Raises:
         OSError, ValueError: as :func:`canonical` (a NUL byte, an over-long name).
     """
     folders: Dict[str, str] = {}
     out = []
-    for path in paths:
+    for i, path in enumerate(paths):
         if is_url(path):
             out.append(canonical(path))
             continue
@@ -223,7 +228,8 @@ def canonical_files(paths: Sequence[str]) -> List[str]:
             raise ValueError(f"embedded null byte in {path!r}")  # as os.path.realpath says
         full = os.path.abspath(path)
         folder, name = os.path.split(full)
-        if not name or os.path.islink(full):
+        link = links[i] if links is not None else None
+        if not name or (os.path.islink(full) if link is None else link):
             out.append(os.path.realpath(full))
             continue
         resolved = folders.get(folder)

@@ -339,7 +339,8 @@ def test_skip_scored_check_is_linear_in_the_records_of_one_uri():
     uri = "/data/one.jpg"
     prior = [{storage.canonical(uri): [[n, n] for n in range(40_000)]}]  # (size, mtime in ms)
     refs = [ImageRef(uri) for _ in range(40_000)]
-    check._fingerprints = lambda batch: [{"size": 7, "mtime": 0.007}] * len(batch)
+    spelled = storage.canonical(uri)
+    check._checked = lambda uris: [({"size": 7, "mtime": 0.007}, spelled)] * len(uris)
     start = time.perf_counter()
     out = list(check.process(refs, prior))
     elapsed = time.perf_counter() - start

@@ -120,6 +120,36 @@ def test_without_a_root_everything_is_scored_and_every_existing_file_is_recorded
                want_records=records, want_skipped=0)
 
 
+def test_one_lstat_fingerprints_a_file_as_stat_and_islink_do(tmp_path):
+    # A plain file costs one lstat, not os.stat then islink; a link, a FIFO, a missing file, a dangling link, a
+    # linked folder and a path with ".." get the fingerprint, link answer and spelling the two calls gave.
+    from transforms.scored import _checked_files, local_fingerprint, record_uris
+
+    real = tmp_path / "real"
+    paths = _files(real, ["a.jpg", "b.jpg"])
+    (tmp_path / "link.jpg").symlink_to(real / "b.jpg")
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (tmp_path / "linked").symlink_to(real)
+    os.mkfifo(tmp_path / "fifo.jpg")
+    cases = [paths["a.jpg"], str(tmp_path / "link.jpg"), str(tmp_path / "dangling.jpg"), str(tmp_path / "fifo.jpg"),
+             str(tmp_path / "missing.jpg"), str(tmp_path / "linked" / "a.jpg"),
+             str(tmp_path / "linked" / ".." / "real" / "b.jpg"), os.path.relpath(paths["b.jpg"])]
+    for path in cases:
+        fp, link = local_fingerprint(path)
+        assert fp == fingerprint(path), path
+        if ".." in path.split(os.sep):
+            assert link is None  # left for canonical_files to check
+        elif fp is not None:
+            assert link == os.path.islink(os.path.abspath(path)), path
+    assert local_fingerprint(str(tmp_path / "link.jpg"))[1] is True
+    assert local_fingerprint(paths["a.jpg"])[1] is False
+    checked = _checked_files(cases)
+    found = [path for path in cases if fingerprint(path) is not None]
+    assert [fp for fp, _ in checked] == [fingerprint(path) for path in cases]
+    assert [uri for (fp, uri) in checked if fp is not None] == record_uris(found) == [storage.canonical(p) for p in found]
+    assert record_uris(found)[1] == paths["b.jpg"]  # the link's target, not the link
+
+
 def test_skip_root_skips_files_a_committed_partition_settled_and_scores_the_rest(tmp_path):
     paths = _files(tmp_path / "in", ["same.jpg", "changed.jpg", "read_failed.jpg", "corrupt.jpg", "new.jpg"])
     root = tmp_path / "scored"

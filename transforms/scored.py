@@ -75,16 +75,39 @@ def fingerprint(uri: str) -> Optional[Dict[str, float]]:
     becomes a read dead letter downstream, and is not recorded as scored)."""
     try:
         if not storage.is_url(uri):
-            st = os.stat(uri)  # follows symlinks, as reading does
-            if not stat.S_ISREG(st.st_mode):
-                return None  # a FIFO or device: the reader refuses it with the reason
-            size, mtime = st.st_size, st.st_mtime
-        else:
-            metadata = FileSystems.get_filesystem(uri).metadata(uri)
-            size, mtime = metadata.size_in_bytes, metadata.last_updated_in_seconds
+            return _fields(os.stat(uri))  # follows symlinks, as reading does
+        metadata = FileSystems.get_filesystem(uri).metadata(uri)
+        size, mtime = metadata.size_in_bytes, metadata.last_updated_in_seconds
     except Exception:  # a missing or unreadable file: the reader reports it with the reason
         return None
     return {"size": int(size), "mtime": round(float(mtime), 3)}
+
+
+def _fields(st: os.stat_result) -> Optional[Dict[str, float]]:
+    if not stat.S_ISREG(st.st_mode):
+        return None  # a FIFO or device: the reader refuses it with the reason
+    return {"size": int(st.st_size), "mtime": round(float(st.st_mtime), 3)}
+
+
+def local_fingerprint(path: str) -> Tuple[Optional[Dict[str, float]], Optional[bool]]:
+    """:func:`fingerprint` of a local file and whether its absolute spelling is a symbolic link (what
+    ``storage.canonical_files`` asks), from one ``lstat`` for a file that is not a link.
+
+    Each system call lets go of the GIL and must win it back, which beside busy threads costs far more than the
+    call: ``os.stat`` then ``os.path.islink`` was 31% of a bundle thread's time on an H100 host (benchmarks/NOTES.md).
+    A path with a ``..`` part is stat'ed as given (``..`` after a linked folder is not ``os.path.abspath``'s
+    ``..``), its link left for ``canonical_files`` to check (None).
+    """
+    if ".." in path.split(os.sep):
+        return fingerprint(path), None
+    try:
+        st = os.lstat(path)
+        link = stat.S_ISLNK(st.st_mode)
+        if link:
+            st = os.stat(path)  # follows the link, as reading does
+    except Exception:  # a missing or unreadable file, a dangling link: the reader reports it with the reason
+        return None, None
+    return _fields(st), link
 
 
 def _key(fp: Dict[str, float]) -> Fingerprint:
@@ -99,12 +122,27 @@ def record_uri(uri: str) -> str:
         return uri
 
 
-def record_uris(uris: Sequence[str]) -> List[str]:
-    """:func:`record_uri` of each, a folder resolved once for all its files (``storage.canonical_files``)."""
+def record_uris(uris: Sequence[str], links: Optional[Sequence[Optional[bool]]] = None) -> List[str]:
+    """:func:`record_uri` of each, a folder resolved once for all its files (``storage.canonical_files``,
+    which takes ``links`` where known)."""
     try:
-        return storage.canonical_files(uris)
+        return storage.canonical_files(uris, links)
     except (OSError, ValueError):  # one bad name: each on its own, that one kept as given
         return [record_uri(uri) for uri in uris]
+
+
+def _spelled(uris: Sequence[str], fps: Sequence[Optional[Dict[str, float]]],
+             links: Optional[Sequence[Optional[bool]]] = None) -> List[Tuple[Optional[Dict[str, float]], str]]:
+    """``(fingerprint, the URI as records spell it)`` pairs; a URI without a fingerprint is kept as given."""
+    found = [i for i, fp in enumerate(fps) if fp is not None]
+    records = iter(record_uris([uris[i] for i in found], None if links is None else [links[i] for i in found]))
+    return [(fp, next(records) if fp is not None else uri) for uri, fp in zip(uris, fps)]
+
+
+def _checked_files(uris: Sequence[str]) -> List[Tuple[Optional[Dict[str, float]], str]]:
+    """:func:`_spelled` of each local file and its :func:`local_fingerprint`, one after another on this thread."""
+    checked = [local_fingerprint(uri) for uri in uris]
+    return _spelled(uris, [fp for fp, _ in checked], [link for _, link in checked])
 
 
 class _CheckBatch(beam.DoFn):
@@ -124,14 +162,16 @@ class _CheckBatch(beam.DoFn):
         self._pool = None
         self._prior = None
 
-    def _fingerprints(self, refs: Sequence) -> List[Optional[Dict[str, float]]]:
-        if not any(storage.is_url(ref.uri) for ref in refs):
-            return [fingerprint(ref.uri) for ref in refs]
+    def _checked(self, uris: Sequence[str]) -> List[Tuple[Optional[Dict[str, float]], str]]:
+        """``(fingerprint or None, the URI as records spell it)`` of each: local files on this thread, a batch
+        holding a remote URI on the DoFn's pool (a request each, tens of milliseconds apiece)."""
+        if not any(storage.is_url(uri) for uri in uris):
+            return _checked_files(uris)
         if self._pool is None:
             import concurrent.futures
 
             self._pool = concurrent.futures.ThreadPoolExecutor(REMOTE_STAT_THREADS, thread_name_prefix="stat")
-        return list(self._pool.map(fingerprint, [ref.uri for ref in refs]))
+        return _spelled(uris, list(self._pool.map(fingerprint, uris)))
 
     def _merged(self, prior) -> Dict[str, Set[Fingerprint]]:
         # A batch job's side input is the same for every bundle: merge it once per DoFn instance.
@@ -147,10 +187,7 @@ class _CheckBatch(beam.DoFn):
         refs = list(refs)
         known = self._merged(prior) if self._skip else {}
         keep, records, skipped = [], [], 0
-        fps = self._fingerprints(refs)
-        uris = iter(record_uris([ref.uri for ref, fp in zip(refs, fps) if fp is not None]))
-        for ref, fp in zip(refs, fps):
-            uri = next(uris) if fp is not None else ref.uri
+        for ref, (fp, uri) in zip(refs, self._checked([ref.uri for ref in refs])):
             if fp is not None and _key(fp) in known.get(uri, ()):
                 skipped += 1
                 continue
