@@ -39,7 +39,7 @@ from engines.base import EngineError, UsageError
 from pipelines import beam_workarounds, partitions, run_record, submission
 from pipelines.settings import RunSettings, resolve
 from pipelines.stats import ProgressPrinter
-from transforms.images import DEAD_LETTER, CountDeadLetters, ImageRefs, ReadImageBatches
+from transforms.images import DEAD_LETTER, CountDeadLetters, ImageBatch, ImageRefs, ReadImageBatches
 from transforms.inference import ImageBatchHandler, Preload, ScorerLoader
 from transforms.commit import CommitConflict
 from transforms.postprocess import FailedBatchToDeadLetters, PredictionRows
@@ -107,7 +107,7 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,
                          prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s,
                          score_ahead=ahead)
-    ).with_outputs(DEAD_LETTER, main="batches")
+    ).with_output_types(ImageBatch).with_outputs(DEAD_LETTER, main="batches")
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "Rows" >> beam.ParDo(PredictionRows(settings.rows, settings.labels, progress_dir)).with_outputs(
         DEAD_LETTER, main="rows")

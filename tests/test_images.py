@@ -177,3 +177,47 @@ def test_an_empty_json_key_or_keeping_uri_or_id_is_refused(tmp_path):
                                             r"out"):
         resolve_keep_columns(str(manifest), "sku,id")
     assert resolve_keep_columns(str(manifest), "sku") == ("sku",)
+
+
+def test_a_batch_is_sized_from_its_bytes_without_a_pickle_and_still_pickles_whole(monkeypatch):
+    # Beam samples element sizes by encoding them with the PCollection's coder: with pickle that copied a
+    # batch's ~11 MB of files on the bundle thread for each sample.
+    import numpy as np
+    from apache_beam.coders import registry
+
+    from transforms.images import ImageBatch, ImageBatchCoder
+
+    batch = ImageBatch((ImageRef("a.jpg"), ImageRef("b.jpg", "7")), pixels=np.ones((1, 4, 4, 3), np.uint8),
+                       encoded=(b"x" * 1000,), boxes=((0.0, 0.0, 4.0, 4.0),))
+    batch.scoring = object()  # this process's scoring: not pickled
+    coder = registry.get_coder(ImageBatch)
+    assert isinstance(coder, ImageBatchCoder)
+    impl = coder.get_impl()
+    real = pickle.dumps
+    monkeypatch.setattr(pickle, "dumps", lambda *a, **k: pytest.fail("pickled to size a batch"))
+    assert impl.get_estimated_size_and_observables(batch) == (48 + 1000, [])
+    monkeypatch.setattr(pickle, "dumps", real)
+    back = impl.decode(impl.encode(batch))
+    assert back.refs == batch.refs and back.encoded == batch.encoded and back.boxes == batch.boxes
+    assert np.array_equal(back.pixels, batch.pixels) and back.scoring is None
+    assert impl.estimate_size({"uri": "not a batch"}) == len(real({"uri": "not a batch"}, pickle.HIGHEST_PROTOCOL))
+
+
+def test_the_jobs_read_batches_travel_with_the_batch_coder(tmp_path):
+    import apache_beam as beam
+    from apache_beam.coders import registry
+
+    from pipelines.classify_images import build_pipeline
+    from pipelines.settings import resolve
+    from transforms.images import ImageBatchCoder
+
+    (tmp_path / "in").mkdir()
+    settings, options = resolve(["--input", str(tmp_path / "in") + "/*.jpg", "--output", str(tmp_path / "out")],
+                                start_checks=False)
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, settings)
+    read = [t for t in pipeline.transforms_stack[0].parts if t.full_label == "ReadBatches"]
+    assert len(read) == 1
+    types = {str(tag): pcoll.element_type for tag, pcoll in read[0].outputs.items()}
+    assert isinstance(registry.get_coder(types["None"]), ImageBatchCoder), types  # the main output
+    assert not any(isinstance(registry.get_coder(t), ImageBatchCoder) for tag, t in types.items() if tag != "None")

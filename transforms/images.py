@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import threading
 import urllib.parse
@@ -777,6 +778,42 @@ class ImageBatch:
     @property
     def nbytes(self) -> int:
         return (0 if self.pixels is None else self.pixels.nbytes) + sum(len(e) for e in self.encoded)
+
+
+class ImageBatchCoder(beam.coders.Coder):
+    """Pickles an :class:`ImageBatch` where a runner moves one between processes, and sizes it from its
+    ``nbytes`` without pickling it.
+
+    Beam samples the size of a PCollection's elements by encoding them with its coder (every one of the first
+    ten, then fewer: ~47 of 391 batches at 100,000 images, for each PCollection a batch passes); pickling
+    a batch copies its ~11 MB of files on the bundle thread, the thread every image waits for.
+    """
+
+    def encode(self, value) -> bytes:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+    def decode(self, encoded: bytes):
+        return pickle.loads(encoded)
+
+    def estimate_size(self, value) -> int:
+        if isinstance(value, ImageBatch):
+            return value.nbytes
+        return len(self.encode(value))
+
+    def is_deterministic(self) -> bool:
+        return False
+
+    def to_type_hint(self):
+        return ImageBatch
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+    def __hash__(self):
+        return hash(type(self))
+
+
+beam.coders.registry.register_coder(ImageBatch, ImageBatchCoder)
 
 
 #: Threads reading local files for the GPU decoder (GIL-bound Python: more threads only convoy).
