@@ -107,7 +107,10 @@ def build_pipeline(pipeline: beam.Pipeline, settings: RunSettings, plan=None,
         ReadImageBatches(settings.preprocess, gpu_decode=settings.decode.encoded, threads=settings.read_threads,
                          prefetch=settings.batch.prefetch, read_timeout_s=settings.read_timeout_s,
                          score_ahead=ahead)
-    ).with_output_types(ImageBatch).with_outputs(DEAD_LETTER, main="batches")
+    ).with_outputs(DEAD_LETTER, main="batches")
+    # Typed here, not with with_output_types: Beam's runtime type checks hold every output of a ParDo, dead
+    # letters too, to its one output hint. The type gives the batches transforms.images.ImageBatchCoder.
+    read.batches.element_type = ImageBatch
     main, failed = read.batches | "RunInference" >> RunInference(handler).with_exception_handling()
     scored = main | "Rows" >> beam.ParDo(PredictionRows(settings.rows, settings.labels, progress_dir)).with_outputs(
         DEAD_LETTER, main="rows")

@@ -162,6 +162,17 @@ def test_multi_processing_loses_nothing(corpus, model_path, tmp_path):
     assert stats["predictions"] + stats["dead_letters"] == len(good) + len(broken) == stats["inputs"]
 
 
+@pytest.mark.parametrize("check", ["--runtime_type_check", "--performance_runtime_type_check"])
+def test_beams_runtime_type_checks_pass_with_dead_letters_beside_typed_batches(corpus, model_path, tmp_path, check):
+    # Beam checks every output of a ParDo, tagged ones too, against the ParDo's one output hint: the reader's
+    # dead letters must not be checked as batches.
+    directory, good, broken = corpus
+    out = tmp_path / "typed"
+    stats = classify_images.run(["--input", directory, "--output", str(out), "--batch_size", "4", check])
+    _check_outputs(str(out), good, broken)
+    assert stats["predictions"] == len(good) and stats["dead_letters"] == len(broken)
+
+
 def test_parquet_output(corpus, model_path, tmp_path):
     directory, good, broken = corpus
     out = tmp_path / "pq"
