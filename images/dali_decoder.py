@@ -307,6 +307,10 @@ class DaliDecoder:
             raise EngineError(f"the DALI decoder (crop_box='host') needs one crop box per image, 4 numbers each "
                               f"(left, top, right, bottom); got {len(batch.boxes)} boxes for {n} images, not all "
                               f"4 numbers")
+        if not np.isfinite(boxes).all():  # DALI's CPU backend waits forever on a NaN crop window
+            raise EngineError(f"the DALI decoder's crop boxes must be finite numbers, got "
+                              f"{boxes[~np.isfinite(boxes).all(axis=1)][:1].tolist()[0]} (left, top, right, bottom): "
+                              f"compute them with images.pillow_decoder.crop_box from the image's size")
         starts = np.ascontiguousarray(boxes[:, [1, 0]])  # DALI wants (y, x)
         ends = np.ascontiguousarray(boxes[:, [3, 2]])
         return (list(batch.encoded), starts, ends, ids)

@@ -205,6 +205,23 @@ def test_a_failed_batch_is_retried_image_by_image(decoder):
         list(decoder.decode([[np.frombuffer(good[0], np.uint8)]]))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_crop_box_that_is_not_finite_is_refused_before_dali_sees_it(decoder, bad):
+    # DALI's CPU backend waited forever on a NaN crop window (found in review): such a box is refused before the
+    # feed, naming the fix.
+    from engines.base import EngineError
+
+    batch = decode_input([jpeg_bytes(photo("chelsea"))])
+    with pytest.raises(EngineError, match="finite"):
+        decoder._source_item(batch._replace(boxes=[(0.0, bad, 10.0, 10.0)]), 0)
+    # In a batch it fails its own image; the others decode.
+    batch = decode_input([jpeg_bytes(photo(n)) for n in ("chelsea", "coffee", "astronaut")])
+    boxes = list(batch.boxes)
+    boxes[1] = (0.0, bad, 10.0, 10.0)
+    (result,) = list(decoder.decode([batch._replace(boxes=boxes)]))
+    assert result.index == [0, 2] and list(result.failed) == [1] and "finite" in result.failed[1]
+
+
 def test_two_callers_interleaved_on_one_decoder_get_an_error_not_each_others_images():
     """What a decoder shared without a lock did: a second caller took the batch the first had queued
     and scored it as its own. Each batch's ids travel through the graph beside its images, so the
