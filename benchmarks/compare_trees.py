@@ -6,10 +6,11 @@ against its baseline on the same host (lent hosts differ by tens of percent).
     python -m benchmarks.compare_trees --configs threads1,pf16 --variant "pf16=--prefetch 16" --rounds 3
 
 Without ``--old`` every configuration runs on this checkout only: a sweep of job flags (``--variant``), interleaved.
-``--rounds`` repeats the whole sequence: one pair of runs on a lent host moves by up to ~20% from one pair to the
-next, so a decision wants the median of several rounds (printed at the end, with each configuration's steady
-images/s per round). Every run's rows are compared with the new code's first run (top-1 per image; list threads1
-first to make it the one-thread run) and every listed id must come back once. Prints one line per run and writes ``OUTPUT/compare_trees.json``.
+``--rounds`` repeats the whole sequence: the same code's steady rate moved 28% from one pair of runs to the next on
+a lent H100 host, so a decision wants the median of several rounds (printed at the end, with each configuration's
+steady images/s per round). Every run's rows are compared with the new code's first run (top-1 per image; list
+threads1 first to make it the one-thread run) and every listed id must come back once. Prints one line per run and
+writes ``OUTPUT/compare_trees.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -28,7 +28,8 @@ from benchmarks.concurrency import compare, top1_by_uri
 from benchmarks.corpus import ensure_corpus
 from benchmarks.gpu import child_pythonpath, hidden_packages
 from benchmarks.multi_gpu import accounting, edges, steady_rate, write_id_manifest
-from benchmarks.throughput import REPO_ROOT
+from benchmarks.sweep import parse_variant
+from benchmarks.throughput import REPO_ROOT, BenchmarkError
 
 THREADS = {"threads1": ["--direct_num_workers", "1"], "threads4": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "4"],
            "threads8": ["--direct_running_mode", "multi_threading", "--direct_num_workers", "8"],
@@ -66,13 +67,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     args.configurations = dict(THREADS)
     for variant in args.variant:
-        name, sep, flags = variant.partition("=")
-        name = name.strip()
-        if not sep or not name or ":" in name or "," in name:
-            parser.error(f"--variant {variant!r}: write NAME=FLAGS, e.g. \"pf16=--prefetch 16\"")
+        try:
+            name, flags = parse_variant(variant)
+        except BenchmarkError as e:
+            parser.error(str(e))
+        if ":" in name or "," in name:
+            parser.error(f"--variant {variant!r}: a name without ':' or ',' (they separate --configs)")
         if name in THREADS:
             parser.error(f"--variant {name!r}: that name is a built-in configuration; pick another")
-        args.configurations[name] = shlex.split(flags)
+        args.configurations[name] = flags
     return args
 
 
@@ -123,9 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.makedirs(args.output, exist_ok=True)
     args.output = os.path.abspath(args.output)
     old = os.path.abspath(args.old) if args.old else None
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    for config in configs:
-        name = config.partition(":")[0]
+    configs = [c.strip().partition(":")[::2] for c in args.configs.split(",") if c.strip()]  # (name, "new" or "")
+    for name, _ in configs:
         if name not in args.configurations:
             raise SystemExit(f"unknown configuration {name!r}; choose from {sorted(args.configurations)} "
                              "or add it with --variant NAME=FLAGS")
@@ -134,8 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     listed = write_id_manifest(manifest, corpus.paths, args.repeat)
     reference, reference_run, results = None, None, {}
     for round_ in range(1, args.rounds + 1):
-        for config in configs:
-            name, _, only = config.partition(":")
+        for name, only in configs:
             for code, tree in [("new", REPO_ROOT)] + ([] if only == "new" or old is None else [("old", old)]):
                 label = f"{code}_{name}" + (f"@{round_}" if args.rounds > 1 else "")
                 entry, top1 = _run(args, tree, label, args.configurations[name], manifest, listed, reference)
@@ -154,7 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{entry['whole_process_median']}", flush=True)
     with open(os.path.join(args.output, "compare_trees.json"), "w") as f:
         json.dump({"old": old, "listed": listed, "rounds": args.rounds, "reference_run": reference_run,
-                   "configurations": {c.partition(":")[0]: args.configurations[c.partition(":")[0]] for c in configs},
+                   "configurations": {name: args.configurations[name] for name, _ in configs},
                    "results": results, "summary": medians}, f, indent=1)
     return 0
 

@@ -53,7 +53,8 @@ def test_a_flag_sweep_without_an_old_tree_runs_each_variant_every_round_and_take
         assert result["summary"][key]["steady_median"] == (round(statistics.median(known), 1) if known else None)
 
 
-@pytest.mark.parametrize("variant", ["pf16", "=--prefetch 16", "threads1=--prefetch 16", "a,b=--prefetch 2"])
+@pytest.mark.parametrize("variant", ["pf16", "=--prefetch 16", "threads1=--prefetch 16", "a,b=--prefetch 2",
+                                     "q=--keep_columns 'a"])
 def test_a_badly_written_variant_is_refused_before_anything_runs(variant, tmp_path, capsys):
     from benchmarks.compare_trees import main
 
@@ -83,7 +84,9 @@ def test_the_summary_takes_each_configurations_median_over_rounds_and_skips_runs
                "new_threads1@3": run(6500.0, 3100.0), "old_threads1@3": run(5600.0, 2700.0)}
     medians = summary(results, 3)
     assert medians["new_threads1"]["steady_per_round"] == [6000.0, 7000.0, 6500.0]
-    assert medians["new_threads1"]["steady_median"] == 6500.0 and medians["new_threads1"]["whole_process_median"] == 3100.0
+    assert medians["new_threads1"]["steady_median"] == 6500.0
+    assert medians["new_threads1"]["whole_process_median"] == 3100.0
     assert medians["old_threads1"]["steady_per_round"] == [5000.0, None, 5600.0]
-    assert medians["old_threads1"]["steady_median"] == 5300.0 and medians["old_threads1"]["whole_process_median"] == 2700.0
+    assert medians["old_threads1"]["steady_median"] == 5300.0
+    assert medians["old_threads1"]["whole_process_median"] == 2700.0
     assert summary({"new_x": run(None, 10.0)}, 1)["new_x"]["steady_median"] is None
