@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import threading
 import time
 from typing import Dict, List
 
 import numpy as np
 
-from benchmarks.read_syscalls import ours as python_read
+from benchmarks.read_syscalls import busy_threads, ours as python_read
 
 
 def _pipelines(batch: int, threads: int):
@@ -79,27 +78,14 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
     images = len(batches) * args.batch
     results: Dict[int, Dict[str, object]] = {}
     for busy in sorted({0, args.busy}):
-        stop = threading.Event()
-
-        def spin():
-            while not stop.is_set():
-                pass
-
-        threads = [threading.Thread(target=spin, daemon=True) for _ in range(busy)]
-        for thread in threads:
-            thread.start()
         rates: Dict[str, List[float]] = {name: [] for name in pipes}
-        try:
+        with busy_threads(busy):
             for _ in range(args.rounds):
                 for name, pipe in pipes.items():
                     start = time.perf_counter()
                     for batch in batches:
                         _decode(name, pipe, batch)
                     rates[name].append(images / (time.perf_counter() - start))
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
         best = {name: max(values) for name, values in rates.items()}
         results[busy] = {"images_per_second": rates, "ratio_dali_vs_python": best["dali_reads"] / best["python_reads"]}
         print(f"beside {busy} busy threads, {images} images in batches of {args.batch}, best of {args.rounds}: "

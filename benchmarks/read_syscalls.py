@@ -20,10 +20,12 @@ takes from the threads running Python shows next to what it gives the reader.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
 import time
+from typing import Iterator, List
 
 from engines import storage
 from images.reading import regular_file_size
@@ -41,6 +43,28 @@ def ours(path: str) -> bytes:
     if refused is not None:
         raise OSError(refused)
     return storage.read_local(path, size)
+
+
+@contextlib.contextmanager
+def busy_threads(count: int) -> Iterator[List[int]]:
+    """``count`` daemon threads running a Python loop until the block ends; yields their loop counts, a slot each
+    (each thread writes only its own)."""
+    stop = threading.Event()
+    spins = [0] * count
+
+    def spin(slot):
+        while not stop.is_set():
+            spins[slot] += 1
+
+    threads = [threading.Thread(target=spin, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield spins
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def main(argv=None) -> dict:
@@ -62,19 +86,9 @@ def main(argv=None) -> dict:
     if args.switch_interval_ms:
         variants.append(("ours_switched", ours, args.switch_interval_ms / 1e3))
     for busy in sorted({0, args.busy}):
-        stop = threading.Event()
-        spins = [0] * busy  # each busy thread's loop count, its own slot
-
-        def spin(slot):
-            while not stop.is_set():
-                spins[slot] += 1
-
-        threads = [threading.Thread(target=spin, args=(i,), daemon=True) for i in range(busy)]
-        for thread in threads:
-            thread.start()
         times = {name: [] for name, _, _ in variants}
         progress = {name: [] for name, _, _ in variants}
-        try:
+        with busy_threads(busy) as spins:
             for _ in range(args.rounds):
                 for name, read, interval in variants:
                     sys.setswitchinterval(interval or default_interval)
@@ -87,10 +101,6 @@ def main(argv=None) -> dict:
                     finally:
                         sys.setswitchinterval(default_interval)
                     times[name].append(seconds / len(files))
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
         best = {name: min(values) for name, values in times.items()}
         results[busy] = {"seconds_per_file": times, "ratio_open_read_vs_ours": best["open_read"] / best["ours"]}
         line = (f"beside {busy} busy threads, {len(files)} files, best of {args.rounds}: open_read "
