@@ -120,6 +120,27 @@ def test_without_a_root_everything_is_scored_and_every_existing_file_is_recorded
                want_records=records, want_skipped=0)
 
 
+def test_refs_leave_the_check_with_the_size_its_stat_found_so_the_reader_need_not_stat_again(tmp_path):
+    import apache_beam as beam
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.util import assert_that, equal_to
+
+    from transforms.images import ImageRef
+
+    paths = _files(tmp_path / "in", ["a.jpg", "b.jpg"])
+    os.symlink(paths["b.jpg"], tmp_path / "in" / "link.jpg")
+    os.mkfifo(tmp_path / "in" / "pipe.jpg")
+    uris = [paths["a.jpg"], str(tmp_path / "in" / "link.jpg"), str(tmp_path / "in" / "pipe.jpg"),
+            str(tmp_path / "in" / "gone.jpg"), str(tmp_path / "in" / "folder")]
+    (tmp_path / "in" / "folder").mkdir()
+    with TestPipeline() as p:
+        out = p | beam.Create([[ImageRef(uri, "id-" + uri[-6:]) for uri in uris]]) | CheckScored(None, str(tmp_path / "o"))
+        assert_that(out["refs"] | beam.FlatMap(lambda refs: [(r.uri, r.id, r.size) for r in refs]),
+                    equal_to([(paths["a.jpg"], "id-" + paths["a.jpg"][-6:], 10),
+                              (uris[1], "id-" + uris[1][-6:], 11),  # the link's target, as reading follows it
+                              *[(uri, "id-" + uri[-6:], None) for uri in uris[2:]]]))
+
+
 def test_one_lstat_fingerprints_a_file_as_stat_and_islink_do(tmp_path):
     # A plain file costs one lstat, not os.stat then islink; a link, a FIFO, a missing file, a dangling link, a
     # linked folder and a path with ".." get the fingerprint, link answer and spelling the two calls gave.

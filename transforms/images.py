@@ -67,11 +67,15 @@ class ImageRef(NamedTuple):
         id: The manifest's ``id``, as text, or None.
         columns: The manifest's kept columns (:data:`Columns`), or None when the run keeps none. A tuple
             of pairs, not a dict, so a ref stays hashable and compares and pickles as a value.
+        size: A local file's size in bytes, set by the job's check (``transforms.scored.CheckScored``) when its
+            ``stat`` found a regular file, else None. The reader then takes the file as checked and makes no
+            ``stat`` of its own (:func:`images.reading.load_local_batch`); never part of a row.
     """
 
     uri: str
     id: Optional[str] = None
     columns: Optional[Columns] = None
+    size: Optional[int] = None
 
 
 def ref_fields(ref: ImageRef) -> Dict[str, Optional[str]]:

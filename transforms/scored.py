@@ -147,7 +147,8 @@ def _checked_files(uris: Sequence[str]) -> List[Tuple[Optional[Dict[str, float]]
 
 class _CheckBatch(beam.DoFn):
     """A list of refs -> the list to score (main), one block of fingerprint records
-    (``fingerprints``) and the number skipped (``skipped``), each only when not empty.
+    (``fingerprints``) and the number skipped (``skipped``), each only when not empty. Each local regular
+    file's ref carries the size its ``stat`` found (``ImageRef.size``), so the reader makes no second ``stat``.
 
     Args:
         skip: Whether a ``prior`` side input (one ``{uri: [[size, mtime], ...]}`` per committed
@@ -191,9 +192,11 @@ class _CheckBatch(beam.DoFn):
             if fp is not None and _key(fp) in known.get(uri, ()):
                 skipped += 1
                 continue
-            keep.append(ref)
             if fp is not None:
                 records.append({"uri": uri, **fp})
+                if not storage.is_url(ref.uri):  # a regular local file: the reader need not stat it again
+                    ref = ref._replace(size=int(fp["size"]))
+            keep.append(ref)
         if skipped:
             self._skipped.inc(skipped)
             yield beam.pvalue.TaggedOutput(SKIPPED, skipped)
