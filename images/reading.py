@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import stat
 import threading
 import time
-from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +37,8 @@ from images.prescreen import GPU, screen
 #: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
 #: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
 DEFAULT_READ_TIMEOUT_S = 60.0
+
+_LOG = logging.getLogger(__name__)
 
 
 #: Most bytes per pixel an image file the decoders take can need: 16-bit RGBA stored uncompressed is 8;
@@ -260,11 +263,102 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         return Decoded(None, f"cannot read file ({type(e).__name__}: {reason}); check the path exists and the "
                              f"job's credentials can read it", "read", time.perf_counter() - start, 0.0, 0)
+    return screen_or_decode(data, config, gpu_decode, time.perf_counter() - start)
+
+
+#: Files larger than this are read one at a time by Python even when a batch is read together
+#: (:func:`load_local_batch`): DALI keeps its output buffers at the largest size a pipeline has produced, so
+#: a few large files would pin that much memory per reader thread for the rest of the job.
+TOGETHER_MAX_FILE_BYTES = 4 << 20
+#: Most bytes one DALI read of files together holds (:func:`load_local_batch`), for the same reason.
+TOGETHER_MAX_BYTES = 64 << 20
+
+_LOGGED_FALLBACK = threading.Event()
+
+
+def _read_groups(sizes: Sequence[Tuple[int, int]], max_files: int) -> List[List[int]]:
+    """The indexes of ``(index, size)`` grouped in order into reads of at most ``max_files`` files and
+    :data:`TOGETHER_MAX_BYTES` bytes (a single larger file is a group of its own)."""
+    groups: List[List[int]] = []
+    held = 0
+    for index, size in sizes:
+        if not groups or len(groups[-1]) >= max_files or held + size > TOGETHER_MAX_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(index)
+        held += size
+    return groups
+
+
+def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_decode: bool = True,
+                     sizes: Optional[Sequence[Optional[int]]] = None) -> List[Decoded]:
+    """:func:`load_image` of each local file, their bytes read together by ``reader`` where the rules allow.
+
+    A file whose size the caller knows from its own ``stat`` of a regular file (``sizes``; the job's check makes
+    one for every input) is not ``stat``ed again; every other one is ``stat``ed here, as :func:`load_image` does,
+    so anything but a regular file gets its reason without being opened. Any file over the size limit is refused
+    unread. The rest, up to :data:`TOGETHER_MAX_FILE_BYTES` each, are read in groups by ``reader`` (on DALI's
+    threads, which take no GIL: :mod:`images.dali_file_reader`) and then screened or decoded exactly as a file
+    read alone; larger ones are read alone. A group whose read fails (a file removed or shrunk since its
+    ``stat``, no permission, no DALI) is read again one file at a time with :func:`load_image`, so each file
+    gets its own outcome and reason. No time limit applies here: the caller watches the whole call
+    (``transforms.images``) and reads a stalled group again one file at a time.
+
+    Args:
+        uris: Local paths (no URLs).
+        config: Preprocessing sizes and limits.
+        reader: A :class:`images.dali_file_reader.DaliFileReader` (or any object with ``read(paths) ->
+            [bytes]`` and ``max_files``).
+        gpu_decode: As for :func:`load_image`. Default True.
+        sizes: Per uri, its size from the caller's ``stat`` of it as a regular file, or None to ``stat`` it
+            here. Default None: ``stat`` each.
+
+    Returns:
+        One :class:`Decoded` per uri, in order. Each one's ``read_s`` is its ``stat`` here (if any) plus an
+        equal share of its group's read.
+    """
+    results: List[Optional[Decoded]] = [None] * len(uris)
+    stat_s: List[float] = [0.0] * len(uris)
+    together: List[Tuple[int, int]] = []
+    for i, uri in enumerate(uris):
+        start = time.perf_counter()
+        refused, size = (None, sizes[i]) if sizes is not None and sizes[i] is not None else regular_file_size(uri)
+        if size is not None and size > max_file_bytes(config.max_pixels):
+            refused = too_large_reason(size, config.max_pixels)
+        stat_s[i] = time.perf_counter() - start
+        if refused is not None:
+            results[i] = Decoded(None, refused, "read", stat_s[i], 0.0, 0)
+        elif size is None or size > TOGETHER_MAX_FILE_BYTES:
+            results[i] = load_image(uri, config, gpu_decode, read_timeout_s=None)
+        else:
+            together.append((i, size))
+    for group in _read_groups(together, reader.max_files):
+        start = time.perf_counter()
+        try:
+            with IN_FLIGHT.track(f"{uris[group[0]]} (one of {len(group)} files read together)"):
+                datas = reader.read([uris[i] for i in group])
+        except Exception as e:  # ImportError, RuntimeError from DALI: each file read alone gives its own reason
+            log = _LOG.debug if _LOGGED_FALLBACK.is_set() else _LOG.info
+            _LOGGED_FALLBACK.set()
+            log("reading %d files together failed; reading them one at a time (%s)", len(group),
+                (str(e).splitlines() or [type(e).__name__])[0])
+            for i in group:
+                results[i] = load_image(uris[i], config, gpu_decode, read_timeout_s=None)
+            continue
+        share = (time.perf_counter() - start) / len(group)
+        for i, data in zip(group, datas):
+            results[i] = screen_or_decode(data, config, gpu_decode, stat_s[i] + share)
+    return results  # type: ignore[return-value]  # every index was set above
+
+
+def screen_or_decode(data: bytes, config: PreprocessConfig, gpu_decode: bool, read_s: float) -> Decoded:
+    """One read file's :class:`Decoded`: left encoded for the GPU decoder where ``gpu_decode`` and the
+    pre-screen pass it, else decoded with Pillow (or its reason); ``read_s`` is what reading it took."""
     read_done = time.perf_counter()
     if gpu_decode:
         screened = screen(data, config.max_pixels)
         if screened.route == GPU:
-            return Decoded(None, None, "decode", read_done - start, time.perf_counter() - read_done, len(data), data,
+            return Decoded(None, None, "decode", read_s, time.perf_counter() - read_done, len(data), data,
                            crop_box(screened.width, screened.height, config))
     try:
         array, error = preprocess_image(data, config), None
@@ -275,4 +369,4 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
                               f"has; lower --max_pixels to refuse images this large, or remove it from the input")
     except Exception as e:  # a decoder bug on a malformed file must not stop the job either
         array, error = None, f"unexpected decoder error on a malformed file ({type(e).__name__}: {e})"
-    return Decoded(array, error, "decode", read_done - start, time.perf_counter() - read_done, len(data))
+    return Decoded(array, error, "decode", read_s, time.perf_counter() - read_done, len(data))

@@ -221,3 +221,92 @@ def test_the_jobs_read_batches_travel_with_the_batch_coder(tmp_path):
     types = {str(tag): pcoll.element_type for tag, pcoll in read[0].outputs.items()}
     assert isinstance(registry.get_coder(types["None"]), ImageBatchCoder), types  # the main output
     assert not any(isinstance(registry.get_coder(t), ImageBatchCoder) for tag, t in types.items() if tag != "None")
+
+
+# The GPU decoder's local files: read together on DALI's threads, each with its own outcome.
+
+def _read_batches(reader, batches):
+    """Runs the reader's bundle as Beam would, on one thread: (batches, dead-letter rows)."""
+    from transforms.images import ImageBatch
+
+    reader.setup()
+    reader.start_bundle()
+    out = []
+    try:
+        for refs in batches:
+            out += list(reader.process(refs, window=None, timestamp=None))
+        out += list(reader.finish_bundle())
+    finally:
+        reader.teardown()
+    return [o for o in out if isinstance(o, ImageBatch)], [o.value for o in out if not isinstance(o, ImageBatch)]
+
+
+@pytest.fixture
+def recorded_reads(monkeypatch):
+    """The paths of every call of the real DALI reader that ``ReadImageBatches`` makes."""
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
+    import transforms.images as images
+    from images.dali_file_reader import DaliFileReader
+
+    calls = []
+
+    class Recording(DaliFileReader):
+        def read(self, paths):
+            calls.append(list(paths))
+            return super().read(paths)
+
+    monkeypatch.setattr(images, "DaliFileReader", Recording)
+    return calls
+
+
+def test_local_files_for_the_gpu_decoder_are_read_together_each_with_its_own_outcome(corpus, tmp_path,
+                                                                                   recorded_reads):
+    import os
+
+    from images.pillow_decoder import PreprocessConfig
+    from images.reading import load_image
+    from transforms.images import ReadImageBatches
+
+    directory, good, broken = corpus
+    os.mkfifo(tmp_path / "pipe.jpg")
+    paths = list(good) + [os.path.join(directory, name) for name in sorted(broken)] + [str(tmp_path / "pipe.jpg")]
+    # As the job's check leaves them: the size of each regular file its stat found.
+    refs = [ImageRef(p, f"id{i}", size=os.stat(p).st_size if os.path.isfile(p) else None) for i, p in enumerate(paths)]
+    config = PreprocessConfig()
+    batches, dead = _read_batches(ReadImageBatches(config, gpu_decode=True, threads=2, prefetch=1),
+                                  [refs[:9], refs[9:]])
+    assert sorted(p for call in recorded_reads for p in call) == sorted(p for p in paths if os.path.isfile(p))
+    want = {p: load_image(p, config, True, read_timeout_s=None) for p in paths}
+    encoded = {ref.uri: (data, box) for batch in batches for ref, data, box in
+               zip(batch.refs[batch.decoded_count:], batch.encoded, batch.boxes)}
+    assert encoded == {p: (w.encoded, w.box) for p, w in want.items() if w.encoded is not None} and len(encoded) == 12
+    assert {row["uri"]: (row["id"], row["error"], row["stage"]) for row in dead} == {
+        p: (f"id{paths.index(p)}", w.error, w.stage) for p, w in want.items() if w.error is not None}
+
+
+def test_a_together_read_that_stalls_is_read_again_one_file_at_a_time(corpus, tmp_path, recorded_reads, caplog):
+    # The check found a regular file, then a FIFO took its place (as a stuck mount would stall): DALI's read
+    # blocks, the watchdog gives the whole chunk up and reads it again file by file, where the FIFO is refused.
+    import logging
+    import os
+
+    from images.pillow_decoder import PreprocessConfig
+    from transforms.images import ReadImageBatches
+
+    fifo = tmp_path / "swapped.jpg"
+    os.mkfifo(fifo)
+    good = corpus[1][:3]
+    refs = [ImageRef(good[0], size=os.stat(good[0]).st_size), ImageRef(str(fifo), size=1000),
+            *[ImageRef(p, size=os.stat(p).st_size) for p in good[1:]]]
+    try:
+        with caplog.at_level(logging.WARNING, logger="transforms.images"):
+            batches, dead = _read_batches(ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=2,
+                                                           read_timeout_s=1.0), [refs])
+    finally:
+        os.close(os.open(fifo, os.O_WRONLY))  # the DALI read left behind opens it and finishes
+    assert recorded_reads and str(fifo) in recorded_reads[0]
+    (batch,) = batches
+    assert [r.uri for r in batch.refs] == good and all(len(data) for data in batch.encoded)
+    (row,) = dead
+    assert row["uri"] == str(fifo) and row["stage"] == "read" and "FIFO" in row["error"]
+    assert "reading 4 files together" in caplog.text and "one at a time" in caplog.text

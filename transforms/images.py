@@ -38,7 +38,9 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from engines import storage
-from images.reading import DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, read_timeout_reason
+from images.dali_file_reader import DaliFileReader
+from images.reading import (DEFAULT_READ_TIMEOUT_S, Decoded, describe_stat_error, load_image, load_local_batch,
+                            read_timeout_reason)
 from images.pillow_decoder import PreprocessConfig
 from transforms.ahead import start as start_ahead
 from transforms.timing import NAMESPACE, Progress, stage_distribution
@@ -868,10 +870,12 @@ class _Ahead:
 
 
 class _Chunk:
-    """Part of a batch read by one pool task; results grow as its reads finish."""
+    """Part of a batch read by one pool task; results grow as its reads finish, or all at once when its
+    files are read ``together`` (:func:`images.reading.load_local_batch`)."""
 
-    def __init__(self, refs):
+    def __init__(self, refs, together: bool = False):
         self.refs = list(refs)
+        self.together = together
         self.results: list = []
         self.abandoned = False
         self.lock = threading.Lock()
@@ -921,7 +925,7 @@ class ReadImageBatches(beam.DoFn):
         self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
         self._started = Metrics.counter(NAMESPACE, "batches_started_ahead")
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
-        self._pool = self._local_pool = None
+        self._pool = self._local_pool = self._together = None
         threads = min(16, os.cpu_count() or 1) if self._threads == -1 else self._threads
         self._threads_n = threads
         if threads:
@@ -931,6 +935,7 @@ class ReadImageBatches(beam.DoFn):
             if self._gpu_decode:
                 self._local_pool = concurrent.futures.ThreadPoolExecutor(
                     min(LOCAL_GPU_READERS, threads), thread_name_prefix="read-local")
+                self._together = DaliFileReader()
         self._pending = collections.deque()
 
     def start_bundle(self):
@@ -940,6 +945,13 @@ class ReadImageBatches(beam.DoFn):
         return load_image(ref.uri, self._config, self._gpu_decode, timeout_s)
 
     def _load_chunk(self, chunk: "_Chunk") -> None:
+        if chunk.together:
+            results = load_local_batch([ref.uri for ref in chunk.refs], self._config, self._together,
+                                       self._gpu_decode, [ref.size for ref in chunk.refs])
+            with chunk.lock:
+                if not chunk.abandoned:
+                    chunk.results.extend(results)
+            return
         for ref in chunk.refs:
             result = self._load(ref)  # inline read (tracked in IN_FLIGHT); _collect watches the chunk
             with chunk.lock:
@@ -948,18 +960,18 @@ class ReadImageBatches(beam.DoFn):
                 chunk.results.append(result)
 
     def _tasks(self, refs):
-        """(pool, tasks) for one batch.
+        """(pool, tasks, whether each task reads its files together) for one batch.
 
         Decoding on the CPU (Pillow releases the GIL) and remote reads (latency) want every
-        thread. Reading local files for the GPU decoder is mostly Python (open, header
-        pre-screen) and GIL-bound: it goes to a pool of :data:`LOCAL_GPU_READERS` threads, a
-        whole batch per task, however many batches are in flight, since many threads
-        contending for the GIL made each 43 KB read take 0.5-2.6 ms on 16 cores against 20 us
-        alone (benchmarks/NOTES.md).
+        thread. Local files for the GPU decoder go to a pool of :data:`LOCAL_GPU_READERS` threads, a
+        whole batch per task, however many batches are in flight, and each task has DALI read its
+        files together (:func:`images.reading.load_local_batch`): one file at a time, every system call
+        lets go of the GIL and must win it back from the bundle thread, which made each 43 KB read take
+        0.5-2.6 ms on 16 cores against 20 us alone (benchmarks/NOTES.md).
         """
         if self._local_pool is not None and not any(storage.is_url(ref.uri) for ref in refs):
-            return self._local_pool, 1
-        return self._pool, self._threads_n
+            return self._local_pool, 1, True
+        return self._pool, self._threads_n, False
 
     def _emit(self, refs, loaded, window=None, timestamp=None, batch: Optional[ImageBatch] = None):
         """The dead letters and the batch of one read batch; ``batch`` is the one :func:`batch_of` made of
@@ -1025,9 +1037,9 @@ class ReadImageBatches(beam.DoFn):
         if self._pool is None:
             yield from self._emit(refs, [self._load(ref, self._read_timeout_s) for ref in refs])
             return
-        pool, tasks = self._tasks(refs)
+        pool, tasks, together = self._tasks(refs)
         size = -(-len(refs) // tasks)
-        chunks = [_Chunk(refs[i:i + size]) for i in range(0, len(refs), size)]
+        chunks = [_Chunk(refs[i:i + size], together) for i in range(0, len(refs), size)]
         futures = [pool.submit(self._load_chunk, chunk) for chunk in chunks]
         ahead = self._start_when_read(refs, chunks, futures) if self._score_ahead else None
         self._pending.append((refs, list(zip(chunks, futures)), window, timestamp, ahead))
@@ -1041,7 +1053,9 @@ class ReadImageBatches(beam.DoFn):
 
         Python cannot interrupt a thread blocked in a read, so the stalled thread is left behind
         (the pool loses it) and the rest of the chunk goes to another one. One watchdog per
-        chunk rather than a thread per read keeps the fast path cheap.
+        chunk rather than a thread per read keeps the fast path cheap. A chunk read together shows
+        no progress until all of it is read, so which file stalled is unknown: the whole chunk is read
+        again one file at a time, where a file that stalls again is the one named.
         """
         import concurrent.futures
 
@@ -1056,6 +1070,11 @@ class ReadImageBatches(beam.DoFn):
                         continue  # slow but moving
                     chunk.abandoned = True
                     done = list(chunk.results)
+                if chunk.together:
+                    _LOG.warning("reading %d files together (from %s) made no progress for %s s; reading them again "
+                                 "one at a time", len(chunk.refs), chunk.refs[0].uri, self._read_timeout_s)
+                    alone = _Chunk(chunk.refs)
+                    return self._collect(alone, self._pool.submit(self._load_chunk, alone))
                 stuck = chunk.refs[len(done)]
                 _LOG.warning("read of %s made no progress for %s s; it becomes a dead letter", stuck.uri,
                              self._read_timeout_s)
