@@ -141,6 +141,41 @@ def test_refs_leave_the_check_with_the_size_its_stat_found_so_the_reader_need_no
                               *[(uri, "id-" + uri[-6:], None) for uri in uris[2:]]]))
 
 
+def test_the_check_stats_files_off_the_bundle_thread_and_emits_every_batch_in_order(tmp_path, monkeypatch):
+    import threading
+
+    import transforms.scored as scored
+    from transforms.images import ImageRef
+
+    names = [f"{i:02d}.jpg" for i in range(12)]
+    paths = _files(tmp_path / "in", names)
+    threads = set()
+    real = scored.local_fingerprint
+
+    def recorded(path):
+        threads.add(threading.current_thread().name)
+        return real(path)
+
+    monkeypatch.setattr(scored, "local_fingerprint", recorded)
+    check = scored._CheckBatch(skip=False)
+    check.setup()
+    check.start_bundle()
+    batches = [[ImageRef(paths[n]) for n in names[i:i + 2]] for i in range(0, 12, 2)]
+    out = []
+    try:
+        for batch in batches:
+            out += list(check.process(batch, window=None, timestamp=None))
+        out += list(check.finish_bundle())
+    finally:
+        check.teardown()
+    kept = [o for o in out if isinstance(o, list)]
+    assert [[r.uri for r in refs] for refs in kept] == [[r.uri for r in refs] for refs in batches]
+    assert [r.size for refs in kept for r in refs] == [10 + i for i in range(12)]
+    records = [rec["uri"] for o in out if not isinstance(o, list) for rec in o.value]
+    assert records == [paths[n] for n in names]
+    assert threads and all(name.startswith("check") for name in threads), threads
+
+
 def test_one_lstat_fingerprints_a_file_as_stat_and_islink_do(tmp_path):
     # A plain file costs one lstat, not os.stat then islink; a link, a FIFO, a missing file, a dangling link, a
     # linked folder and a path with ".." get the fingerprint, link answer and spelling the two calls gave.
