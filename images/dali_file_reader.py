@@ -81,14 +81,19 @@ class DaliFileReader:
 
         Raises:
             ImportError: DALI is not installed.
+            ValueError: a path holds a NUL byte (DALI would read the file the path names up to it).
             RuntimeError: any file could not be read whole (DALI's message names it); the call read nothing.
         """
+        encoded = [os.fsencode(path) for path in paths]
+        bad = next((path for path, raw in zip(paths, encoded) if b"\0" in raw), None)
+        if bad is not None:
+            raise ValueError(f"a path holds a NUL byte: {bad!r}")
         out: List[bytes] = []
         for start in range(0, len(paths), self.max_files):
-            part = paths[start:start + self.max_files]
+            part = encoded[start:start + self.max_files]
             pipe = self._pipeline()
             try:
-                pipe.feed_input("paths", [np.frombuffer(os.fsencode(path), np.uint8) for path in part])
+                pipe.feed_input("paths", [np.frombuffer(raw, np.uint8) for raw in part])
                 files, = pipe.run()
             except BaseException:
                 self._local.pipe = None  # DALI: "Current pipeline object is no longer valid"

@@ -21,12 +21,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import logging
 import os
 import stat
 import threading
 import time
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,8 +36,6 @@ from images.prescreen import GPU, screen
 #: Default for ``--read_timeout_s``: far above any healthy read of one image (a 50 MB object
 #: from GCS takes well under 10 s on a worker), short enough that a stuck file costs a minute.
 DEFAULT_READ_TIMEOUT_S = 60.0
-
-_LOG = logging.getLogger(__name__)
 
 
 #: Most bytes per pixel an image file the decoders take can need: 16-bit RGBA stored uncompressed is 8;
@@ -273,9 +270,6 @@ TOGETHER_MAX_FILE_BYTES = 4 << 20
 #: Most bytes one DALI read of files together holds (:func:`load_local_batch`), for the same reason.
 TOGETHER_MAX_BYTES = 64 << 20
 
-_LOGGED_FALLBACK = threading.Event()
-
-
 def _read_groups(sizes: Sequence[Tuple[int, int]], max_files: int) -> List[List[int]]:
     """The indexes of ``(index, size)`` grouped in order into reads of at most ``max_files`` files and
     :data:`TOGETHER_MAX_BYTES` bytes (a single larger file is a group of its own)."""
@@ -290,8 +284,16 @@ def _read_groups(sizes: Sequence[Tuple[int, int]], max_files: int) -> List[List[
     return groups
 
 
+def _reason_line(error: Exception, paths: Sequence[str]) -> str:
+    """The line of a failed read's message that names one of ``paths`` (DALI's first line never does)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if any(path in line for path in paths)]
+    return (named or lines[-1:] or [type(error).__name__])[0]
+
+
 def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_decode: bool = True,
-                     sizes: Optional[Sequence[Optional[int]]] = None) -> List[Decoded]:
+                     sizes: Optional[Sequence[Optional[int]]] = None, progress: Optional[Callable[[], None]] = None,
+                     fell_back: Optional[Callable[[int, str], None]] = None) -> List[Decoded]:
     """:func:`load_image` of each local file, their bytes read together by ``reader`` where the rules allow.
 
     A file whose size the caller knows from its own ``stat`` of a regular file (``sizes``; the job's check makes
@@ -299,10 +301,16 @@ def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_
     so anything but a regular file gets its reason without being opened. Any file over the size limit is refused
     unread. The rest, up to :data:`TOGETHER_MAX_FILE_BYTES` each, are read in groups by ``reader`` (on DALI's
     threads, which take no GIL: :mod:`images.dali_file_reader`) and then screened or decoded exactly as a file
-    read alone; larger ones are read alone. A group whose read fails (a file removed or shrunk since its
-    ``stat``, no permission, no DALI) is read again one file at a time with :func:`load_image`, so each file
-    gets its own outcome and reason. No time limit applies here: the caller watches the whole call
-    (``transforms.images``) and reads a stalled group again one file at a time.
+    read alone; larger ones are read alone.
+
+    Whatever happened to a file since its ``stat`` gets the outcome reading it alone gives: a group whose read fails
+    (a file removed or shrunk since, no permission, no DALI) is read again one file at a time with
+    :func:`load_image`, and so is any file whose bytes do not number the size its ``stat`` found (it grew, or was
+    replaced by a device or a much larger file, or its filesystem reports sizes it does not hold). What a stale
+    size cannot prevent, as with any ``stat`` before a read: a file swapped for a FIFO blocks the read until the
+    caller's watchdog gives it up, and a file that grew is read whole before its size is compared (docs/dali.md).
+    No time limit applies here: the caller watches the whole call (``transforms.images``) and reads a stalled
+    group again one file at a time.
 
     Args:
         uris: Local paths (no URLs).
@@ -312,6 +320,9 @@ def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_
         gpu_decode: As for :func:`load_image`. Default True.
         sizes: Per uri, its size from the caller's ``stat`` of it as a regular file, or None to ``stat`` it
             here. Default None: ``stat`` each.
+        progress: Called once each time a file's outcome is settled (a caller's watchdog sees progress).
+            Default None.
+        fell_back: Called with (files, reason) each time files are read again one at a time. Default None.
 
     Returns:
         One :class:`Decoded` per uri, in order. Each one's ``read_s`` is its ``stat`` here (if any) plus an
@@ -320,6 +331,18 @@ def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_
     results: List[Optional[Decoded]] = [None] * len(uris)
     stat_s: List[float] = [0.0] * len(uris)
     together: List[Tuple[int, int]] = []
+
+    def settle(i: int, decoded: Decoded) -> None:
+        results[i] = decoded
+        if progress is not None:
+            progress()
+
+    def alone(indexes: Sequence[int], reason: str) -> None:
+        if fell_back is not None:
+            fell_back(len(indexes), reason)
+        for i in indexes:
+            settle(i, load_image(uris[i], config, gpu_decode, read_timeout_s=None))
+
     for i, uri in enumerate(uris):
         start = time.perf_counter()
         refused, size = (None, sizes[i]) if sizes is not None and sizes[i] is not None else regular_file_size(uri)
@@ -327,27 +350,30 @@ def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_
             refused = too_large_reason(size, config.max_pixels)
         stat_s[i] = time.perf_counter() - start
         if refused is not None:
-            results[i] = Decoded(None, refused, "read", stat_s[i], 0.0, 0)
+            settle(i, Decoded(None, refused, "read", stat_s[i], 0.0, 0))
         elif size is None or size > TOGETHER_MAX_FILE_BYTES:
-            results[i] = load_image(uri, config, gpu_decode, read_timeout_s=None)
+            settle(i, load_image(uri, config, gpu_decode, read_timeout_s=None))
         else:
             together.append((i, size))
+    expected = dict(together)
     for group in _read_groups(together, reader.max_files):
         start = time.perf_counter()
+        paths = [uris[i] for i in group]
         try:
-            with IN_FLIGHT.track(f"{uris[group[0]]} (one of {len(group)} files read together)"):
-                datas = reader.read([uris[i] for i in group])
+            with IN_FLIGHT.track(f"{paths[0]} (one of {len(group)} files read together)"):
+                datas = reader.read(paths)
+            if len(datas) != len(group):
+                raise RuntimeError(f"the reader returned {len(datas)} files for {len(group)}")
         except Exception as e:  # ImportError, RuntimeError from DALI: each file read alone gives its own reason
-            log = _LOG.debug if _LOGGED_FALLBACK.is_set() else _LOG.info
-            _LOGGED_FALLBACK.set()
-            log("reading %d files together failed; reading them one at a time (%s)", len(group),
-                (str(e).splitlines() or [type(e).__name__])[0])
-            for i in group:
-                results[i] = load_image(uris[i], config, gpu_decode, read_timeout_s=None)
+            alone(group, _reason_line(e, paths))
             continue
         share = (time.perf_counter() - start) / len(group)
+        changed = [i for i, data in zip(group, datas) if len(data) != expected[i]]
         for i, data in zip(group, datas):
-            results[i] = screen_or_decode(data, config, gpu_decode, stat_s[i] + share)
+            if len(data) == expected[i]:
+                settle(i, screen_or_decode(data, config, gpu_decode, stat_s[i] + share))
+        if changed:
+            alone(changed, f"{len(changed)} file(s) no longer the size their stat found, first {uris[changed[0]]}")
     return results  # type: ignore[return-value]  # every index was set above
 
 

@@ -70,3 +70,11 @@ def test_bad_arguments_are_refused():
 
     with pytest.raises(ValueError, match="threads >= 1"):
         DaliFileReader(threads=0)
+
+
+def test_a_path_with_a_nul_byte_is_refused_not_cut_short(tmp_path):
+    from images.dali_file_reader import DaliFileReader
+
+    (path,) = _files(tmp_path, 1)
+    with pytest.raises(ValueError, match="NUL byte"):
+        DaliFileReader(threads=1).read([path + "\0.bak"])

@@ -304,9 +304,43 @@ def test_a_together_read_that_stalls_is_read_again_one_file_at_a_time(corpus, tm
                                                            read_timeout_s=1.0), [refs])
     finally:
         os.close(os.open(fifo, os.O_WRONLY))  # the DALI read left behind opens it and finishes
+        import threading
+
+        for thread in threading.enumerate():  # its thread goes on with the abandoned chunk: let it end here
+            if thread.name.startswith("read-local"):
+                thread.join(timeout=30)
     assert recorded_reads and str(fifo) in recorded_reads[0]
     (batch,) = batches
     assert [r.uri for r in batch.refs] == good and all(len(data) for data in batch.encoded)
     (row,) = dead
     assert row["uri"] == str(fifo) and row["stage"] == "read" and "FIFO" in row["error"]
     assert "reading 4 files together" in caplog.text and "one at a time" in caplog.text
+
+
+def test_a_together_read_that_is_slow_but_moving_is_not_read_again(corpus, recorded_reads, monkeypatch, caplog):
+    # Files the pre-screen sends to Pillow are decoded inside the reader's call: each one settled is progress the
+    # watchdog sees, so a batch slower in all than --read_timeout_s but never stalled is read and decoded once.
+    import logging
+    import os
+    import time
+
+    import images.reading as reading
+    from images.pillow_decoder import PreprocessConfig
+    from transforms.images import ReadImageBatches
+
+    real = reading.screen_or_decode
+    decoded = []
+
+    def slow(data, *args):
+        time.sleep(0.3)
+        decoded.append(len(data))
+        return real(data, *args)
+
+    monkeypatch.setattr(reading, "screen_or_decode", slow)
+    good = corpus[1][:6]
+    refs = [ImageRef(p, size=os.stat(p).st_size) for p in good]
+    with caplog.at_level(logging.WARNING, logger="transforms.images"):
+        (batch,), dead = _read_batches(ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=2,
+                                                        read_timeout_s=1.0), [refs])
+    assert dead == [] and [r.uri for r in batch.refs] == good
+    assert len(decoded) == 6 and "no progress" not in caplog.text, caplog.text

@@ -117,3 +117,44 @@ def test_read_groups_split_by_count_and_bytes():
     assert _read_groups([(0, 10), (1, 10), (2, 10)], 2) == [[0, 1], [2]]
     assert _read_groups([(0, TOGETHER_MAX_BYTES - 5), (1, 10), (2, 5)], 9) == [[0], [1, 2]]
     assert _read_groups([], 3) == []
+
+
+def test_a_file_changed_since_its_stat_gets_what_reading_it_alone_gives(corpus, tmp_path):
+    import images.reading as reading
+
+    config = PreprocessConfig(max_pixels=1 << 20)
+    good = corpus[1][:4]
+    grown = tmp_path / "grown.jpg"  # checked at 1 KB, then written whole: larger than the limit now
+    grown.write_bytes(b"\xff\xd8\xff" + bytes(reading.max_file_bytes(config.max_pixels)))
+    device = tmp_path / "device.jpg"  # a regular file at the check, a character device at the read
+    os.symlink("/dev/zero", device)
+    shrunk = tmp_path / "shrunk.jpg"
+    shrunk.write_bytes(open(good[0], "rb").read()[:500])
+    paths = [good[0], str(grown), good[1], str(device), str(shrunk), *good[2:]]
+    sizes = [os.stat(p).st_size for p in good[:2]]
+    sizes = [sizes[0], 1000, sizes[1], 1000, 600, *[os.stat(p).st_size for p in good[2:]]]
+    fell_back, settled = [], []
+    got = reading.load_local_batch(paths, config, RecordingReader(), True, sizes, lambda: settled.append(1),
+                                   lambda files, reason: fell_back.append((files, reason)))
+    for path, a in zip(paths, got):
+        assert _same(a, reading.load_image(path, config, True, read_timeout_s=None)), path
+    assert got[1].stage == "read" and "not read" in got[1].error
+    assert got[3].stage == "read" and "character device" in got[3].error
+    assert [a.encoded is not None for a in got] == [True, False, True, False, False, True, True]
+    assert len(settled) == len(paths)
+    (reread,) = fell_back
+    assert reread[0] == 3 and str(grown) in reread[1]
+
+
+def test_every_outcome_reports_progress_and_a_failed_group_says_which_file(corpus, tmp_path):
+    import images.reading as reading
+
+    good = corpus[1][:3]
+    paths = [good[0], str(tmp_path / "gone.jpg"), *good[1:]]
+    sizes = [os.stat(good[0]).st_size, 1000, *[os.stat(p).st_size for p in good[1:]]]
+    fell_back, settled = [], []
+    reading.load_local_batch(paths, PreprocessConfig(), RecordingReader(), True, sizes, lambda: settled.append(1),
+                             lambda files, reason: fell_back.append((files, reason)))
+    assert len(settled) == 4
+    (reread,) = fell_back
+    assert reread[0] == 4 and "gone.jpg" in reread[1]

@@ -877,8 +877,13 @@ class _Chunk:
         self.refs = list(refs)
         self.together = together
         self.results: list = []
+        self.progress = 0  # files settled so far, as the watchdog (_collect) sees them; under `lock`
         self.abandoned = False
         self.lock = threading.Lock()
+
+    def advance(self) -> None:
+        with self.lock:
+            self.progress += 1
 
 
 class ReadImageBatches(beam.DoFn):
@@ -925,6 +930,8 @@ class ReadImageBatches(beam.DoFn):
         self._decoded = Metrics.counter(NAMESPACE, "images_decoded")
         self._started = Metrics.counter(NAMESPACE, "batches_started_ahead")
         self._bytes = Metrics.counter(NAMESPACE, "bytes_read")
+        self._alone = Metrics.counter(NAMESPACE, "files_read_again_alone")
+        self._logged_fallback = False
         self._pool = self._local_pool = self._together = None
         threads = min(16, os.cpu_count() or 1) if self._threads == -1 else self._threads
         self._threads_n = threads
@@ -944,10 +951,19 @@ class ReadImageBatches(beam.DoFn):
     def _load(self, ref: ImageRef, timeout_s: Optional[float] = None):
         return load_image(ref.uri, self._config, self._gpu_decode, timeout_s)
 
+    def _fell_back(self, files: int, reason: str) -> None:
+        self._alone.inc(files)
+        _LOG.log(logging.DEBUG if self._logged_fallback else logging.INFO,
+                 "%d file(s) read together are read again one at a time: %s", files, reason)
+        self._logged_fallback = True
+
     def _load_chunk(self, chunk: "_Chunk") -> None:
+        if chunk.abandoned:  # given up while it waited for a thread: _collect reads its files another way
+            return
         if chunk.together:
             results = load_local_batch([ref.uri for ref in chunk.refs], self._config, self._together,
-                                       self._gpu_decode, [ref.size for ref in chunk.refs])
+                                       self._gpu_decode, [ref.size for ref in chunk.refs], chunk.advance,
+                                       self._fell_back)
             with chunk.lock:
                 if not chunk.abandoned:
                     chunk.results.extend(results)
@@ -958,6 +974,7 @@ class ReadImageBatches(beam.DoFn):
                 if chunk.abandoned:
                     return
                 chunk.results.append(result)
+                chunk.progress += 1
 
     def _tasks(self, refs):
         """(pool, tasks, whether each task reads its files together) for one batch.
@@ -1060,13 +1077,13 @@ class ReadImageBatches(beam.DoFn):
         import concurrent.futures
 
         while True:
-            seen = len(chunk.results)
+            seen = chunk.progress
             try:
                 future.result(timeout=self._read_timeout_s or None)
                 return chunk.results
             except concurrent.futures.TimeoutError:
                 with chunk.lock:
-                    if len(chunk.results) != seen:
+                    if chunk.progress != seen:
                         continue  # slow but moving
                     chunk.abandoned = True
                     done = list(chunk.results)
