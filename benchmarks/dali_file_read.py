@@ -26,7 +26,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from benchmarks.read_syscalls import busy_threads, ours as python_read
+from benchmarks.read_syscalls import busy_threads, whole_batches, ours as python_read
 
 
 def _pipelines(batch: int, threads: int):
@@ -64,12 +64,7 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
     parser.add_argument("--busy", type=int, default=1, help="threads running Python beside the decodes")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    files = sorted(os.path.join(args.input, name) for name in os.listdir(args.input))[:args.files]
-    whole = len(files) // args.batch  # whole batches only: a short last one would time a smaller batch
-    if not whole:
-        raise SystemExit(f"--input {args.input} holds {len(files)} files, fewer than one batch of {args.batch}: "
-                         "give more files or a smaller --batch")
-    batches = [files[i * args.batch:(i + 1) * args.batch] for i in range(whole)]
+    batches = whole_batches(args.input, args.files, args.batch)
     pipes = _pipelines(args.batch, args.dali_threads)
     first = {name: _decode(name, pipe, batches[0]) for name, pipe in pipes.items()}
     for i, (a, b) in enumerate(zip(first["python_reads"], first["dali_reads"])):

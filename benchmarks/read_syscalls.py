@@ -45,6 +45,21 @@ def ours(path: str) -> bytes:
     return storage.read_local(path, size)
 
 
+def whole_batches(folder: str, files: int, batch: int) -> List[List[str]]:
+    """The first ``files`` files of ``folder`` (by name) in whole batches of ``batch``: a short last batch would
+    time a smaller batch, so it is left out.
+
+    Raises:
+        SystemExit: fewer files than one batch, with the fix.
+    """
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))[:files]
+    whole = len(paths) // batch
+    if not whole:
+        raise SystemExit(f"--input {folder} holds {len(paths)} files, fewer than one batch of {batch}: "
+                         "give more files or a smaller --batch")
+    return [paths[i * batch:(i + 1) * batch] for i in range(whole)]
+
+
 @contextlib.contextmanager
 def busy_threads(count: int) -> Iterator[List[int]]:
     """``count`` daemon threads running a Python loop until the block ends; yields their loop counts, a slot each

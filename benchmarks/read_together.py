@@ -23,7 +23,7 @@ import os
 import time
 from typing import Callable, Dict, List
 
-from benchmarks.read_syscalls import busy_threads
+from benchmarks.read_syscalls import busy_threads, whole_batches
 
 
 def _ways(config) -> Dict[str, Callable[[List[str], List[int]], list]]:
@@ -50,12 +50,7 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
     parser.add_argument("--busy", type=int, default=1, help="threads running Python beside the reads")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args(argv)
-    files = sorted(os.path.join(args.input, name) for name in os.listdir(args.input))[:args.files]
-    whole = len(files) // args.batch  # whole batches only: a short last one would time a smaller batch
-    if not whole:
-        raise SystemExit(f"--input {args.input} holds {len(files)} files, fewer than one batch of {args.batch}: "
-                         "give more files or a smaller --batch")
-    batches = [files[i * args.batch:(i + 1) * args.batch] for i in range(whole)]
+    batches = whole_batches(args.input, args.files, args.batch)
     sizes = {path: os.stat(path).st_size for batch in batches for path in batch}
     ways = _ways(PreprocessConfig())
     first = {name: [_outcome(d) for d in way(batches[0], [sizes[p] for p in batches[0]])] for name, way in ways.items()}
@@ -63,7 +58,7 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
         for path, got, want in zip(batches[0], outcomes, first["alone"]):
             if got != want:
                 raise SystemExit(f"{name} gives {path} another outcome than reading it alone")
-    images = whole * args.batch
+    images = len(batches) * args.batch
     results: Dict[int, Dict[str, object]] = {}
     for busy in sorted({0, args.busy}):
         rates: Dict[str, List[float]] = {name: [] for name in ways}

@@ -37,6 +37,28 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def noise_jpegs(folder: Path, count: int) -> None:
+    """``count`` small random JPEGs of distinct heights in ``folder``, named 00.jpg, 01.jpg, ..."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (24 + i, 32, 3), dtype=np.uint8)).save(folder / f"{i:02d}.jpg")
+
+
+def run_bundle(dofn, elements) -> list:
+    """Runs one bundle of ``elements`` through ``dofn`` as Beam would, on this thread (set-up to tear-down), with no
+    window: every output of ``process`` and ``finish_bundle``, in order (tagged ones as ``TaggedOutput``)."""
+    dofn.setup()
+    dofn.start_bundle()
+    out = []
+    try:
+        for element in elements:
+            out += list(dofn.process(element, window=None, timestamp=None))
+        out += list(dofn.finish_bundle() or ())
+    finally:
+        dofn.teardown()
+    return out
+
+
 #: Broken inputs and the dead-letter reason each must produce.
 BROKEN = {
     "empty.jpg": (b"", "empty file"),

@@ -21,6 +21,7 @@ import pytest
 
 from images.pillow_decoder import PreprocessConfig
 from images.scoring import ImageScorer
+from tests.conftest import run_bundle
 from tests.test_inference import CROP, FakeEngine, _handler, _pixels, _png
 from transforms import ahead
 from transforms.images import ImageBatch, ImageRef, ReadImageBatches
@@ -49,16 +50,7 @@ def scorer():
 
 def _read(reader: ReadImageBatches, batches):
     """Runs the reader's bundle as Beam would, on one thread: its main outputs (no window: plain values)."""
-    reader.setup()
-    reader.start_bundle()
-    out = []
-    try:
-        for refs in batches:
-            out += list(reader.process(refs, window=None, timestamp=None))
-        out += list(reader.finish_bundle())
-    finally:
-        reader.teardown()
-    return [o for o in out if isinstance(o, ImageBatch)]
+    return [o for o in run_bundle(reader, batches) if isinstance(o, ImageBatch)]
 
 
 @contextlib.contextmanager

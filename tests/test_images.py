@@ -227,17 +227,10 @@ def test_the_jobs_read_batches_travel_with_the_batch_coder(tmp_path):
 
 def _read_batches(reader, batches):
     """Runs the reader's bundle as Beam would, on one thread: (batches, dead-letter rows)."""
+    from tests.conftest import run_bundle
     from transforms.images import ImageBatch
 
-    reader.setup()
-    reader.start_bundle()
-    out = []
-    try:
-        for refs in batches:
-            out += list(reader.process(refs, window=None, timestamp=None))
-        out += list(reader.finish_bundle())
-    finally:
-        reader.teardown()
+    out = run_bundle(reader, batches)
     return [o for o in out if isinstance(o, ImageBatch)], [o.value for o in out if not isinstance(o, ImageBatch)]
 
 

@@ -3,22 +3,15 @@ every file the same outcome."""
 
 import pytest
 
+from tests.conftest import noise_jpegs
+
 pytest.importorskip("nvidia.dali")
-
-
-def _jpegs(folder, n):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (24 + i, 32, 3), dtype=np.uint8)).save(folder / f"{i:02d}.jpg")
 
 
 def test_three_ways_give_the_same_outcomes_and_are_timed_alone_and_beside_busy_threads(tmp_path, capsys):
     from benchmarks import read_together
 
-    _jpegs(tmp_path, 9)  # two whole batches of 4; the ninth file is left out
+    noise_jpegs(tmp_path, 9)  # two whole batches of 4; the ninth file is left out
     results = read_together.main(["--input", str(tmp_path), "--files", "9", "--batch", "4", "--busy", "1",
                                   "--rounds", "2"])
     assert sorted(results) == [0, 1]
@@ -32,7 +25,7 @@ def test_three_ways_give_the_same_outcomes_and_are_timed_alone_and_beside_busy_t
 def test_a_way_that_gives_another_outcome_stops_the_benchmark(tmp_path, monkeypatch):
     from benchmarks import read_together
 
-    _jpegs(tmp_path, 4)
+    noise_jpegs(tmp_path, 4)
     (tmp_path / "01.jpg").write_bytes(b"not a JPEG")
     real = read_together._ways
 
@@ -50,6 +43,6 @@ def test_a_way_that_gives_another_outcome_stops_the_benchmark(tmp_path, monkeypa
 def test_fewer_files_than_a_batch_is_refused_with_the_fix(tmp_path):
     from benchmarks import read_together
 
-    _jpegs(tmp_path, 3)
+    noise_jpegs(tmp_path, 3)
     with pytest.raises(SystemExit, match="fewer than one batch of 4: give more files or a smaller --batch"):
         read_together.main(["--input", str(tmp_path), "--batch", "4"])

@@ -14,7 +14,7 @@ import pytest
 
 from engines import storage
 from pipelines import classify_images, partitions
-from tests.conftest import jpeg_bytes, photo
+from tests.conftest import jpeg_bytes, photo, run_bundle
 from transforms.scored import FINGERPRINTS, SKIPPED, CheckScored, fingerprint
 
 FAST = ["--batch_size", "2", "--progress_every_s", "0", "--decode_threads", "2"]
@@ -157,17 +157,8 @@ def test_the_check_stats_files_off_the_bundle_thread_and_emits_every_batch_in_or
         return real(path)
 
     monkeypatch.setattr(scored, "local_fingerprint", recorded)
-    check = scored._CheckBatch(skip=False)
-    check.setup()
-    check.start_bundle()
     batches = [[ImageRef(paths[n]) for n in names[i:i + 2]] for i in range(0, 12, 2)]
-    out = []
-    try:
-        for batch in batches:
-            out += list(check.process(batch, window=None, timestamp=None))
-        out += list(check.finish_bundle())
-    finally:
-        check.teardown()
+    out = run_bundle(scored._CheckBatch(skip=False), batches)
     kept = [o for o in out if isinstance(o, list)]
     assert [[r.uri for r in refs] for refs in kept] == [[r.uri for r in refs] for refs in batches]
     assert [r.size for refs in kept for r in refs] == [10 + i for i in range(12)]
