@@ -14,7 +14,7 @@ import pytest
 
 from engines import storage
 from pipelines import classify_images, partitions
-from tests.conftest import jpeg_bytes, photo, run_bundle
+from tests.conftest import jpeg_bytes, photo
 from transforms.scored import FINGERPRINTS, SKIPPED, CheckScored, fingerprint
 
 FAST = ["--batch_size", "2", "--progress_every_s", "0", "--decode_threads", "2"]
@@ -139,32 +139,6 @@ def test_refs_leave_the_check_with_the_size_its_stat_found_so_the_reader_need_no
                     equal_to([(paths["a.jpg"], "id-" + paths["a.jpg"][-6:], 10),
                               (uris[1], "id-" + uris[1][-6:], 11),  # the link's target, as reading follows it
                               *[(uri, "id-" + uri[-6:], None) for uri in uris[2:]]]))
-
-
-def test_the_check_stats_files_off_the_bundle_thread_and_emits_every_batch_in_order(tmp_path, monkeypatch):
-    import threading
-
-    import transforms.scored as scored
-    from transforms.images import ImageRef
-
-    names = [f"{i:02d}.jpg" for i in range(12)]
-    paths = _files(tmp_path / "in", names)
-    threads = set()
-    real = scored.local_fingerprint
-
-    def recorded(path):
-        threads.add(threading.current_thread().name)
-        return real(path)
-
-    monkeypatch.setattr(scored, "local_fingerprint", recorded)
-    batches = [[ImageRef(paths[n]) for n in names[i:i + 2]] for i in range(0, 12, 2)]
-    out = run_bundle(scored._CheckBatch(skip=False), batches)
-    kept = [o for o in out if isinstance(o, list)]
-    assert [[r.uri for r in refs] for refs in kept] == [[r.uri for r in refs] for refs in batches]
-    assert [r.size for refs in kept for r in refs] == [10 + i for i in range(12)]
-    records = [rec["uri"] for o in out if not isinstance(o, list) for rec in o.value]
-    assert records == [paths[n] for n in names]
-    assert threads and all(name.startswith("check") for name in threads), threads
 
 
 def test_one_lstat_fingerprints_a_file_as_stat_and_islink_do(tmp_path):

@@ -23,7 +23,6 @@ that matter (e.g. a year of daily folders), not at a bucket's root.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -33,7 +32,6 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.utils.windowed_value import WindowedValue
 
 from engines import storage
 from transforms.timing import NAMESPACE
@@ -49,11 +47,6 @@ SETTLED_DEAD_LETTER_STAGES = ("decode",)
 #: Threads that fetch remote objects' metadata for one batch (a GCS metadata request takes tens
 #: of milliseconds; a batch of 256 in series would take seconds).
 REMOTE_STAT_THREADS = 16
-#: Batches whose files are being checked ahead of the one the check emits (``_CheckBatch``): the next batches'
-#: ``lstat`` calls run on a helper thread while the bundle thread reads, scores and writes. Each call from the
-#: bundle thread let go of the GIL and waited to win it back: 2.6 s of a 10 s no-op run on an H100 host, the
-#: bundle thread's largest piece once the readers stopped making system calls (benchmarks/NOTES.md).
-CHECK_AHEAD = 2
 
 #: What a committed partition's ``model`` record must share with this run's for its inputs to count as
 #: scored: the same model (file name and sha256, or ``--model_version``) making the same rows (output mode,
@@ -157,9 +150,6 @@ class _CheckBatch(beam.DoFn):
     (``fingerprints``) and the number skipped (``skipped``), each only when not empty. Each local regular
     file's ref carries the size its ``stat`` found (``ImageRef.size``), so the reader makes no second ``stat``.
 
-    The files are checked on a helper thread, up to :data:`CHECK_AHEAD` batches ahead of the one emitted; the
-    outputs keep the batches' order, and a bundle's last batches are emitted when it finishes.
-
     Args:
         skip: Whether a ``prior`` side input (one ``{uri: [[size, mtime], ...]}`` per committed
             partition) is given.
@@ -169,21 +159,13 @@ class _CheckBatch(beam.DoFn):
         self._skip = skip
 
     def setup(self):
-        import concurrent.futures
-
         self._skipped = Metrics.counter(NAMESPACE, "skipped")
-        self._pool = None  # made and used only by the helper thread (_checked)
-        self._ahead = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="check")
+        self._pool = None
         self._prior = None
-        self._pending = collections.deque()
-
-    def start_bundle(self):
-        self._pending = collections.deque()
 
     def _checked(self, uris: Sequence[str]) -> List[Tuple[Optional[Dict[str, float]], str]]:
-        """``(fingerprint or None, the URI as records spell it)`` of each: local files one after another, a batch
-        holding a remote URI on the DoFn's pool (a request each, tens of milliseconds apiece). Runs on the
-        DoFn's one helper thread."""
+        """``(fingerprint or None, the URI as records spell it)`` of each: local files on this thread, a batch
+        holding a remote URI on the DoFn's pool (a request each, tens of milliseconds apiece)."""
         if not any(storage.is_url(uri) for uri in uris):
             return _checked_files(uris)
         if self._pool is None:
@@ -202,24 +184,11 @@ class _CheckBatch(beam.DoFn):
             self._prior = merged
         return self._prior
 
-    def process(self, refs, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam, prior=()):
+    def process(self, refs, prior=()):
         refs = list(refs)
         known = self._merged(prior) if self._skip else {}
-        self._pending.append((refs, self._ahead.submit(self._checked, [ref.uri for ref in refs]), known, window,
-                              timestamp))
-        while self._pending and (len(self._pending) > CHECK_AHEAD or self._pending[0][1].done()):
-            yield from self._emit(*self._pending.popleft())
-
-    def finish_bundle(self):
-        while self._pending:
-            yield from self._emit(*self._pending.popleft())
-
-    def _emit(self, refs, checked, known, window, timestamp):
-        def windowed(value):
-            return value if window is None else WindowedValue(value, timestamp, [window])
-
         keep, records, skipped = [], [], 0
-        for ref, (fp, uri) in zip(refs, checked.result()):
+        for ref, (fp, uri) in zip(refs, self._checked([ref.uri for ref in refs])):
             if fp is not None and _key(fp) in known.get(uri, ()):
                 skipped += 1
                 continue
@@ -230,16 +199,15 @@ class _CheckBatch(beam.DoFn):
             keep.append(ref)
         if skipped:
             self._skipped.inc(skipped)
-            yield beam.pvalue.TaggedOutput(SKIPPED, windowed(skipped))
+            yield beam.pvalue.TaggedOutput(SKIPPED, skipped)
         if records:
-            yield beam.pvalue.TaggedOutput(FINGERPRINTS, windowed(records))
+            yield beam.pvalue.TaggedOutput(FINGERPRINTS, records)
         if keep:
-            yield windowed(keep)
+            yield keep
 
     def teardown(self):
-        for pool in (self._ahead, self._pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _ListCommitted(beam.DoFn):
