@@ -337,3 +337,27 @@ def test_a_together_read_that_is_slow_but_moving_is_not_read_again(corpus, recor
                                                         read_timeout_s=1.0), [refs])
     assert dead == [] and [r.uri for r in batch.refs] == good
     assert len(decoded) == 6 and "no progress" not in caplog.text, caplog.text
+
+
+def test_files_read_again_alone_are_counted_in_the_jobs_metrics(corpus, recorded_reads):
+    # The reader threads notice them; Beam keeps only metrics updated on the bundle's thread, where they are counted.
+    import os
+
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    from images.pillow_decoder import PreprocessConfig
+    from transforms.images import ReadImageBatches
+    from transforms.timing import NAMESPACE
+
+    good = corpus[1][:6]
+    stale = [ImageRef(p, size=os.stat(p).st_size + (1 if i % 2 else 0)) for i, p in enumerate(good)]  # 3 changed
+    p = TestPipeline()
+    _ = (p | beam.Create([stale[:4], stale[4:]], reshuffle=False)
+         | beam.ParDo(ReadImageBatches(PreprocessConfig(), gpu_decode=True, threads=2)))
+    result = p.run()
+    result.wait_until_finish()
+    counters = {m.key.metric.name: m.committed
+                for m in result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]}
+    assert counters["files_read_again_alone"] == 3

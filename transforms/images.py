@@ -878,6 +878,7 @@ class _Chunk:
         self.together = together
         self.results: list = []
         self.progress = 0  # files settled so far, as the watchdog (_collect) sees them; under `lock`
+        self.read_again = 0  # files read again alone (load_local_batch's fell_back); under `lock`
         self.abandoned = False
         self.lock = threading.Lock()
 
@@ -951,8 +952,12 @@ class ReadImageBatches(beam.DoFn):
     def _load(self, ref: ImageRef, timeout_s: Optional[float] = None):
         return load_image(ref.uri, self._config, self._gpu_decode, timeout_s)
 
-    def _fell_back(self, files: int, reason: str) -> None:
-        self._alone.inc(files)
+    def _fell_back(self, chunk: "_Chunk", files: int, reason: str) -> None:
+        """Notes files of ``chunk`` read again alone, on the reader thread: the count goes to the job's metrics
+        from the bundle thread (:meth:`_collect`), since Beam keeps only metrics updated on the thread running
+        the bundle. ``_logged_fallback`` is unlocked: a race costs at most a second INFO line."""
+        with chunk.lock:
+            chunk.read_again += files
         _LOG.log(logging.DEBUG if self._logged_fallback else logging.INFO,
                  "%d file(s) read together are read again one at a time: %s", files, reason)
         self._logged_fallback = True
@@ -963,7 +968,7 @@ class ReadImageBatches(beam.DoFn):
         if chunk.together:
             results = load_local_batch([ref.uri for ref in chunk.refs], self._config, self._together,
                                        self._gpu_decode, [ref.size for ref in chunk.refs], chunk.advance,
-                                       self._fell_back)
+                                       lambda files, reason: self._fell_back(chunk, files, reason))
             with chunk.lock:
                 if not chunk.abandoned:
                     chunk.results.extend(results)
@@ -1080,6 +1085,8 @@ class ReadImageBatches(beam.DoFn):
             seen = chunk.progress
             try:
                 future.result(timeout=self._read_timeout_s or None)
+                if chunk.read_again:
+                    self._alone.inc(chunk.read_again)
                 return chunk.results
             except concurrent.futures.TimeoutError:
                 with chunk.lock:
@@ -1088,6 +1095,7 @@ class ReadImageBatches(beam.DoFn):
                     chunk.abandoned = True
                     done = list(chunk.results)
                 if chunk.together:
+                    self._alone.inc(len(chunk.refs))
                     _LOG.warning("reading %d files together (from %s) made no progress for %s s; reading them again "
                                  "one at a time", len(chunk.refs), chunk.refs[0].uri, self._read_timeout_s)
                     alone = _Chunk(chunk.refs)
