@@ -344,3 +344,26 @@ def test_calls_that_fail_count_their_started_batches_as_taken_and_keep_scoring_a
             gc.collect()
         assert ahead.start(token, ImageBatch((ImageRef("/p/fresh.png"),), _pixels([5]))) is not None, (
             "three failed calls turned scoring ahead off")
+
+
+def test_files_read_together_for_the_decoder_start_scoring_with_their_own_images(photos):
+    # The GPU path's reader: local files read together by DALI, left encoded, each batch started on the scorer as
+    # soon as its chunk is read. Each row must come from its own image.
+    pytest.importorskip("nvidia.dali", reason="needs NVIDIA DALI (the test extra installs nvidia-dali-cuda130)")
+    from images.pillow_decoder import preprocess_image
+
+    scorer = ImageScorer(FakeEngine(), None, lambda data: preprocess_image(data, CONFIG))
+    token = "test-read-together"
+    try:
+        with _registered(token, scorer):
+            refs = [ImageRef(uri, size=os.stat(uri).st_size) for uri in photos]
+            batches = _read(ReadImageBatches(CONFIG, gpu_decode=True, threads=2, prefetch=2, score_ahead=token),
+                            [refs[i:i + 4] for i in range(0, len(refs), 4)])
+            assert [len(b.encoded) for b in batches] == [4, 4, 4]
+            for batch in batches:
+                assert isinstance(batch.scoring, ahead.Started)
+                scored = batch.scoring.future.result(timeout=30)
+                assert scored.failed == {}
+                assert _grey(scored.outputs["logits"]) == [photos[ref.uri] for ref in batch.refs]
+    finally:
+        scorer.close()
