@@ -18,14 +18,11 @@ Imported lazily (DALI is needed only where ``--decode gpu`` or ``dali_cpu`` alre
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from typing import List, Optional, Sequence
 
 import numpy as np
-
-_LOG = logging.getLogger(__name__)
 
 #: DALI worker threads per reading pipeline. Each only waits on the disk; the GPU path has two reader threads
 #: (``transforms.images.LOCAL_GPU_READERS``), so 8 threads in all on hosts of 16 cores.

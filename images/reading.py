@@ -220,6 +220,17 @@ def read_with_timeout(uri: str, timeout_s: Optional[float] = DEFAULT_READ_TIMEOU
         return box["data"]
 
 
+def readable_size(uri: str, config: PreprocessConfig,
+                  known: Optional[int] = None) -> Tuple[Optional[str], Optional[int]]:
+    """``(why the file is not read, None)``, or ``(None, its size)`` (None for a URL): :func:`regular_file_size`
+    unless the caller's own ``stat`` of a regular file found its size (``known``), then the size limit
+    (:func:`max_file_bytes`) on whichever size there is."""
+    refused, size = (None, known) if known is not None else regular_file_size(uri)
+    if size is not None and size > max_file_bytes(config.max_pixels):
+        return too_large_reason(size, config.max_pixels), None
+    return refused, size
+
+
 def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
                read_timeout_s: Optional[float] = DEFAULT_READ_TIMEOUT_S) -> Decoded:
     """Reads and preprocesses one image into a uint8 (height, width, 3) array (``config.crop_size``),
@@ -238,9 +249,7 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
             :data:`DEFAULT_READ_TIMEOUT_S`.
     """
     start = time.perf_counter()
-    refused, size = regular_file_size(uri)
-    if size is not None and size > max_file_bytes(config.max_pixels):
-        refused = too_large_reason(size, config.max_pixels)
+    refused, size = readable_size(uri, config)
     if refused is not None:
         return Decoded(None, refused, "read", time.perf_counter() - start, 0.0, 0)
     try:
@@ -269,6 +278,7 @@ def load_image(uri: str, config: PreprocessConfig, gpu_decode: bool = False,
 TOGETHER_MAX_FILE_BYTES = 4 << 20
 #: Most bytes one DALI read of files together holds (:func:`load_local_batch`), for the same reason.
 TOGETHER_MAX_BYTES = 64 << 20
+
 
 def _read_groups(sizes: Sequence[Tuple[int, int]], max_files: int) -> List[List[int]]:
     """The indexes of ``(index, size)`` grouped in order into reads of at most ``max_files`` files and
@@ -345,9 +355,7 @@ def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_
 
     for i, uri in enumerate(uris):
         start = time.perf_counter()
-        refused, size = (None, sizes[i]) if sizes is not None and sizes[i] is not None else regular_file_size(uri)
-        if size is not None and size > max_file_bytes(config.max_pixels):
-            refused = too_large_reason(size, config.max_pixels)
+        refused, size = readable_size(uri, config, sizes[i] if sizes is not None else None)
         stat_s[i] = time.perf_counter() - start
         if refused is not None:
             settle(i, Decoded(None, refused, "read", stat_s[i], 0.0, 0))
@@ -368,9 +376,11 @@ def load_local_batch(uris: Sequence[str], config: PreprocessConfig, reader, gpu_
             alone(group, _reason_line(e, paths))
             continue
         share = (time.perf_counter() - start) / len(group)
-        changed = [i for i, data in zip(group, datas) if len(data) != expected[i]]
+        changed = []
         for i, data in zip(group, datas):
-            if len(data) == expected[i]:
+            if len(data) != expected[i]:
+                changed.append(i)
+            else:
                 settle(i, screen_or_decode(data, config, gpu_decode, stat_s[i] + share))
         if changed:
             alone(changed, f"{len(changed)} file(s) no longer the size their stat found, first {uris[changed[0]]}")
