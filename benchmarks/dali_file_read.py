@@ -20,13 +20,13 @@ Both decode the same pixels (checked on the first batch before timing). Prints i
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import time
 from typing import Dict, List
 
 import numpy as np
 
-from benchmarks.read_syscalls import busy_threads, whole_batches, ours as python_read
+from benchmarks.read_syscalls import busy_threads, interleaved_rates, whole_batches, ours as python_read
 
 
 def _pipelines(batch: int, threads: int):
@@ -73,14 +73,9 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
     images = len(batches) * args.batch
     results: Dict[int, Dict[str, object]] = {}
     for busy in sorted({0, args.busy}):
-        rates: Dict[str, List[float]] = {name: [] for name in pipes}
         with busy_threads(busy):
-            for _ in range(args.rounds):
-                for name, pipe in pipes.items():
-                    start = time.perf_counter()
-                    for batch in batches:
-                        _decode(name, pipe, batch)
-                    rates[name].append(images / (time.perf_counter() - start))
+            rates = interleaved_rates({name: functools.partial(_decode, name, pipe) for name, pipe in pipes.items()},
+                                      batches, args.rounds)
         best = {name: max(values) for name, values in rates.items()}
         results[busy] = {"images_per_second": rates, "ratio_dali_vs_python": best["dali_reads"] / best["python_reads"]}
         print(f"beside {busy} busy threads, {images} images in batches of {args.batch}, best of {args.rounds}: "

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from typing import Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 from engines import storage
 from images.reading import regular_file_size
@@ -58,6 +58,20 @@ def whole_batches(folder: str, files: int, batch: int) -> List[List[str]]:
         raise SystemExit(f"--input {folder} holds {len(paths)} files, fewer than one batch of {batch}: "
                          "give more files or a smaller --batch")
     return [paths[i * batch:(i + 1) * batch] for i in range(whole)]
+
+
+def interleaved_rates(ways: Dict[str, Callable[[List[str]], object]], batches: List[List[str]],
+                      rounds: int) -> Dict[str, List[float]]:
+    """Files/s of each way over all ``batches``, per round; the ways take turns within each round."""
+    files = sum(len(batch) for batch in batches)
+    rates: Dict[str, List[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, way in ways.items():
+            start = time.perf_counter()
+            for batch in batches:
+                way(batch)
+            rates[name].append(files / (time.perf_counter() - start))
+    return rates
 
 
 @contextlib.contextmanager

@@ -19,11 +19,11 @@ Python thread lets go of the GIL and must win it back from the busy threads, whi
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import time
 from typing import Callable, Dict, List
 
-from benchmarks.read_syscalls import busy_threads, whole_batches
+from benchmarks.read_syscalls import busy_threads, interleaved_rates, whole_batches
 
 
 def _ways(config) -> Dict[str, Callable[[List[str], List[int]], list]]:
@@ -34,6 +34,10 @@ def _ways(config) -> Dict[str, Callable[[List[str], List[int]], list]]:
     return {"alone": lambda paths, sizes: [load_image(p, config, True, read_timeout_s=None) for p in paths],
             "together_stat": lambda paths, sizes: load_local_batch(paths, config, reader, True),
             "together": lambda paths, sizes: load_local_batch(paths, config, reader, True, sizes)}
+
+
+def _with_sizes(way, sizes: Dict[str, int], paths: List[str]) -> list:
+    return way(paths, [sizes[p] for p in paths])
 
 
 def _outcome(decoded):
@@ -61,14 +65,9 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
     images = len(batches) * args.batch
     results: Dict[int, Dict[str, object]] = {}
     for busy in sorted({0, args.busy}):
-        rates: Dict[str, List[float]] = {name: [] for name in ways}
         with busy_threads(busy):
-            for _ in range(args.rounds):
-                for name, way in ways.items():
-                    start = time.perf_counter()
-                    for batch in batches:
-                        way(batch, [sizes[p] for p in batch])
-                    rates[name].append(images / (time.perf_counter() - start))
+            rates = interleaved_rates({name: functools.partial(_with_sizes, way, sizes) for name, way in ways.items()},
+                                      batches, args.rounds)
         best = {name: max(values) for name, values in rates.items()}
         ratios = {name: best[name] / best["alone"] for name in ways if name != "alone"}
         results[busy] = {"images_per_second": rates, "ratios_vs_alone": ratios}
