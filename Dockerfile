@@ -117,6 +117,9 @@ ENV PIP_CONSTRAINT=/opt/constraints.txt
 # installs), then the project itself without dependencies, so that pip never pulls the CPU build.
 # The build then proves there is one onnxruntime, that it has the CUDA provider, and that every
 # library that provider links is in this image (libcuda.so.1 comes from the host's driver).
+# Beam imports torch (RunInference) and pandas (its type hints) at every start when they are importable,
+# 3.4 s and 1.3 s of a job's start on H100 hosts (benchmarks/NOTES.md): the image has neither, and the
+# build proves a job starts without them.
 RUN python3 -m pip install \
         "apache-beam[gcp]==${BEAM_VERSION}" \
         "numpy" \
@@ -135,6 +138,9 @@ RUN python3 -m pip install \
  && provider="$(python3 -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime_providers_cuda.so"))')" \
  && missing="$(ldd "$provider" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)" \
  && { [ -z "$missing" ] || { echo "onnxruntime-gpu ${ONNXRUNTIME_GPU_VERSION}'s CUDA provider links libraries this image lacks (built for another CUDA major?): $missing" >&2; exit 1; }; } \
+ && python3 -m pip uninstall -y -q torch pandas \
+ && heavy="$(python3 -c "import sys, pipelines.classify_images; print(' '.join(sorted({'torch', 'pandas'} & set(sys.modules))))")" \
+ && { [ -z "$heavy" ] || { echo "starting a job imports $heavy, which Beam loads at every start when it can (seconds of each worker's start): keep it out of this image" >&2; exit 1; }; } \
  && python3 -c "import apache_beam, sys, tensorrt, nvidia.dali, onnxruntime, engines.tensorrt, images.dali_decoder, engines.tensorrt.recipe, pipelines.classify_images; \
 assert 'CUDAExecutionProvider' in onnxruntime.get_available_providers(), onnxruntime.get_available_providers(); \
 from engines import cuda; cuda.cudart(); \

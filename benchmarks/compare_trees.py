@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.concurrency import compare, top1_by_uri
 from benchmarks.corpus import ensure_corpus
-from benchmarks.gpu import child_pythonpath, hidden_packages
+from benchmarks.gpu import NOT_IN_WORKER_IMAGE, child_pythonpath, hidden_packages
 from benchmarks.multi_gpu import accounting, edges, steady_rate, write_id_manifest
 from benchmarks.sweep import parse_variant
 from benchmarks.throughput import REPO_ROOT, BenchmarkError
@@ -100,7 +100,7 @@ def _run(args, tree: str, label: str, flags: List[str], manifest: str, listed: i
          reference: Optional[Dict[str, list]]) -> Tuple[Dict[str, Any], Dict[str, list]]:
     out = os.path.join(args.output, label)
     subprocess.run(["rm", "-rf", out], check=False)
-    hidden = hidden_packages(args.output, ["torch"])  # the worker image has no torch
+    hidden = hidden_packages(args.output, NOT_IN_WORKER_IMAGE)  # started as in the worker image
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=child_pythonpath(hidden, tree))
     cmd = [sys.executable, "-m", "benchmarks.run_timed", out + ".json", "pipelines.classify_images", "--input",
            manifest, "--output", out, "--model", args.model, "--providers", args.providers, "--batch_size",

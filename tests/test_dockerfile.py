@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -249,3 +250,30 @@ def test_the_image_runs_onnx_runtime_on_the_gpu_with_one_build_for_its_cuda_majo
     assert re.search(r"pip show onnxruntime\b.*&& exit 1", install, flags=re.S) or \
         re.search(r"! python3 -m pip show onnxruntime ", worker)
     assert "CUDAExecutionProvider" in worker and "libonnxruntime_providers_cuda.so" in worker and "ldd" in worker
+
+
+def test_the_image_keeps_out_what_beam_imports_at_every_start_and_the_build_checks_it(tmp_path):
+    from benchmarks.gpu import NOT_IN_WORKER_IMAGE
+
+    install = next(step for step in _run_steps("worker") if "pip install" in step and " ." in step)
+    removed = re.search(r"pip uninstall -y -q ([\w ]+?) \\", install).group(1).split()
+    assert sorted(removed) == sorted(NOT_IN_WORKER_IMAGE), "the image and the GPU benchmarks' --hide must agree"
+    check = re.search(r'heavy="\$\(python3 -c "(.*?)"\)"', install).group(1)
+    assert sorted(re.search(r"\{(.*?)\} &", check).group(1).replace("'", "").split(", ")) == sorted(NOT_IN_WORKER_IMAGE)
+    assert re.search(r'\[ -z "\$heavy" \] \|\| \{ echo .* exit 1; \}', install)
+
+    def started_with(name=None):
+        """The check run here (returncode, what it printed), with an empty stand-in package importable."""
+        folder = tmp_path / (name or "none")
+        if name:  # as a base image that has the package would
+            (folder / name).mkdir(parents=True)
+            (folder / name / "__init__.py").write_text("")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), str(REPO)]))
+        run = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, cwd=REPO)
+        return run.returncode, run.stdout.split()
+
+    assert started_with() == (0, [])  # this environment has neither, as the image must not
+    assert started_with("torch") == (0, ["torch"])  # Beam imported it: the build stops with the message
+    # Beam's own modules use pandas as they load, so an empty stand-in fails the check outright: it stops too.
+    code, printed = started_with("pandas")
+    assert code != 0 or printed == ["pandas"]

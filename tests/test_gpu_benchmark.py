@@ -83,3 +83,18 @@ def test_each_pipeline_run_is_shown_against_the_engine_alone_with_its_edges_gpu_
     assert len(lines) == 4  # no no-op run here
     without_engine = runs_table({"results": {"ours_gpu": ours}}).splitlines()[2]
     assert without_engine.startswith("| ours --decode gpu | 8,000 | 5,000 |")
+
+
+def test_the_gpu_jobs_start_without_what_the_worker_image_lacks_by_default(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.gpu import NOT_IN_WORKER_IMAGE, hidden_packages, parse_args
+
+    assert set(NOT_IN_WORKER_IMAGE) == {"torch", "pandas"}
+    assert parse_args([]).hide.split(",") == list(NOT_IN_WORKER_IMAGE)
+    folder = hidden_packages(str(tmp_path), NOT_IN_WORKER_IMAGE)
+    for name in NOT_IN_WORKER_IMAGE:
+        run = subprocess.run([sys.executable, "-c", f"import {name}"], env=dict(os.environ, PYTHONPATH=folder),
+                             capture_output=True, text=True)
+        assert run.returncode != 0 and f"{name} is hidden by benchmarks.gpu --hide" in run.stderr
