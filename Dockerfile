@@ -138,7 +138,7 @@ RUN python3 -m pip install \
  && provider="$(python3 -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime_providers_cuda.so"))')" \
  && missing="$(ldd "$provider" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)" \
  && { [ -z "$missing" ] || { echo "onnxruntime-gpu ${ONNXRUNTIME_GPU_VERSION}'s CUDA provider links libraries this image lacks (built for another CUDA major?): $missing" >&2; exit 1; }; } \
- && python3 -m pip uninstall -y -q torch pandas \
+ && { python3 -m pip uninstall -y -q torch pandas || true; } \
  && heavy="$(python3 -c "import sys, pipelines.classify_images; print(' '.join(sorted({'torch', 'pandas'} & set(sys.modules))))")" \
  && { [ -z "$heavy" ] || { echo "starting a job imports $heavy, which Beam loads at every start when it can (seconds of each worker's start): keep it out of this image" >&2; exit 1; }; } \
  && python3 -c "import apache_beam, sys, tensorrt, nvidia.dali, onnxruntime, engines.tensorrt, images.dali_decoder, engines.tensorrt.recipe, pipelines.classify_images; \

@@ -38,13 +38,14 @@ def build_once(name: str, device: str, threads: int) -> dict:
     extra = dict(VARIANTS[name])
     threads = extra.pop("_threads", threads)
     result = {"variant": name, "device": device}
-    rt = None
+    cuda = None
     if device == "gpu":
-        start = time.perf_counter()
-        from cuda.bindings import runtime as rt
+        from engines import cuda
 
-        rt.cudaSetDevice(0)
-        rt.cudaFree(0)
+        start = time.perf_counter()
+        rt = cuda.cudart()
+        cuda.check(rt.cudaSetDevice(0), "cudaSetDevice(0)")
+        cuda.check(rt.cudaFree(0), "cudaFree(0) (makes the context)")
         result["cuda_context_s"] = time.perf_counter() - start
     start = time.perf_counter()
     import nvidia.dali as dali
@@ -73,8 +74,8 @@ def build_once(name: str, device: str, threads: int) -> dict:
     DaliDecoder(DaliDecoderOptions(device=device, threads=threads))
     result["decoder_s"] = time.perf_counter() - start
     result["pipeline_build_s"] = builds[0]
-    if rt is not None:
-        free, total = rt.cudaMemGetInfo()[1:]
+    if cuda is not None:
+        free, total = cuda.check(cuda.cudart().cudaMemGetInfo(), "cudaMemGetInfo")
         result["gpu_used_mib"] = round((total - free) / 2 ** 20)
     return result
 
@@ -82,7 +83,8 @@ def build_once(name: str, device: str, threads: int) -> dict:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
-    parser.add_argument("--rounds", type=int, default=2, help="Each variant this many times, interleaved.")
+    parser.add_argument("--rounds", type=int, default=2, help="Each variant this many times, interleaved (>= 1).")
+    parser.add_argument("--timeout_s", type=float, default=300, help="Most seconds one build's process may take.")
     parser.add_argument("--threads", type=int, default=16, help="DALI CPU threads (the job's --dali_threads).")
     parser.add_argument("--variants", default=None, help="Comma-separated; default: all that apply to --device.")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process: build this variant
@@ -94,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if args.one:
         print(json.dumps(build_once(args.one, args.device, args.threads)), flush=True)
         return []
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     names = args.variants.split(",") if args.variants else list(VARIANTS if args.device == "gpu" else CPU_VARIANTS)
     unknown = [n for n in names if n not in VARIANTS or (args.device == "cpu" and n not in CPU_VARIANTS)]
     if unknown:
@@ -102,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     for _ in range(args.rounds):
         for name in names:
             child = subprocess.run([sys.executable, "-m", "benchmarks.dali_build", "--one", name, "--device",
-                                    args.device, "--threads", str(args.threads)], capture_output=True, text=True)
+                                    args.device, "--threads", str(args.threads)], capture_output=True, text=True,
+                                   timeout=args.timeout_s)
             lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
             if child.returncode or not lines:
                 raise SystemExit(f"variant {name} failed (rc {child.returncode}):\n{child.stderr[-2000:]}")

@@ -20,3 +20,23 @@ def test_a_variant_that_does_not_apply_to_the_device_is_refused():
 
     with pytest.raises(SystemExit, match="unknown variants for --device cpu"):
         dali_build.main(["--device", "cpu", "--variants", "default,hw0"])
+
+
+def test_a_variants_options_reach_the_decoder(tmp_path):
+    import subprocess
+    import sys
+
+    from benchmarks.throughput import REPO_ROOT
+
+    # In a child, as the benchmark builds each variant: the patch it makes to DALI is for that process only.
+    code = ("from benchmarks import dali_build; dali_build.VARIANTS['odd'] = {'no_such_option': 1}; "
+            "dali_build.build_once('odd', 'cpu', 1)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and "no_such_option" in run.stderr
+
+
+def test_rounds_below_one_are_refused():
+    from benchmarks import dali_build
+
+    with pytest.raises(SystemExit, match="--rounds must be >= 1"):
+        dali_build.main(["--device", "cpu", "--rounds", "0"])
