@@ -4,6 +4,7 @@ with itself, as a check that it runs each configuration in both trees and compar
 from __future__ import annotations
 
 import json
+import os
 import statistics
 
 import pytest
@@ -26,6 +27,10 @@ def test_the_same_tree_twice_gives_the_same_rows_and_every_input_once(tmp_path):
         assert entry["top1_vs_reference"]["rows_with_another_top1"] == 0, name
         assert entry["edges"]["clock"] == "process" and 0 < entry["edges"]["first_image_s"] < entry["process_seconds"]
     assert result["reference_run"] == "new_threads1" and result["rounds"] == 1
+    # Every job started as in the worker image: what it lacks was hidden from them.
+    from benchmarks.gpu import NOT_IN_WORKER_IMAGE
+
+    assert sorted(os.listdir(tmp_path / "hidden_packages")) == sorted(NOT_IN_WORKER_IMAGE)
 
 
 def test_a_flag_sweep_without_an_old_tree_runs_each_variant_every_round_and_takes_medians(tmp_path):
