@@ -5,14 +5,15 @@ The document itself is built in ``pipelines/run_record.py``.
 
 from __future__ import annotations
 
+import collections
 import sys
 import threading
 import time
-from typing import Any, Dict
+from typing import Any, Deque, Dict, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from transforms.timing import STAGES, Progress
+from transforms.timing import PUBLISH_EVERY_S, STAGES, Progress
 
 
 def chart_font(size: int):
@@ -98,26 +99,39 @@ class ProgressPrinter:
         self._stream = stream or sys.stderr
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
-        self._start = time.monotonic()
+        self._reset(time.monotonic())
 
     def _loop(self):
         while not self._stop.wait(self._every_s):
             self._print()
 
+    def _reset(self, start: float) -> None:
+        self._start = start
+        self._samples: Deque[Tuple[float, int]] = collections.deque([(start, 0)])
+
+    def _rate_now(self, done: int, now: float) -> float:
+        """Images/s over the last line interval, or over two of the workers' publications when that is longer:
+        each worker rewrites its count at most every :data:`transforms.timing.PUBLISH_EVERY_S`, so a shorter
+        window would read 0 on the lines that fall between two rewrites. Only the printing thread calls it."""
+        window = max(self._every_s, 2 * PUBLISH_EVERY_S)
+        self._samples.append((now, done))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= window:
+            self._samples.popleft()
+        then, done_then = self._samples[0]
+        return (done - done_then) / max(now - then, 1e-9)
+
     def _print(self):
-        last_done, last_t = self._last
         counts = Progress.read(self._directory)
         done = counts.get("predictions", 0)
         now = time.monotonic()
-        rate = (done - last_done) / max(now - last_t, 1e-9)
+        rate = self._rate_now(done, now)
         print(f"progress: {done} images scored, {counts.get('dead_letters', 0)} dead letters, "
               f"{rate:.1f} images/s now, {done / (now - self._start):.1f} images/s overall "
               f"after {now - self._start:.1f} s"
               f"{slow_reads_note(self._slow_read_s)}", file=self._stream, flush=True)
-        self._last = (done, now)
 
     def __enter__(self):
-        self._last = (0, self._start)
+        self._reset(time.monotonic())
         self._thread.start()
         return self
 

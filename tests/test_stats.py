@@ -81,3 +81,23 @@ def test_progress_flush_publishes_counts_held_back_by_the_interval(tmp_path):
     assert Progress.read(str(tmp_path / "run")) == {"predictions": 1}
     progress.flush("predictions")
     assert Progress.read(str(tmp_path / "run")) == {"predictions": 6}
+
+
+def test_the_rate_now_spans_two_publications_so_lines_between_them_do_not_read_zero(tmp_path):
+    # Workers rewrite their counts at most once a second (transforms.timing.PUBLISH_EVERY_S); with lines every
+    # 0.5 s, a rate over one interval read 0.0 images/s on every other line of a steady 12,000 images/s run.
+    from transforms.timing import PUBLISH_EVERY_S
+
+    printer = ProgressPrinter(str(tmp_path), every_s=0.5, stream=io.StringIO())
+    printer._reset(0.0)  # not started: the rate is driven below with a made-up clock
+    rates = []
+    for tick in range(1, 13):  # 6 s of lines; the published count steps by 12,000 each second
+        now = tick * 0.5
+        rates.append(printer._rate_now(12_000 * int(now // PUBLISH_EVERY_S), now))
+    assert PUBLISH_EVERY_S == 1.0
+    assert all(rate > 0 for rate in rates[1:]), rates
+    assert all(abs(rate - 12_000) <= 3_000 for rate in rates[4:]), rates
+    # At the default of one line every 5 s, the rate is over the last interval, as before.
+    printer = ProgressPrinter(str(tmp_path), stream=io.StringIO())
+    printer._reset(0.0)
+    assert [printer._rate_now(done, t) for done, t in ((500, 5.0), (1500, 10.0), (1500, 15.0))] == [100, 200, 0]

@@ -76,6 +76,10 @@ def percentile_from_buckets(buckets: Dict[int, int], q: float) -> Optional[float
     return bucket_upper_seconds(max(buckets))
 
 
+#: How often a worker process rewrites its progress count at most (:class:`Progress`), in seconds.
+PUBLISH_EVERY_S = 1.0
+
+
 class Progress:
     """Counts finished images per process and publishes the count to a small file.
 
@@ -85,14 +89,14 @@ class Progress:
 
     Args:
         directory: A local directory shared with the launcher, or None.
-        every_s: How often a process rewrites its file. Default 1.0.
+        every_s: How often a process rewrites its file. Default :data:`PUBLISH_EVERY_S`.
     """
 
     _lock = threading.Lock()
     _counts: Dict[str, Dict[str, int]] = {}  # directory -> kind -> count (one run per directory)
     _last_write: Dict[str, float] = {}
 
-    def __init__(self, directory: Optional[str], every_s: float = 1.0):
+    def __init__(self, directory: Optional[str], every_s: float = PUBLISH_EVERY_S):
         self.directory = directory
         self.every_s = every_s
 
