@@ -131,7 +131,7 @@ class ProgressPrinter:
               f"{slow_reads_note(self._slow_read_s)}", file=self._stream, flush=True)
 
     def __enter__(self):
-        self._reset(time.monotonic())
+        self._reset(self._start)  # the clock still counts from construction, as the lines always have
         self._thread.start()
         return self
 
