@@ -26,7 +26,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from benchmarks.read_syscalls import busy_threads, interleaved_rates, whole_batches, ours as python_read
+from benchmarks.read_syscalls import ours as python_read, rates_beside_busy, whole_batches
 
 
 def _pipelines(batch: int, threads: int):
@@ -72,11 +72,8 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
             raise SystemExit(f"the two ways decode {batches[0][i]} differently")
     images = len(batches) * args.batch
     results: Dict[int, Dict[str, object]] = {}
-    for busy in sorted({0, args.busy}):
-        with busy_threads(busy):
-            rates = interleaved_rates({name: functools.partial(_decode, name, pipe) for name, pipe in pipes.items()},
-                                      batches, args.rounds)
-        best = {name: max(values) for name, values in rates.items()}
+    timed = {name: functools.partial(_decode, name, pipe) for name, pipe in pipes.items()}
+    for busy, rates, best in rates_beside_busy(timed, batches, args.rounds, args.busy):
         results[busy] = {"images_per_second": rates, "ratio_dali_vs_python": best["dali_reads"] / best["python_reads"]}
         print(f"beside {busy} busy threads, {images} images in batches of {args.batch}, best of {args.rounds}: "
               f"python_reads {best['python_reads']:.0f} images/s, dali_reads {best['dali_reads']:.0f} images/s, "

@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, Tuple
 
 from engines import storage
 from images.reading import regular_file_size
@@ -72,6 +72,16 @@ def interleaved_rates(ways: Dict[str, Callable[[List[str]], object]], batches: L
                 way(batch)
             rates[name].append(files / (time.perf_counter() - start))
     return rates
+
+
+def rates_beside_busy(ways: Dict[str, Callable[[List[str]], object]], batches: List[List[str]], rounds: int,
+                      busy: int) -> Iterator[Tuple[int, Dict[str, List[float]], Dict[str, float]]]:
+    """:func:`interleaved_rates` alone and then beside ``busy`` threads running Python (once when ``busy`` is 0):
+    ``(busy threads, rates per round, best rate)`` for each, each way's best its highest round."""
+    for count in sorted({0, busy}):
+        with busy_threads(count):
+            rates = interleaved_rates(ways, batches, rounds)
+        yield count, rates, {name: max(values) for name, values in rates.items()}
 
 
 @contextlib.contextmanager

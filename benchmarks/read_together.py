@@ -23,7 +23,7 @@ import functools
 import os
 from typing import Callable, Dict, List
 
-from benchmarks.read_syscalls import busy_threads, interleaved_rates, whole_batches
+from benchmarks.read_syscalls import rates_beside_busy, whole_batches
 
 
 def _ways(config) -> Dict[str, Callable[[List[str], List[int]], list]]:
@@ -64,11 +64,8 @@ def main(argv=None) -> Dict[int, Dict[str, object]]:
                 raise SystemExit(f"{name} gives {path} another outcome than reading it alone")
     images = len(batches) * args.batch
     results: Dict[int, Dict[str, object]] = {}
-    for busy in sorted({0, args.busy}):
-        with busy_threads(busy):
-            rates = interleaved_rates({name: functools.partial(_with_sizes, way, sizes) for name, way in ways.items()},
-                                      batches, args.rounds)
-        best = {name: max(values) for name, values in rates.items()}
+    timed = {name: functools.partial(_with_sizes, way, sizes) for name, way in ways.items()}
+    for busy, rates, best in rates_beside_busy(timed, batches, args.rounds, args.busy):
         ratios = {name: best[name] / best["alone"] for name in ways if name != "alone"}
         results[busy] = {"images_per_second": rates, "ratios_vs_alone": ratios}
         print(f"beside {busy} busy threads, {images} files in batches of {args.batch}, best of {args.rounds}: "
