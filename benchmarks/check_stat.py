@@ -12,6 +12,7 @@ the engine's callers; the busy threads stand in for them.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List
 
 from benchmarks.read_syscalls import rates_beside_busy, whole_batches
@@ -39,6 +40,9 @@ def main(argv=None) -> dict:
     batches = whole_batches(args.input, args.files, args.batch)
     if not held_stat.held_available():
         raise SystemExit("this platform has no GIL-holding statx (glibc 2.28+ on Linux): both ways would be os.lstat")
+    if not held_stat.folder_is_local(os.path.dirname(batches[0][0])):
+        raise SystemExit(f"{args.input} is not on a local filesystem (engines.held_stat.LOCAL_FILESYSTEMS), where "
+                         "the check lets go of the GIL anyway: give a folder on a local disk")
     for batch in batches:
         if held(batch) != letting_go(batch):
             raise SystemExit(f"the two ways fingerprint the files of {batch[0]}'s batch differently")
@@ -47,6 +51,8 @@ def main(argv=None) -> dict:
                                                args.busy):
         ratio = best["held"] / best["letting_go"]
         results[busy] = {"files_per_second": rates, "ratio_held_vs_letting_go": ratio}
+        if not held_stat.held_available():
+            raise SystemExit("the held call was switched off while timing (the kernel refused statx)")
         print(f"beside {busy} busy threads, {sum(map(len, batches))} files, best of {args.rounds}: held "
               f"{best['held']:,.0f} files/s, letting go {best['letting_go']:,.0f} files/s, ratio {ratio:.1f}x")
     return results

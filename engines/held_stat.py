@@ -1,10 +1,10 @@
-"""``lstat`` that keeps the GIL, for checks that stat every input on a thread the job waits for.
+"""``lstat`` that keeps the GIL on local filesystems, for checks that stat every input on a thread the job waits for.
 
 Python's ``os.lstat`` lets go of the GIL for its system call and must win it back afterwards. Beside threads
 running Python, winning it back can take up to the interpreter's switch interval (5 ms), whatever the call
 took: on an H100 host the job's check (``transforms.scored``) spent 2.6 s of its bundle thread's ~8 s on one
-``lstat`` per file, 0.19 s of it holding the GIL (benchmarks/NOTES.md). A local ``statx`` takes about a
-microsecond, so holding the GIL through it costs the other threads less than the bundle thread's wait.
+``lstat`` per file, 0.19 s of it holding the GIL (benchmarks/NOTES.md). A ``statx`` on a local filesystem takes
+about a microsecond, so holding the GIL through it costs the other threads less than the bundle thread's wait.
 
 :func:`lstat` calls glibc's ``statx`` through ``ctypes.PyDLL``, which keeps the GIL for the call, and returns
 what ``os.lstat`` would: the same mode, size and ``st_mtime`` (computed as CPython computes it). Everything
@@ -13,15 +13,20 @@ unusual goes to ``os.lstat`` itself, so errors and edge cases are Python's own:
 * a failed call (a missing file, no permission, a name too long) is repeated with ``os.lstat``, which raises
   the ``OSError`` Python users expect;
 * a name holding a NUL byte (which C would cut short) goes to ``os.lstat``, which raises ``ValueError``;
+* an answer without the mode, size or modification time (a filesystem that cannot give one) goes to ``os.lstat``;
 * a platform without ``statx`` (not glibc 2.28+, not Linux, a kernel or sandbox answering ``ENOSYS`` or, under
   seccomp, ``EPERM``) uses ``os.lstat`` throughout.
 
-A slow filesystem (NFS, a FUSE mount of a bucket) can take milliseconds per call, and holding the GIL that
-long would stall every other Python thread. The first call that takes longer than :data:`SLOW_S` switches
-this process to ``os.lstat`` for good, with one log line naming the file.
+Only a file whose folder lies on a local filesystem (:data:`LOCAL_FILESYSTEMS`) is stat'ed holding the GIL.
+On NFS or a FUSE mount of a bucket a call can take milliseconds, or hang with the server, and holding the GIL
+through it would stop every other Python thread of the worker (the readers' watchdog among them), where
+``os.lstat`` stops only its caller. Each folder's filesystem is found once (:func:`folder_is_local`): its device
+number from an ``os.stat`` that lets go of the GIL, looked up in ``/proc/self/mountinfo``. A folder whose
+filesystem cannot be found is treated as not local. (A file that is itself a mount point, bind-mounted into a
+local folder, is taken as local: input images are not mounted one by one.)
 
-Thread-safety: :func:`lstat` may be called from any thread; each call has its own buffer. The switch to
-``os.lstat`` is one module-level flag, written once.
+Thread-safety: :func:`lstat` may be called from any thread: each call has its own buffer, the folder decisions
+are a dict that threads fill with the same answers, and the mount table is read under a lock.
 """
 
 from __future__ import annotations
@@ -29,17 +34,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import struct
-import time
-from typing import Iterator, NamedTuple
+import threading
+from typing import Dict, Iterator, NamedTuple
 
-_LOG = logging.getLogger(__name__)
-
-#: A held call taking longer than this marks the filesystem as slow: from then on this process lets go of the
-#: GIL for each call, as ``os.lstat`` does. A local ``statx`` takes ~1 us; 1 ms is a network round trip.
-SLOW_S = 0.001
+#: Filesystems a ``statx`` answers from the machine itself, without a network round trip or a user-space server.
+#: overlay is a container's root (Docker, Dataflow's workers); tmpfs and ramfs live in memory.
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "zfs", "overlay", "tmpfs", "ramfs",
+                               "squashfs", "vfat", "exfat"})
+#: Where the kernel lists this process's mounts with their device numbers and filesystem types.
+MOUNTINFO = "/proc/self/mountinfo"
+#: How many folders' decisions are kept; past it they are forgotten and found again (an ``os.stat`` each).
+MAX_FOLDERS = 65536
 
 _AT_FDCWD = -100
 _AT_SYMLINK_NOFOLLOW = 0x100
@@ -60,6 +67,10 @@ class Stat(NamedTuple):
 
 
 _statx = None  # the bound C function once loaded; False where it cannot be used
+_letting_go = 0  # open letting_go() blocks: while any is open, every call lets go of the GIL
+_folders: Dict[str, bool] = {}  # folder as given -> whether its files are stat'ed holding the GIL
+_mounts: Dict[int, str] = {}  # device number -> filesystem type, from MOUNTINFO
+_mounts_lock = threading.Lock()
 
 
 def _load():
@@ -74,31 +85,81 @@ def _load():
     return function
 
 
-def _fallback(path: str) -> Stat:
-    st = os.lstat(path)
-    return Stat(st.st_mode, st.st_size, st.st_mtime)
+def _function():
+    """The GIL-holding ``statx``, or False where calls let go of the GIL (read once per call: another thread
+    may switch it off meanwhile)."""
+    global _statx
+    function = _statx
+    if function is None:
+        function = _statx = _load()
+    return function if not _letting_go else False
 
 
 def held_available() -> bool:
-    """Whether calls keep the GIL in this process now (False on other platforms or after a slow call)."""
-    global _statx
-    if _statx is None:
-        _statx = _load()
-    return bool(_statx)
+    """Whether calls on a local filesystem keep the GIL in this process now (False on other platforms, after a
+    kernel refused ``statx``, or inside :func:`letting_go`)."""
+    return bool(_function())
+
+
+def _read_mounts() -> Dict[int, str]:
+    mounts = {}
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if not sep or len(fields) < 3 or not right.split():
+                    continue
+                major, _, minor = fields[2].partition(":")
+                if major.isdigit() and minor.isdigit():
+                    mounts[os.makedev(int(major), int(minor))] = right.split()[0]
+    except OSError:  # no /proc: nothing is known to be local
+        pass
+    return mounts
+
+
+def _filesystem(device: int) -> str:
+    """The type of the filesystem with this device number ("" when unknown); the mount table is read again
+    when a device is not in it (a filesystem mounted since)."""
+    global _mounts
+    with _mounts_lock:
+        if device not in _mounts:
+            _mounts = _read_mounts()
+        return _mounts.get(device, "")
+
+
+def folder_is_local(folder: str) -> bool:
+    """Whether files in ``folder`` are stat'ed holding the GIL: whether the folder (symbolic links followed, as
+    the kernel follows them to reach a file in it) lies on a filesystem in :data:`LOCAL_FILESYSTEMS`. Kept per
+    folder as spelled, so a relative folder is taken from the working directory when first seen."""
+    local = _folders.get(folder)
+    if local is None:
+        try:
+            local = _filesystem(os.stat(folder or ".").st_dev) in LOCAL_FILESYSTEMS
+        except (OSError, ValueError):  # a folder that is missing or unreadable: its files' errors come from os.lstat
+            local = False
+        if len(_folders) >= MAX_FOLDERS:
+            _folders.clear()
+        _folders[folder] = local
+    return local
 
 
 @contextlib.contextmanager
 def letting_go() -> Iterator[None]:
-    """Within the block, :func:`lstat` lets go of the GIL for each call, as ``os.lstat`` does; afterwards it is as
-    before. For benchmarks and tests that time or check both ways in one process (not for the job: the flag is
-    the process's)."""
-    global _statx
-    before = _statx
-    _statx = False
+    """Within the block, :func:`lstat` lets go of the GIL for each call, as ``os.lstat`` does, in every thread;
+    afterwards it is as before. For benchmarks and tests that time or check both ways in one process (blocks
+    are entered from one thread at a time: the count is not locked)."""
+    global _letting_go
+    _letting_go += 1
     try:
         yield
     finally:
-        _statx = before
+        _letting_go -= 1
+
+
+def _fallback(path: str) -> Stat:
+    st = os.lstat(path)
+    return Stat(st.st_mode, st.st_size, st.st_mtime)
 
 
 def lstat(path: str) -> Stat:
@@ -109,27 +170,16 @@ def lstat(path: str) -> Stat:
         ValueError: the name holds a NUL byte.
     """
     global _statx
-    if _statx is None:
-        _statx = _load()
-    if not _statx:
-        return _fallback(path)
-    name = os.fsencode(path)
-    if b"\0" in name:
+    function = _function()
+    if not function or not isinstance(path, str) or "\0" in path or not folder_is_local(os.path.dirname(path)):
         return _fallback(path)
     buffer = ctypes.create_string_buffer(_SIZE)
-    start = time.perf_counter()
-    failed = _statx(_AT_FDCWD, name, _AT_SYMLINK_NOFOLLOW, _WANTED, buffer)
-    took = time.perf_counter() - start
-    if took > SLOW_S and _statx:
-        _statx = False
-        _LOG.info("Stating %s took %.1f ms; this process now lets go of the GIL for each stat, as os.lstat does "
-                  "(a slow filesystem)", path, took * 1e3)
-    if failed and ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
-        _statx = False  # a kernel or sandbox without statx (seccomp answers EPERM): os.lstat from now on
-    if failed:
+    if function(_AT_FDCWD, os.fsencode(path), _AT_SYMLINK_NOFOLLOW, _WANTED, buffer):
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):
+            _statx = False  # a kernel or sandbox without statx (seccomp answers EPERM): os.lstat from now on
         return _fallback(path)  # the error as Python gives it
     mask, mode, size, sec, nsec = _FIELDS.unpack_from(buffer)
     if mask & _WANTED != _WANTED:
-        return _fallback(path)  # an answer without these fields (a filesystem that cannot give them)
+        return _fallback(path)
     # CPython's st_mtime: ``sec + nsec * 1e-9`` in double precision (Modules/posixmodule.c, fill_time).
     return Stat(mode, size, sec + nsec * 1e-9)
