@@ -30,6 +30,44 @@ def test_top_k_applies_the_activation_it_is_given():
     assert sigmoid[0]["label"] == "class_1"
 
 
+def test_equal_scores_rank_by_the_models_output_then_by_class_id():
+    """A sigmoid saturates at 1.0 and a softmax underflows to 0.0 in float32: the larger logit still ranks first,
+    and exactly equal logits go by class id, so a row never depends on how a sort broke a tie."""
+    saturated = np.array([[30.0, 40.0, 20.0, 35.0, -5.0]], np.float32)
+    assert apply_activation(saturated, "sigmoid")[0, :4].tolist() == [1.0] * 4
+    assert [c["class_id"] for c in top_k_batch(saturated, 4, activation="sigmoid")[0]] == [1, 3, 0, 2]
+    underflow = np.array([[0.0, -300.0, -200.0, -400.0, -200.0]], np.float32)
+    assert [c["class_id"] for c in top_k_batch(underflow, 5)[0]] == [0, 2, 4, 1, 3]
+    assert [c["score"] for c in top_k_batch(underflow, 5)[0]] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # Every class equal: which three are listed at the cut is numpy's choice, the same for the same row, and
+    # those three go by class id.
+    chosen = [[c["class_id"] for c in row] for row in top_k_batch(np.zeros((3, 6), np.float16), 3)]
+    assert chosen[0] == sorted(chosen[0]) and len(set(chosen[0])) == 3 and chosen == [chosen[0]] * 3
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_top_k_lists_the_best_classes_with_the_activations_own_scores(activation):
+    """Each score is apply_activation's float32 rounded to 6 places, and no class left out scores higher than
+    one listed, on many rows of real-looking logits (several scales, float16 and float64 outputs, k up to all)."""
+    rng = np.random.default_rng(3)
+    # Both ways of ordering a row's classes: in Python (k up to PYTHON_SORT_MAX_K) and with numpy (above it).
+    for dtype, k, classes in ((np.float32, 5, 12), (np.float16, 1, 12), (np.float64, 7, 12), (np.float32, 12, 12),
+                              (np.float16, 20, 24), (np.float32, 40, 30)):
+        logits = (rng.standard_normal((300, classes)) * rng.uniform(0.1, 25, (300, 1))).astype(dtype)
+        probs = apply_activation(logits, activation)
+        for i, row in enumerate(top_k_batch(logits, k, activation=activation)):
+            ids = [c["class_id"] for c in row]
+            assert len(ids) == min(k, classes) and len(set(ids)) == len(ids)
+            assert [c["score"] for c in row] == [round(float(probs[i, c]), 6) for c in ids]
+            # Best first; equal scores by the logit, then by class id.
+            keys = [(-probs[i, c], -np.float32(logits[i, c]), c) for c in ids]
+            assert keys == sorted(keys)
+            left_out = np.setdiff1d(np.arange(classes), ids)
+            assert not left_out.size or probs[i, left_out].max() <= probs[i, ids[-1]]
+    assert top_k_batch(np.zeros((0, 12), np.float32), 5, activation=activation) == []
+    assert len(top_k_batch(np.zeros((2, 3, 4), np.float32), 5, activation=activation)[0]) == 5  # flattened
+
+
 def test_a_threshold_keeps_every_class_at_or_above_it_best_first():
     rows = above_threshold_batch(LOGITS, 0.5, LABELS, "sigmoid")
     assert [[c["label"] for c in row] for row in rows] == [["dog", "ant", "bee"], ["bee", "dog", "cat"]]

@@ -90,8 +90,21 @@ def _scores(outputs: np.ndarray, activation: str) -> np.ndarray:
     return apply_activation(outputs, activation)
 
 
+#: Up to this many classes a row, top-k orders each row's classes in Python (no numpy call to let go of the GIL);
+#: above it, one numpy sort of the batch's choices costs less than sorting long lists in Python.
+PYTHON_SORT_MAX_K = 16
+
+
 def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None, activation: str = "softmax"):
     """The activation over each row of a (n, classes) batch and its k best classes, best first (vectorized).
+
+    Classes are ranked by score, equal scores by the model's output (the logit), then by class id; which of
+    several classes whose outputs tie exactly at the k-th place is listed is numpy's choice, the same for the
+    same row. Each score is the float32 ``engines.activations.apply_activation`` gives, rounded to 6 places.
+    Four numpy passes over the whole batch with a softmax (the choice, a subtraction, the exponential and the
+    sums; only the k chosen are divided by their row's sum) where there were seven: each costs this thread time
+    and, beside other threads, a wait for the GIL afterwards (benchmarks/NOTES.md, "The check's stat and the
+    rows' top-k").
 
     Args:
         logits: The model's output, one row per image.
@@ -103,17 +116,39 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
         One ``[{"class_id", "label", "score"}, ...]`` list per row, best first; ``label`` is
         ``"class_<id>"`` when no labels are known.
     """
-    probs = _scores(logits, activation)
-    n, classes = probs.shape
+    x = np.asarray(logits, dtype=np.float32)
+    if x.ndim != 2:
+        x = x.reshape(len(x), -1)
+    n, classes = x.shape
     if n == 0:
         return []
     k = min(k, classes)
-    best = np.argpartition(-probs, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(probs, best, axis=1), axis=1, kind="stable")
-    best = np.take_along_axis(best, order, axis=1)
-    scores = np.round(np.take_along_axis(probs, best, axis=1).astype(np.float64), 6)
+    # Every activation keeps the outputs' order, so the k best are chosen on the outputs themselves: where
+    # scores tie (a sigmoid saturating at 1.0, a softmax underflowing to 0.0) the larger output still ranks first.
+    best = np.argpartition(x, classes - k, axis=1)[:, classes - k:]
+    chosen = np.take_along_axis(x, best, axis=1)
+    if activation == "softmax":
+        # apply_activation's softmax, e / e.sum(), divided out for the chosen k only: the same float32 divisions.
+        # Each row's maximum is among its chosen outputs (a max is exact), so no pass over the batch finds it.
+        e = x - chosen.max(axis=1, keepdims=True)
+        np.exp(e, out=e)
+        probs = np.take_along_axis(e, best, axis=1) / e.sum(axis=1, keepdims=True)
+    else:
+        probs = np.take_along_axis(apply_activation(x, activation), best, axis=1)
+    rounded = np.round(probs.astype(np.float64), 6)
     names = labels if labels else None
-    return [_classes(row_ids, row_scores, names) for row_ids, row_scores in zip(best.tolist(), scores.tolist())]
+    if k > PYTHON_SORT_MAX_K:
+        order = np.lexsort((best, -chosen, -probs), axis=-1)
+        return [_classes(row_ids, row_scores, names) for row_ids, row_scores in
+                zip(np.take_along_axis(best, order, axis=1).tolist(), np.take_along_axis(rounded, order, axis=1).tolist())]
+    rows = []
+    # A few classes a row are put in order on this thread, in Python: a numpy sort and the gathers it needs would
+    # each let go of the GIL.
+    for ids, row_probs, row_outputs, row_scores in zip(best.tolist(), probs.tolist(), chosen.tolist(),
+                                                       rounded.tolist()):
+        order = sorted(range(k), key=lambda j: (-row_probs[j], -row_outputs[j], ids[j]))
+        rows.append(_classes([ids[j] for j in order], [row_scores[j] for j in order], names))
+    return rows
 
 
 def above_threshold_batch(logits: np.ndarray, threshold: float, labels: Optional[Sequence[str]] = None,
