@@ -1,0 +1,36 @@
+"""The rows' cost benchmark loads another checkout's top-k beside this one's, checks they agree, and times both."""
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_the_benchmark_times_both_top_ks_alone_and_beside_busy_threads(capsys):
+    from benchmarks import rows_cost
+
+    results = rows_cost.main(["--old", str(REPO), "--batch", "8", "--classes", "50", "--busy", "1", "--rounds", "2",
+                              "--calls", "3"])
+    assert sorted(results) == [0, 1]
+    for busy in (0, 1):
+        assert {name: len(ms) for name, ms in results[busy]["ms_per_batch"].items()} == {"old": 2, "new": 2}
+        assert results[busy]["ratio_old_vs_new"] > 0
+    assert "beside 1 busy threads, batch 8 x 50 classes, top 5" in capsys.readouterr().out
+
+
+def test_rows_that_differ_without_a_tie_are_counted_and_tied_ones_are_not():
+    from benchmarks.rows_cost import untied_rows_differing
+
+    a = [{"class_id": 1, "score": 0.5}, {"class_id": 2, "score": 0.25}]
+    tied = [{"class_id": 1, "score": 0.5}, {"class_id": 2, "score": 0.5}]
+    assert untied_rows_differing([a, tied], [a, tied[::-1]]) == 0
+    assert untied_rows_differing([a], [a[::-1]]) == 1
+    assert untied_rows_differing([a], []) == 1
+
+
+def test_a_folder_that_is_not_a_checkout_is_refused(tmp_path):
+    from benchmarks import rows_cost
+
+    with pytest.raises(SystemExit, match="no transforms/postprocess.py"):
+        rows_cost.main(["--old", str(tmp_path)])
