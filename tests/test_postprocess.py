@@ -72,6 +72,8 @@ def test_a_threshold_keeps_every_class_at_or_above_it_best_first():
     rows = above_threshold_batch(LOGITS, 0.5, LABELS, "sigmoid")
     assert [[c["label"] for c in row] for row in rows] == [["dog", "ant", "bee"], ["bee", "dog", "cat"]]
     assert above_threshold_batch(LOGITS, 0.99, LABELS, "sigmoid") == [[], []]
+    saturated = np.array([[30.0, 40.0, 20.0, 35.0, -5.0, 40.0]], np.float32)  # sigmoid 1.0 for all but one
+    assert [c["class_id"] for c in above_threshold_batch(saturated, 0.5)[0]] == [1, 5, 3, 0, 2]
 
 
 def test_raw_values_are_one_flat_list_per_image():

@@ -83,13 +83,6 @@ def _classes(ids, scores, names):
              "score": float(p)} for c, p in zip(ids, scores)]
 
 
-def _scores(outputs: np.ndarray, activation: str) -> np.ndarray:
-    outputs = np.asarray(outputs)
-    if outputs.ndim != 2:
-        outputs = outputs.reshape(len(outputs), -1)
-    return apply_activation(outputs, activation)
-
-
 #: Up to this many classes a row, top-k orders each row's classes in Python (no numpy call to let go of the GIL);
 #: above it, one numpy sort of the batch's choices costs less than sorting long lists in Python.
 PYTHON_SORT_MAX_K = 16
@@ -155,17 +148,20 @@ def above_threshold_batch(logits: np.ndarray, threshold: float, labels: Optional
                           activation: str = "sigmoid"):
     """Every class whose score (after the activation) is at or above ``threshold``, best first, per row.
 
-    Multi-label models give each class an independent score; a row may list none, one or many.
+    Multi-label models give each class an independent score; a row may list none, one or many. Equal scores
+    (a sigmoid saturated at 1.0) go by the model's output, then by class id, as in :func:`top_k_batch`.
 
     Returns:
         One ``[{"class_id", "label", "score"}, ...]`` list per row (possibly empty), best first.
     """
-    probs = _scores(logits, activation)
+    outputs = np.asarray(logits, dtype=np.float32)
+    outputs = outputs.reshape(len(outputs), -1)
+    probs = apply_activation(outputs, activation)
     names = labels if labels else None
     rows = []
-    for row in probs:
+    for row, row_outputs in zip(probs, outputs):
         ids = np.flatnonzero(row >= np.float32(threshold))
-        ids = ids[np.argsort(-row[ids], kind="stable")]
+        ids = ids[np.lexsort((ids, -row_outputs[ids], -row[ids]))]
         rows.append(_classes(ids.tolist(), np.round(row[ids].astype(np.float64), 6).tolist(), names))
     return rows
 
