@@ -7,8 +7,9 @@ running Python, this checkout's ``top_k_batch`` against another checkout's, inte
 beside this one's. Each numpy pass over a whole batch lets go of the GIL and must win it back afterwards, which
 beside busy threads can cost up to the switch interval (5 ms) per pass, so the count of passes matters more
 there than their microseconds. The outputs are logits drawn at an ImageNet model's scale (seeded). Before timing,
-both must list the same classes with the same scores in every row where no two listed scores tie (ties may be
-ordered differently: the rule for them is the new code's). Prints milliseconds per batch, best round, and the
+both must list the same classes with the same scores in every row where no two of the old row's listed scores
+(rounded to 6 places, as written) are equal: such ties may be ordered differently, the rule for them being the new
+code's. Prints milliseconds per batch, best round, and the
 ratio ``old / new`` for each load.
 """
 
@@ -40,7 +41,8 @@ def load_top_k(checkout: str) -> Callable:
 
 
 def untied_rows_differing(old: List[list], new: List[list]) -> int:
-    """Rows whose listed scores have no tie and whose lists differ (0 when the two agree)."""
+    """Rows whose lists differ although the old row's listed scores (as written, rounded) are all different, plus
+    any difference in the number of rows (0 when the two agree)."""
     differ = 0
     for a, b in zip(old, new):
         scores = [c["score"] for c in a]

@@ -45,6 +45,36 @@ def test_equal_scores_rank_by_the_models_output_then_by_class_id():
     assert chosen[0] == sorted(chosen[0]) and len(set(chosen[0])) == 3 and chosen == [chosen[0]] * 3
 
 
+def test_the_best_scores_are_listed_even_where_a_larger_logit_scores_lower():
+    """numpy's float32 exp and sigmoid are not monotonic: one float32 step up in the logit can give a smaller
+    score. The k listed are the k best scores, as the activation computes them."""
+    softmax = np.array([[0.0, -0.006785232108086348, -0.00678523164242506]], np.float32)
+    probs = apply_activation(softmax, "softmax")[0]
+    assert probs[1] > probs[2]  # the smaller logit scores higher here
+    assert [c["class_id"] for c in top_k_batch(softmax, 2)[0]] == [0, 1]
+    sigmoid = np.array([[5.0, -0.32527742, -0.3252774]], np.float32)
+    scores = apply_activation(sigmoid, "sigmoid")[0]
+    assert scores[1] > scores[2]
+    assert [c["class_id"] for c in top_k_batch(sigmoid, 2, activation="sigmoid")[0]] == [0, 1]
+
+
+def test_equal_scores_at_the_cut_and_within_go_by_output_then_class_id_and_nan_ranks_last():
+    ties = np.array([[2, 1, 1, 0, 0, 0, 0, 0, 0, 2, 1, 2]], np.float32)
+    assert [c["class_id"] for c in top_k_batch(ties, 6, activation="none")[0]] == [0, 9, 11, 1, 2, 10]
+    assert [c["class_id"] for c in top_k_batch(ties, 4, activation="none")[0]] == [0, 9, 11, 1]  # the cut: by id
+    saturated = np.array([[30.0, 40.0, 20.0, 35.0, 38.0, 50.0, -5.0]], np.float32)  # sigmoid 1.0 for all but one
+    assert [c["class_id"] for c in top_k_batch(saturated, 3, activation="sigmoid")[0]] == [5, 1, 4]
+    nan = np.array([[1.0, np.nan, 3.0, 2.0]], np.float32)
+    assert [c["class_id"] for c in top_k_batch(nan, 2, activation="none")[0]] == [2, 3]
+    assert [c["class_id"] for c in top_k_batch(nan, 4, activation="none")[0]] == [2, 3, 0, 1]
+    assert [c["class_id"] for c in top_k_batch(nan, 4, activation="sigmoid")[0]] == [2, 3, 0, 1]
+    more = np.array([[np.nan, -0.24, 1.82, np.nan, 0.09, 1.65, -1.49, np.nan]] * 3, np.float32)
+    for activation in ("none", "sigmoid"):
+        assert [[c["class_id"] for c in row] for row in top_k_batch(more, 8, activation=activation)] == [
+            [2, 5, 4, 1, 6, 0, 3, 7]] * 3
+    assert top_k_batch(nan, 0) == [[]] and top_k_batch(nan, -1, activation="none") == [[]]
+
+
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 def test_top_k_lists_the_best_classes_with_the_activations_own_scores(activation):
     """Each score is apply_activation's float32 rounded to 6 places, and no class left out scores higher than
@@ -54,6 +84,9 @@ def test_top_k_lists_the_best_classes_with_the_activations_own_scores(activation
     for dtype, k, classes in ((np.float32, 5, 12), (np.float16, 1, 12), (np.float64, 7, 12), (np.float32, 12, 12),
                               (np.float16, 20, 24), (np.float32, 40, 30)):
         logits = (rng.standard_normal((300, classes)) * rng.uniform(0.1, 25, (300, 1))).astype(dtype)
+        # Rows of neighbouring float32 logits, where exp and the sigmoid are not monotonic.
+        near = np.nextafter(np.float32(rng.uniform(-1.7, 0)), np.float32(1), dtype=np.float32)
+        logits[:100] = (near + np.float32(2e-7) * rng.integers(-50, 50, (100, classes))).astype(dtype)
         probs = apply_activation(logits, activation)
         for i, row in enumerate(top_k_batch(logits, k, activation=activation)):
             ids = [c["class_id"] for c in row]

@@ -29,6 +29,19 @@ def test_rows_that_differ_without_a_tie_are_counted_and_tied_ones_are_not():
     assert untied_rows_differing([a], []) == 1
 
 
+def test_an_old_top_k_that_lists_other_classes_stops_the_benchmark(tmp_path):
+    """A checkout whose rows differ where no scores tie is not the same computation: nothing is timed."""
+    from benchmarks import rows_cost
+
+    (tmp_path / "transforms").mkdir()
+    (tmp_path / "transforms" / "postprocess.py").write_text(
+        "from transforms.postprocess import top_k_batch as new\n"
+        "def top_k_batch(*args, **kwargs):\n"
+        "    return [row[::-1] for row in new(*args, **kwargs)]  # worst first\n")
+    with pytest.raises(SystemExit, match="differ in 8 rows without ties"):
+        rows_cost.main(["--old", str(tmp_path), "--batch", "8", "--classes", "50", "--rounds", "1", "--calls", "1"])
+
+
 def test_a_folder_that_is_not_a_checkout_is_refused(tmp_path):
     from benchmarks import rows_cost
 

@@ -91,17 +91,18 @@ PYTHON_SORT_MAX_K = 16
 def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None, activation: str = "softmax"):
     """The activation over each row of a (n, classes) batch and its k best classes, best first (vectorized).
 
-    Classes are ranked by score, equal scores by the model's output (the logit), then by class id; which of
-    several classes whose outputs tie exactly at the k-th place is listed is numpy's choice, the same for the
-    same row. Each score is the float32 ``engines.activations.apply_activation`` gives, rounded to 6 places.
-    Four numpy passes over the whole batch with a softmax (the choice, a subtraction, the exponential and the
-    sums; only the k chosen are divided by their row's sum) where there were seven: each costs this thread time
-    and, beside other threads, a wait for the GIL afterwards (benchmarks/NOTES.md, "The check's stat and the
-    rows' top-k").
+    Classes are ranked by score, equal scores by the model's output (as float32), then by class id; a NaN score
+    (a broken output) ranks below every number. Each score is the float32 ``engines.activations.apply_activation``
+    gives, rounded to 6 places. With a softmax the k are chosen on its exponentials, before they are divided by
+    their row's sum (one positive divisor keeps the order), and only the chosen are divided: five numpy passes
+    over the batch where there were seven, each costing this thread time and, beside other threads, a wait for
+    the GIL afterwards (benchmarks/NOTES.md, "The check's stat and the rows' top-k"). Which of several classes
+    whose exponentials are exactly equal at the k-th place is listed is then numpy's choice (the same for the
+    same row); with a sigmoid or no activation, such a tie goes by the rule above.
 
     Args:
         logits: The model's output, one row per image.
-        k: How many classes to keep (capped at the number of classes).
+        k: How many classes to keep (capped at the number of classes; none when below 1).
         labels: Class names by id, or None.
         activation: "softmax" (default), "sigmoid" or "none" (``engines.activations.apply_activation``).
 
@@ -113,35 +114,48 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
     if x.ndim != 2:
         x = x.reshape(len(x), -1)
     n, classes = x.shape
-    if n == 0:
-        return []
     k = min(k, classes)
-    # Every activation keeps the outputs' order, so the k best are chosen on the outputs themselves: where
-    # scores tie (a sigmoid saturating at 1.0, a softmax underflowing to 0.0) the larger output still ranks first.
-    best = np.argpartition(x, classes - k, axis=1)[:, classes - k:]
-    chosen = np.take_along_axis(x, best, axis=1)
+    if n == 0 or k < 1:
+        return [[] for _ in range(n)]
     if activation == "softmax":
         # apply_activation's softmax, e / e.sum(), divided out for the chosen k only: the same float32 divisions.
-        # Each row's maximum is among its chosen outputs (a max is exact), so no pass over the batch finds it.
-        e = x - chosen.max(axis=1, keepdims=True)
+        # (Not chosen on the logits: numpy's float32 exp is not monotonic, so a larger logit can score lower.)
+        e = x - x.max(axis=1, keepdims=True)
         np.exp(e, out=e)
+        best = np.argpartition(e, classes - k, axis=1)[:, classes - k:]
         probs = np.take_along_axis(e, best, axis=1) / e.sum(axis=1, keepdims=True)
     else:
-        probs = np.take_along_axis(apply_activation(x, activation), best, axis=1)
+        scores = apply_activation(x, activation)
+        best = _best_by_rule(scores, x, k)
+        probs = np.take_along_axis(scores, best, axis=1)
+    outputs = np.take_along_axis(x, best, axis=1)
     rounded = np.round(probs.astype(np.float64), 6)
     names = labels if labels else None
-    if k > PYTHON_SORT_MAX_K:
-        order = np.lexsort((best, -chosen, -probs), axis=-1)
+    if k > PYTHON_SORT_MAX_K or np.isnan(probs).any():
+        # numpy's sort puts NaN last, so negated a NaN score ranks lowest; Python's sort has no order for NaN.
+        order = np.lexsort((best, -outputs, -probs), axis=-1)
         return [_classes(row_ids, row_scores, names) for row_ids, row_scores in
                 zip(np.take_along_axis(best, order, axis=1).tolist(), np.take_along_axis(rounded, order, axis=1).tolist())]
     rows = []
     # A few classes a row are put in order on this thread, in Python: a numpy sort and the gathers it needs would
     # each let go of the GIL.
-    for ids, row_probs, row_outputs, row_scores in zip(best.tolist(), probs.tolist(), chosen.tolist(),
+    for ids, row_probs, row_outputs, row_scores in zip(best.tolist(), probs.tolist(), outputs.tolist(),
                                                        rounded.tolist()):
         order = sorted(range(k), key=lambda j: (-row_probs[j], -row_outputs[j], ids[j]))
         rows.append(_classes([ids[j] for j in order], [row_scores[j] for j in order], names))
     return rows
+
+
+def _best_by_rule(scores: np.ndarray, outputs: np.ndarray, k: int) -> np.ndarray:
+    """The ids of each row's k best scores (unordered), ties at the k-th place settled by the output, then the id
+    (a sigmoid saturates at 1.0 for many classes); NaN ranks lowest."""
+    best = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # negated, NaN sorts last
+    cut = np.fmin.reduce(np.take_along_axis(scores, best, axis=1), axis=1, keepdims=True)  # ignores NaN
+    with np.errstate(invalid="ignore"):
+        tied = np.flatnonzero(np.count_nonzero(scores >= cut, axis=1) > k)
+    for row in tied:
+        best[row] = np.lexsort((-outputs[row], -scores[row]))[:k]  # a stable sort: then by id
+    return best
 
 
 def above_threshold_batch(logits: np.ndarray, threshold: float, labels: Optional[Sequence[str]] = None,
