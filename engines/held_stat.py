@@ -25,6 +25,9 @@ number from an ``os.stat`` that lets go of the GIL, looked up in ``/proc/self/mo
 filesystem cannot be found is treated as not local. (A file that is itself a mount point, bind-mounted into a
 local folder, is taken as local: input images are not mounted one by one.)
 
+The facts this relies on (ctypes, ``struct statx``, CPython's ``st_mtime``, the mount table), with their
+sources and the tests that check them: docs/held-stat.md.
+
 Thread-safety: :func:`lstat` may be called from any thread: each call has its own buffer, the folder decisions
 are a dict that threads fill with the same answers, and the mount table is read under a lock.
 """

@@ -98,7 +98,8 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
     over the batch where there were seven, each costing this thread time and, beside other threads, a wait for
     the GIL afterwards (benchmarks/NOTES.md, "The check's stat and the rows' top-k"). Which of several classes
     whose exponentials are exactly equal at the k-th place is listed is then numpy's choice (the same for the
-    same row); with a sigmoid or no activation, such a tie goes by the rule above.
+    same row); with a sigmoid or no activation, such a tie goes by the rule above. The numpy facts this relies
+    on, with the tests that check them: docs/held-stat.md.
 
     Args:
         logits: The model's output, one row per image.
