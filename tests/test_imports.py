@@ -97,16 +97,15 @@ def _imports(path):
 #: and everything under it. Layers import only downwards, pipelines -> transforms -> images -> engines;
 #: images/ uses engines/ through the interface, the GPU count, the CUDA runtime wrappers (the decoder's
 #: device buffers) and the file API; transforms/ uses images/ and, of engines/, the interface (the model
-#: handler), the GPU memory check at load, the file API (the commit, --skip_scored; the check's GIL-holding
-#: lstat) and the activations post-processing applies.
+#: handler), the GPU memory check at load, the file API (the commit, --skip_scored) and the activations
+#: post-processing applies.
 #: engines/ imports nothing above it: no engine loader needs a decoder, the scorer that joins the two
 #: (images/scoring.py) is loaded by the model handler in transforms/. model_tools/ (build, validate,
 #: export) uses engines/ and images/; only tests import it.
 MAY_IMPORT = {
     "engines": set(),
     "images": {"engines.base", "engines.devices", "engines.cuda", "engines.storage"},
-    "transforms": {"images", "engines.base", "engines.gpu_memory", "engines.storage", "engines.held_stat",
-                   "engines.activations"},
+    "transforms": {"images", "engines.base", "engines.gpu_memory", "engines.storage", "engines.activations"},
     "pipelines": {"transforms", "images", "engines"},
     "benchmarks": {"pipelines", "transforms", "images", "engines"},
     "model_tools": {"images", "engines"},

@@ -80,7 +80,7 @@ def test_top_k_lists_the_best_classes_with_the_activations_own_scores(activation
     """Each score is apply_activation's float32 rounded to 6 places, and no class left out scores higher than
     one listed, on many rows of real-looking logits (several scales, float16 and float64 outputs, k up to all)."""
     rng = np.random.default_rng(3)
-    # Both ways of ordering a row's classes: in Python (k up to PYTHON_SORT_MAX_K) and with numpy (above it).
+    # A few classes and many, up to all of them.
     for dtype, k, classes in ((np.float32, 5, 12), (np.float16, 1, 12), (np.float64, 7, 12), (np.float32, 12, 12),
                               (np.float16, 20, 24), (np.float32, 40, 30)):
         logits = (rng.standard_normal((300, classes)) * rng.uniform(0.1, 25, (300, 1))).astype(dtype)

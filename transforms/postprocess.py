@@ -83,11 +83,6 @@ def _classes(ids, scores, names):
              "score": float(p)} for c, p in zip(ids, scores)]
 
 
-#: Up to this many classes a row, top-k orders each row's classes in Python (no numpy call to let go of the GIL);
-#: above it, one numpy sort of the batch's choices costs less than sorting long lists in Python.
-PYTHON_SORT_MAX_K = 16
-
-
 def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None, activation: str = "softmax"):
     """The activation over each row of a (n, classes) batch and its k best classes, best first (vectorized).
 
@@ -95,11 +90,10 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
     (a broken output) ranks below every number. Each score is the float32 ``engines.activations.apply_activation``
     gives, rounded to 6 places. With a softmax the k are chosen on its exponentials, before they are divided by
     their row's sum (one positive divisor keeps the order), and only the chosen are divided: five numpy passes
-    over the batch where there were seven, each costing this thread time and, beside other threads, a wait for
-    the GIL afterwards (benchmarks/NOTES.md, "The check's stat and the rows' top-k"). Which of several classes
-    whose exponentials are exactly equal at the k-th place is listed is then numpy's choice (the same for the
-    same row); with a sigmoid or no activation, such a tie goes by the rule above. The numpy facts this relies
-    on, with the tests that check them: docs/held-stat.md.
+    over the batch where there were seven (benchmarks/NOTES.md, "The check's stat and the rows' top-k"). Which
+    of several classes whose exponentials are exactly equal at the k-th place is listed is then numpy's choice
+    (the same for the same row); with a sigmoid or no activation, such a tie goes by the rule above. The numpy
+    facts this relies on, with the tests that check them: docs/top-k.md.
 
     Args:
         logits: The model's output, one row per image.
@@ -131,20 +125,12 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
         probs = np.take_along_axis(scores, best, axis=1)
     outputs = np.take_along_axis(x, best, axis=1)
     rounded = np.round(probs.astype(np.float64), 6)
+    # numpy's sort puts NaN last, so negated a NaN score ranks lowest. A sort in Python would hold the GIL the
+    # whole time, and holding it longer is what slowed the GPU job (benchmarks/NOTES.md).
+    order = np.lexsort((best, -outputs, -probs), axis=-1)
     names = labels if labels else None
-    if k > PYTHON_SORT_MAX_K or np.isnan(probs).any():
-        # numpy's sort puts NaN last, so negated a NaN score ranks lowest; Python's sort has no order for NaN.
-        order = np.lexsort((best, -outputs, -probs), axis=-1)
-        return [_classes(row_ids, row_scores, names) for row_ids, row_scores in
-                zip(np.take_along_axis(best, order, axis=1).tolist(), np.take_along_axis(rounded, order, axis=1).tolist())]
-    rows = []
-    # A few classes a row are put in order on this thread, in Python: a numpy sort and the gathers it needs would
-    # each let go of the GIL.
-    for ids, row_probs, row_outputs, row_scores in zip(best.tolist(), probs.tolist(), outputs.tolist(),
-                                                       rounded.tolist()):
-        order = sorted(range(k), key=lambda j: (-row_probs[j], -row_outputs[j], ids[j]))
-        rows.append(_classes([ids[j] for j in order], [row_scores[j] for j in order], names))
-    return rows
+    return [_classes(row_ids, row_scores, names) for row_ids, row_scores in
+            zip(np.take_along_axis(best, order, axis=1).tolist(), np.take_along_axis(rounded, order, axis=1).tolist())]
 
 
 def _best_by_rule(scores: np.ndarray, outputs: np.ndarray, k: int) -> np.ndarray:

@@ -33,7 +33,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from engines import held_stat, storage
+from engines import storage
 from transforms.timing import NAMESPACE
 
 _LOG = logging.getLogger(__name__)
@@ -94,15 +94,14 @@ def local_fingerprint(path: str) -> Tuple[Optional[Dict[str, float]], Optional[b
     ``storage.canonical_files`` asks), from one ``lstat`` for a file that is not a link.
 
     Each system call lets go of the GIL and must win it back, which beside busy threads costs far more than the
-    call: ``os.stat`` then ``os.path.islink`` was 31% of a bundle thread's time on an H100 host, and one ``lstat``
-    still 2.6 of its ~8 s (benchmarks/NOTES.md). So the ``lstat`` keeps the GIL (:mod:`engines.held_stat`).
+    call: ``os.stat`` then ``os.path.islink`` was 31% of a bundle thread's time on an H100 host (benchmarks/NOTES.md).
     A path with a ``..`` part is stat'ed as given (``..`` after a linked folder is not ``os.path.abspath``'s
     ``..``), its link left for ``canonical_files`` to check (None).
     """
     if ".." in path.split(os.sep):
         return fingerprint(path), None
     try:
-        st = held_stat.lstat(path)
+        st = os.lstat(path)
         link = stat.S_ISLNK(st.st_mode)
         if link:
             st = os.stat(path)  # follows the link, as reading does
