@@ -40,6 +40,8 @@ ARG ONNX_VERSION=1.23.2
 # installed beside it: both install the module onnxruntime, and whichever comes last wins.
 ARG ONNXRUNTIME_GPU_VERSION=1.26.0
 ARG PILLOW_VERSION=12.3.0
+# The JSON Lines sink's encoder (apache-beam[gcp] requires it too, >=3.9.7,<4).
+ARG ORJSON_VERSION=3.13.0
 ARG PYARROW_VERSION=25.0.1
 # GPU decode (--decode gpu): NVIDIA DALI built for the image's CUDA major (12 for the 25.0x images).
 ARG DALI_PACKAGE=nvidia-dali-cuda120
@@ -62,6 +64,7 @@ ARG NUMPY_VERSION
 ARG ONNX_VERSION
 ARG ONNXRUNTIME_GPU_VERSION
 ARG PILLOW_VERSION
+ARG ORJSON_VERSION
 ARG PYARROW_VERSION
 ARG DALI_PACKAGE
 ARG DALI_VERSION
@@ -107,7 +110,8 @@ RUN numpy_version="${NUMPY_VERSION}"; \
         || { echo "the base image has no numpy: set --build-arg NUMPY_VERSION=X.Y.Z" >&2; exit 1; }; \
     fi; \
     printf '%s\n' "numpy==${numpy_version}" "onnx==${ONNX_VERSION}" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
-        "pillow==${PILLOW_VERSION}" "pyarrow==${PYARROW_VERSION}" "apache-beam==${BEAM_VERSION}" \
+        "pillow==${PILLOW_VERSION}" "pyarrow==${PYARROW_VERSION}" "orjson==${ORJSON_VERSION}" \
+        "apache-beam==${BEAM_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \
         "pytest==${PYTEST_VERSION}" "scikit-image==${SCIKIT_IMAGE_VERSION}" \
         "${DALI_PACKAGE}==${DALI_VERSION}" > /opt/constraints.txt \
@@ -126,6 +130,7 @@ RUN python3 -m pip install \
         "onnx==${ONNX_VERSION}" \
         "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
         "pillow==${PILLOW_VERSION}" \
+        "orjson==${ORJSON_VERSION}" \
         "pyarrow==${PYARROW_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" \
         "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \

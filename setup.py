@@ -24,6 +24,8 @@ setup(
         "pillow>=10.1",
         "onnx>=1.15",
         "onnxruntime>=1.17",
+        # The JSON Lines sink's encoder; apache-beam[gcp] already requires it in this range.
+        "orjson>=3.9.7,<4",
         "pyarrow>=14",
     ],
     extras_require={

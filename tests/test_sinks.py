@@ -61,8 +61,24 @@ def test_rows_are_written_once_each_as_utf8_json_lines_under_the_names_the_commi
     # Non-ASCII paths stay readable in the file (UTF-8), not \u escapes.
     text = (tmp_path / "dead_letter-00000-of-00001.jsonl").read_bytes()
     assert "/photos/ü.jpg".encode("utf-8") in text
-    # Byte for byte what json.dumps(row, ensure_ascii=False) writes (the sink reuses one encoder).
-    assert sorted(text.decode("utf-8").splitlines()) == sorted(json.dumps(row, ensure_ascii=False) for row in DEAD)
+    # Byte for byte compact JSON: the standard library's text without its spaces.
+    assert sorted(text.decode("utf-8").splitlines()) == sorted(
+        json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in DEAD)
+
+
+def test_numpy_numbers_are_written_as_numbers_and_a_nan_score_as_null(tmp_path):
+    """A NaN or infinite score (a broken model output) is written as JSON's null: the standard library wrote
+    ``NaN``, which JSON readers refuse (BigQuery's loader, ``jq``)."""
+    rows = [{"uri": "/a.jpg", "top_k": [{"class_id": np.int64(3), "label": "x", "score": np.float32(0.5)}]},
+            {"uri": "/b.jpg", "top_k": [{"class_id": 1, "label": "y", "score": float("nan")},
+                                        {"class_id": 2, "label": "z", "score": float("-inf")}]}]
+    with TestPipeline() as p:
+        _ = p | beam.Create(rows) | WriteRows(str(tmp_path), "predictions", "jsonl", shards=1)
+    text = (tmp_path / "predictions-00000-of-00001.jsonl").read_text(encoding="utf-8")
+    written = sorted((json.loads(line) for line in text.splitlines()), key=lambda r: r["uri"])
+    assert written[0]["top_k"] == [{"class_id": 3, "label": "x", "score": 0.5}]
+    assert [c["score"] for c in written[1]["top_k"]] == [None, None]
+    assert "NaN" not in text and "Infinity" not in text
 
 
 def test_blocks_of_rows_are_written_row_by_row(tmp_path):
