@@ -1,10 +1,13 @@
-"""What the rows cost the bundle thread per batch: top-k over the model's outputs, alone and beside threads
-running Python, this checkout's ``top_k_batch`` against another checkout's, interleaved in one process.
+"""What the rows cost the bundle thread per batch: top-k over the model's outputs, and the rows' JSON Lines as the
+sink writes them, alone and beside threads running Python, this checkout against another, interleaved in one
+process.
 
     python -m benchmarks.rows_cost --old DIR [--batch 256] [--classes 1000] [--k 5] [--busy 2] [--rounds 5]
 
-``DIR`` is another checkout (e.g. ``git archive REV | tar x -C DIR``); its ``transforms/postprocess.py`` is loaded
-beside this one's. Each numpy pass over a whole batch lets go of the GIL and must win it back afterwards, which
+``DIR`` is another checkout (e.g. ``git archive REV | tar x -C DIR``); its ``transforms/postprocess.py`` and
+``transforms/sinks.py`` are loaded beside this one's. ``topk`` times ``top_k_batch``; ``write`` times
+``JsonLinesSink.write`` of one batch of rows (the new top-k's, with a path and the model's name each) into memory,
+after checking that both write the same JSON values. Each numpy pass over a whole batch lets go of the GIL and must win it back afterwards, which
 beside busy threads can cost up to the switch interval (5 ms) per pass, so the count of passes matters more
 there than their microseconds. The outputs are logits drawn at an ImageNet model's scale (seeded). Before timing,
 both must list the same classes with the same scores in every row where no two of the old row's listed scores
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
+import json
 import os
 import sys
 import time
@@ -26,18 +31,35 @@ import numpy as np
 
 from benchmarks.read_syscalls import busy_threads
 from transforms.postprocess import top_k_batch
+from transforms.sinks import JsonLinesSink
 
 
-def load_top_k(checkout: str) -> Callable:
-    """``top_k_batch`` from ``checkout``'s ``transforms/postprocess.py``, under a module name of its own."""
-    path = os.path.join(checkout, "transforms", "postprocess.py")
+def load_module(checkout: str, name: str):
+    """``transforms/NAME.py`` of ``checkout``, under a module name of its own."""
+    path = os.path.join(checkout, "transforms", f"{name}.py")
     if not os.path.isfile(path):
-        raise SystemExit(f"--old {checkout} has no transforms/postprocess.py: give a checkout of this repository")
-    spec = importlib.util.spec_from_file_location("old_postprocess", path)
+        raise SystemExit(f"--old {checkout} has no transforms/{name}.py: give a checkout of this repository")
+    spec = importlib.util.spec_from_file_location(f"old_{name}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
     spec.loader.exec_module(module)
-    return module.top_k_batch
+    return module
+
+
+def load_top_k(checkout: str) -> Callable:
+    """``top_k_batch`` from ``checkout``'s ``transforms/postprocess.py``."""
+    return load_module(checkout, "postprocess").top_k_batch
+
+
+def sink_writer(sink_class) -> Callable[[list], bytes]:
+    """A function writing one block of rows with ``sink_class`` (a ``JsonLinesSink``) and returning the bytes."""
+    def write(rows):
+        buffer = io.BytesIO()
+        sink = sink_class(blocks=True)
+        sink.open(buffer)
+        sink.write(rows)
+        return buffer.getvalue()
+    return write
 
 
 def untied_rows_differing(old: List[list], new: List[list]) -> int:
@@ -51,7 +73,7 @@ def untied_rows_differing(old: List[list], new: List[list]) -> int:
     return differ + abs(len(old) - len(new))
 
 
-def main(argv=None) -> Dict[int, dict]:
+def main(argv=None) -> Dict[int, Dict[str, dict]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", required=True, help="another checkout of this repository")
     parser.add_argument("--batch", type=int, default=256)
@@ -62,28 +84,38 @@ def main(argv=None) -> Dict[int, dict]:
     parser.add_argument("--calls", type=int, default=40, help="batches per way per round")
     args = parser.parse_args(argv)
     old_top_k = load_top_k(args.old)
+    old_write, new_write = sink_writer(load_module(args.old, "sinks").JsonLinesSink), sink_writer(JsonLinesSink)
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((args.batch, args.classes)) * 2.5).astype(np.float32)
     labels = [f"class {i}" for i in range(args.classes)]
-    ways = {"old": lambda: old_top_k(logits, args.k, labels), "new": lambda: top_k_batch(logits, args.k, labels)}
-    differ = untied_rows_differing(ways["old"](), ways["new"]())
+    rows = [{"uri": f"/data/images/{i:06d}.jpg", "model": "efficientnet_lite0.onnx@sha256:db113c5655b6", "top_k": row}
+            for i, row in enumerate(top_k_batch(logits, args.k, labels))]
+    parts = {"topk": {"old": lambda: old_top_k(logits, args.k, labels), "new": lambda: top_k_batch(logits, args.k, labels)},
+             "write": {"old": lambda: old_write(rows), "new": lambda: new_write(rows)}}
+    differ = untied_rows_differing(parts["topk"]["old"](), parts["topk"]["new"]())
     if differ:
         raise SystemExit(f"the two top-k differ in {differ} rows without ties: not the same rows")
+    written = [[json.loads(line) for line in write().splitlines()] for write in parts["write"].values()]
+    if written[0] != written[1] or written[0] != rows:
+        raise SystemExit("the two sinks write different JSON values for the same rows")
     results = {}
     for busy in sorted({0, args.busy}):
-        ms: Dict[str, List[float]] = {name: [] for name in ways}
+        ms: Dict[str, Dict[str, List[float]]] = {part: {"old": [], "new": []} for part in parts}
         with busy_threads(busy):
             for _ in range(args.rounds):
-                for name, way in ways.items():
-                    start = time.perf_counter()
-                    for _ in range(args.calls):
-                        way()
-                    ms[name].append((time.perf_counter() - start) / args.calls * 1e3)
-        best = {name: min(values) for name, values in ms.items()}
-        results[busy] = {"ms_per_batch": ms, "ratio_old_vs_new": best["old"] / best["new"]}
-        print(f"beside {busy} busy threads, batch {args.batch} x {args.classes} classes, top {args.k}, best of "
-              f"{args.rounds}: old {best['old']:.2f} ms/batch, new {best['new']:.2f} ms/batch, ratio "
-              f"{best['old'] / best['new']:.2f}x")
+                for part, ways in parts.items():
+                    for name, way in ways.items():
+                        start = time.perf_counter()
+                        for _ in range(args.calls):
+                            way()
+                        ms[part][name].append((time.perf_counter() - start) / args.calls * 1e3)
+        results[busy] = {}
+        for part, times in ms.items():
+            best = {name: min(values) for name, values in times.items()}
+            results[busy][part] = {"ms_per_batch": times, "ratio_old_vs_new": best["old"] / best["new"]}
+            print(f"beside {busy} busy threads, {part}, batch {args.batch} x {args.classes} classes, top {args.k}, "
+                  f"best of {args.rounds}: old {best['old']:.2f} ms/batch, new {best['new']:.2f} ms/batch, ratio "
+                  f"{best['old'] / best['new']:.2f}x")
     return results
 
 

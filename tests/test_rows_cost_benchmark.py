@@ -14,9 +14,11 @@ def test_the_benchmark_times_both_top_ks_alone_and_beside_busy_threads(capsys):
                               "--calls", "3"])
     assert sorted(results) == [0, 1]
     for busy in (0, 1):
-        assert {name: len(ms) for name, ms in results[busy]["ms_per_batch"].items()} == {"old": 2, "new": 2}
-        assert results[busy]["ratio_old_vs_new"] > 0
-    assert "beside 1 busy threads, batch 8 x 50 classes, top 5" in capsys.readouterr().out
+        for part in ("topk", "write"):
+            assert {name: len(ms) for name, ms in results[busy][part]["ms_per_batch"].items()} == {"old": 2, "new": 2}
+            assert results[busy][part]["ratio_old_vs_new"] > 0
+    out = capsys.readouterr().out
+    assert "beside 1 busy threads, topk, batch 8 x 50 classes, top 5" in out and "beside 0 busy threads, write" in out
 
 
 def test_rows_that_differ_without_a_tie_are_counted_and_tied_ones_are_not():
@@ -34,11 +36,26 @@ def test_an_old_top_k_that_lists_other_classes_stops_the_benchmark(tmp_path):
     from benchmarks import rows_cost
 
     (tmp_path / "transforms").mkdir()
+    (tmp_path / "transforms" / "sinks.py").write_text("from transforms.sinks import JsonLinesSink\n")
     (tmp_path / "transforms" / "postprocess.py").write_text(
         "from transforms.postprocess import top_k_batch as new\n"
         "def top_k_batch(*args, **kwargs):\n"
         "    return [row[::-1] for row in new(*args, **kwargs)]  # worst first\n")
     with pytest.raises(SystemExit, match="differ in 8 rows without ties"):
+        rows_cost.main(["--old", str(tmp_path), "--batch", "8", "--classes", "50", "--rounds", "1", "--calls", "1"])
+
+
+def test_an_old_sink_that_writes_other_values_stops_the_benchmark(tmp_path):
+    from benchmarks import rows_cost
+
+    (tmp_path / "transforms").mkdir()
+    (tmp_path / "transforms" / "postprocess.py").write_text("from transforms.postprocess import top_k_batch\n")
+    (tmp_path / "transforms" / "sinks.py").write_text(
+        "from transforms.sinks import JsonLinesSink as New\n"
+        "class JsonLinesSink(New):\n"
+        "    def write(self, rows):\n"
+        "        super().write(rows[:-1])  # loses a row\n")
+    with pytest.raises(SystemExit, match="different JSON values"):
         rows_cost.main(["--old", str(tmp_path), "--batch", "8", "--classes", "50", "--rounds", "1", "--calls", "1"])
 
 
