@@ -31,31 +31,30 @@ def test_rows_that_differ_without_a_tie_are_counted_and_tied_ones_are_not():
     assert untied_rows_differing([a], []) == 1
 
 
-def test_an_old_top_k_that_lists_other_classes_stops_the_benchmark(tmp_path):
-    """A checkout whose rows differ where no scores tie is not the same computation: nothing is timed."""
+SAME_TOP_K = "from transforms.postprocess import top_k_batch\n"
+SAME_SINK = "from transforms.sinks import JsonLinesSink\n"
+WORST_FIRST = ("from transforms.postprocess import top_k_batch as new\n"
+               "def top_k_batch(*args, **kwargs):\n"
+               "    return [row[::-1] for row in new(*args, **kwargs)]\n")
+LOSES_A_ROW = ("from transforms.sinks import JsonLinesSink as New\n"
+               "class JsonLinesSink(New):\n"
+               "    def write(self, rows):\n"
+               "        super().write(rows[:-1])\n")
+
+
+@pytest.mark.parametrize("postprocess, sinks, message", [
+    (WORST_FIRST, SAME_SINK, "differ in 8 rows without ties"),
+    (SAME_TOP_K, LOSES_A_ROW, "different JSON values"),
+], ids=["top-k listing other classes", "sink losing a row"])
+def test_an_old_checkout_that_computes_other_rows_stops_the_benchmark(tmp_path, postprocess, sinks, message):
+    """A checkout whose rows differ (where no scores tie) or whose sink writes other values is not the same
+    computation: nothing is timed."""
     from benchmarks import rows_cost
 
     (tmp_path / "transforms").mkdir()
-    (tmp_path / "transforms" / "sinks.py").write_text("from transforms.sinks import JsonLinesSink\n")
-    (tmp_path / "transforms" / "postprocess.py").write_text(
-        "from transforms.postprocess import top_k_batch as new\n"
-        "def top_k_batch(*args, **kwargs):\n"
-        "    return [row[::-1] for row in new(*args, **kwargs)]  # worst first\n")
-    with pytest.raises(SystemExit, match="differ in 8 rows without ties"):
-        rows_cost.main(["--old", str(tmp_path), "--batch", "8", "--classes", "50", "--rounds", "1", "--calls", "1"])
-
-
-def test_an_old_sink_that_writes_other_values_stops_the_benchmark(tmp_path):
-    from benchmarks import rows_cost
-
-    (tmp_path / "transforms").mkdir()
-    (tmp_path / "transforms" / "postprocess.py").write_text("from transforms.postprocess import top_k_batch\n")
-    (tmp_path / "transforms" / "sinks.py").write_text(
-        "from transforms.sinks import JsonLinesSink as New\n"
-        "class JsonLinesSink(New):\n"
-        "    def write(self, rows):\n"
-        "        super().write(rows[:-1])  # loses a row\n")
-    with pytest.raises(SystemExit, match="different JSON values"):
+    (tmp_path / "transforms" / "postprocess.py").write_text(postprocess)
+    (tmp_path / "transforms" / "sinks.py").write_text(sinks)
+    with pytest.raises(SystemExit, match=message):
         rows_cost.main(["--old", str(tmp_path), "--batch", "8", "--classes", "50", "--rounds", "1", "--calls", "1"])
 
 
