@@ -95,9 +95,10 @@ def main(argv=None) -> Dict[int, Dict[str, dict]]:
     differ = untied_rows_differing(parts["topk"]["old"](), parts["topk"]["new"]())
     if differ:
         raise SystemExit(f"the two top-k differ in {differ} rows without ties: not the same rows")
-    written = [[json.loads(line) for line in write().splitlines()] for write in parts["write"].values()]
-    if written[0] != written[1] or written[0] != rows:
-        raise SystemExit("the two sinks write different JSON values for the same rows")
+    texts = [write() for write in parts["write"].values()]
+    written = [[json.loads(line) for line in text.splitlines()] for text in texts]
+    if written[0] != written[1] or written[0] != rows or any(text.count(b"\n") != len(rows) for text in texts):
+        raise SystemExit("the two sinks write different JSON values for the same rows, or not one line each")
     results = {}
     for busy in sorted({0, args.busy}):
         ms: Dict[str, Dict[str, List[float]]] = {part: {"old": [], "new": []} for part in parts}

@@ -77,7 +77,8 @@ def test_pins_fall_inside_setup_py_ranges():
     wanted = _setup_requirements()
     pinned = {"apache-beam": pins["BEAM_VERSION"], "onnx": pins["ONNX_VERSION"],
               "onnxruntime": pins["ONNXRUNTIME_GPU_VERSION"], "pillow": pins["PILLOW_VERSION"],
-              "pyarrow": pins["PYARROW_VERSION"], "cuda-python": pins["CUDA_PYTHON_VERSION"],
+              "pyarrow": pins["PYARROW_VERSION"], "orjson": pins["ORJSON_VERSION"],
+              "cuda-python": pins["CUDA_PYTHON_VERSION"],
               "onnxconverter-common": pins["ONNXCONVERTER_COMMON_VERSION"]}
     for name, version in pinned.items():
         assert wanted[name].specifier.contains(version), f"Dockerfile pins {name}=={version}, setup.py wants {wanted[name]}"

@@ -40,12 +40,20 @@ LOSES_A_ROW = ("from transforms.sinks import JsonLinesSink as New\n"
                "class JsonLinesSink(New):\n"
                "    def write(self, rows):\n"
                "        super().write(rows[:-1])\n")
+NO_LAST_NEWLINE = ("from transforms.sinks import JsonLinesSink as New\n"
+                   "class JsonLinesSink(New):\n"
+                   "    def open(self, fh):\n"
+                   "        class Trimmed:\n"
+                   "            def write(_, data):\n"
+                   "                fh.write(data.rstrip(b'\\n'))\n"
+                   "        super().open(Trimmed())\n")
 
 
 @pytest.mark.parametrize("postprocess, sinks, message", [
     (WORST_FIRST, SAME_SINK, "differ in 8 rows without ties"),
     (SAME_TOP_K, LOSES_A_ROW, "different JSON values"),
-], ids=["top-k listing other classes", "sink losing a row"])
+    (SAME_TOP_K, NO_LAST_NEWLINE, "not one line each"),
+], ids=["top-k listing other classes", "sink losing a row", "sink running blocks together"])
 def test_an_old_checkout_that_computes_other_rows_stops_the_benchmark(tmp_path, postprocess, sinks, message):
     """A checkout whose rows differ (where no scores tie) or whose sink writes other values is not the same
     computation: nothing is timed."""

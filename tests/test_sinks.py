@@ -66,19 +66,27 @@ def test_rows_are_written_once_each_as_utf8_json_lines_under_the_names_the_commi
         json.dumps(row, ensure_ascii=False, separators=(",", ":")) for row in DEAD)
 
 
-def test_numpy_numbers_are_written_as_numbers_and_a_nan_score_as_null(tmp_path):
-    """A NaN or infinite score (a broken model output) is written as JSON's null: the standard library wrote
-    ``NaN``, which JSON readers refuse (BigQuery's loader, ``jq``)."""
+def test_numpy_numbers_are_numbers_and_nan_and_infinities_are_written_as_before(tmp_path):
+    """orjson would write NaN and infinities as null: a raw output's -inf (a log-probability) would read as a missing
+    value and disagree with Parquet. Rows holding one are written as the standard library writes them, and a row
+    with a real null (a manifest column left empty) keeps it."""
     rows = [{"uri": "/a.jpg", "top_k": [{"class_id": np.int64(3), "label": "x", "score": np.float32(0.5)}]},
             {"uri": "/b.jpg", "top_k": [{"class_id": 1, "label": "y", "score": float("nan")},
-                                        {"class_id": 2, "label": "z", "score": float("-inf")}]}]
+                                        {"class_id": 2, "label": "z", "score": float("-inf")}]},
+            {"uri": "/c.jpg", "id": None, "logits": [0.25, float("inf"), -1.5]},
+            {"uri": "/d.jpg", "id": None, "logits": [0.25, np.float32("-inf")]},
+            {"uri": "/e.jpg", "sku": None, "logits": [0.25, 1e-300, -0.0]}]
     with TestPipeline() as p:
         _ = p | beam.Create(rows) | WriteRows(str(tmp_path), "predictions", "jsonl", shards=1)
     text = (tmp_path / "predictions-00000-of-00001.jsonl").read_text(encoding="utf-8")
-    written = sorted((json.loads(line) for line in text.splitlines()), key=lambda r: r["uri"])
-    assert written[0]["top_k"] == [{"class_id": 3, "label": "x", "score": 0.5}]
-    assert [c["score"] for c in written[1]["top_k"]] == [None, None]
-    assert "NaN" not in text and "Infinity" not in text
+    written = {row["uri"]: row for row in map(json.loads, text.splitlines())}
+    assert written["/a.jpg"]["top_k"] == [{"class_id": 3, "label": "x", "score": 0.5}]
+    scores = [c["score"] for c in written["/b.jpg"]["top_k"]]
+    assert np.isnan(scores[0]) and scores[1] == float("-inf")
+    assert written["/c.jpg"]["logits"] == [0.25, float("inf"), -1.5] and written["/c.jpg"]["id"] is None
+    assert written["/d.jpg"]["logits"] == [0.25, float("-inf")]
+    assert written["/e.jpg"] == {"uri": "/e.jpg", "sku": None, "logits": [0.25, 1e-300, -0.0]}
+    assert "null,null" not in text and text.count("\n") == 5 and " " not in text
 
 
 def test_blocks_of_rows_are_written_row_by_row(tmp_path):
