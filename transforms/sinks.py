@@ -50,13 +50,16 @@ def _non_finite(value) -> bool:
     return False
 
 
-def encode_row(row) -> bytes:
-    """One JSON line (UTF-8, ending in a newline) for ``row``: orjson's, or the standard library's where the row
-    holds a NaN or an infinity (orjson would write null; a row that holds a null anyway is searched)."""
-    line = orjson.dumps(row, option=_OPTIONS)
-    if b"null" in line and _non_finite(row):
-        line = (_STANDARD.encode(row) + "\n").encode("utf-8")
-    return line
+def encode_rows(rows) -> bytes:
+    """JSON Lines (UTF-8, a newline after each) for ``rows``: orjson's, or the standard library's for a row that
+    holds a NaN or an infinity (orjson writes those as null, so only a block holding a null is searched)."""
+    dumps = orjson.dumps
+    lines = [dumps(row, option=_OPTIONS) for row in rows]
+    block = b"".join(lines)
+    if b"null" not in block:
+        return block
+    return b"".join((_STANDARD.encode(row) + "\n").encode("utf-8") if b"null" in line and _non_finite(row) else line
+                    for row, line in zip(rows, lines))
 
 
 class JsonLinesSink(fileio.FileSink):
@@ -72,7 +75,7 @@ class JsonLinesSink(fileio.FileSink):
     def write(self, record):
         start = time.perf_counter()
         rows = record if self._blocks else (record,)
-        self._fh.write(b"".join([encode_row(row) for row in rows]))
+        self._fh.write(encode_rows(rows))
         self._us.update(int((time.perf_counter() - start) * 1e6))
 
     def flush(self):
