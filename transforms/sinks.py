@@ -23,8 +23,8 @@ from transforms.timing import stage_distribution
 FORMATS = ("jsonl", "parquet")
 
 
-#: Rows are encoded by orjson (a dependency of apache-beam[gcp], named in setup.py): 14x faster than the standard
-#: library's encoder on a batch of top-k rows (1.41 ms against 0.10 ms for 256, 2-core VM), all of it time the
+#: Rows are encoded by orjson (a dependency of apache-beam[gcp], named in setup.py): 9x faster than the standard
+#: library's encoder on a batch of top-k rows (1.36-1.39 ms against 0.15 ms for 256, 2-core VM), all of it time the
 #: bundle thread holds the GIL, which the GPU job's threads share (benchmarks/NOTES.md). The text is compact JSON
 #: (no spaces) and numpy scalars are written as numbers.
 _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
