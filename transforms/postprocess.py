@@ -83,6 +83,12 @@ def _classes(ids, scores, names):
              "score": float(p)} for c, p in zip(ids, scores)]
 
 
+def _float32_rows(outputs) -> np.ndarray:
+    """The model's outputs as float32, one row per image (an image's output flattened)."""
+    x = np.asarray(outputs, dtype=np.float32)
+    return x if x.ndim == 2 else x.reshape(len(x), -1)
+
+
 def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = None, activation: str = "softmax"):
     """The activation over each row of a (n, classes) batch and its k best classes, best first (vectorized).
 
@@ -105,9 +111,7 @@ def top_k_batch(logits: np.ndarray, k: int, labels: Optional[Sequence[str]] = No
         One ``[{"class_id", "label", "score"}, ...]`` list per row, best first; ``label`` is
         ``"class_<id>"`` when no labels are known.
     """
-    x = np.asarray(logits, dtype=np.float32)
-    if x.ndim != 2:
-        x = x.reshape(len(x), -1)
+    x = _float32_rows(logits)
     n, classes = x.shape
     k = min(k, classes)
     if n == 0 or k < 1:
@@ -155,14 +159,13 @@ def above_threshold_batch(logits: np.ndarray, threshold: float, labels: Optional
     Returns:
         One ``[{"class_id", "label", "score"}, ...]`` list per row (possibly empty), best first.
     """
-    outputs = np.asarray(logits, dtype=np.float32)
-    outputs = outputs.reshape(len(outputs), -1)
+    outputs = _float32_rows(logits)
     probs = apply_activation(outputs, activation)
     names = labels if labels else None
     rows = []
     for row, row_outputs in zip(probs, outputs):
         ids = np.flatnonzero(row >= np.float32(threshold))
-        ids = ids[np.lexsort((ids, -row_outputs[ids], -row[ids]))]
+        ids = ids[np.lexsort((-row_outputs[ids], -row[ids]))]  # a stable sort of ascending ids: then by id
         rows.append(_classes(ids.tolist(), np.round(row[ids].astype(np.float64), 6).tolist(), names))
     return rows
 

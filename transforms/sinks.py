@@ -31,8 +31,9 @@ _OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
 #: orjson writes NaN and infinities as null, which would make a raw output's -inf (a log-probability) look like a
 #: missing value and disagree with Parquet. A row holding one is written by the standard library, as before:
 #: ``NaN``, ``Infinity``, ``-Infinity``, which Python's and most JSON Lines readers accept.
-_STANDARD = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                             default=lambda value: value.item() if hasattr(value, "item") else repr(value))
+#: orjson has already encoded every row it is given (a type it refuses fails there), so the only values left for
+#: ``default`` are numpy scalars.
+_STANDARD = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=lambda value: value.item())
 
 
 def _non_finite(value) -> bool:
