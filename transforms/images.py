@@ -1039,7 +1039,11 @@ class ReadImageBatches(beam.DoFn):
         # list of futures is a cycle, and the batch's file bytes, results and started scoring would wait for
         # the garbage collector (a full collection then holds the GIL ~0.15 s) instead of going with the batch.
         def finished(future) -> None:
-            failed = ahead.count_down(future.cancelled() or future.exception() is not None)
+            try:
+                failed = future.cancelled() or future.exception() is not None
+            except Exception:  # counted whatever happens: the bundle thread waits for `settled`
+                failed = True
+            failed = ahead.count_down(failed)
             if failed is None:
                 return
             try:
