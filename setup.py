@@ -55,6 +55,6 @@ setup(
             # The DALI graph runs on the CPU in CI (--decode dali_cpu): pre-screen, routing, fallback.
             "nvidia-dali-cuda130>=2.4",
         ],
-        "benchmark": ["scikit-image>=0.22", "pyinstrument>=4"],
+        "benchmark": ["scikit-image>=0.22", "pyinstrument>=4", "py-spy>=0.4"],
     },
 )
