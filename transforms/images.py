@@ -1043,11 +1043,11 @@ class ReadImageBatches(beam.DoFn):
                 failed = future.cancelled() or future.exception() is not None
             except Exception:  # counted whatever happens: the bundle thread waits for `settled`
                 failed = True
-            failed = ahead.count_down(failed)
-            if failed is None:
+            any_failed = ahead.count_down(failed)
+            if any_failed is None:
                 return
             try:
-                if failed or any(c.abandoned for c in chunks):
+                if any_failed or any(c.abandoned for c in chunks):
                     return  # _collect gives the reads their outcome; RunInference scores what they make
                 loaded = [result for chunk in chunks for result in chunk.results]
                 if len(loaded) != len(refs):
