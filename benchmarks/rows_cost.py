@@ -46,11 +46,6 @@ def load_module(checkout: str, name: str):
     return module
 
 
-def load_top_k(checkout: str) -> Callable:
-    """``top_k_batch`` from ``checkout``'s ``transforms/postprocess.py``."""
-    return load_module(checkout, "postprocess").top_k_batch
-
-
 def sink_writer(sink_class) -> Callable[[list], bytes]:
     """A function writing one block of rows with ``sink_class`` (a ``JsonLinesSink``) and returning the bytes."""
     def write(rows):
@@ -83,7 +78,7 @@ def main(argv=None) -> Dict[int, Dict[str, dict]]:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=40, help="batches per way per round")
     args = parser.parse_args(argv)
-    old_top_k = load_top_k(args.old)
+    old_top_k = load_module(args.old, "postprocess").top_k_batch
     old_write, new_write = sink_writer(load_module(args.old, "sinks").JsonLinesSink), sink_writer(JsonLinesSink)
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((args.batch, args.classes)) * 2.5).astype(np.float32)
