@@ -34,6 +34,9 @@ ARG SCIKIT_IMAGE_VERSION=0.25.2
 # it (the build fails instead if a pin below needs another numpy). NUMPY_VERSION=image means that.
 ARG NUMPY_VERSION=image
 ARG ONNX_VERSION=1.23.2
+# onnx's ml_dtypes: 0.7.0 takes ~0.6 s to import (setup.py). 0.5.4 takes numpy 1.26 or 2 (0.6.0 needs numpy 2),
+# so it fits whichever numpy the base image ships.
+ARG ML_DTYPES_VERSION=0.5.4
 # ONNX Runtime with its CUDA and TensorRT providers (--providers cuda), built for the image's CUDA
 # major: onnxruntime-gpu on PyPI is built for CUDA 12 up to 1.26.0 and for CUDA 13 from 1.27.0
 # (docs/tensorrt.md), and the 25.0x images have CUDA 12. The CPU package onnxruntime is not
@@ -62,6 +65,7 @@ ARG PYTEST_VERSION
 ARG SCIKIT_IMAGE_VERSION
 ARG NUMPY_VERSION
 ARG ONNX_VERSION
+ARG ML_DTYPES_VERSION
 ARG ONNXRUNTIME_GPU_VERSION
 ARG PILLOW_VERSION
 ARG ORJSON_VERSION
@@ -109,7 +113,8 @@ RUN numpy_version="${NUMPY_VERSION}"; \
         numpy_version="$(python3 -c 'import numpy; print(numpy.__version__)')" \
         || { echo "the base image has no numpy: set --build-arg NUMPY_VERSION=X.Y.Z" >&2; exit 1; }; \
     fi; \
-    printf '%s\n' "numpy==${numpy_version}" "onnx==${ONNX_VERSION}" "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
+    printf '%s\n' "numpy==${numpy_version}" "onnx==${ONNX_VERSION}" "ml_dtypes==${ML_DTYPES_VERSION}" \
+        "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
         "pillow==${PILLOW_VERSION}" "pyarrow==${PYARROW_VERSION}" "orjson==${ORJSON_VERSION}" \
         "apache-beam==${BEAM_VERSION}" \
         "cuda-python==${CUDA_PYTHON_VERSION}" "onnxconverter-common==${ONNXCONVERTER_COMMON_VERSION}" \
@@ -128,6 +133,7 @@ RUN python3 -m pip install \
         "apache-beam[gcp]==${BEAM_VERSION}" \
         "numpy" \
         "onnx==${ONNX_VERSION}" \
+        "ml_dtypes==${ML_DTYPES_VERSION}" \
         "onnxruntime-gpu==${ONNXRUNTIME_GPU_VERSION}" \
         "pillow==${PILLOW_VERSION}" \
         "orjson==${ORJSON_VERSION}" \

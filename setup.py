@@ -23,6 +23,9 @@ setup(
         "numpy>=1.24",
         "pillow>=10.1",
         "onnx>=1.15",
+        # onnx imports it at its own import; 0.7.0 spends ~0.6 s of that registering its numpy types
+        # (benchmarks/NOTES.md, "ml_dtypes"), on every job's launch and in every worker that loads a model.
+        "ml_dtypes<0.7",
         "onnxruntime>=1.17",
         # The JSON Lines sink's encoder; apache-beam[gcp] already requires it in this range.
         "orjson>=3.9.7,<4",

@@ -75,7 +75,7 @@ def test_every_arg_used_is_pinned_once_at_the_top():
 def test_pins_fall_inside_setup_py_ranges():
     pins = _top_args()
     wanted = _setup_requirements()
-    pinned = {"apache-beam": pins["BEAM_VERSION"], "onnx": pins["ONNX_VERSION"],
+    pinned = {"apache-beam": pins["BEAM_VERSION"], "onnx": pins["ONNX_VERSION"], "ml_dtypes": pins["ML_DTYPES_VERSION"],
               "onnxruntime": pins["ONNXRUNTIME_GPU_VERSION"], "pillow": pins["PILLOW_VERSION"],
               "pyarrow": pins["PYARROW_VERSION"], "orjson": pins["ORJSON_VERSION"],
               "cuda-python": pins["CUDA_PYTHON_VERSION"],

@@ -152,3 +152,16 @@ def test_the_image_code_imports_without_beam():
         """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_ml_dtypes_that_onnx_imports_is_one_that_registers_its_types_quickly():
+    """onnx imports ml_dtypes at its own import, in the launcher (the start checks read the model) and in every
+    worker that loads one. ml_dtypes 0.7.0 spends ~0.6 s of its extension's init in numpy's ufunc promoter
+    registration (PyUFunc_AddPromoter), holding the GIL; 0.5.4 and 0.6.0 take ~3 ms (benchmarks/NOTES.md,
+    "ml_dtypes"). setup.py and the Dockerfile keep it below 0.7."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    assert Version(version("ml_dtypes")) < Version("0.7"), (
+        f"ml_dtypes {version('ml_dtypes')} is installed: pip install 'ml_dtypes<0.7' (setup.py asks for it)")
