@@ -149,8 +149,9 @@ class ClassifyOptions(PipelineOptions):
                                  "one (0..1). Default: 0.65.")
         parser.add_argument("--dali_threads", type=int, default=-1,
                             help="--decode gpu/dali_cpu: DALI's CPU threads (JPEG parsing and Huffman decoding for "
-                                 "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16 (throughput by "
-                                 "threads: README, \"On a GPU\"). Default: -1.")
+                                 "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16, shared among a "
+                                 "local multi_processing run's processes (throughput by threads: README, \"On a "
+                                 "GPU\"). Default: -1.")
         parser.add_argument("--max_decoders", type=int, default=DEFAULT_MAX_DECODERS,
                             help="--decode gpu/dali_cpu: DALI decoders per loaded model, each on a thread of its "
                                  "own decoding the batches of every bundle thread that shares the model "
@@ -312,7 +313,8 @@ class RunSettings:
         """The engine's description for stats.json and the logs (a new dict each call)."""
         if self.decode.encoded:
             return {**self.recipe.info, "decode": self.decode.mode,
-                    "hw_decoder_load": self.decode.dali.hw_decoder_load if self.decode.mode == "gpu" else None}
+                    "hw_decoder_load": self.decode.dali.hw_decoder_load if self.decode.mode == "gpu" else None,
+                    "dali_threads": self.decode.dali.threads}
         return {**self.recipe.info, "decode": "cpu"}
 
     def record(self) -> Dict[str, Any]:
@@ -486,8 +488,23 @@ def _engine_labels(recipe: EngineRecipe, summaries: Dict[str, Any]) -> Optional[
     return None
 
 
+def dali_threads(options: ClassifyOptions, local: bool) -> int:
+    """DALI's CPU threads per decoder: ``--dali_threads``, or for -1 the worker's cores (at most 16), shared
+    evenly among a local run's SDK processes (``multi_processing``), each of which builds a decoder of its own.
+    Dataflow's workers are left to the cores they see: one process per GPU is the documented configuration."""
+    if options.dali_threads > 0:
+        return options.dali_threads
+    cores = os.cpu_count() or 1
+    threads = min(16, cores)
+    direct = options.view_as(DirectOptions)
+    if local and direct.direct_running_mode == "multi_processing":
+        processes = direct.direct_num_workers or cores  # Beam: 0 workers means one per core
+        threads = max(1, threads // max(1, processes))
+    return threads
+
+
 def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,
-             images_per_batch: int) -> Optional[DaliDecoderOptions]:
+             images_per_batch: int, local: bool) -> Optional[DaliDecoderOptions]:
     """The DALI decoder's options for ``mode`` (None with ``cpu``).
 
     Raises:
@@ -499,8 +516,7 @@ def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,
         return DaliDecoderOptions(resize=preprocess.resize, crop=preprocess.crop, crop_width=preprocess.crop_width,
                                   max_batch=images_per_batch,
                                   device="gpu" if mode == "gpu" else "cpu", hw_decoder_load=options.hw_decoder_load,
-                                  threads=options.dali_threads if options.dali_threads > 0
-                                  else min(16, os.cpu_count() or 1))
+                                  threads=dali_threads(options, local))
     except EngineError as e:
         raise UsageError(f"bad decode flags: {e} (see --hw_decoder_load, --dali_threads, --batch_size)") from None
 
@@ -589,7 +605,7 @@ def resolve(argv: Sequence[str], *, start_checks: bool = True) -> Tuple[RunSetti
     # conversion prepended where its input needs one); a plan runs as it was built.
     recipe = engine_registry.recipe(options, batch_size, model.preprocessing if model_file is not None else None,
                                     model.sha256 if model_file is not None else None)
-    dali = _decoder(mode, options, preprocess, recipe.batch_size)
+    dali = _decoder(mode, options, preprocess, recipe.batch_size, local)
     per_call = GPU_DECODE_BATCHES_PER_CALL if dali else 1
     table = bigquery.resolve_target(options.output_table, options.run_date, options, options.engine,
                                     model.identity)

@@ -233,3 +233,33 @@ def test_a_local_job_takes_the_model_it_preloaded_and_loads_no_other(corpus, tmp
 def test_scoring_ahead_is_decided_once_off_with_its_flag_or_a_model_in_another_process(flags, ahead):
     settings, _ = resolve(["--input", "x", "--output", "y", *flags], start_checks=False)
     assert settings.batch.score_ahead is ahead and settings.record()["score_ahead"] is ahead
+
+
+@pytest.mark.parametrize("flags,cores,threads", [
+    ((), 16, 16),
+    ((), 32, 16),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=2"), 16, 8),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=4"), 16, 4),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=4"), 2, 1),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=0"), 8, 1),  # Beam: one process per core
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=2", "--dali_threads=12"), 16, 12),
+    (("--direct_running_mode=multi_threading", "--direct_num_workers=4"), 32, 16),  # threads share one decoder
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=2", "--runner=DataflowRunner"), 16, 16),
+])
+def test_dali_threads_default_to_the_cores_shared_among_a_local_runs_sdk_processes(flags, cores, threads,
+                                                                                    monkeypatch):
+    from pipelines.settings import dali_threads, is_local
+
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    options = ClassifyOptions(["--input", "x", "--output", "y", *flags])
+    assert dali_threads(options, is_local(options)) == threads
+
+
+def test_each_sdk_process_of_a_local_run_builds_its_decoder_with_its_share_of_the_cores(model_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    flags = ["--input", "x", "--output", "y", "--decode", "dali_cpu", "--direct_running_mode", "multi_processing",
+             "--direct_num_workers", "4"]
+    settings, _ = resolve(flags, start_checks=False)
+    assert settings.decode.dali.threads == 4 and settings.engine_record()["dali_threads"] == 4
+    settings, _ = resolve(flags + ["--dali_threads", "16"], start_checks=False)
+    assert settings.decode.dali.threads == 16
