@@ -169,7 +169,7 @@ def measure_in_process(args, blobs: List[bytes], runs: Sequence[str]) -> Dict[st
         stream = decoder.decode([arrays[0]])
         batch = next(stream)  # a real decoded batch, resident on the GPU while we hold it
         host = np.array(batch.images.as_cpu()) if hasattr(batch.images, "as_cpu") else np.asarray(batch.images)
-        out["decoder_threads"] = decoder.options.threads
+        out["decoder_threads"] = decoder.options.threads_here
         logits = {}
         for precision in ("fp32", "fp16") if args.precision == "fp16" else ("fp32",):
             suffix = "" if precision == "fp32" else "_fp16"

@@ -149,9 +149,10 @@ class ClassifyOptions(PipelineOptions):
                                  "one (0..1). Default: 0.65.")
         parser.add_argument("--dali_threads", type=int, default=-1,
                             help="--decode gpu/dali_cpu: DALI's CPU threads (JPEG parsing and Huffman decoding for "
-                                 "the GPU, non-JPEG formats); -1 = the worker's cores, at most 16, shared among a "
-                                 "local multi_processing run's processes (throughput by threads: README, \"On a "
-                                 "GPU\"). Default: -1.")
+                                 "the GPU, non-JPEG formats); -1 = the cores of the machine each decoder runs on, at "
+                                 "most 16, shared among a local run's decoders (one per multi_processing process, or "
+                                 "per --model_copies copy) (throughput by threads: README, \"On a GPU\"). "
+                                 "Default: -1.")
         parser.add_argument("--max_decoders", type=int, default=DEFAULT_MAX_DECODERS,
                             help="--decode gpu/dali_cpu: DALI decoders per loaded model, each on a thread of its "
                                  "own decoding the batches of every bundle thread that shares the model "
@@ -314,7 +315,7 @@ class RunSettings:
         if self.decode.encoded:
             return {**self.recipe.info, "decode": self.decode.mode,
                     "hw_decoder_load": self.decode.dali.hw_decoder_load if self.decode.mode == "gpu" else None,
-                    "dali_threads": self.decode.dali.threads}
+                    "dali_threads": self.decode.dali.threads or "each worker's cores, at most 16"}
         return {**self.recipe.info, "decode": "cpu"}
 
     def record(self) -> Dict[str, Any]:
@@ -489,18 +490,23 @@ def _engine_labels(recipe: EngineRecipe, summaries: Dict[str, Any]) -> Optional[
 
 
 def dali_threads(options: ClassifyOptions, local: bool) -> int:
-    """DALI's CPU threads per decoder: ``--dali_threads``, or for -1 the worker's cores (at most 16), shared
-    evenly among a local run's SDK processes (``multi_processing``), each of which builds a decoder of its own.
-    Dataflow's workers are left to the cores they see: one process per GPU is the documented configuration."""
+    """DALI's CPU threads per decoder: ``--dali_threads``; for -1, 0 where the workers run on other machines (each
+    decoder then takes the cores of the machine it is built on, at most 16: ``DaliDecoderOptions.threads_here``;
+    this machine's cores say nothing of a worker's), else this machine's cores, at most 16 a decoder, shared evenly
+    among the decoders of a local run: one per SDK process (DirectRunner ``multi_processing``), or one per model copy
+    when the model is shared across processes (``--model_copies``)."""
     if options.dali_threads > 0:
         return options.dali_threads
+    if not local:
+        return 0
     cores = os.cpu_count() or 1
-    threads = min(16, cores)
-    direct = options.view_as(DirectOptions)
-    if local and direct.direct_running_mode == "multi_processing":
-        processes = direct.direct_num_workers or cores  # Beam: 0 workers means one per core
-        threads = max(1, threads // max(1, processes))
-    return threads
+    decoders = 1
+    runner = str(options.view_as(StandardOptions).runner or "DirectRunner").split(".")[-1]
+    if options.share_model_across_processes:
+        decoders = options.model_copies
+    elif runner in IN_PROCESS_RUNNERS and options.view_as(DirectOptions).direct_running_mode == "multi_processing":
+        decoders = options.view_as(DirectOptions).direct_num_workers or cores  # Beam: 0 means one per core
+    return min(16, max(1, cores // max(1, decoders)))
 
 
 def _decoder(mode: str, options: ClassifyOptions, preprocess: PreprocessConfig,

@@ -328,3 +328,24 @@ def test_decode_auto_on_a_cpu_machine_decodes_with_pillow_and_says_why(tmp_path,
     stats = run(["--input", directory, "--output", str(tmp_path / "o"), "--progress_every_s", "0"])
     assert stats["settings"]["decode"] == "cpu" and "engine runs on the CPU" in stats["settings"]["decode_choice"]
     assert stats["predictions"] == len(good) and stats["unaccounted"] == 0
+
+
+def test_a_decoder_told_zero_threads_builds_with_the_cores_of_the_machine_it_is_built_on(monkeypatch):
+    """A job whose workers run elsewhere leaves DALI's threads to the worker (``--dali_threads -1`` becomes 0 at
+    launch): the launcher's cores say nothing of the worker's."""
+    import os
+
+    from images.dali_decoder import DaliDecoder, DaliDecoderOptions
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    options = DaliDecoderOptions(device="cpu", max_batch=4, threads=0)
+    assert options.threads_here == 3
+    decoder = DaliDecoder(options)
+    try:
+        assert decoder._pipe.num_threads == 3
+    finally:
+        decoder.close()
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert options.threads_here == 16 and DaliDecoderOptions(threads=5).threads_here == 5
+    with pytest.raises(EngineError):
+        DaliDecoderOptions(threads=-1)

@@ -240,11 +240,20 @@ def test_scoring_ahead_is_decided_once_off_with_its_flag_or_a_model_in_another_p
     ((), 32, 16),
     (("--direct_running_mode=multi_processing", "--direct_num_workers=2"), 16, 8),
     (("--direct_running_mode=multi_processing", "--direct_num_workers=4"), 16, 4),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=2"), 32, 16),  # the cores are shared, not 16
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=8"), 128, 16),
     (("--direct_running_mode=multi_processing", "--direct_num_workers=4"), 2, 1),
     (("--direct_running_mode=multi_processing", "--direct_num_workers=0"), 8, 1),  # Beam: one process per core
     (("--direct_running_mode=multi_processing", "--direct_num_workers=2", "--dali_threads=12"), 16, 12),
     (("--direct_running_mode=multi_threading", "--direct_num_workers=4"), 32, 16),  # threads share one decoder
-    (("--direct_running_mode=multi_processing", "--direct_num_workers=2", "--runner=DataflowRunner"), 16, 16),
+    # One shared copy, so one decoder, whatever the processes; two copies share the cores.
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=4", "--share_model_across_processes"), 16, 16),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=4", "--share_model_across_processes",
+      "--model_copies=2"), 16, 8),
+    # Workers elsewhere: each decoder takes its own machine's cores where it is built, not the launcher's.
+    (("--runner=DataflowRunner",), 2, 0),
+    (("--direct_running_mode=multi_processing", "--direct_num_workers=2", "--runner=DataflowRunner"), 16, 0),
+    (("--runner=DataflowRunner", "--dali_threads=6"), 2, 6),
 ])
 def test_dali_threads_default_to_the_cores_shared_among_a_local_runs_sdk_processes(flags, cores, threads,
                                                                                     monkeypatch):
@@ -263,3 +272,9 @@ def test_each_sdk_process_of_a_local_run_builds_its_decoder_with_its_share_of_th
     assert settings.decode.dali.threads == 4 and settings.engine_record()["dali_threads"] == 4
     settings, _ = resolve(flags + ["--dali_threads", "16"], start_checks=False)
     assert settings.decode.dali.threads == 16
+    # Dataflow: the workers' decoders take their own machines' cores, and stats.json says so.
+    settings, _ = resolve(["--input", "gs://b/in/*.jpg", "--output", "gs://b/out", "--decode", "gpu", "--providers",
+                           "cuda", "--runner", "DataflowRunner", "--project", "p", "--region", "r",
+                           "--temp_location", "gs://b/t"], start_checks=False)
+    assert settings.decode.dali.threads == 0
+    assert settings.engine_record()["dali_threads"] == "each worker's cores, at most 16"
