@@ -4,8 +4,9 @@ environment against the same with other packages first on the path, interleaved.
     python -m benchmarks.import_cost [--with DIR] [--rounds 5] [--top 12] [--modules onnx,apache_beam,...]
 
 A job imports the same libraries in its launcher and in every SDK process that loads a model, before its first
-image, and every import holds the GIL. ``--with DIR`` puts ``DIR`` (e.g. ``pip install --target DIR
-ml_dtypes==0.6.0``) ahead of the environment's own packages for the second set of runs, so one library's versions
+image, and every import holds the GIL. ``--with DIR`` puts ``DIR`` (e.g. ``pip install --no-deps --target DIR
+ml_dtypes==0.7.0``: without ``--no-deps`` pip puts numpy there too, and the runs would compare two numpys) ahead of
+the environment's own packages for the second set of runs, so one library's versions
 are compared side by side on one host. Prints each run's total, the median of each set, their ratio, and the
 modules with the largest median self time (what the module's own code took, its imports left out) in either
 set, each set's side by side. ``--modules`` defaults to what a GPU job's launcher and workers import
