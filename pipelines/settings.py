@@ -341,10 +341,14 @@ class RunSettings:
         }
 
 
+def runner_name(options: PipelineOptions) -> str:
+    """The runner's name without its module ("DirectRunner" when none is named, Beam's default)."""
+    return str(options.view_as(StandardOptions).runner or "DirectRunner").split(".")[-1]
+
+
 def is_local(options: PipelineOptions) -> bool:
     """The runner runs on this machine (DirectRunner, Prism; also when no runner is named)."""
-    runner = options.view_as(StandardOptions).runner
-    return runner is None or str(runner).split(".")[-1] in LOCAL_RUNNERS
+    return runner_name(options) in LOCAL_RUNNERS
 
 
 def check_flags(options: ClassifyOptions) -> None:
@@ -501,11 +505,11 @@ def dali_threads(options: ClassifyOptions, local: bool) -> int:
         return 0
     cores = os.cpu_count() or 1
     decoders = 1
-    runner = str(options.view_as(StandardOptions).runner or "DirectRunner").split(".")[-1]
+    direct = options.view_as(DirectOptions)
     if options.share_model_across_processes:
         decoders = options.model_copies
-    elif runner in IN_PROCESS_RUNNERS and options.view_as(DirectOptions).direct_running_mode == "multi_processing":
-        decoders = options.view_as(DirectOptions).direct_num_workers or cores  # Beam: 0 means one per core
+    elif runner_name(options) in IN_PROCESS_RUNNERS and direct.direct_running_mode == "multi_processing":
+        decoders = direct.direct_num_workers or cores  # Beam: 0 means one per core
     return min(16, max(1, cores // max(1, decoders)))
 
 
