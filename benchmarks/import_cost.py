@@ -23,13 +23,13 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from benchmarks.throughput import REPO_ROOT  # measured in child interpreters: this one's imports do not count
+
 #: The job module and the libraries its launcher and workers import before the first image.
 JOB_MODULES = ("numpy", "onnx", "onnxruntime", "apache_beam", "apache_beam.ml.inference.base",
                "pipelines.classify_images", "nvidia.dali")
 
 _LINE = re.compile(r"^import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)\s*$")
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_importtime(text: str) -> Tuple[Dict[str, int], int]:
